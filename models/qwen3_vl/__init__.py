@@ -1,0 +1,1 @@
+"""Qwen3-VL parts that are not shared layers: the vision tower (`models.qwen3_vl.vision`)."""

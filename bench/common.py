@@ -1,0 +1,91 @@
+"""Shared benchmark plumbing: device timing, machine peaks, tables, JSON."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 10) -> float:
+    """Median wall time of `fn` in milliseconds, the device synchronized around each call."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def cuda_time_fn(fn: Callable[[], object], warmup: int = 5, iters: int = 50) -> float:
+    """Mean device time of `fn` in milliseconds measured with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+@dataclass(frozen=True, slots=True)
+class MachinePeaks:
+    """What this card does in practice, measured in the same run as the benchmark."""
+
+    copy_gbps: float  # bytes read + written per second by a large device copy
+    matmul_tflops: float  # bf16 dense matmul rate
+    device_name: str
+
+
+def measure_peaks(device: torch.device) -> MachinePeaks:
+    if device.type != "cuda":
+        return MachinePeaks(copy_gbps=float("nan"), matmul_tflops=float("nan"), device_name="cpu")
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = cuda_time_fn(lambda: dst.copy_(src), warmup=3, iters=20)
+    copy_gbps = 2 * src.numel() / (ms * 1e-3) / 1e9
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = cuda_time_fn(lambda: torch.mm(a, b), warmup=5, iters=20)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    return MachinePeaks(copy_gbps, tflops, torch.cuda.get_device_name(device))
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Render a markdown table, print it and return it."""
+
+    def fmt(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = [f"### {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2, default=str))

@@ -1,0 +1,163 @@
+"""Decode: inter-token latency, ours vs transformers `generate` vs the weight-read floor.
+
+    python bench/decode.py --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
+    python bench/decode.py --models qwen3-vl-8b --tp 1 2 --batches 1   # TP=2 vs TP=1 (two GPUs)
+    python bench/decode.py --smoke      # CPU, tiny checkpoint
+
+Workload: `batch` prompts of 512 random token ids, 256 new tokens, ignore_eos,
+greedy. Inter-token latency = (time for 256 tokens - time for 1 token) / 255,
+so prefill is taken out the same way for both systems. The floor is the bytes
+of weights one decode step must read (every decoder weight + the LM head;
+embedding rows are negligible) over the copy bandwidth measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench.common import measure_peaks, print_table, synchronize, write_json
+
+PROMPT_LEN = 512
+OUTPUT_LEN = 256
+
+
+def prompts(batch: int, vocab: int, prompt_len: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(batch)
+    return torch.randint(1000, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
+
+
+def decode_weight_bytes(hf_model) -> int:
+    """Bytes read per decode step: language-model weights minus the embedding table, plus the LM head."""
+    lm = hf_model.model.language_model
+    total = sum(p.numel() * p.element_size() for p in lm.parameters())
+    total -= lm.embed_tokens.weight.numel() * lm.embed_tokens.weight.element_size()
+    head = hf_model.lm_head.weight
+    return total + head.numel() * head.element_size()
+
+
+def itl_ms(run, device: torch.device) -> float:
+    """(t(256 tokens) - t(1 token)) / 255 in ms, best of two."""
+    best = float("inf")
+    for _ in range(2):
+        synchronize(device)
+        t0 = time.perf_counter()
+        run(1)
+        synchronize(device)
+        t1 = time.perf_counter()
+        run(OUTPUT_LEN)
+        synchronize(device)
+        t2 = time.perf_counter()
+        best = min(best, ((t2 - t1) - (t1 - t0)) / (OUTPUT_LEN - 1) * 1e3)
+    return best
+
+
+def ours_runner(ckpt: Path, device: str, dtype: str, tp: int, max_batch: int, prompt_len: int):
+    from engine import LLM, SamplingParams
+
+    blocks = (max_batch * (prompt_len + OUTPUT_LEN)) // 16 + 64
+    llm = LLM(model=str(ckpt), tensor_parallel_size=tp, device=device, dtype=dtype, max_num_seqs=max_batch,
+              max_num_batched_tokens=max(4096, prompt_len), num_gpu_blocks=blocks, enable_prefix_caching=False,
+              skip_tokenizer_init=True)
+
+    def run_for(batch_prompts):
+        def run(max_tokens: int):
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            outs = llm.generate([{"prompt_token_ids": p} for p in batch_prompts], sp)
+            assert all(len(o.token_ids) == max_tokens for o in outs)
+        return run
+
+    return llm, run_for
+
+
+def hf_run_for(hf_model, batch_prompts, device):
+    ids = torch.tensor(batch_prompts, device=device)
+    mask = torch.ones_like(ids)
+
+    def run(max_tokens: int):
+        hf_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                          do_sample=False, pad_token_id=0)
+    return run
+
+
+def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
+    from bench.random_checkpoint import build_hf_model, write_checkpoint
+
+    device = torch.device("cuda")
+    hf_model = build_hf_model(name, torch.bfloat16, "cpu")
+    weight_bytes = decode_weight_bytes(hf_model)
+    vocab = hf_model.config.text_config.vocab_size
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        ckpt = write_checkpoint(hf_model, name, tmp)
+        ours_itl: dict[tuple[int, int], float] = {}
+        for tp in args.tp:
+            llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(args.batches), PROMPT_LEN)
+            for batch in args.batches:
+                ours_itl[(tp, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
+            llm.shutdown()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    hf_model = hf_model.to(device)
+    floor_ms = weight_bytes / (peaks.copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic
+    for batch in args.batches:
+        hf_ms = itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device) if args.hf else float("nan")
+        for tp in args.tp:
+            ms = ours_itl[(tp, batch)]
+            rec = dict(model=name, tp=tp, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
+                       ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3, vs_floor=ms / floor_ms,
+                       speedup_vs_hf=hf_ms / ms, weight_gb=weight_bytes / 1e9)
+            records.append(rec)
+            rows.append([name, tp, batch, ms, hf_ms, floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"],
+                         rec["speedup_vs_hf"]])
+    del hf_model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def smoke() -> None:
+    from engine import LLM, SamplingParams
+    from models.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
+        llm = LLM(model=str(ckpt), device="cpu", dtype="float32", max_num_seqs=4)
+        run = lambda n: llm.generate([{"prompt_token_ids": p} for p in prompts(2, 500, 16)],  # noqa: E731
+                                     SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        print(f"smoke ok: itl {itl_ms(run, torch.device('cpu')):.2f} ms on a tiny model")
+        llm.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen3-vl-2b", "qwen3-vl-8b"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
+    parser.add_argument("--tp", nargs="+", type=int, default=[1])
+    parser.add_argument("--no-hf", dest="hf", action="store_false")
+    parser.add_argument("--tmp", default=None, help="where to write the random checkpoint")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke()
+        return
+    peaks = measure_peaks(torch.device("cuda"))
+    print(f"{peaks.device_name}: copy {peaks.copy_gbps:.0f} GB/s, bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s")
+    rows: list = []
+    records: list = []
+    for name in args.models:
+        bench_model(name, args, peaks, rows, records)
+        write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
+    print_table(f"Decode, bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens, {peaks.device_name}",
+                ["model", "TP", "batch", "ours ITL ms", "HF ITL ms", "floor ms", "ours tok/s", "HF tok/s",
+                 "ours/floor", "HF/ours"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""Speed of every splitvl CUDA op at Qwen3-VL shapes, next to this card's copy and matmul rates.
+
+    python bench/ops.py --json $OUT/ops.json     # GPU: all ops, realistic sizes
+    python bench/ops.py --ops varlen_attention   # one op family
+    python bench/ops.py --smoke                  # any device (CPU too): each op once, tiny sizes
+
+Each case runs once against `ops.reference` (max error, relative to the
+reference's largest value, is reported and checked), then is timed with CUDA
+events over a CUDA graph of many back-to-back calls after a warmup (kernel time,
+no host overhead). Memory-bound ops report
+achieved GB/s (bytes the op must read + write) against a large `copy_` in the
+same run; attention prefill reports TFLOP/s against a large bf16 `torch.mm`.
+Inputs that fit in L2 (50 MB) stay there across the replayed calls, so such
+rows can exceed the DRAM copy rate.
+Shapes: Qwen3-VL-2B (hidden 2048, 16/8 heads, head_dim 128, intermediate 6144),
+8B (4096, 32/8, 128, 12288), the ViT (hidden 1024/1152, head_dim 64/72).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ops  # noqa: E402
+from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
+from ops import reference  # noqa: E402
+
+EPS = 1e-6
+LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
+HIDDEN = {"2B": 2048, "8B": 4096}
+INTERMEDIATE = {"2B": 6144, "8B": 12288}
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    op: str
+    shape: str
+    run: Callable[[], object]  # the timed call
+    check: Callable[[], float]  # relative max error vs the reference (runs once)
+    bytes: int  # bytes the op must move (read + write)
+    flops: int = 0  # attention prefill only
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    op: str
+    shape: str
+    us: float
+    gbps: float
+    pct_copy: float
+    tflops: float
+    pct_mm: float
+    rel_err: float
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if expected.numel() == 0:
+        return 0.0
+    diff = (actual.float() - expected.float()).abs().max().item()
+    return diff / max(1.0, expected.float().abs().max().item())
+
+
+def nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _in_place_check(kernel: Callable, ref: Callable, *tensors: torch.Tensor) -> float:
+    """Run kernel and reference on clones of the in-place tensors; compare every one."""
+    mine, theirs = [t.clone() for t in tensors], [t.clone() for t in tensors]
+    kernel(*mine)
+    ref(*theirs)
+    return max(rel_err(a, b) for a, b in zip(mine, theirs))
+
+
+def norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    sizes = [(3, 64)] if smoke else [(t, HIDDEN[m]) for m in HIDDEN for t in (1, 16, 256)]
+    for t, h in sizes:
+        x = torch.randn(t, h, device=dev, dtype=dtype)
+        r, w = torch.randn_like(x), torch.randn(h, device=dev, dtype=dtype)
+        yield Case("rms_norm", f"T={t} H={h}", partial(ops.rms_norm, x, w, EPS),
+                   lambda x=x, w=w: rel_err(ops.rms_norm(x, w, EPS), reference.rms_norm(x, w, EPS)),
+                   2 * nbytes(x) + nbytes(w))
+        yield Case("fused_add_rms_norm", f"T={t} H={h}", partial(ops.fused_add_rms_norm, x, r, w, EPS),
+                   partial(_in_place_check, partial(_fused, ops, w), partial(_fused, reference, w), x, r),
+                   4 * nbytes(x) + nbytes(w))
+    t, (hq, hkv, d) = (3, (4, 2, 32)) if smoke else (256, LLM["2B"])
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dtype)
+    q, w = qkv[:, : hq * d].view(t, hq, d), torch.randn(d, device=dev, dtype=dtype)
+    yield Case("rms_norm", f"q-norm T={t} [T,{hq},{d}] view", partial(ops.rms_norm, q, w, EPS),
+               lambda: rel_err(ops.rms_norm(q, w, EPS), reference.rms_norm(q, w, EPS)),
+               2 * nbytes(q) + nbytes(w))
+
+
+def _fused(module, w: torch.Tensor, x: torch.Tensor, r: torch.Tensor) -> None:
+    module.fused_add_rms_norm(x, r, w, EPS)
+
+
+def _cos_sin_cache(max_pos: int, rot_dim: int, dev: str) -> torch.Tensor:
+    inv_freq = 1.0 / (5_000_000 ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dev)
+
+
+def rotary_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    configs = [("2B", 3, [1, 1, 2])] if smoke else [(m, t, [24, 20, 20]) for m in LLM for t in (1, 16, 256)]
+    for model, t, section in configs:
+        hq, hkv, d = (4, 2, 8) if smoke else LLM[model]
+        cache = _cos_sin_cache(4096, 2 * sum(section), dev)
+        positions = torch.randint(0, 4096, (3, t), device=dev)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dtype)
+        q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hkv) * d]
+        args = (d, cache, True, section, True)
+
+        def rope(module, q, k, positions=positions, args=args):
+            module.rotary_embedding(positions, q, k, *args)
+
+        rot = cache.shape[1]
+        yield Case("rotary_embedding", f"mrope T={t} {hq}/{hkv}x{d}", partial(rope, ops, q, k),
+                   partial(_in_place_check, partial(rope, ops), partial(rope, reference), q, k),
+                   2 * t * (hq + hkv) * rot * qkv.element_size() + t * rot * 4 + nbytes(positions))
+
+
+def activation_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    sizes = [(3, 40)] if smoke else [(t, INTERMEDIATE[m]) for m in INTERMEDIATE for t in (1, 16, 256)]
+    for t, inter in sizes:
+        x = torch.randn(t, 2 * inter, device=dev, dtype=dtype)
+        yield Case("silu_and_mul", f"T={t} I={inter}", partial(ops.silu_and_mul, x),
+                   lambda x=x: rel_err(ops.silu_and_mul(x), reference.silu_and_mul(x)), nbytes(x) * 3 // 2)
+    for t, inter in [(5, 24)] if smoke else [(256, 4304), (4096, 4304)]:
+        x = torch.randn(t, inter, device=dev, dtype=dtype)
+        yield Case("gelu_tanh", f"ViT T={t} I={inter}", partial(ops.gelu_tanh, x),
+                   lambda x=x: rel_err(ops.gelu_tanh(x), reference.gelu_tanh(x)), 2 * nbytes(x))
+
+
+def cache_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    hkv, d, block = (2, 16, 4) if smoke else (8, 128, 16)
+    for t in [5] if smoke else [1, 64, 256, 4096]:
+        num_blocks = 2 * t // block + 2
+        kc = torch.zeros(num_blocks, block, hkv, d, device=dev, dtype=dtype)
+        vc = torch.zeros_like(kc)
+        slots = torch.randperm(num_blocks * block, device=dev)[:t]
+        k, v = torch.randn(t, hkv, d, device=dev, dtype=dtype), torch.randn(t, hkv, d, device=dev, dtype=dtype)
+
+        def write(module, kc, vc, k=k, v=v, slots=slots):
+            module.reshape_and_cache(k, v, kc, vc, slots)
+
+        yield Case("reshape_and_cache", f"T={t} {hkv}x{d}", partial(write, ops, kc, vc),
+                   partial(_in_place_check, partial(write, ops), partial(write, reference), kc, vc),
+                   4 * nbytes(k))
+
+
+def _paged(lengths: list[int], hkv: int, d: int, block: int, dev: str, dtype: torch.dtype):
+    """Random caches with each sequence's blocks scattered; -> (key_cache, value_cache, block_tables)."""
+    per_seq = max(1, max(-(-n // block) for n in lengths))
+    num_blocks = per_seq * len(lengths)
+    kc = torch.randn(num_blocks, block, hkv, d, device=dev, dtype=dtype)
+    tables = torch.randperm(num_blocks, device=dev).view(len(lengths), per_seq).to(torch.int32)
+    return kc, torch.randn_like(kc), tables
+
+
+def decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    grid = [("2B", 2, 40)] if smoke else [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 8192)]
+    for model, batch, ctx in grid:
+        hq, hkv, d = (4, 2, 64) if smoke else LLM[model]
+        kc, vc, tables = _paged([ctx] * batch, hkv, d, 4 if smoke else 16, dev, dtype)
+        q = torch.randn(batch, hq, d, device=dev, dtype=dtype)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+        args = (q, kc, vc, tables, lens, d**-0.5)
+        yield Case("paged_attention_decode", f"{model} B={batch} ctx={ctx}",
+                   partial(ops.paged_attention_decode, *args),
+                   lambda args=args: rel_err(ops.paged_attention_decode(*args), reference.paged_attention_decode(*args)),
+                   2 * batch * ctx * hkv * d * q.element_size() + 2 * nbytes(q))
+
+
+def _attn_flops(lq: list[int], lk: list[int], hq: int, d: int, causal: bool) -> int:
+    pairs = 0
+    for nq, nk in zip(lq, lk):
+        pairs += sum(min(nk, i + nk - nq + 1) for i in range(nq)) if causal else nq * nk
+    return 4 * pairs * hq * d
+
+
+def _cu(lengths: list[int], dev: str) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+
+
+def varlen_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    # (name, heads, query lengths, key lengths, causal, paged)
+    if smoke:
+        grid = [("llm", (4, 2, 64), [5, 17], [5, 17], True, False),
+                ("chunk", (4, 2, 64), [4], [13], True, True),
+                ("vit", (2, 2, 72), [9, 20], [9, 20], False, False)]
+    else:
+        grid = [(f"{m} prefill {n}", LLM[m], [n], [n], True, False) for m in LLM for n in (512, 2048, 4096)]
+        grid += [("2B 4x1024", LLM["2B"], [1024] * 4, [1024] * 4, True, False),
+                 ("2B chunk 512+3584 paged", LLM["2B"], [512], [4096], True, True)]
+        grid += [(f"ViT d={d} {n}x{s}", (16, 16, d), [s] * n, [s] * n, False, False)
+                 for d in (64, 72) for n, s in ((4, 1024), (1, 4096))]
+    for name, (hq, hkv, d), lq, lk, causal, paged in grid:
+        qkv = torch.randn(sum(lq), (hq + 2 * hkv) * d, device=dev, dtype=dtype)  # fused qkv views
+        q = qkv[:, : hq * d].view(-1, hq, d)
+        meta = (_cu(lq, dev), _cu(lk, dev), max(lq), max(lk), d**-0.5, causal)
+        if paged:
+            kc, vc, tables = _paged(lk, hkv, d, 16, dev, dtype)
+            args, kwargs = (q, None, None, *meta), {"key_cache": kc, "value_cache": vc, "block_tables": tables}
+        else:
+            k = qkv[:, hq * d : (hq + hkv) * d].view(-1, hkv, d)
+            v = qkv[:, (hq + hkv) * d :].view(-1, hkv, d)
+            args, kwargs = (q, k, v, *meta), {}
+        yield Case("varlen_attention", f"{name} {hq}/{hkv}x{d}", partial(ops.varlen_attention, *args, **kwargs),
+                   lambda a=args, kw=kwargs: rel_err(ops.varlen_attention(*a, **kw), reference.varlen_attention(*a, **kw)),
+                   2 * nbytes(q) + 2 * sum(lk) * hkv * d * q.element_size(), _attn_flops(lq, lk, hq, d, causal))
+
+
+def topk_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    for t, experts, k in [(3, 8, 2)] if smoke else [(t, e, k) for e, k in ((128, 8), (512, 10)) for t in (1, 256)]:
+        gating = torch.randn(t, experts, device=dev, dtype=dtype)
+
+        def check(gating=gating, k=k) -> float:
+            w, ids = ops.topk_softmax(gating, k, True)
+            w_ref, ids_ref = reference.topk_softmax(gating, k, True)
+            return rel_err(w, w_ref) if torch.equal(ids.cpu(), ids_ref.cpu()) else math.inf
+
+        yield Case("topk_softmax", f"T={t} E={experts} k={k}", partial(ops.topk_softmax, gating, k, True),
+                   check, nbytes(gating) + t * k * 8)
+
+
+FAMILIES = {
+    "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
+    "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
+    "varlen_attention": varlen_cases, "topk_softmax": topk_cases,
+}
+
+
+def time_case(case: Case, dev: str, smoke: bool) -> float:
+    """Mean milliseconds per call on the device.
+
+    On CUDA the calls are captured in a CUDA graph and the replay is timed with
+    events, so host overhead (Python wrapper, dispatcher, launch) is excluded and
+    the number is kernel time; eager timing is the fallback if capture fails.
+    On CPU (smoke) one wall-clock call.
+    """
+    if smoke or dev != "cuda":
+        start = time.perf_counter()
+        case.run()
+        return (time.perf_counter() - start) * 1e3
+    once = cuda_time_fn(case.run, warmup=3, iters=3)
+    iters = int(min(200, max(10, 50.0 / max(once, 1e-3))))
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                case.run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                case.run()
+    except RuntimeError as exc:  # not capturable: eager timing includes host overhead
+        print(f"  (eager timing, graph capture failed: {exc})", flush=True)
+        return cuda_time_fn(case.run, warmup=10, iters=iters)
+    return cuda_time_fn(graph.replay, warmup=2, iters=5) / iters
+
+
+def run(families: list[str], dev: str, dtype: torch.dtype, smoke: bool, copy_gbps: float, mm_tflops: float) -> list[Row]:
+    rows = []
+    for family in families:
+        for case in FAMILIES[family](dev, dtype, smoke):
+            err = case.check()
+            ms = time_case(case, dev, smoke)
+            gbps = case.bytes / (ms * 1e-3) / 1e9
+            tflops = case.flops / (ms * 1e-3) / 1e12
+            row = Row(case.op, case.shape, ms * 1e3, gbps, 100 * gbps / copy_gbps, tflops,
+                      100 * tflops / mm_tflops if case.flops else float("nan"), err)
+            print(f"{row.op:<24} {row.shape:<36} {row.us:10.1f} us {gbps:8.1f} GB/s "
+                  f"{tflops:7.1f} TFLOP/s  err {err:.2e}", flush=True)
+            rows.append(row)
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="each op once at tiny size (CPU is fine)")
+    parser.add_argument("--ops", nargs="*", choices=sorted(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
+    parser.add_argument("--json", default=None, help="write the rows and machine peaks here")
+    args = parser.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.smoke and dev != "cuda":
+        parser.error("the full benchmark needs a CUDA device (use --smoke on CPU)")
+    default = "fp32" if dev == "cpu" else "bf16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or default]
+    torch.manual_seed(0)
+    peaks = measure_peaks(torch.device(dev)) if not args.smoke else None
+    copy_gbps = peaks.copy_gbps if peaks else float("nan")
+    mm_tflops = peaks.matmul_tflops if peaks else float("nan")
+    print(f"device {peaks.device_name if peaks else dev}  dtype {dtype}  kernels "
+          f"{'compiled' if ops.extension_available() else 'REFERENCE (' + str(ops.fallback_reason()) + ')'}")
+    print(f"copy {copy_gbps:,.0f} GB/s (read+write)  bf16 mm {mm_tflops:,.0f} TFLOP/s", flush=True)
+    rows = run(args.ops, dev, dtype, args.smoke, copy_gbps, mm_tflops)
+    bad = [r for r in rows if not r.rel_err <= TOLERANCE[dtype]]
+    headers = ["op", "shape", "us", "GB/s", "% copy", "TFLOP/s", "% mm", "rel err"]
+    print_table(f"splitvl ops, {peaks.device_name if peaks else dev}, {dtype}, copy {copy_gbps:,.0f} GB/s, "
+                f"bf16 mm {mm_tflops:,.0f} TFLOP/s", headers,
+                [(r.op, r.shape, r.us, r.gbps, r.pct_copy, r.tflops if r.tflops else "",
+                  r.pct_mm if r.tflops else "", f"{r.rel_err:.1e}") for r in rows])
+    write_json(args.json, {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": peaks.device_name if peaks else dev, "dtype": str(dtype),
+        "copy_gbps": copy_gbps, "matmul_tflops": mm_tflops,
+        "compiled": ops.extension_available(), "rows": [asdict(r) for r in rows],
+    })
+    for r in bad:
+        print(f"MISMATCH: {r.op} {r.shape}: relative error {r.rel_err:.2e} > {TOLERANCE[dtype]:.0e}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

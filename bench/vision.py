@@ -1,0 +1,139 @@
+"""Vision tower: ours vs transformers vs the compute floor.
+
+    python bench/vision.py --models qwen3-vl-2b qwen3-vl-8b --json $OUT/vision.json
+    python bench/vision.py --smoke        # CPU, tiny checkpoint: keeps this script importable
+
+Random bf16 weights of the real architecture (configs/models/*.json); the same
+weights feed both towers. Images are preprocessed once by our processor (the
+Qwen3-VL semantics), so both towers see identical pixel values and grids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bench.common import measure_peaks, print_table, time_fn, write_json
+
+SIZES = (448, 1024)
+BATCHES = (1, 8)
+
+
+def vision_flops(cfg, grid_thw: torch.Tensor) -> float:
+    """Matmul + attention FLOPs of one tower call over the images in `grid_thw`."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    patch_dim = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+    merge = cfg.spatial_merge_size**2
+    n_levels = 1 + len(cfg.deepstack_visual_indexes)
+    flops = 0.0
+    for t, gh, gw in grid_thw.tolist():
+        n = t * gh * gw
+        flops += 2 * n * patch_dim * h
+        per_block = 2 * n * h * 3 * h + 2 * n * h * h + 2 * 2 * n * h * i
+        per_block += 2 * 2 * t * (gh * gw) ** 2 * h  # QK^T and PV, one segment per frame
+        flops += cfg.depth * per_block
+        tokens, wide = n // merge, h * merge
+        flops += n_levels * (2 * tokens * wide * wide + 2 * tokens * wide * cfg.out_hidden_size)
+    return flops
+
+
+def make_images(size: int, count: int) -> list[Image.Image]:
+    gen = torch.Generator().manual_seed(size)
+    return [
+        Image.fromarray(torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8).numpy())
+        for _ in range(count)
+    ]
+
+
+def hf_tower_forward(tower, pixels: torch.Tensor, grid: torch.Tensor):
+    out = tower(pixels, grid_thw=grid)
+    return out.pooler_output if hasattr(out, "pooler_output") else out[0]
+
+
+def bench_model(name: str, device: torch.device, peaks, rows: list, records: list) -> None:
+    from bench.random_checkpoint import build_hf_model, hf_config, write_checkpoint
+    from models.config import load_model_config
+    from models.loader import CheckpointReader
+    from models.processor import ImageProcessor
+    from models.registry import build_vision_model
+
+    dtype = torch.bfloat16
+    hf_tower = build_hf_model(name, dtype, device, vision_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_checkpoint(hf_tower, name, tmp, prefix="model.visual.")
+        config = load_model_config(ckpt)
+        ours = build_vision_model(config, dtype, device)
+        ours.load_weights(CheckpointReader(ckpt))
+    # Real Qwen3-VL preprocessing limits, so a 1024x1024 image stays 1024x1024.
+    processor = ImageProcessor(min_pixels=65536, max_pixels=16777216)
+    vcfg = hf_config(name).vision_config
+    for size in SIZES:
+        for batch in BATCHES:
+            proc = processor.preprocess(make_images(size, batch))
+            pixels = proc.pixel_values.to(device, dtype)
+            grid = proc.grid_thw.to(device)
+            with torch.inference_mode():
+                ours_ms = time_fn(lambda: ours(pixels, grid), device)
+                hf_ms = time_fn(lambda: hf_tower_forward(hf_tower, pixels, grid), device)
+            floor_ms = vision_flops(vcfg, proc.grid_thw) / (peaks.matmul_tflops * 1e12) * 1e3
+            rec = dict(model=name, size=size, batch=batch, ours_ms_per_image=ours_ms / batch,
+                       hf_ms_per_image=hf_ms / batch, floor_ms_per_image=floor_ms / batch,
+                       ours_images_per_s=batch / ours_ms * 1e3, vs_floor=ours_ms / floor_ms,
+                       speedup_vs_hf=hf_ms / ours_ms)
+            records.append(rec)
+            rows.append([name, f"{size}x{size}", batch, rec["ours_ms_per_image"], rec["hf_ms_per_image"],
+                         rec["floor_ms_per_image"], rec["ours_images_per_s"], rec["vs_floor"], rec["speedup_vs_hf"]])
+    del ours, hf_tower
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def smoke() -> None:
+    """Runs our tower on a tiny checkpoint on CPU; a bench that cannot import fails here."""
+    from models.config import load_model_config
+    from models.loader import CheckpointReader
+    from models.processor import ImageProcessor
+    from models.registry import build_vision_model
+    from models.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
+        config = load_model_config(ckpt)
+        tower = build_vision_model(config, torch.float32, torch.device("cpu"))
+        tower.load_weights(CheckpointReader(ckpt))
+        proc = ImageProcessor.from_pretrained(ckpt).preprocess(make_images(64, 2))
+        with torch.inference_mode():
+            embeds, deepstack = tower(proc.pixel_values, proc.grid_thw)
+        print(f"smoke ok: embeds {tuple(embeds.shape)}, deepstack {tuple(deepstack.shape)}, "
+              f"flops {vision_flops(config.vision, proc.grid_thw):.3g}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen3-vl-2b", "qwen3-vl-8b"])
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        smoke()
+        return
+    device = torch.device("cuda")
+    peaks = measure_peaks(device)
+    print(f"{peaks.device_name}: copy {peaks.copy_gbps:.0f} GB/s, bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s")
+    rows: list = []
+    records: list = []
+    for name in args.models:
+        bench_model(name, device, peaks, rows, records)
+    write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
+    print_table(f"Vision tower, bf16, {peaks.device_name}",
+                ["model", "image", "batch", "ours ms/img", "HF ms/img", "floor ms/img", "ours img/s",
+                 "ours/floor", "HF/ours"], rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`build_app(args) -> serve.Application`: Ingress(Router(VisionEncoder?, LLMServer)).
+
+Usable as `import_path: deployments.app:build_app` in a Serve config, whose
+`args:` is an `AppConfig` dict. Building validates the config and decides the
+task (no vision deployment for text-only models or `disable_vision_encoder`);
+it writes nothing and loads no weights.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ray import serve
+
+from deployments.config import AppConfig
+from deployments.llm import LLMServer
+from deployments.openai_api import IngressDeployment
+from deployments.router import Router
+from deployments.vision import VisionEncoder
+
+
+def needs_vision(config: AppConfig) -> bool:
+    """Whether the app gets a VisionEncoder deployment."""
+    if config.disable_vision_encoder:
+        return False
+    if config.create_tiny_if_missing is not None and not (config.model_path / "config.json").is_file():
+        return True  # every tiny demo architecture is vision-language
+    from models.config import load_model_config
+    from models.registry import get_task
+
+    return get_task(load_model_config(config.model_path)).task == "vl"
+
+
+def vision_options(config: AppConfig) -> dict[str, Any]:
+    vision = config.vision
+    opts = vision.scaling_options()
+    opts["ray_actor_options"] = {"num_cpus": vision.num_cpus, "num_gpus": vision.num_gpus}
+    # A batch is only as big as the requests a replica is allowed to hold.
+    opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], vision.max_batch_size)
+    return opts
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """Validate `args` (an AppConfig dict) and bind the deployment graph.
+
+    Serve calls this with the config's `args` (builders take exactly one argument).
+    Raises:
+        pydantic.ValidationError naming the bad field.
+    """
+    return bind_app(AppConfig.model_validate(args))
+
+
+def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Application:
+    """Bind Ingress(Router(VisionEncoder?, LLMServer)) for a validated config.
+
+    Args:
+        engine_cls: engine class for the LLM replicas (default `engine.Engine`; tests inject one).
+    """
+    # Plain JSON dict: every replica re-validates it, and it pickles anywhere.
+    raw = json.loads(config.model_dump_json(by_alias=False))
+    llm = serve.deployment(LLMServer, name="LLMServer").options(**LLMServer.deployment_options(config))
+    llm_app = llm.bind(raw, engine_cls) if engine_cls is not None else llm.bind(raw)
+    vision_app = None
+    if needs_vision(config):
+        vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_options(config))
+        vision_app = vision.bind(raw)
+    router = serve.deployment(Router, name="Router").options(
+        num_replicas=config.router_replicas,
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=max(config.llm.max_ongoing_requests, 64),
+    )
+    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
+        ray_actor_options={"num_cpus": 0.1},
+        max_ongoing_requests=max(config.llm.max_ongoing_requests, 64),
+    )
+    return ingress.bind(raw, router.bind(raw, vision_app, llm_app))

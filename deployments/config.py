@@ -1,0 +1,273 @@
+"""User-facing configuration of a splitvl Serve application (pydantic, from YAML).
+
+The same dict is the `args:` of a Serve config (`import_path:
+deployments.app:build_app`) and the body of `configs/*.yaml`. Every model
+forbids unknown keys, so a typo fails at build time naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TINY_CACHE_DIR = Path("~/.cache/splitvl").expanduser()
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Ray Serve autoscaling for one deployment (a subset of Serve's own options)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas kept running.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas started under load.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at startup.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Ongoing requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of overload before scaling up.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Seconds of idleness before scaling down.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must be <= max_replicas")
+        return self
+
+
+class _Scaled(_Strict):
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replica count (mutually exclusive with autoscaling_config)."
+    )
+    autoscaling_config: AutoscalingConfig | None = Field(
+        None, description="Autoscale between min and max replicas instead of a fixed count."
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Requests a replica works on at once (Serve's max_ongoing_requests)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting per caller before 503 (-1: unbounded)."
+    )
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> _Scaled:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def scaling_options(self) -> dict[str, Any]:
+        """Serve deployment options for replica count / autoscaling and queues."""
+        opts: dict[str, Any] = {
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = self.autoscaling_config.model_dump(exclude_none=True)
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class VisionDeploymentConfig(_Scaled):
+    """The VisionEncoder deployment."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per vision replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per vision replica; fractions share a GPU.")
+    max_batch_size: int = Field(16, ge=1, description="Most images encoded in one tower call.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="How long the first image waits for others to batch with."
+    )
+
+
+class LLMDeploymentConfig(_Scaled):
+    """The LLMServer deployment and its engine."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="TP ranks (GPUs) per LLM replica.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs of the replica actor itself.")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, le=1, description="GPU share of each TP rank (below 1 to share a GPU with vision)."
+    )
+    max_num_seqs: int = Field(64, ge=1, description="Most sequences in one engine step.")
+    max_model_len: int = Field(4096, ge=16, description="Prompt + completion tokens per sequence.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget of one engine step (default: max(max_model_len, 2048))."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use (weights + KV)."
+    )
+    num_gpu_blocks: int | None = Field(
+        None, ge=1, description="Fixed KV block count (overrides gpu_memory_utilization; CPU default 512)."
+    )
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+
+
+    @model_validator(mode="after")
+    def _fractional_gpu_only_without_tp(self) -> LLMDeploymentConfig:
+        if self.gpus_per_worker < 1 and self.tensor_parallel_size > 1:
+            raise ValueError("gpus_per_worker < 1 needs tensor_parallel_size 1 (TP ranks own whole GPUs)")
+        return self
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for; everything over a limit is a 4xx."""
+
+    max_images_per_request: int = Field(8, ge=0, description="Images in one request.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Pixels (w*h) per image, checked from its header before decoding."
+    )
+    max_request_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body size (413 above).")
+    media_fetch_timeout_s: float = Field(10.0, gt=0, description="Total time to fetch one image URL.")
+    max_media_bytes: int = Field(20 * 2**20, ge=1, description="Encoded bytes of one image.")
+    allowed_media_domains: list[str] = Field(
+        default_factory=list,
+        description="If non-empty, http(s) image hosts must be one of these (or a subdomain).",
+    )
+    allowed_media_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs image URLs may resolve into although private/loopback (e.g. 10.0.0.0/8).",
+    )
+    allowed_local_media_path: str | None = Field(
+        None, description="Directory whose files may be used as images (file:// URLs); off if unset."
+    )
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens accepted.")
+    max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Whole-request time limit (408 after).")
+
+    @field_validator("allowed_media_networks")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+    @field_validator("allowed_media_domains")
+    @classmethod
+    def _domains(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower().rstrip(".") for d in value if d.strip()]
+
+
+class AppConfig(_Strict):
+    """One splitvl application: a model, its vision and LLM deployments, limits."""
+
+    model: str | None = Field(None, description="Directory of the HF checkpoint (safetensors).")
+    model_id: str | None = Field(None, description="Served model name (default: the directory name).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    disable_vision_encoder: bool = Field(
+        False,
+        alias="language_model_only",
+        description="Serve text only: no vision deployment, no vision weights; images get a 400.",
+    )
+    create_tiny_if_missing: Literal["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] | None = Field(
+        None, description="Demo only: write a tiny random checkpoint of this arch if `model` is missing."
+    )
+    vision: VisionDeploymentConfig = Field(default_factory=VisionDeploymentConfig)
+    llm: LLMDeploymentConfig = Field(default_factory=LLMDeploymentConfig)
+    router_replicas: int = Field(1, ge=1, description="Router replicas.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    api_key: str | None = Field(None, description="Bearer key for /v1/* (or env SPLITVL_API_KEY).")
+    embedding_cache_bytes: int = Field(
+        256 * 2**20, ge=0, description="Embedding-cache budget in bytes (0 disables)."
+    )
+    seed: int = Field(0, description="Engine seed for requests without one.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _accept_both_names(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "disable_vision_encoder" in data and "language_model_only" in data:
+            if bool(data["disable_vision_encoder"]) != bool(data["language_model_only"]):
+                raise ValueError("disable_vision_encoder and language_model_only disagree")
+            data = {k: v for k, v in data.items() if k != "language_model_only"}
+        return data
+
+    @model_validator(mode="after")
+    def _model_source(self) -> AppConfig:
+        if self.model is None and self.create_tiny_if_missing is None:
+            raise ValueError("model: a checkpoint directory is required")
+        if self.model is not None and self.create_tiny_if_missing is None:
+            if not Path(self.model).expanduser().is_dir():
+                raise ValueError(f"model: {self.model!r} is not a directory")
+        return self
+
+    @property
+    def model_path(self) -> Path:
+        """Checkpoint directory (the tiny demo default lives under ~/.cache/splitvl)."""
+        if self.model is not None:
+            return Path(self.model).expanduser()
+        return TINY_CACHE_DIR / f"tiny-{self.create_tiny_if_missing}"
+
+    @property
+    def served_model_id(self) -> str:
+        return self.model_id or self.model_path.name
+
+    def resolved_api_key(self) -> str | None:
+        """The API key from config, else env SPLITVL_API_KEY, else None (auth off)."""
+        return self.api_key or os.environ.get("SPLITVL_API_KEY") or None
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if self.llm_uses_gpu() else "cpu"
+
+    def llm_uses_gpu(self) -> bool:
+        """Whether LLM replicas ask Ray for GPUs (device cuda, or auto with GPUs in the cluster)."""
+        if self.device == "cuda":
+            return True
+        if self.device == "cpu":
+            return False
+        import torch
+
+        return torch.cuda.is_available()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> AppConfig:
+        """Load from a Serve config (`applications[0].args`) or a bare args mapping."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(args_from_serve_yaml(data))
+
+
+def args_from_serve_yaml(data: dict[str, Any]) -> dict[str, Any]:
+    """The `args` of the first application of a Serve config dict, or `data` itself."""
+    if "applications" in data:
+        apps = data["applications"] or []
+        if not apps:
+            raise ValueError("the Serve config has no applications")
+        return dict(apps[0].get("args") or {})
+    return data
+
+
+def ensure_checkpoint(config: AppConfig) -> Path:
+    """The checkpoint directory; writes the tiny demo checkpoint once if asked to.
+
+    Written to a temporary directory and renamed, so concurrent replicas never
+    see a half-written checkpoint.
+    """
+    path = config.model_path
+    if (path / "config.json").is_file():
+        return path
+    if config.create_tiny_if_missing is None:
+        raise FileNotFoundError(f"model: no config.json in {path}")
+    import tempfile
+
+    from models.tiny import write_tiny_checkpoint
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    write_tiny_checkpoint(config.create_tiny_if_missing, tmp, seed=0)
+    try:
+        tmp.rename(path)
+    except OSError:
+        # Another process won the race; theirs is complete (renames are atomic).
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path

@@ -1,0 +1,66 @@
+"""Content-addressed cache of vision-encoder outputs, holding references only.
+
+Values are Ray `ObjectRef`s to what a VisionEncoder replica returned: the
+object store keeps the embedding bytes, the router keeps a pointer and the
+size it stands for. LRU, bounded by those sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import PIL.Image
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    ref: Any  # ray.ObjectRef of an ImageEmbedding
+    nbytes: int
+
+
+class EmbeddingCache:
+    """LRU of `key -> ObjectRef`, at most `capacity_bytes` of referenced embeddings."""
+
+    def __init__(self, capacity_bytes: int):
+        self.capacity_bytes = capacity_bytes
+        self._entries: OrderedDict[str, CacheEntry] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self._entries.move_to_end(key)
+        return entry.ref
+
+    def put(self, key: str, ref: Any, nbytes: int) -> None:
+        if nbytes > self.capacity_bytes:
+            return
+        self.pop(key)
+        self._entries[key] = CacheEntry(ref, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.capacity_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def pop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry.nbytes
+
+    def values(self) -> list[Any]:
+        return [e.ref for e in self._entries.values()]
+
+
+def image_key(image: PIL.Image.Image, settings: str, model_id: str) -> str:
+    """sha256 of the decoded RGB pixels, their size, the preprocessing settings and model."""
+    h = hashlib.sha256()
+    h.update(f"{model_id}\0{settings}\0{image.mode}\0{image.width}x{image.height}\0".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()

@@ -1,0 +1,223 @@
+"""The LLMServer deployment: one `engine.Engine` (a TP group) behind a streaming method.
+
+`generate` takes prompt ids (image placeholders already expanded), sampling
+settings and the ObjectRefs of the images' embeddings; it fetches those
+straight from the object store (the router never touched them), builds the
+engine's `MultimodalInputs` and yields token deltas. A cancelled call (client
+gone, stop string hit, timeout) aborts the request in the engine.
+
+`deployment_options` computes the replica's Serve options from config: one
+placement-group bundle per TP rank, the replica's own CPUs merged into bundle 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from deployments.config import AppConfig, ensure_checkpoint
+from deployments.errors import APIError, InternalServerError, InvalidRequestError, ServiceUnavailableError
+from deployments.metrics import MetricsRecorder
+from deployments.vision import ImageEmbedding, resolve_dtype
+from engine.errors import EngineDeadError, EngineInputError
+from engine.sampling_params import SamplingParams
+from engine.sequence import MultimodalInputs
+
+logger = logging.getLogger(__name__)
+
+
+def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
+    """EngineConfig keyword values from the app config (engine field names)."""
+    llm = config.llm
+    device = config.resolved_device()
+    return {
+        "model": model_path,
+        "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+        "device": device,
+        "tensor_parallel_size": llm.tensor_parallel_size,
+        "max_num_seqs": llm.max_num_seqs,
+        "max_model_len": llm.max_model_len,
+        "max_num_batched_tokens": llm.max_num_batched_tokens or max(llm.max_model_len, 2048),
+        "gpu_memory_utilization": llm.gpu_memory_utilization,
+        "num_gpu_blocks": llm.num_gpu_blocks,
+        "enforce_eager": llm.enforce_eager,
+        "seed": config.seed,
+    }
+
+
+def make_engine_config(config_cls: type, values: dict[str, Any]) -> Any:
+    """Build the engine's config from the values its constructor takes."""
+    names = set(inspect.signature(config_cls).parameters)
+    return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+
+def merge_images(embeddings: list[ImageEmbedding]) -> dict[str, Any]:
+    """Per-image encoder outputs -> one request's multimodal inputs, in image order.
+
+    Shapes: image_embeds [sum N_tok, H]; deepstack_embeds [L, sum N_tok, H] or None.
+    """
+    embeds = torch.cat([e.embeds for e in embeddings])
+    deepstack = None
+    if embeddings[0].deepstack.numel() > 0:
+        deepstack = torch.cat([e.deepstack for e in embeddings], dim=1)
+    return {
+        "image_embeds": embeds,
+        "deepstack_embeds": deepstack,
+        "image_grid_thw": [tuple(e.grid_thw) for e in embeddings],
+    }
+
+
+class LLMServer:
+    """Serve deployment body; `engine_cls` is injectable (tests)."""
+
+    def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None):
+        self.config = AppConfig.model_validate(app_config)
+        path = ensure_checkpoint(self.config)
+        if engine_cls is None:
+            from engine import Engine as engine_cls
+        config_cls = getattr(engine_cls, "config_class", None)
+        if config_cls is None:
+            from engine import EngineConfig as config_cls
+        self.engine = engine_cls(make_engine_config(config_cls, engine_config_values(self.config, str(path))))
+        from deployments.router import replica_identity
+
+        app, deployment, replica = replica_identity("LLMServer")
+        self.metrics = MetricsRecorder(deployment, replica)
+        self._app_name = app
+        self._metrics_task: asyncio.Task | None = None
+
+    @classmethod
+    def deployment_options(cls, config: AppConfig) -> dict[str, Any]:
+        """Serve options: scaling, queues, resources.
+
+        TP 1 runs the model in the replica process, which then holds the GPU
+        itself. TP > 1 runs one TPWorker actor per rank in the replica's
+        placement group: one bundle per rank, the replica's own CPUs merged
+        into bundle 0 (where Serve schedules the replica actor).
+        """
+        llm = config.llm
+        opts = llm.scaling_options()
+        gpu = config.llm_uses_gpu()
+        opts["health_check_period_s"] = 5.0
+        opts["health_check_timeout_s"] = 30.0
+        if llm.tensor_parallel_size == 1:
+            opts["ray_actor_options"] = {"num_cpus": llm.num_cpus, "num_gpus": llm.gpus_per_worker if gpu else 0}
+            return opts
+        worker = {"GPU": 1.0} if gpu else {"CPU": 1.0}
+        bundles = [dict(worker) for _ in range(llm.tensor_parallel_size)]
+        bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + llm.num_cpus
+        opts["ray_actor_options"] = {"num_cpus": llm.num_cpus}
+        opts["placement_group_bundles"] = bundles
+        opts["placement_group_strategy"] = "STRICT_PACK"
+        return opts
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], sampling: dict[str, Any],
+        mm: list[Any] | None = None, image_hashes: list[str] | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream `{"token_ids", "finish_reason", "logprobs", "error"}` deltas of one request.
+
+        Args:
+            mm: one ObjectRef of an `ImageEmbedding` per image, in prompt order.
+            image_hashes: content ids of those images (prefix-cache keys).
+        """
+        if self._metrics_task is None:
+            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+        mm_inputs = await self._multimodal_inputs(mm, tuple(image_hashes) if image_hashes else None)
+        params = self._sampling_params(sampling)
+        finished = False
+        try:
+            stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, params)
+            async for out in stream:
+                finished = out.finish_reason is not None
+                yield {
+                    "token_ids": list(out.new_token_ids),
+                    "finish_reason": out.finish_reason,
+                    "logprobs": _logprob_entries(out),
+                    "error": out.error,
+                }
+                if finished:
+                    break
+        except EngineInputError as exc:
+            raise InvalidRequestError(str(exc), exc.param) from None
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError(f"the engine is down: {exc}") from None
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+            self._record_stats()
+
+    async def _multimodal_inputs(self, mm: list[Any] | None, image_hashes: tuple[str, ...] | None) -> Any:
+        if not mm:
+            return None
+        try:
+            embeddings = await asyncio.gather(*mm)
+        except APIError:
+            raise
+        except Exception as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, APIError):
+                raise cause from None
+            raise ServiceUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
+        return MultimodalInputs(**merge_images(list(embeddings)), image_hashes=image_hashes)
+
+    def _sampling_params(self, sampling: dict[str, Any]) -> Any:
+        try:
+            return SamplingParams(**sampling)
+        except EngineInputError as exc:
+            raise InvalidRequestError(str(exc), exc.param) from None
+        except TypeError as exc:
+            raise InternalServerError(f"sampling settings do not fit the engine: {exc}") from None
+
+    def _record_stats(self) -> None:
+        try:
+            stats = self.engine.stats()
+        except Exception:  # stats are best effort; health is check_health's job
+            return
+        total, free = _stat(stats, "num_total_blocks"), _stat(stats, "num_free_blocks")
+        if total and free is not None:
+            self.metrics.set("splitvl_kv_cache_usage", 1.0 - free / total)
+        for key, name in (("num_running", "splitvl_num_requests_running"),
+                          ("num_waiting", "splitvl_num_requests_waiting")):
+            value = _stat(stats, key)
+            if value is not None:
+                self.metrics.set(name, value)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; raising restarts the replica."""
+        if not self.engine.is_healthy():
+            raise RuntimeError("engine is unhealthy (a TP worker died or the step loop failed)")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            try:
+                engine.shutdown()
+            except Exception:
+                pass
+
+
+def _stat(stats: Any, key: str) -> float | None:
+    value = stats.get(key) if isinstance(stats, dict) else getattr(stats, key, None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _logprob_entries(out: Any) -> list[dict[str, Any]] | None:
+    """Engine `TokenLogprobs` of the new tokens -> [{"token_id", "logprob", "top": [(id, lp)...]}]."""
+    if not out.logprobs:
+        return None
+    return [
+        {"token_id": int(lp.token_id), "logprob": float(lp.logprob),
+         "top": [(int(t), float(v)) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)]}
+        for lp in out.logprobs
+    ]

@@ -1,0 +1,217 @@
+"""Prometheus metrics of every replica, gathered for the ingress's `/metrics`.
+
+Each replica owns a `MetricsRecorder` (counters, gauges, histograms keyed by
+name + labels). Recorders push their snapshot to one `MetricsHub` actor per
+Serve application (named after the app, created on first use), shortly after a
+change; the ingress renders all snapshots in the Prometheus text format, one
+series per replica (`deployment`, `replica` labels). A dead replica's last
+snapshot stays, so counters summed over replicas never go backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+Labels = tuple[tuple[str, str], ...]
+
+DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+HELP = {
+    "splitvl_requests_total": ("counter", "HTTP requests by route and status code."),
+    "splitvl_time_to_first_token_seconds": ("histogram", "Time from request to first token."),
+    "splitvl_inter_token_latency_seconds": ("histogram", "Time between streamed tokens."),
+    "splitvl_embedding_cache_hits_total": ("counter", "Images whose embeddings came from the cache."),
+    "splitvl_embedding_cache_misses_total": ("counter", "Images sent to the vision encoder."),
+    "splitvl_embedding_cache_bytes": ("gauge", "Bytes of embeddings referenced by the cache."),
+    "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),
+    "splitvl_vision_batches_total": ("counter", "Vision tower calls."),
+    "splitvl_vision_batch_size": ("histogram", "Images per vision tower call."),
+    "splitvl_vision_encode_seconds": ("histogram", "Time of one vision tower call."),
+    "splitvl_kv_cache_usage": ("gauge", "Fraction of KV blocks in use."),
+    "splitvl_num_requests_running": ("gauge", "Sequences the engine is running."),
+    "splitvl_num_requests_waiting": ("gauge", "Sequences queued in the engine."),
+    "splitvl_generation_tokens_total": ("counter", "Tokens generated."),
+    "splitvl_prompt_tokens_total": ("counter", "Prompt tokens processed."),
+}
+
+
+def _labels(labels: dict[str, str] | None) -> Labels:
+    return tuple(sorted((labels or {}).items()))
+
+
+@dataclass(slots=True)
+class Histogram:
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.total += value
+        self.count += 1
+
+
+class MetricsRecorder:
+    """One replica's metrics; `snapshot()` is plain data, `start_pushing` ships it."""
+
+    def __init__(self, deployment: str, replica: str):
+        self.deployment = deployment
+        self.replica = replica
+        self._counters: dict[tuple[str, Labels], float] = {}
+        self._gauges: dict[tuple[str, Labels], float] = {}
+        self._histograms: dict[tuple[str, Labels], Histogram] = {}
+        self._dirty = asyncio.Event() if _in_loop() else None
+        self._hub: Any = None
+
+    def inc(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
+        key = (name, _labels(labels))
+        self._counters[key] = self._counters.get(key, 0.0) + value
+        self._mark()
+
+    def set(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
+        self._gauges[(name, _labels(labels))] = float(value)
+        self._mark()
+
+    def observe(
+        self, name: str, value: float, buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        key = (name, _labels(labels))
+        hist = self._histograms.get(key)
+        if hist is None:
+            hist = self._histograms[key] = Histogram(buckets)
+        hist.observe(value)
+        self._mark()
+
+    def counter(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return self._counters.get((name, _labels(labels)), 0.0)
+
+    def _mark(self) -> None:
+        if self._dirty is not None:
+            self._dirty.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        base = {"deployment": self.deployment, "replica": self.replica}
+        return {
+            "base": base,
+            "counters": [(n, lb, v) for (n, lb), v in self._counters.items()],
+            "gauges": [(n, lb, v) for (n, lb), v in self._gauges.items()],
+            "histograms": [
+                (n, lb, h.buckets, list(h.counts), h.total, h.count) for (n, lb), h in self._histograms.items()
+            ],
+        }
+
+    def start_pushing(self, app_name: str, interval_s: float = 0.2) -> asyncio.Task | None:
+        """Push the snapshot to the app's hub whenever it changed (at most every interval)."""
+        if self._dirty is None:
+            self._dirty = asyncio.Event()
+        try:
+            self._hub = MetricsHub.options(
+                name=hub_name(app_name), namespace="serve", get_if_exists=True,
+                lifetime="detached", num_cpus=0,
+            ).remote()
+        except Exception as exc:  # metrics must never take a replica down
+            logger.warning("metrics hub unavailable: %s", exc)
+            return None
+        return asyncio.get_running_loop().create_task(self._push_loop(interval_s))
+
+    async def _push_loop(self, interval_s: float) -> None:
+        self._dirty.set()
+        while True:
+            await self._dirty.wait()
+            self._dirty.clear()
+            try:
+                await self._hub.push.remote(self.replica, self.snapshot())
+            except Exception as exc:
+                logger.warning("metrics push failed: %s", exc)
+            await asyncio.sleep(interval_s)
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False
+
+
+def hub_name(app_name: str) -> str:
+    return f"splitvl-metrics-{app_name}"
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class MetricsHub:
+    """Latest snapshot of every replica of one application."""
+
+    def __init__(self) -> None:
+        self._snapshots: dict[str, dict[str, Any]] = {}
+
+    def push(self, replica: str, snapshot: dict[str, Any]) -> None:
+        self._snapshots[replica] = snapshot
+
+    def collect(self) -> list[dict[str, Any]]:
+        return list(self._snapshots.values())
+
+
+def _fmt_labels(base: dict[str, str], labels: Labels, extra: tuple[tuple[str, str], ...] = ()) -> str:
+    items = list(base.items()) + list(labels) + list(extra)
+    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"' for k, v in items)
+    return "{" + ",".join(escaped) + "}"
+
+
+def _fmt_value(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value)) if not float(value).is_integer() else str(int(value))
+
+
+def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
+    """Snapshots -> Prometheus text exposition format (version 0.0.4)."""
+    lines: dict[str, list[str]] = {}
+    for snap in snapshots:
+        base = snap["base"]
+        for name, labels, value in snap["counters"]:
+            lines.setdefault(name, []).append(f"{name}{_fmt_labels(base, labels)} {_fmt_value(value)}")
+        for name, labels, value in snap["gauges"]:
+            lines.setdefault(name, []).append(f"{name}{_fmt_labels(base, labels)} {_fmt_value(value)}")
+        for name, labels, buckets, counts, total, count in snap["histograms"]:
+            out = lines.setdefault(name, [])
+            running = 0
+            for bound, c in zip((*buckets, math.inf), counts, strict=True):
+                running += c
+                le = (("le", _fmt_value(bound)),)
+                out.append(f"{name}_bucket{_fmt_labels(base, labels, le)} {running}")
+            out.append(f"{name}_sum{_fmt_labels(base, labels)} {_fmt_value(total)}")
+            out.append(f"{name}_count{_fmt_labels(base, labels)} {count}")
+    text = []
+    for name in sorted(lines):
+        kind, help_text = HELP.get(name, ("untyped", name))
+        text.append(f"# HELP {name} {help_text}")
+        text.append(f"# TYPE {name} {kind}")
+        text.extend(lines[name])
+    return "\n".join(text) + "\n"
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum every sample of each series name (labels dropped): a test/ops helper."""
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.split("{", 1)[0]
+        totals[name] = totals.get(name, 0.0) + float(value)
+    return totals

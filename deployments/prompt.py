@@ -1,0 +1,157 @@
+"""Request -> prompt token ids and sampling settings (pure functions, no Ray).
+
+Chat messages are rendered with the checkpoint's chat template (image parts as
+`{"type": "image"}`, which Qwen templates turn into
+`<|vision_start|><|image_pad|><|vision_end|>`), tokenized, and each image's
+single `<|image_pad|>` is expanded to its token count. Deployment limits that
+the schema cannot know (max_tokens_limit, max_n, stop strings, context length)
+are checked here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from deployments.config import LimitsConfig
+from deployments.errors import InvalidRequestError
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, SamplingFields
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRequest:
+    """Sampling settings in engine terms (`engine.SamplingParams` field names)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    stop_token_ids: tuple[int, ...]
+    ignore_eos: bool
+    logprobs: int | None
+
+    def as_dict(self, seed_offset: int = 0) -> dict[str, Any]:
+        out = {f: getattr(self, f) for f in self.__slots__}
+        out["stop_token_ids"] = list(self.stop_token_ids)
+        if self.seed is not None:
+            out["seed"] = self.seed + seed_offset
+        return out
+
+
+def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """OpenAI messages -> the dicts chat templates expect (images as {"type": "image"})."""
+    out = []
+    for msg in request.messages:
+        if msg.content is None or isinstance(msg.content, str):
+            content: Any = msg.content or ""
+        else:
+            content = [
+                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                for p in msg.content
+            ]
+        role = "system" if msg.role == "developer" else msg.role
+        out.append({"role": role, "content": content})
+    return out
+
+
+def image_urls(request: ChatCompletionRequest) -> list[str]:
+    return [url for msg in request.messages for url in msg.image_urls()]
+
+
+def chat_prompt_ids(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """Render the chat template and tokenize (one `<|image_pad|>` per image)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            template_messages(request), tokenize=False, add_generation_prompt=True
+        )
+    except Exception as exc:  # jinja errors from a template that rejects the messages
+        raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", "messages") from exc
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def completion_prompt_ids(tokenizer: Any, request: CompletionRequest, vocab_size: int) -> list[int]:
+    if isinstance(request.prompt, str):
+        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
+    bad = [t for t in request.prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}", "prompt")
+    return list(request.prompt)
+
+
+def expand_image_pads(ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
+    """Replace the i-th `<|image_pad|>` by `counts[i]` of them (the engine's rule).
+
+    Raises:
+        InvalidRequestError: the prompt holds a different number of image
+            placeholders than images (e.g. the text spells the special token).
+    """
+    from engine.errors import EngineInputError
+    from engine.positions import expand_image_placeholders
+
+    try:
+        return expand_image_placeholders(ids, image_token_id, counts)
+    except EngineInputError as exc:
+        raise InvalidRequestError(
+            f"{exc}; message text must not contain image placeholder tokens", "messages"
+        ) from None
+
+
+def check_limits(request: SamplingFields, limits: LimitsConfig) -> None:
+    """Deployment limits on a request's sampling fields (400 naming the field)."""
+    max_tokens = request.requested_max_tokens
+    if max_tokens is not None and max_tokens > limits.max_tokens_limit:
+        raise InvalidRequestError(
+            f"max_tokens {max_tokens} exceeds this deployment's limit {limits.max_tokens_limit}", "max_tokens"
+        )
+    if request.n > limits.max_n:
+        raise InvalidRequestError(f"n {request.n} exceeds this deployment's limit {limits.max_n}", "n")
+    if request.stop and len(request.stop) > limits.max_stop_strings:
+        raise InvalidRequestError(
+            f"{len(request.stop)} stop strings; at most {limits.max_stop_strings} are allowed", "stop"
+        )
+
+
+def sampling_request(
+    request: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int,
+    limits: LimitsConfig, vocab_size: int,
+) -> SamplingRequest:
+    """Sampling settings, with max_tokens defaulted to what the context leaves."""
+    if prompt_len >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt is {prompt_len} tokens; this model's context is {max_model_len} tokens",
+            "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    room = max_model_len - prompt_len
+    max_tokens = request.requested_max_tokens
+    if max_tokens is None:
+        max_tokens = min(room, limits.max_tokens_limit)
+    elif max_tokens > room:
+        raise InvalidRequestError(
+            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
+            f"length {max_model_len}",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    stop_ids = tuple(request.stop_token_ids or ())
+    if any(not 0 <= t < vocab_size for t in stop_ids):
+        raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
+    return SamplingRequest(
+        max_tokens=max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        stop_token_ids=stop_ids,
+        ignore_eos=request.ignore_eos,
+        logprobs=request.num_logprobs,
+    )

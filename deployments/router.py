@@ -1,0 +1,323 @@
+"""The Router deployment: request -> prompt ids + image embeddings -> LLM stream -> text.
+
+Per request: deployment limits, chat template + tokenization, images loaded
+(`deployments.media`) and checked, placeholders expanded, then for every image
+the embedding cache is asked for an ObjectRef; a miss preprocesses the image
+and calls `vision.encode`, converting its `DeploymentResponse` to an ObjectRef
+without awaiting the result. The refs go to `llm.generate` as they are, so the
+embedding bytes travel encoder -> object store -> LLM replica and this process
+never deserializes them. Token ids stream back; each choice is detokenized
+incrementally with stop strings applied.
+
+`chat` / `complete` are async generators of plain-dict events:
+`{"kind": "start", "prompt_tokens"}` once validation and media are done, then
+`{"kind": "delta", "index", "text", "logprobs", "finish_reason"}` and finally
+`{"kind": "usage", "prompt_tokens", "completion_tokens"}`. Errors before
+"start" are typed `APIError`s the ingress maps to a status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.config import AppConfig, ensure_checkpoint
+from deployments.detokenize import IncrementalDetokenizer
+from deployments.embedding_cache import EmbeddingCache, image_key
+from deployments.errors import APIError, InternalServerError, InvalidRequestError, MediaError
+from deployments.media import MediaPolicy, load_request_image
+from deployments.metrics import MetricsRecorder
+from deployments.prompt import (
+    SamplingRequest,
+    chat_prompt_ids,
+    check_limits,
+    completion_prompt_ids,
+    expand_image_pads,
+    image_urls,
+    sampling_request,
+)
+from deployments.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def replica_identity(default_deployment: str) -> tuple[str, str, str]:
+    """(app name, deployment name, replica id) inside Serve, or local fallbacks."""
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        return ctx.app_name, ctx.deployment, ctx.replica_id.unique_id
+    except Exception:  # outside a replica (unit tests)
+        return "local", default_deployment, uuid.uuid4().hex[:8]
+
+
+class Router:
+    """Serve deployment body; see the module docstring."""
+
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any):
+        from transformers import AutoTokenizer
+
+        from models.config import load_model_config
+        from models.processor import ImageProcessor
+        from models.registry import get_task
+
+        self.config = AppConfig.model_validate(app_config)
+        path = ensure_checkpoint(self.config)
+        self.model_config = load_model_config(path)
+        self.task = get_task(self.model_config, self.config.disable_vision_encoder)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.processor = ImageProcessor.from_pretrained(path) if self.task.accepts_images else None
+        self.model_id = self.config.served_model_id
+        self.vision = vision if self.task.accepts_images else None
+        self.llm = llm
+        self.limits = self.config.limits
+        self.policy = MediaPolicy.from_limits(self.limits)
+        self.cache = EmbeddingCache(self.config.embedding_cache_bytes)
+        self._settings = repr(self.processor) if self.processor is not None else ""
+        app, deployment, replica = replica_identity("Router")
+        self.metrics = MetricsRecorder(deployment, replica)
+        self._app_name = app
+        self._metrics_task: asyncio.Task | None = None
+        self._set_pil_bomb_guard()
+
+    def _set_pil_bomb_guard(self) -> None:
+        # PIL refuses (DecompressionBombError) headers over 2x this many pixels;
+        # our own header check rejects anything over max_image_pixels first.
+        import PIL.Image
+
+        PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
+
+    def _ensure_metrics(self) -> None:
+        if self._metrics_task is None:
+            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+
+    # ------------------------------------------------------------ entry points
+
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        self._ensure_metrics()
+        start = time.monotonic()
+        check_limits(request, self.limits)
+        urls = image_urls(request)
+        if urls and not self.task.accepts_images:
+            raise InvalidRequestError(
+                f"this deployment does not accept images: {self.task.reason}", "messages",
+                code="vision_encoder_disabled",
+            )
+        if len(urls) > self.limits.max_images_per_request:
+            raise InvalidRequestError(
+                f"{len(urls)} images; at most {self.limits.max_images_per_request} per request", "messages"
+            )
+        ids = chat_prompt_ids(self.tokenizer, request)
+        refs: list[Any] = []
+        keys: list[str] = []
+        if urls:
+            counts, refs, keys = await self._embed_images(urls)
+            ids = expand_image_pads(ids, self.model_config.image_token_id, counts)
+        sampling = self._sampling(request, len(ids))
+        async for event in self._generate(ids, sampling, refs, keys, request.n, request.stop, start):
+            yield event
+
+    async def complete(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+        self._ensure_metrics()
+        start = time.monotonic()
+        check_limits(request, self.limits)
+        if request.echo:
+            raise InvalidRequestError("echo is not supported", "echo")
+        ids = completion_prompt_ids(self.tokenizer, request, self.model_config.text.vocab_size)
+        image_token = self.model_config.image_token_id
+        if image_token is not None and image_token in ids:
+            raise InvalidRequestError("completion prompts cannot contain image placeholder tokens", "prompt")
+        sampling = self._sampling(request, len(ids))
+        async for event in self._generate(ids, sampling, [], [], request.n, request.stop, start):
+            yield event
+
+    def get_model_id(self) -> str:
+        return self.model_id
+
+    def accepts_images(self) -> bool:
+        return self.task.accepts_images
+
+    def debug_state(self) -> dict[str, Any]:
+        """What this process holds: cache value types and every live tensor's shape."""
+        import gc
+
+        import torch
+
+        shapes = [tuple(o.shape) for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+        return {
+            "cache_entries": len(self.cache),
+            "cache_bytes": self.cache.nbytes,
+            "cache_value_types": sorted({type(v).__name__ for v in self.cache.values()}),
+            "live_tensor_shapes": shapes,
+        }
+
+    # ------------------------------------------------------------ steps
+
+    def _sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingRequest:
+        return sampling_request(
+            request, prompt_len, self.config.llm.max_model_len, self.limits, self.model_config.text.vocab_size
+        )
+
+    async def _embed_images(self, urls: list[str]) -> tuple[list[int], list[Any], list[str]]:
+        """Load every image, then one ObjectRef of its embeddings each (cache or encoder)."""
+        from models.processor import ImageError
+
+        loaded = await asyncio.gather(*(load_request_image(u, self.policy) for u in urls), return_exceptions=True)
+        for item in loaded:
+            if isinstance(item, BaseException):
+                raise item
+        counts, refs, keys = [], [], []
+        for image in loaded:
+            try:
+                grid = self.processor.grid_thw(image.height, image.width)
+            except ImageError as exc:
+                raise MediaError(str(exc), param="image_url") from exc
+            counts.append(self.processor.num_image_tokens(grid))
+            key = image_key(image, self._settings, self.model_id)
+            ref = self.cache.get(key)
+            if ref is None:
+                self.metrics.inc("splitvl_embedding_cache_misses_total")
+                ref = await self._encode(image)
+                self.cache.put(key, ref, self._embedding_bytes(counts[-1]))
+                self.metrics.set("splitvl_embedding_cache_bytes", self.cache.nbytes)
+            else:
+                self.metrics.inc("splitvl_embedding_cache_hits_total")
+            refs.append(ref)
+            keys.append(key)
+        return counts, refs, keys
+
+    async def _encode(self, image: Any) -> Any:
+        processed = await asyncio.to_thread(self.processor.preprocess, [image])
+        response = self.vision.encode.remote(processed.pixel_values, processed.grid_thw)
+        # Only waits for a replica to take the call; the result stays remote.
+        return await response._to_object_ref()
+
+    def _embedding_bytes(self, num_tokens: int) -> int:
+        vision = self.model_config.vision
+        layers = 1 + len(vision.deepstack_visual_indexes)
+        dtype = self.config.dtype if self.config.dtype != "auto" else (
+            "bfloat16" if self.config.resolved_device() == "cuda" else "float32"
+        )
+        return num_tokens * vision.out_hidden_size * layers * _DTYPE_BYTES[dtype]
+
+    async def _generate(
+        self, ids: list[int], sampling: SamplingRequest, refs: list[Any], keys: list[str],
+        n: int, stop: list[str] | None, start: float,
+    ) -> AsyncIterator[dict[str, Any]]:
+        yield {"kind": "start", "prompt_tokens": len(ids)}
+        rid = uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+        tasks = [
+            asyncio.create_task(self._run_choice(f"{rid}-{i}", i, ids, sampling, refs, keys, stop, queue))
+            for i in range(n)
+        ]
+        completion_tokens = 0
+        first_token_at: float | None = None
+        last_token_at = start
+        try:
+            for _ in range(n):
+                while True:
+                    event = await queue.get()
+                    if isinstance(event, BaseException):
+                        for key in keys:  # a failed encode must not stay cached
+                            self.cache.pop(key)
+                        raise event
+                    if event["kind"] == "done":
+                        completion_tokens += event["num_tokens"]
+                        break
+                    now = time.monotonic()
+                    if first_token_at is None:
+                        first_token_at = now
+                        self.metrics.observe("splitvl_time_to_first_token_seconds", now - start)
+                    else:
+                        self.metrics.observe("splitvl_inter_token_latency_seconds", now - last_token_at)
+                    last_token_at = now
+                    yield event
+        finally:
+            for task in tasks:
+                task.cancel()
+        self.metrics.inc("splitvl_prompt_tokens_total", len(ids))
+        self.metrics.inc("splitvl_generation_tokens_total", completion_tokens)
+        yield {"kind": "usage", "prompt_tokens": len(ids), "completion_tokens": completion_tokens}
+
+    async def _run_choice(
+        self, request_id: str, index: int, ids: list[int], sampling: SamplingRequest,
+        refs: list[Any], keys: list[str], stop: list[str] | None, queue: asyncio.Queue,
+    ) -> None:
+        """Stream one choice from the LLM into `queue` (deltas, then a "done" event)."""
+        detok = IncrementalDetokenizer(self.tokenizer, stop, prompt_tail=ids[-8:])
+        stream = self.llm.generate.options(stream=True).remote(
+            request_id, ids, sampling.as_dict(seed_offset=index), refs or None, keys or None
+        )
+        finished = engine_done = False
+        try:
+            async for out in stream:
+                reason = out.get("finish_reason")
+                engine_done = reason is not None
+                if reason in ("error", "abort"):
+                    detail = out.get("error") or reason
+                    raise InternalServerError(f"the engine ended the request: {detail}")
+                delta = detok.add(out["token_ids"], final=reason is not None)
+                if delta.stopped:
+                    reason = "stop"
+                logprobs = self._logprobs(out.get("logprobs"), len(out["token_ids"]))
+                if delta.text or reason is not None or logprobs:
+                    await queue.put({"kind": "delta", "index": index, "text": delta.text,
+                                     "logprobs": logprobs, "finish_reason": reason})
+                if reason is not None:
+                    finished = True
+                    break
+            if not finished:
+                raise InternalServerError("the LLM stream ended without a finish reason")
+            await queue.put({"kind": "done", "index": index, "num_tokens": detok.num_tokens})
+        except asyncio.CancelledError:
+            raise
+        except APIError as exc:
+            await queue.put(exc)
+        except Exception as exc:
+            await queue.put(_wrap_remote_error(exc))
+        finally:
+            if not engine_done:  # cancelled, failed or stopped by a stop string: abort it
+                stream.cancel()
+
+    def _logprobs(self, raw: Any, num_new: int) -> list[dict[str, Any]] | None:
+        """Engine logprobs ([{"token_id", "logprob", "top": [(id, lp)...]}]) -> OpenAI content items."""
+        if not raw:
+            return None
+        items = []
+        for entry in raw[-num_new:] if num_new else []:
+            token = self.tokenizer.decode([entry["token_id"]])
+            items.append({
+                "token": token,
+                "logprob": float(entry["logprob"]),
+                "bytes": list(token.encode()),
+                "top_logprobs": [
+                    {"token": (t := self.tokenizer.decode([tid])), "logprob": float(lp), "bytes": list(t.encode())}
+                    for tid, lp in entry.get("top", [])
+                ],
+            })
+        return items
+
+
+def _wrap_remote_error(exc: BaseException) -> APIError:
+    """Map Ray/Serve failures of the LLM or vision call to an APIError."""
+    from deployments.errors import ServiceUnavailableError
+
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(exc, APIError):
+        return exc
+    name = type(exc).__name__
+    if any(k in name for k in ("BackPressure", "ActorDied", "ActorUnavailable", "DeploymentUnavailable",
+                               "ActorError", "ObjectLost", "OwnerDied")):
+        return ServiceUnavailableError(f"a model replica is unavailable ({name}); retry the request")
+    logger.exception("generation failed", exc_info=exc)
+    return InternalServerError(f"generation failed ({name})")

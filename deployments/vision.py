@@ -1,0 +1,124 @@
+"""The VisionEncoder deployment: the ViT alone, batched across concurrent requests.
+
+Loads only `model.visual.*`. `encode` takes one image's patches; `@serve.batch`
+gathers images from concurrent requests, concatenates them into one tower call
+and splits the outputs back by each image's grid. Results are CPU tensors (so
+they can travel through Ray's object store to any LLM replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray import serve
+
+from deployments.config import AppConfig, ensure_checkpoint
+from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
+
+
+@dataclass(frozen=True, slots=True)
+class ImageEmbedding:
+    """Vision-tower output of one image.
+
+    Shapes: embeds [N_tok, H]; deepstack [L, N_tok, H] (L may be 0);
+    grid_thw (t, h, w) in patches.
+    """
+
+    embeds: torch.Tensor
+    deepstack: torch.Tensor
+    grid_thw: tuple[int, int, int]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.embeds.shape[0]
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def split_outputs(
+    embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]], merge_unit: int
+) -> list[ImageEmbedding]:
+    """Split a batched tower output back into per-image CPU results.
+
+    Shapes: embeds [sum N_tok, H]; deepstack [L, sum N_tok, H].
+    """
+    sizes = [t * h * w // merge_unit for t, h, w in grids]
+    embeds = embeds.cpu()
+    deepstack = deepstack.cpu()
+    out, offset = [], 0
+    for size, grid in zip(sizes, grids, strict=True):
+        out.append(ImageEmbedding(
+            embeds=embeds[offset : offset + size].clone(),
+            deepstack=deepstack[:, offset : offset + size].clone(),
+            grid_thw=grid,
+        ))
+        offset += size
+    return out
+
+
+class VisionEncoder:
+    """Serve deployment body: one replicated vision tower."""
+
+    def __init__(self, app_config: dict[str, Any]):
+        from models.config import load_model_config
+        from models.registry import build_vision_model
+
+        config = AppConfig.model_validate(app_config)
+        path = ensure_checkpoint(config)
+        model_config = load_model_config(path)
+        # Ray hands a GPU to this replica only when it asked for one.
+        self.device = "cuda" if config.vision.num_gpus > 0 and config.device != "cpu" else "cpu"
+        dtype = resolve_dtype(config.dtype, self.device)
+        self.model = build_vision_model(model_config, dtype, self.device)
+        self.model.load_weights(_checkpoint_reader(path))
+        self.merge_unit = model_config.vision.spatial_merge_size**2
+        self.encode.set_max_batch_size(config.vision.max_batch_size)
+        self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
+        from deployments.router import replica_identity
+
+        app, deployment, replica = replica_identity("VisionEncoder")
+        self.metrics = MetricsRecorder(deployment, replica)
+        self._app_name = app
+        self._metrics_task: asyncio.Task | None = None
+        self.images_processed = 0
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def encode(self, pixel_values: list[torch.Tensor], grid_thw: list[torch.Tensor]) -> list[ImageEmbedding]:
+        """One image per call; Serve hands this method a batch of calls.
+
+        Shapes (per call): pixel_values [N_patch, C*Tp*P*P]; grid_thw [1, 3].
+        """
+        if self._metrics_task is None:
+            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+        grids = [tuple(int(v) for v in g.reshape(-1, 3)[0]) for g in grid_thw]
+        start = time.monotonic()
+        results = await asyncio.to_thread(self._run, torch.cat(pixel_values), grids)
+        self.images_processed += len(grids)
+        self.metrics.inc("splitvl_vision_images_total", len(grids))
+        self.metrics.inc("splitvl_vision_batches_total")
+        self.metrics.observe("splitvl_vision_batch_size", len(grids), buckets=BATCH_SIZE_BUCKETS)
+        self.metrics.observe("splitvl_vision_encode_seconds", time.monotonic() - start)
+        return results
+
+    def _run(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageEmbedding]:
+        grid_thw = torch.tensor(grids, dtype=torch.int64)
+        with torch.inference_mode():
+            embeds, deepstack = self.model(pixel_values, grid_thw)
+        return split_outputs(embeds, deepstack, grids, self.merge_unit)
+
+    def stats(self) -> dict[str, int]:
+        return {"images_processed": self.images_processed}
+
+
+def _checkpoint_reader(path: Any) -> Any:
+    from models.loader import CheckpointReader
+
+    return CheckpointReader(path)

@@ -1,0 +1,58 @@
+"""Engine configuration (internal, frozen; the Serve layer maps its pydantic config onto it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """One LLM replica.
+
+    model: checkpoint directory. dtype: "float32" | "bfloat16" | "float16".
+    device: "cpu" or "cuda". max_model_len: None -> the model's
+    max_position_embeddings. num_gpu_blocks: KV blocks per rank (None: sized
+    from free memory x gpu_memory_utilization on CUDA, `cpu_kv_cache_gb` on CPU).
+    step_timeout_s: a model step (all TP ranks) slower than this marks the
+    engine dead. seed: derives the generators of requests without a seed.
+    """
+
+    model: str
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_gpu_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 0.25
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    step_timeout_s: float = 600.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        positive = ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be >= 2")
+        if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
+            raise ValueError("num_gpu_blocks must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

@@ -1,0 +1,269 @@
+"""The async engine of one LLM replica: validation, the step loop, output streams.
+
+The scheduler and all bookkeeping run on the event loop; only the model step
+(`executor.execute`) runs in a worker thread, so the loop stays responsive
+while the model computes. One step: schedule -> message -> execute on every
+rank -> commit -> append sampled tokens, check stops, stream deltas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.errors import EngineDeadError, EngineInputError
+from engine.executor import Executor, InProcessExecutor
+from engine.kv_cache import BlockManager, StateSlotManager
+from engine.request import RequestStream, validate_request
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import MultimodalInputs, RequestOutput, Sequence
+from engine.step import NewSequence, SeqStep, StepMessage, StepResult
+from models.config import ModelConfig, load_model_config
+
+__all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineInputError"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Known:
+    """What the runners know of a sequence (to send only deltas)."""
+
+    num_tokens: int
+    num_blocks: int
+    preemptions: int
+
+
+class Engine:
+    """Continuous-batching engine over an in-process runner (TP 1) or TP worker actors."""
+
+    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+        self.config = config
+        self.model_config: ModelConfig = load_model_config(config.model)
+        text = self.model_config.text
+        self.max_model_len = config.max_model_len or text.max_position_embeddings
+        self.executor = executor or _make_executor(config, self.model_config, self.max_model_len)
+        hybrid = text.is_hybrid
+        blocks = BlockManager(
+            self.executor.num_blocks, config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching and not hybrid,
+        )
+        slots = StateSlotManager(config.max_num_seqs) if hybrid else None
+        self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens, slots)
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        self._seqs: dict[str, Sequence] = {}
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_new: dict[int, NewSequence] = {}
+        self._known: dict[int, _Known] = {}
+        self._pending_free: list[int] = []
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitvl-step")
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._dead: str | None = None
+        self._closed = False
+
+    # ---- public API ----------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        mm_inputs: MultimodalInputs | None,
+        sampling: SamplingParams,
+    ) -> RequestStream:
+        """Queue a request; iterate the returned stream for its `RequestOutput` deltas.
+
+        Must be called from the event loop that consumes the stream.
+        Raises:
+            EngineInputError: invalid request (nothing is queued).
+            EngineDeadError: the engine has failed or is shut down.
+        """
+        if self._dead is not None or self._closed:
+            raise EngineDeadError(self._dead or "the engine is shut down")
+        if request_id in self._seqs:
+            raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
+        checked = validate_request(
+            self.model_config, self.max_model_len, self.executor.num_blocks * self.config.block_size,
+            prompt_token_ids, mm_inputs, sampling,
+        )
+        self._ensure_loop()
+        prompt = checked.prompt_token_ids
+        seq = Sequence(
+            seq_id=self._next_seq_id, request_id=request_id,
+            prompt_token_ids=list(prompt), sampling=sampling,
+            max_tokens=checked.max_tokens, mm_inputs=mm_inputs, image_spans=checked.image_spans,
+        )
+        self._next_seq_id += 1
+        seed = sampling.seed if sampling.seed is not None else self._rng.getrandbits(63)
+        self._pending_new[seq.seq_id] = NewSequence(
+            seq.seq_id, tuple(prompt), checked.positions, checked.mrope_delta,
+            sampling, seed, mm_inputs,
+        )
+        stream = RequestStream(request_id, self)
+        self._seqs[request_id] = seq
+        self._streams[request_id] = stream
+        self.scheduler.add(seq)
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """End a request now: its blocks return at once and its stream ends with "abort"."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        self._finish(seq, "abort")
+        self._emit(seq, [], "abort", None)
+
+    @property
+    def executor_device(self) -> str:
+        """Device of rank 0's model ("cpu" or "cuda")."""
+        return self.config.device
+
+    def is_healthy(self) -> bool:
+        if self._dead is None and not self._closed and not self.executor.is_alive():
+            self._fail("a tensor-parallel worker died")
+        return self._dead is None and not self._closed
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        return {
+            "healthy": self._dead is None and not self._closed,
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": s.num_total_blocks,
+            "num_preemptions": s.num_preemptions,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+        }
+
+    def shutdown(self) -> None:
+        """Abort everything, stop the loop, release the workers."""
+        if self._closed:
+            return
+        for request_id in list(self._seqs):
+            self.abort(request_id)
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self._thread.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown()
+
+    # ---- the loop --------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is not None and not self._task.done() and self._loop is loop:
+            return
+        self._loop = loop
+        self._wakeup = asyncio.Event()
+        self._task = loop.create_task(self._run_loop(), name="splitvl-engine-loop")
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed and self._dead is None:
+            if not self.scheduler.has_work():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                self._fail("the scheduler could not place any request (KV cache too small)")
+                return
+            msg = self._message(out)
+            try:
+                result = await loop.run_in_executor(self._thread, self.executor.execute, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a worker died, a step timed out or crashed
+                log.exception("engine step failed")
+                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+                return
+            self._process(out, result)
+
+    def _message(self, out: SchedulerOutput) -> StepMessage:
+        new, steps = [], []
+        for item in out.scheduled:
+            seq = item.seq
+            known = self._known.get(seq.seq_id)
+            if known is None:
+                new.append(self._pending_new.pop(seq.seq_id))
+                known = self._known[seq.seq_id] = _Known(seq.num_prompt_tokens, 0, -1)
+            appended = tuple(seq.output_token_ids[known.num_tokens - seq.num_prompt_tokens :])
+            reset = known.preemptions != seq.num_preemptions
+            blocks = tuple(seq.block_table if reset else seq.block_table[known.num_blocks :])
+            known.num_tokens, known.num_blocks = seq.num_tokens, len(seq.block_table)
+            known.preemptions = seq.num_preemptions
+            steps.append(SeqStep(
+                seq.seq_id, item.start, item.num_new_tokens, appended, blocks, reset,
+                item.samples, seq.state_slot,
+            ))
+        freed, self._pending_free = tuple(self._pending_free), []
+        return StepMessage(tuple(new), tuple(steps), freed)
+
+    def _process(self, out: SchedulerOutput, result: StepResult | None) -> None:
+        self.scheduler.commit(out)
+        if result is None:
+            return
+        by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
+        for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
+            seq = by_id[seq_id]
+            if seq.is_finished:
+                continue  # aborted while the step ran
+            seq.output_token_ids.append(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            self._emit(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.sampling
+        if not params.ignore_eos and token in self.model_config.eos_token_ids:
+            return "stop"
+        if token in params.stop_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self._seqs.pop(seq.request_id, None)
+        self._pending_new.pop(seq.seq_id, None)
+        if self._known.pop(seq.seq_id, None) is not None:
+            self._pending_free.append(seq.seq_id)
+
+    def _emit(self, seq: Sequence, tokens: list[int], reason: str | None, logprobs, error: str | None = None) -> None:
+        stream = self._streams.get(seq.request_id) if reason is None else self._streams.pop(seq.request_id, None)
+        if stream is None:
+            return
+        stream.put(RequestOutput(
+            seq.request_id, tokens, reason, logprobs, seq.num_prompt_tokens, seq.num_cached_tokens, error,
+        ))
+
+    def _fail(self, message: str) -> None:
+        """Mark the engine dead and end every pending request with an error."""
+        if self._dead is not None:
+            return
+        self._dead = message
+        log.error("engine is unhealthy: %s", message)
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "error")
+            self._emit(seq, [], "error", None, error=message)
+        self.executor.on_failure()
+
+
+def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> Executor:
+    if config.tensor_parallel_size == 1:
+        return InProcessExecutor(config, model_config, max_model_len)
+    from engine.worker import RayTPExecutor
+
+    return RayTPExecutor(config, max_model_len)

@@ -1,0 +1,137 @@
+"""mRoPE positions for text and image tokens, and image placeholder expansion.
+
+Same numbers as transformers' Qwen3-VL / Qwen3.5 `get_rope_index`: text tokens
+advance all three rows together; the tokens of one image (grid t, h, w patches,
+merged `spatial_merge_size` x `spatial_merge_size`) sit at
+`(start + t_idx, start + h_idx, start + w_idx)`; the text after it continues at
+`start + max(h, w) // merge` (images have t == 1). During decode, the token at
+index `i` of the sequence has position `i + mrope_delta` on all three rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from engine.errors import EngineInputError
+
+GridTHW = tuple[int, int, int]
+
+
+def expand_image_placeholders(
+    token_ids: Sequence[int], image_token_id: int, tokens_per_image: Sequence[int]
+) -> list[int]:
+    """Repeat the i-th `<|image_pad|>` of `token_ids` `tokens_per_image[i]` times.
+
+    Raises:
+        EngineInputError: the number of placeholders differs from the number of images.
+    """
+    placeholders = sum(1 for t in token_ids if t == image_token_id)
+    if placeholders != len(tokens_per_image):
+        raise EngineInputError(
+            f"the prompt has {placeholders} image placeholder(s) but {len(tokens_per_image)} "
+            "image(s) were given",
+            param="images",
+        )
+    out: list[int] = []
+    images = iter(tokens_per_image)
+    for token in token_ids:
+        if token == image_token_id:
+            count = next(images)
+            if count < 1:
+                raise EngineInputError("an image must have at least one token", param="images")
+            out.extend([image_token_id] * count)
+        else:
+            out.append(token)
+    return out
+
+
+def image_token_runs(token_ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """(start, end) index ranges of consecutive image tokens."""
+    runs: list[tuple[int, int]] = []
+    start = None
+    for i, token in enumerate(token_ids):
+        if token == image_token_id and start is None:
+            start = i
+        elif token != image_token_id and start is not None:
+            runs.append((start, i))
+            start = None
+    if start is not None:
+        runs.append((start, len(token_ids)))
+    return runs
+
+
+def _split_runs_by_image(
+    runs: list[tuple[int, int]], counts: list[int]
+) -> list[tuple[int, int]]:
+    """Split runs of image tokens into one span per image (adjacent images share a run)."""
+    spans: list[tuple[int, int]] = []
+    k = 0
+    for start, end in runs:
+        pos = start
+        while pos < end:
+            if k >= len(counts) or pos + counts[k] > end:
+                raise EngineInputError(
+                    "image placeholder tokens do not match the image grids", param="images"
+                )
+            spans.append((pos, pos + counts[k]))
+            pos += counts[k]
+            k += 1
+    if k != len(counts):
+        raise EngineInputError(
+            f"{len(counts)} image grid(s) given but the prompt holds tokens for {k}", param="images"
+        )
+    return spans
+
+
+def mrope_positions(
+    token_ids: Sequence[int],
+    image_grid_thw: Sequence[Sequence[int]] | torch.Tensor | None,
+    spatial_merge_size: int,
+    image_token_id: int | None,
+    vision_start_token_id: int | None = None,
+) -> tuple[torch.Tensor, int]:
+    """3-D positions of a prompt whose image placeholders are already expanded.
+
+    `vision_start_token_id` is accepted for signature parity with HF; images
+    are found by their (expanded) `<|image_pad|>` tokens, as transformers does.
+
+    Returns:
+        positions [3, T] int64 and `mrope_delta` (decode position of index i is
+        `i + mrope_delta`).
+    Raises:
+        EngineInputError: image tokens and grids disagree.
+    """
+    del vision_start_token_id
+    grids = [tuple(int(v) for v in g) for g in (image_grid_thw if image_grid_thw is not None else [])]
+    n = len(token_ids)
+    runs = image_token_runs(token_ids, image_token_id) if image_token_id is not None else []
+    merge = spatial_merge_size
+    counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
+    spans = _split_runs_by_image(runs, counts)
+    pieces: list[torch.Tensor] = []
+    cursor, current = 0, 0
+    for (start, end), (t, h, w) in zip(spans, grids, strict=True):
+        if start > cursor:
+            pieces.append(torch.arange(start - cursor).expand(3, -1) + current)
+            current += start - cursor
+        gh, gw = h // merge, w // merge
+        tt, hh, ww = torch.meshgrid(
+            torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij"
+        )
+        pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + current)
+        current += max(gh, gw)
+        cursor = end
+    if n > cursor:
+        pieces.append(torch.arange(n - cursor).expand(3, -1) + current)
+    if not pieces:
+        return torch.zeros(3, 0, dtype=torch.int64), 0
+    positions = torch.cat(pieces, dim=1).to(torch.int64).contiguous()
+    delta = int(positions.max()) + 1 - n
+    return positions, delta
+
+
+def decode_positions(start: int, end: int, mrope_delta: int) -> torch.Tensor:
+    """Positions [3, end - start] of tokens at sequence indices [start, end) past the prompt."""
+    return (torch.arange(start, end, dtype=torch.int64) + mrope_delta).expand(3, -1)

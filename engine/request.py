@@ -1,0 +1,160 @@
+"""Request validation (before anything is queued) and the per-request output stream."""
+
+from __future__ import annotations
+
+import asyncio
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.errors import EngineInputError
+from engine.positions import image_token_runs, mrope_positions
+from engine.sampling_params import SamplingParams
+from engine.sequence import MultimodalInputs, RequestOutput
+from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedRequest:
+    """What validation derived. Shapes: positions [3, P] int64."""
+
+    prompt_token_ids: list[int]
+    positions: torch.Tensor
+    mrope_delta: int
+    max_tokens: int
+    image_spans: tuple[tuple[int, int, str], ...]
+
+
+def _check_tokens(config: ModelConfig, max_model_len: int, kv_tokens: int, ids: list[int]) -> None:
+    if not ids:
+        raise EngineInputError("the prompt is empty", param="prompt")
+    vocab = config.text.vocab_size
+    if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
+        raise EngineInputError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+    if len(ids) >= max_model_len:
+        raise EngineInputError(
+            f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} tokens "
+            "(prompt + at least one generated token)", param="prompt")
+    if len(ids) + 1 > kv_tokens:
+        raise EngineInputError(
+            f"the prompt has {len(ids)} tokens but the KV cache holds {kv_tokens}", param="prompt")
+
+
+def _check_images(config: ModelConfig, ids: list[int], mm: MultimodalInputs | None) -> None:
+    has_image_tokens = config.image_token_id is not None and config.image_token_id in ids
+    if mm is None:
+        if has_image_tokens:
+            raise EngineInputError("the prompt has image tokens but no image inputs", param="images")
+        return
+    if not config.is_vl or config.vision is None:
+        raise EngineInputError(f"{config.architecture} does not accept images", param="images")
+    hidden = config.text.hidden_size
+    merge = config.vision.spatial_merge_size
+    tokens = sum(mm.tokens_per_image(merge))
+    embeds = mm.image_embeds
+    if embeds.dim() != 2 or embeds.shape != (tokens, hidden):
+        raise EngineInputError(
+            f"image_embeds must be [{tokens}, {hidden}] for grids {list(mm.image_grid_thw)}, "
+            f"got {list(embeds.shape)}", param="images")
+    levels = len(config.vision.deepstack_visual_indexes)
+    deep = mm.deepstack_embeds
+    if levels and (deep is None or tuple(deep.shape) != (levels, tokens, hidden)):
+        got = None if deep is None else list(deep.shape)
+        raise EngineInputError(f"deepstack_embeds must be [{levels}, {tokens}, {hidden}], got {got}", param="images")
+    if not levels and deep is not None and deep.numel():
+        raise EngineInputError("this model takes no deepstack embeddings", param="images")
+    if mm.image_hashes is not None and len(mm.image_hashes) != mm.num_images:
+        raise EngineInputError("one image hash per image is required", param="images")
+
+
+def validate_request(
+    config: ModelConfig,
+    max_model_len: int,
+    kv_tokens: int,
+    prompt_token_ids: list[int],
+    mm: MultimodalInputs | None,
+    sampling: SamplingParams,
+) -> CheckedRequest:
+    """Check a request against the model and limits; derive its positions and budgets.
+
+    Raises:
+        EngineInputError: naming the problem.
+    """
+    if not isinstance(sampling, SamplingParams):
+        raise EngineInputError("sampling must be a SamplingParams", param="sampling")
+    sampling.validate()
+    if sampling.n != 1:
+        raise EngineInputError("the engine runs one completion per request; fan out n > 1", param="n")
+    try:
+        ids = [operator.index(t) for t in prompt_token_ids]
+    except TypeError as exc:
+        raise EngineInputError(f"prompt token ids must be integers ({exc})", param="prompt") from None
+    _check_tokens(config, max_model_len, kv_tokens, ids)
+    _check_images(config, ids, mm)
+    limit = min(max_model_len, kv_tokens) - len(ids)
+    max_tokens = limit if sampling.max_tokens is None else sampling.max_tokens
+    if max_tokens > limit:
+        raise EngineInputError(
+            f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the {min(max_model_len, kv_tokens)}"
+            "-token limit of this model/KV cache", param="max_tokens")
+    if mm is None:
+        return CheckedRequest(ids, torch.arange(len(ids)).expand(3, -1).contiguous(), 0, max_tokens, ())
+    merge = config.vision.spatial_merge_size
+    positions, delta = mrope_positions(
+        ids, mm.image_grid_thw, merge, config.image_token_id, config.vision_start_token_id
+    )
+    spans, hashes, k = [], mm.content_hashes(merge), 0
+    for start, end in image_token_runs(ids, config.image_token_id):
+        pos = start
+        for count in mm.tokens_per_image(merge)[k:]:
+            if pos >= end:
+                break
+            spans.append((pos, pos + count, hashes[k]))
+            pos += count
+            k += 1
+    return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))
+
+
+class RequestStream:
+    """Async iterator of one request's `RequestOutput` deltas; ends after the finished one.
+
+    `aclose()` (or leaving the iteration early and calling it) aborts the request.
+    """
+
+    def __init__(self, request_id: str, engine: Engine):
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._done = False
+
+    def put(self, out: RequestOutput) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            self._queue.put_nowait(out)
+        else:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self._done = True
+        return out
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)

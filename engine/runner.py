@@ -1,0 +1,247 @@
+"""The model runner of one TP rank: the only engine file that touches the model/device.
+
+It caches each sequence's state (tokens, prompt positions, image embeddings,
+block table, sampling generator) from the step messages, builds one step's
+batch tensors (`input_ids`, `positions [3, T]`, `AttentionMetadata`,
+`MultimodalBatch`), runs the decoder over the paged KV cache, and on rank 0
+samples the next token of every sequence that reached its end this step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
+from engine.kv_cache_alloc import allocate_kv_caches, num_blocks_for
+from engine.sampler import SampleRow, sample
+from engine.sequence import MultimodalInputs
+from engine.step import NewSequence, SeqStep, StepMessage, StepResult
+from models.config import ModelConfig, load_model_config
+from models.layers.attention import AttentionMetadata
+from models.layers.parallel import ParallelContext
+from models.loader import CheckpointReader
+from models.qwen3 import MultimodalBatch
+from models.registry import build_language_model
+
+
+@dataclass(slots=True)
+class SeqState:
+    """A sequence as one runner knows it. Shapes: positions [3, P]; image_rows [P + 1]."""
+
+    token_ids: list[int]
+    num_prompt: int
+    positions: torch.Tensor
+    mrope_delta: int
+    new: NewSequence
+    generator: torch.Generator
+    mm: MultimodalInputs | None = None
+    image_rows: torch.Tensor | None = None  # image tokens before each prompt index
+    block_table: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attn: AttentionMetadata
+    mm: MultimodalBatch | None
+    sample_rows: torch.Tensor  # index of each sampled sequence's last token in the step
+    state_slots: tuple[int | None, ...]
+
+
+class ModelRunner:
+    """Owns the model shard and the KV cache of one rank."""
+
+    def __init__(self, config: EngineConfig, parallel: ParallelContext, model_config: ModelConfig | None = None):
+        self.config = config
+        self.parallel = parallel
+        self.model_config = model_config or load_model_config(config.model)
+        cuda = config.device == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.dtype = config.torch_dtype
+        self.image_token_id = self.model_config.image_token_id
+        self.model = build_language_model(self.model_config, parallel, self.dtype, self.device)
+        self.model.load_weights(CheckpointReader(config.model))
+        self.model.eval()
+        self.seqs: dict[int, SeqState] = {}
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        self.graphs: DecodeGraphs | None = None
+
+    # ---- setup -------------------------------------------------------------------
+
+    def profile_num_blocks(self, max_model_len: int) -> int:
+        """KV blocks this rank can hold (`num_gpu_blocks` if set)."""
+        return num_blocks_for(self, max_model_len)
+
+    def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_caches(self, num_blocks)
+        # Hybrid (Qwen3.5) steps carry per-sequence state slots the graphs do not capture.
+        hybrid = self.model_config.text.is_hybrid
+        if self.device.type == "cuda" and not self.config.enforce_eager and not hybrid:
+            self.graphs = DecodeGraphs.capture(self, max_model_len)
+
+    def close(self) -> None:
+        """Drop the KV cache, graphs and sequence state, and return the device memory."""
+        self.graphs = None
+        self.kv_caches = []
+        self.seqs.clear()
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+
+    # ---- per-step state ----------------------------------------------------------
+
+    def _add(self, new: NewSequence) -> None:
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(new.generator_seed)
+        mm, rows = new.mm, None
+        if mm is not None:
+            mm = MultimodalInputs(
+                mm.image_embeds.to(self.device, self.dtype),
+                None if mm.deepstack_embeds is None else mm.deepstack_embeds.to(self.device, self.dtype),
+                mm.image_grid_thw,
+                mm.image_hashes,
+            )
+            is_img = torch.tensor(new.prompt_token_ids) == self.image_token_id
+            rows = torch.zeros(len(new.prompt_token_ids) + 1, dtype=torch.int64)
+            rows[1:] = torch.cumsum(is_img, 0)
+        self.seqs[new.seq_id] = SeqState(
+            list(new.prompt_token_ids), len(new.prompt_token_ids), new.positions, new.mrope_delta,
+            new, gen, mm, rows,
+        )
+
+    def _update(self, msg: StepMessage) -> None:
+        for seq_id in msg.freed_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in msg.new_seqs:
+            self._add(new)
+        for s in msg.steps:
+            state = self.seqs[s.seq_id]
+            state.token_ids.extend(s.appended_token_ids)
+            if s.reset_blocks:
+                state.block_table = list(s.block_ids)
+            else:
+                state.block_table.extend(s.block_ids)
+
+    # ---- batch building ----------------------------------------------------------
+
+    def _positions(self, state: SeqState, start: int, end: int) -> torch.Tensor:
+        p = state.num_prompt
+        parts = []
+        if start < p:
+            parts.append(state.positions[:, start : min(end, p)])
+        if end > p:
+            lo = max(start, p)
+            parts.append((torch.arange(lo, end, dtype=torch.int64) + state.mrope_delta).expand(3, -1))
+        return torch.cat(parts, dim=1)
+
+    def _mm_slice(self, state: SeqState, start: int, end: int) -> tuple[slice, int, int] | None:
+        """Image-embedding rows of prompt tokens [start, end) and where they sit."""
+        if state.mm is None or start >= state.num_prompt:
+            return None
+        end = min(end, state.num_prompt)
+        lo, hi = int(state.image_rows[start]), int(state.image_rows[end])
+        return (slice(lo, hi), start, end) if hi > lo else None
+
+    def build_batch(self, steps: tuple[SeqStep, ...]) -> StepBatch:
+        bs = self.config.block_size
+        ids, pos, slots, mask, embeds, deep = [], [], [], [], [], []
+        q_lens, k_lens, sample_rows, tables = [], [], [], []
+        offset = 0
+        for s in steps:
+            state = self.seqs[s.seq_id]
+            end = s.start + s.num_new_tokens
+            ids.extend(state.token_ids[s.start : end])
+            pos.append(self._positions(state, s.start, end))
+            idx = torch.arange(s.start, end)
+            table = torch.tensor(state.block_table, dtype=torch.int64)
+            slots.append(table[idx // bs] * bs + idx % bs)
+            m = torch.zeros(s.num_new_tokens, dtype=torch.bool)
+            sl = self._mm_slice(state, s.start, end)
+            if sl is not None:
+                rows, lo, hi = sl
+                m[: hi - s.start] = torch.tensor(state.token_ids[s.start : hi]) == self.image_token_id
+                embeds.append(state.mm.image_embeds[rows])
+                if state.mm.deepstack_embeds is not None:
+                    deep.append(state.mm.deepstack_embeds[:, rows])
+            mask.append(m)
+            q_lens.append(s.num_new_tokens)
+            k_lens.append(end)
+            tables.append(state.block_table)
+            offset += s.num_new_tokens
+            if s.sample:
+                sample_rows.append(offset - 1)
+        return self._assemble(steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables, sample_rows)
+
+    def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables, sample_rows) -> StepBatch:
+        dev = self.device
+        cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        cu_q[1:] = torch.cumsum(torch.tensor(q_lens), 0)
+        cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
+        cu_k[1:] = torch.cumsum(torch.tensor(k_lens), 0)
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        attn = AttentionMetadata(
+            cu_seqlens_q=cu_q.to(dev),
+            cu_seqlens_k=cu_k.to(dev),
+            max_seqlen_q=max(q_lens),
+            max_seqlen_k=max(k_lens),
+            slot_mapping=torch.cat(slots).to(dev),
+            block_tables=block_tables.to(dev),
+            seq_lens=torch.tensor(k_lens, dtype=torch.int32, device=dev),
+            decode_only=all(q == 1 for q in q_lens),
+        )
+        mm = None
+        if embeds:
+            mm = MultimodalBatch(
+                embeds=torch.cat(embeds),
+                deepstack=torch.cat(deep, dim=1) if deep and len(deep) == len(embeds) else None,
+                mask=torch.cat(mask).to(dev),
+            )
+        return StepBatch(
+            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            positions=torch.cat(pos, dim=1).to(dev),
+            attn=attn,
+            mm=mm,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            state_slots=tuple(s.state_slot for s in steps),
+        )
+
+    # ---- the step ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, msg: StepMessage) -> StepResult | None:
+        """Run one step. Every rank must call it with the same message; rank 0 returns the tokens."""
+        self._update(msg)
+        if not msg.steps:
+            return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
+        batch = self.build_batch(msg.steps)
+        hidden = self._forward(batch)
+        sampled = [s for s in msg.steps if s.sample]
+        if not sampled:
+            return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        if self.parallel.tp_rank != 0:
+            return None
+        rows = []
+        for s in sampled:
+            st = self.seqs[s.seq_id]
+            prompt, output = st.token_ids[: st.num_prompt], st.token_ids[st.num_prompt :]
+            rows.append(SampleRow(st.new.sampling, prompt, output, st.generator))
+        out = sample(logits, rows)
+        return StepResult(tuple(s.seq_id for s in sampled), tuple(out.token_ids), tuple(out.logprobs))
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        if self.graphs is not None and batch.attn.decode_only and batch.mm is None:
+            hidden = self.graphs.run(batch)
+            if hidden is not None:
+                return hidden
+        return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)

@@ -1,0 +1,207 @@
+"""Tensor-parallel ranks as Ray actors, and the executor that drives them.
+
+Each `TPWorker` is one rank: it joins torch.distributed (NCCL on GPU, gloo on
+CPU) at a free port picked by rank 0 (no fixed names or ports: several
+replicas share a node), builds and loads only its model shard, owns its KV
+cache, and runs one `execute(step)` call per engine step. All ranks sit in one
+placement group (STRICT_PACK, one bundle per rank); inside a Serve replica
+that already has a placement group with enough bundles, that group is used.
+
+A dead rank is noticed through a `watch()` call parked on every actor (it
+returns only by failing when the actor dies), both during a step and from
+`is_alive()`, so a killed worker marks the engine unhealthy instead of hanging
+the surviving ranks' collectives (they are killed too).
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import threading
+import time
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.placement_group import (
+    PlacementGroup,
+    get_current_placement_group,
+    placement_group,
+    remove_placement_group,
+)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from engine.config import EngineConfig
+from engine.step import StepMessage, StepResult
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel rank died or stopped answering."""
+
+
+class TPWorker:
+    """One tensor-parallel rank (created as a Ray actor by `RayTPExecutor`)."""
+
+    def __init__(self, config: EngineConfig, rank: int):
+        self.config = config
+        self.rank = rank
+        self.runner = None
+        self._stop = threading.Event()
+        if config.device == "cpu":
+            torch.set_num_threads(1)
+
+    def pick_address(self) -> tuple[str, int]:
+        """Rank 0: this node's address and a port free right now."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, address: str, port: int, max_model_len: int) -> int:
+        """Join the TP group, build and load this rank's shard; return the KV blocks it can hold."""
+        from engine.runner import ModelRunner
+        from models.layers.parallel import ParallelContext
+
+        size = self.config.tensor_parallel_size
+        backend = "nccl" if self.config.device == "cuda" else "gloo"
+        if self.config.device == "cuda":
+            torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
+        dist.init_process_group(
+            backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=size,
+            timeout=datetime.timedelta(seconds=max(60.0, self.config.step_timeout_s)),
+        )
+        self.runner = ModelRunner(self.config, ParallelContext(self.rank, size, dist.group.WORLD))
+        return self.runner.profile_num_blocks(max_model_len)
+
+    def init_cache(self, num_blocks: int, max_model_len: int) -> None:
+        self.runner.init_kv_cache(num_blocks, max_model_len)
+
+    def execute(self, msg: StepMessage) -> StepResult | None:
+        return self.runner.execute(msg)
+
+    def watch(self) -> None:
+        """Parked until shutdown; fails (RayActorError) when this actor dies."""
+        self._stop.wait()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class RayTPExecutor:
+    """Drives `tensor_parallel_size` TPWorker actors; rank 0's result is the step's result."""
+
+    def __init__(self, config: EngineConfig, max_model_len: int):
+        if not ray.is_initialized():
+            ray.init()
+        self.config = config
+        self.timeout = config.step_timeout_s
+        self._own_pg = False
+        self.pg = self._placement_group(config)
+        self.workers = self._start_workers(config)
+        self._watch = [w.watch.remote() for w in self.workers]
+        try:
+            address, port = self._get(self.workers[0].pick_address.remote(), 60.0)
+            blocks = self._get_all([
+                w.setup.remote(address, port, max_model_len) for w in self.workers
+            ], max(300.0, self.timeout))
+            self.num_blocks = min(blocks)
+            self._get_all([w.init_cache.remote(self.num_blocks, max_model_len) for w in self.workers], 600.0)
+        except Exception:
+            self.on_failure()
+            raise
+
+    # ---- setup -------------------------------------------------------------------
+
+    def _placement_group(self, config: EngineConfig) -> PlacementGroup:
+        current = get_current_placement_group()
+        if current is not None and len(current.bundle_specs) >= config.tensor_parallel_size:
+            return current
+        bundle = {"GPU": 1} if config.device == "cuda" else {"CPU": 1}
+        pg = placement_group([dict(bundle) for _ in range(config.tensor_parallel_size)], strategy="STRICT_PACK")
+        ready, _ = ray.wait([pg.ready()], timeout=120)
+        if not ready:
+            remove_placement_group(pg)
+            raise WorkerDiedError(
+                f"no resources for {config.tensor_parallel_size} x {bundle} on one node (placement group pending)"
+            )
+        self._own_pg = True
+        return pg
+
+    def _start_workers(self, config: EngineConfig) -> list:
+        gpu = config.device == "cuda"
+        actor = ray.remote(TPWorker)
+        return [
+            actor.options(
+                num_cpus=0 if gpu else 1,
+                num_gpus=1 if gpu else 0,
+                max_concurrency=2,  # one thread parks in watch(), one runs the steps
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=rank,
+                ),
+            ).remote(config, rank)
+            for rank in range(config.tensor_parallel_size)
+        ]
+
+    # ---- calls -------------------------------------------------------------------
+
+    def _get(self, ref, timeout: float):
+        return self._get_all([ref], timeout)[0]
+
+    def _get_all(self, refs: list, timeout: float) -> list:
+        """Results of `refs`, failing fast when any rank dies or the deadline passes."""
+        deadline = time.monotonic() + timeout
+        pending = set(refs)
+        watch = set(self._watch)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerDiedError(f"a tensor-parallel step took longer than {timeout:.0f} s")
+            ready, _ = ray.wait(list(pending) + list(watch), num_returns=1, timeout=min(left, 1.0))
+            for ref in ready:
+                if ref in watch:
+                    raise WorkerDiedError(f"a tensor-parallel worker died: {self._error_of(ref)}")
+                ray.get(ref)  # raises the rank's exception, if any
+                pending.discard(ref)
+        return ray.get(refs)
+
+    @staticmethod
+    def _error_of(ref) -> str:
+        try:
+            ray.get(ref, timeout=0)
+        except Exception as exc:  # the actor's death reason
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return "watch() returned"
+
+    def execute(self, msg: StepMessage) -> StepResult | None:
+        msg_ref = ray.put(msg)
+        refs = [w.execute.remote(msg_ref) for w in self.workers]
+        return self._get_all(refs, self.timeout)[0]
+
+    def is_alive(self) -> bool:
+        if not self._watch:
+            return False
+        ready, _ = ray.wait(list(self._watch), num_returns=1, timeout=0)
+        return not ready
+
+    def on_failure(self) -> None:
+        """Kill every rank (the survivors may be stuck in a collective) and free the group."""
+        for w in getattr(self, "workers", []):
+            ray.kill(w, no_restart=True)
+        self.workers = []
+        self._watch = []
+        if self._own_pg:
+            remove_placement_group(self.pg)
+            self._own_pg = False
+
+    def shutdown(self) -> None:
+        if self.workers:
+            try:
+                ray.get([w.shutdown.remote() for w in self.workers], timeout=30)
+            except Exception:  # already dead: killing below is all that is left
+                pass
+        self.on_failure()

@@ -1,0 +1,32 @@
+"""RMSNorm on the splitvl ops (Qwen3 semantics: fp32 normalize, cast, then * weight)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+
+
+class RMSNorm(nn.Module):
+    """`forward(x)` -> rms_norm(x); `forward(x, residual)` -> (rms_norm(x + residual), x + residual).
+
+    The residual form runs `ops.fused_add_rms_norm` in place on `x` and
+    `residual` (both must be tensors the caller owns). Shapes: x [..., D].
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return x, residual
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -1,0 +1,180 @@
+"""Sparse MoE block: router, top-k softmax, experts run only on their tokens.
+
+Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
+`experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
+rows) and `experts.down_proj [E, H, I / tp]`. The block's partial sums are
+all-reduced once at its end.
+
+Checkpoint layouts read by `FusedExperts.load_checkpoint`:
+- fused, as transformers 5 keeps them in memory and `save_pretrained` writes
+  them: `experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`;
+- fused, transposed, as the published Qwen3-VL-MoE checkpoints store them:
+  `[E, H, 2I]`, `[E, I, H]` (told apart by shape, as transformers does);
+- per expert: `experts.{e}.{gate,up,down}_proj.weight` (Qwen3-MoE, Qwen3.5-MoE).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ops
+from models.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from models.layers.parallel import SINGLE, ParallelContext, all_reduce, divide
+from models.loader import CheckpointError, CheckpointReader
+
+
+class FusedExperts(nn.Module):
+    """`num_experts` SwiGLU experts; only the (token, expert) pairs routed are computed."""
+
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int,
+        parallel: ParallelContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel or SINGLE
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.shard = divide(intermediate_size, self.parallel.tp_size)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.shard, hidden_size), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Partial (this rank's) expert output, not yet reduced.
+
+        Shapes: x [T, H]; topk_weights fp32 [T, k]; topk_ids int32 [T, k] -> [T, H].
+        """
+        k = topk_ids.shape[1]
+        flat_ids = topk_ids.reshape(-1).long()
+        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
+        token_of_pair = order // k
+        pair_weights = topk_weights.reshape(-1)[order].to(x.dtype)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        out = torch.zeros_like(x)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of_pair[start : start + count]
+            h = ops.silu_and_mul(F.linear(x[tokens], self.gate_up_proj[expert]))
+            y = F.linear(h, self.down_proj[expert]) * pair_weights[start : start + count, None]
+            out.index_add_(0, tokens, y)
+            start += count
+        return out
+
+    def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
+        """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).
+
+        Returns the checkpoint keys read.
+        """
+        if reader.has(prefix + "gate_up_proj"):
+            return self._load_fused(reader, prefix)
+        if reader.has(prefix + "0.gate_proj.weight"):
+            return self._load_per_expert(reader, prefix)
+        raise CheckpointError(
+            f"missing tensor {prefix}gate_up_proj (nor per-expert {prefix}0.gate_proj.weight found)"
+        )
+
+    def _orientation(self, reader: CheckpointReader, key: str, rows: int, cols: int) -> bool:
+        """True if `key` is stored [E, rows, cols] (as in memory), False if [E, cols, rows]."""
+        shape = tuple(reader.shape(key))
+        if shape == (self.num_experts, rows, cols):
+            return True
+        if shape == (self.num_experts, cols, rows):
+            return False
+        raise CheckpointError(
+            f"tensor {key} has shape {list(shape)}, expected {[self.num_experts, rows, cols]} "
+            f"or its transpose {[self.num_experts, cols, rows]}"
+        )
+
+    def _load_fused(self, reader: CheckpointReader, prefix: str) -> list[str]:
+        n, rank, size = self.shard, self.parallel.tp_rank, self.intermediate_size
+        gate_up, down = prefix + "gate_up_proj", prefix + "down_proj"
+        as_memory = self._orientation(reader, gate_up, 2 * size, self.hidden_size)
+        for part, start in enumerate((rank * n, size + rank * n)):
+            if as_memory:
+                rows = reader.read(gate_up, 1, start, n)
+            else:
+                rows = reader.read(gate_up, 2, start, n).transpose(1, 2)
+            self.gate_up_proj.data[:, part * n : (part + 1) * n].copy_(rows)
+        if self._orientation(reader, down, self.hidden_size, size):
+            self.down_proj.data.copy_(reader.read(down, 2, rank * n, n))
+        else:
+            self.down_proj.data.copy_(reader.read(down, 1, rank * n, n).transpose(1, 2))
+        return [gate_up, down]
+
+    def _load_per_expert(self, reader: CheckpointReader, prefix: str) -> list[str]:
+        n, rank = self.shard, self.parallel.tp_rank
+        keys = []
+        for e in range(self.num_experts):
+            for part, name in enumerate(("gate_proj", "up_proj")):
+                key = f"{prefix}{e}.{name}.weight"
+                _check_shape(reader, key, (self.intermediate_size, self.hidden_size))
+                self.gate_up_proj.data[e, part * n : (part + 1) * n].copy_(reader.read(key, 0, rank * n, n))
+                keys.append(key)
+            key = f"{prefix}{e}.down_proj.weight"
+            _check_shape(reader, key, (self.hidden_size, self.intermediate_size))
+            self.down_proj.data[e].copy_(reader.read(key, 1, rank * n, n))
+            keys.append(key)
+        return keys
+
+
+def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) -> None:
+    shape = tuple(reader.shape(key))
+    if shape != expected:
+        raise CheckpointError(f"tensor {key} has shape {list(shape)}, expected {list(expected)}")
+
+
+class SharedExpert(nn.Module):
+    """Dense SwiGLU expert seen by every token (Qwen3.5-MoE), output not yet reduced."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, parallel: ParallelContext | None) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, parallel=parallel)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, parallel=parallel, reduce_results=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class SparseMoeBlock(nn.Module):
+    """Router linear -> `ops.topk_softmax` -> selected experts (+ gated shared expert).
+
+    Param names follow the checkpoints: `gate.weight [E, H]` (router),
+    `experts.*`, and with `shared_expert_intermediate_size > 0`
+    `shared_expert.*` plus `shared_expert_gate.weight [1, H]` (sigmoid gate).
+    Shapes: x [T, H] -> [T, H].
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        norm_topk_prob: bool,
+        parallel: ParallelContext | None = None,
+        shared_expert_intermediate_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.parallel = parallel or SINGLE
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.gate = ReplicatedLinear(hidden_size, num_experts)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, self.parallel)
+        if shared_expert_intermediate_size > 0:
+            self.shared_expert = SharedExpert(hidden_size, shared_expert_intermediate_size, self.parallel)
+            self.shared_expert_gate = ReplicatedLinear(hidden_size, 1)
+        else:
+            self.shared_expert = None
+            self.shared_expert_gate = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(x)
+        weights, ids = ops.topk_softmax(router_logits, self.top_k, self.norm_topk_prob)
+        out = self.experts(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return all_reduce(out, self.parallel)

@@ -1,0 +1,75 @@
+// Activations: silu_and_mul (gated MLP) and gelu with the tanh approximation (ViT MLP).
+#include <cmath>
+
+#include "cpu_common.h"
+#include "ops_cpu.h"
+
+namespace splitvl::cpu {
+namespace {
+
+void check_activation_args(const at::Tensor& out, const at::Tensor& input, const char* op) {
+  SPLITVL_CHECK_CPU(out);
+  SPLITVL_CHECK_CPU(input);
+  SPLITVL_CHECK_FLOAT_DTYPE(input);
+  SPLITVL_CHECK_LAST_CONTIG(input);
+  SPLITVL_CHECK_CONTIG(out);
+  TORCH_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype ", out.scalar_type(),
+              " != input dtype ", input.scalar_type());
+}
+
+inline float silu(float x) { return x / (1.f + std::exp(-x)); }
+
+inline float gelu_tanh_scalar(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  return 0.5f * x * (1.f + std::tanh(kBeta * (x + kKappa * x * x * x)));
+}
+
+}  // namespace
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+  check_activation_args(out, input, "silu_and_mul");
+  const int64_t d = input.size(-1) / 2;
+  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: last dim ", input.size(-1), " must be even");
+  auto expected = input.sizes().vec();
+  expected.back() = d;
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), "silu_and_mul: out ", out.sizes(),
+              " must be ", at::IntArrayRef(expected));
+  if (out.numel() == 0) return;
+  const RowIndexer rows(input);
+  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "splitvl_silu_and_mul", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = in + rows.offset(r);
+        scalar_t* y = o + r * d;
+        for (int64_t i = 0; i < d; ++i)
+          y[i] = static_cast<scalar_t>(silu(static_cast<float>(x[i])) * static_cast<float>(x[d + i]));
+      }
+    });
+  });
+}
+
+void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
+  check_activation_args(out, input, "gelu_tanh");
+  TORCH_CHECK(out.sizes() == input.sizes(), "gelu_tanh: out ", out.sizes(), " must match input ",
+              input.sizes());
+  if (out.numel() == 0) return;
+  const RowIndexer rows(input);
+  const int64_t d = input.size(-1);
+  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "splitvl_gelu_tanh", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = in + rows.offset(r);
+        scalar_t* y = o + r * d;
+        for (int64_t i = 0; i < d; ++i)
+          y[i] = static_cast<scalar_t>(gelu_tanh_scalar(static_cast<float>(x[i])));
+      }
+    });
+  });
+}
+
+}  // namespace splitvl::cpu

@@ -1,0 +1,116 @@
+// silu_and_mul and gelu_tanh: fp32 math, one rounding to the dtype, 16-byte packs.
+#include "common.cuh"
+#include "ops.cuh"
+
+namespace splitvl::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
+
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  return 0.5f * x * (1.f + tanhf(kBeta * (x + kKappa * x * x * x)));
+}
+
+// grid (rows, packs / kThreads): rows of `2d` inputs -> rows of `d` outputs.
+template <typename T, int VEC>
+__global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in,
+                                    int64_t in_row_stride, int d) {
+  using P = Pack<T, VEC>;
+  const int i = blockIdx.y * blockDim.x + threadIdx.x;
+  if (i >= d / VEC) return;
+  const T* row = in + blockIdx.x * in_row_stride;
+  const P a = reinterpret_cast<const P*>(row)[i];
+  const P b = reinterpret_cast<const P*>(row + d)[i];
+  P o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o.v[j] = from_float<T>(silu(to_float(a.v[j])) * to_float(b.v[j]));
+  reinterpret_cast<P*>(out + int64_t(blockIdx.x) * d)[i] = o;
+}
+
+template <typename T, int VEC>
+__global__ void gelu_tanh_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t n) {
+  using P = Pack<T, VEC>;
+  const int64_t packs = n / VEC;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t i = first; i < packs; i += stride) {
+    const P a = reinterpret_cast<const P*>(in)[i];
+    P o;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) o.v[j] = from_float<T>(gelu_tanh_f(to_float(a.v[j])));
+    reinterpret_cast<P*>(out)[i] = o;
+  }
+  for (int64_t i = packs * VEC + first; i < n; i += stride)
+    out[i] = from_float<T>(gelu_tanh_f(to_float(in[i])));
+}
+
+}  // namespace
+
+void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
+  constexpr const char* op = "silu_and_mul";
+  check_cuda(input, op, "input");
+  check_same_device(input, out, op);
+  SPLITVL_CHECK(input.dim() >= 1 && input.size(-1) % 2 == 0, op,
+              ": input last dim must be even, got ", input.sizes());
+  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
+  const int64_t d = input.size(-1) / 2;
+  SPLITVL_CHECK(out.is_contiguous() && out.dim() == input.dim() && out.size(-1) == d &&
+                  out.numel() * 2 == input.numel(),
+              op, ": out must be contiguous [..., ", d, "], got ", out.sizes());
+  SPLITVL_CHECK(input.stride(-1) == 1 || d == 0, op, ": input needs unit stride in the last dim");
+  SPLITVL_CHECK(input.dim() <= 2 || input.is_contiguous(), op,
+              ": input with more than 2 dims must be contiguous");
+  const int64_t rows = d == 0 ? 0 : input.numel() / (2 * d);
+  if (rows == 0) return;
+  SPLITVL_CHECK(rows < (1ll << 31), op, ": too many rows");
+  const int64_t row_stride = input.dim() == 2 ? input.stride(0) : 2 * d;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SPLITVL_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
+    constexpr int V = kPack16<scalar_t>;
+    auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const auto* x = reinterpret_cast<const scalar_t*>(input.data_ptr());
+    const bool vec = d % V == 0 && row_stride % V == 0 && is_aligned16(o) && is_aligned16(x);
+    const int packs = static_cast<int>(vec ? d / V : d);
+    const dim3 grid(static_cast<unsigned>(rows), ceil_div(packs, kThreads));
+    if (vec)
+      silu_and_mul_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(o, x, row_stride, d);
+    else
+      silu_and_mul_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(o, x, row_stride, d);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
+  constexpr const char* op = "gelu_tanh";
+  check_cuda(input, op, "input");
+  check_same_device(input, out, op);
+  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
+  SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
+              ": out must be contiguous with the input's shape");
+  const int64_t n = input.numel();
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor x_c = input.contiguous();  // a copy only for strided inputs
+  SPLITVL_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
+    constexpr int V = kPack16<scalar_t>;
+    auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const auto* x = reinterpret_cast<const scalar_t*>(x_c.data_ptr());
+    const bool vec = is_aligned16(o) && is_aligned16(x);
+    const int64_t work = vec ? (n + V - 1) / V : n;
+    const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), max_blocks));
+    if (vec)
+      gelu_tanh_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(o, x, n);
+    else
+      gelu_tanh_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(o, x, n);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace splitvl::cuda

@@ -1,0 +1,35 @@
+// Host entry points of the splitvl CUDA kernels; registered on torch.ops.splitvl
+// by registration.cu. Signatures follow the schema in ops/csrc/torch_bindings.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace splitvl::cuda {
+
+void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon);
+void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
+                        double epsilon);
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
+                      const std::optional<at::Tensor>& key, int64_t head_size,
+                      const at::Tensor& cos_sin_cache, bool is_neox,
+                      at::IntArrayRef mrope_section, bool mrope_interleaved);
+void silu_and_mul(at::Tensor& out, const at::Tensor& input);
+void gelu_tanh(at::Tensor& out, const at::Tensor& input);
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                       at::Tensor& value_cache, const at::Tensor& slot_mapping);
+void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, double scale);
+void varlen_attention(at::Tensor& out, const at::Tensor& query,
+                      const std::optional<at::Tensor>& key,
+                      const std::optional<at::Tensor>& value, const at::Tensor& cu_seqlens_q,
+                      const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double scale, bool causal, const std::optional<at::Tensor>& key_cache,
+                      const std::optional<at::Tensor>& value_cache,
+                      const std::optional<at::Tensor>& block_tables);
+void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
+                  bool renormalize);
+
+}  // namespace splitvl::cuda

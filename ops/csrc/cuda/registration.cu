@@ -1,0 +1,16 @@
+// Registers the CUDA kernels on the splitvl library (schema: torch_bindings.cpp).
+#include <torch/library.h>
+
+#include "ops.cuh"
+
+TORCH_LIBRARY_IMPL(splitvl, CUDA, m) {
+  m.impl("rms_norm", &splitvl::cuda::rms_norm);
+  m.impl("fused_add_rms_norm", &splitvl::cuda::fused_add_rms_norm);
+  m.impl("rotary_embedding", &splitvl::cuda::rotary_embedding);
+  m.impl("silu_and_mul", &splitvl::cuda::silu_and_mul);
+  m.impl("gelu_tanh", &splitvl::cuda::gelu_tanh);
+  m.impl("reshape_and_cache", &splitvl::cuda::reshape_and_cache);
+  m.impl("paged_attention_decode", &splitvl::cuda::paged_attention_decode);
+  m.impl("varlen_attention", &splitvl::cuda::varlen_attention);
+  m.impl("topk_softmax", &splitvl::cuda::topk_softmax);
+}

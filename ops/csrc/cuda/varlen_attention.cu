@@ -1,0 +1,343 @@
+// varlen_attention: attention over packed sequences (LLM prefill with a paged
+// prefix, bidirectional ViT segments), GQA, bottom-right causal masks.
+//
+// fp16/bf16: a flash-attention-2 style kernel on mma.sync m16n8k16 tensor cores.
+// A CTA of 4 warps owns 64 query rows of one head; 64-key K/V tiles stream through
+// shared memory with cp.async (V of tile n loads during QK^T, K of tile n+1
+// during PV); softmax is online in fp32 registers. fp32 (and shapes the tensor-core
+// path cannot take) use a simple warp-per-query kernel.
+#include "attention_common.cuh"
+#include "ops.cuh"
+
+namespace splitvl::cuda {
+namespace {
+
+constexpr int kBM = 64, kBN = 64, kMmaThreads = 128;
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <typename T, int DP>
+__device__ __forceinline__ void load_tile_async(T* dst, const VarlenParams<T>& p, bool value,
+                                                int b, int kvh, int k_start, int n0, int n_end) {
+  constexpr int LD = DP + 8, CH = DP / 8;
+  for (int i = threadIdx.x; i < kBN * CH; i += kMmaThreads) {
+    const int r = i / CH, c = i - r * CH, j = n0 + r;
+    const bool ok = j < n_end && c * 8 < p.head_dim;
+    const T* src = ok ? kv_row(p, value, b, kvh, k_start, j) + c * 8 : p.q;
+    cp_async16(dst + r * LD + c * 8, src, ok);
+  }
+}
+
+// Scale, mask and fold one 16x64 score tile into the running softmax (rows g, g+8).
+template <int DP>
+__device__ __forceinline__ void online_softmax(float (&s)[kBN / 8][4], float (&o)[DP / 8][4],
+                                               float (&m_i)[2], float (&l_i)[2], int row0,
+                                               int n0, int shift, int Lk, bool causal,
+                                               float scale_log2) {
+  const int t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int i = row0 + hr * 8;
+    const int lim = causal ? min(Lk, i + shift + 1) : Lk;  // keys j < lim are visible
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int j = n0 + nt * 8 + 2 * t4 + e;
+        const float v = j < lim ? s[nt][2 * hr + e] * scale_log2 : -INFINITY;
+        s[nt][2 * hr + e] = v;
+        mx = fmaxf(mx, v);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_i[hr], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = exp2f(m_i[hr] - m_use);
+    float rs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float pv = exp2f(s[nt][2 * hr + e] - m_use);
+        s[nt][2 * hr + e] = pv;
+        rs += pv;
+      }
+    l_i[hr] = l_i[hr] * alpha + rs;
+    m_i[hr] = m_new;
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd) {
+      o[nd][2 * hr] *= alpha;
+      o[nd][2 * hr + 1] *= alpha;
+    }
+  }
+}
+
+template <typename T, int DP>
+__global__ void __launch_bounds__(kMmaThreads) varlen_mma_kernel(VarlenParams<T> p) {
+  constexpr int LD = DP + 8, CH = DP / 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* Ks = Qs + kBM * LD;
+  T* Vs = Ks + kBN * LD;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * kBM;  // heavy causal tiles first
+  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
+  if (m0 >= Lq) return;
+  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
+  const int kvh = h / p.group, shift = Lk - Lq;
+  const int n_end = p.causal ? min(Lk, m0 + kBM + shift) : Lk;
+  const int n_tiles = n_end > 0 ? (n_end + kBN - 1) / kBN : 0;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3, mi = lane >> 3, ri = lane & 7;
+
+  for (int i = threadIdx.x; i < kBM * CH; i += kMmaThreads) {
+    const int r = i / CH, c = i - r * CH;
+    const bool ok = m0 + r < Lq && c * 8 < p.head_dim;
+    const T* src = ok ? p.q + int64_t(q_start + m0 + r) * p.q_s0 + int64_t(h) * p.q_s1 + c * 8 : p.q;
+    cp_async16(Qs + r * LD + c * 8, src, ok);
+  }
+  if (n_tiles > 0) load_tile_async<T, DP>(Ks, p, false, b, kvh, k_start, 0, n_end);
+  cp_async_commit();
+
+  float o[DP / 8][4] = {};
+  float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
+  const float scale_log2 = p.scale * kLog2e;
+  for (int n = 0; n < n_tiles; ++n) {
+    cp_async_wait_all();
+    __syncthreads();  // K(n) landed; every warp is done with V(n-1)
+    load_tile_async<T, DP>(Vs, p, true, b, kvh, k_start, n * kBN, n_end);
+    cp_async_commit();
+
+    float s[kBN / 8][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, Qs + (warp * 16 + (mi & 1) * 8 + ri) * LD + kk * 16 + (mi >> 1) * 8);
+#pragma unroll
+      for (int np = 0; np < kBN / 16; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, Ks + (np * 16 + (mi >> 1) * 8 + ri) * LD + kk * 16 + (mi & 1) * 8);
+        mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+        mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+    online_softmax<DP>(s, o, m_i, l_i, m0 + warp * 16 + g, n * kBN, shift, Lk, p.causal,
+                       scale_log2);
+
+    cp_async_wait_all();
+    __syncthreads();  // V(n) landed; every warp is done with K(n)
+    if (n + 1 < n_tiles) load_tile_async<T, DP>(Ks, p, false, b, kvh, k_start, (n + 1) * kBN, n_end);
+    cp_async_commit();
+
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < DP / 16; ++np) {
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, Vs + (kk * 16 + (mi & 1) * 8 + ri) * LD + np * 16 + (mi >> 1) * 8);
+        mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+      }
+    }
+  }
+  cp_async_wait_all();
+
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = l_i[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key yields zeros
+    const int row = m0 + warp * 16 + g + hr * 8;
+    if (row >= Lq) continue;
+    T* dst = p.out + (int64_t(q_start + row) * p.num_q_heads + h) * p.head_dim;
+#pragma unroll
+    for (int nd = 0; nd < DP / 8; ++nd) {
+      const int d = nd * 8 + 2 * t4;
+      if (d < p.head_dim)
+        *reinterpret_cast<uint32_t*>(dst + d) = pack2<T>(o[nd][2 * hr] * inv, o[nd][2 * hr + 1] * inv);
+    }
+  }
+}
+
+// Fallback: one warp per query row, online softmax over keys one at a time.
+constexpr int kSimpleWarps = 4;
+
+template <typename T>
+__global__ void varlen_simple_kernel(VarlenParams<T> p) {
+  extern __shared__ float sm[];  // per warp: q [D], acc [D]
+  const int b = blockIdx.z, h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
+  const int i = blockIdx.x * kSimpleWarps + warp;
+  if (i >= Lq) return;
+  const int k_start = p.cu_k[b], Lk = p.cu_k[b + 1] - k_start;
+  const int kvh = h / p.group, D = p.head_dim;
+  const int lim = p.causal ? min(Lk, i + Lk - Lq + 1) : Lk;
+  float* q = sm + warp * 2 * D;
+  float* acc = q + D;
+  const T* qrow = p.q + int64_t(q_start + i) * p.q_s0 + int64_t(h) * p.q_s1;
+  for (int d = lane; d < D; d += 32) {
+    q[d] = to_float(qrow[d]) * p.scale;
+    acc[d] = 0.f;
+  }
+  __syncwarp();
+  float m = -INFINITY, l = 0.f;
+  for (int j = 0; j < lim; ++j) {
+    const T* krow = kv_row(p, false, b, kvh, k_start, j);
+    float dot = 0.f;
+    for (int d = lane; d < D; d += 32) dot += q[d] * to_float(krow[d]);
+    dot = warp_sum(dot);
+    const float m_new = fmaxf(m, dot);
+    const float alpha = expf(m - m_new), pj = expf(dot - m_new);
+    l = l * alpha + pj;
+    m = m_new;
+    const T* vrow = kv_row(p, true, b, kvh, k_start, j);
+    for (int d = lane; d < D; d += 32) acc[d] = acc[d] * alpha + pj * to_float(vrow[d]);
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  T* dst = p.out + (int64_t(q_start + i) * p.num_q_heads + h) * D;
+  for (int d = lane; d < D; d += 32) dst[d] = from_float<T>(acc[d] * inv);
+}
+
+int padded_head_dim(int64_t D) { return D <= 64 ? 64 : D <= 80 ? 80 : D <= 128 ? 128 : 256; }
+
+template <typename T, int DP>
+void launch_mma(const VarlenParams<T>& p, dim3 grid, cudaStream_t stream) {
+  const size_t smem = size_t(kBM + 2 * kBN) * (DP + 8) * sizeof(T);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(varlen_mma_kernel<T, DP>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  varlen_mma_kernel<T, DP><<<grid, kMmaThreads, smem, stream>>>(p);
+}
+
+template <typename T>
+bool tensor_core_ok(const VarlenParams<T>& p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    const int64_t strides[] = {p.q_s0, p.q_s1, p.k_s0, p.k_s1, p.v_s0, p.v_s1};
+    for (int64_t s : strides)
+      if (s % 8) return false;
+    const void* ptrs[] = {p.q, p.k, p.v, p.key_cache, p.value_cache, p.out};
+    for (const void* ptr : ptrs)
+      if (!is_aligned16(ptr)) return false;
+    return p.head_dim % 8 == 0 && p.head_dim <= 256;
+  }
+}
+
+constexpr const char* kOp = "varlen_attention";
+
+void check_kv(const at::Tensor& q, const at::Tensor& x, const char* name) {
+  check_same_device(q, x, kOp);
+  SPLITVL_CHECK(x.scalar_type() == q.scalar_type(), kOp, ": ", name, " dtype differs from query");
+  SPLITVL_CHECK(x.stride(-1) == 1, kOp, ": ", name, " needs unit stride in the last dim");
+  SPLITVL_CHECK(x.size(-1) == q.size(2) && q.size(1) % x.size(-2) == 0, kOp, ": ", name, " ",
+              x.sizes(), " does not fit query ", q.sizes(), " (same D, Hq multiple of Hkv)");
+}
+
+void check_cu(const at::Tensor& q, const at::Tensor& cu, const char* name, int64_t B) {
+  check_same_device(q, cu, kOp);
+  SPLITVL_CHECK(cu.dim() == 1 && cu.scalar_type() == at::kInt && cu.is_contiguous() &&
+                  cu.size(0) == B + 1,
+              kOp, ": ", name, " must be contiguous int32 [B+1] with B=", B);
+}
+
+}  // namespace
+
+void varlen_attention(at::Tensor& out, const at::Tensor& query,
+                      const std::optional<at::Tensor>& key,
+                      const std::optional<at::Tensor>& value, const at::Tensor& cu_seqlens_q,
+                      const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                      double scale, bool causal, const std::optional<at::Tensor>& key_cache,
+                      const std::optional<at::Tensor>& value_cache,
+                      const std::optional<at::Tensor>& block_tables) {
+  check_cuda(query, kOp, "query");
+  SPLITVL_CHECK(query.dim() == 3 && query.stride(2) == 1, kOp,
+              ": query must be [Tq, Hq, D] with unit last stride, got ", query.sizes());
+  SPLITVL_CHECK(out.is_contiguous() && out.sizes() == query.sizes() &&
+                  out.scalar_type() == query.scalar_type(),
+              kOp, ": out must be contiguous with the query's shape and dtype");
+  check_same_device(query, out, kOp);
+  const bool paged = block_tables.has_value();
+  SPLITVL_CHECK(paged != key.has_value() && key.has_value() == value.has_value() &&
+                  key_cache.has_value() == paged && value_cache.has_value() == paged,
+              kOp, ": pass either key/value or key_cache/value_cache/block_tables");
+  SPLITVL_CHECK(max_seqlen_q >= 0 && max_seqlen_k >= 0, kOp, ": negative max_seqlen");
+  const int64_t B = cu_seqlens_q.size(0) - 1;
+  SPLITVL_CHECK(B >= 0, kOp, ": cu_seqlens_q must have B+1 >= 1 entries");
+  check_cu(query, cu_seqlens_q, "cu_seqlens_q", B);
+  check_cu(query, cu_seqlens_k, "cu_seqlens_k", B);
+  const at::Tensor& kx = paged ? *key_cache : *key;
+  const at::Tensor& vx = paged ? *value_cache : *value;
+  check_kv(query, kx, paged ? "key_cache" : "key");
+  check_kv(query, vx, paged ? "value_cache" : "value");
+  SPLITVL_CHECK(kx.sizes() == vx.sizes(), kOp, ": key and value shapes differ");
+  if (paged) {
+    SPLITVL_CHECK(kx.dim() == 4 && kx.is_contiguous() && vx.is_contiguous(), kOp,
+                ": caches must be contiguous [num_blocks, block_size, Hkv, D]");
+    SPLITVL_CHECK(block_tables->dim() == 2 && block_tables->scalar_type() == at::kInt &&
+                    block_tables->size(0) == B,
+                kOp, ": block_tables must be int32 [B, max_blocks]");
+    check_same_device(query, *block_tables, kOp);
+  } else {
+    SPLITVL_CHECK(kx.dim() == 3, kOp, ": key/value must be [Tk, Hkv, D]");
+  }
+  if (query.size(0) == 0 || B == 0 || max_seqlen_q == 0 || query.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SPLITVL_DISPATCH_FLOAT(query.scalar_type(), kOp, [&] {
+    using T = scalar_t;
+    VarlenParams<T> p{};
+    p.q = reinterpret_cast<const T*>(query.data_ptr());
+    p.q_s0 = query.stride(0);
+    p.q_s1 = query.stride(1);
+    if (paged) {
+      p.key_cache = reinterpret_cast<const T*>(kx.data_ptr());
+      p.value_cache = reinterpret_cast<const T*>(vx.data_ptr());
+      p.block_tables = block_tables->data_ptr<int>();
+      p.bt_s0 = block_tables->stride(0);
+      p.bt_s1 = block_tables->stride(1);
+      p.block_size = static_cast<int>(kx.size(1));
+    } else {
+      p.k = reinterpret_cast<const T*>(kx.data_ptr());
+      p.v = reinterpret_cast<const T*>(vx.data_ptr());
+      p.k_s0 = kx.stride(0);
+      p.k_s1 = kx.stride(1);
+      p.v_s0 = vx.stride(0);
+      p.v_s1 = vx.stride(1);
+    }
+    p.cu_q = cu_seqlens_q.data_ptr<int>();
+    p.cu_k = cu_seqlens_k.data_ptr<int>();
+    p.out = reinterpret_cast<T*>(out.data_ptr());
+    p.num_q_heads = static_cast<int>(query.size(1));
+    p.num_kv_heads = static_cast<int>(kx.size(-2));
+    p.group = p.num_q_heads / p.num_kv_heads;
+    p.head_dim = static_cast<int>(query.size(2));
+    p.scale = static_cast<float>(scale);
+    p.causal = causal;
+    p.paged = paged;
+    if (tensor_core_ok(p)) {
+      if constexpr (!std::is_same_v<T, float>) {
+        const dim3 grid(ceil_div(max_seqlen_q, kBM), p.num_q_heads, static_cast<unsigned>(B));
+        switch (padded_head_dim(p.head_dim)) {
+          case 64: launch_mma<T, 64>(p, grid, stream); break;
+          case 80: launch_mma<T, 80>(p, grid, stream); break;
+          case 128: launch_mma<T, 128>(p, grid, stream); break;
+          default: launch_mma<T, 256>(p, grid, stream); break;
+        }
+      }
+    } else {
+      const dim3 grid(ceil_div(max_seqlen_q, kSimpleWarps), p.num_q_heads, static_cast<unsigned>(B));
+      const size_t smem = size_t(kSimpleWarps) * 2 * p.head_dim * sizeof(float);
+      SPLITVL_CHECK(smem <= 48 * 1024, kOp, ": head_dim ", p.head_dim, " too large");
+      varlen_simple_kernel<T><<<grid, kSimpleWarps * 32, smem, stream>>>(p);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace splitvl::cuda

@@ -1,0 +1,291 @@
+"""Pure-torch reference semantics of every splitvl op.
+
+These functions are the law the C++/CUDA kernels are tested against
+(docs/INTERNALS.md). They favour clarity over speed, but are used for real when
+the extension is unavailable or `SPLITVL_REFERENCE_OPS=1`, so they are
+vectorised where that stays readable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3 RMSNorm: fp32 `x * rsqrt(mean(x^2) + eps)`, cast to x.dtype, `* weight`.
+
+    Shapes: x [..., D] (any strides), weight [D] -> [..., D] contiguous, x.dtype.
+    """
+    _check_norm_args(x, weight)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed.to(x.dtype) * weight).contiguous()
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    """In place: `residual = x + residual` (rounded to dtype), `x = rms_norm(residual)`.
+
+    Shapes: x [..., D], residual same shape, weight [D].
+    """
+    _check_norm_args(x, weight)
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"fused_add_rms_norm: residual {tuple(residual.shape)} {residual.dtype} must match "
+            f"input {tuple(x.shape)} {x.dtype}"
+        )
+    residual.copy_(x + residual)
+    x.copy_(rms_norm(residual, weight, eps))
+
+
+def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if weight.dim() != 1 or x.dim() < 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"rms_norm: weight {tuple(weight.shape)} must be [D] with D = input.shape[-1] "
+            f"(input {tuple(x.shape)})"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"rms_norm: weight dtype {weight.dtype} != input dtype {x.dtype}")
+
+
+def mrope_rows(
+    rot_half: int, mrope_section: Sequence[int], interleaved: bool
+) -> list[int]:
+    """Which row of sectioned positions `[S, T]` each of the `rot_half` frequencies uses."""
+    sections = list(mrope_section)
+    if sum(sections) != rot_half:
+        raise ValueError(
+            f"rotary_embedding: sum(mrope_section)={sum(sections)} must equal rot_dim/2={rot_half}"
+        )
+    if not interleaved:
+        return [s for s, n in enumerate(sections) for _ in range(n)]
+    if len(sections) != 3:
+        raise ValueError("rotary_embedding: interleaved mrope needs exactly 3 sections")
+    rows = []
+    for i in range(rot_half):
+        if i % 3 == 1 and i < 3 * sections[1]:
+            rows.append(1)
+        elif i % 3 == 2 and i < 3 * sections[2]:
+            rows.append(2)
+        else:
+            rows.append(0)
+    return rows
+
+
+def rotary_cos_sin(
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cos and sin, each [T, rot_dim/2] fp32.
+
+    Shapes: positions [T] or [S, T]; cos_sin_cache [max_pos, rot_dim].
+    """
+    rot_half = cos_sin_cache.shape[-1] // 2
+    cache = cos_sin_cache.float()
+    if not mrope_section:
+        if positions.dim() != 1:
+            raise ValueError(f"rotary_embedding: plain RoPE needs positions [T], got {tuple(positions.shape)}")
+        cs = cache[positions.long()]
+        return cs[:, :rot_half], cs[:, rot_half:]
+    if positions.dim() != 2 or positions.shape[0] != len(mrope_section):
+        raise ValueError(
+            f"rotary_embedding: sectioned RoPE needs positions [{len(mrope_section)}, T], "
+            f"got {tuple(positions.shape)}"
+        )
+    rows = torch.tensor(mrope_rows(rot_half, mrope_section, mrope_interleaved), device=positions.device)
+    cs = cache[positions.long()]  # [S, T, rot_dim]
+    index = torch.cat([rows, rows])[None, None, :].expand(1, cs.shape[1], -1)
+    cs = cs.gather(0, index).squeeze(0)  # [T, rot_dim]
+    return cs[:, :rot_half], cs[:, rot_half:]
+
+
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot_dim: int, is_neox: bool) -> None:
+    """Rotate x [T, H, D] in place over its first rot_dim dims; cos/sin [T, rot_dim/2]."""
+    rot = x[..., :rot_dim]
+    xf = rot.float()
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    if is_neox:
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    rot.copy_(out.to(x.dtype))
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> None:
+    """Neox (or GPT-J when not is_neox) RoPE in place on query and key.
+
+    Shapes: positions [T] or [S, T]; query [T, Hq*D] or [T, Hq, D] (may be
+    strided views); key likewise or None; cos_sin_cache [max_pos, rot_dim] fp32.
+    """
+    rot_dim = cos_sin_cache.shape[-1]
+    if rot_dim % 2 or rot_dim > head_size:
+        raise ValueError(f"rotary_embedding: rot_dim {rot_dim} must be even and <= head_size {head_size}")
+    cos, sin = rotary_cos_sin(positions, cos_sin_cache, mrope_section, mrope_interleaved)
+    for x in (query, key):
+        if x is None:
+            continue
+        heads = x if x.dim() == 3 else x.unflatten(-1, (-1, head_size))
+        if heads.shape[-1] != head_size or heads.shape[0] != cos.shape[0]:
+            raise ValueError(
+                f"rotary_embedding: tensor {tuple(x.shape)} is not [T, H*{head_size}] or "
+                f"[T, H, {head_size}] with T={cos.shape[0]}"
+            )
+        _rotate_(heads, cos, sin, rot_dim, is_neox)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """Shapes: x [..., 2d] -> [..., d] = silu(x[..., :d]) * x[..., d:] (fp32 math)."""
+    d = x.shape[-1] // 2
+    xf = x.float()
+    return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """Shapes: x [...] -> same; gelu with the tanh approximation (fp32 math)."""
+    return F.gelu(x.float(), approximate="tanh").to(x.dtype)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write token t's K/V at slot `slot_mapping[t]` of the paged caches; slot < 0 skipped.
+
+    Shapes: key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D]; slot_mapping [T].
+    """
+    if key_cache.dtype != key.dtype or value_cache.dtype != value.dtype:
+        raise ValueError(f"reshape_and_cache: cache dtype {key_cache.dtype} != key dtype {key.dtype}")
+    block_size = key_cache.shape[1]
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    blocks, offsets = slots // block_size, slots % block_size
+    key_cache[blocks, offsets] = key[keep]
+    value_cache[blocks, offsets] = value[keep]
+
+
+def gather_paged(
+    cache: torch.Tensor, block_table: torch.Tensor, length: int
+) -> torch.Tensor:
+    """First `length` tokens of one sequence's paged cache -> [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    idx = torch.arange(length, device=cache.device)
+    blocks = block_table[idx // block_size].long()
+    return cache[blocks, idx % block_size]
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> torch.Tensor:
+    """One sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> [Lq, Hq, D] in q.dtype.
+
+    GQA by Hq // Hkv; causal masks are bottom-right aligned; a query row that sees
+    no key yields zeros.
+    """
+    lq, hq, _ = q.shape
+    lk, hkv = k.shape[0], k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"attention: query heads {hq} not a multiple of kv heads {hkv}")
+    group = hq // hkv
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    if causal:
+        i = torch.arange(lq, device=q.device)[:, None]
+        j = torch.arange(lk, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + (lk - lq), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no visible key
+    return torch.einsum("hqk,khd->qhd", probs, vf).to(q.dtype)
+
+
+def paged_attention_decode(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its first seq_lens[b] cached tokens.
+
+    Shapes: query [B, Hq, D]; caches [num_blocks, block_size, Hkv, D];
+    block_tables [B, max_blocks] int32; seq_lens [B] int32 -> [B, Hq, D].
+    """
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    for b, length in enumerate(seq_lens.tolist()):
+        k = gather_paged(key_cache, block_tables[b], length)
+        v = gather_paged(value_cache, block_tables[b], length)
+        out[b] = attend(query[b : b + 1], k, v, scale, causal=False)[0]
+    return out
+
+
+def varlen_attention(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    scale: float,
+    causal: bool,
+    key_cache: torch.Tensor | None = None,
+    value_cache: torch.Tensor | None = None,
+    block_tables: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences; keys packed or read from the paged cache.
+
+    Shapes: query [Tq, Hq, D]; key/value [Tk, Hkv, D] or None (then key_cache,
+    value_cache [num_blocks, block_size, Hkv, D] and block_tables [B, max_blocks]);
+    cu_seqlens_q/k [B+1] int32 -> [Tq, Hq, D].
+    """
+    paged = block_tables is not None
+    if paged == (key is not None):
+        raise ValueError("varlen_attention: pass either key/value or key_cache/value_cache/block_tables")
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        q = query[cu_q[b] : cu_q[b + 1]]
+        if paged:
+            length = cu_k[b + 1] - cu_k[b]
+            k = gather_paged(key_cache, block_tables[b], length)
+            v = gather_paged(value_cache, block_tables[b], length)
+        else:
+            k, v = key[cu_k[b] : cu_k[b + 1]], value[cu_k[b] : cu_k[b + 1]]
+        out[cu_q[b] : cu_q[b + 1]] = attend(q, k, v, scale, causal)
+    return out
+
+
+def topk_softmax(
+    gating_output: torch.Tensor, topk: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: fp32 softmax over experts, top-k (ties: lower index first).
+
+    Shapes: gating_output [T, E] -> (weights fp32 [T, k], ids int32 [T, k]).
+    """
+    probs = torch.softmax(gating_output.float(), dim=-1)
+    # A stable descending sort keeps equal probabilities in index order.
+    weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, ids = weights[:, :topk].contiguous(), ids[:, :topk]
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids.to(torch.int32).contiguous()

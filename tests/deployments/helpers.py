@@ -1,0 +1,143 @@
+"""Test helpers: images as bytes/data URLs and a local HTTP server that counts hits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import PIL.Image
+
+
+def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    image = PIL.Image.new("RGB", (width, height), color)
+    for x in range(min(width, 16)):  # a little structure so different images differ
+        image.putpixel((x, x % height), (x * 13 % 256, 90, 255 - x))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but whose pixel data is a stub.
+
+    Decoding it fully would fail (or explode); a header-only size check rejects it.
+    """
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+class LocalServer:
+    """A threaded HTTP server on `host` whose routes are `path -> handler(request)`.
+
+    `hits[path]` counts requests per path (every request counts, even 404s).
+    """
+
+    def __init__(self, routes: dict[str, Route], host: str = "127.0.0.1"):
+        self.routes = routes
+        self.hits: Counter[str] = Counter()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.hits[self.path] += 1
+                route = outer.routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                route(self)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.host = host
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+    def __enter__(self) -> LocalServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def send_body(body: bytes, content_type: str = "image/png", status: int = 200) -> Route:
+    def route(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(status)
+        req.send_header("Content-Type", content_type)
+        req.send_header("Content-Length", str(len(body)))
+        req.end_headers()
+        req.wfile.write(body)
+
+    return route
+
+
+def redirect_to(location: str) -> Route:
+    def route(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(302)
+        req.send_header("Location", location)
+        req.send_header("Content-Length", "0")
+        req.end_headers()
+
+    return route
+
+
+def slow_body(delay_s: float) -> Route:
+    def route(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "image/png")
+        req.end_headers()
+        try:
+            time.sleep(delay_s)
+            req.wfile.write(png_bytes())
+        except OSError:
+            pass
+
+    return route
+
+
+def endless_body() -> Route:
+    """Streams without Content-Length until the client hangs up."""
+
+    def route(req: BaseHTTPRequestHandler) -> None:
+        req.send_response(200)
+        req.send_header("Content-Type", "image/png")
+        req.end_headers()
+        try:
+            for _ in range(10_000):
+                req.wfile.write(b"\0" * 65536)
+        except OSError:
+            pass
+
+    return route

@@ -1,0 +1,110 @@
+"""A contract-conforming engine for Serve-plumbing tests (injected via `engine_cls`).
+
+It implements `engine.Engine`'s interface (add_request -> async iterator of
+RequestOutput, abort, is_healthy, stats, shutdown) with a deterministic token
+rule instead of a model, and records what it received (prompt ids, a digest of
+the image embeddings) so tests can compare the data path against an
+independent computation. Real-model serving is tested with `engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from engine.sequence import MultimodalInputs, RequestOutput
+
+
+@dataclass(frozen=True, slots=True)
+class ScriptedEngineConfig:
+    model: str
+    max_model_len: int = 4096
+    seed: int = 0
+
+
+def script_tokens(prompt_ids: list[int], count: int, first_regular: int = 300) -> list[int]:
+    """The tokens the scripted engine emits: a pure function of the prompt."""
+    base = sum(prompt_ids) % 500
+    return [first_regular + (base + 7 * i) % 500 for i in range(count)]
+
+
+class ScriptedEngineConfig:
+    model: str
+    max_model_len: int = 4096
+    seed: int = 0
+
+
+def script_tokens(prompt_ids: list[int], count: int, first_regular: int = 300) -> list[int]:
+    """The tokens the scripted engine emits: a pure function of the prompt."""
+    base = sum(prompt_ids) % 500
+    return [first_regular + (base + 7 * i) % 500 for i in range(count)]
+
+
+def embedding_digest(mm: MultimodalInputs) -> str:
+    h = hashlib.sha256()
+    h.update(mm.image_embeds.float().contiguous().numpy().tobytes())
+    if mm.deepstack_embeds is not None:
+        h.update(mm.deepstack_embeds.float().contiguous().numpy().tobytes())
+    h.update(repr(mm.image_grid_thw).encode())
+    return h.hexdigest()
+
+
+class ScriptedEngine:
+    config_class = ScriptedEngineConfig
+
+    def __init__(self, config: ScriptedEngineConfig):
+        self.config = config
+        self.requests: dict[str, dict[str, Any]] = {}
+        self.aborted: list[str] = []
+        self.running: set[str] = set()
+        self.finished: set[str] = set()
+
+    async def add_request(
+        self, request_id: str, prompt_token_ids: list[int], mm_inputs: MultimodalInputs | None, sampling: Any
+    ) -> AsyncIterator[RequestOutput]:
+        self.requests[request_id] = {
+            "prompt_token_ids": list(prompt_token_ids),
+            "image_embeds": mm_inputs.image_embeds.clone() if mm_inputs is not None else None,
+            "deepstack_embeds": (mm_inputs.deepstack_embeds.clone()
+                                 if mm_inputs is not None and mm_inputs.deepstack_embeds is not None else None),
+            "image_grid_thw": mm_inputs.image_grid_thw if mm_inputs is not None else None,
+        }
+        self.running.add(request_id)
+        tokens = script_tokens(prompt_token_ids, sampling.max_tokens)
+        try:
+            for i, token in enumerate(tokens):
+                await asyncio.sleep(0.01)
+                if request_id not in self.running:
+                    return
+                stop = token in sampling.stop_token_ids
+                last = stop or i == len(tokens) - 1
+                yield RequestOutput(
+                    request_id=request_id,
+                    new_token_ids=[token],
+                    finish_reason=("stop" if stop else "length") if last else None,
+                    num_prompt_tokens=len(prompt_token_ids),
+                )
+                if last:
+                    self.finished.add(request_id)
+                    return
+        finally:
+            self.running.discard(request_id)
+
+    def abort(self, request_id: str) -> None:
+        # A cancelled add_request iterator has already left `running`; what
+        # matters is that the request was known and had not finished.
+        if request_id in self.requests and request_id not in self.finished:
+            self.aborted.append(request_id)
+        self.running.discard(request_id)
+
+    def is_healthy(self) -> bool:
+        return True
+
+    def stats(self) -> dict[str, Any]:
+        return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.0,
+                "requests": self.requests, "aborted": list(self.aborted)}
+
+    def shutdown(self) -> None:
+        self.running.clear()

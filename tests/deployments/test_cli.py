@@ -1,0 +1,149 @@
+"""The user-facing commands as subprocesses: `serve run configs/demo.yaml` and the
+batch job through `ray job submit` on a `ray start --head` cluster.
+
+Both run with HOME in a temp dir (the demo's tiny checkpoint goes to
+~/.cache/splitvl there) and are torn down by the pids this test started.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import yaml
+
+from tests.deployments.conftest import wait_until
+from tests.deployments.helpers import data_url, free_port, png_bytes
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), SPLITVL_REFERENCE_OPS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float = 40.0) -> None:
+    """Stop a process we started (its own session): signal, wait, then kill its group."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only what this test started
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def _ray_bin(name: str) -> str:
+    path = BIN / name
+    return str(path) if path.exists() else name
+
+
+def _demo_config(tmp_path: Path, port: int, ray_port: int | None = None) -> Path:
+    data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    data["http_options"]["port"] = port
+    out = tmp_path / "demo.yaml"
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
+def test_serve_run_demo_answers(tmp_path):
+    port = free_port()
+    config = _demo_config(tmp_path, port)
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([_ray_bin("serve"), "run", str(config)], cwd=REPO, env=_env(tmp_path),
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        def healthy() -> bool:
+            text = (tmp_path / "serve.log").read_text()
+            failed = "Exception importing application" in text or re.search(r"Deploying application \S+ failed", text)
+            assert proc.poll() is None and not failed, text[-3000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, timeout_s=180, interval_s=1.0)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        resp = client.chat.completions.create(
+            model="demo", max_tokens=8,
+            messages=[{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
+                                                   {"type": "image_url",
+                                                    "image_url": {"url": data_url(png_bytes())}}]}],
+        )
+        assert resp.choices[0].finish_reason in ("length", "stop")
+        assert resp.usage.completion_tokens >= 1
+        assert (tmp_path / ".cache" / "splitvl" / "tiny-qwen3_vl" / "config.json").is_file()
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _write_inputs(path: Path, n: int) -> list[str]:
+    ids = []
+    with path.open("w") as f:
+        for i in range(n):
+            content: list[dict] = [{"type": "text", "text": f"Describe item {i}."}]
+            if i % 2 == 0:
+                content.append({"type": "image_url", "image_url": {"url": data_url(png_bytes(32, 32, (i * 25, 9, 9)))}})
+            ids.append(f"req-{i}")
+            f.write(json.dumps({"id": ids[-1], "messages": [{"role": "user", "content": content}],
+                                "max_tokens": 4, "temperature": 0}) + "\n")
+        ids.append("bad-1")
+        f.write(json.dumps({"id": "bad-1", "messages": [], "max_tokens": 4}) + "\n")
+    return ids
+
+
+def test_batch_job_via_ray_job_submit(tmp_path):
+    env = _env(tmp_path)
+    gcs_port, dash_port = free_port(), free_port()
+    temp_dir = Path("/tmp") / f"rayjob{os.getpid()}"
+    head = subprocess.Popen(
+        [_ray_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash_port}"
+    try:
+        def dashboard_up() -> bool:
+            assert head.poll() is None, (tmp_path / "head.log").read_text()[-3000:]
+            try:
+                return httpx.get(f"{address}/api/version", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(dashboard_up, timeout_s=120, interval_s=1.0)
+        inputs, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+        ids = _write_inputs(inputs, 6)
+        # A previous run's partial output: one finished line and a torn one.
+        output.write_text(json.dumps({"id": "req-1", "text": "earlier", "usage": None}) + "\n{\"id\": \"req-")
+        cmd = [_ray_bin("ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+               "python", "-m", "deployments.batch", "--config", "configs/demo.yaml",
+               "--input", str(inputs), "--output", str(output)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        records = [json.loads(line) for line in output.read_text().splitlines()]
+        assert sorted(r["id"] for r in records) == sorted(ids)  # every id exactly once
+        by_id = {r["id"]: r for r in records}
+        assert by_id["req-1"]["text"] == "earlier"  # resumed, not redone
+        assert by_id["bad-1"]["error"]["type"] == "invalid_request_error"
+        for rid in ids[:-1]:
+            if rid != "req-1":
+                assert by_id[rid]["usage"]["completion_tokens"] >= 1 and "text" in by_id[rid]
+    finally:
+        _stop(head, sig=signal.SIGTERM)

@@ -1,0 +1,190 @@
+"""Units without Ray: config, schema + limits, prompt building, detokenizer, cache, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.config import AppConfig, args_from_serve_yaml
+from deployments.detokenize import IncrementalDetokenizer
+from deployments.embedding_cache import EmbeddingCache
+from deployments.errors import InvalidRequestError, RateLimitError, pydantic_error_to_api
+from deployments.metrics import MetricsRecorder, parse_prometheus, render_prometheus
+from deployments.prompt import chat_prompt_ids, check_limits, expand_image_pads, sampling_request
+from deployments.protocol import ChatCompletionRequest
+from deployments.config import LimitsConfig
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_checkpoint):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_checkpoint("qwen3_vl")))
+
+
+def test_config_typo_names_the_field(tmp_path):
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        AppConfig.model_validate({"model": str(tmp_path), "vision": {"max_batch_sise": 4}})
+    with pytest.raises(ValidationError, match="num_replicas or autoscaling_config"):
+        AppConfig.model_validate(
+            {"model": str(tmp_path), "llm": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}
+        )
+    with pytest.raises(ValidationError, match="not a directory"):
+        AppConfig.model_validate({"model": str(tmp_path / "missing")})
+    with pytest.raises(ValidationError, match="allowed_media_networks"):
+        AppConfig.model_validate({"model": str(tmp_path), "limits": {"allowed_media_networks": ["nope"]}})
+
+
+def test_config_alias_and_defaults(tmp_path, monkeypatch):
+    cfg = AppConfig.model_validate({"model": str(tmp_path), "language_model_only": True})
+    assert cfg.disable_vision_encoder and cfg.served_model_id == tmp_path.name
+    monkeypatch.setenv("SPLITVL_API_KEY", "k1")
+    assert cfg.resolved_api_key() == "k1"
+    assert AppConfig.model_validate({"model": str(tmp_path), "api_key": "k2"}).resolved_api_key() == "k2"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_validate(name):
+    import yaml
+
+    data = yaml.safe_load((CONFIGS / name).read_text())
+    args = args_from_serve_yaml(data)
+    if args.get("model") and not Path(args["model"]).expanduser().exists():
+        args = {**args, "model": None, "create_tiny_if_missing": "qwen3_vl"}  # weights not on CI
+    AppConfig.model_validate(args)
+    assert data["applications"][0]["import_path"] == "deployments.app:build_app"
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}]},
+         "messages.0.content"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 1.5}, "top_p"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_k": -2}, "top_k"),
+        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ],
+)
+def test_schema_rejects(body, param):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate(body)
+    err = pydantic_error_to_api(info.value)
+    assert err.status == 400 and err.param is not None and err.param.startswith(param)
+    assert err.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_limits():
+    limits = LimitsConfig(max_tokens_limit=100, max_n=2, max_stop_strings=2)
+    msg = [{"role": "user", "content": "x"}]
+    for extra, param in [({"max_tokens": 101}, "max_tokens"), ({"n": 3}, "n"), ({"stop": ["a", "b", "c"]}, "stop")]:
+        with pytest.raises(InvalidRequestError) as info:
+            check_limits(ChatCompletionRequest.model_validate({"messages": msg, **extra}), limits)
+        assert info.value.param == param
+    req = ChatCompletionRequest.model_validate({"messages": msg})
+    assert sampling_request(req, 10, 64, limits, 1000).max_tokens == 54  # what the context leaves
+    with pytest.raises(InvalidRequestError, match="context"):
+        sampling_request(req, 64, 64, limits, 1000)
+    req = ChatCompletionRequest.model_validate({"messages": msg, "max_tokens": 60})
+    with pytest.raises(InvalidRequestError, match="exceeds the context"):
+        sampling_request(req, 10, 64, limits, 1000)
+
+
+def test_prompt_ids_match_the_template(tokenizer):
+    req = ChatCompletionRequest.model_validate({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                     {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]},
+    ]})
+    ids = chat_prompt_ids(tokenizer, req)
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is this?"
+            "<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n")
+    assert ids == tokenizer.encode(text, add_special_tokens=False)
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    expanded = expand_image_pads(ids, pad, [5])
+    assert expanded.count(pad) == 5 and len(expanded) == len(ids) + 4
+    with pytest.raises(InvalidRequestError, match="placeholder"):
+        expand_image_pads(ids, pad, [5, 5])
+
+
+def test_detokenizer_matches_full_decode_and_stops(tokenizer):
+    text = "The quick brown fox jumps over the lazy dog. Hello! How can I help you today?"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    pieces = [detok.add([t]).text for t in ids] + [detok.add([], final=True).text]
+    assert "".join(pieces) == tokenizer.decode(ids)
+    detok = IncrementalDetokenizer(tokenizer, stop=["lazy dog", "How"])
+    out, stopped = "", False
+    for t in ids:
+        delta = detok.add([t])
+        out += delta.text
+        if delta.stopped:
+            stopped = True
+            break
+    assert stopped and out == "The quick brown fox jumps over the "
+
+
+def test_embedding_cache_is_lru_in_bytes():
+    cache = EmbeddingCache(100)
+    cache.put("a", "ref-a", 40)
+    cache.put("b", "ref-b", 40)
+    assert cache.get("a") == "ref-a"  # a is now most recent
+    cache.put("c", "ref-c", 40)  # evicts b
+    assert cache.get("b") is None and cache.get("a") == "ref-a" and cache.nbytes == 80
+    cache.put("huge", "x", 1000)
+    assert cache.get("huge") is None
+
+
+def test_metrics_render_and_parse():
+    rec = MetricsRecorder("Router", "r1")
+    rec.inc("splitvl_embedding_cache_hits_total", 2)
+    rec.observe("splitvl_time_to_first_token_seconds", 0.03)
+    rec.set("splitvl_kv_cache_usage", 0.25)
+    text = render_prometheus([rec.snapshot()])
+    assert '# TYPE splitvl_time_to_first_token_seconds histogram' in text
+    assert 'splitvl_time_to_first_token_seconds_bucket{deployment="Router",replica="r1",le="0.05"} 1' in text
+    totals = parse_prometheus(text)
+    assert totals["splitvl_embedding_cache_hits_total"] == 2
+    assert totals["splitvl_time_to_first_token_seconds_count"] == 1
+
+
+def test_errors_pickle_through_ray_boundaries():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(RateLimitError("slow down", param="x")))
+    assert err.status == 429 and err.param == "x" and err.body()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_cluster_files_carry_a_valid_serve_config():
+    import yaml
+
+    service = yaml.safe_load((CONFIGS / "cluster" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    args = args_from_serve_yaml(serve_config)
+    AppConfig.model_validate({**args, "model": None, "create_tiny_if_missing": "qwen3_vl"})
+    assert serve_config["applications"][0]["import_path"] == "deployments.app:build_app"
+    launcher = yaml.safe_load((CONFIGS / "cluster" / "cluster.yaml").read_text())
+    assert launcher["head_node_type"] in launcher["available_node_types"]
+    assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
+
+
+def test_llm_placement_bundles(tmp_path):
+    from deployments.llm import LLMServer
+
+    cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda",
+                                    "llm": {"tensor_parallel_size": 2, "num_cpus": 2}})
+    opts = LLMServer.deployment_options(cfg)
+    assert opts["placement_group_bundles"] == [{"GPU": 1.0, "CPU": 2.0}, {"GPU": 1.0}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
+    cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda", "llm": {"gpus_per_worker": 0.5}})
+    assert LLMServer.deployment_options(cfg)["ray_actor_options"]["num_gpus"] == 0.5
+    with pytest.raises(ValidationError, match="gpus_per_worker"):
+        AppConfig.model_validate({"model": str(tmp_path), "llm": {"gpus_per_worker": 0.5, "tensor_parallel_size": 2}})

@@ -1,0 +1,85 @@
+"""TP=2 over gloo with two Ray actors equals TP=1; a killed worker fails requests, never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.engine import Engine, EngineConfig  # noqa: E402
+from tests.engine.helpers import TEXT, image, prompt_ids  # noqa: E402
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    env = {k: v for k, v in os.environ.items() if k.startswith("SPLITVL_")}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": env} if env else None)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
+def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
+    path = tiny_checkpoint(arch)
+    kwargs = dict(max_model_len=512, num_gpu_blocks=64)
+    with LLM(path, **kwargs) as one:
+        tok = one.tokenizer
+        prompts = [
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 0)},
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 2), "images": [image(96, 64, 1), image(64, 64, 2)]},
+        ]
+        ref = [o.token_ids for o in one.generate(prompts, GREEDY)]
+    with LLM(path, tensor_parallel_size=2, **kwargs) as two:
+        got = [o.token_ids for o in two.generate(prompts, GREEDY)]
+        assert two.engine.is_healthy()
+    assert got == ref
+
+
+async def test_killed_worker_fails_requests(local_ray, tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_vl")
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", tensor_parallel_size=2,
+                                 max_model_len=512, num_gpu_blocks=64, step_timeout_s=30))
+    try:
+        stream = engine.add_request("a", list(range(10, 30)), None,
+                                    SamplingParams(max_tokens=400, temperature=0, ignore_eos=True))
+        first = await stream.__anext__()
+        assert first.finish_reason is None
+        ray.kill(engine.executor.workers[1])
+        start = time.monotonic()
+
+        async def drain():
+            return [o async for o in stream]
+
+        outs = await asyncio.wait_for(drain(), timeout=20)
+        assert outs[-1].finish_reason == "error" and outs[-1].error
+        assert not engine.is_healthy()
+        assert time.monotonic() - start < 20
+        from engine import EngineDeadError
+
+        with pytest.raises(EngineDeadError):
+            engine.add_request("b", [1, 2, 3], None, GREEDY)
+    finally:
+        engine.shutdown()
+
+
+async def test_killed_idle_worker_is_noticed(local_ray, tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_vl")
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", tensor_parallel_size=2,
+                                 max_model_len=512, num_gpu_blocks=64))
+    try:
+        assert engine.is_healthy()
+        ray.kill(engine.executor.workers[0])
+        deadline = time.monotonic() + 10
+        while engine.is_healthy() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not engine.is_healthy()
+    finally:
+        engine.shutdown()

@@ -1,0 +1,145 @@
+"""Task selection and lazy, per-architecture model class resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+
+import pytest
+
+from models.config import (
+    SUPPORTED_ARCHITECTURES,
+    TEXT_ARCHITECTURES,
+    VL_ARCHITECTURES,
+    ModelConfig,
+    TextConfig,
+    UnsupportedArchitectureError,
+    load_model_config,
+)
+from models.registry import (
+    ARCHITECTURES,
+    ModelImportError,
+    TaskSpec,
+    build_language_model,
+    build_vision_model,
+    check_dependencies,
+    get_task,
+)
+from models.tiny import ARCHS
+
+TEXT = TextConfig(
+    vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=1, head_dim=4,
+)  # fmt: skip
+
+
+def _text_only(arch: str) -> ModelConfig:
+    return ModelConfig(architecture=arch, model_type="qwen3", text=TEXT)
+
+
+def test_every_supported_architecture_is_registered():
+    assert set(ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vl_architectures(tiny_checkpoint, arch):
+    cfg = load_model_config(tiny_checkpoint(arch))
+    assert cfg.architecture in VL_ARCHITECTURES
+    assert get_task(cfg) == TaskSpec("vl", True, None)
+    off = get_task(cfg, disable_vision_encoder=True)
+    assert off.task == "llm" and off.accepts_images is False
+    assert "disable_vision_encoder" in off.reason and "rejected" in off.reason
+
+
+@pytest.mark.parametrize("arch", TEXT_ARCHITECTURES)
+def test_text_only_architectures(arch):
+    for disabled in (False, True):
+        spec = get_task(_text_only(arch), disable_vision_encoder=disabled)
+        assert spec.task == "llm" and spec.accepts_images is False
+        assert arch in spec.reason
+
+
+def test_unknown_architecture():
+    cfg = _text_only("LlamaForCausalLM")
+    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
+        get_task(cfg)
+    with pytest.raises(UnsupportedArchitectureError):
+        build_language_model(cfg, None, None, "cpu")
+
+
+def _fake_module(monkeypatch, name: str, **classes) -> None:
+    module = types.ModuleType(name)
+    for cls_name, cls in classes.items():
+        setattr(module, cls_name, cls)
+    monkeypatch.setitem(sys.modules, name, module)
+
+
+class _FakeLM:
+    def __init__(self, config, parallel, dtype, device):
+        self.args = (config, parallel, dtype, device)
+
+
+class _FakeVision:
+    def __init__(self, config, dtype, device):
+        self.args = (config, dtype, device)
+
+
+def test_builders_pass_the_contract_arguments(monkeypatch, tiny_checkpoint):
+    _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
+    _fake_module(monkeypatch, "models.qwen3_vl.vision", Qwen3VLVisionModel=_FakeVision)
+    cfg = load_model_config(tiny_checkpoint("qwen3_vl"))
+    parallel = object()
+    lm = build_language_model(cfg, parallel, "fp32", "cpu")
+    assert isinstance(lm, _FakeLM) and lm.args == (cfg, parallel, "fp32", "cpu")
+    vision = build_vision_model(cfg, "fp32", "cpu")
+    assert isinstance(vision, _FakeVision) and vision.args == (cfg.vision, "fp32", "cpu")
+    check_dependencies(cfg)
+
+
+def test_text_only_has_no_vision_model(monkeypatch):
+    _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
+    cfg = _text_only("Qwen3ForCausalLM")
+    check_dependencies(cfg)
+    with pytest.raises(ValueError, match="no vision encoder"):
+        build_vision_model(cfg, "fp32", "cpu")
+
+
+def test_qwen3_5_import_failure_does_not_break_qwen3_vl(monkeypatch, tiny_checkpoint):
+    _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
+    _fake_module(monkeypatch, "models.qwen3_vl.vision", Qwen3VLVisionModel=_FakeVision)
+    monkeypatch.setitem(sys.modules, "models.qwen3_5", None)  # import raises ImportError
+    qwen35 = load_model_config(tiny_checkpoint("qwen3_5"))
+    with pytest.raises(ModelImportError) as err:
+        build_language_model(qwen35, None, "fp32", "cpu")
+    assert err.value.architecture == "Qwen3_5ForConditionalGeneration"
+    assert "Qwen3_5ForConditionalGeneration" in str(err.value) and "models.qwen3_5" in str(err.value)
+    assert isinstance(err.value.__cause__, ImportError)
+    with pytest.raises(ModelImportError):
+        check_dependencies(qwen35)
+    # Qwen3-VL is unaffected.
+    vl = load_model_config(tiny_checkpoint("qwen3_vl"))
+    assert isinstance(build_language_model(vl, None, "fp32", "cpu"), _FakeLM)
+    check_dependencies(vl)
+
+
+def test_missing_class_names_the_architecture(monkeypatch, tiny_checkpoint):
+    _fake_module(monkeypatch, "models.qwen3")  # module without the class
+    cfg = load_model_config(tiny_checkpoint("qwen3_vl_moe"))
+    with pytest.raises(ModelImportError, match="Qwen3VLMoeForConditionalGeneration"):
+        build_language_model(cfg, None, "fp32", "cpu")
+
+
+def test_disabled_vision_skips_vision_import(monkeypatch, tiny_checkpoint):
+    _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
+    monkeypatch.setitem(sys.modules, "models.qwen3_vl.vision", None)
+    cfg = load_model_config(tiny_checkpoint("qwen3_vl"))
+    check_dependencies(cfg, disable_vision_encoder=True)
+    with pytest.raises(ModelImportError):
+        check_dependencies(cfg)
+
+
+def test_vl_arch_without_vision_section_is_text_only():
+    cfg = dataclasses.replace(_text_only("Qwen3VLForConditionalGeneration"))
+    assert cfg.vision is None
+    assert get_task(cfg).task == "llm"

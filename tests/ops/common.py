@@ -1,0 +1,38 @@
+"""Parameters and tolerances shared by the op tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+GPU = pytest.mark.gpu
+
+# (device, dtype): fp32/bf16 on CPU, fp16 too on CUDA.
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+    pytest.param("cuda", torch.float32, id="cuda-fp32", marks=GPU),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=GPU),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=GPU),
+]
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
+
+_TOL = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2},
+    torch.float16: {"atol": 2e-3, "rtol": 2e-3},
+}
+
+
+def tol(dtype: torch.dtype, scale: float = 1.0) -> dict[str, float]:
+    """assert_close tolerances for kernel-vs-reference in `dtype` (scaled for long reductions)."""
+    return {k: v * scale for k, v in _TOL[dtype].items()}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), **tol(dtype, scale))
+
+
+def raises(device: str, pattern: str):
+    """A RuntimeError for bad input; the message is pinned for the CPU kernels only."""
+    return pytest.raises(RuntimeError, match=pattern if device == "cpu" else None)
