@@ -11,6 +11,26 @@ from pathlib import Path
 
 import torch
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+
+
+def config_path(name: str) -> Path:
+    """`configs/models/<name>.json`, the published config.json of a real architecture."""
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"no architecture config {path.name}; known: {known}")
+    return path
+
+
+def load_hf_model(ckpt: str | Path, dtype: torch.dtype, device: torch.device | str):
+    """transformers' own model class for the checkpoint in `ckpt`, in eval mode."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(ckpt)
+    model_cls = getattr(transformers, config.architectures[0])
+    return model_cls.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

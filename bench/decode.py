@@ -1,8 +1,8 @@
 """Decode: inter-token latency, ours vs transformers `generate` vs the weight-read floor.
 
-    python bench/decode.py --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
-    python bench/decode.py --models qwen3-vl-8b --tp 1 2 --batches 1   # TP=2 vs TP=1 (two GPUs)
-    python bench/decode.py --smoke      # CPU, tiny checkpoint
+    python -m bench.decode --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
+    python -m bench.decode --models qwen3-vl-8b --tp 1 2 --batches 1   # TP=2 vs TP=1 (two GPUs)
+    python -m bench.decode --smoke      # CPU, tiny checkpoint
 
 Workload: `batch` prompts of 512 random token ids, 256 new tokens, ignore_eos,
 greedy. Inter-token latency = (time for 256 tokens - time for 1 token) / 255,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import tempfile
 import time
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import measure_peaks, print_table, synchronize, write_json
+from bench.common import config_path, load_hf_model, measure_peaks, print_table, synchronize, write_json
 
 PROMPT_LEN = 512
 OUTPUT_LEN = 256
@@ -30,7 +31,8 @@ OUTPUT_LEN = 256
 
 def prompts(batch: int, vocab: int, prompt_len: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(batch)
-    return torch.randint(1000, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
+    low = min(1000, vocab // 2)  # skip the low (special/byte) ids where the vocab allows
+    return torch.randint(low, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
 
 
 def decode_weight_bytes(hf_model) -> int:
@@ -87,15 +89,13 @@ def hf_run_for(hf_model, batch_prompts, device):
 
 
 def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
-    from bench.random_checkpoint import build_hf_model, write_checkpoint
+    from models.random_weights import write_random_checkpoint
 
     device = torch.device("cuda")
-    hf_model = build_hf_model(name, torch.bfloat16, "cpu")
-    weight_bytes = decode_weight_bytes(hf_model)
-    vocab = hf_model.config.text_config.vocab_size
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        ckpt = write_checkpoint(hf_model, name, tmp)
+        ckpt = write_random_checkpoint(config_path(name), tmp, torch.bfloat16, device)
         ours_itl: dict[tuple[int, int], float] = {}
+        vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for tp in args.tp:
             llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(args.batches), PROMPT_LEN)
             for batch in args.batches:
@@ -104,7 +104,8 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
             del llm
             gc.collect()
             torch.cuda.empty_cache()
-    hf_model = hf_model.to(device)
+        hf_model = load_hf_model(ckpt, torch.bfloat16, device)
+    weight_bytes = decode_weight_bytes(hf_model)
     floor_ms = weight_bytes / (peaks.copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic
     for batch in args.batches:
         hf_ms = itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device) if args.hf else float("nan")

@@ -1,7 +1,7 @@
 """Vision tower: ours vs transformers vs the compute floor.
 
-    python bench/vision.py --models qwen3-vl-2b qwen3-vl-8b --json $OUT/vision.json
-    python bench/vision.py --smoke        # CPU, tiny checkpoint: keeps this script importable
+    python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --json $OUT/vision.json
+    python -m bench.vision --smoke        # CPU, tiny checkpoint: keeps this script importable
 
 Random bf16 weights of the real architecture (configs/models/*.json); the same
 weights feed both towers. Images are preprocessed once by our processor (the
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench.common import measure_peaks, print_table, time_fn, write_json
+from bench.common import config_path, load_hf_model, measure_peaks, print_table, time_fn, write_json
 
 SIZES = (448, 1024)
 BATCHES = (1, 8)
@@ -56,22 +56,23 @@ def hf_tower_forward(tower, pixels: torch.Tensor, grid: torch.Tensor):
 
 
 def bench_model(name: str, device: torch.device, peaks, rows: list, records: list) -> None:
-    from bench.random_checkpoint import build_hf_model, hf_config, write_checkpoint
     from models.config import load_model_config
     from models.loader import CheckpointReader
     from models.processor import ImageProcessor
+    from models.random_weights import write_random_checkpoint
     from models.registry import build_vision_model
 
     dtype = torch.bfloat16
-    hf_tower = build_hf_model(name, dtype, device, vision_only=True)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_checkpoint(hf_tower, name, tmp, prefix="model.visual.")
+        ckpt = write_random_checkpoint(config_path(name), tmp, dtype, device)
         config = load_model_config(ckpt)
         ours = build_vision_model(config, dtype, device)
         ours.load_weights(CheckpointReader(ckpt))
-    # Real Qwen3-VL preprocessing limits, so a 1024x1024 image stays 1024x1024.
-    processor = ImageProcessor(min_pixels=65536, max_pixels=16777216)
-    vcfg = hf_config(name).vision_config
+        hf_model = load_hf_model(ckpt, dtype, device)
+        # The published Qwen3-VL limits, so a 1024x1024 image stays 1024x1024.
+        processor = ImageProcessor.from_pretrained(ckpt)
+    hf_tower, vcfg = hf_model.model.visual, hf_model.config.vision_config
+    del hf_model  # keeps only the tower
     for size in SIZES:
         for batch in BATCHES:
             proc = processor.preprocess(make_images(size, batch))

@@ -104,8 +104,10 @@ class LLM:
 
     def __init__(
         self, model: str | Path, tensor_parallel_size: int = 1, device: str = "cpu",
-        dtype: str = "float32", **engine_kwargs: Any,
+        dtype: str = "float32", skip_tokenizer_init: bool = False, **engine_kwargs: Any,
     ):
+        """`skip_tokenizer_init`: token ids in and out only (random-weight checkpoints have no
+        tokenizer); outputs then have empty `.text` and text prompts are refused."""
         from transformers import AutoTokenizer
 
         config = EngineConfig(
@@ -114,7 +116,7 @@ class LLM:
         )
         self.engine = Engine(config)
         self.model_config = self.engine.model_config
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model))
+        self.tokenizer = None if skip_tokenizer_init else AutoTokenizer.from_pretrained(str(model))
         self._loop = asyncio.new_event_loop()
         self._ids = itertools.count()
         self.vision = self.processor = None
@@ -136,6 +138,8 @@ class LLM:
         images = list(prompt.get("images") or [])
         if "prompt_token_ids" in prompt:
             ids = [int(t) for t in prompt["prompt_token_ids"]]
+        elif self.tokenizer is None:
+            raise EngineInputError("skip_tokenizer_init is set: give 'prompt_token_ids'", param="prompt")
         elif "prompt" in prompt:
             ids = self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
         elif "messages" in prompt:
@@ -226,7 +230,7 @@ class LLM:
             reason, error = out.finish_reason, out.error
         if reason == "error":
             raise EngineDeadError(error or "the engine failed")
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = "" if self.tokenizer is None else self.tokenizer.decode(tokens, skip_special_tokens=True)
         return CompletionOutput(0, tokens, text, logprobs or None, reason)
 
     def shutdown(self) -> None:

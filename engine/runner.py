@@ -234,7 +234,11 @@ class ModelRunner:
         rows = []
         for s in sampled:
             st = self.seqs[s.seq_id]
-            prompt, output = st.token_ids[: st.num_prompt], st.token_ids[st.num_prompt :]
+            # Only the penalties read the history: skip copying it for every other row.
+            if st.new.sampling.has_penalties:
+                prompt, output = st.token_ids[: st.num_prompt], st.token_ids[st.num_prompt :]
+            else:
+                prompt, output = [], []
             rows.append(SampleRow(st.new.sampling, prompt, output, st.generator))
         out = sample(logits, rows)
         return StepResult(tuple(s.seq_id for s in sampled), tuple(out.token_ids), tuple(out.logprobs))

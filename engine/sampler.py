@@ -47,9 +47,9 @@ def _token_counts(lists: list[list[int]], vocab: int, device: torch.device) -> t
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-    """Repetition (prompt + output), presence and frequency (output) penalties, in place.
+    """Repetition (prompt + output), presence and frequency (output) penalties.
 
-    Shapes: logits [N, V] fp32.
+    Shapes: logits [N, V] fp32 -> a new [N, V] when any row has penalties, else `logits`.
     """
     idx = [i for i, r in enumerate(rows) if r.params.has_penalties]
     if not idx:
@@ -66,8 +66,7 @@ def apply_penalties(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor
     penalized = torch.where(sub > 0, sub / rep, sub * rep)
     sub = torch.where(seen, penalized, sub)
     sub = sub - freq * out_counts - pres * (out_counts > 0).float()
-    logits[idx] = sub
-    return logits
+    return logits.index_put((torch.tensor(idx, device=device),), sub)
 
 
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -133,7 +132,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")
     logits = logits.float()
     raw = logits.log_softmax(-1) if any(r.params.logprobs is not None for r in rows) else None
-    logits = apply_penalties(logits.clone(), rows)
+    logits = apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1)
     rand = [i for i, r in enumerate(rows) if not r.params.greedy]
     if rand:

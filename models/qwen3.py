@@ -152,11 +152,10 @@ class Qwen3Model(nn.Module):
         )
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
-    def embed(self, input_ids: torch.Tensor, mm: MultimodalBatch | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, mm: MultimodalBatch | None, image_rows: torch.Tensor | None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if mm is not None:
-            _check_mm(mm, x)
-            x[mm.mask] = mm.embeds.to(x.dtype)
+            x.index_copy_(0, image_rows, mm.embeds.to(x.dtype))
         return x
 
     def forward(
@@ -165,26 +164,30 @@ class Qwen3Model(nn.Module):
     ) -> torch.Tensor:
         if kv_caches is not None and len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} kv caches for {len(self.layers)} layers")
-        x, residual = self.embed(input_ids, mm), None
+        # The image rows are found once per step (one host sync), not once per use.
+        image_rows = _image_rows(mm, input_ids.shape[0], self.embed_tokens.embedding_dim) if mm is not None else None
+        x, residual = self.embed(input_ids, mm, image_rows), None
         deepstack = mm.deepstack if mm is not None else None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, positions, attn, None if kv_caches is None else kv_caches[i])
             if deepstack is not None and i < deepstack.shape[0]:
                 # Added to the layer output (x + residual) at the image rows.
-                x[mm.mask] = x[mm.mask] + deepstack[i].to(x.dtype)
+                x.index_add_(0, image_rows, deepstack[i].to(x.dtype))
         x, _ = self.norm(x, residual)
         return x
 
 
-def _check_mm(mm: MultimodalBatch, x: torch.Tensor) -> None:
-    if mm.mask.shape != x.shape[:1] or mm.mask.dtype != torch.bool:
-        raise ValueError(f"mm.mask must be bool [{x.shape[0]}], got {mm.mask.dtype} {list(mm.mask.shape)}")
-    rows = int(mm.mask.sum())
-    if mm.embeds.shape != (rows, x.shape[1]):
-        raise ValueError(f"mm.embeds must be [{rows}, {x.shape[1]}] (one row per masked token), "
+def _image_rows(mm: MultimodalBatch, num_tokens: int, hidden: int) -> torch.Tensor:
+    """Indices of the masked (image) tokens, after checking the batch's shapes."""
+    if mm.mask.shape != (num_tokens,) or mm.mask.dtype != torch.bool:
+        raise ValueError(f"mm.mask must be bool [{num_tokens}], got {mm.mask.dtype} {list(mm.mask.shape)}")
+    rows = mm.mask.nonzero().squeeze(1)
+    if mm.embeds.shape != (rows.numel(), hidden):
+        raise ValueError(f"mm.embeds must be [{rows.numel()}, {hidden}] (one row per masked token), "
                          f"got {list(mm.embeds.shape)}")
     if mm.deepstack is not None and (mm.deepstack.dim() != 3 or mm.deepstack.shape[1:] != mm.embeds.shape):
-        raise ValueError(f"mm.deepstack must be [L, {rows}, {x.shape[1]}], got {list(mm.deepstack.shape)}")
+        raise ValueError(f"mm.deepstack must be [L, {rows.numel()}, {hidden}], got {list(mm.deepstack.shape)}")
+    return rows
 
 
 class Qwen3ForCausalLM(nn.Module):
