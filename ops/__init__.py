@@ -208,3 +208,21 @@ else:
     paged_attention_decode = reference.paged_attention_decode  # noqa: F811
     varlen_attention = reference.varlen_attention  # noqa: F811
     topk_softmax = reference.topk_softmax  # noqa: F811
+
+# The Qwen3.5 linear-attention ops (ops/linear_attn.py read `extension_available`
+# above, so they are imported last).
+from ops.linear_attn import (  # noqa: E402
+    causal_conv1d_fwd,
+    causal_conv1d_update,
+    gated_delta_rule_chunked,
+    gated_delta_rule_recurrent,
+    gated_rms_norm,
+)
+
+__all__ += [
+    "causal_conv1d_fwd",
+    "causal_conv1d_update",
+    "gated_delta_rule_chunked",
+    "gated_delta_rule_recurrent",
+    "gated_rms_norm",
+]

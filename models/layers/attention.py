@@ -28,6 +28,11 @@ class AttentionMetadata:
             the packed new tokens, so cu_seqlens_k must equal cu_seqlens_q).
         seq_lens: [B] int32, context length per sequence (for decode).
         decode_only: every sequence has exactly one query -> paged decode kernel.
+        state_indices: [B] int32 or None, each sequence's state slot in the
+            linear-attention (Gated DeltaNet) state pools of hybrid models.
+        has_initial_state: [B] bool or None, whether sequence b continues the
+            state in its slot (a later prefill chunk or a decode) rather than
+            starting from zeros.
     """
 
     cu_seqlens_q: torch.Tensor
@@ -38,6 +43,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None
     seq_lens: torch.Tensor
     decode_only: bool = False
+    state_indices: torch.Tensor | None = None
+    has_initial_state: torch.Tensor | None = None
 
     @classmethod
     def packed(cls, seq_lens: Sequence[int], device: torch.device | str = "cpu") -> AttentionMetadata:

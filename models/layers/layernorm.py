@@ -30,3 +30,21 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm whose checkpoint weight `w` scales by `1 + w` (Qwen3.5's zero-centered norm).
+
+    transformers' `Qwen3_5RMSNorm` computes `norm(x) * (1 + w)`; the parameter
+    here holds `1 + w` (added once at load), so the forward is RMSNorm's.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(hidden_size, eps)
+        self.weight.weight_loader = self._load_offset
+
+    @staticmethod
+    def _load_offset(param: nn.Parameter, loaded: torch.Tensor, shard_id: None = None) -> None:
+        if loaded.shape != param.shape:
+            raise ValueError(f"tensor of shape {list(loaded.shape)} does not fit parameter {list(param.shape)}")
+        param.data.copy_(loaded.float() + 1.0)

@@ -1,0 +1,220 @@
+"""Qwen3.5 / Qwen3.5-MoE hybrid decoder (the language model of Qwen3.5 VL checkpoints).
+
+Same math as transformers' `modeling_qwen3_5.py` / `modeling_qwen3_5_moe.py`:
+`layer_types` picks, per layer, Gated DeltaNet linear attention
+(`linear_attn.*`, models/layers/gated_delta_net.py) or gated full attention
+(`self_attn.*`: q_proj emits each head's query and its output gate, q/k
+RMSNorm, partial interleaved mRoPE, `o_proj(attn * sigmoid(gate))`); then a
+SwiGLU MLP, or the sparse MoE block with a sigmoid-gated shared expert. Every
+RMSNorm except the gated one scales by `1 + weight` (`OffsetRMSNorm`).
+
+Caches: `kv_caches[i]` is layer i's `(key_cache, value_cache)` for a
+full-attention layer and its `(conv_state, recurrent_state)` pools for a
+linear-attention layer (`state_shapes()` gives their per-slot shapes);
+`AttentionMetadata.state_indices` / `has_initial_state` address the slots.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig, TextConfig
+from models.layers.attention import Attention, AttentionMetadata
+from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.gated_delta_net import GatedDeltaNet
+from models.layers.layernorm import OffsetRMSNorm
+from models.layers.linear import QKVParallelLinear, RowParallelLinear
+from models.layers.moe import SparseMoeBlock
+from models.layers.parallel import SINGLE, ParallelContext
+from models.layers.rotary import RotaryEmbedding
+from models.loader import CheckpointReader, load_language_model
+from models.qwen3 import MultimodalBatch, Qwen3MLP, _image_rows, build_rotary, default_dtype_and_device
+
+LayerCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class Qwen3_5Attention(nn.Module):
+    """GQA with an output gate, per-head (1 + w) q/k RMSNorm and partial mRoPE.
+
+    `q_proj` is `[heads * 2 * D, H]`, each head's D query rows followed by its
+    D gate rows, so it is fused as a QKV projection of `2 * heads` "heads" of
+    size D and split per rank on whole (query, gate) pairs.
+    Shapes: x [T, H] -> [T, H].
+    """
+
+    def __init__(self, text: TextConfig, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
+        super().__init__()
+        d = self.head_dim = text.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            text.hidden_size, d, 2 * text.num_attention_heads, text.num_key_value_heads,
+            bias=text.attention_bias, parallel=parallel,
+        )
+        self.num_heads = self.qkv_proj.num_heads // 2
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(
+            text.num_attention_heads * d, text.hidden_size, bias=text.attention_bias, parallel=parallel,
+        )
+        self.q_norm = OffsetRMSNorm(d, text.rms_norm_eps)
+        self.k_norm = OffsetRMSNorm(d, text.rms_norm_eps)
+        self.rotary_emb = rotary  # shared by every layer (no parameters)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, d, d**-0.5)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: LayerCache | None
+    ) -> torch.Tensor:
+        d, tokens = self.head_dim, x.shape[0]
+        qkv = self.qkv_proj(x)
+        q_gate, k, v = qkv.split([2 * self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
+        q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
+        gate = q_gate[..., d:].reshape(tokens, self.num_heads * d)
+        q = self.q_norm(q_gate[..., :d])
+        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, d)))
+        self.rotary_emb(positions, q, k)
+        v = v.unflatten(-1, (self.num_kv_heads, d)).contiguous()
+        out = self.attn(q, k, v, attn, kv_cache).flatten(1)
+        return self.o_proj(out * torch.sigmoid(gate))
+
+
+class Qwen3_5DecoderLayer(nn.Module):
+    def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.layer_type = text.layer_type(layer_idx)
+        if self.layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(
+                text.hidden_size, text.linear_num_key_heads, text.linear_num_value_heads,
+                text.linear_key_head_dim, text.linear_value_head_dim, text.linear_conv_kernel_dim,
+                text.rms_norm_eps, parallel,
+            )
+        else:
+            self.self_attn = Qwen3_5Attention(text, rotary, parallel)
+        if text.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = SparseMoeBlock(
+                text.hidden_size, text.moe_intermediate_size, text.num_experts, text.num_experts_per_tok,
+                text.norm_topk_prob, parallel, text.shared_expert_intermediate_size,
+            )
+        else:
+            self.mlp = Qwen3MLP(text.hidden_size, text.intermediate_size, text.hidden_act, parallel)
+        self.input_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.post_attention_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None, decode: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (block output, residual); the layer's output is their sum."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        if self.layer_type == "linear_attention":
+            x = self.linear_attn(x, attn, cache, decode)
+        else:
+            x = self.self_attn(x, positions, attn, cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3_5Model(nn.Module):
+    def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
+        rotary = build_rotary(text)
+        self.rotary_emb = rotary
+        self.layers = nn.ModuleList(
+            [Qwen3_5DecoderLayer(text, i, rotary, parallel) for i in range(text.num_hidden_layers)]
+        )
+        self.norm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+        caches: list[LayerCache] | None, mm: MultimodalBatch | None,
+    ) -> torch.Tensor:
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"got {len(caches)} layer caches for {len(self.layers)} layers")
+        image_rows = _image_rows(mm, input_ids.shape[0], self.embed_tokens.embedding_dim) if mm is not None else None
+        x = self.embed_tokens(input_ids)
+        if mm is not None:
+            x.index_copy_(0, image_rows, mm.embeds.to(x.dtype))
+        # One host decision per step: single-step kernels only when every sequence continues its state.
+        decode = (
+            caches is not None and attn.decode_only and attn.has_initial_state is not None
+            and bool(attn.has_initial_state.all())
+        )
+        deepstack = mm.deepstack if mm is not None else None
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(x, residual, positions, attn, None if caches is None else caches[i], decode)
+            if deepstack is not None and i < deepstack.shape[0]:
+                x.index_add_(0, image_rows, deepstack[i].to(x.dtype))
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    """The hybrid decoder of one TP rank: `forward` -> hidden, `compute_logits` -> fp32 logits."""
+
+    def __init__(
+        self, config: ModelConfig, parallel: ParallelContext | None = None,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        text = config.text
+        if text.layer_types is None or not text.attn_output_gate:
+            raise ValueError(f"{config.architecture} is not a Qwen3.5 hybrid decoder; use models.qwen3")
+        self.config = config
+        self.parallel = parallel or SINGLE
+        with default_dtype_and_device(dtype, device):
+            self.model = Qwen3_5Model(text, self.parallel)
+            self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, self.parallel)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[LayerCache] | None = None,
+        mm: MultimodalBatch | None = None,
+    ) -> torch.Tensor:
+        """Shapes: input_ids [T] int64; positions [3, T] or [T] int64 -> hidden [T, H].
+
+        `kv_caches[i]`: layer i's paged `(key_cache, value_cache)` (full
+        attention) or `(conv_state, recurrent_state)` pools (linear attention),
+        with `attn.state_indices` set; None runs each sequence from scratch
+        without any cache.
+        """
+        if self.config.text.mrope_section is None and positions.dim() == 2:
+            positions = positions[0]
+        return self.model(input_ids, positions, attn, kv_caches, mm)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shapes: hidden [N, H] -> logits [N, vocab] fp32 (full vocab on every rank)."""
+        return self.lm_head.compute_logits(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, reader: CheckpointReader) -> list[str]:
+        """Load this rank's slices of every parameter; returns the checkpoint keys read."""
+        return load_language_model(self, reader)
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Steps carry per-sequence state slots, which the captured decode graphs do not take."""
+        return False
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads held by this rank (the paged cache's Hkv)."""
+        return next(layer.self_attn.num_kv_heads for layer in self.model.layers
+                    if layer.layer_type == "full_attention")
+
+    @property
+    def layer_types(self) -> tuple[str, ...]:
+        return tuple(layer.layer_type for layer in self.model.layers)
+
+    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per-slot (conv state, recurrent state) shapes of a linear-attention layer on this rank."""
+        return next(layer.linear_attn.state_shapes() for layer in self.model.layers
+                    if layer.layer_type == "linear_attention")
