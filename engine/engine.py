@@ -143,6 +143,8 @@ class Engine:
             "num_preemptions": s.num_preemptions,
             "prefix_cache_queries": s.prefix_cache_queries,
             "prefix_cache_hits": s.prefix_cache_hits,
+            "num_free_state_slots": s.num_free_state_slots,
+            "num_total_state_slots": s.num_total_state_slots,
         }
 
     def shutdown(self) -> None:

@@ -1,7 +1,13 @@
-"""Sizing and allocating the paged KV cache tensors of one rank."""
+"""Sizing and allocating the paged KV cache tensors of one rank.
+
+Hybrid (Qwen3.5) models also get, per linear-attention layer, fixed state pools
+of `max_num_seqs` slots: conv state (model dtype) and recurrent state (fp32),
+sized by the model's `state_shapes()`; their bytes come off the KV budget.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +32,18 @@ def block_bytes(runner: ModelRunner) -> int:
     return 2 * per_layer * num_full_attention_layers(runner)
 
 
+def state_bytes(runner: ModelRunner) -> int:
+    """Bytes of every linear-attention layer's state pools (0 for non-hybrid models)."""
+    text = runner.model_config.text
+    layers = text.num_hidden_layers - num_full_attention_layers(runner)
+    if layers == 0:
+        return 0
+    conv, recurrent = runner.model.state_shapes()
+    elem = torch.empty((), dtype=runner.dtype).element_size()
+    per_slot = math.prod(conv) * elem + math.prod(recurrent) * 4
+    return layers * runner.config.max_num_seqs * per_slot
+
+
 def num_blocks_for(runner: ModelRunner, max_model_len: int) -> int:
     """`num_gpu_blocks` if given; else from CUDA memory after a profiling pass, or the CPU bound."""
     cfg = runner.config
@@ -33,16 +51,18 @@ def num_blocks_for(runner: ModelRunner, max_model_len: int) -> int:
         return cfg.num_gpu_blocks
     per_block = block_bytes(runner)
     if runner.device.type == "cuda":
-        available = _profile_cuda(runner, max_model_len)
+        available = _profile_cuda(runner, max_model_len) - state_bytes(runner)
         blocks = int(available // per_block)
     else:
-        blocks = int(cfg.cpu_kv_cache_gb * 2**30 // per_block)
+        blocks = int((cfg.cpu_kv_cache_gb * 2**30 - state_bytes(runner)) // per_block)
         # More than every running sequence at full length is never used on CPU.
         blocks = min(blocks, cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1)
     if blocks < 1:
+        states = state_bytes(runner)
+        hint = f", after {states / 2**30:.2f} GiB of linear-attention state for max_num_seqs slots" if states else ""
         raise KVCacheTooSmallError(
-            f"no memory left for the KV cache (one block is {per_block} bytes); lower "
-            "max_num_batched_tokens or raise gpu_memory_utilization / cpu_kv_cache_gb"
+            f"no memory left for the KV cache (one block is {per_block} bytes{hint}); lower "
+            "max_num_batched_tokens or max_num_seqs, or raise gpu_memory_utilization / cpu_kv_cache_gb"
         )
     return blocks
 
@@ -83,17 +103,26 @@ def _profile_cuda(runner: ModelRunner, max_model_len: int) -> int:
 
 
 def allocate_kv_caches(runner: ModelRunner, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed `[num_blocks, block_size, Hkv_per_rank, D]` key/value caches per full-attention layer.
+    """One cache pair per decoder layer, zeroed.
 
+    Full-attention layer: `[num_blocks, block_size, Hkv_per_rank, D]` key/value
+    caches. Linear-attention layer: `[max_num_seqs, *conv]` conv state (model
+    dtype) and `[max_num_seqs, *recurrent]` fp32 recurrent state.
     Zeroed, not empty: padded block-table entries may be read (and masked),
     and NaN garbage times a zero weight would still be NaN.
     """
     text = runner.model_config.text
+    dev, dtype = runner.device, runner.dtype
     shape = (num_blocks, runner.config.block_size, runner.model.num_kv_heads, text.head_dim)
-    return [
-        (
-            torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-            torch.zeros(shape, dtype=runner.dtype, device=runner.device),
-        )
-        for _ in range(num_full_attention_layers(runner))
-    ]
+    caches = []
+    for i in range(text.num_hidden_layers):
+        if text.layer_type(i) == "full_attention":
+            caches.append((torch.zeros(shape, dtype=dtype, device=dev), torch.zeros(shape, dtype=dtype, device=dev)))
+        else:
+            conv, recurrent = runner.model.state_shapes()
+            slots = runner.config.max_num_seqs
+            caches.append((
+                torch.zeros((slots, *conv), dtype=dtype, device=dev),
+                torch.zeros((slots, *recurrent), dtype=torch.float32, device=dev),
+            ))
+    return caches

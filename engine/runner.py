@@ -49,7 +49,6 @@ class StepBatch:
     attn: AttentionMetadata
     mm: MultimodalBatch | None
     sample_rows: torch.Tensor  # index of each sampled sequence's last token in the step
-    state_slots: tuple[int | None, ...]
 
 
 class ModelRunner:
@@ -63,6 +62,8 @@ class ModelRunner:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.dtype = config.torch_dtype
         self.image_token_id = self.model_config.image_token_id
+        # Qwen3.5: linear-attention layers keep per-sequence state slots beside the paged KV.
+        self.hybrid = self.model_config.text.is_hybrid
         self.model = build_language_model(self.model_config, parallel, self.dtype, self.device)
         self.model.load_weights(CheckpointReader(config.model))
         self.model.eval()
@@ -81,8 +82,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self, num_blocks)
         # Hybrid (Qwen3.5) steps carry per-sequence state slots the graphs do not capture.
-        hybrid = self.model_config.text.is_hybrid
-        if self.device.type == "cuda" and not self.config.enforce_eager and not hybrid:
+        if self.device.type == "cuda" and not self.config.enforce_eager and not self.hybrid:
             self.graphs = DecodeGraphs.capture(self, max_model_len)
 
     def close(self) -> None:
@@ -198,6 +198,7 @@ class ModelRunner:
             block_tables=block_tables.to(dev),
             seq_lens=torch.tensor(k_lens, dtype=torch.int32, device=dev),
             decode_only=all(q == 1 for q in q_lens),
+            **self._state_metadata(steps),
         )
         mm = None
         if embeds:
@@ -212,8 +213,25 @@ class ModelRunner:
             attn=attn,
             mm=mm,
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
-            state_slots=tuple(s.state_slot for s in steps),
         )
+
+    def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:
+        """Hybrid models: each sequence's state slot, and whether it continues it.
+
+        A sequence continues its slot whenever it has computed tokens before
+        this step (a later prefill chunk or a decode); a preempted one restarts
+        at token 0 and so from zeros. Prefix caching is off for hybrid models,
+        so `start > 0` always means the slot holds tokens [0, start).
+        """
+        if not self.hybrid:
+            return {}
+        slots = [s.state_slot for s in steps]
+        if any(slot is None for slot in slots):
+            raise RuntimeError("a hybrid model step without a state slot for every sequence")
+        return {
+            "state_indices": torch.tensor(slots, dtype=torch.int32, device=self.device),
+            "has_initial_state": torch.tensor([s.start > 0 for s in steps], dtype=torch.bool, device=self.device),
+        }
 
     # ---- the step ----------------------------------------------------------------
 

@@ -53,6 +53,8 @@ class SchedulerStats:
     num_preemptions: int
     prefix_cache_queries: int
     prefix_cache_hits: int
+    num_free_state_slots: int = 0  # linear-attention state slots (hybrid models)
+    num_total_state_slots: int = 0
 
 
 class Scheduler:
@@ -84,9 +86,11 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         b = self.blocks.stats()
+        slots = self.state_slots
         return SchedulerStats(
             len(self.running), len(self.waiting), b.num_free_blocks, b.num_total_blocks,
             self.num_preemptions, b.prefix_cache_queries, b.prefix_cache_hits,
+            slots.num_free_slots if slots else 0, slots.num_slots if slots else 0,
         )
 
     def schedule(self) -> SchedulerOutput:
