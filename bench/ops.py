@@ -13,7 +13,10 @@ same run; attention prefill reports TFLOP/s against a large bf16 `torch.mm`.
 Inputs that fit in L2 (50 MB) stay there across the replayed calls, so such
 rows can exceed the DRAM copy rate.
 Shapes: Qwen3-VL-2B (hidden 2048, 16/8 heads, head_dim 128, intermediate 6144),
-8B (4096, 32/8, 128, 12288), the ViT (hidden 1024/1152, head_dim 64/72).
+8B (4096, 32/8, 128, 12288), the ViT (hidden 1024/1152, head_dim 64/72); the
+Qwen3.5 Gated DeltaNet ops (causal conv, delta rule prefill/decode, gated norm)
+at 0.8B (16/16 heads x 128) and 16/32 x 128 linear-attention shapes.
+Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
 
 import ops  # noqa: E402
 from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
-from ops import reference  # noqa: E402
+from ops import reference, reference_linear_attn  # noqa: E402
 
 EPS = 1e-6
 LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
@@ -237,10 +240,117 @@ def topk_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                    check, nbytes(gating) + t * k * 8)
 
 
+# Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head
+# layout of transformers' Qwen3.5 config defaults (larger models); conv width 4.
+LINEAR = {"0.8B": (16, 16, 128, 128), "16/32": (16, 32, 128, 128)}
+CONV_WIDTH = 4
+
+
+def _state_check(kernel: Callable, ref: Callable, *states: torch.Tensor) -> float:
+    """Run kernel and reference on clones of the state pools; compare outputs and states."""
+    mine, theirs = [t.clone() for t in states], [t.clone() for t in states]
+    out, out_ref = kernel(*mine), ref(*theirs)
+    return max([rel_err(out, out_ref)] + [rel_err(a, b) for a, b in zip(mine, theirs)])
+
+
+def _linear_shapes(smoke: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
+    return [("tiny", (2, 4, 16, 16))] if smoke else list(LINEAR.items())
+
+
+def conv1d_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    w = CONV_WIDTH
+    for model, (hk, hv, dk, dv) in _linear_shapes(smoke):
+        dim = 2 * hk * dk + hv * dv
+        weight = torch.randn(dim, w, device=dev, dtype=dtype) * 0.5
+        for lens in [[5, 9]] if smoke else [[256], [4096], [1024] * 4]:
+            x = torch.randn(sum(lens), dim, device=dev, dtype=dtype)
+            states = torch.randn(len(lens) + 1, dim, w - 1, device=dev, dtype=dtype)
+            cu, idx = _cu(lens, dev), torch.arange(1, len(lens) + 1, dtype=torch.int32, device=dev)
+            init = torch.ones(len(lens), dtype=torch.bool, device=dev)
+
+            def fwd(module, s, x=x, weight=weight, cu=cu, idx=idx, init=init):
+                return module.causal_conv1d_fwd(x, weight, None, s, cu, idx, init, True)
+
+            yield Case("causal_conv1d_fwd", f"{model} dim={dim} {len(lens)}x{max(lens)}", partial(fwd, ops, states),
+                       partial(_state_check, partial(fwd, ops), partial(fwd, reference_linear_attn), states),
+                       2 * nbytes(x) + nbytes(weight) + 2 * len(lens) * dim * (w - 1) * x.element_size(),
+                       2 * w * x.numel())
+        for batch in [3] if smoke else [1, 64, 256]:
+            x = torch.randn(batch, dim, device=dev, dtype=dtype)
+            states = torch.randn(batch, dim, w - 1, device=dev, dtype=dtype)
+            idx = torch.randperm(batch, device=dev).to(torch.int32)
+
+            def update(module, s, x=x, weight=weight, idx=idx):
+                return module.causal_conv1d_update(x, weight, None, s, idx, True)
+
+            yield Case("causal_conv1d_update", f"{model} dim={dim} B={batch}", partial(update, ops, states),
+                       partial(_state_check, partial(update, ops), partial(update, reference_linear_attn), states),
+                       2 * nbytes(x) + nbytes(weight) + 2 * nbytes(states), 2 * w * x.numel())
+
+
+def _gdr_inputs(t: int, heads: tuple[int, int, int, int], dev: str, dtype: torch.dtype):
+    """q, k, v as views of one fused conv output (as the model has them), log decay g, beta."""
+    hk, hv, dk, dv = heads
+    fused = torch.randn(t, 2 * hk * dk + hv * dv, device=dev, dtype=dtype)
+    q = fused[:, : hk * dk].view(t, hk, dk)
+    k = fused[:, hk * dk : 2 * hk * dk].view(t, hk, dk)
+    v = fused[:, 2 * hk * dk :].view(t, hv, dv)
+    g = -torch.nn.functional.softplus(torch.randn(t, hv, device=dev) + 2.0)
+    return q, k, v, g, torch.rand(t, hv, device=dev)
+
+
+def delta_rule_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """Chunked prefill (chunk 64) and the decode step; the state pools are fp32."""
+    c = reference_linear_attn.CHUNK_SIZE
+    for model, heads in _linear_shapes(smoke):
+        hk, hv, dk, dv = heads
+        for lens in [[5, 70]] if smoke else [[256], [4096], [1024] * 4]:
+            q, k, v, g, beta = _gdr_inputs(sum(lens), heads, dev, dtype)
+            states = torch.randn(len(lens) + 1, hv, dk, dv, device=dev) * 0.1
+            cu, idx = _cu(lens, dev), torch.arange(1, len(lens) + 1, dtype=torch.int32, device=dev)
+            init = torch.ones(len(lens), dtype=torch.bool, device=dev)
+
+            def chunked(module, s, args=(q, k, v, g, beta, cu), idx=idx, init=init):
+                return module.gated_delta_rule_chunked(*args, s, idx, init, True)
+
+            # Chunked (UT-transform) form per token and value head: 5*C*Dk + 3*C*Dv + 6*Dk*Dv.
+            flops = sum(lens) * hv * (5 * c * dk + 3 * c * dv + 6 * dk * dv)
+            yield Case("gated_delta_rule_chunked", f"{model} x{dk} {len(lens)}x{max(lens)}",
+                       partial(chunked, ops, states),
+                       partial(_state_check, partial(chunked, ops), partial(chunked, reference_linear_attn), states),
+                       nbytes(q, k, v) + nbytes(v) + nbytes(g, beta) + 2 * len(lens) * hv * dk * dv * 4, flops)
+        for batch in [3] if smoke else [1, 64, 256]:
+            q, k, v, g, beta = _gdr_inputs(batch, heads, dev, dtype)
+            states = torch.randn(batch, hv, dk, dv, device=dev) * 0.1
+            idx = torch.randperm(batch, device=dev).to(torch.int32)
+
+            def recurrent(module, s, args=(q, k, v, g, beta), idx=idx):
+                return module.gated_delta_rule_recurrent(*args, s, idx, True)
+
+            yield Case("gated_delta_rule_recurrent", f"{model} x{dk} B={batch}",
+                       partial(recurrent, ops, states),
+                       partial(_state_check, partial(recurrent, ops), partial(recurrent, reference_linear_attn),
+                               states),
+                       nbytes(q, k, v) + nbytes(v) + nbytes(g, beta) + 2 * nbytes(states), 6 * batch * hv * dk * dv)
+
+
+def gated_norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    for model, (_, hv, _, dv) in _linear_shapes(smoke):
+        weight = torch.randn(dv, device=dev, dtype=dtype)
+        for t in [3] if smoke else [1, 256, 4096]:
+            x = torch.randn(t, hv, dv, device=dev, dtype=dtype)
+            z = torch.randn_like(x)
+            yield Case("gated_rms_norm", f"{model} T={t} [{hv},{dv}]", partial(ops.gated_rms_norm, x, z, weight, EPS),
+                       lambda x=x, z=z, w=weight: rel_err(ops.gated_rms_norm(x, z, w, EPS),
+                                                          reference_linear_attn.gated_rms_norm(x, z, w, EPS)),
+                       3 * nbytes(x) + nbytes(weight))
+
+
 FAMILIES = {
     "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases,
+    "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
 }
 
 
