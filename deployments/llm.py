@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 
 from deployments.config import AppConfig, ensure_checkpoint
 from deployments.errors import APIError, InternalServerError, InvalidRequestError, ServiceUnavailableError
-from deployments.metrics import MetricsRecorder
+from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.vision import ImageEmbedding, resolve_dtype
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
@@ -129,13 +130,21 @@ class LLMServer:
         """
         if self._metrics_task is None:
             self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+        received = time.monotonic()
         mm_inputs = await self._multimodal_inputs(mm, tuple(image_hashes) if image_hashes else None)
         params = self._sampling_params(sampling)
-        finished = False
+        added = time.monotonic()
+        if mm:
+            self.metrics.observe("splitvl_llm_embedding_wait_seconds", added - received, FINE_LATENCY_BUCKETS)
+        finished = first = False
         try:
             stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, params)
             async for out in stream:
                 finished = out.finish_reason is not None
+                if not first and out.new_token_ids:
+                    first = True
+                    self.metrics.observe("splitvl_engine_time_to_first_token_seconds", time.monotonic() - added,
+                                         FINE_LATENCY_BUCKETS)
                 yield {
                     "token_ids": list(out.new_token_ids),
                     "finish_reason": out.finish_reason,

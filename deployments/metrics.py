@@ -25,6 +25,9 @@ Labels = tuple[tuple[str, str], ...]
 
 DEFAULT_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+# Millisecond resolution where the serving overhead targets live (bench/serve.py reads these).
+FINE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
+                        0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 HELP = {
     "splitvl_requests_total": ("counter", "HTTP requests by route and status code."),
@@ -33,6 +36,10 @@ HELP = {
     "splitvl_embedding_cache_hits_total": ("counter", "Images whose embeddings came from the cache."),
     "splitvl_embedding_cache_misses_total": ("counter", "Images sent to the vision encoder."),
     "splitvl_embedding_cache_bytes": ("gauge", "Bytes of embeddings referenced by the cache."),
+    "splitvl_engine_time_to_first_token_seconds": (
+        "histogram", "LLM replica: engine.add_request to the first token (queueing + prefill)."),
+    "splitvl_llm_embedding_wait_seconds": (
+        "histogram", "LLM replica: waiting for a request's image embeddings (encode + transfer)."),
     "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),
     "splitvl_vision_batches_total": ("counter", "Vision tower calls."),
     "splitvl_vision_batch_size": ("histogram", "Images per vision tower call."),
