@@ -14,6 +14,11 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
+def int_list(values: Sequence[str]) -> list[int]:
+    """Command-line integers given as `1,8 32` (commas and/or spaces) -> [1, 8, 32]."""
+    return [int(v) for item in values for v in str(item).split(",") if v.strip()]
+
+
 def config_path(name: str) -> Path:
     """`configs/models/<name>.json`, the published config.json of a real architecture."""
     path = CONFIG_DIR / f"{name}.json"

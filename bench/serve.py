@@ -1,0 +1,335 @@
+"""Serving: image-chat load over the OpenAI HTTP endpoint, concurrency sweep, two GPU layouts.
+
+    # start the app in this process on a random-weight checkpoint, both layouts (2 GPUs):
+    python -m bench.serve --model qwen3-vl-8b --layout one-gpu split --json $OUT/serve.json
+    # against a running server (`serve run configs/...yaml`):
+    python -m bench.serve --url http://127.0.0.1:8000 --model-id Qwen/Qwen3-VL-8B-Instruct
+    # CPU smoke (tiny checkpoint, a few seconds):
+    python -m bench.serve --tiny qwen3_vl --config configs/bench/serve-cpu-smoke.yaml \
+        --concurrency 1 2 --image-size 64 --output-len 8 --no-hf --transfer-iters 2
+
+Workload (bench/load.py): one `--image-size`^2 JPEG per request (distinct, so
+the embedding cache never hits), a short question, `--output-len` tokens with
+`ignore_eos`, streamed; `max(--min-requests, 2 x concurrency)` requests per
+level. Reports output tok/s, requests/s, TTFT, TPOT and inter-chunk latency
+(p50/p99) and errors per level.
+
+Serving overhead, from the app's `/metrics` (histogram deltas around each
+level; the LLM replica records `splitvl_engine_time_to_first_token_seconds`,
+add_request -> first token, and `splitvl_llm_embedding_wait_seconds`):
+- `ray overhead` = text-only requests (1 output token, concurrency 1): HTTP
+  TTFT - the engine's own TTFT; ingress, router (tokenize, detokenize) and the
+  Serve hops there and back;
+- per image level, `other ms` = mean HTTP TTFT - mean engine TTFT - mean LLM
+  embedding wait: the above plus image decode and preprocessing in the router.
+Embedding transfer (bench/transfer.py): one image's embeddings between two
+actors placed as the layout places the encoder and the LLM.
+Baselines in the same run: transformers `generate(max_new_tokens=1)` on the same
+image request in this process (bench/ttft.py), and optionally our engine.LLM.
+
+Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for another YAML);
+Ray is started with 1 GPU for one-gpu (so fractional shares land on one card)
+and 2 for split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import int_list, print_table, write_json
+from bench.load import chat_body, make_image_url, run_level, scrape, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+LAYOUT_GPUS = {"one-gpu": 1, "split": 2}
+TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "split": (1.0, 1.0)}
+ENGINE_TTFT = "splitvl_engine_time_to_first_token_seconds"
+EMBED_WAIT = "splitvl_llm_embedding_wait_seconds"
+VISION_ENCODE = "splitvl_vision_encode_seconds"
+
+
+def layout_args(config_file: Path, ckpt: Path, model_id: str) -> dict:
+    """The app args of a layout YAML, pointed at `ckpt`."""
+    import yaml
+
+    from deployments.config import args_from_serve_yaml
+
+    args = args_from_serve_yaml(yaml.safe_load(config_file.read_text()) or {})
+    return {**args, "model": str(ckpt), "model_id": model_id}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ray(num_gpus: int | None) -> bool:
+    """Start a local Ray instance unless one is up (tests share theirs). Returns whether it did."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("SPLITVL_", "TORCH_CUDA_ARCH", "CUDA_HOME", "MAX_JOBS"))}
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               TOKENIZERS_PARALLELISM="false")
+    ray.init(num_gpus=num_gpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    return True
+
+
+def start_app(args: dict) -> str:
+    """serve.run the app on a free local port; returns its base URL once it answers."""
+    import httpx
+    from ray import serve
+
+    from deployments.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(args), name="bench", route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/v1/models", timeout=5).status_code == 200:
+                return url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not answer at {url}")
+        time.sleep(0.5)
+
+
+def stop_app(owns_ray: bool) -> None:
+    """Ends our local cluster (its processes exit and free their GPUs), else deletes the app.
+
+    A graceful `serve.shutdown()` before `ray.shutdown()` adds seconds and nothing
+    here; Serve notices the dead cluster and starts fresh in the next layout.
+    """
+    import ray
+    from ray import serve
+
+    if owns_ray:
+        ray.shutdown()
+    else:
+        serve.delete("bench", _blocking=False)
+
+
+async def _metered(url: str, key: str | None, coro, names: tuple[str, ...]) -> tuple[object, dict]:
+    """Run `coro` between two /metrics scrapes; histogram deltas of `names`."""
+    await asyncio.sleep(0.6)  # replicas push metrics at most every 0.2 s
+    before = await scrape(url, key)
+    out = await coro
+    await asyncio.sleep(1.0)
+    after = await scrape(url, key)
+    return out, {n: after[n].minus(before.get(n)) for n in names if n in after}
+
+
+def _hist_ms(hists: dict, name: str) -> dict[str, float]:
+    h = hists.get(name)
+    if h is None or h.count == 0:
+        return {"mean": math.nan, "p50": math.nan}
+    return {"mean": h.mean * 1e3, "p50": h.quantile(0.5) * 1e3}
+
+
+async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
+    """Warm up, measure the text-only overhead, then every concurrency level."""
+    key = opts.api_key
+    warm = [chat_body(model_id, make_image_url(opts.image_size, image_seed + i), 4) for i in range(opts.warmup)]
+    if warm:  # CUDA graphs, lazy inits, the first vision batch
+        await run_level(url, model_id, warm, concurrency=min(4, max(opts.concurrency)), api_key=key)
+    image_seed += len(warm)
+
+    probes = [chat_body(model_id, None, 1) for _ in range(opts.overhead_probes)]
+    (res, wall), hists = await _metered(url, key, run_level(url, model_id, probes, 1, key), (ENGINE_TTFT,))
+    probe = summarize(res, wall, 1)
+    engine = _hist_ms(hists, ENGINE_TTFT)
+    overhead = {"http_ttft_p50_ms": probe["ttft_p50_ms"], "http_ttft_mean_ms": probe["ttft_mean_ms"],
+                "engine_ttft_p50_ms": engine["p50"], "engine_ttft_mean_ms": engine["mean"],
+                "ray_overhead_p50_ms": probe["ttft_p50_ms"] - engine["p50"],
+                "ray_overhead_mean_ms": probe["ttft_mean_ms"] - engine["mean"], "errors": probe["errors"]}
+
+    levels = []
+    for c in opts.concurrency:
+        n = max(opts.min_requests, 2 * c)
+        bodies = [chat_body(model_id, make_image_url(opts.image_size, image_seed + i), opts.output_len)
+                  for i in range(n)]
+        image_seed += n
+        (res, wall), hists = await _metered(url, key, run_level(url, model_id, bodies, c, key),
+                                            (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
+        level = summarize(res, wall, c)
+        engine, wait, vision = (_hist_ms(hists, n_) for n_ in (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
+        level.update(engine_ttft_p50_ms=engine["p50"], engine_ttft_mean_ms=engine["mean"],
+                     embed_wait_mean_ms=wait["mean"], vision_encode_mean_ms=vision["mean"],
+                     other_mean_ms=level["ttft_mean_ms"] - engine["mean"] - wait["mean"])
+        levels.append(level)
+        print(f"  c={c}: {level['output_tok_s']:.0f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} ms, "
+              f"TPOT p50 {level['tpot_p50_ms']:.2f} ms, errors {level['errors']}", flush=True)
+    return {"overhead": overhead, "levels": levels}
+
+
+def model_checkpoint(opts) -> tuple[Path, bool]:
+    """(checkpoint dir, whether this run owns it and removes it)."""
+    if opts.tiny:
+        from bench.checkpoints import MARKER
+        from models.tiny import write_tiny_checkpoint
+
+        base = Path(opts.ckpt_cache) if opts.ckpt_cache else None
+        out = (base / f"tiny-{opts.tiny}") if base else Path(__import__("tempfile").mkdtemp(prefix="splitvl-tiny-"))
+        if not (out / MARKER).is_file():
+            write_tiny_checkpoint(opts.tiny, out)
+            (out / MARKER).write_text("ok\n")
+        return out, base is None
+    from bench.checkpoints import prepare_checkpoint
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return prepare_checkpoint(opts.model, opts.ckpt_cache, torch.bfloat16, device), opts.ckpt_cache is None
+
+
+def transfer_row(ckpt: Path, layout: str, args: dict, iters: int) -> dict:
+    from bench.transfer import embedding_shape, measure_transfer
+    from models.config import load_model_config
+
+    tokens, hidden, levels = embedding_shape(load_model_config(ckpt), args.get("image_size", 1024))
+    gpus = TRANSFER_GPUS.get(layout, (0.0, 0.0)) if torch.cuda.is_available() else (0.0, 0.0)
+    dtype = "bfloat16" if args["dtype"] in ("auto", "bfloat16") and gpus[0] > 0 else args["dtype"]
+    dtype = "float32" if dtype == "auto" else dtype
+    return measure_transfer(tokens, hidden, levels, dtype, gpus, iters=iters)
+
+
+def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
+    args = layout_args(config_file, ckpt, "bench")
+    print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
+          flush=True)
+    owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None)
+    try:
+        t0 = time.monotonic()
+        url = start_app(args)
+        startup_s = time.monotonic() - t0
+        result = asyncio.run(sweep(url, "bench", opts, image_seed=0))
+        result["transfer"] = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
+        result.update(layout=name, config=str(config_file), startup_s=startup_s)
+        return result
+    finally:
+        stop_app(owns_ray)
+
+
+def baselines(ckpt: Path, opts) -> dict:
+    from bench.ttft import hf_ttft_ms, ours_ttft_ms
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out: dict[str, float] = {}
+    if opts.hf:
+        out["hf_ttft_ms"] = hf_ttft_ms(ckpt, opts.image_size, device, dtype, iters=opts.baseline_iters)
+        print(f"transformers in-process TTFT: {out['hf_ttft_ms']:.1f} ms", flush=True)
+    if opts.ours_inprocess:
+        out["ours_inprocess_ttft_ms"] = ours_ttft_ms(
+            ckpt, opts.image_size, device, str(dtype).removeprefix("torch."), iters=opts.baseline_iters,
+            max_model_len=4096, num_gpu_blocks=512)
+        print(f"ours in-process TTFT: {out['ours_inprocess_ttft_ms']:.1f} ms", flush=True)
+    return out
+
+
+def print_tables(device: str, opts, runs: list[dict], base: dict) -> None:
+    rows = []
+    for run in runs:
+        for lv in run["levels"]:
+            rows.append([run["layout"], lv["concurrency"], lv["requests"], lv["errors"], lv["output_tok_s"],
+                         lv["requests_s"], lv["ttft_p50_ms"], lv["ttft_p99_ms"], lv["tpot_p50_ms"],
+                         lv["itl_p50_ms"], lv["itl_p99_ms"], lv["engine_ttft_p50_ms"], lv["embed_wait_mean_ms"],
+                         lv["vision_encode_mean_ms"], lv["other_mean_ms"]])
+    print_table(f"Image chat over HTTP, {opts.model or opts.tiny}, {opts.image_size}px image, "
+                f"{opts.output_len} output tokens, {device}",
+                ["layout", "conc", "reqs", "errors", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms",
+                 "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "engine TTFT p50 ms", "emb wait ms",
+                 "vision ms", "other ms"], rows)
+    rows = []
+    for run in runs:
+        o, t = run["overhead"], run.get("transfer") or {}
+        rows.append([run["layout"], o["ray_overhead_p50_ms"], o["ray_overhead_mean_ms"], o["http_ttft_p50_ms"],
+                     o["engine_ttft_p50_ms"], t.get("bytes", math.nan) / 1e6, t.get("get_gb_s", math.nan),
+                     t.get("end_to_end_gb_s", math.nan), run.get("startup_s", math.nan)])
+    print_table("Serving overhead (text-only, 1 token, concurrency 1) and embedding transfer (one image)",
+                ["layout", "ray overhead p50 ms", "ray overhead mean ms", "HTTP TTFT p50 ms",
+                 "engine TTFT p50 ms", "embeds MB", "object store GB/s", "end to end GB/s", "startup s"], rows)
+    rows = [[f"ours HTTP, {run['layout']}, concurrency 1", lv["ttft_p50_ms"]]
+            for run in runs for lv in run["levels"] if lv["concurrency"] == 1]
+    if "ours_inprocess_ttft_ms" in base:
+        rows.append(["ours in-process (engine.LLM)", base["ours_inprocess_ttft_ms"]])
+    if "hf_ttft_ms" in base:
+        rows.append(["transformers in-process (generate, 1 token)", base["hf_ttft_ms"]])
+    print_table(f"Time to first token, one {opts.image_size}x{opts.image_size} image request, {device}",
+                ["system", "TTFT ms"], rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-vl-8b", help="configs/models/<name>.json architecture")
+    parser.add_argument("--tiny", default=None, help="a models.tiny architecture instead (CPU smoke)")
+    parser.add_argument("--ckpt", default=None, help="use this checkpoint directory (needs a tokenizer)")
+    parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
+    parser.add_argument("--layout", nargs="+", default=["one-gpu"], choices=sorted(LAYOUT_GPUS))
+    parser.add_argument("--config", default=None, help="a Serve YAML to run instead of the layouts")
+    parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    parser.add_argument("--model-id", default=None, help="served model name (with --url)")
+    parser.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"))
+    parser.add_argument("--concurrency", nargs="+", default=["1,8,32,64"])
+    parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=4, help="image requests before measuring")
+    parser.add_argument("--overhead-probes", type=int, default=20)
+    parser.add_argument("--transfer-iters", type=int, default=10)
+    parser.add_argument("--baseline-iters", type=int, default=5)
+    parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers TTFT")
+    parser.add_argument("--ours-inprocess", action="store_true", help="also time engine.LLM in-process")
+    parser.add_argument("--json", default=None)
+    opts = parser.parse_args(argv)
+    opts.concurrency = int_list(opts.concurrency)
+    if opts.tiny:
+        opts.model = None
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    runs: list[dict] = []
+    ckpt, owned = (Path(opts.ckpt), False) if opts.ckpt else (None, False)
+    if opts.url is None and ckpt is None:
+        ckpt, owned = model_checkpoint(opts)
+    payload: dict = {"device": device, "model": opts.model or opts.tiny, "image_size": opts.image_size,
+                     "output_len": opts.output_len, "runs": runs}
+    try:
+        base = baselines(ckpt, opts) if ckpt is not None else {}
+        payload["baselines"] = base
+        if opts.url is not None:
+            model_id = opts.model_id or "bench"
+            result = asyncio.run(sweep(opts.url, model_id, opts, image_seed=int(time.time())))
+            runs.append({**result, "layout": "url", "config": opts.url})
+        else:
+            configs = ([(Path(opts.config).stem, Path(opts.config))] if opts.config else
+                       [(name, REPO / "configs" / "bench" / f"serve-{name}.yaml") for name in opts.layout])
+            for name, config_file in configs:
+                runs.append(run_layout(name, config_file, ckpt, opts))
+                write_json(opts.json, payload)
+        write_json(opts.json, payload)
+        print_tables(device, opts, runs, base)
+    finally:
+        if owned and ckpt is not None:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

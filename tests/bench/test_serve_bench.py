@@ -1,0 +1,103 @@
+"""bench/serve.py and decode.py's TP path on CPU: real Ray Serve over HTTP, tiny models, seconds.
+
+Keeps the GPU benchmark code from rotting: the load generator, the /metrics
+histogram deltas, the embedding-transfer actors, the random-checkpoint
+tokenizer and the TP=2 engine path all run here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench import decode, serve
+from bench.checkpoints import write_padded_tokenizer
+from bench.load import parse_histograms
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray instance for this module's Serve app and TP workers (saves a start)."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {
+        "SPLITVL_REFERENCE_OPS": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": str(REPO)}})
+    yield
+    ray.shutdown()
+
+
+def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
+    out = tmp_path / "serve.json"
+    payload = serve.main([
+        "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-smoke.yaml"),
+        "--concurrency", "1,2", "--image-size", "64", "--output-len", "6", "--min-requests", "2",
+        "--warmup", "1", "--overhead-probes", "2", "--transfer-iters", "1", "--no-hf", "--json", str(out),
+    ])
+    assert json.loads(out.read_text())["runs"][0]["layout"] == "serve-cpu-smoke"
+    (run,) = payload["runs"]
+    assert [lv["concurrency"] for lv in run["levels"]] == [1, 2]
+    for level in run["levels"]:
+        assert level["errors"] == 0, level["first_error"]
+        assert level["requests"] == max(2, 2 * level["concurrency"])
+        assert level["output_tok_s"] > 0 and level["ttft_p50_ms"] > 0
+        # The LLM replica's own histograms reached /metrics and are below the HTTP numbers.
+        assert 0 < level["engine_ttft_p50_ms"] and level["engine_ttft_mean_ms"] < level["ttft_mean_ms"]
+        assert level["embed_wait_mean_ms"] >= 0
+    assert not math.isnan(run["overhead"]["ray_overhead_mean_ms"])
+    assert run["transfer"]["bytes"] > 0 and run["transfer"]["get_gb_s"] > 0
+    assert "Time to first token" in capsys.readouterr().out
+
+
+def test_decode_tp_arguments() -> None:
+    args = decode.parse_args(["--models", "qwen3-vl-8b", "--tp", "1,2", "--batches", "1"])
+    assert args.tp == [1, 2] and args.batches == [1]
+    assert decode.parse_args(["--tp", "1", "2", "--batches", "1,8", "32"]).batches == [1, 8, 32]
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--smoke", "--tp", "1,2"])
+
+
+def test_decode_tp2_smoke(local_ray, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPLITVL_REFERENCE_OPS", "1")
+    decode.smoke(tp=2)
+    assert "smoke ok: tp 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["qwen3-vl-2b", "qwen3.5-0.8b"])
+def test_random_checkpoint_tokenizer_uses_the_config_ids(tmp_path, name) -> None:
+    from transformers import AutoTokenizer
+
+    config = json.loads((REPO / "configs/models" / f"{name}.json").read_text())
+    write_padded_tokenizer(tmp_path, config)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                      {"type": "text", "text": "What is this?"}]}],
+        tokenize=True, add_generation_prompt=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    start = ids.index(config["vision_start_token_id"])
+    assert ids[start + 1] == config["image_token_id"] and ids[start + 2] == config["vision_end_token_id"]
+    assert len(tok) == config["text_config"]["vocab_size"]
+    assert isinstance(tok.decode(list(range(len(tok) - 5, len(tok)))), str)
+
+
+def test_histogram_quantiles_match_numpy() -> None:
+    """The /metrics parser against numpy on the same samples, through our own exposition."""
+    from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder, render_prometheus
+
+    rng = np.random.default_rng(0)
+    values = rng.uniform(0.0011, 0.0029, 400)  # all inside the 1-2-3 ms buckets
+    recorders = [MetricsRecorder("LLMServer", f"r{i}") for i in range(2)]
+    for i, v in enumerate(values):
+        recorders[i % 2].observe("splitvl_engine_time_to_first_token_seconds", float(v), FINE_LATENCY_BUCKETS)
+    hist = parse_histograms(render_prometheus([r.snapshot() for r in recorders]))[
+        "splitvl_engine_time_to_first_token_seconds"]
+    assert hist.count == len(values)
+    assert hist.mean == pytest.approx(values.mean())
+    assert hist.quantile(0.5) == pytest.approx(np.median(values), abs=2e-4)
