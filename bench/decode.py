@@ -1,14 +1,20 @@
 """Decode: inter-token latency, ours vs transformers `generate` vs the weight-read floor.
 
     python -m bench.decode --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
-    python -m bench.decode --models qwen3-vl-8b --tp 1 2 --batches 1   # TP=2 vs TP=1 (two GPUs)
+    python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1   # TP=2 vs TP=1 (two GPUs)
     python -m bench.decode --smoke      # CPU, tiny checkpoint
+    python -m bench.decode --smoke --tp 2   # CPU, tiny checkpoint, TP=2 over gloo (two Ray actors)
 
 Workload: `batch` prompts of 512 random token ids, 256 new tokens, ignore_eos,
 greedy. Inter-token latency = (time for 256 tokens - time for 1 token) / 255,
 so prefill is taken out the same way for both systems. The floor is the bytes
 of weights one decode step must read (every decoder weight + the LM head;
 embedding rows are negligible) over the copy bandwidth measured in this run.
+
+TP > 1 runs our engine's TP workers as Ray actors (NCCL), one GPU each, started
+by the engine in a local Ray instance; each TP size loads the same checkpoint
+in turn, and `vs TP1` is its ITL over the TP=1 ITL at the same batch.
+`--ckpt-cache DIR` keeps the random checkpoint for the next script (bench/serve.py).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import config_path, load_hf_model, measure_peaks, print_table, synchronize, write_json
+from bench.common import int_list, load_hf_model, measure_peaks, print_table, synchronize, write_json
 
 PROMPT_LEN = 512
 OUTPUT_LEN = 256
@@ -89,11 +96,11 @@ def hf_run_for(hf_model, batch_prompts, device):
 
 
 def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
-    from models.random_weights import write_random_checkpoint
+    from bench.checkpoints import prepare_checkpoint
 
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        ckpt = write_random_checkpoint(config_path(name), tmp, torch.bfloat16, device)
+        ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
         ours_itl: dict[tuple[int, int], float] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for tp in args.tp:
@@ -111,43 +118,82 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         hf_ms = itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device) if args.hf else float("nan")
         for tp in args.tp:
             ms = ours_itl[(tp, batch)]
+            vs_tp1 = ms / ours_itl[(1, batch)] if (1, batch) in ours_itl else float("nan")
             rec = dict(model=name, tp=tp, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
                        ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3, vs_floor=ms / floor_ms,
-                       speedup_vs_hf=hf_ms / ms, weight_gb=weight_bytes / 1e9)
+                       speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1, weight_gb=weight_bytes / 1e9)
             records.append(rec)
             rows.append([name, tp, batch, ms, hf_ms, floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"],
-                         rec["speedup_vs_hf"]])
+                         rec["speedup_vs_hf"], vs_tp1])
     del hf_model
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def smoke() -> None:
+def start_ray_for_tp(tp_sizes: list[int], device: str) -> bool:
+    """Start local Ray for TP workers (env passed on), if TP > 1 is asked for. Returns whether it did.
+
+    Raises:
+        SystemExit: more TP ranks than visible GPUs.
+    """
+    if max(tp_sizes) <= 1:
+        return False
+    if device == "cuda" and torch.cuda.device_count() < max(tp_sizes):
+        raise SystemExit(f"--tp {max(tp_sizes)} needs {max(tp_sizes)} GPUs; {torch.cuda.device_count()} visible")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: v for k, v in os.environ.items() if k.startswith(("SPLITVL_", "TORCH_CUDA_ARCH", "CUDA_HOME"))}
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env} if env else None)
+    return True
+
+
+def smoke(tp: int = 1) -> None:
+    """Our engine on a tiny checkpoint on CPU (TP > 1: gloo between Ray actors)."""
     from engine import LLM, SamplingParams
     from models.tiny import write_tiny_checkpoint
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
-        llm = LLM(model=str(ckpt), device="cpu", dtype="float32", max_num_seqs=4)
-        run = lambda n: llm.generate([{"prompt_token_ids": p} for p in prompts(2, 500, 16)],  # noqa: E731
-                                     SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-        print(f"smoke ok: itl {itl_ms(run, torch.device('cpu')):.2f} ms on a tiny model")
-        llm.shutdown()
+    started = start_ray_for_tp([tp], "cpu")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
+            llm = LLM(model=str(ckpt), tensor_parallel_size=tp, device="cpu", dtype="float32", max_num_seqs=4,
+                      num_gpu_blocks=64, max_model_len=512)
+            run = lambda n: llm.generate([{"prompt_token_ids": p} for p in prompts(2, 500, 16)],  # noqa: E731
+                                         SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+            print(f"smoke ok: tp {tp}, itl {itl_ms(run, torch.device('cpu')):.2f} ms on a tiny model")
+            llm.shutdown()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["qwen3-vl-2b", "qwen3-vl-8b"])
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
-    parser.add_argument("--tp", nargs="+", type=int, default=[1])
+    parser.add_argument("--batches", nargs="+", default=["1,8,32,64"], help="batch sizes: 1,8 or 1 8")
+    parser.add_argument("--tp", nargs="+", default=["1"], help="tensor-parallel sizes: 1,2 or 1 2")
     parser.add_argument("--no-hf", dest="hf", action="store_false")
     parser.add_argument("--tmp", default=None, help="where to write the random checkpoint")
+    parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    args.batches, args.tp = int_list(args.batches), int_list(args.tp)
+    if args.smoke and len(args.tp) > 1:
+        parser.error("--smoke takes one --tp size")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.smoke:
-        smoke()
+        smoke(args.tp[0])
         return
+    start_ray_for_tp(args.tp, "cuda")
     peaks = measure_peaks(torch.device("cuda"))
     print(f"{peaks.device_name}: copy {peaks.copy_gbps:.0f} GB/s, bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s")
     rows: list = []
@@ -156,8 +202,8 @@ def main() -> None:
         bench_model(name, args, peaks, rows, records)
         write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Decode, bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens, {peaks.device_name}",
-                ["model", "TP", "batch", "ours ITL ms", "HF ITL ms", "floor ms", "ours tok/s", "HF tok/s",
-                 "ours/floor", "HF/ours"], rows)
+                ["model", "TP", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
+                 "ours/floor", "HF/ours", "vs TP1"], rows)
 
 
 if __name__ == "__main__":
