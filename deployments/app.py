@@ -38,7 +38,26 @@ def vision_options(config: AppConfig) -> dict[str, Any]:
     opts["ray_actor_options"] = {"num_cpus": vision.num_cpus, "num_gpus": vision.num_gpus}
     # A batch is only as big as the requests a replica is allowed to hold.
     opts["max_ongoing_requests"] = max(opts["max_ongoing_requests"], vision.max_batch_size)
+    # A dead replica is replaced after a failed health check; check often.
+    opts["health_check_period_s"] = 2.0
+    opts["health_check_timeout_s"] = 30.0
     return opts
+
+
+def front_options(config: AppConfig) -> dict[str, Any]:
+    """Queue bounds of the ingress and router: no unbounded queue in front of the LLM.
+
+    They hold at least what the LLM deployment admits, so overload is normally
+    refused by the LLM's bounded queue (a 503 envelope from the router); the
+    ingress' own queue bound is the last resort (Serve's proxy answers 503).
+    """
+    llm = config.llm
+    replicas = llm.autoscaling_config.max_replicas if llm.autoscaling_config else (llm.num_replicas or 1)
+    queued = llm.max_queued_requests
+    ongoing = max(64, replicas * llm.max_ongoing_requests + max(queued, 0))
+    # Requests wait in a handle's queue briefly even when replicas have room
+    # (while it picks one), so the front queue bound is generous, not tight.
+    return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing if queued >= 0 else -1}
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -68,10 +87,10 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     router = serve.deployment(Router, name="Router").options(
         num_replicas=config.router_replicas,
         ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=max(config.llm.max_ongoing_requests, 64),
+        **front_options(config),
     )
     ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
         ray_actor_options={"num_cpus": 0.1},
-        max_ongoing_requests=max(config.llm.max_ongoing_requests, 64),
+        **front_options(config),
     )
     return ingress.bind(raw, router.bind(raw, vision_app, llm_app))

@@ -85,6 +85,16 @@ class ServiceUnavailableError(APIError):
     code = "service_unavailable"
 
 
+class EncoderUnavailableError(ServiceUnavailableError):
+    """A request's image embeddings are gone: the vision replica that held them died.
+
+    The router re-encodes the images and retries the request once on this error
+    (the LLM has produced no token yet); a second failure reaches the client as 503.
+    """
+
+    code = "vision_encoder_unavailable"
+
+
 class InternalServerError(APIError):
     status = 500
     type = "internal_error"

@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from deployments.config import AppConfig, ensure_checkpoint
-from deployments.errors import APIError, InternalServerError, InvalidRequestError, ServiceUnavailableError
+from deployments.errors import (
+    APIError,
+    EncoderUnavailableError,
+    InternalServerError,
+    InvalidRequestError,
+    ServiceUnavailableError,
+)
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.vision import ImageEmbedding, resolve_dtype
 from engine.errors import EngineDeadError, EngineInputError
@@ -141,6 +147,9 @@ class LLMServer:
             stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, params)
             async for out in stream:
                 finished = out.finish_reason is not None
+                if out.finish_reason == "error" and not self.engine.is_healthy():
+                    # A TP worker died: a replica problem (503, check_health restarts us), not the request's.
+                    raise ServiceUnavailableError(f"the LLM replica failed ({out.error}); retry the request")
                 if not first and out.new_token_ids:
                     first = True
                     self.metrics.observe("splitvl_engine_time_to_first_token_seconds", time.monotonic() - added,
@@ -173,7 +182,8 @@ class LLMServer:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, APIError):
                 raise cause from None
-            raise ServiceUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
+            # The vision replica that held them died (or the objects were lost): the router retries once.
+            raise EncoderUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
         return MultimodalInputs(**merge_images(list(embeddings)), image_hashes=image_hashes)
 
     def _sampling_params(self, sampling: dict[str, Any]) -> Any:

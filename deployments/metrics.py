@@ -40,6 +40,8 @@ HELP = {
         "histogram", "LLM replica: engine.add_request to the first token (queueing + prefill)."),
     "splitvl_llm_embedding_wait_seconds": (
         "histogram", "LLM replica: waiting for a request's image embeddings (encode + transfer)."),
+    "splitvl_vision_encode_retries_total": (
+        "counter", "Requests re-encoded and retried once because a vision replica died holding their images."),
     "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),
     "splitvl_vision_batches_total": ("counter", "Vision tower calls."),
     "splitvl_vision_batch_size": ("histogram", "Images per vision tower call."),

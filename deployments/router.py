@@ -10,10 +10,13 @@ never deserializes them. Token ids stream back; each choice is detokenized
 incrementally with stop strings applied.
 
 `chat` / `complete` are async generators of plain-dict events:
-`{"kind": "start", "prompt_tokens"}` once validation and media are done, then
+`{"kind": "start", "prompt_tokens"}` once the LLM has sent its first event, then
 `{"kind": "delta", "index", "text", "logprobs", "finish_reason"}` and finally
 `{"kind": "usage", "prompt_tokens", "completion_tokens"}`. Errors before
-"start" are typed `APIError`s the ingress maps to a status.
+"start" are typed `APIError`s the ingress maps to a status: bad input (4xx),
+an overloaded LLM deployment (its `max_queued_requests` exceeded: 503 with
+Retry-After), a dead replica (503). When a vision replica dies holding a
+request's encodes, the images are re-encoded and the request retried once.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ from typing import Any
 from deployments.config import AppConfig, ensure_checkpoint
 from deployments.detokenize import IncrementalDetokenizer
 from deployments.embedding_cache import EmbeddingCache, image_key
-from deployments.errors import APIError, InternalServerError, InvalidRequestError, MediaError
+from deployments.errors import (
+    APIError,
+    EncoderUnavailableError,
+    InternalServerError,
+    InvalidRequestError,
+    MediaError,
+    ServiceUnavailableError,
+)
 from deployments.media import MediaPolicy, load_request_image
 from deployments.metrics import MetricsRecorder
 from deployments.prompt import (
@@ -115,14 +125,34 @@ class Router:
                 f"{len(urls)} images; at most {self.limits.max_images_per_request} per request", "messages"
             )
         ids = chat_prompt_ids(self.tokenizer, request)
-        refs: list[Any] = []
-        keys: list[str] = []
+        images: list[Any] = []
+        counts: list[int] = []
         if urls:
-            counts, refs, keys = await self._embed_images(urls)
+            images, counts = await self._load_images(urls)
             ids = expand_image_pads(ids, self.model_config.image_token_id, counts)
         sampling = self._sampling(request, len(ids))
-        async for event in self._generate(ids, sampling, refs, keys, request.n, request.stop, start):
-            yield event
+        # A vision replica dying with this request's encodes in flight loses
+        # their embeddings; re-encode (on a live replica) and retry once.
+        attempts = 2 if images else 1
+        for attempt in range(attempts):
+            events: AsyncIterator[dict[str, Any]] | None = None
+            try:
+                refs, keys = await self._embed(images, counts)
+                events = self._generate(ids, sampling, refs, keys, request.n, request.stop, start)
+                first = await anext(events)
+            except EncoderUnavailableError as exc:
+                if attempt + 1 == attempts:
+                    raise
+                logger.warning("retrying a request whose image embeddings were lost: %s", exc.message)
+                self.metrics.inc("splitvl_vision_encode_retries_total")
+                continue
+            try:
+                yield first
+                async for event in events:
+                    yield event
+            finally:
+                await events.aclose()
+            return
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
         self._ensure_metrics()
@@ -165,39 +195,50 @@ class Router:
             request, prompt_len, self.config.llm.max_model_len, self.limits, self.model_config.text.vocab_size
         )
 
-    async def _embed_images(self, urls: list[str]) -> tuple[list[int], list[Any], list[str]]:
-        """Load every image, then one ObjectRef of its embeddings each (cache or encoder)."""
+    async def _load_images(self, urls: list[str]) -> tuple[list[Any], list[int]]:
+        """Fetch and decode every image; (images, image-token count of each)."""
         from models.processor import ImageError
 
         loaded = await asyncio.gather(*(load_request_image(u, self.policy) for u in urls), return_exceptions=True)
         for item in loaded:
             if isinstance(item, BaseException):
                 raise item
-        counts, refs, keys = [], [], []
+        counts = []
         for image in loaded:
             try:
                 grid = self.processor.grid_thw(image.height, image.width)
             except ImageError as exc:
                 raise MediaError(str(exc), param="image_url") from exc
             counts.append(self.processor.num_image_tokens(grid))
+        return list(loaded), counts
+
+    async def _embed(self, images: list[Any], counts: list[int]) -> tuple[list[Any], list[str]]:
+        """One ObjectRef of embeddings per image (from the cache or a new encode), and its cache key."""
+        refs, keys = [], []
+        for image, num_tokens in zip(images, counts, strict=True):
             key = image_key(image, self._settings, self.model_id)
             ref = self.cache.get(key)
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
                 ref = await self._encode(image)
-                self.cache.put(key, ref, self._embedding_bytes(counts[-1]))
+                self.cache.put(key, ref, self._embedding_bytes(num_tokens))
                 self.metrics.set("splitvl_embedding_cache_bytes", self.cache.nbytes)
             else:
                 self.metrics.inc("splitvl_embedding_cache_hits_total")
             refs.append(ref)
             keys.append(key)
-        return counts, refs, keys
+        return refs, keys
 
     async def _encode(self, image: Any) -> Any:
         processed = await asyncio.to_thread(self.processor.preprocess, [image])
         response = self.vision.encode.remote(processed.pixel_values, processed.grid_thw)
-        # Only waits for a replica to take the call; the result stays remote.
-        return await response._to_object_ref()
+        try:
+            # Only waits for a replica to take the call; the result stays remote.
+            return await response._to_object_ref()
+        except Exception as exc:
+            if _is_actor_death(exc):
+                raise EncoderUnavailableError(f"the vision replica died ({type(exc).__name__})") from None
+            raise
 
     def _embedding_bytes(self, num_tokens: int) -> int:
         vision = self.model_config.vision
@@ -211,7 +252,6 @@ class Router:
         self, ids: list[int], sampling: SamplingRequest, refs: list[Any], keys: list[str],
         n: int, stop: list[str] | None, start: float,
     ) -> AsyncIterator[dict[str, Any]]:
-        yield {"kind": "start", "prompt_tokens": len(ids)}
         rid = uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
@@ -222,24 +262,31 @@ class Router:
         first_token_at: float | None = None
         last_token_at = start
         try:
-            for _ in range(n):
-                while True:
-                    event = await queue.get()
-                    if isinstance(event, BaseException):
-                        for key in keys:  # a failed encode must not stay cached
-                            self.cache.pop(key)
-                        raise event
-                    if event["kind"] == "done":
-                        completion_tokens += event["num_tokens"]
-                        break
-                    now = time.monotonic()
-                    if first_token_at is None:
-                        first_token_at = now
-                        self.metrics.observe("splitvl_time_to_first_token_seconds", now - start)
-                    else:
-                        self.metrics.observe("splitvl_inter_token_latency_seconds", now - last_token_at)
-                    last_token_at = now
-                    yield event
+            # "start" waits for the LLM's first event, so that failures before
+            # any token (overload, lost embeddings, a dead replica) still reach
+            # the client as an HTTP status rather than an in-band stream error.
+            pending = [await queue.get()]
+            if not isinstance(pending[0], BaseException):
+                yield {"kind": "start", "prompt_tokens": len(ids)}
+            done = 0
+            while done < n:
+                event = pending.pop() if pending else await queue.get()
+                if isinstance(event, BaseException):
+                    for key in keys:  # a failed encode must not stay cached
+                        self.cache.pop(key)
+                    raise event
+                if event["kind"] == "done":
+                    completion_tokens += event["num_tokens"]
+                    done += 1
+                    continue
+                now = time.monotonic()
+                if first_token_at is None:
+                    first_token_at = now
+                    self.metrics.observe("splitvl_time_to_first_token_seconds", now - start)
+                else:
+                    self.metrics.observe("splitvl_inter_token_latency_seconds", now - last_token_at)
+                last_token_at = now
+                yield event
         finally:
             for task in tasks:
                 task.cancel()
@@ -306,18 +353,24 @@ class Router:
         return items
 
 
+_ACTOR_DEATH = ("ActorDied", "ActorUnavailable", "ActorError", "ObjectLost", "OwnerDied", "ObjectReconstruction")
+
+
+def _is_actor_death(exc: BaseException) -> bool:
+    return any(k in type(exc).__name__ for k in _ACTOR_DEATH)
+
+
 def _wrap_remote_error(exc: BaseException) -> APIError:
     """Map Ray/Serve failures of the LLM or vision call to an APIError."""
-    from deployments.errors import ServiceUnavailableError
-
     cause = getattr(exc, "cause", None)
     if isinstance(cause, APIError):
         return cause
     if isinstance(exc, APIError):
         return exc
     name = type(exc).__name__
-    if any(k in name for k in ("BackPressure", "ActorDied", "ActorUnavailable", "DeploymentUnavailable",
-                               "ActorError", "ObjectLost", "OwnerDied")):
+    if "BackPressure" in name:
+        return ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
+    if _is_actor_death(exc) or "DeploymentUnavailable" in name:
         return ServiceUnavailableError(f"a model replica is unavailable ({name}); retry the request")
     logger.exception("generation failed", exc_info=exc)
     return InternalServerError(f"generation failed ({name})")

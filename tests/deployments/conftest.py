@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -13,27 +14,34 @@ from tests.deployments.helpers import free_port
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def serve_instance():
-    """Start Ray (4 logical CPUs) and Serve on a free port; yields the base URL."""
+@contextlib.contextmanager
+def local_serve(num_cpus: int = 4, include_dashboard: bool = False):
+    """Start Ray (`num_cpus` logical CPUs) and Serve on a free port; yields the base URL."""
     import ray
     from ray import serve
 
     os.environ.setdefault("SPLITVL_REFERENCE_OPS", "1")
     ray.init(
-        num_cpus=4,
-        include_dashboard=False,
+        num_cpus=num_cpus,
+        include_dashboard=include_dashboard,
         log_to_driver=False,
         runtime_env={"env_vars": {"SPLITVL_REFERENCE_OPS": "1", "PYTHONPATH": str(REPO),
                                   "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def serve_instance():
+    """Ray (4 logical CPUs) and Serve for one test module; yields the base URL."""
+    with local_serve(num_cpus=4) as url:
+        yield url
 
 
 def wait_until(predicate, timeout_s: float = 20.0, interval_s: float = 0.2):

@@ -2,8 +2,8 @@
 
 It implements `engine.Engine`'s interface (add_request -> async iterator of
 RequestOutput, abort, is_healthy, stats, shutdown) with a deterministic token
-rule instead of a model, and records what it received (prompt ids, a digest of
-the image embeddings) so tests can compare the data path against an
+rule instead of a model, and records what it received (prompt ids, the image
+embeddings) so tests can compare the data path against an
 independent computation. Real-model serving is tested with `engine.Engine`.
 """
 
@@ -30,29 +30,9 @@ def script_tokens(prompt_ids: list[int], count: int, first_regular: int = 300) -
     return [first_regular + (base + 7 * i) % 500 for i in range(count)]
 
 
-class ScriptedEngineConfig:
-    model: str
-    max_model_len: int = 4096
-    seed: int = 0
-
-
-def script_tokens(prompt_ids: list[int], count: int, first_regular: int = 300) -> list[int]:
-    """The tokens the scripted engine emits: a pure function of the prompt."""
-    base = sum(prompt_ids) % 500
-    return [first_regular + (base + 7 * i) % 500 for i in range(count)]
-
-
-def embedding_digest(mm: MultimodalInputs) -> str:
-    h = hashlib.sha256()
-    h.update(mm.image_embeds.float().contiguous().numpy().tobytes())
-    if mm.deepstack_embeds is not None:
-        h.update(mm.deepstack_embeds.float().contiguous().numpy().tobytes())
-    h.update(repr(mm.image_grid_thw).encode())
-    return h.hexdigest()
-
-
 class ScriptedEngine:
     config_class = ScriptedEngineConfig
+    token_delay_s = 0.01  # per emitted token; subclasses slow it down for backpressure/timeout tests
 
     def __init__(self, config: ScriptedEngineConfig):
         self.config = config
@@ -60,6 +40,7 @@ class ScriptedEngine:
         self.aborted: list[str] = []
         self.running: set[str] = set()
         self.finished: set[str] = set()
+        self.max_running = 0  # most requests this engine ever held at once
 
     async def add_request(
         self, request_id: str, prompt_token_ids: list[int], mm_inputs: MultimodalInputs | None, sampling: Any
@@ -72,10 +53,11 @@ class ScriptedEngine:
             "image_grid_thw": mm_inputs.image_grid_thw if mm_inputs is not None else None,
         }
         self.running.add(request_id)
+        self.max_running = max(self.max_running, len(self.running))
         tokens = script_tokens(prompt_token_ids, sampling.max_tokens)
         try:
             for i, token in enumerate(tokens):
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(self.token_delay_s)
                 if request_id not in self.running:
                     return
                 stop = token in sampling.stop_token_ids
@@ -104,7 +86,13 @@ class ScriptedEngine:
 
     def stats(self) -> dict[str, Any]:
         return {"num_running": len(self.running), "num_waiting": 0, "kv_cache_usage": 0.0,
-                "requests": self.requests, "aborted": list(self.aborted)}
+                "requests": self.requests, "aborted": list(self.aborted), "max_running": self.max_running}
 
     def shutdown(self) -> None:
         self.running.clear()
+
+
+class SlowScriptedEngine(ScriptedEngine):
+    """10 tokens a second: requests stay in flight long enough to fill queues or time out."""
+
+    token_delay_s = 0.1
