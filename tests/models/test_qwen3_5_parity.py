@@ -247,26 +247,49 @@ def test_tp2_over_gloo_equals_tp1(tiny_checkpoint, tmp_path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_bf16_parity_0_8b_random_weights(tmp_path) -> None:
-    """Qwen3.5-0.8B shapes, random weights, bf16 on the GPU: ours vs transformers."""
+    """Qwen3.5-0.8B shapes, random weights, on the GPU: fp32 parity, then bf16 vs transformers.
+
+    bf16 bar: at random weights the logits are nearly flat (median top-1/top-2
+    gap ~0.1), and on CPU transformers' own bf16 run is 4.3e-2 (relative) off
+    its fp32 run with 85% argmax agreement, so a fixed 2e-2 / 99% bar between
+    two bf16 runs measures bf16 noise, not correctness. Ours must be as close to
+    transformers' fp32 logits as transformers' bf16 logits are (plus a margin);
+    the numbers against transformers' bf16 run are printed.
+    """
     import transformers
 
     from models.random_weights import write_random_checkpoint
 
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     path = write_random_checkpoint("configs/models/qwen3.5-0.8b.json", tmp_path, torch.bfloat16, "cuda")
     config = load_model_config(path)
     ids = torch.randint(0, config.text.vocab_size, (512,), generator=torch.Generator().manual_seed(0)).cuda()
-    hf = getattr(transformers, config.architecture).from_pretrained(path, dtype=torch.bfloat16).to("cuda").eval()
-    with torch.no_grad():
-        ref = hf(input_ids=ids[None]).logits[0].float()
-    del hf
-    torch.cuda.empty_cache()
-    ours = Qwen3_5ForCausalLM(config, dtype=torch.bfloat16, device="cuda")
-    ours.load_weights(CheckpointReader(path))
-    out = _full(ours, ids, torch.arange(len(ids), device="cuda"), None)
-    rel = ((out - ref).norm() / ref.norm()).item()
-    same_argmax = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    print(f"qwen3.5-0.8b bf16: relative error {rel:.2e}, same argmax {same_argmax:.4f}")
-    assert rel <= 2e-2
-    assert same_argmax >= 0.99
+    logits = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = getattr(transformers, config.architecture).from_pretrained(path, dtype=dtype).to("cuda").eval()
+        with torch.no_grad():
+            logits["hf", dtype] = hf(input_ids=ids[None]).logits[0].float()
+        del hf
+        torch.cuda.empty_cache()
+        ours = Qwen3_5ForCausalLM(config, dtype=dtype, device="cuda")
+        ours.load_weights(CheckpointReader(path))
+        logits["ours", dtype] = _full(ours, ids, torch.arange(len(ids), device="cuda"), None)
+        del ours
+        torch.cuda.empty_cache()
+
+    def compare(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+        return ((a - b).norm() / b.norm()).item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+
+    truth = logits["hf", torch.float32]
+    fp32 = compare(logits["ours", torch.float32], truth)
+    ours16, hf16 = compare(logits["ours", torch.bfloat16], truth), compare(logits["hf", torch.bfloat16], truth)
+    pair16 = compare(logits["ours", torch.bfloat16], logits["hf", torch.bfloat16])
+    print(f"qwen3.5-0.8b: fp32 ours vs hf rel {fp32[0]:.2e} argmax {fp32[1]:.4f}; vs hf fp32: ours bf16 "
+          f"rel {ours16[0]:.2e} argmax {ours16[1]:.4f}, hf bf16 rel {hf16[0]:.2e} argmax {hf16[1]:.4f}; "
+          f"ours bf16 vs hf bf16 rel {pair16[0]:.2e} argmax {pair16[1]:.4f}")
+    assert fp32[0] <= 1e-4 and fp32[1] >= 0.99
+    assert ours16[0] <= max(2e-2, 1.25 * hf16[0])
+    assert ours16[1] >= min(0.99, hf16[1] - 0.02)
