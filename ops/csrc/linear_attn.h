@@ -5,29 +5,31 @@
 
 #include <ATen/ATen.h>
 
+#include "check.h"
+
 #include <optional>
 
 namespace splitvl {
 
 inline void la_check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
                                   const char* name) {
-  TORCH_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), ", expected ",
+  SPLITVL_CHECK(a.device() == b.device(), op, ": ", name, " is on ", b.device(), ", expected ",
               a.device());
 }
 
 inline void la_check_float_dtype(const at::Tensor& t, const char* op, const char* name) {
   const auto d = t.scalar_type();
-  TORCH_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", name,
+  SPLITVL_CHECK(d == at::kFloat || d == at::kHalf || d == at::kBFloat16, op, ": ", name,
               " must be float32, float16 or bfloat16, got ", d);
 }
 
 inline void la_check_index(const at::Tensor& t, int64_t size, at::ScalarType dtype, const char* op,
                            const char* name) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape [", size,
+  SPLITVL_CHECK(t.dim() == 1 && t.size(0) == size, op, ": ", name, " must have shape [", size,
               "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+  SPLITVL_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  SPLITVL_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
 // causal_conv1d_fwd / causal_conv1d_update. `cu_seqlens` is undefined for the
@@ -38,30 +40,30 @@ inline int64_t check_conv1d_args(const at::Tensor& out, const at::Tensor& x, con
                                  const at::Tensor& state_indices,
                                  const std::optional<at::Tensor>& has_initial_state,
                                  const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op,
+  SPLITVL_CHECK(x.dim() == 2 && x.stride(1) == 1, op,
               ": x must be [tokens, dim] with unit stride along dim, got sizes ", x.sizes(),
               " strides ", x.strides());
   la_check_float_dtype(x, op, "x");
   const int64_t dim = x.size(1);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == dim && weight.size(1) >= 1 &&
+  SPLITVL_CHECK(weight.dim() == 2 && weight.size(0) == dim && weight.size(1) >= 1 &&
                   weight.is_contiguous(),
               op, ": weight must be contiguous [dim=", dim, ", width], got ", weight.sizes());
   const int64_t width = weight.size(1);
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
+  SPLITVL_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ", weight.scalar_type(),
               " != x dtype ", x.scalar_type());
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == dim && bias->is_contiguous(), op,
+    SPLITVL_CHECK(bias->dim() == 1 && bias->size(0) == dim && bias->is_contiguous(), op,
                 ": bias must be contiguous [", dim, "], got ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype must match x");
+    SPLITVL_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype must match x");
     la_check_same_device(x, *bias, op, "bias");
   }
-  TORCH_CHECK(conv_states.dim() == 3 && conv_states.size(1) == dim &&
+  SPLITVL_CHECK(conv_states.dim() == 3 && conv_states.size(1) == dim &&
                   conv_states.size(2) == width - 1 && conv_states.is_contiguous(),
               op, ": conv_states must be contiguous [num_slots, ", dim, ", ", width - 1, "], got ",
               conv_states.sizes());
-  TORCH_CHECK(conv_states.scalar_type() == x.scalar_type(), op, ": conv_states dtype ",
+  SPLITVL_CHECK(conv_states.scalar_type() == x.scalar_type(), op, ": conv_states dtype ",
               conv_states.scalar_type(), " != x dtype ", x.scalar_type());
-  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
+  SPLITVL_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
                   out.scalar_type() == x.scalar_type(),
               op, ": out must be contiguous ", x.sizes(), " of x's dtype");
   const int64_t batch = state_indices.numel();
@@ -70,7 +72,7 @@ inline int64_t check_conv1d_args(const at::Tensor& out, const at::Tensor& x, con
     la_check_index(*cu_seqlens, batch + 1, at::kInt, op, "cu_seqlens");
     la_check_same_device(x, *cu_seqlens, op, "cu_seqlens");
   } else {
-    TORCH_CHECK(x.size(0) == batch, op, ": x has ", x.size(0), " rows for ", batch, " sequences");
+    SPLITVL_CHECK(x.size(0) == batch, op, ": x has ", x.size(0), " rows for ", batch, " sequences");
   }
   if (has_initial_state.has_value()) {
     la_check_index(*has_initial_state, batch, at::kBool, op, "has_initial_state");
@@ -89,31 +91,31 @@ inline int64_t check_delta_rule_args(const at::Tensor& out, const at::Tensor& q,
                                      const at::Tensor& states, const at::Tensor& state_indices,
                                      const std::optional<at::Tensor>& has_initial_state,
                                      const char* op) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op,
+  SPLITVL_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, op,
               ": q, k, v must be [tokens, heads, head_dim]");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, op,
+  SPLITVL_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, op,
               ": q, k, v need unit stride along head_dim");
   la_check_float_dtype(q, op, "q");
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+  SPLITVL_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k, v must share a dtype");
   const int64_t tokens = q.size(0), hk = q.size(1), dk = q.size(2);
   const int64_t hv = v.size(1), dv = v.size(2);
-  TORCH_CHECK(k.sizes() == q.sizes(), op, ": k ", k.sizes(), " must match q ", q.sizes());
-  TORCH_CHECK(v.size(0) == tokens, op, ": v has ", v.size(0), " tokens, q has ", tokens);
-  TORCH_CHECK(hk > 0 && hv % hk == 0, op, ": value heads (", hv,
+  SPLITVL_CHECK(k.sizes() == q.sizes(), op, ": k ", k.sizes(), " must match q ", q.sizes());
+  SPLITVL_CHECK(v.size(0) == tokens, op, ": v has ", v.size(0), " tokens, q has ", tokens);
+  SPLITVL_CHECK(hk > 0 && hv % hk == 0, op, ": value heads (", hv,
               ") must be a multiple of key heads (", hk, ")");
   for (const at::Tensor* t : {&g, &beta}) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == tokens && t->size(1) == hv && t->is_contiguous() &&
+    SPLITVL_CHECK(t->dim() == 2 && t->size(0) == tokens && t->size(1) == hv && t->is_contiguous() &&
                     t->scalar_type() == at::kFloat,
                 op, ": g and beta must be contiguous float32 [", tokens, ", ", hv, "], got ",
                 t->sizes(), " ", t->scalar_type());
   }
-  TORCH_CHECK(states.dim() == 4 && states.size(1) == hv && states.size(2) == dk &&
+  SPLITVL_CHECK(states.dim() == 4 && states.size(1) == hv && states.size(2) == dk &&
                   states.size(3) == dv && states.is_contiguous() &&
                   states.scalar_type() == at::kFloat,
               op, ": states must be contiguous float32 [num_slots, ", hv, ", ", dk, ", ", dv,
               "], got ", states.sizes(), " ", states.scalar_type());
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == tokens && out.size(1) == hv && out.size(2) == dv &&
+  SPLITVL_CHECK(out.dim() == 3 && out.size(0) == tokens && out.size(1) == hv && out.size(2) == dv &&
                   out.is_contiguous() && out.scalar_type() == q.scalar_type(),
               op, ": out must be contiguous [", tokens, ", ", hv, ", ", dv, "] of q's dtype");
   const int64_t batch = state_indices.numel();
@@ -122,7 +124,7 @@ inline int64_t check_delta_rule_args(const at::Tensor& out, const at::Tensor& q,
     la_check_index(*cu_seqlens, batch + 1, at::kInt, op, "cu_seqlens");
     la_check_same_device(q, *cu_seqlens, op, "cu_seqlens");
   } else {
-    TORCH_CHECK(tokens == batch, op, ": ", tokens, " tokens for ", batch,
+    SPLITVL_CHECK(tokens == batch, op, ": ", tokens, " tokens for ", batch,
                 " sequences (decode takes one token per sequence)");
   }
   if (has_initial_state.has_value()) {
@@ -138,17 +140,17 @@ inline int64_t check_delta_rule_args(const at::Tensor& out, const at::Tensor& q,
 inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x,
                                       const at::Tensor& z, const at::Tensor& weight,
                                       const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, op,
+  SPLITVL_CHECK(x.dim() == 2 && x.stride(1) == 1, op,
               ": x must be [N, D] with unit stride along D, got ", x.sizes(), " strides ",
               x.strides());
   la_check_float_dtype(x, op, "x");
-  TORCH_CHECK(z.sizes() == x.sizes() && z.stride(1) == 1 && z.scalar_type() == x.scalar_type(),
+  SPLITVL_CHECK(z.sizes() == x.sizes() && z.stride(1) == 1 && z.scalar_type() == x.scalar_type(),
               op, ": z must match x's shape ", x.sizes(), " and dtype with unit stride along D");
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), op,
+  SPLITVL_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), op,
               ": weight must be contiguous [", x.size(1), "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
+  SPLITVL_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
               ": weight must be float32 or x's dtype, got ", weight.scalar_type());
-  TORCH_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
+  SPLITVL_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
                   out.scalar_type() == x.scalar_type(),
               op, ": out must be contiguous ", x.sizes(), " of x's dtype");
   for (const at::Tensor* t : {&out, &z, &weight}) la_check_same_device(x, *t, op, "a tensor argument");

@@ -83,3 +83,26 @@ async def test_killed_idle_worker_is_noticed(local_ray, tiny_checkpoint):
         assert not engine.is_healthy()
     finally:
         engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
+def test_tp2_nccl_equals_tp1_on_two_gpus(local_ray, tiny_checkpoint, arch):
+    """The same comparison on CUDA: two TPWorker actors on two GPUs talking NCCL, fp32."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    path = tiny_checkpoint(arch)
+    kwargs = dict(device="cuda", dtype="float32", max_model_len=512, num_gpu_blocks=64)
+    with LLM(path, **kwargs) as one:
+        tok = one.tokenizer
+        prompts = [
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 0)},
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 2), "images": [image(96, 64, 1), image(64, 64, 2)]},
+        ]
+        ref = [o.token_ids for o in one.generate(prompts, GREEDY)]
+    with LLM(path, tensor_parallel_size=2, **kwargs) as two:
+        got = [o.token_ids for o in two.generate(prompts, GREEDY)]
+        assert two.engine.is_healthy()
+    assert got == ref

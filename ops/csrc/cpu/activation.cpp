@@ -13,7 +13,7 @@ void check_activation_args(const at::Tensor& out, const at::Tensor& input, const
   SPLITVL_CHECK_FLOAT_DTYPE(input);
   SPLITVL_CHECK_LAST_CONTIG(input);
   SPLITVL_CHECK_CONTIG(out);
-  TORCH_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype ", out.scalar_type(),
+  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype ", out.scalar_type(),
               " != input dtype ", input.scalar_type());
 }
 
@@ -30,10 +30,10 @@ inline float gelu_tanh_scalar(float x) {
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   check_activation_args(out, input, "silu_and_mul");
   const int64_t d = input.size(-1) / 2;
-  TORCH_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: last dim ", input.size(-1), " must be even");
+  SPLITVL_CHECK(input.size(-1) % 2 == 0, "silu_and_mul: last dim ", input.size(-1), " must be even");
   auto expected = input.sizes().vec();
   expected.back() = d;
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(expected), "silu_and_mul: out ", out.sizes(),
+  SPLITVL_CHECK(out.sizes() == at::IntArrayRef(expected), "silu_and_mul: out ", out.sizes(),
               " must be ", at::IntArrayRef(expected));
   if (out.numel() == 0) return;
   const RowIndexer rows(input);
@@ -53,7 +53,7 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
 
 void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
   check_activation_args(out, input, "gelu_tanh");
-  TORCH_CHECK(out.sizes() == input.sizes(), "gelu_tanh: out ", out.sizes(), " must match input ",
+  SPLITVL_CHECK(out.sizes() == input.sizes(), "gelu_tanh: out ", out.sizes(), " must match input ",
               input.sizes());
   if (out.numel() == 0) return;
   const RowIndexer rows(input);

@@ -88,11 +88,11 @@ void check_query_out(const at::Tensor& out, const at::Tensor& query, const char*
   SPLITVL_CHECK_CPU(query);
   SPLITVL_CHECK_CPU(out);
   SPLITVL_CHECK_FLOAT_DTYPE(query);
-  TORCH_CHECK(query.dim() == 3 && query.stride(2) == 1, op,
+  SPLITVL_CHECK(query.dim() == 3 && query.stride(2) == 1, op,
               ": query must be [T, Hq, D] with unit last stride, got ", query.sizes(), " strides ",
               query.strides());
   SPLITVL_CHECK_CONTIG(out);
-  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), op,
+  SPLITVL_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type(), op,
               ": out ", out.sizes(), " ", out.scalar_type(), " must match query ", query.sizes(),
               " ", query.scalar_type());
 }
@@ -101,16 +101,16 @@ void check_kv_pair(const at::Tensor& k, const at::Tensor& v, const at::Tensor& q
                    const char* what, const char* op) {
   SPLITVL_CHECK_CPU(k);
   SPLITVL_CHECK_CPU(v);
-  TORCH_CHECK(k.dim() == dims && k.stride(-1) == 1 && v.sizes() == k.sizes() && v.stride(-1) == 1,
+  SPLITVL_CHECK(k.dim() == dims && k.stride(-1) == 1 && v.sizes() == k.sizes() && v.stride(-1) == 1,
               op, ": ", what, " must be ", dims, "-d with unit last stride and equal shapes, got ",
               k.sizes(), " and ", v.sizes());
-  TORCH_CHECK(k.scalar_type() == query.scalar_type() && v.scalar_type() == query.scalar_type(), op,
+  SPLITVL_CHECK(k.scalar_type() == query.scalar_type() && v.scalar_type() == query.scalar_type(), op,
               ": ", what, " dtype ", k.scalar_type(), "/", v.scalar_type(), " != query dtype ",
               query.scalar_type());
   const int64_t hkv = k.size(-2);
-  TORCH_CHECK(k.size(-1) == query.size(2), op, ": ", what, " head dim ", k.size(-1),
+  SPLITVL_CHECK(k.size(-1) == query.size(2), op, ": ", what, " head dim ", k.size(-1),
               " != query head dim ", query.size(2));
-  TORCH_CHECK(hkv > 0 && query.size(1) % hkv == 0, op, ": query heads ", query.size(1),
+  SPLITVL_CHECK(hkv > 0 && query.size(1) % hkv == 0, op, ": query heads ", query.size(1),
               " must be a multiple of kv heads ", hkv);
 }
 
@@ -119,7 +119,7 @@ void check_block_tables(const at::Tensor& block_tables, const at::Tensor& cache,
                         const std::vector<int64_t>& lengths, const char* op) {
   SPLITVL_CHECK_CPU(block_tables);
   SPLITVL_CHECK_DTYPE(block_tables, at::kInt);
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
+  SPLITVL_CHECK(block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
                   block_tables.size(0) == static_cast<int64_t>(lengths.size()),
               op, ": block_tables must be [B=", lengths.size(), ", max_blocks] int32 with unit last "
               "stride, got ", block_tables.sizes());
@@ -128,11 +128,11 @@ void check_block_tables(const at::Tensor& block_tables, const at::Tensor& cache,
   const int32_t* bt = block_tables.const_data_ptr<int32_t>();
   for (size_t b = 0; b < lengths.size(); ++b) {
     const int64_t needed = (lengths[b] + block_size - 1) / block_size;
-    TORCH_CHECK(needed <= block_tables.size(1), op, ": sequence ", b, " has ", lengths[b],
+    SPLITVL_CHECK(needed <= block_tables.size(1), op, ": sequence ", b, " has ", lengths[b],
                 " keys, more than its ", block_tables.size(1), " blocks of ", block_size, " hold");
     for (int64_t i = 0; i < needed; ++i) {
       const int32_t block = bt[b * block_tables.stride(0) + i];
-      TORCH_CHECK(block >= 0 && block < num_blocks, op, ": block_tables[", b, ", ", i, "]=", block,
+      SPLITVL_CHECK(block >= 0 && block < num_blocks, op, ": block_tables[", b, ", ", i, "]=", block,
                   " outside the cache's ", num_blocks, " blocks");
     }
   }
@@ -143,18 +143,18 @@ std::vector<int64_t> seq_lengths(const at::Tensor& cu, int64_t total, int64_t ma
                                  const char* name) {
   SPLITVL_CHECK_CPU(cu);
   SPLITVL_CHECK_DTYPE(cu, at::kInt);
-  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "varlen_attention: ", name, " must be [B+1]");
+  SPLITVL_CHECK(cu.dim() == 1 && cu.size(0) >= 1, "varlen_attention: ", name, " must be [B+1]");
   const at::Tensor c = cu.contiguous();
   const int32_t* p = c.const_data_ptr<int32_t>();
-  TORCH_CHECK(p[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", p[0]);
+  SPLITVL_CHECK(p[0] == 0, "varlen_attention: ", name, "[0] must be 0, got ", p[0]);
   std::vector<int64_t> lengths(cu.size(0) - 1);
   for (size_t b = 0; b < lengths.size(); ++b) {
     lengths[b] = p[b + 1] - p[b];
-    TORCH_CHECK(lengths[b] >= 0, "varlen_attention: ", name, " must be non-decreasing");
-    TORCH_CHECK(lengths[b] <= max_len, "varlen_attention: sequence ", b, " length ", lengths[b],
+    SPLITVL_CHECK(lengths[b] >= 0, "varlen_attention: ", name, " must be non-decreasing");
+    SPLITVL_CHECK(lengths[b] <= max_len, "varlen_attention: sequence ", b, " length ", lengths[b],
                 " exceeds max_seqlen ", max_len, " given for ", name);
   }
-  TORCH_CHECK(total < 0 || p[lengths.size()] == total, "varlen_attention: ", name, "[-1]=",
+  SPLITVL_CHECK(total < 0 || p[lengths.size()] == total, "varlen_attention: ", name, "[-1]=",
               p[lengths.size()], " != number of tokens ", total);
   return lengths;
 }
@@ -185,7 +185,7 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
   constexpr const char* op = "varlen_attention";
   check_query_out(out, query, op);
   const bool paged = block_tables.has_value();
-  TORCH_CHECK(paged != key.has_value() && key.has_value() == value.has_value() &&
+  SPLITVL_CHECK(paged != key.has_value() && key.has_value() == value.has_value() &&
                   paged == key_cache.has_value() && paged == value_cache.has_value(),
               op, ": pass either key and value, or key_cache, value_cache and block_tables");
   if (paged) check_kv_pair(*key_cache, *value_cache, query, 4, "key_cache/value_cache", op);
@@ -193,7 +193,7 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
   const std::vector<int64_t> lq = seq_lengths(cu_seqlens_q, query.size(0), max_seqlen_q, "cu_seqlens_q");
   const std::vector<int64_t> lk =
       seq_lengths(cu_seqlens_k, paged ? -1 : key->size(0), max_seqlen_k, "cu_seqlens_k");
-  TORCH_CHECK(lq.size() == lk.size(), op, ": cu_seqlens_q and cu_seqlens_k differ in batch size");
+  SPLITVL_CHECK(lq.size() == lk.size(), op, ": cu_seqlens_q and cu_seqlens_k differ in batch size");
   if (paged) check_block_tables(*block_tables, *key_cache, lk, op);
   const int64_t tokens = query.size(0), hq = query.size(1), d = query.size(2);
   const int64_t hkv = paged ? key_cache->size(2) : key->size(1), group = hq / hkv;
@@ -234,12 +234,12 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   SPLITVL_CHECK_CPU(seq_lens);
   SPLITVL_CHECK_DTYPE(seq_lens, at::kInt);
   const int64_t batch = query.size(0), hq = query.size(1), d = query.size(2);
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == batch, op, ": seq_lens ",
+  SPLITVL_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == batch, op, ": seq_lens ",
               seq_lens.sizes(), " must be [B=", batch, "]");
   const at::Tensor lens_t = seq_lens.contiguous();
   std::vector<int64_t> lens(lens_t.const_data_ptr<int32_t>(), lens_t.const_data_ptr<int32_t>() + batch);
   for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(lens[b] >= 0, op, ": seq_lens[", b, "]=", lens[b], " is negative");
+    SPLITVL_CHECK(lens[b] >= 0, op, ": seq_lens[", b, "]=", lens[b], " is negative");
   check_block_tables(block_tables, key_cache, lens, op);
   const int64_t hkv = key_cache.size(2), group = hq / hkv;
   if (batch == 0 || d == 0) return;

@@ -11,14 +11,14 @@ void check_kv(const at::Tensor& x, const at::Tensor& cache, const char* name) {
   SPLITVL_CHECK_CPU(x);
   SPLITVL_CHECK_CPU(cache);
   SPLITVL_CHECK_FLOAT_DTYPE(x);
-  TORCH_CHECK(cache.is_contiguous(), "reshape_and_cache: ", name, "_cache must be contiguous");
-  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "reshape_and_cache: ", name,
+  SPLITVL_CHECK(cache.is_contiguous(), "reshape_and_cache: ", name, "_cache must be contiguous");
+  SPLITVL_CHECK(x.dim() == 3 && x.stride(2) == 1, "reshape_and_cache: ", name,
               " must be [T, Hkv, D] with unit last stride, got ", x.sizes(), " strides ",
               x.strides());
-  TORCH_CHECK(cache.dim() == 4 && cache.size(2) == x.size(1) && cache.size(3) == x.size(2),
+  SPLITVL_CHECK(cache.dim() == 4 && cache.size(2) == x.size(1) && cache.size(3) == x.size(2),
               "reshape_and_cache: ", name, "_cache ", cache.sizes(),
               " must be [num_blocks, block_size, ", x.size(1), ", ", x.size(2), "]");
-  TORCH_CHECK(cache.scalar_type() == x.scalar_type(), "reshape_and_cache: ", name, "_cache dtype ",
+  SPLITVL_CHECK(cache.scalar_type() == x.scalar_type(), "reshape_and_cache: ", name, "_cache dtype ",
               cache.scalar_type(), " != ", name, " dtype ", x.scalar_type());
 }
 
@@ -37,20 +37,20 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
                        at::Tensor& value_cache, const at::Tensor& slot_mapping) {
   check_kv(key, key_cache, "key");
   check_kv(value, value_cache, "value");
-  TORCH_CHECK(value.sizes() == key.sizes(), "reshape_and_cache: value ", value.sizes(),
+  SPLITVL_CHECK(value.sizes() == key.sizes(), "reshape_and_cache: value ", value.sizes(),
               " != key ", key.sizes());
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "reshape_and_cache: value_cache ",
+  SPLITVL_CHECK(value_cache.sizes() == key_cache.sizes(), "reshape_and_cache: value_cache ",
               value_cache.sizes(), " != key_cache ", key_cache.sizes());
   SPLITVL_CHECK_CPU(slot_mapping);
   SPLITVL_CHECK_DTYPE(slot_mapping, at::kLong);
-  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0),
+  SPLITVL_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0),
               "reshape_and_cache: slot_mapping ", slot_mapping.sizes(), " must be [T=", key.size(0), "]");
   const int64_t tokens = key.size(0), heads = key.size(1), d = key.size(2);
   const int64_t num_slots = key_cache.size(0) * key_cache.size(1);
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
   const int64_t slot_stride = slot_mapping.stride(0);
   for (int64_t t = 0; t < tokens; ++t)
-    TORCH_CHECK(slots[t * slot_stride] < num_slots, "reshape_and_cache: slot ",
+    SPLITVL_CHECK(slots[t * slot_stride] < num_slots, "reshape_and_cache: slot ",
                 slots[t * slot_stride], " of token ", t, " is outside the cache (", num_slots,
                 " slots)");
   if (tokens == 0 || heads * d == 0) return;

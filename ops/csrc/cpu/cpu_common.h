@@ -6,22 +6,24 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include "../check.h"
+
 #include <array>
 #include <cstdint>
 
 namespace splitvl::cpu {
 
 #define SPLITVL_CHECK_CPU(x) \
-  TORCH_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
+  SPLITVL_CHECK((x).device().is_cpu(), #x " must be a CPU tensor, got ", (x).device())
 #define SPLITVL_CHECK_LAST_CONTIG(x) \
-  TORCH_CHECK((x).dim() >= 1 && ((x).size(-1) <= 1 || (x).stride(-1) == 1), \
+  SPLITVL_CHECK((x).dim() >= 1 && ((x).size(-1) <= 1 || (x).stride(-1) == 1), \
               #x " must have unit stride in its last dim, got strides ", (x).strides())
 #define SPLITVL_CHECK_CONTIG(x) \
-  TORCH_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
+  SPLITVL_CHECK((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
 #define SPLITVL_CHECK_DTYPE(x, dt) \
-  TORCH_CHECK((x).scalar_type() == (dt), #x " must be ", (dt), ", got ", (x).scalar_type())
+  SPLITVL_CHECK((x).scalar_type() == (dt), #x " must be ", (dt), ", got ", (x).scalar_type())
 #define SPLITVL_CHECK_FLOAT_DTYPE(x)                                           \
-  TORCH_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16 || \
+  SPLITVL_CHECK((x).scalar_type() == at::kFloat || (x).scalar_type() == at::kBFloat16 || \
                   (x).scalar_type() == at::kHalf,                                 \
               #x " must be float32, bfloat16 or float16, got ", (x).scalar_type())
 
@@ -37,7 +39,7 @@ class RowIndexer {
   static constexpr int kMaxDims = 8;
 
   explicit RowIndexer(const at::Tensor& t) {
-    TORCH_CHECK(t.dim() >= 1 && t.dim() - 1 <= kMaxDims, "tensor of ", t.dim(),
+    SPLITVL_CHECK(t.dim() >= 1 && t.dim() - 1 <= kMaxDims, "tensor of ", t.dim(),
                 " dims is not supported (1..", kMaxDims + 1, ")");
     ndim_ = static_cast<int>(t.dim()) - 1;
     rows_ = 1;

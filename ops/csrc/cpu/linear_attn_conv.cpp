@@ -17,24 +17,24 @@ void check_seqlens_and_slots_cpu(const at::Tensor& cu_seqlens, const at::Tensor&
   const int64_t batch = state_indices.numel();
   if (cu_seqlens.defined()) {
     const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
-    TORCH_CHECK(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
+    SPLITVL_CHECK(cu[0] == 0, op, ": cu_seqlens[0] must be 0, got ", cu[0]);
     for (int64_t b = 0; b < batch; ++b) {
-      TORCH_CHECK(cu[b + 1] >= cu[b], op, ": cu_seqlens must be non-decreasing (entry ", b + 1,
+      SPLITVL_CHECK(cu[b + 1] >= cu[b], op, ": cu_seqlens must be non-decreasing (entry ", b + 1,
                   ")");
     }
-    TORCH_CHECK(cu[batch] == tokens, op, ": cu_seqlens[-1] = ", cu[batch], " but there are ",
+    SPLITVL_CHECK(cu[batch] == tokens, op, ": cu_seqlens[-1] = ", cu[batch], " but there are ",
                 tokens, " tokens");
   }
   const int32_t* slots = state_indices.data_ptr<int32_t>();
   std::vector<int32_t> used;
   used.reserve(batch);
   for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(slots[b] < num_slots, op, ": state_indices[", b, "] = ", slots[b],
+    SPLITVL_CHECK(slots[b] < num_slots, op, ": state_indices[", b, "] = ", slots[b],
                 " is out of range for ", num_slots, " slots");
     if (slots[b] >= 0) used.push_back(slots[b]);
   }
   std::sort(used.begin(), used.end());
-  TORCH_CHECK(std::adjacent_find(used.begin(), used.end()) == used.end(), op,
+  SPLITVL_CHECK(std::adjacent_find(used.begin(), used.end()) == used.end(), op,
               ": two sequences share a state slot");
 }
 

@@ -16,7 +16,7 @@ void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tens
   SPLITVL_CHECK_CPU(topk_weights);
   SPLITVL_CHECK_CPU(topk_ids);
   SPLITVL_CHECK_FLOAT_DTYPE(gating_output);
-  TORCH_CHECK(gating_output.dim() == 2 && gating_output.stride(1) == 1,
+  SPLITVL_CHECK(gating_output.dim() == 2 && gating_output.stride(1) == 1,
               "topk_softmax: gating_output must be [T, E] with unit last stride, got ",
               gating_output.sizes());
   SPLITVL_CHECK_DTYPE(topk_weights, at::kFloat);
@@ -24,12 +24,12 @@ void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tens
   SPLITVL_CHECK_CONTIG(topk_weights);
   SPLITVL_CHECK_CONTIG(topk_ids);
   const int64_t tokens = gating_output.size(0), experts = gating_output.size(1);
-  TORCH_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == tokens &&
+  SPLITVL_CHECK(topk_weights.dim() == 2 && topk_weights.size(0) == tokens &&
                   topk_ids.sizes() == topk_weights.sizes(),
               "topk_softmax: topk_weights ", topk_weights.sizes(), " and topk_ids ",
               topk_ids.sizes(), " must both be [T=", tokens, ", k]");
   const int64_t k = topk_weights.size(1);
-  TORCH_CHECK(k >= 1 && k <= experts, "topk_softmax: k=", k, " must be in [1, E=", experts, "]");
+  SPLITVL_CHECK(k >= 1 && k <= experts, "topk_softmax: k=", k, " must be in [1, E=", experts, "]");
   if (tokens == 0) return;
   SPLITVL_DISPATCH_FLOATING(gating_output.scalar_type(), "splitvl_topk_softmax", [&] {
     const scalar_t* logits = gating_output.const_data_ptr<scalar_t>();

@@ -13,9 +13,9 @@ void check_norm_args(const at::Tensor& input, const at::Tensor& weight, const ch
   SPLITVL_CHECK_CPU(weight);
   SPLITVL_CHECK_FLOAT_DTYPE(input);
   SPLITVL_CHECK_LAST_CONTIG(input);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), op, ": weight ",
+  SPLITVL_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1), op, ": weight ",
               weight.sizes(), " must be [D] with D = input.size(-1) (input ", input.sizes(), ")");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
+  SPLITVL_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype ",
               weight.scalar_type(), " != input dtype ", input.scalar_type());
   SPLITVL_CHECK_CONTIG(weight);
 }
@@ -69,7 +69,7 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
   check_norm_args(input, weight, "rms_norm");
   SPLITVL_CHECK_CPU(out);
   SPLITVL_CHECK_CONTIG(out);
-  TORCH_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type(),
+  SPLITVL_CHECK(out.sizes() == input.sizes() && out.scalar_type() == input.scalar_type(),
               "rms_norm: out ", out.sizes(), " ", out.scalar_type(), " must match input ",
               input.sizes(), " ", input.scalar_type());
   if (input.numel() == 0) return;
@@ -86,7 +86,7 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
   check_norm_args(input, weight, "fused_add_rms_norm");
   SPLITVL_CHECK_CPU(residual);
   SPLITVL_CHECK_LAST_CONTIG(residual);
-  TORCH_CHECK(residual.sizes() == input.sizes() && residual.scalar_type() == input.scalar_type(),
+  SPLITVL_CHECK(residual.sizes() == input.sizes() && residual.scalar_type() == input.scalar_type(),
               "fused_add_rms_norm: residual ", residual.sizes(), " ", residual.scalar_type(),
               " must match input ", input.sizes(), " ", input.scalar_type());
   if (input.numel() == 0) return;

@@ -14,13 +14,13 @@ std::vector<int64_t> frequency_rows(int64_t rot_half, at::IntArrayRef sections, 
   if (sections.empty()) return rows;
   int64_t total = 0;
   for (int64_t s : sections) {
-    TORCH_CHECK(s >= 0, "rotary_embedding: mrope_section entries must be >= 0, got ", sections);
+    SPLITVL_CHECK(s >= 0, "rotary_embedding: mrope_section entries must be >= 0, got ", sections);
     total += s;
   }
-  TORCH_CHECK(total == rot_half, "rotary_embedding: sum(mrope_section)=", total,
+  SPLITVL_CHECK(total == rot_half, "rotary_embedding: sum(mrope_section)=", total,
               " must equal rot_dim/2=", rot_half);
   if (interleaved) {
-    TORCH_CHECK(sections.size() == 3, "rotary_embedding: interleaved mrope needs 3 sections, got ",
+    SPLITVL_CHECK(sections.size() == 3, "rotary_embedding: interleaved mrope needs 3 sections, got ",
                 sections);
     for (int64_t i = 0; i < rot_half; ++i) {
       if (i % 3 == 1 && i < 3 * sections[1]) rows[i] = 1;
@@ -42,16 +42,16 @@ struct HeadView {
 HeadView head_view(const at::Tensor& x, int64_t tokens, int64_t head_size, const char* name) {
   SPLITVL_CHECK_CPU(x);
   SPLITVL_CHECK_LAST_CONTIG(x);
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "rotary_embedding: ", name,
+  SPLITVL_CHECK(x.dim() == 2 || x.dim() == 3, "rotary_embedding: ", name,
               " must be [T, H*D] or [T, H, D], got ", x.sizes());
-  TORCH_CHECK(x.size(0) == tokens, "rotary_embedding: ", name, " has ", x.size(0),
+  SPLITVL_CHECK(x.size(0) == tokens, "rotary_embedding: ", name, " has ", x.size(0),
               " tokens, positions have ", tokens);
   if (x.dim() == 3) {
-    TORCH_CHECK(x.size(2) == head_size, "rotary_embedding: ", name, " head dim ", x.size(2),
+    SPLITVL_CHECK(x.size(2) == head_size, "rotary_embedding: ", name, " head dim ", x.size(2),
                 " != head_size ", head_size);
     return {x.size(1), x.stride(0), x.stride(1)};
   }
-  TORCH_CHECK(x.size(1) % head_size == 0, "rotary_embedding: ", name, " width ", x.size(1),
+  SPLITVL_CHECK(x.size(1) % head_size == 0, "rotary_embedding: ", name, " width ", x.size(1),
               " is not a multiple of head_size ", head_size);
   return {x.size(1) / head_size, x.stride(0), head_size};
 }
@@ -83,15 +83,15 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   SPLITVL_CHECK_FLOAT_DTYPE(query);
   SPLITVL_CHECK_DTYPE(cos_sin_cache, at::kFloat);
   SPLITVL_CHECK_CONTIG(cos_sin_cache);
-  TORCH_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
+  SPLITVL_CHECK(positions.scalar_type() == at::kLong || positions.scalar_type() == at::kInt,
               "rotary_embedding: positions must be int64 or int32, got ", positions.scalar_type());
-  TORCH_CHECK(cos_sin_cache.dim() == 2, "rotary_embedding: cos_sin_cache must be [max_pos, rot_dim]");
+  SPLITVL_CHECK(cos_sin_cache.dim() == 2, "rotary_embedding: cos_sin_cache must be [max_pos, rot_dim]");
   const int64_t rot_dim = cos_sin_cache.size(1), rot_half = rot_dim / 2;
   const int64_t max_pos = cos_sin_cache.size(0);
-  TORCH_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size && rot_dim > 0, "rotary_embedding: rot_dim ",
+  SPLITVL_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size && rot_dim > 0, "rotary_embedding: rot_dim ",
               rot_dim, " must be even, positive and <= head_size ", head_size);
   const int64_t sections = mrope_section.empty() ? 1 : static_cast<int64_t>(mrope_section.size());
-  TORCH_CHECK(mrope_section.empty() ? positions.dim() == 1
+  SPLITVL_CHECK(mrope_section.empty() ? positions.dim() == 1
                                     : positions.dim() == 2 && positions.size(0) == sections,
               "rotary_embedding: positions ", positions.sizes(), " must be [T] (plain) or [",
               sections, ", T] (mrope_section ", mrope_section, ")");
@@ -100,7 +100,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   HeadView kv{0, 0, 0};
   if (key.has_value()) {
     kv = head_view(*key, tokens, head_size, "key");
-    TORCH_CHECK(key->scalar_type() == query.scalar_type(), "rotary_embedding: key dtype ",
+    SPLITVL_CHECK(key->scalar_type() == query.scalar_type(), "rotary_embedding: key dtype ",
                 key->scalar_type(), " != query dtype ", query.scalar_type());
   }
   if (tokens == 0) return;
@@ -111,7 +111,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   for (int64_t s = 0; s < sections; ++s)
     for (int64_t t = 0; t < tokens; ++t) {
       const int64_t p = pos_data[s * pos_row_stride + t * pos_stride];
-      TORCH_CHECK(p >= 0 && p < max_pos, "rotary_embedding: position ", p, " outside the cache [0, ",
+      SPLITVL_CHECK(p >= 0 && p < max_pos, "rotary_embedding: position ", p, " outside the cache [0, ",
                   max_pos, ")");
     }
   const float* cache = cos_sin_cache.const_data_ptr<float>();

@@ -122,14 +122,14 @@ void launch_delta_rule(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
                        const bool* has_init, int64_t batch, bool l2norm, const char* op) {
   check_cuda(q, op, "q");
   const int dk = static_cast<int>(q.size(2)), dv = static_cast<int>(v.size(2));
-  TORCH_CHECK(dk <= kMaxHeadDim, op, ": key head dim ", dk, " > ", kMaxHeadDim, " is not supported");
+  SPLITVL_CHECK(dk <= kMaxHeadDim, op, ": key head dim ", dk, " > ", kMaxHeadDim, " is not supported");
   if (batch == 0 || dv == 0) return;
   const c10::cuda::CUDAGuard guard(q.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   const DeltaArgs a{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     static_cast<int>(q.size(1)), static_cast<int>(v.size(1)), dk, dv,
                     static_cast<int>(states.size(0)), 1.f / sqrtf(static_cast<float>(dk)), l2norm};
-  TORCH_CHECK(a.hv <= 65535, op, ": too many value heads");
+  SPLITVL_CHECK(a.hv <= 65535, op, ": too many value heads");
   const dim3 grid(static_cast<unsigned>(batch), a.hv, ceil_div(dv, kTile));
   const size_t smem = sizeof(float) * (dk * kTile + 2 * dk + kGroups * kTile);
   SPLITVL_DISPATCH_FLOAT(q.scalar_type(), op, [&] {

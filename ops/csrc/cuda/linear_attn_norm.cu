@@ -45,7 +45,7 @@ void gated_rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   check_cuda(x, op, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0 || d == 0) return;
-  TORCH_CHECK(rows <= 0x7fffffff, op, ": too many rows");
+  SPLITVL_CHECK(rows <= 0x7fffffff, op, ": too many rows");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
