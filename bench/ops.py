@@ -89,7 +89,7 @@ def _in_place_check(kernel: Callable, ref: Callable, *tensors: torch.Tensor) -> 
 
 
 def norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    sizes = [(3, 64)] if smoke else [(t, HIDDEN[m]) for m in HIDDEN for t in (1, 16, 256)]
+    sizes = [(3, 64)] if smoke else [(t, HIDDEN[m]) for m in HIDDEN for t in (1, 16, 256, 16384)]
     for t, h in sizes:
         x = torch.randn(t, h, device=dev, dtype=dtype)
         r, w = torch.randn_like(x), torch.randn(h, device=dev, dtype=dtype)
@@ -118,7 +118,7 @@ def _cos_sin_cache(max_pos: int, rot_dim: int, dev: str) -> torch.Tensor:
 
 
 def rotary_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    configs = [("2B", 3, [1, 1, 2])] if smoke else [(m, t, [24, 20, 20]) for m in LLM for t in (1, 16, 256)]
+    configs = [("2B", 3, [1, 1, 2])] if smoke else [(m, t, [24, 20, 20]) for m in LLM for t in (1, 16, 256, 16384)]
     for model, t, section in configs:
         hq, hkv, d = (4, 2, 8) if smoke else LLM[model]
         cache = _cos_sin_cache(4096, 2 * sum(section), dev)
@@ -137,12 +137,12 @@ def rotary_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
 
 
 def activation_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    sizes = [(3, 40)] if smoke else [(t, INTERMEDIATE[m]) for m in INTERMEDIATE for t in (1, 16, 256)]
+    sizes = [(3, 40)] if smoke else [(t, INTERMEDIATE[m]) for m in INTERMEDIATE for t in (1, 16, 256, 8192)]
     for t, inter in sizes:
         x = torch.randn(t, 2 * inter, device=dev, dtype=dtype)
         yield Case("silu_and_mul", f"T={t} I={inter}", partial(ops.silu_and_mul, x),
                    lambda x=x: rel_err(ops.silu_and_mul(x), reference.silu_and_mul(x)), nbytes(x) * 3 // 2)
-    for t, inter in [(5, 24)] if smoke else [(256, 4304), (4096, 4304)]:
+    for t, inter in [(5, 24)] if smoke else [(256, 4304), (4096, 4304), (32768, 4304)]:
         x = torch.randn(t, inter, device=dev, dtype=dtype)
         yield Case("gelu_tanh", f"ViT T={t} I={inter}", partial(ops.gelu_tanh, x),
                    lambda x=x: rel_err(ops.gelu_tanh(x), reference.gelu_tanh(x)), 2 * nbytes(x))
@@ -150,7 +150,7 @@ def activation_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
 
 def cache_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     hkv, d, block = (2, 16, 4) if smoke else (8, 128, 16)
-    for t in [5] if smoke else [1, 64, 256, 4096]:
+    for t in [5] if smoke else [1, 64, 256, 4096, 65536]:
         num_blocks = 2 * t // block + 2
         kc = torch.zeros(num_blocks, block, hkv, d, device=dev, dtype=dtype)
         vc = torch.zeros_like(kc)
@@ -175,7 +175,7 @@ def _paged(lengths: list[int], hkv: int, d: int, block: int, dev: str, dtype: to
 
 
 def decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    grid = [("2B", 2, 40)] if smoke else [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 8192)]
+    grid = [("2B", 2, 40)] if smoke else [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 4096, 8192)]
     for model, batch, ctx in grid:
         hq, hkv, d = (4, 2, 64) if smoke else LLM[model]
         kc, vc, tables = _paged([ctx] * batch, hkv, d, 4 if smoke else 16, dev, dtype)
