@@ -1,17 +1,22 @@
-"""Test helpers: images as bytes/data URLs and a local HTTP server that counts hits."""
+"""Test helpers: images as bytes/data URLs, a local HTTP server that counts hits, CLI subprocesses."""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import PIL.Image
 
@@ -40,6 +45,38 @@ def png_header_only(width: int, height: int) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def subprocess_env(home: Path) -> dict[str, str]:
+    """Environment for a CLI subprocess: HOME in a temp dir (the tiny demo checkpoint goes there), no RAY_*."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), PYTHONPATH=str(REPO), SPLITVL_REFERENCE_OPS="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float = 40.0) -> None:
+    """Stop a process we started (its own session): signal, wait, then kill its group."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only what this test started
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def ray_bin(name: str) -> str:
+    """A console script of this interpreter's environment (ray, serve), else from PATH."""
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
 
 
 def free_port() -> int:

@@ -8,11 +8,10 @@ Both run with HOME in a temp dir (the demo's tiny checkpoint goes to
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -20,37 +19,7 @@ import openai
 import yaml
 
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import data_url, free_port, png_bytes
-
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-
-
-def _env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), PYTHONPATH=str(REPO), SPLITVL_REFERENCE_OPS="1", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", RAY_USAGE_STATS_ENABLED="0")
-    return env
-
-
-def _stop(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: float = 40.0) -> None:
-    """Stop a process we started (its own session): signal, wait, then kill its group."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the session holds only what this test started
-    except ProcessLookupError:
-        pass
-    proc.wait(timeout=10)
-
-
-def _ray_bin(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
+from tests.deployments.helpers import REPO, data_url, free_port, png_bytes, ray_bin, stop_process, subprocess_env
 
 
 def _demo_config(tmp_path: Path, port: int, ray_port: int | None = None) -> Path:
@@ -65,7 +34,7 @@ def test_serve_run_demo_answers(tmp_path):
     port = free_port()
     config = _demo_config(tmp_path, port)
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen([_ray_bin("serve"), "run", str(config)], cwd=REPO, env=_env(tmp_path),
+    proc = subprocess.Popen([ray_bin("serve"), "run", str(config)], cwd=REPO, env=subprocess_env(tmp_path),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def healthy() -> bool:
@@ -89,7 +58,7 @@ def test_serve_run_demo_answers(tmp_path):
         assert resp.usage.completion_tokens >= 1
         assert (tmp_path / ".cache" / "splitvl" / "tiny-qwen3_vl" / "config.json").is_file()
     finally:
-        _stop(proc)
+        stop_process(proc)
         log.close()
 
 
@@ -109,11 +78,11 @@ def _write_inputs(path: Path, n: int) -> list[str]:
 
 
 def test_batch_job_via_ray_job_submit(tmp_path):
-    env = _env(tmp_path)
+    env = subprocess_env(tmp_path)
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob{os.getpid()}"
     head = subprocess.Popen(
-        [_ray_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
+        [ray_bin("ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -132,7 +101,7 @@ def test_batch_job_via_ray_job_submit(tmp_path):
         ids = _write_inputs(inputs, 6)
         # A previous run's partial output: one finished line and a torn one.
         output.write_text(json.dumps({"id": "req-1", "text": "earlier", "usage": None}) + "\n{\"id\": \"req-")
-        cmd = [_ray_bin("ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
+        cmd = [ray_bin("ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
                "python", "-m", "deployments.batch", "--config", "configs/demo.yaml",
                "--input", str(inputs), "--output", str(output)]
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
@@ -146,4 +115,4 @@ def test_batch_job_via_ray_job_submit(tmp_path):
             if rid != "req-1":
                 assert by_id[rid]["usage"]["completion_tokens"] >= 1 and "text" in by_id[rid]
     finally:
-        _stop(head, sig=signal.SIGTERM)
+        stop_process(head, sig=signal.SIGTERM)
