@@ -42,13 +42,20 @@ def prompts(batch: int, vocab: int, prompt_len: int) -> list[list[int]]:
     return torch.randint(low, min(vocab, 100_000), (batch, prompt_len), generator=gen).tolist()
 
 
-def decode_weight_bytes(hf_model) -> int:
-    """Bytes read per decode step: language-model weights minus the embedding table, plus the LM head."""
-    lm = hf_model.model.language_model
-    total = sum(p.numel() * p.element_size() for p in lm.parameters())
-    total -= lm.embed_tokens.weight.numel() * lm.embed_tokens.weight.element_size()
-    head = hf_model.lm_head.weight
-    return total + head.numel() * head.element_size()
+def decode_weight_bytes(ckpt: Path, bytes_per_value: int = 2) -> int:
+    """Bytes read per decode step: language-model weights minus the embedding table, plus the LM head.
+
+    Counted from the checkpoint's tensor shapes; a tied head reads the embedding table as the head.
+    """
+    import math
+
+    from models.loader import CheckpointReader
+
+    reader = CheckpointReader(ckpt)
+    prefix, embed = "model.language_model.", "model.language_model.embed_tokens.weight"
+    total = sum(math.prod(reader.shape(k)) for k in reader.keys() if k.startswith(prefix) and k != embed)
+    head = "lm_head.weight" if reader.has("lm_head.weight") else embed
+    return (total + math.prod(reader.shape(head))) * bytes_per_value
 
 
 def itl_ms(run, device: torch.device) -> float:
@@ -101,6 +108,7 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
+        torch.cuda.empty_cache()
         ours_itl: dict[tuple[int, int], float] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for tp in args.tp:
@@ -111,8 +119,8 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
             del llm
             gc.collect()
             torch.cuda.empty_cache()
-        hf_model = load_hf_model(ckpt, torch.bfloat16, device)
-    weight_bytes = decode_weight_bytes(hf_model)
+        weight_bytes = decode_weight_bytes(ckpt)
+        hf_model = load_hf_model(ckpt, torch.bfloat16, device) if args.hf else None
     floor_ms = weight_bytes / (peaks.copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic
     for batch in args.batches:
         hf_ms = itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device) if args.hf else float("nan")

@@ -126,10 +126,10 @@ def stop_app(owns_ray: bool) -> None:
 
 async def _metered(url: str, key: str | None, coro, names: tuple[str, ...]) -> tuple[object, dict]:
     """Run `coro` between two /metrics scrapes; histogram deltas of `names`."""
-    await asyncio.sleep(0.6)  # replicas push metrics at most every 0.2 s
+    await asyncio.sleep(0.5)  # replicas push metrics at most every 0.2 s; let the last phase's land
     before = await scrape(url, key)
     out = await coro
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(0.7)
     after = await scrape(url, key)
     return out, {n: after[n].minus(before.get(n)) for n in names if n in after}
 
@@ -160,6 +160,9 @@ async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
 
     levels = []
     for c in opts.concurrency:
+        if time.monotonic() > opts.deadline:
+            print(f"  c={c}: skipped, --time-budget-s spent", flush=True)
+            continue
         n = max(opts.min_requests, 2 * c)
         bodies = [chat_body(model_id, make_image_url(opts.image_size, image_seed + i), opts.output_len)
                   for i in range(n)]
@@ -192,7 +195,10 @@ def model_checkpoint(opts) -> tuple[Path, bool]:
     from bench.checkpoints import prepare_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return prepare_checkpoint(opts.model, opts.ckpt_cache, torch.bfloat16, device), opts.ckpt_cache is None
+    ckpt = prepare_checkpoint(opts.model, opts.ckpt_cache, torch.bfloat16, device)
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the replicas size their KV cache from what this process leaves free
+    return ckpt, opts.ckpt_cache is None
 
 
 def transfer_row(ckpt: Path, layout: str, args: dict, iters: int) -> dict:
@@ -206,18 +212,31 @@ def transfer_row(ckpt: Path, layout: str, args: dict, iters: int) -> dict:
     return measure_transfer(tokens, hidden, levels, dtype, gpus, iters=iters)
 
 
+def wait_for_free_gpus(timeout_s: float = 30.0) -> None:
+    """Killed actors hand their GPU shares back asynchronously; wait for all of them."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("GPU", 0.0) < ray.cluster_resources().get("GPU", 0.0) - 1e-6:
+        if time.monotonic() > deadline:
+            raise RuntimeError("GPU shares of the transfer actors were not released")
+        time.sleep(0.2)
+
+
 def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
     args = layout_args(config_file, ckpt, "bench")
     print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
           flush=True)
     owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None)
     try:
+        # Before the app: its replicas hold every GPU share the transfer actors would need.
+        transfer = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
+        wait_for_free_gpus()
         t0 = time.monotonic()
         url = start_app(args)
         startup_s = time.monotonic() - t0
         result = asyncio.run(sweep(url, "bench", opts, image_seed=0))
-        result["transfer"] = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
-        result.update(layout=name, config=str(config_file), startup_s=startup_s)
+        result.update(layout=name, config=str(config_file), startup_s=startup_s, transfer=transfer)
         return result
     finally:
         stop_app(owns_ray)
@@ -293,8 +312,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-iters", type=int, default=5)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers TTFT")
     parser.add_argument("--ours-inprocess", action="store_true", help="also time engine.LLM in-process")
+    parser.add_argument("--time-budget-s", type=float, default=math.inf,
+                        help="start no layout or level after this many seconds (the table still prints)")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
+    opts.deadline = time.monotonic() + opts.time_budget_s
     opts.concurrency = int_list(opts.concurrency)
     if opts.tiny:
         opts.model = None
@@ -321,6 +343,9 @@ def main(argv: list[str] | None = None) -> dict:
             configs = ([(Path(opts.config).stem, Path(opts.config))] if opts.config else
                        [(name, REPO / "configs" / "bench" / f"serve-{name}.yaml") for name in opts.layout])
             for name, config_file in configs:
+                if time.monotonic() > opts.deadline:
+                    print(f"== layout {name}: skipped, --time-budget-s spent", flush=True)
+                    continue
                 runs.append(run_layout(name, config_file, ckpt, opts))
                 write_json(opts.json, payload)
         write_json(opts.json, payload)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from bench.common import config_path, load_hf_model, measure_peaks, print_table, time_fn, write_json
+from bench.common import load_hf_model, measure_peaks, print_table, time_fn, write_json
 
 SIZES = (448, 1024)
 BATCHES = (1, 8)
@@ -55,16 +55,17 @@ def hf_tower_forward(tower, pixels: torch.Tensor, grid: torch.Tensor):
     return out.pooler_output if hasattr(out, "pooler_output") else out[0]
 
 
-def bench_model(name: str, device: torch.device, peaks, rows: list, records: list) -> None:
+def bench_model(name: str, device: torch.device, peaks, rows: list, records: list,
+                ckpt_cache: str | None = None) -> None:
+    from bench.checkpoints import prepare_checkpoint
     from models.config import load_model_config
     from models.loader import CheckpointReader
     from models.processor import ImageProcessor
-    from models.random_weights import write_random_checkpoint
     from models.registry import build_vision_model
 
     dtype = torch.bfloat16
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = write_random_checkpoint(config_path(name), tmp, dtype, device)
+        ckpt = prepare_checkpoint(name, ckpt_cache or tmp, dtype, device)
         config = load_model_config(ckpt)
         ours = build_vision_model(config, dtype, device)
         ours.load_weights(CheckpointReader(ckpt))
@@ -117,6 +118,7 @@ def smoke() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["qwen3-vl-2b", "qwen3-vl-8b"])
+    parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here (bench/decode.py too)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -129,7 +131,7 @@ def main() -> None:
     rows: list = []
     records: list = []
     for name in args.models:
-        bench_model(name, device, peaks, rows, records)
+        bench_model(name, device, peaks, rows, records, args.ckpt_cache)
     write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Vision tower, bf16, {peaks.device_name}",
                 ["model", "image", "batch", "ours ms/img", "HF ms/img", "floor ms/img", "ours img/s",

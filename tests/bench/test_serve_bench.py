@@ -101,3 +101,13 @@ def test_histogram_quantiles_match_numpy() -> None:
     assert hist.count == len(values)
     assert hist.mean == pytest.approx(values.mean())
     assert hist.quantile(0.5) == pytest.approx(np.median(values), abs=2e-4)
+
+
+def test_run_gpu_script_parses_and_rejects_unknown_steps(tmp_path) -> None:
+    import subprocess
+
+    script = REPO / "bench" / "run_gpu.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bad = subprocess.run(["bash", str(script), "nosuchstep"], capture_output=True, text=True,
+                         env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "BENCH_GPUS": "0"})
+    assert bad.returncode == 2 and "unknown step" in bad.stderr
