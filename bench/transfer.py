@@ -7,8 +7,9 @@ The sink actor does what an LLMServer does: awaits the ObjectRef, then moves
 the tensors to its device. Timed separately on the sink:
 - `get`: the object store hop alone (the object is already sealed; `ray.wait`
   with `fetch_local=False` waits for that without pulling it);
-- `end to end`: the source's device -> CPU copy + the hop + the sink's
-  CPU -> device copy.
+- `end to end`: from the driver's `make()` call to the sink holding device
+  tensors: two actor calls, the source's device -> CPU copy, the hop and the
+  sink's CPU -> device copy.
 Payload: one image's embeds + deepstack, `N_tok x hidden x (1 + L)` values,
 N_tok = (size / patch / merge)^2, in the serving dtype.
 """
