@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.deployments.conftest import wait_until
 from tests.deployments.helpers import REPO, data_url, free_port, png_bytes, ray_bin, stop_process, subprocess_env
 
@@ -47,6 +49,7 @@ def output_ids(path: Path) -> list[str]:
     return ids
 
 
+@pytest.mark.slow  # in the default run (and CI); deselect with -m 'not slow'
 def test_batch_killed_midway_and_resubmitted(tmp_path):
     env = subprocess_env(tmp_path)
     gcs_port = free_port()

@@ -244,6 +244,7 @@ def _metric(text: str, name: str) -> float:
     return parse_prometheus(text).get(name, 0.0)
 
 
+@pytest.mark.slow  # in the default run (and CI); deselect with -m 'not slow'
 def test_tp_worker_killed_replica_restarts(deploy):
     """SIGKILL one TP rank of the LLM replica: 503s, check_health fails, Serve restarts it, requests succeed."""
     from ray.util.state import list_actors

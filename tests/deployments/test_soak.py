@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.deployments.helpers import REPO, stop_process, subprocess_env
@@ -20,6 +21,7 @@ CACHE_BUDGET = 96 * 1024  # bytes: a few dozen tiny-ViT images, far fewer than t
 MAX_GROWTH_MIB = 64.0
 
 
+@pytest.mark.slow  # in the default run (and CI); deselect with -m 'not slow'
 def test_soak_short(tmp_path):
     data = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
     data["applications"][0]["args"]["embedding_cache_bytes"] = CACHE_BUDGET
