@@ -10,6 +10,7 @@ images run eagerly. Only built on CUDA and without `enforce_eager`.
 
 from __future__ import annotations
 
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -69,7 +70,11 @@ class DecodeGraphs:
         try:
             return cls._capture(runner, max_model_len)
         except Exception as exc:  # a model op that cannot be captured: run eagerly
-            warnings.warn(f"CUDA graph capture failed, decode runs eagerly: {exc}", RuntimeWarning, stacklevel=2)
+            frames = traceback.extract_tb(exc.__traceback__)
+            ours = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename]
+            where = (ours or frames)[-1]
+            warnings.warn(f"CUDA graph capture failed, decode runs eagerly: {exc} "
+                          f"(at {where.filename}:{where.lineno} in {where.name})", RuntimeWarning, stacklevel=2)
             torch.cuda.synchronize()
             return None
 

@@ -45,7 +45,7 @@ class VocabParallelEmbedding(nn.Module):
         if self.parallel.tp_size == 1:
             return F.embedding(input_ids, self.weight)
         local = (input_ids >= self.vocab_start) & (input_ids < self.vocab_end)
-        ids = torch.where(local, input_ids - self.vocab_start, 0)
+        ids = (input_ids - self.vocab_start) * local  # out-of-shard ids read row 0, then are zeroed
         out = F.embedding(ids, self.weight) * local.unsqueeze(-1).to(self.weight.dtype)
         return all_reduce(out, self.parallel)
 

@@ -15,8 +15,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import json
+
 import httpx
-import openai
 import pytest
 import torch
 import yaml
@@ -71,30 +72,33 @@ def test_qwen3_vl_2b_yaml_streams_image_chat_on_two_gpus(tmp_path):
 
         wait_until(healthy, timeout_s=600, interval_s=2.0)
         ready_s = time.monotonic() - t0
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        # Plain httpx SSE here: the GPU machine has no `openai` package (the CPU tests use it).
+        base = f"http://127.0.0.1:{port}/v1"
         model = app["args"]["model_id"]
-        assert [m.id for m in client.models.list().data] == [model]
+        assert [m["id"] for m in httpx.get(f"{base}/models", timeout=10).json()["data"]] == [model]
         for size in ((1024, 1024), (640, 480)):
+            body = {"model": model, "max_tokens": 32, "temperature": 0, "stream": True, "ignore_eos": True,
+                    "stream_options": {"include_usage": True},
+                    "messages": [{"role": "user", "content": [
+                        {"type": "image_url", "image_url": {"url": data_url(png_bytes(*size, (200, 40, 90)))}},
+                        {"type": "text", "text": "Describe this image."}]}]}
             t1 = time.monotonic()
-            stream = client.chat.completions.create(
-                model=model, max_tokens=32, temperature=0, stream=True, stream_options={"include_usage": True},
-                extra_body={"ignore_eos": True},
-                messages=[{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(png_bytes(*size, (200, 40, 90)))}},
-                    {"type": "text", "text": "Describe this image."}]}],
-            )
             first, pieces, usage = None, [], None
-            for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    first = first or time.monotonic()
-                    pieces.append(chunk.choices[0].delta.content)
-                if chunk.usage is not None:
-                    usage = chunk.usage
+            with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as resp:
+                assert resp.status_code == 200, resp.read()
+                for line in resp.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                        first = first or time.monotonic()
+                        pieces.append(chunk["choices"][0]["delta"]["content"])
+                    usage = chunk.get("usage") or usage
             image_tokens = (size[0] // 32) * (size[1] // 32)
             print(f"{size[0]}x{size[1]}: ttft {1e3 * (first - t1):.1f} ms, {len(pieces)} content chunks, "
-                  f"usage {usage.prompt_tokens}+{usage.completion_tokens} tokens, text {''.join(pieces)[:60]!r}")
-            assert usage.completion_tokens == 32 and len(pieces) >= 2
-            assert usage.prompt_tokens > image_tokens  # the image's tokens reached the LLM
+                  f"usage {usage['prompt_tokens']}+{usage['completion_tokens']} tokens, text {''.join(pieces)[:60]!r}")
+            assert usage["completion_tokens"] == 32 and len(pieces) >= 2
+            assert usage["prompt_tokens"] > image_tokens  # the image's tokens reached the LLM
         busy = {uuid for uuid, pids in _gpu_pids().items() if pids}
         print(f"ready after {ready_s:.0f} s; GPUs with our processes: {len(busy)}")
         assert len(busy) >= 2, "vision and LLM replicas should sit on different GPUs"

@@ -225,6 +225,7 @@ def _tp_worker(rank: int, world: int, port: int, paths: list[str], out: str) -> 
         torch.set_num_threads(1)
         for i, path in enumerate(paths):
             torch.save(_tp_run(Path(path), ParallelContext(rank, world, dist.group.WORLD)), f"{out}.{i}.{rank}")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 

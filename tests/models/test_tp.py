@@ -68,6 +68,7 @@ def _worker(rank: int, world: int, port: int, model_dirs: list[str], out: str) -
         for i, model_dir in enumerate(model_dirs):
             logits = _run(Path(model_dir), ParallelContext(rank, world, dist.group.WORLD))
             torch.save(logits, f"{out}.{i}.{rank}")
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
