@@ -1,11 +1,15 @@
-"""CUDA graphs for decode-only steps at bucketed batch sizes (nano-vllm's scheme).
+"""CUDA graphs for decode-only steps at bucketed batch sizes and context widths.
 
-Static input buffers sized for the largest bucket; one graph per bucket,
-captured largest first into a shared memory pool after an eager warmup run.
-A decode batch of B sequences replays the smallest bucket >= B with the
-padding rows writing nowhere (slot -1) and attending to one cached token.
-Batches larger than the largest bucket, mixed prefill steps and steps with
-images run eagerly. Only built on CUDA and without `enforce_eager`.
+Static input buffers sized for the largest bucket; one graph per (batch
+bucket, block-table width bucket), captured largest first into a shared memory
+pool after an eager warmup run. The paged decode kernel sizes its grid by the
+block-table width (context splits), so a graph captured at the widest table
+would launch max_model_len / 512 splits per sequence at every step; width
+buckets (1,024 tokens, then x4 up to max_model_len) keep the grid close to the
+batch's context. A decode batch of B sequences replays the smallest bucket
+>= B, the padding rows writing nowhere (slot -1) and attending to one cached
+token. Batches larger than the largest bucket, mixed prefill steps and steps
+with images run eagerly. Only built on CUDA and without `enforce_eager`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ import torch
 from models.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
-    from engine.runner import ModelRunner, StepBatch
+    from engine.decode_inputs import HostDecodeBatch
+    from engine.runner import ModelRunner
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -31,25 +36,35 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+def width_buckets(max_blocks: int, block_size: int) -> list[int]:
+    """Block-table widths to capture: 1,024 tokens' worth, then x4, up to max_blocks (always included)."""
+    widths, w = [], max(1, 1024 // block_size)
+    while w < max_blocks:
+        widths.append(w)
+        w *= 4
+    widths.append(max_blocks)
+    return widths
+
+
 @dataclass(frozen=True, slots=True)
 class _Buffers:
-    input_ids: torch.Tensor  # [M] int64
-    positions: torch.Tensor  # [3, M] int64
-    slot_mapping: torch.Tensor  # [M] int64
+    longs: torch.Tensor  # [5 * M] int64: a batch of S uses [:5S] as [5, S] (ids, 3 x position, slot)
     block_tables: torch.Tensor  # [M, max_blocks] int32
     seq_lens: torch.Tensor  # [M] int32
-    cu_seqlens_q: torch.Tensor  # [M + 1] int32
-    cu_seqlens_k: torch.Tensor  # [M + 1] int32
+    cu_seqlens: torch.Tensor  # [M + 1] int32 (0..M: one query, and one key as far as the graph knows)
     hidden: torch.Tensor  # [M, H] model dtype
 
-    def metadata(self, size: int, max_model_len: int) -> AttentionMetadata:
+    def longs_of(self, size: int) -> torch.Tensor:
+        return self.longs[: 5 * size].view(5, size)
+
+    def metadata(self, size: int, width: int, block_size: int) -> AttentionMetadata:
         return AttentionMetadata(
-            cu_seqlens_q=self.cu_seqlens_q[: size + 1],
-            cu_seqlens_k=self.cu_seqlens_k[: size + 1],
+            cu_seqlens_q=self.cu_seqlens[: size + 1],
+            cu_seqlens_k=self.cu_seqlens[: size + 1],
             max_seqlen_q=1,
-            max_seqlen_k=max_model_len,
-            slot_mapping=self.slot_mapping[:size],
-            block_tables=self.block_tables[:size],
+            max_seqlen_k=width * block_size,
+            slot_mapping=self.longs_of(size)[4],
+            block_tables=self.block_tables[:size, :width],
             seq_lens=self.seq_lens[:size],
             decode_only=True,
         )
@@ -58,11 +73,12 @@ class _Buffers:
 class DecodeGraphs:
     """Captured decode graphs of one runner."""
 
-    def __init__(self, runner: ModelRunner, buffers: _Buffers, graphs: dict[int, torch.cuda.CUDAGraph]):
+    def __init__(self, runner: ModelRunner, buffers: _Buffers, graphs: dict[tuple[int, int], torch.cuda.CUDAGraph]):
         self.runner = runner
         self.buffers = buffers
         self.graphs = graphs
-        self.sizes = sorted(graphs)
+        self.sizes = sorted({size for size, _ in graphs})
+        self.widths = sorted({width for _, width in graphs})
 
     @classmethod
     def capture(cls, runner: ModelRunner, max_model_len: int) -> DecodeGraphs | None:
@@ -85,47 +101,50 @@ class DecodeGraphs:
         m = cfg.max_num_seqs
         max_blocks = -(-max_model_len // cfg.block_size)
         hidden_size = runner.model_config.text.hidden_size
+        longs = torch.zeros(5 * m, dtype=torch.int64, device=dev)
         buf = _Buffers(
-            input_ids=torch.zeros(m, dtype=torch.int64, device=dev),
-            positions=torch.zeros(3, m, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((m,), -1, dtype=torch.int64, device=dev),
+            longs=longs,
             block_tables=torch.zeros(m, max_blocks, dtype=torch.int32, device=dev),
             seq_lens=torch.ones(m, dtype=torch.int32, device=dev),
-            cu_seqlens_q=torch.arange(m + 1, dtype=torch.int32, device=dev),
-            cu_seqlens_k=torch.arange(m + 1, dtype=torch.int32, device=dev),
+            cu_seqlens=torch.arange(m + 1, dtype=torch.int32, device=dev),
             hidden=torch.zeros(m, hidden_size, dtype=runner.dtype, device=dev),
         )
-        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         pool = None
-        for size in reversed(bucket_sizes(m)):
-            attn = buf.metadata(size, max_model_len)
-            args = (buf.input_ids[:size], buf.positions[:, :size], attn, runner.kv_caches, None)
-            buf.hidden[:size] = runner.model(*args)  # warmup (lazy inits, autotuning)
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                buf.hidden[:size] = runner.model(*args)
-            pool = graph.pool() if pool is None else pool
-            graphs[size] = graph
+        for width in reversed(width_buckets(max_blocks, cfg.block_size)):
+            for size in reversed(bucket_sizes(m)):
+                view = buf.longs_of(size)
+                view.zero_()
+                view[4].fill_(-1)  # padding rows write nowhere
+                attn = buf.metadata(size, width, cfg.block_size)
+                args = (view[0], view[1:4], attn, runner.kv_caches, None)
+                buf.hidden[:size] = runner.model(*args)  # warmup (lazy inits, autotuning)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    buf.hidden[:size] = runner.model(*args)
+                pool = graph.pool() if pool is None else pool
+                graphs[(size, width)] = graph
         torch.cuda.synchronize()
         return cls(runner, buf, graphs)
 
-    def run(self, batch: StepBatch) -> torch.Tensor | None:
-        """Replay the bucket for this decode batch; None if it is larger than every bucket."""
-        b = batch.input_ids.shape[0]
-        size = next((s for s in self.sizes if s >= b), None)
-        if size is None:
+    def batch_bucket(self, batch: int) -> int | None:
+        """The captured batch size a decode of `batch` sequences pads to (None: run eagerly)."""
+        return next((s for s in self.sizes if s >= batch), None)
+
+    def replay(self, host: HostDecodeBatch, batch: int) -> torch.Tensor | None:
+        """Copy a staged decode step (padded to a batch bucket) in and replay its graph.
+
+        Returns hidden [batch, H] (a view of the static output), or None when the
+        context is wider than every captured width (the caller runs eagerly).
+        """
+        width = next((w for w in self.widths if w >= host.width), None)
+        if width is None or (host.size, width) not in self.graphs:
             return None
         buf = self.buffers
-        width = batch.attn.block_tables.shape[1]
-        if width > buf.block_tables.shape[1]:
-            return None
-        buf.input_ids[:b].copy_(batch.input_ids)
-        buf.positions[:, :b].copy_(batch.positions)
-        buf.slot_mapping[:b].copy_(batch.attn.slot_mapping)
-        buf.slot_mapping[b:size].fill_(-1)
-        buf.block_tables[:b, :width].copy_(batch.attn.block_tables)
-        buf.seq_lens[:b].copy_(batch.attn.seq_lens)
-        buf.seq_lens[b:size].fill_(1)
-        self.graphs[size].replay()
-        return buf.hidden[:b]
+        buf.longs_of(host.size).copy_(host.longs, non_blocking=True)
+        buf.seq_lens[: host.size].copy_(host.seq_lens, non_blocking=True)
+        buf.block_tables[: host.size, : host.width].copy_(host.block_tables, non_blocking=True)
+        self.runner.decode_inputs.mark_copied()
+        self.graphs[(host.size, width)].replay()
+        return buf.hidden[:batch]

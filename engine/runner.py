@@ -5,6 +5,9 @@ block table, sampling generator) from the step messages, builds one step's
 batch tensors (`input_ids`, `positions [3, T]`, `AttentionMetadata`,
 `MultimodalBatch`), runs the decoder over the paged KV cache, and on rank 0
 samples the next token of every sequence that reached its end this step.
+Decode-only steps take a fast path: inputs staged in place from persistent
+per-sequence rows (`engine/decode_inputs.py`), a CUDA graph where one is
+captured, and a bare argmax when every row is plain greedy.
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.decode_inputs import DecodeInputs, HostDecodeBatch
 from engine.kv_cache_alloc import allocate_kv_caches, num_blocks_for
-from engine.sampler import SampleRow, sample
+from engine.sampler import SampleRow, sample, sample_greedy
 from engine.sequence import MultimodalInputs
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from models.config import ModelConfig, load_model_config
@@ -40,6 +44,8 @@ class SeqState:
     mm: MultimodalInputs | None = None
     image_rows: torch.Tensor | None = None  # image tokens before each prompt index
     block_table: list[int] = field(default_factory=list)
+    row: int = -1  # this sequence's row in `DecodeInputs`
+    plain_greedy: bool = False  # greedy, no penalties, no logprobs: argmax is the whole sampler
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +74,7 @@ class ModelRunner:
         self.model.load_weights(CheckpointReader(config.model))
         self.model.eval()
         self.seqs: dict[int, SeqState] = {}
+        self.decode_inputs = DecodeInputs(config.block_size, self.device)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
@@ -111,14 +118,18 @@ class ModelRunner:
             is_img = torch.tensor(new.prompt_token_ids) == self.image_token_id
             rows = torch.zeros(len(new.prompt_token_ids) + 1, dtype=torch.int64)
             rows[1:] = torch.cumsum(is_img, 0)
+        sp = new.sampling
         self.seqs[new.seq_id] = SeqState(
             list(new.prompt_token_ids), len(new.prompt_token_ids), new.positions, new.mrope_delta,
-            new, gen, mm, rows,
+            new, gen, mm, rows, row=self.decode_inputs.add(new.mrope_delta),
+            plain_greedy=sp.greedy and not sp.has_penalties and sp.logprobs is None,
         )
 
     def _update(self, msg: StepMessage) -> None:
         for seq_id in msg.freed_seq_ids:
-            self.seqs.pop(seq_id, None)
+            state = self.seqs.pop(seq_id, None)
+            if state is not None:
+                self.decode_inputs.free(state.row)
         for new in msg.new_seqs:
             self._add(new)
         for s in msg.steps:
@@ -128,6 +139,9 @@ class ModelRunner:
                 state.block_table = list(s.block_ids)
             else:
                 state.block_table.extend(s.block_ids)
+            if s.block_ids or s.reset_blocks:
+                first = len(state.block_table) - len(s.block_ids)
+                self.decode_inputs.write_blocks(state.row, first, s.block_ids, reset=s.reset_blocks)
 
     # ---- batch building ----------------------------------------------------------
 
@@ -241,17 +255,19 @@ class ModelRunner:
         self._update(msg)
         if not msg.steps:
             return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        batch = self.build_batch(msg.steps)
-        hidden = self._forward(batch)
+        hidden, sample_rows = self._run(msg.steps)
         sampled = [s for s in msg.steps if s.sample]
         if not sampled:
             return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        logits = self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows])
         if self.parallel.tp_rank != 0:
             return None
+        states = [self.seqs[s.seq_id] for s in sampled]
+        seq_ids = tuple(s.seq_id for s in sampled)
+        if all(st.plain_greedy for st in states):
+            return StepResult(seq_ids, tuple(sample_greedy(logits)), (None,) * len(states))
         rows = []
-        for s in sampled:
-            st = self.seqs[s.seq_id]
+        for st in states:
             # Only the penalties read the history: skip copying it for every other row.
             if st.new.sampling.has_penalties:
                 prompt, output = st.token_ids[: st.num_prompt], st.token_ids[st.num_prompt :]
@@ -259,11 +275,65 @@ class ModelRunner:
                 prompt, output = [], []
             rows.append(SampleRow(st.new.sampling, prompt, output, st.generator))
         out = sample(logits, rows)
-        return StepResult(tuple(s.seq_id for s in sampled), tuple(out.token_ids), tuple(out.logprobs))
+        return StepResult(seq_ids, tuple(out.token_ids), tuple(out.logprobs))
+
+    def _run(self, steps: tuple[SeqStep, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model over this step's tokens -> (hidden [T, H], rows to sample or None for every row)."""
+        decode = self._decode_rows(steps)
+        if decode is None:
+            batch = self.build_batch(steps)
+            return self._forward(batch), batch.sample_rows
+        rows, starts, token_ids = decode
+        b = len(rows)
+        sample_rows = None
+        if not all(s.sample for s in steps):  # a 1-token chunk of a recompute after preemption
+            picked = [i for i, s in enumerate(steps) if s.sample]
+            sample_rows = torch.tensor(picked, dtype=torch.int64, device=self.device)
+        size = self.graphs.batch_bucket(b) if self.graphs is not None else None
+        host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0)
+        if size is not None:
+            hidden = self.graphs.replay(host, b)
+            if hidden is not None:
+                return hidden, sample_rows
+        batch = self._decode_batch(host, b, max(starts) + 1, steps)
+        return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, None), sample_rows
+
+    def _decode_rows(self, steps: tuple[SeqStep, ...]) -> tuple[list[int], list[int], list[int]] | None:
+        """(state rows, token indices, token ids) when every step decodes one generated token, else None."""
+        rows, starts, token_ids = [], [], []
+        seqs = self.seqs
+        for s in steps:
+            st = seqs[s.seq_id]
+            if s.num_new_tokens != 1 or s.start < st.num_prompt:
+                return None  # prompt tokens may be image tokens or carry mRoPE image positions
+            rows.append(st.row)
+            starts.append(s.start)
+            token_ids.append(st.token_ids[s.start])
+        return rows, starts, token_ids
+
+    def _decode_batch(self, host: HostDecodeBatch, b: int, max_len: int, steps: tuple[SeqStep, ...]) -> StepBatch:
+        """Device tensors of a staged decode step that runs eagerly (no graph for it)."""
+        dev = self.device
+        longs, seq_lens, tables = host.longs[:, :b], host.seq_lens[:b], host.block_tables[:b]
+        if dev.type == "cuda":
+            longs, seq_lens, tables = (t.to(dev, non_blocking=True) for t in (longs, seq_lens, tables))
+            self.decode_inputs.mark_copied()
+        else:  # the staging arrays are overwritten next step
+            longs, seq_lens, tables = longs.clone(), seq_lens.clone(), tables.clone()
+        cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
+        cu_k[1:] = torch.cumsum(seq_lens, 0)
+        attn = AttentionMetadata(
+            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=dev),
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=1,
+            max_seqlen_k=max_len,
+            slot_mapping=longs[4],
+            block_tables=tables,
+            seq_lens=seq_lens,
+            decode_only=True,
+            **self._state_metadata(steps),
+        )
+        return StepBatch(longs[0], longs[1:4], attn, None, torch.arange(b, device=dev))
 
     def _forward(self, batch: StepBatch) -> torch.Tensor:
-        if self.graphs is not None and batch.attn.decode_only and batch.mm is None:
-            hidden = self.graphs.run(batch)
-            if hidden is not None:
-                return hidden
         return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)

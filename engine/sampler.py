@@ -123,6 +123,15 @@ def _logprobs(
     return out
 
 
+def sample_greedy(logits: torch.Tensor) -> list[int]:
+    """The whole of `sample` when every row is greedy without penalties or logprobs:
+    one argmax on the device and one copy of N ints to the host.
+
+    Shapes: logits [N, V] -> N token ids.
+    """
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
     """Pick one token per row.
 

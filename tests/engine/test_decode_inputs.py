@@ -1,0 +1,55 @@
+"""The runner's decode fast path (persistent rows, staged in place) builds exactly the batch that
+the general per-sequence path builds for the same steps."""
+
+from __future__ import annotations
+
+import torch
+
+from engine import LLM, SamplingParams
+from tests.engine.helpers import TEXT, image, prompt_ids
+
+
+def _assert_same_batch(fast, ref) -> None:
+    assert torch.equal(fast.input_ids, ref.input_ids)
+    assert torch.equal(fast.positions, ref.positions)
+    assert torch.equal(fast.sample_rows, ref.sample_rows)
+    a, b = fast.attn, ref.attn
+    for name in ("cu_seqlens_q", "cu_seqlens_k", "slot_mapping", "block_tables", "seq_lens"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and torch.equal(x, y), name
+    assert (a.max_seqlen_q, a.max_seqlen_k, a.decode_only) == (b.max_seqlen_q, b.max_seqlen_k, b.decode_only)
+    assert fast.mm is None and ref.mm is None
+
+
+def test_decode_inputs_match_the_general_batch(tiny_checkpoint):
+    # Small blocks and a varied batch: tables grow, rows free and get reused, mRoPE offsets differ.
+    llm = LLM(tiny_checkpoint("qwen3_vl"), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
+    runner = llm.engine.executor.runner
+    run, checked = runner._run, []
+
+    def checking_run(steps):
+        decode = runner._decode_rows(steps)
+        if decode is not None:
+            rows, starts, ids = decode
+            fast = runner._decode_batch(runner.decode_inputs.stage(rows, starts, ids), len(rows), max(starts) + 1, steps)
+            _assert_same_batch(fast, runner.build_batch(steps))
+            checked.append(len(rows))
+        return run(steps)
+
+    runner._run = checking_run
+    tok = llm.tokenizer
+    prompts = [
+        {"prompt_token_ids": prompt_ids(tok, TEXT, 1), "images": [image(64, 96, 0)]},
+        {"prompt_token_ids": prompt_ids(tok, TEXT, 0)},
+        {"prompt_token_ids": prompt_ids(tok, TEXT, 2), "images": [image(96, 64, 1), image(64, 64, 2)]},
+        {"prompt_token_ids": prompt_ids(tok, TEXT[:20], 0)},
+        {"prompt_token_ids": prompt_ids(tok, TEXT, 0)[:5]},
+    ]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (9, 3, 12, 6, 5)]
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        runner._run = run
+        llm.shutdown()
+    assert [len(o.token_ids) for o in outs] == [9, 3, 12, 6, 5]
+    assert max(checked) == 4 and min(checked) < 4  # full and partial decode batches both went through
