@@ -1,0 +1,322 @@
+"""Profile: where a decode step and the vision tower spend their time (host vs GPU kernels).
+
+    python -m bench.profile --json $OUT/profile.json             # H100: Qwen3-VL-2B arch, random bf16 weights
+    python -m bench.profile --batches 1,64 --ckpt-cache /tmp/ckpt --json $OUT/profile.json
+    python -m bench.profile --smoke                               # CPU, tiny checkpoint
+
+(a) Decode through our engine (`engine.LLM`, CUDA graphs on, as bench/decode.py
+builds it): `batch` requests with 512-token prompts decode greedily; once every
+request has its first tokens, a window of steps runs twice: first timed (wall
+per step from one engine step to the next, and host time inside the phases of a
+step), then under torch.profiler with CUDA activities. GPU busy = the union of
+kernel and memcpy intervals in the profiled window, per step; busy / wall well
+below 1 means the step is host-bound.
+(b) Our vision tower on 8 images of 1024x1024 (a few calls after warmup).
+
+Prints the top kernels by total time, GPU busy vs wall per step and the host
+phase split, and writes all tables as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+from bench.common import int_list, print_table, synchronize, write_json
+
+PROMPT_LEN = 512
+WARM_TOKENS = 4  # tokens every request has before the window (prefill and graph warmup done)
+STEPS = 8  # decode steps per window
+TOP = 15
+
+
+# ---- profiler tables ------------------------------------------------------------------
+
+def make_profiler(device: torch.device):
+    """torch.profiler over every thread (the engine steps in a worker thread), CUDA activities on GPU."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        from torch._C._profiler import _ExperimentalConfig
+
+        return profile(activities=acts, experimental_config=_ExperimentalConfig(profile_all_threads=True))
+    except TypeError:  # an older torch: CPU ops of this thread only (CUDA kernels are recorded anyway)
+        return profile(activities=acts)
+
+
+def _union_us(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for lo, hi in sorted(intervals):
+        if hi > end:
+            total += hi - max(lo, end)
+            end = hi
+    return total
+
+
+def kernel_table(prof, device: torch.device, steps: int, top: int = TOP) -> tuple[list[dict], float]:
+    """Top device kernels (CPU: top ops by self time) by total time, and device-busy us per step."""
+    events = prof.events()
+    if device.type == "cuda":
+        dev = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = _union_us([(e.time_range.start, e.time_range.end) for e in dev]) / steps
+        times = [(e.name, e.time_range.elapsed_us()) for e in dev]
+    else:
+        busy = float("nan")
+        times = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()]
+    agg: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for name, us, *count in times:
+        agg[name][0] += us
+        agg[name][1] += count[0] if count else 1
+    total = sum(us for us, _ in agg.values()) or 1.0
+    rows = [dict(name=name[:120], total_us=us, calls=n, us_per_step=us / steps, share=us / total)
+            for name, (us, n) in sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]]
+    return rows, busy
+
+
+def print_kernels(title: str, rows: list[dict]) -> None:
+    print_table(title, ["kernel", "us/step", "calls", "share"],
+                [[r["name"][:80], r["us_per_step"], r["calls"], f"{100 * r['share']:.1f}%"] for r in rows])
+
+
+# ---- decode ---------------------------------------------------------------------------
+
+class PhaseTimer:
+    """Wraps methods to add up the wall time spent inside them (host phases of a step)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = collections.defaultdict(float)
+        self.step_starts: list[float] = []
+        self.on = False
+
+    def wrap(self, obj: Any, attr: str, key: str, step: bool = False) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if self.on:
+                    self.totals[key] += time.perf_counter() - t0
+                    if step:
+                        self.step_starts.append(t0)
+
+        setattr(obj, attr, timed)
+
+    def reset(self, on: bool) -> None:
+        self.totals.clear()
+        self.step_starts.clear()
+        self.on = on
+
+
+def instrument(llm) -> PhaseTimer:
+    import engine.runner as runner_mod
+
+    timer = PhaseTimer()
+    eng = llm.engine
+    timer.wrap(eng.scheduler, "schedule", "schedule")
+    timer.wrap(eng, "_message", "message")
+    timer.wrap(eng, "_process", "process outputs")
+    timer.wrap(eng.executor, "execute", "execute (model step)", step=True)
+    runner = getattr(eng.executor, "runner", None)
+    if runner is not None:  # TP 1: inside the runner too
+        timer.wrap(runner.decode_inputs, "stage", "  stage decode inputs")
+        if runner.graphs is not None:
+            timer.wrap(runner.graphs, "replay", "  copy inputs + graph replay")
+        timer.wrap(runner.model, "compute_logits", "  LM head (launch)")
+        timer.wrap(runner_mod, "sample_greedy", "  argmax + D2H (waits for the GPU)")
+        timer.wrap(runner_mod, "sample", "  sampler")
+    return timer
+
+
+async def _decode_window(llm, prompts: list[list[int]], start: Callable[[], None], stop: Callable[[], None]) -> None:
+    from engine import SamplingParams
+
+    sp = SamplingParams(max_tokens=WARM_TOKENS + 2 * STEPS + 4, temperature=0.0, ignore_eos=True)
+    streams = [llm.engine.add_request(f"profile-{i}-{time.monotonic_ns()}", p, None, sp)
+               for i, p in enumerate(prompts)]
+
+    async def take(stream, n: int) -> None:
+        got = 0
+        while got < n:
+            got += len((await stream.__anext__()).new_token_ids)
+
+    await asyncio.gather(*(take(s, WARM_TOKENS) for s in streams))
+    start()
+    await asyncio.gather(*(take(s, STEPS) for s in streams))
+    stop()
+    for s in streams:
+        await s.aclose()
+
+
+def profile_decode(llm, batch: int, vocab: int, device: torch.device, prompt_len: int) -> dict:
+    """One batch size: timed window (wall + host phases), then a profiled window."""
+    from bench.decode import prompts as make_prompts
+
+    timer = instrument(llm) if not hasattr(llm, "_profile_timer") else llm._profile_timer
+    llm._profile_timer = timer
+    batch_prompts = make_prompts(batch, vocab, prompt_len)
+    run = lambda start, stop: llm._loop.run_until_complete(  # noqa: E731
+        _decode_window(llm, batch_prompts, start, stop))
+    run(lambda: None, lambda: None)  # warmup: graphs, allocator, first-call costs
+    run(lambda: timer.reset(True), lambda: setattr(timer, "on", False))
+    starts = timer.step_starts
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    wall_ms = 1e3 * sorted(gaps)[len(gaps) // 2] if gaps else float("nan")
+    nsteps = max(len(starts), 1)
+    phases = {k: 1e3 * v / nsteps for k, v in timer.totals.items()}
+    prof = make_profiler(device)
+    window: dict[str, float] = {}
+
+    def start() -> None:
+        synchronize(device)
+        timer.reset(True)
+        prof.__enter__()
+        window["t0"] = time.perf_counter()
+
+    def stop() -> None:
+        synchronize(device)
+        window["t1"] = time.perf_counter()
+        prof.__exit__(None, None, None)
+        timer.on = False
+
+    run(start, stop)
+    steps = max(len(timer.step_starts), 1)
+    kernels, busy_us = kernel_table(prof, device, steps)
+    profiled_wall_ms = 1e3 * (window["t1"] - window["t0"]) / steps
+    return dict(batch=batch, steps=steps, wall_ms_per_step=wall_ms, gpu_busy_ms_per_step=busy_us / 1e3,
+                busy_over_wall=busy_us / 1e3 / wall_ms, profiled_wall_ms_per_step=profiled_wall_ms,
+                host_phases_ms_per_step=phases, top_kernels=kernels)
+
+
+def decode_section(ckpt: Path, device: torch.device, dtype: str, batches: list[int], prompt_len: int,
+                   vocab: int | None = None, **llm_kwargs) -> list[dict]:
+    """`vocab`: draw prompt ids below this (default: the model's vocabulary)."""
+    import json
+
+    from engine import LLM
+
+    vocab = vocab or json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
+    tokens = prompt_len + WARM_TOKENS + 2 * STEPS + 8
+    blocks = max(batches) * (-(-tokens // 16)) + 64
+    llm = LLM(model=str(ckpt), device=device.type, dtype=dtype, max_num_seqs=max(batches),
+              max_num_batched_tokens=max(4096, prompt_len), num_gpu_blocks=blocks, enable_prefix_caching=False,
+              skip_tokenizer_init=True, **llm_kwargs)
+    try:
+        return [profile_decode(llm, b, vocab, device, prompt_len) for b in batches]
+    finally:
+        llm.shutdown()
+
+
+def report_decode(results: list[dict]) -> None:
+    for r in results:
+        print_kernels(f"Decode batch {r['batch']}: top kernels ({r['steps']} steps profiled)", r["top_kernels"])
+        print_table(f"Decode batch {r['batch']}: host phases (ms per step, timed window)", ["phase", "ms/step"],
+                    [[k, v] for k, v in r["host_phases_ms_per_step"].items()])
+    print_table("Decode: GPU busy vs wall per step (busy/wall << 1: host-bound)",
+                ["batch", "wall ms/step", "GPU busy ms/step", "busy/wall", "wall under profiler"],
+                [[r["batch"], r["wall_ms_per_step"], r["gpu_busy_ms_per_step"], r["busy_over_wall"],
+                  r["profiled_wall_ms_per_step"]] for r in results])
+
+
+# ---- vision ---------------------------------------------------------------------------
+
+def vision_section(ckpt: Path, device: torch.device, dtype: torch.dtype, size: int, count: int,
+                   iters: int = 3) -> dict:
+    from bench.vision import make_images
+    from models.config import load_model_config
+    from models.loader import CheckpointReader
+    from models.processor import ImageProcessor
+    from models.registry import build_vision_model
+
+    config = load_model_config(ckpt)
+    tower = build_vision_model(config, dtype, device)
+    tower.load_weights(CheckpointReader(ckpt))
+    tower.eval()
+    proc = ImageProcessor.from_pretrained(ckpt).preprocess(make_images(size, count))
+    pixels, grid = proc.pixel_values.to(device, dtype), proc.grid_thw.to(device)
+    with torch.inference_mode():
+        for _ in range(2):
+            tower(pixels, grid)
+        synchronize(device)
+        with make_profiler(device) as prof:
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                tower(pixels, grid)
+            synchronize(device)
+            wall_ms = 1e3 * (time.perf_counter() - t0) / iters
+    kernels, busy_us = kernel_table(prof, device, iters)
+    del tower
+    return dict(images=count, size=size, wall_ms_per_call=wall_ms, gpu_busy_ms_per_call=busy_us / 1e3,
+                busy_over_wall=busy_us / 1e3 / wall_ms, top_kernels=kernels)
+
+
+def report_vision(r: dict) -> None:
+    print_kernels(f"Vision tower, {r['images']} images of {r['size']}x{r['size']}: top kernels (per call)",
+                  r["top_kernels"])
+    print_table("Vision tower: GPU busy vs wall per call", ["images", "wall ms", "GPU busy ms", "busy/wall"],
+                [[r["images"], r["wall_ms_per_call"], r["gpu_busy_ms_per_call"], r["busy_over_wall"]]])
+
+
+# ---- entry points ---------------------------------------------------------------------
+
+def smoke(json_path: str | None = None) -> dict:
+    """Both sections on CPU with a tiny checkpoint (top CPU ops instead of kernels)."""
+    from models.tiny import write_tiny_checkpoint
+
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
+        decode = decode_section(ckpt, cpu, "float32", [1, 4], 16, vocab=500, max_model_len=256)  # ids below the specials
+        vision = vision_section(ckpt, cpu, torch.float32, 64, 2, iters=1)
+    report_decode(decode)
+    report_vision(vision)
+    payload = {"device": "cpu (smoke)", "decode": decode, "vision": vision}
+    write_json(json_path, payload)
+    print("smoke ok: decode batches", [r["batch"] for r in decode], "and the vision tower profiled")
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-vl-2b", help="configs/models/<name>.json")
+    parser.add_argument("--batches", nargs="+", default=["1,64"], help="decode batch sizes: 1,64 or 1 64")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=1024)
+    parser.add_argument("--ckpt-cache", default=None, help="keep/reuse the random checkpoint here")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        smoke(args.json)
+        return
+    from bench.checkpoints import prepare_checkpoint
+
+    device = torch.device("cuda")
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = prepare_checkpoint(args.model, args.ckpt_cache or tmp, torch.bfloat16, device, tokenizer=False)
+        torch.cuda.empty_cache()
+        print(f"checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), PROMPT_LEN)
+        torch.cuda.empty_cache()
+        vision = vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images)
+    name = torch.cuda.get_device_name(device)
+    payload = {"device": name, "model": args.model, "prompt_len": PROMPT_LEN, "decode": decode, "vision": vision}
+    write_json(args.json, payload)
+    report_vision(vision)
+    report_decode(decode)
+    print(f"total {time.perf_counter() - t0:.1f} s on {name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+"""bench/profile.py's CPU smoke mode: the profiling script imports, runs and writes its tables."""
+
+import json
+
+from bench import profile
+
+
+def test_profile_bench_smoke(tmp_path, capsys) -> None:
+    out = tmp_path / "profile.json"
+    profile.main(["--smoke", "--json", str(out)])
+    assert "smoke ok" in capsys.readouterr().out
+    payload = json.loads(out.read_text())
+    assert [r["batch"] for r in payload["decode"]] == [1, 4]
+    for r in payload["decode"]:
+        assert r["steps"] >= 1 and r["top_kernels"]
+        assert "execute (model step)" in r["host_phases_ms_per_step"]
+    assert payload["vision"]["top_kernels"]
