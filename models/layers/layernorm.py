@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ops
@@ -35,12 +36,16 @@ class RMSNorm(nn.Module):
 class OffsetRMSNorm(RMSNorm):
     """RMSNorm whose checkpoint weight `w` scales by `1 + w` (Qwen3.5's zero-centered norm).
 
-    transformers' `Qwen3_5RMSNorm` computes `norm(x) * (1 + w)`; the parameter
-    here holds `1 + w` (added once at load), so the forward is RMSNorm's.
+    transformers' `Qwen3_5RMSNorm` computes `(norm(x.float()) * (1 + w.float())).to(x.dtype)`:
+    the scale is applied in fp32 and the result rounded once. The parameter here holds
+    `1 + w` in fp32 (added once at load). An fp32 input runs the splitvl op (same math);
+    a bf16/fp16 input runs the fp32 formula, because the op takes its weight in the input's
+    dtype and rounding `1 + w` to bf16 would rescale every channel by up to 0.4%.
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__(hidden_size, eps)
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32), requires_grad=False)
         self.weight.weight_loader = self._load_offset
 
     @staticmethod
@@ -48,3 +53,14 @@ class OffsetRMSNorm(RMSNorm):
         if loaded.shape != param.shape:
             raise ValueError(f"tensor of shape {list(loaded.shape)} does not fit parameter {list(param.shape)}")
         param.data.copy_(loaded.float() + 1.0)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dtype == self.weight.dtype:
+            return super().forward(x, residual)
+        if residual is not None:
+            residual.add_(x)  # the residual stream in the model dtype, as transformers adds it
+            x = residual
+        out = F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
+        return out if residual is None else (out, residual)

@@ -277,3 +277,24 @@ def test_attention_paged_prefill_and_decode_equal_packed() -> None:
     last = torch.tensor([6, 11])
     out = attn(q[last], k[last], v[last], _paged_metadata([6, 4], [1, 1], tables, block), cache)
     torch.testing.assert_close(out, full[last])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_offset_rms_norm_matches_transformers_qwen3_5_norm(dtype) -> None:
+    """Qwen3.5's `(1 + w)` norm in bf16 rounds once, after the fp32 scale, as transformers does."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5RMSNorm
+
+    from models.layers.layernorm import OffsetRMSNorm
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(256, generator=gen) * 0.3).to(torch.bfloat16)  # as a checkpoint stores it
+    ref = Qwen3_5RMSNorm(256, eps=1e-6)
+    ref.weight.data.copy_(w.float())
+    ours = OffsetRMSNorm(256, eps=1e-6)
+    ours.weight.weight_loader(ours.weight, w)
+    x = (torch.randn(64, 256, generator=gen) * 3).to(dtype)
+    r = (torch.randn(64, 256, generator=gen)).to(dtype)
+    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=1e-6 if dtype == torch.float32 else 0)
+    got, res = ours(x.clone(), r.clone())
+    torch.testing.assert_close(res, x + r, atol=0, rtol=0)
+    torch.testing.assert_close(got, ref(x + r), atol=0, rtol=1e-6 if dtype == torch.float32 else 0)
