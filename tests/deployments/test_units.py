@@ -188,3 +188,48 @@ def test_llm_placement_bundles(tmp_path):
     assert LLMServer.deployment_options(cfg)["ray_actor_options"]["num_gpus"] == 0.5
     with pytest.raises(ValidationError, match="gpus_per_worker"):
         AppConfig.model_validate({"model": str(tmp_path), "llm": {"gpus_per_worker": 0.5, "tensor_parallel_size": 2}})
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_image_embedding_pickles_as_numpy_and_round_trips(dtype):
+    """ImageEmbedding travels as NumPy buffers (zero-copy out of Ray's object store), exact."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from deployments.vision import ImageEmbedding
+
+    dt = getattr(torch, dtype)
+    emb = ImageEmbedding(torch.randn(6, 8).to(dt), torch.randn(3, 6, 8).to(dt), (1, 4, 6))
+    fn, args = emb.__reduce__()
+    assert all(isinstance(a, np.ndarray) for a in args[:2])
+    back = pickle.loads(pickle.dumps(emb, protocol=5))
+    assert back.embeds.dtype == dt and back.grid_thw == (1, 4, 6)
+    assert torch.equal(back.embeds, emb.embeds) and torch.equal(back.deepstack, emb.deepstack)
+    empty = ImageEmbedding(torch.randn(6, 8).to(dt), torch.empty(0, 6, 8, dtype=dt), (1, 4, 6))
+    assert pickle.loads(pickle.dumps(empty, protocol=5)).deepstack.shape == (0, 6, 8)
+
+
+def test_image_embedding_is_read_from_the_object_store_without_a_copy():
+    import ray
+    import torch
+
+    from deployments.llm import merge_images
+    from deployments.vision import ImageEmbedding
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        # 2 MB: above Ray's inline limit, so the object lives in the shared-memory store.
+        emb = ImageEmbedding(torch.randn(256, 1024).to(torch.bfloat16),
+                             torch.randn(3, 256, 1024).to(torch.bfloat16), (1, 32, 32))
+        ref = ray.put(emb)
+        back, again = ray.get(ref), ray.get(ref)
+        # Both gets map the same store memory (a copying unpickle would give two buffers).
+        assert back.embeds.data_ptr() == again.embeds.data_ptr()
+        assert back.deepstack.data_ptr() == again.deepstack.data_ptr()
+        merged = merge_images([back, back])  # consumers copy; the store's memory is never written
+        assert torch.equal(merged["image_embeds"], torch.cat([emb.embeds, emb.embeds]))
+        assert torch.equal(merged["deepstack_embeds"], torch.cat([emb.deepstack, emb.deepstack], dim=1))
+    finally:
+        ray.shutdown()
