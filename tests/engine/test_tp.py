@@ -26,10 +26,11 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
 def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
+    """Hybrid Qwen3.5 too: each rank keeps its heads' conv/recurrent state slots."""
     path = tiny_checkpoint(arch)
-    kwargs = dict(max_model_len=512, num_gpu_blocks=64)
+    kwargs = dict(max_model_len=512, num_gpu_blocks=64, max_num_seqs=8)
     with LLM(path, **kwargs) as one:
         tok = one.tokenizer
         prompts = [
