@@ -220,7 +220,14 @@ class Router:
             ref = self.cache.get(key)
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
-                ref = await self._encode(image)
+                try:
+                    ref = await self._encode(image)
+                except EncoderUnavailableError:
+                    # The dead replica may hold this request's earlier encodes too: drop them
+                    # so that the retry re-encodes instead of reusing their lost results.
+                    for done in keys:
+                        self.cache.pop(done)
+                    raise
                 self.cache.put(key, ref, self._embedding_bytes(num_tokens))
                 self.metrics.set("splitvl_embedding_cache_bytes", self.cache.nbytes)
             else:

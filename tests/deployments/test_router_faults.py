@@ -1,0 +1,141 @@
+"""Router fault paths without Ray: in-process stand-ins for the vision and LLM handles, the real
+`Router` and `LLMServer` (with the scripted engine) in between."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from deployments.llm import LLMServer
+from deployments.protocol import ChatCompletionRequest
+from deployments.router import Router
+from deployments.vision import ImageEmbedding
+from tests.deployments.helpers import data_url, png_bytes
+from tests.deployments.scripted_engine import ScriptedEngine
+
+
+class ObjectLostError(Exception):
+    """Named like Ray's: the object died with the replica that was computing it."""
+
+
+class ActorDiedError(Exception):
+    """Named like Ray's: the replica died before taking the call."""
+
+
+class _Ref:
+    """An ObjectRef stand-in: awaiting it gives the embedding, or raises when it was lost."""
+
+    def __init__(self, embedding: ImageEmbedding | None):
+        self.embedding = embedding
+
+    def __await__(self):
+        if self.embedding is None:
+            raise ObjectLostError("the object's owner died")
+        return self.embedding
+        yield  # a generator, so that asyncio can await it
+
+
+class _Response:
+    def __init__(self, ref: _Ref | None):
+        self.ref = ref
+
+    async def _to_object_ref(self) -> _Ref:
+        if self.ref is None:
+            raise ActorDiedError("the replica died")
+        return self.ref
+
+
+class _Vision:
+    """`encode.remote(...)` -> a response; `script` says what each call does ("ok", "lost", "dead")."""
+
+    def __init__(self, hidden: int, layers: int, script: list[str]):
+        self.encode, self.hidden, self.layers, self.script, self.calls = self, hidden, layers, script, 0
+
+    def remote(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> _Response:
+        what = self.script[self.calls] if self.calls < len(self.script) else "ok"
+        self.calls += 1
+        if what == "dead":
+            return _Response(None)
+        n = int(grid_thw[0].prod()) // 4
+        emb = ImageEmbedding(torch.zeros(n, self.hidden), torch.zeros(self.layers, n, self.hidden),
+                             tuple(grid_thw[0].tolist()))
+        return _Response(_Ref(emb if what == "ok" else None))
+
+
+class _Stream:
+    """A streaming response: the LLM generator runs in its own task, as in a replica."""
+
+    def __init__(self, agen):
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._pump(agen))
+
+    async def _pump(self, agen) -> None:
+        try:
+            async for item in agen:
+                await self.queue.put(("item", item))
+            await self.queue.put(("end", None))
+        except Exception as exc:
+            await self.queue.put(("error", exc))
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        kind, value = await self.queue.get()
+        if kind == "end":
+            raise StopAsyncIteration
+        if kind == "error":
+            raise value
+        return value
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+class _LLM:
+    def __init__(self, server: LLMServer):
+        self.server, self.generate, self.calls = server, self, 0
+
+    def options(self, **_: object) -> _LLM:
+        return self
+
+    def remote(self, *args: object) -> _Stream:
+        self.calls += 1
+        return _Stream(self.server.generate(*args))
+
+
+@pytest.fixture
+def make_router(tiny_checkpoint):
+    config = {"model": str(tiny_checkpoint("qwen3_vl")), "model_id": "m", "device": "cpu", "dtype": "float32",
+              "llm": {"max_model_len": 512}}
+
+    def make(script: list[str]) -> tuple[Router, _Vision, LLMServer]:
+        server = LLMServer(config, engine_cls=ScriptedEngine)
+        server._metrics_task = object()  # no metrics hub (no Ray)
+        vision_config = Router(config, None, None).model_config.vision
+        vision = _Vision(vision_config.out_hidden_size, len(vision_config.deepstack_visual_indexes), script)
+        router = Router(config, vision, _LLM(server))
+        router._metrics_task = object()
+        return router, vision, server
+
+    return make
+
+
+def _two_image_chat() -> ChatCompletionRequest:
+    content = [{"type": "text", "text": "Compare."}] + [
+        {"type": "image_url", "image_url": {"url": data_url(png_bytes(32, 32, (i, 80, 160)))}} for i in range(2)
+    ]
+    return ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": content}], "max_tokens": 4})
+
+
+async def test_retry_reencodes_images_lost_with_the_replica_that_refused_the_next(make_router):
+    """The replica dies holding image 1's encode and refuses image 2: the one retry must encode both
+    again, not reuse image 1's lost result from the cache."""
+    router, vision, server = make_router(["lost", "dead"])
+    events = [e async for e in router.chat(_two_image_chat())]
+    assert [e["kind"] for e in events][0] == "start" and events[-1]["kind"] == "usage"
+    assert events[-2]["finish_reason"] == "length"
+    assert vision.calls == 4  # 2 on the failed attempt, 2 on the retry
+    assert len(server.engine.requests) == 1 and not server.engine.aborted  # one engine request, finished
