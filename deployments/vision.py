@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ from ray import serve
 
 from deployments.config import AppConfig, ensure_checkpoint
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
+from engine.transport import dtype_name, from_numpy, to_numpy
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,28 +39,13 @@ class ImageEmbedding:
         return self.embeds.shape[0]
 
     def __reduce__(self):
-        # Pickled as NumPy arrays (bf16 viewed as int16): Ray keeps NumPy buffers out of band,
-        # so `ray.get` maps them from the object store without a copy. A torch tensor pickles
-        # through its storage instead, ~30x slower for a 33 MB image (see BENCHMARKS.md).
-        return _rebuild_image_embedding, (_to_numpy(self.embeds), _to_numpy(self.deepstack),
-                                          str(self.embeds.dtype).removeprefix("torch."), self.grid_thw)
-
-
-def _to_numpy(t: torch.Tensor) -> Any:
-    t = t.detach().cpu().contiguous()
-    return (t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
-
-
-def _from_numpy(a: Any, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # read-only object-store memory; consumers never write to it
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(a)
-    return t.view(dtype) if t.dtype != dtype else t
+        # NumPy buffers: the LLM replica maps them out of the object store (engine/transport.py).
+        return _rebuild_image_embedding, (to_numpy(self.embeds), to_numpy(self.deepstack),
+                                          dtype_name(self.embeds), self.grid_thw)
 
 
 def _rebuild_image_embedding(embeds: Any, deepstack: Any, dtype: str, grid_thw: tuple[int, int, int]) -> ImageEmbedding:
-    dt = getattr(torch, dtype)
-    return ImageEmbedding(_from_numpy(embeds, dt), _from_numpy(deepstack, dt), tuple(grid_thw))
+    return ImageEmbedding(from_numpy(embeds, dtype), from_numpy(deepstack, dtype), tuple(grid_thw))
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import enum
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.transport import rebuild_optional, reduce_optional
 
 GridTHW = tuple[int, int, int]
 
@@ -40,6 +42,12 @@ class MultimodalInputs:
     def tokens_per_image(self, spatial_merge_size: int) -> list[int]:
         return [t * h * w // spatial_merge_size**2 for t, h, w in self.image_grid_thw]
 
+    def __reduce__(self):
+        # NumPy buffers: TP workers map the embeddings out of the object store (engine/transport.py).
+        return _rebuild_multimodal_inputs, (*reduce_optional(self.image_embeds),
+                                            *reduce_optional(self.deepstack_embeds),
+                                            self.image_grid_thw, self.image_hashes)
+
     def content_hashes(self, spatial_merge_size: int) -> tuple[str, ...]:
         """Per-image ids: the given ones, else a digest of each image's embedding rows and grid."""
         if self.image_hashes is not None:
@@ -53,6 +61,12 @@ class MultimodalInputs:
             out.append(digest.hexdigest())
             row += count
         return tuple(out)
+
+
+def _rebuild_multimodal_inputs(embeds: Any, embeds_dtype: str, deepstack: Any, deepstack_dtype: str | None,
+                               grids: tuple[GridTHW, ...], hashes: tuple[str, ...] | None) -> MultimodalInputs:
+    return MultimodalInputs(rebuild_optional(embeds, embeds_dtype), rebuild_optional(deepstack, deepstack_dtype),
+                            grids, hashes)
 
 
 @dataclass(frozen=True, slots=True)
