@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -104,7 +105,11 @@ def test_batch_job_via_ray_job_submit(tmp_path):
         cmd = [ray_bin("ray"), "job", "submit", f"--address={address}", f"--working-dir={REPO}", "--",
                "python", "-m", "deployments.batch", "--config", "configs/demo.yaml",
                "--input", str(inputs), "--output", str(output)]
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+        for _ in range(30):  # the dashboard answers before its job agent is up; wait for the agent
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+            if "No available agent to submit job" not in done.stderr + done.stdout:
+                break
+            time.sleep(2)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         records = [json.loads(line) for line in output.read_text().splitlines()]
         assert sorted(r["id"] for r in records) == sorted(ids)  # every id exactly once

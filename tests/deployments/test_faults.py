@@ -160,7 +160,9 @@ def test_request_timeout_gives_408_and_aborts(deploy):
     assert 1 <= len(events) - 3 < 60  # some tokens streamed, far from all
     handle = serve.get_deployment_handle("LLMServer", "slow")
     stats = wait_until(lambda: (s := handle.stats.remote().result())["num_running"] == 0 and s)
-    assert len(stats["aborted"]) == 2  # both timed-out requests were aborted in the engine
+    # Every request that reached the engine was aborted there, none ran to its end. (Under load
+    # the non-streamed one can time out in the router before the engine ever sees it.)
+    assert stats["requests"] and sorted(stats["aborted"]) == sorted(stats["requests"])
 
 
 # ---------------------------------------------------------------- faults
