@@ -88,10 +88,8 @@ class ModelRunner:
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_caches(self, num_blocks)
-        # Hybrid (Qwen3.5) steps carry per-sequence state slots the graphs do not capture; MoE
-        # routing reads expert counts on the host. Both decode eagerly.
-        graphs_ok = not self.hybrid and getattr(self.model, "supports_cuda_graphs", True)
-        if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
+        # The model says whether its decode step can be captured (not MoE, not hybrid).
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.model.supports_cuda_graphs:
             self.graphs = DecodeGraphs.capture(self, max_model_len)
 
     def close(self) -> None:

@@ -153,10 +153,7 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
     def embed(self, input_ids: torch.Tensor, mm: MultimodalBatch | None, image_rows: torch.Tensor | None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        if mm is not None:
-            x.index_copy_(0, image_rows, mm.embeds.to(x.dtype))
-        return x
+        return embed_with_images(self.embed_tokens, input_ids, mm, image_rows)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
@@ -175,6 +172,16 @@ class Qwen3Model(nn.Module):
                 x.index_add_(0, image_rows, deepstack[i].to(x.dtype))
         x, _ = self.norm(x, residual)
         return x
+
+
+def embed_with_images(
+    embed_tokens: nn.Module, input_ids: torch.Tensor, mm: MultimodalBatch | None, image_rows: torch.Tensor | None
+) -> torch.Tensor:
+    """Token embeddings with the image rows replaced by the vision tower's embeddings."""
+    x = embed_tokens(input_ids)
+    if mm is not None:
+        x.index_copy_(0, image_rows, mm.embeds.to(x.dtype))
+    return x
 
 
 def _image_rows(mm: MultimodalBatch, num_tokens: int, hidden: int) -> torch.Tensor:
@@ -199,15 +206,21 @@ class Qwen3ForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         text = config.text
-        if text.is_hybrid or text.attn_output_gate:
-            raise ValueError(f"{config.architecture} is a hybrid Qwen3.5 decoder; use models.qwen3_5")
+        self._check_architecture(config)
         self.config = config
         self.parallel = parallel or SINGLE
         with default_dtype_and_device(dtype, device):
-            self.model = Qwen3Model(text, self.parallel)
+            self.model = self.model_class(text, self.parallel)
             self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, self.parallel)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    model_class: type[nn.Module] = Qwen3Model
+
+    @staticmethod
+    def _check_architecture(config: ModelConfig) -> None:
+        if config.text.is_hybrid or config.text.attn_output_gate:
+            raise ValueError(f"{config.architecture} is a hybrid Qwen3.5 decoder; use models.qwen3_5")
 
     def forward(
         self,

@@ -21,15 +21,16 @@ from torch import nn
 
 from models.config import ModelConfig, TextConfig
 from models.layers.attention import Attention, AttentionMetadata
-from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.embedding import VocabParallelEmbedding
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
 from models.layers.moe import SparseMoeBlock
-from models.layers.parallel import SINGLE, ParallelContext
+from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
-from models.loader import CheckpointReader, load_language_model
-from models.qwen3 import MultimodalBatch, Qwen3MLP, _image_rows, build_rotary, default_dtype_and_device
+from models.qwen3 import (
+    MultimodalBatch, Qwen3ForCausalLM, Qwen3MLP, _image_rows, build_rotary, embed_with_images,
+)
 
 LayerCache = tuple[torch.Tensor, torch.Tensor]
 
@@ -134,9 +135,7 @@ class Qwen3_5Model(nn.Module):
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} layer caches for {len(self.layers)} layers")
         image_rows = _image_rows(mm, input_ids.shape[0], self.embed_tokens.embedding_dim) if mm is not None else None
-        x = self.embed_tokens(input_ids)
-        if mm is not None:
-            x.index_copy_(0, image_rows, mm.embeds.to(x.dtype))
+        x = embed_with_images(self.embed_tokens, input_ids, mm, image_rows)
         # One host decision per step: single-step kernels only when every sequence continues its state.
         decode = (
             caches is not None and attn.decode_only and attn.has_initial_state is not None
@@ -152,52 +151,20 @@ class Qwen3_5Model(nn.Module):
         return x
 
 
-class Qwen3_5ForCausalLM(nn.Module):
-    """The hybrid decoder of one TP rank: `forward` -> hidden, `compute_logits` -> fp32 logits."""
+class Qwen3_5ForCausalLM(Qwen3ForCausalLM):
+    """The hybrid decoder of one TP rank: `forward` -> hidden, `compute_logits` -> fp32 logits.
 
-    def __init__(
-        self, config: ModelConfig, parallel: ParallelContext | None = None,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    ) -> None:
-        super().__init__()
-        text = config.text
-        if text.layer_types is None or not text.attn_output_gate:
+    `kv_caches[i]` in `forward`: layer i's paged `(key_cache, value_cache)` (full
+    attention) or `(conv_state, recurrent_state)` pools (linear attention), with
+    `attn.state_indices` set; None runs each sequence from scratch without any cache.
+    """
+
+    model_class = Qwen3_5Model
+
+    @staticmethod
+    def _check_architecture(config: ModelConfig) -> None:
+        if config.text.layer_types is None or not config.text.attn_output_gate:
             raise ValueError(f"{config.architecture} is not a Qwen3.5 hybrid decoder; use models.qwen3")
-        self.config = config
-        self.parallel = parallel or SINGLE
-        with default_dtype_and_device(dtype, device):
-            self.model = Qwen3_5Model(text, self.parallel)
-            self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, self.parallel)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attn: AttentionMetadata,
-        kv_caches: list[LayerCache] | None = None,
-        mm: MultimodalBatch | None = None,
-    ) -> torch.Tensor:
-        """Shapes: input_ids [T] int64; positions [3, T] or [T] int64 -> hidden [T, H].
-
-        `kv_caches[i]`: layer i's paged `(key_cache, value_cache)` (full
-        attention) or `(conv_state, recurrent_state)` pools (linear attention),
-        with `attn.state_indices` set; None runs each sequence from scratch
-        without any cache.
-        """
-        if self.config.text.mrope_section is None and positions.dim() == 2:
-            positions = positions[0]
-        return self.model(input_ids, positions, attn, kv_caches, mm)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shapes: hidden [N, H] -> logits [N, vocab] fp32 (full vocab on every rank)."""
-        return self.lm_head.compute_logits(hidden)
-
-    @torch.no_grad()
-    def load_weights(self, reader: CheckpointReader) -> list[str]:
-        """Load this rank's slices of every parameter; returns the checkpoint keys read."""
-        return load_language_model(self, reader)
 
     @property
     def supports_cuda_graphs(self) -> bool:
