@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import signal
 import socket
 import struct
@@ -71,6 +72,23 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, grace_s: floa
     except ProcessLookupError:
         pass
     proc.wait(timeout=10)
+
+
+def serve_healthy(proc: subprocess.Popen, log_path: Path, port: int) -> Callable[[], bool]:
+    """A `wait_until` predicate for a `serve run` subprocess: /health answers 200; fails fast
+    (with the log's tail) once the process exits or the log shows a failed deployment."""
+    import httpx
+
+    def healthy() -> bool:
+        text = log_path.read_text()
+        failed = "Exception importing application" in text or re.search(r"Deploying application \S+ failed", text)
+        assert proc.poll() is None and not failed, text[-3000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return healthy
 
 
 def ray_bin(name: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -20,7 +19,9 @@ import openai
 import yaml
 
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import REPO, data_url, free_port, png_bytes, ray_bin, stop_process, subprocess_env
+from tests.deployments.helpers import (
+    REPO, data_url, free_port, png_bytes, ray_bin, serve_healthy, stop_process, subprocess_env,
+)
 
 
 def _demo_config(tmp_path: Path, port: int, ray_port: int | None = None) -> Path:
@@ -38,16 +39,7 @@ def test_serve_run_demo_answers(tmp_path):
     proc = subprocess.Popen([ray_bin("serve"), "run", str(config)], cwd=REPO, env=subprocess_env(tmp_path),
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        def healthy() -> bool:
-            text = (tmp_path / "serve.log").read_text()
-            failed = "Exception importing application" in text or re.search(r"Deploying application \S+ failed", text)
-            assert proc.poll() is None and not failed, text[-3000:]
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout_s=180, interval_s=1.0)
+        wait_until(serve_healthy(proc, tmp_path / "serve.log", port), timeout_s=180, interval_s=1.0)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
         resp = client.chat.completions.create(
             model="demo", max_tokens=8,

@@ -9,13 +9,10 @@ checks that both cards run a process of ours.
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import time
-from pathlib import Path
-
-import json
 
 import httpx
 import pytest
@@ -23,7 +20,7 @@ import torch
 import yaml
 
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import REPO, data_url, free_port, png_bytes, ray_bin, stop_process
+from tests.deployments.helpers import REPO, data_url, free_port, png_bytes, ray_bin, serve_healthy, stop_process
 
 pytestmark = pytest.mark.gpu
 
@@ -61,16 +58,7 @@ def test_qwen3_vl_2b_yaml_streams_image_chat_on_two_gpus(tmp_path):
     proc = subprocess.Popen([ray_bin("serve"), "run", str(config)], cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        def healthy() -> bool:
-            text = log_path.read_text()
-            failed = "Exception importing application" in text or re.search(r"Deploying application \S+ failed", text)
-            assert proc.poll() is None and not failed, text[-4000:]
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout_s=600, interval_s=2.0)
+        wait_until(serve_healthy(proc, log_path, port), timeout_s=600, interval_s=2.0)
         ready_s = time.monotonic() - t0
         # Plain httpx SSE here: the GPU machine has no `openai` package (the CPU tests use it).
         base = f"http://127.0.0.1:{port}/v1"

@@ -26,11 +26,8 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
-def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
-    """Hybrid Qwen3.5 too: each rank keeps its heads' conv/recurrent state slots."""
-    path = tiny_checkpoint(arch)
-    kwargs = dict(max_model_len=512, num_gpu_blocks=64, max_num_seqs=8)
+def _tp2_matches_tp1(path, **kwargs) -> None:
+    """Greedy tokens of text and two-image prompts: TP=2 over two worker actors == TP=1 in process."""
     with LLM(path, **kwargs) as one:
         tok = one.tokenizer
         prompts = [
@@ -42,6 +39,12 @@ def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
         got = [o.token_ids for o in two.generate(prompts, GREEDY)]
         assert two.engine.is_healthy()
     assert got == ref
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"])
+def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
+    """Hybrid Qwen3.5 too: each rank keeps its heads' conv/recurrent state slots."""
+    _tp2_matches_tp1(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=64, max_num_seqs=8)
 
 
 async def test_killed_worker_fails_requests(local_ray, tiny_checkpoint):
@@ -94,16 +97,4 @@ def test_tp2_nccl_equals_tp1_on_two_gpus(local_ray, tiny_checkpoint, arch):
 
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
-    path = tiny_checkpoint(arch)
-    kwargs = dict(device="cuda", dtype="float32", max_model_len=512, num_gpu_blocks=64)
-    with LLM(path, **kwargs) as one:
-        tok = one.tokenizer
-        prompts = [
-            {"prompt_token_ids": prompt_ids(tok, TEXT, 0)},
-            {"prompt_token_ids": prompt_ids(tok, TEXT, 2), "images": [image(96, 64, 1), image(64, 64, 2)]},
-        ]
-        ref = [o.token_ids for o in one.generate(prompts, GREEDY)]
-    with LLM(path, tensor_parallel_size=2, **kwargs) as two:
-        got = [o.token_ids for o in two.generate(prompts, GREEDY)]
-        assert two.engine.is_healthy()
-    assert got == ref
+    _tp2_matches_tp1(tiny_checkpoint(arch), device="cuda", dtype="float32", max_model_len=512, num_gpu_blocks=64)
