@@ -237,8 +237,9 @@ class Router:
         return refs, keys
 
     async def _encode(self, image: Any) -> Any:
-        processed = await asyncio.to_thread(self.processor.preprocess, [image])
-        response = self.vision.encode.remote(processed.pixel_values, processed.grid_thw)
+        # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
+        pixels = await asyncio.to_thread(self.processor.resize, image)
+        response = self.vision.encode.remote(pixels)
         try:
             # Only waits for a replica to take the call; the result stays remote.
             return await response._to_object_ref()
@@ -286,6 +287,7 @@ class Router:
                     completion_tokens += event["num_tokens"]
                     done += 1
                     continue
+                event = _merge_waiting_deltas(event, queue, pending)
                 now = time.monotonic()
                 if first_token_at is None:
                     first_token_at = now
@@ -361,6 +363,24 @@ class Router:
 
 
 _ACTOR_DEATH = ("ActorDied", "ActorUnavailable", "ActorError", "ObjectLost", "OwnerDied", "ObjectReconstruction")
+
+
+def _merge_waiting_deltas(event: dict[str, Any], queue: asyncio.Queue, pending: list) -> dict[str, Any]:
+    """Fold the deltas of the same choice already waiting in `queue` into `event`.
+
+    Under load the stream to the client lags the engine; one chunk per waiting
+    delta would cost a Serve hop each. Anything else goes back to `pending`.
+    """
+    while event["finish_reason"] is None and not queue.empty():
+        nxt = queue.get_nowait()
+        if isinstance(nxt, BaseException) or nxt["kind"] != "delta" or nxt["index"] != event["index"]:
+            pending.append(nxt)
+            break
+        logprobs = None
+        if event["logprobs"] is not None or nxt["logprobs"] is not None:
+            logprobs = (event["logprobs"] or []) + (nxt["logprobs"] or [])
+        event = {**nxt, "text": event["text"] + nxt["text"], "logprobs": logprobs}
+    return event
 
 
 def _is_actor_death(exc: BaseException) -> bool:

@@ -1,8 +1,9 @@
 """The VisionEncoder deployment: the ViT alone, batched across concurrent requests.
 
-Loads only `model.visual.*`. `encode` takes one image's patches; `@serve.batch`
-gathers images from concurrent requests, concatenates them into one tower call
-and splits the outputs back by each image's grid. Results are CPU tensors (so
+Loads only `model.visual.*`. `encode` takes one image as the router resized it
+(uint8 pixels: the router decodes and resizes, this replica rescales, normalizes
+and patchifies on its device); `@serve.batch` gathers images from concurrent
+requests into one tower call and splits the outputs back by each image's grid. Results are CPU tensors (so
 they can travel through Ray's object store to any LLM replica); they pickle as
 NumPy arrays so the LLM replica maps them from the store without a copy.
 """
@@ -14,12 +15,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from ray import serve
 
 from deployments.config import AppConfig, ensure_checkpoint
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from engine.transport import dtype_name, from_numpy, to_numpy
+from models.processor import ImageProcessor
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,8 @@ def split_outputs(
     sizes = [t * h * w // merge_unit for t, h, w in grids]
     embeds = embeds.cpu()
     deepstack = deepstack.cpu()
+    if len(sizes) == 1:  # the whole output is the one image's: no per-image copy
+        return [ImageEmbedding(embeds=embeds, deepstack=deepstack, grid_thw=grids[0])]
     out, offset = [], 0
     for size, grid in zip(sizes, grids, strict=True):
         out.append(ImageEmbedding(
@@ -90,6 +95,7 @@ class VisionEncoder:
         dtype = resolve_dtype(config.dtype, self.device)
         self.model = build_vision_model(model_config, dtype, self.device)
         self.model.load_weights(_checkpoint_reader(path))
+        self.processor = ImageProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
         self.encode.set_max_batch_size(config.vision.max_batch_size)
         self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
@@ -102,27 +108,24 @@ class VisionEncoder:
         self.images_processed = 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def encode(self, pixel_values: list[torch.Tensor], grid_thw: list[torch.Tensor]) -> list[ImageEmbedding]:
-        """One image per call; Serve hands this method a batch of calls.
-
-        Shapes (per call): pixel_values [N_patch, C*Tp*P*P]; grid_thw [1, 3].
-        """
+    async def encode(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3]); Serve hands this method a batch of calls."""
         if self._metrics_task is None:
             self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
-        grids = [tuple(int(v) for v in g.reshape(-1, 3)[0]) for g in grid_thw]
         start = time.monotonic()
-        results = await asyncio.to_thread(self._run, torch.cat(pixel_values), grids)
-        self.images_processed += len(grids)
-        self.metrics.inc("splitvl_vision_images_total", len(grids))
+        results = await asyncio.to_thread(self._run, images)
+        self.images_processed += len(images)
+        self.metrics.inc("splitvl_vision_images_total", len(images))
         self.metrics.inc("splitvl_vision_batches_total")
-        self.metrics.observe("splitvl_vision_batch_size", len(grids), buckets=BATCH_SIZE_BUCKETS)
+        self.metrics.observe("splitvl_vision_batch_size", len(images), buckets=BATCH_SIZE_BUCKETS)
         self.metrics.observe("splitvl_vision_encode_seconds", time.monotonic() - start)
         return results
 
-    def _run(self, pixel_values: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[ImageEmbedding]:
-        grid_thw = torch.tensor(grids, dtype=torch.int64)
+    def _run(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         with torch.inference_mode():
-            embeds, deepstack = self.model(pixel_values, grid_thw)
+            batch = self.processor.pixel_values(images, self.device)
+            embeds, deepstack = self.model(batch.pixel_values, batch.grid_thw)
+        grids = [tuple(int(v) for v in g) for g in batch.grid_thw]
         return split_outputs(embeds, deepstack, grids, self.merge_unit)
 
     def stats(self) -> dict[str, int]:

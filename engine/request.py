@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import operator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from engine.engine import Engine
 
 
-@dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class CheckedRequest:
     """What validation derived. Shapes: positions [3, P] int64."""
 
@@ -120,6 +120,16 @@ def validate_request(
     return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))
 
 
+def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One delta with the tokens (and logprobs) of `first` then `second`; the state of `second`."""
+    logprobs = None
+    if first.logprobs is not None or second.logprobs is not None:
+        logprobs = list(first.logprobs or []) + list(second.logprobs or [])
+    return dataclasses.replace(
+        second, new_token_ids=list(first.new_token_ids) + list(second.new_token_ids), logprobs=logprobs,
+    )
+
+
 class RequestStream:
     """Async iterator of one request's `RequestOutput` deltas; ends after the finished one.
 
@@ -147,9 +157,13 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
+        """The next delta; deltas that queued up meanwhile (a consumer slower than the
+        engine's steps, e.g. a busy replica streaming over Ray) come merged in one."""
         if self._done:
             raise StopAsyncIteration
         out = await self._queue.get()
+        while not out.finished and not self._queue.empty():
+            out = merge_outputs(out, self._queue.get_nowait())
         if out.finished:
             self._done = True
         return out

@@ -231,19 +231,26 @@ class ImageProcessor:
         t, h, w = (int(v) for v in grid_thw)
         return t * h * w // self.merge_size**2
 
-    def _normalized(self, image: PIL.Image.Image) -> torch.Tensor:
-        """Resized, rescaled, normalized float32 image. Shapes: -> [3, H, W]."""
+    def resize(self, image: ImageInput) -> np.ndarray:
+        """The host half of `preprocess`: decode (bytes and paths, EXIF applied), make RGB, resize.
+
+        Shapes: -> [H, W, 3] uint8, H and W multiples of `factor`.
+        """
+        image = to_rgb(image) if isinstance(image, PIL.Image.Image) else load_image(image)
         height, width = self.target_size(image.height, image.width)
         if (width, height) != image.size:
             image = image.resize((width, height), resample=self.resample)
-        array = np.asarray(image)
+        return np.asarray(image)
+
+    def _normalized(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Rescaled, normalized float32 image. Shapes: [H, W, 3] uint8 -> [3, H, W]."""
         if self.do_rescale:
-            # float64 first, then float32: transformers' rescale, bit for bit.
-            array = (array.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)
+            # float64 first, then float32: transformers' rescale, bit for bit (on any device).
+            pixels = (pixels.to(torch.float64) * self.rescale_factor).to(torch.float32)
+        pixels = pixels.to(torch.float32).permute(2, 0, 1)
         if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-            std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
+            mean = torch.tensor(self.image_mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+            std = torch.tensor(self.image_std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
             pixels = (pixels - mean) / std
         return pixels
 
@@ -257,8 +264,34 @@ class ImageProcessor:
         x = x.unsqueeze(5).expand(*x.shape[:5], tp, p, p)  # repeat the frame Tp times
         return x.reshape(gh * gw, c * tp * p * p)
 
+    def pixel_values(
+        self, resized: Sequence[np.ndarray | torch.Tensor], device: str | torch.device = "cpu"
+    ) -> ProcessedImages:
+        """The device half of `preprocess`: rescale, normalize and patchify `resize`'s outputs on `device`.
+
+        A vision replica runs this on its GPU, so only the uint8 pixels travel
+        (an eighth of the float32 patches, which repeat each frame Tp times).
+        """
+        if len(resized) == 0:
+            raise ImageError("no images to preprocess")
+        patches, grids = [], []
+        for array in resized:
+            if isinstance(array, np.ndarray) and not array.flags.writeable:
+                array = array.copy()  # e.g. mapped read-only out of Ray's object store
+            pixels = torch.as_tensor(array).to(device)
+            if pixels.dim() != 3 or pixels.shape[2] != 3 or pixels.dtype != torch.uint8:
+                raise ImageError(f"expected resized RGB uint8 [H, W, 3] pixels, got {pixels.dtype} {list(pixels.shape)}")
+            if pixels.shape[0] % self.factor or pixels.shape[1] % self.factor:
+                raise ImageSizeError(f"resized pixels {list(pixels.shape)} are not multiples of {self.factor}")
+            patches.append(self.patchify(self._normalized(pixels)))
+            grids.append((1, pixels.shape[0] // self.patch_size, pixels.shape[1] // self.patch_size))
+        return ProcessedImages(
+            pixel_values=torch.cat(patches, dim=0).contiguous(),
+            grid_thw=torch.tensor(grids, dtype=torch.int64),
+        )
+
     def preprocess(self, images: ImageInput | Sequence[ImageInput]) -> ProcessedImages:
-        """Preprocess one image or a list, concatenating their patches.
+        """Preprocess one image or a list, concatenating their patches (on the CPU).
 
         Bytes and paths go through `load_image` (EXIF applied); PIL images are
         used as given (only made RGB), like transformers' image processor.
@@ -267,13 +300,4 @@ class ImageProcessor:
             images = [images]
         if len(images) == 0:
             raise ImageError("no images to preprocess")
-        patches, grids = [], []
-        for source in images:
-            image = to_rgb(source) if isinstance(source, PIL.Image.Image) else load_image(source)
-            pixels = self._normalized(image)
-            patches.append(self.patchify(pixels))
-            grids.append((1, pixels.shape[1] // self.patch_size, pixels.shape[2] // self.patch_size))
-        return ProcessedImages(
-            pixel_values=torch.cat(patches, dim=0).contiguous(),
-            grid_thw=torch.tensor(grids, dtype=torch.int64),
-        )
+        return self.pixel_values([self.resize(source) for source in images])

@@ -53,14 +53,14 @@ class _Vision:
     def __init__(self, hidden: int, layers: int, script: list[str]):
         self.encode, self.hidden, self.layers, self.script, self.calls = self, hidden, layers, script, 0
 
-    def remote(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> _Response:
+    def remote(self, pixels) -> _Response:
         what = self.script[self.calls] if self.calls < len(self.script) else "ok"
         self.calls += 1
         if what == "dead":
             return _Response(None)
-        n = int(grid_thw[0].prod()) // 4
-        emb = ImageEmbedding(torch.zeros(n, self.hidden), torch.zeros(self.layers, n, self.hidden),
-                             tuple(grid_thw[0].tolist()))
+        grid = (1, pixels.shape[0] // 16, pixels.shape[1] // 16)  # uint8 [H, W, 3], patch 16
+        n = grid[1] * grid[2] // 4
+        emb = ImageEmbedding(torch.zeros(n, self.hidden), torch.zeros(self.layers, n, self.hidden), grid)
         return _Response(_Ref(emb if what == "ok" else None))
 
 

@@ -233,3 +233,30 @@ def test_image_embedding_is_read_from_the_object_store_without_a_copy():
         assert torch.equal(merged["deepstack_embeds"], torch.cat([emb.deepstack, emb.deepstack], dim=1))
     finally:
         ray.shutdown()
+
+
+def test_router_merges_waiting_deltas_of_one_choice():
+    import asyncio
+
+    from deployments.router import _merge_waiting_deltas
+
+    def delta(index, text, finish=None, logprobs=None):
+        return {"kind": "delta", "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in (delta(0, "b", logprobs=[{"t": 2}]), delta(0, "c", "length", [{"t": 3}]), {"kind": "done"}):
+        queue.put_nowait(item)
+    pending: list = []
+    merged = _merge_waiting_deltas(delta(0, "a", logprobs=[{"t": 1}]), queue, pending)
+    assert merged == delta(0, "abc", "length", [{"t": 1}, {"t": 2}, {"t": 3}])
+    assert pending == [] and queue.get_nowait() == {"kind": "done"}  # stops at the finished delta
+
+    for item in (delta(0, "y"), delta(1, "other"), delta(0, "z")):
+        queue.put_nowait(item)
+    merged = _merge_waiting_deltas(delta(0, "x"), queue, pending)
+    assert merged == delta(0, "xy") and pending == [delta(1, "other")] and queue.qsize() == 1
+    error = RuntimeError("lost")
+    queue.put_nowait(error)
+    held: list = []
+    assert _merge_waiting_deltas(delta(0, "q"), queue, held) == delta(0, "qz")
+    assert held == [error] and queue.empty()

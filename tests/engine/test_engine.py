@@ -189,3 +189,25 @@ async def test_abort_frees_blocks_and_ends_stream(path):
         assert engine.is_healthy()
     finally:
         engine.shutdown()
+
+
+async def test_slow_consumer_gets_merged_deltas(path):
+    """Deltas that queue while the consumer is busy come merged, in order, logprobs included."""
+    ids = list(range(10, 40))
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_model_len=512,
+                                 num_gpu_blocks=64, enable_prefix_caching=False))
+    try:
+        fast = [out async for out in engine.add_request("fast", ids, None, sp)]
+        assert [len(d.new_token_ids) for d in fast] == [1] * 12
+        want = [t for d in fast for t in d.new_token_ids]
+        deltas = []
+        async for out in engine.add_request("slow", ids, None, sp):
+            deltas.append(out)
+            await asyncio.sleep(0.2)  # several engine steps pass meanwhile
+        assert len(deltas) < 12 and max(len(d.new_token_ids) for d in deltas) > 1
+        assert [t for d in deltas for t in d.new_token_ids] == want
+        assert sum(len(d.logprobs) for d in deltas) == 12
+        assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
+    finally:
+        engine.shutdown()

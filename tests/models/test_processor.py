@@ -207,3 +207,40 @@ def test_bad_images():
 def test_preprocess_rejects_extreme_aspect(ours):
     with pytest.raises(ImageSizeError):
         ours.preprocess(_noise(400, 1))
+
+
+def test_split_host_device_halves_equal_preprocess(ours, hf_processor):
+    """resize (router) + pixel_values (vision replica) == preprocess == transformers, bit for bit."""
+    images = [_noise(300, 200, seed=1), _noise(97, 501, "RGBA", seed=2)]
+    resized = [ours.resize(im) for im in images]
+    assert all(r.dtype == np.uint8 and r.shape[0] % ours.factor == 0 for r in resized)
+    frozen = [r.copy() for r in resized]
+    for r in frozen:
+        r.setflags(write=False)  # as mapped out of Ray's object store
+    split = ours.pixel_values(frozen)
+    whole = ours.preprocess(images)
+    assert torch.equal(split.pixel_values, whole.pixel_values)
+    assert torch.equal(split.grid_thw, whole.grid_thw)
+    ref = hf_processor(images=images, return_tensors="pt")
+    assert torch.equal(split.pixel_values, ref["pixel_values"])
+
+
+def test_pixel_values_rejects_bad_arrays(ours):
+    with pytest.raises(ImageSizeError, match="multiples of 32"):
+        ours.pixel_values([np.zeros((40, 64, 3), np.uint8)])
+    with pytest.raises(ValueError, match="uint8"):
+        ours.pixel_values([np.zeros((64, 64, 3), np.float32)])
+    with pytest.raises(ValueError, match="uint8"):
+        ours.pixel_values([np.zeros((64, 64), np.uint8)])
+    with pytest.raises(ValueError, match="no images"):
+        ours.pixel_values([])
+
+
+@pytest.mark.gpu
+def test_pixel_values_on_gpu_equal_cpu(ours):
+    resized = [ours.resize(_noise(1024, 768, seed=3)), ours.resize(_noise(448, 448, seed=4))]
+    gpu = ours.pixel_values(resized, "cuda")
+    cpu = ours.pixel_values(resized)
+    assert gpu.pixel_values.is_cuda and not gpu.grid_thw.is_cuda
+    assert torch.equal(gpu.pixel_values.cpu(), cpu.pixel_values)
+    assert torch.equal(gpu.grid_thw, cpu.grid_thw)
