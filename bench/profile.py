@@ -290,7 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-vl-2b", help="configs/models/<name>.json")
     parser.add_argument("--batches", nargs="+", default=["1,64"], help="decode batch sizes: 1,64 or 1 64")
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
+                        help="prompt tokens per decode request (1,100 ~ a 1024x1024 image chat)")
+    parser.add_argument("--images", type=int, default=8, help="vision section: images per call (0: skip)")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse the random checkpoint here")
     parser.add_argument("--json", default=None)
@@ -307,13 +309,14 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = prepare_checkpoint(args.model, args.ckpt_cache or tmp, torch.bfloat16, device, tokenizer=False)
         torch.cuda.empty_cache()
         print(f"checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), PROMPT_LEN)
+        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), args.prompt_len)
         torch.cuda.empty_cache()
-        vision = vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images)
+        vision = vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images) if args.images else None
     name = torch.cuda.get_device_name(device)
-    payload = {"device": name, "model": args.model, "prompt_len": PROMPT_LEN, "decode": decode, "vision": vision}
+    payload = {"device": name, "model": args.model, "prompt_len": args.prompt_len, "decode": decode, "vision": vision}
     write_json(args.json, payload)
-    report_vision(vision)
+    if vision is not None:
+        report_vision(vision)
     report_decode(decode)
     print(f"total {time.perf_counter() - t0:.1f} s on {name}")
 

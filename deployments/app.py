@@ -90,6 +90,7 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
         **front_options(config),
     )
     ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
+        num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": 0.1},
         **front_options(config),
     )

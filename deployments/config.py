@@ -172,7 +172,10 @@ class AppConfig(_Strict):
     )
     vision: VisionDeploymentConfig = Field(default_factory=VisionDeploymentConfig)
     llm: LLMDeploymentConfig = Field(default_factory=LLMDeploymentConfig)
-    router_replicas: int = Field(1, ge=1, description="Router replicas.")
+    router_replicas: int = Field(
+        1, ge=1, description="Router replicas (each streams its requests' tokens and keeps its own embedding cache)."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="OpenAI ingress (FastAPI) replicas.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key: str | None = Field(None, description="Bearer key for /v1/* (or env SPLITVL_API_KEY).")
     embedding_cache_bytes: int = Field(
