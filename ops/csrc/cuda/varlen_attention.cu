@@ -23,7 +23,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int key_tile(int DP) { return DP >= 128 ? 32 : 64; }
 
-// Two CTAs of 8 warps (or four of 4) per SM: at most 128 registers a thread.
+// Two CTAs of 8 warps (or four of 4) per SM, at most 128 registers a thread; DP = 256
+// needs more registers (one CTA, 4 warps).
 constexpr int min_ctas_per_sm(int DP, int warps) { return DP == 256 ? 1 : 16 / warps; }
 
 template <typename T, int DP, int WARPS>
