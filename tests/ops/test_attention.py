@@ -63,6 +63,27 @@ def test_varlen_head_sizes_and_fused_qkv_views(kernels, device, dtype, head_size
     assert_close(kernels.varlen_attention(q, k, v, *args), reference.varlen_attention(q, k, v, *args), dtype, 5)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("head_size", [64, 72, 128, 256])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("paged", [False, True], ids=["packed", "paged"])
+def test_varlen_long_sequences(kernels, device, dtype, head_size, causal, paged):
+    """Several 128-row query tiles per sequence and enough of them for the CUDA kernel's 8-warp CTAs:
+    partial tiles, keys longer and shorter than queries (rows that see no key are zeros), empty queries."""
+    hq, hkv = 16, 4
+    lq, lk = [300, 129, 0, 260, 77], [340, 169, 5, 260, 50]
+    q = torch.randn(sum(lq), hq, head_size, dtype=dtype, device=device)
+    args = (cu(lq, device), cu(lk, device), max(lq), max(lk), head_size**-0.5, causal)
+    if paged:
+        kc, vc, table, k, v = paged_kv(lk, hkv, head_size, dtype, device)
+        out = kernels.varlen_attention(q, None, None, *args, kc, vc, table)
+    else:
+        k = torch.randn(sum(lk), hkv, head_size, dtype=dtype, device=device)
+        v = torch.randn(sum(lk), hkv, head_size, dtype=dtype, device=device)
+        out = kernels.varlen_attention(q, k, v, *args)
+    assert_close(out, reference.varlen_attention(q, k, v, *args), dtype, 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_zero_length_batch(kernels, device):
     q = torch.empty(0, 4, 64, device=device)

@@ -2,83 +2,130 @@
 // prefix, bidirectional ViT segments), GQA, bottom-right causal masks.
 //
 // fp16/bf16: a flash-attention-2 style kernel on mma.sync m16n8k16 tensor cores.
-// A CTA of 4 warps owns 64 query rows of one head; 64-key K/V tiles stream through
-// shared memory with cp.async (V of tile n loads during QK^T, K of tile n+1
-// during PV); softmax is online in fp32 registers. fp32 (and shapes the tensor-core
-// path cannot take) use a simple warp-per-query kernel.
+// A CTA of WARPS warps owns 16 * WARPS query rows of one head, 16 per warp: 8 warps,
+// or 4 when 8 would give fewer CTAs than SMs (DP = 256: always 4, for registers).
+// K/V tiles of kBN keys (64; 32 for DP >= 128, for registers) stream through two
+// shared-memory stages with cp.async: tile n + 1 loads while tile n is computed,
+// one __syncthreads per tile. Q fragments stay in registers for DP = 64 and are
+// re-read from shared memory otherwise. Softmax is online in fp32 registers: row
+// maxima over unscaled scores (hence scale > 0), the scale folded into one FFMA
+// before exp2, the mask applied only on tiles a warp sees partially, tiles a warp
+// cannot see skipped (causal), and the output rescaled only when a row max of the
+// warp grew. fp32 (and shapes the tensor-core path cannot take) use a simple
+// warp-per-query kernel.
 #include "attention_common.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
 namespace {
 
-constexpr int kBM = 64, kBN = 64, kMmaThreads = 128;
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <typename T, int DP>
-__device__ __forceinline__ void load_tile_async(T* dst, const VarlenParams<T>& p, bool value,
-                                                int b, int kvh, int k_start, int n0, int n_end) {
-  constexpr int LD = DP + 8, CH = DP / 8;
-  for (int i = threadIdx.x; i < kBN * CH; i += kMmaThreads) {
-    const int r = i / CH, c = i - r * CH, j = n0 + r;
-    const bool ok = j < n_end && c * 8 < p.head_dim;
-    const T* src = ok ? kv_row(p, value, b, kvh, k_start, j) + c * 8 : p.q;
-    cp_async16(dst + r * LD + c * 8, src, ok);
-  }
+constexpr int key_tile(int DP) { return DP >= 128 ? 32 : 64; }
+
+// Two CTAs of 8 warps (or four of 4) per SM, at most 128 registers a thread; DP = 256
+// needs more registers (one CTA, 4 warps).
+constexpr int min_ctas_per_sm(int DP, int warps) { return DP == 256 ? 1 : 16 / warps; }
+
+template <typename T, int DP, int WARPS>
+constexpr size_t mma_smem_bytes() {
+  return size_t(WARPS * 16 + 4 * key_tile(DP)) * (DP + 8) * sizeof(T);  // Q, 2 x K, 2 x V
 }
 
-// Scale, mask and fold one 16x64 score tile into the running softmax (rows g, g+8).
-template <int DP>
-__device__ __forceinline__ void online_softmax(float (&s)[kBN / 8][4], float (&o)[DP / 8][4],
-                                               float (&m_i)[2], float (&l_i)[2], int row0,
-                                               int n0, int shift, int Lk, bool causal,
-                                               float scale_log2) {
-  const int t4 = threadIdx.x & 3;
+// Query rows [m0, m0 + ROWS) of head h into Qs; rows >= Lq and columns >= head_dim
+// are zero-filled.
+template <typename T, int DP, int ROWS, int THREADS>
+__device__ __forceinline__ void load_q_async(T* Qs, const VarlenParams<T>& p, int h, int q_start,
+                                             int m0, int Lq) {
+  constexpr int LD = DP + 8, CH = DP / 8, N = ROWS * CH;
 #pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    const int i = row0 + hr * 8;
-    const int lim = causal ? min(Lk, i + shift + 1) : Lk;  // keys j < lim are visible
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int j = n0 + nt * 8 + 2 * t4 + e;
-        const float v = j < lim ? s[nt][2 * hr + e] * scale_log2 : -INFINITY;
-        s[nt][2 * hr + e] = v;
-        mx = fmaxf(mx, v);
-      }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_i[hr], mx);
-    const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(m_i[hr] - m_use);
-    float rs = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const float pv = exp2f(s[nt][2 * hr + e] - m_use);
-        s[nt][2 * hr + e] = pv;
-        rs += pv;
-      }
-    l_i[hr] = l_i[hr] * alpha + rs;
-    m_i[hr] = m_new;
-#pragma unroll
-    for (int nd = 0; nd < DP / 8; ++nd) {
-      o[nd][2 * hr] *= alpha;
-      o[nd][2 * hr + 1] *= alpha;
+  for (int k = 0; k < (N + THREADS - 1) / THREADS; ++k) {
+    const int i = threadIdx.x + k * THREADS;
+    if (N % THREADS == 0 || i < N) {
+      const int r = i / CH, c = i - r * CH;
+      const bool ok = m0 + r < Lq && c * 8 < p.head_dim;
+      const T* src =
+          ok ? p.q + int64_t(q_start + m0 + r) * p.q_s0 + int64_t(h) * p.q_s1 + c * 8 : p.q;
+      cp_async16(Qs + r * LD + c * 8, src, ok);
     }
   }
 }
 
-template <typename T, int DP>
-__global__ void __launch_bounds__(kMmaThreads) varlen_mma_kernel(VarlenParams<T> p) {
-  constexpr int LD = DP + 8, CH = DP / 8;
+// Key and value rows [n0, n0 + BN) into one pipeline stage; rows >= n_end and
+// columns >= head_dim are zero-filled.
+template <typename T, int DP, int BN, int THREADS>
+__device__ __forceinline__ void load_kv_async(T* Ks, T* Vs, const VarlenParams<T>& p, int b,
+                                              int kvh, int k_start, int n0, int n_end) {
+  constexpr int LD = DP + 8, CH = DP / 8, N = BN * CH;
+#pragma unroll
+  for (int k = 0; k < (N + THREADS - 1) / THREADS; ++k) {
+    const int i = threadIdx.x + k * THREADS;
+    if (N % THREADS == 0 || i < N) {
+      const int r = i / CH, c = i - r * CH, j = n0 + r;
+      const bool ok = j < n_end && c * 8 < p.head_dim;
+      const T* ksrc = ok ? kv_row(p, false, b, kvh, k_start, j) + c * 8 : p.q;
+      const T* vsrc = ok ? kv_row(p, true, b, kvh, k_start, j) + c * 8 : p.q;
+      cp_async16(Ks + r * LD + c * 8, ksrc, ok);
+      cp_async16(Vs + r * LD + c * 8, vsrc, ok);
+    }
+  }
+}
+
+// Fold one 16 x (8 * NT) score tile into the running softmax of rows g and g + 8
+// (hr = 0, 1). MASKED: score column nt * 8 + e of this thread is hidden unless
+// nt * 8 + e < lim[hr]. On return s holds the unnormalised probabilities.
+template <bool MASKED, int NT, int ND>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[ND][4],
+                                               float (&m_i)[2], float (&l_i)[2],
+                                               const int (&lim)[2], float scale_log2) {
+  float alpha[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float mx = m_i[hr];  // the same in the 4 threads of a row
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[nt][2 * hr + e];
+        if (MASKED && nt * 8 + e >= lim[hr]) v = -INFINITY;
+        mx = fmaxf(mx, v);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mb = mx == -INFINITY ? 0.f : mx * scale_log2;  // scaled max, finite
+    alpha[hr] = mx == m_i[hr] ? 1.f : exp2f(m_i[hr] * scale_log2 - mb);
+    m_i[hr] = mx;
+    float rs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[nt][2 * hr + e];
+        v = exp2f(fmaf(v, scale_log2, -mb));
+        rs += v;
+      }
+    l_i[hr] = l_i[hr] * alpha[hr] + rs;
+  }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+  }
+}
+
+template <typename T, int DP, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm(DP, WARPS))
+    varlen_mma_kernel(VarlenParams<T> p) {
+  constexpr int kThreads = WARPS * 32, kBM = WARPS * 16, kBN = key_tile(DP), LD = DP + 8;
+  constexpr bool kQInRegs = DP <= 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);
-  T* Ks = Qs + kBM * LD;
-  T* Vs = Ks + kBN * LD;
+  T* Ks = Qs + kBM * LD;      // [2][kBN][LD]
+  T* Vs = Ks + 2 * kBN * LD;  // [2][kBN][LD]
   const int b = blockIdx.z, h = blockIdx.y;
   const int m0 = (gridDim.x - 1 - blockIdx.x) * kBM;  // heavy causal tiles first
   const int q_start = p.cu_q[b], Lq = p.cu_q[b + 1] - q_start;
@@ -90,61 +137,84 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_mma_kernel(VarlenParams<T>
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3, mi = lane >> 3, ri = lane & 7;
 
-  for (int i = threadIdx.x; i < kBM * CH; i += kMmaThreads) {
-    const int r = i / CH, c = i - r * CH;
-    const bool ok = m0 + r < Lq && c * 8 < p.head_dim;
-    const T* src = ok ? p.q + int64_t(q_start + m0 + r) * p.q_s0 + int64_t(h) * p.q_s1 + c * 8 : p.q;
-    cp_async16(Qs + r * LD + c * 8, src, ok);
-  }
-  if (n_tiles > 0) load_tile_async<T, DP>(Ks, p, false, b, kvh, k_start, 0, n_end);
+  load_q_async<T, DP, kBM, kThreads>(Qs, p, h, q_start, m0, Lq);
+  if (n_tiles > 0) load_kv_async<T, DP, kBN, kThreads>(Ks, Vs, p, b, kvh, k_start, 0, n_end);
   cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+
+  // This warp's rows [r0, r0 + 16): all of them see keys < vis_all, some see keys < vis_any
+  // (none when every row is past Lq); row r0 + g + 8 * hr sees keys < lim_row[hr].
+  const int r0 = m0 + warp * 16;
+  const int vis_all = p.causal ? min(Lk, r0 + shift + 1) : Lk;
+  const int vis_any = r0 >= Lq ? 0 : p.causal ? min(Lk, r0 + 16 + shift) : Lk;
+  int lim_row[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) lim_row[hr] = p.causal ? min(Lk, r0 + g + 8 * hr + shift + 1) : Lk;
+
+  const T* q_frag = Qs + (warp * 16 + (mi & 1) * 8 + ri) * LD + (mi >> 1) * 8;
+  uint32_t qf[kQInRegs ? DP / 16 : 1][4];
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(qf[kk], q_frag + kk * 16);
+  }
 
   float o[DP / 8][4] = {};
   float m_i[2] = {-INFINITY, -INFINITY}, l_i[2] = {0.f, 0.f};
   const float scale_log2 = p.scale * kLog2e;
   for (int n = 0; n < n_tiles; ++n) {
-    cp_async_wait_all();
-    __syncthreads();  // K(n) landed; every warp is done with V(n-1)
-    load_tile_async<T, DP>(Vs, p, true, b, kvh, k_start, n * kBN, n_end);
+    const int stage = n & 1, n0 = n * kBN;
+    if (n + 1 < n_tiles)
+      load_kv_async<T, DP, kBN, kThreads>(Ks + (stage ^ 1) * kBN * LD, Vs + (stage ^ 1) * kBN * LD,
+                                          p, b, kvh, k_start, n0 + kBN, n_end);
     cp_async_commit();
 
-    float s[kBN / 8][4] = {};
+    if (n0 < vis_any) {
+      const T* Kt = Ks + stage * kBN * LD;
+      const T* Vt = Vs + stage * kBN * LD;
+      float s[kBN / 8][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < DP / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, Qs + (warp * 16 + (mi & 1) * 8 + ri) * LD + kk * 16 + (mi >> 1) * 8);
+      for (int kk = 0; kk < DP / 16; ++kk) {
+        uint32_t a[4];
+        if constexpr (kQInRegs) {
 #pragma unroll
-      for (int np = 0; np < kBN / 16; ++np) {
-        uint32_t bk[4];
-        ldmatrix_x4(bk, Ks + (np * 16 + (mi >> 1) * 8 + ri) * LD + kk * 16 + (mi & 1) * 8);
-        mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
-        mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+          for (int x = 0; x < 4; ++x) a[x] = qf[kk][x];
+        } else {
+          ldmatrix_x4(a, q_frag + kk * 16);
+        }
+#pragma unroll
+        for (int np = 0; np < kBN / 16; ++np) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, Kt + (np * 16 + (mi >> 1) * 8 + ri) * LD + kk * 16 + (mi & 1) * 8);
+          mma_16816<T>(s[2 * np], a, bk[0], bk[1]);
+          mma_16816<T>(s[2 * np + 1], a, bk[2], bk[3]);
+        }
+      }
+      if (n0 + kBN <= vis_all) {
+        online_softmax<false>(s, o, m_i, l_i, lim_row, scale_log2);
+      } else {
+        const int lim[2] = {lim_row[0] - n0 - 2 * t4, lim_row[1] - n0 - 2 * t4};
+        online_softmax<true>(s, o, m_i, l_i, lim, scale_log2);
+      }
+
+#pragma unroll
+      for (int kk = 0; kk < kBN / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
+                               pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int np = 0; np < DP / 16; ++np) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, Vt + (kk * 16 + (mi & 1) * 8 + ri) * LD + np * 16 + (mi >> 1) * 8);
+          mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
+          mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+        }
       }
     }
-    online_softmax<DP>(s, o, m_i, l_i, m0 + warp * 16 + g, n * kBN, shift, Lk, p.causal,
-                       scale_log2);
-
     cp_async_wait_all();
-    __syncthreads();  // V(n) landed; every warp is done with K(n)
-    if (n + 1 < n_tiles) load_tile_async<T, DP>(Ks, p, false, b, kvh, k_start, (n + 1) * kBN, n_end);
-    cp_async_commit();
-
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                             pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-      for (int np = 0; np < DP / 16; ++np) {
-        uint32_t bv[4];
-        ldmatrix_x4_trans(bv, Vs + (kk * 16 + (mi & 1) * 8 + ri) * LD + np * 16 + (mi >> 1) * 8);
-        mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
-        mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
-      }
-    }
+    __syncthreads();  // tile n + 1 landed; every warp is done with tile n
   }
-  cp_async_wait_all();
 
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
@@ -152,7 +222,7 @@ __global__ void __launch_bounds__(kMmaThreads) varlen_mma_kernel(VarlenParams<T>
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key yields zeros
-    const int row = m0 + warp * 16 + g + hr * 8;
+    const int row = r0 + g + hr * 8;
     if (row >= Lq) continue;
     T* dst = p.out + (int64_t(q_start + row) * p.num_q_heads + h) * p.head_dim;
 #pragma unroll
@@ -205,13 +275,29 @@ __global__ void varlen_simple_kernel(VarlenParams<T> p) {
 
 int padded_head_dim(int64_t D) { return D <= 64 ? 64 : D <= 80 ? 80 : D <= 128 ? 128 : 256; }
 
-template <typename T, int DP>
-void launch_mma(const VarlenParams<T>& p, dim3 grid, cudaStream_t stream) {
-  const size_t smem = size_t(kBM + 2 * kBN) * (DP + 8) * sizeof(T);
+template <typename T, int DP, int WARPS>
+void launch_mma(const VarlenParams<T>& p, int64_t max_seqlen_q, int64_t B, cudaStream_t stream) {
+  constexpr size_t smem = mma_smem_bytes<T, DP, WARPS>();
   if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(varlen_mma_kernel<T, DP>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(varlen_mma_kernel<T, DP, WARPS>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-  varlen_mma_kernel<T, DP><<<grid, kMmaThreads, smem, stream>>>(p);
+  const dim3 grid(ceil_div(max_seqlen_q, WARPS * 16), p.num_q_heads, static_cast<unsigned>(B));
+  varlen_mma_kernel<T, DP, WARPS><<<grid, WARPS * 32, smem, stream>>>(p);
+}
+
+// 8 warps (128 query rows) per CTA, unless that gives fewer CTAs than SMs; DP = 256 keeps
+// 4 warps for registers.
+template <typename T, int DP>
+void launch_mma(const VarlenParams<T>& p, int64_t max_seqlen_q, int64_t B, cudaStream_t stream) {
+  if constexpr (DP == 256) {
+    launch_mma<T, DP, 4>(p, max_seqlen_q, B, stream);
+  } else {
+    const int64_t ctas8 = int64_t(ceil_div(max_seqlen_q, 128)) * p.num_q_heads * B;
+    if (max_seqlen_q > 64 && ctas8 >= at::cuda::getCurrentDeviceProperties()->multiProcessorCount)
+      launch_mma<T, DP, 8>(p, max_seqlen_q, B, stream);
+    else
+      launch_mma<T, DP, 4>(p, max_seqlen_q, B, stream);
+  }
 }
 
 template <typename T>
@@ -225,7 +311,8 @@ bool tensor_core_ok(const VarlenParams<T>& p) {
     const void* ptrs[] = {p.q, p.k, p.v, p.key_cache, p.value_cache, p.out};
     for (const void* ptr : ptrs)
       if (!is_aligned16(ptr)) return false;
-    return p.head_dim % 8 == 0 && p.head_dim <= 256;
+    // scale > 0: the kernel takes row maxima over unscaled scores.
+    return p.head_dim % 8 == 0 && p.head_dim <= 256 && p.scale > 0.f;
   }
 }
 
@@ -322,12 +409,11 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
     p.paged = paged;
     if (tensor_core_ok(p)) {
       if constexpr (!std::is_same_v<T, float>) {
-        const dim3 grid(ceil_div(max_seqlen_q, kBM), p.num_q_heads, static_cast<unsigned>(B));
         switch (padded_head_dim(p.head_dim)) {
-          case 64: launch_mma<T, 64>(p, grid, stream); break;
-          case 80: launch_mma<T, 80>(p, grid, stream); break;
-          case 128: launch_mma<T, 128>(p, grid, stream); break;
-          default: launch_mma<T, 256>(p, grid, stream); break;
+          case 64: launch_mma<T, 64>(p, max_seqlen_q, B, stream); break;
+          case 80: launch_mma<T, 80>(p, max_seqlen_q, B, stream); break;
+          case 128: launch_mma<T, 128>(p, max_seqlen_q, B, stream); break;
+          default: launch_mma<T, 256>(p, max_seqlen_q, B, stream); break;
         }
       }
     } else {
