@@ -10,8 +10,8 @@
 // its own online softmax (base 2) and output accumulators. Row groups then merge
 // through shuffles, warps through shared memory. Long contexts are cut into
 // partitions whose partial results (max, sum, normalised output) a second kernel
-// merges, one warp per query head. The number of partitions comes from the block
-// table width, so the host never reads seq_lens.
+// merges. The number of partitions comes from the block table width, so the host
+// never reads seq_lens.
 #include <climits>
 
 #include "common.cuh"
@@ -25,7 +25,7 @@ constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMaxPartition = 512;
 constexpr int kMinPartition = 32;
-constexpr int kMergeWarps = 4;
+constexpr int kMergeThreads = 256;
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
@@ -328,44 +328,75 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
   }
 }
 
-// grid (Hq / kMergeWarps, B), one warp per (sequence, query head): merge the used
-// partitions, weighted by sum * 2^(max - overall max).
+// grid (Hq, B): merge the used partitions of one (sequence, head). Thread (group,
+// d4) folds partitions group, group + groups, ... into its own (max, sum, output
+// float4) with loads issued before use and independent of seq_len (the unused
+// partitions are masked after loading); the groups then merge in shared memory.
 template <typename T>
-__global__ void __launch_bounds__(32 * kMergeWarps) paged_decode_merge_kernel(DecodeParams<T> p) {
-  const int lane = threadIdx.x & 31;
-  const int h = blockIdx.x * kMergeWarps + (threadIdx.x >> 5), b = blockIdx.y, D = p.head_dim;
-  if (h >= p.num_q_heads) return;
-  const int seq_len = max(p.seq_lens[b], 0);
-  const int used = (seq_len + p.part - 1) / p.part;
+__global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(DecodeParams<T> p) {
+  __shared__ float4 red_o[kMergeThreads];
+  __shared__ float red_m[kMergeThreads], red_l[kMergeThreads];
+  constexpr int S = 8;  // partitions loaded at once
+  const int h = blockIdx.x, b = blockIdx.y, D4 = p.head_dim / 4;
+  const int groups = kMergeThreads / D4, group = threadIdx.x / D4, d4 = threadIdx.x - group * D4;
+  const int used = (max(p.seq_lens[b], 0) + p.part - 1) / p.part;
   const int64_t bh = int64_t(b) * p.num_q_heads + h;
-  const float* pmax = p.part_max + bh * p.splits;
-  const float* psum = p.part_sum + bh * p.splits;
-  float mx = -INFINITY;
-  for (int s = lane; s < used; s += 32) mx = fmaxf(mx, pmax[s]);
-  mx = warp_max(mx);
-  float total = 0.f;
-  for (int s = lane; s < used; s += 32) total += psum[s] * exp2f(pmax[s] - mx);
-  total = warp_sum(total);
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  const float4* po = reinterpret_cast<const float4*>(p.part_out + bh * p.splits * D);
-  for (int d4 = lane; d4 < D / 4; d4 += 32) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-    for (int s = 0; s < used; ++s) {
-      const float w = psum[s] * exp2f(pmax[s] - mx);
-      const float4 v = po[s * (D / 4) + d4];
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-    }
-    Pack<T, 4> o;
-    o.v[0] = from_float<T>(acc.x * inv);
-    o.v[1] = from_float<T>(acc.y * inv);
-    o.v[2] = from_float<T>(acc.z * inv);
-    o.v[3] = from_float<T>(acc.w * inv);
-    reinterpret_cast<Pack<T, 4>*>(p.out + bh * D)[d4] = o;
+  const float4* po = reinterpret_cast<const float4*>(p.part_out + bh * p.splits * p.head_dim);
+  float m = -INFINITY, l = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (group < groups) {
+    // The first S partitions of the group load before seq_len is known.
+    int s0 = group;
+    do {
+      float pm[S], ps[S];
+      float4 pv[S];
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int s = min(s0 + k * groups, p.splits - 1);
+        pm[k] = p.part_max[bh * p.splits + s];
+        ps[k] = p.part_sum[bh * p.splits + s];
+        pv[k] = po[s * D4 + d4];
+      }
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        if (s0 + k * groups >= used) break;
+        const float mx = fmaxf(m, pm[k]);
+        const float a = exp2f(m - mx), w = ps[k] * exp2f(pm[k] - mx);
+        m = mx;
+        l = l * a + w;
+        o.x = o.x * a + w * pv[k].x;
+        o.y = o.y * a + w * pv[k].y;
+        o.z = o.z * a + w * pv[k].z;
+        o.w = o.w * a + w * pv[k].w;
+      }
+    } while ((s0 += S * groups) < used);
   }
+  red_o[threadIdx.x] = o;
+  red_m[threadIdx.x] = m;
+  red_l[threadIdx.x] = l;
+  __syncthreads();
+  if (threadIdx.x >= D4) return;
+  float mx = -INFINITY;
+  for (int g = 0; g < groups; ++g) mx = fmaxf(mx, red_m[g * D4 + d4]);
+  const float ms = mx == -INFINITY ? 0.f : mx;
+  float total = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int g = 0; g < groups; ++g) {
+    const int i = g * D4 + d4;
+    const float w = exp2f(red_m[i] - ms);
+    total += red_l[i] * w;
+    acc.x += red_o[i].x * w;
+    acc.y += red_o[i].y * w;
+    acc.z += red_o[i].z * w;
+    acc.w += red_o[i].w * w;
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  Pack<T, 4> out;
+  out.v[0] = from_float<T>(acc.x * inv);
+  out.v[1] = from_float<T>(acc.y * inv);
+  out.v[2] = from_float<T>(acc.z * inv);
+  out.v[3] = from_float<T>(acc.w * inv);
+  reinterpret_cast<Pack<T, 4>*>(p.out + bh * p.head_dim)[d4] = out;
 }
 
 void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -496,8 +527,8 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     per_lanes(std::integral_constant<int, 8>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
-      const dim3 mgrid(static_cast<unsigned>(ceil_div(Hq, kMergeWarps)), static_cast<unsigned>(B));
-      paged_decode_merge_kernel<scalar_t><<<mgrid, 32 * kMergeWarps, 0, stream>>>(p);
+      const dim3 mgrid(static_cast<unsigned>(Hq), static_cast<unsigned>(B));
+      paged_decode_merge_kernel<scalar_t><<<mgrid, kMergeThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
