@@ -1,19 +1,32 @@
 // paged_attention_decode: one query token per sequence over its paged KV cache.
 //
-// Flash-decoding: grid (kv head x query-head group, sequence, context split).
-// A CTA serves the query heads that share one KV head (GQA), so each K/V row is
-// read once for all of them. Long contexts are cut into partitions whose partial
-// results (max, sum, normalised output) a second kernel merges. The number of
-// partitions comes from the block table width, so the host never reads seq_lens.
+// Flash-decoding in one pass: grid (kv head x query-head group, sequence, context
+// split). A CTA serves the GT query heads that share one KV head (GQA), so each
+// K/V row is read once for all of them. The CTA first stages the cache rows of
+// its partition and the pre-scaled q in shared memory. Then L lanes share one
+// token row: each lane holds CPL 16-byte chunks of the row and, in registers, q
+// of the GT heads for those dims. A row group loads the K and V rows of U tokens
+// before using any, reduces the dot products with shuffles and folds them into
+// its own online softmax (base 2) and output accumulators. Row groups then merge
+// through shuffles, warps through shared memory. Long contexts are cut into
+// partitions whose partial results (max, sum, normalised output) a second kernel
+// merges. The number of partitions comes from the block table width, so the host
+// never reads seq_lens.
+#include <climits>
+
 #include "common.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kGroupLanes = 4;  // lanes sharing one key row in the QK phase
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
 constexpr int kMaxHeadDim = 256;
+constexpr int kMaxPartition = 512;
+constexpr int kMinPartition = 32;
+constexpr int kMergeThreads = 256;
+constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
 struct DecodeParams {
@@ -23,187 +36,367 @@ struct DecodeParams {
   const T* value_cache;
   const int* block_tables;
   int64_t bt_s0, bt_s1;
+  int max_blocks;
   const int* seq_lens;
   T* out;           // [B, Hq, D]
   float* part_out;  // [B, Hq, splits, D]
-  float* part_max;  // [B, Hq, splits]
+  float* part_max;  // [B, Hq, splits], base 2
   float* part_sum;
   int num_q_heads, num_kv_heads, group, head_dim, block_size, part, splits;
   float scale;
 };
 
+// Lanes per token row and 16-byte chunks per lane (a power of two) for GT heads and
+// `chunks` chunks per row: the fewest lanes (8, 16 or 32, no more than the row has
+// chunks) that keep q and the accumulators of a lane within 32 floats each.
+struct RowTiling {
+  int lanes, cpl;
+};
+
+constexpr RowTiling pick_tiling(int gt, int chunks, int vec) {
+  for (int lanes = 8;; lanes *= 2) {
+    int cpl = 1;
+    while (cpl * lanes < chunks) cpl *= 2;
+    if (lanes == 32 || lanes >= chunks || gt * cpl * vec <= 32) return {lanes, cpl};
+  }
+}
+
+// Whether some head dim up to kMaxHeadDim picks (L, CPL): only those are instantiated.
+constexpr bool tiling_used(int gt, int vec, int lanes, int cpl) {
+  for (int chunks = 1; chunks <= kMaxHeadDim / vec; ++chunks) {
+    const RowTiling t = pick_tiling(gt, chunks, vec);
+    if (t.lanes == lanes && t.cpl == cpl) return true;
+  }
+  return false;
+}
+
+// Tokens a row group loads per step: 8 (GT 8: 4) 16-byte loads in flight per lane,
+// or one token when its chunks alone are more.
+constexpr int tokens_per_step(int gt, int cpl) {
+  const int u = (gt >= 8 ? 2 : 4) / cpl;
+  return u > 1 ? u : 1;
+}
+
+// A 16-byte chunk of T, loaded as four raw words, widened to floats.
 template <typename T>
-__device__ __forceinline__ const T* cache_row(const DecodeParams<T>& p, const T* cache,
-                                              const int* table, int t, int kv_head) {
-  const int64_t phys = table[(t / p.block_size) * p.bt_s1];
-  const int64_t slot = phys * p.block_size + t % p.block_size;
-  return cache + (slot * p.num_kv_heads + kv_head) * p.head_dim;
+__device__ __forceinline__ void widen(const uint4& w, float (&f)[kPack16<T>]);
+
+template <>
+__device__ __forceinline__ void widen<float>(const uint4& w, float (&f)[4]) {
+  f[0] = __uint_as_float(w.x);
+  f[1] = __uint_as_float(w.y);
+  f[2] = __uint_as_float(w.z);
+  f[3] = __uint_as_float(w.w);
 }
 
-// Scores of the partition's tokens for GT query heads -> logits [GT, part].
-template <typename T, int GT>
-__device__ __forceinline__ void score_tokens(const DecodeParams<T>& p, const int* table,
-                                             int kv_head, int start, int end, const float* q_s,
-                                             float* logits) {
-  constexpr int VEC = kPack16<T>;
-  constexpr int MAXC = kMaxHeadDim / VEC / kGroupLanes;
-  using P = Pack<T, VEC>;
-  const int D = p.head_dim, chunks = D / VEC;
-  const int gl = threadIdx.x % kGroupLanes, group_id = threadIdx.x / kGroupLanes;
-  const int groups = blockDim.x / kGroupLanes;
-  // The loop bound is block-uniform (not per group): the shuffles below need
-  // every lane of the warp, also those whose token is past the end.
-  for (int base = start; base < end; base += groups) {
-    const int t = base + group_id;
-    const bool valid = t < end;
-    P kv[MAXC];
-    if (valid) {
-      const P* krow = reinterpret_cast<const P*>(cache_row(p, p.key_cache, table, t, kv_head));
+template <>
+__device__ __forceinline__ void widen<__nv_bfloat16>(const uint4& w, float (&f)[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-      for (int k = 0; k < MAXC; ++k)
-        if (gl + k * kGroupLanes < chunks) kv[k] = krow[gl + k * kGroupLanes];
-    }
-    float dots[GT];
-#pragma unroll
-    for (int g = 0; g < GT; ++g) {
-      dots[g] = 0.f;
-#pragma unroll
-      for (int k = 0; k < MAXC; ++k) {
-        const int c = gl + k * kGroupLanes;
-        if (valid && c < chunks) {
-          const float* qv = q_s + g * D + c * VEC;
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) dots[g] += qv[j] * to_float(kv[k].v[j]);
-        }
-      }
-#pragma unroll
-      for (int o = 1; o < kGroupLanes; o <<= 1) dots[g] += __shfl_xor_sync(0xffffffffu, dots[g], o);
-    }
-    if (valid && gl == 0) {
-#pragma unroll
-      for (int g = 0; g < GT; ++g) logits[g * p.part + (t - start)] = dots[g];
-    }
+  for (int i = 0; i < 4; ++i) {
+    f[2 * i] = __uint_as_float(words[i] << 16);
+    f[2 * i + 1] = __uint_as_float(words[i] & 0xffff0000u);
   }
 }
 
-// acc_s [GT, D] += sum_t probs[g, t] * V[t].
-template <typename T, int GT>
-__device__ __forceinline__ void weigh_values(const DecodeParams<T>& p, const int* table,
-                                             int kv_head, int start, int end, const float* probs,
-                                             float* acc_s) {
-  constexpr int VEC = kPack16<T>;
-  using P = Pack<T, VEC>;
-  const int D = p.head_dim, chunks = D / VEC;
-  const int rows = blockDim.x / chunks;
-  const int c = threadIdx.x % chunks, r = threadIdx.x / chunks;
-  if (r >= rows) return;
-  float acc[GT][VEC] = {};
-#pragma unroll 4
-  for (int t = start + r; t < end; t += rows) {
-    const P v = reinterpret_cast<const P*>(cache_row(p, p.value_cache, table, t, kv_head))[c];
+template <>
+__device__ __forceinline__ void widen<__half>(const uint4& w, float (&f)[8]) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-    for (int g = 0; g < GT; ++g) {
-      const float w = probs[g * p.part + (t - start)];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) acc[g][j] += w * to_float(v.v[j]);
-    }
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&words[i]));
+    f[2 * i] = v.x;
+    f[2 * i + 1] = v.y;
   }
-#pragma unroll
-  for (int g = 0; g < GT; ++g)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) atomicAdd(&acc_s[g * D + c * VEC + j], acc[g][j]);
 }
 
-template <typename T, int GT>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel(DecodeParams<T> p) {
+template <typename T, int GT, int L, int CPL>
+__global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel(DecodeParams<T> p) {
+  constexpr int VEC = kPack16<T>;
+  constexpr int R = 32 / L;      // row groups per warp
+  constexpr int N = kWarps * R;  // rows per CTA
+  constexpr int U = tokens_per_step(GT, CPL);
   extern __shared__ float smem[];
+  const int D = p.head_dim, chunks = D / VEC;
+  int* rows = reinterpret_cast<int*>(smem);  // [kMaxPartition]: cache row (slot * Hkv) per token
+  float* q_s = smem + kMaxPartition;         // [GT, D], pre-scaled
+  float* red_acc = q_s + GT * D;             // [kWarps, GT, D]
+  float* red_m = red_acc + kWarps * GT * D;  // [kWarps, GT]
+  float* red_w = red_m + kWarps * GT;        // [kWarps, GT]: sums, then merge weights
+
   const int groups_per_kv = (p.group + GT - 1) / GT;
   const int kv_head = blockIdx.x / groups_per_kv, hg = blockIdx.x % groups_per_kv;
   const int b = blockIdx.y, split = blockIdx.z;
   const int h0 = kv_head * p.group + hg * GT;
   const int heads = min(GT, p.group - hg * GT);
-  const int seq_len = max(p.seq_lens[b], 0);
   const int start = split * p.part;
-  if (start >= seq_len && split > 0) return;  // unused partition: the merge skips it
-  const int end = min(seq_len, start + p.part);
-  const int D = p.head_dim;
-  float* q_s = smem;                   // [GT, D], pre-scaled
-  float* logits = q_s + GT * D;        // [GT, part]
-  float* acc_s = logits + GT * p.part;  // [GT, D]
-  float* stats = acc_s + GT * D;       // [GT, 2]: max, sum
-  for (int i = threadIdx.x; i < GT * D; i += blockDim.x) {
-    const int g = i / D, d = i - g * D;
-    q_s[i] = g < heads ? to_float(p.q[b * p.q_s0 + (h0 + g) * p.q_s1 + d]) * p.scale : 0.f;
-    acc_s[i] = 0.f;
-  }
-  __syncthreads();
+  const int seq_len = max(p.seq_lens[b], 0);
+  // Stage q and the rows of the whole partition (within the table) without waiting
+  // for seq_len; the loads are unconditional (clamped) so that all are in flight at once.
+  constexpr int QN = kMaxHeadDim / kThreads, TN = kMaxPartition / kThreads;
+  float qx[GT][QN];
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int r = 0; r < QN; ++r) {
+      const int d = min(threadIdx.x + r * kThreads, D - 1);
+      qx[g][r] = to_float(p.q[b * p.q_s0 + (h0 + min(g, heads - 1)) * p.q_s1 + d]);
+    }
   const int* table = p.block_tables + b * p.bt_s0;
-  score_tokens<T, GT>(p, table, kv_head, start, end, q_s, logits);
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (warp < GT) {  // one warp per query head: max, exp in place, sum
-    float* l = logits + warp * p.part;
-    float mx = -INFINITY;
-    for (int i = lane; i < end - start; i += 32) mx = fmaxf(mx, l[i]);
-    mx = warp_max(mx);
-    float sum = 0.f;
-    for (int i = lane; i < end - start; i += 32) {
-      const float e = expf(l[i] - mx);
-      l[i] = e;
-      sum += e;
+  int phys[TN];
+#pragma unroll
+  for (int r = 0; r < TN; ++r) {
+    const int blk = min((start + int(threadIdx.x) + r * kThreads) / p.block_size, p.max_blocks - 1);
+    phys[r] = table[blk * p.bt_s1];
+  }
+  const float qscale = p.scale * kLog2e;
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int r = 0; r < QN; ++r) {
+      const int d = threadIdx.x + r * kThreads;
+      if (d < D) q_s[g * D + d] = g < heads ? qx[g][r] * qscale : 0.f;
     }
-    sum = warp_sum(sum);
-    if (lane == 0) {
-      stats[2 * warp] = mx;
-      stats[2 * warp + 1] = sum;
-    }
+#pragma unroll
+  for (int r = 0; r < TN; ++r) {  // all kMaxPartition: a condition would delay the loads
+    const int t = start + threadIdx.x + r * kThreads;
+    rows[threadIdx.x + r * kThreads] = (phys[r] * p.block_size + t % p.block_size) * p.num_kv_heads;
   }
   __syncthreads();
-  weigh_values<T, GT>(p, table, kv_head, start, end, logits, acc_s);
-  __syncthreads();
-  for (int i = threadIdx.x; i < heads * D; i += blockDim.x) {
-    const int g = i / D, d = i - g * D;
-    const int64_t bh = int64_t(b) * p.num_q_heads + h0 + g;
-    const float sum = stats[2 * g + 1];
-    const float o = sum > 0.f ? acc_s[i] / sum : 0.f;
-    if (p.splits == 1) {
-      p.out[bh * D + d] = from_float<T>(o);
-    } else {
-      p.part_out[(bh * p.splits + split) * D + d] = o;
-      if (d == 0) {
-        p.part_max[bh * p.splits + split] = stats[2 * g];
-        p.part_sum[bh * p.splits + split] = sum;
+  if (start >= seq_len && split > 0) return;  // unused partition: the merge skips it
+  const int n = min(seq_len - start, p.part);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gl = lane % L, row = warp * R + lane / L;
+  float q[GT][CPL][VEC];
+#pragma unroll
+  for (int g = 0; g < GT; ++g)
+#pragma unroll
+    for (int k = 0; k < CPL; ++k) {
+      const int c = gl + k * L;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) q[g][k][j] = c < chunks ? q_s[g * D + c * VEC + j] : 0.f;
+    }
+  const T* kbase = p.key_cache + int64_t(kv_head) * D;
+  const T* vbase = p.value_cache + int64_t(kv_head) * D;
+  float m[GT], l[GT], acc[GT][CPL][VEC];
+#pragma unroll
+  for (int g = 0; g < GT; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int k = 0; k < CPL; ++k)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) acc[g][k][j] = 0.f;
+  }
+  // The loop bound is block-uniform: the shuffles need every lane of the warp.
+  for (int base = 0; base < n; base += N * U) {
+    uint4 kr[U][CPL], vr[U][CPL];
+    bool valid[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int i = base + u * N + row;
+      valid[u] = i < n;
+      const int64_t off = int64_t(rows[valid[u] ? i : 0]) * D;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int c = gl + k * L;
+        // Zeros when masked: a masked value must not turn 0 * garbage into NaN.
+        kr[u][k] = vr[u][k] = make_uint4(0u, 0u, 0u, 0u);
+        if (valid[u] && c < chunks) {
+          kr[u][k] = *reinterpret_cast<const uint4*>(kbase + off + c * VEC);
+          vr[u][k] = *reinterpret_cast<const uint4*>(vbase + off + c * VEC);
+        }
+      }
+    }
+    float s[U][GT];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[CPL][VEC];
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) widen<T>(kr[u][k], kf[k]);
+#pragma unroll
+      for (int g = 0; g < GT; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int k = 0; k < CPL; ++k)
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) d = fmaf(q[g][k][j], kf[k][j], d);
+#pragma unroll
+        for (int o = L / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        s[u][g] = valid[u] ? d : -INFINITY;
+      }
+    }
+    float alpha[GT];
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      float mx = m[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) mx = fmaxf(mx, s[u][g]);
+      const float ms = mx == -INFINITY ? 0.f : mx;
+      alpha[g] = exp2f(m[g] - ms);
+      m[g] = mx;
+      l[g] *= alpha[g];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        s[u][g] = exp2f(s[u][g] - ms);  // now the probability (0 when masked)
+        l[g] += s[u][g];
+      }
+#pragma unroll
+      for (int k = 0; k < CPL; ++k)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[g][k][j] *= alpha[g];
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[CPL][VEC];
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) widen<T>(vr[u][k], vf[k]);
+#pragma unroll
+      for (int g = 0; g < GT; ++g)
+#pragma unroll
+        for (int k = 0; k < CPL; ++k)
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) acc[g][k][j] = fmaf(s[u][g], vf[k][j], acc[g][k][j]);
+    }
+  }
+  // Merge the row groups of the warp into the first one.
+#pragma unroll
+  for (int o = L; o < 32; o <<= 1)
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[g], o);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+      const float mx = fmaxf(m[g], mo), ms = mx == -INFINITY ? 0.f : mx;
+      const float a = exp2f(m[g] - ms), e = exp2f(mo - ms);
+      m[g] = mx;
+      l[g] = l[g] * a + lo * e;
+#pragma unroll
+      for (int k = 0; k < CPL; ++k)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j)
+          acc[g][k][j] = acc[g][k][j] * a + __shfl_xor_sync(0xffffffffu, acc[g][k][j], o) * e;
+    }
+  if (lane < L) {
+#pragma unroll
+    for (int g = 0; g < GT; ++g) {
+#pragma unroll
+      for (int k = 0; k < CPL; ++k) {
+        const int c = gl + k * L;
+        if (c < chunks) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) red_acc[(warp * GT + g) * D + c * VEC + j] = acc[g][k][j];
+        }
+      }
+      if (gl == 0) {
+        red_m[warp * GT + g] = m[g];
+        red_w[warp * GT + g] = l[g];
       }
     }
   }
+  __syncthreads();
+  if (threadIdx.x < GT) {  // one thread per head: the warps' merge weights
+    const int g = threadIdx.x;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w * GT + g]);
+    const float ms = mx == -INFINITY ? 0.f : mx;
+    float e[kWarps], sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      e[w] = exp2f(red_m[w * GT + g] - ms);
+      sum += red_w[w * GT + g] * e[w];
+    }
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) red_w[w * GT + g] = e[w] * inv;
+    if (p.splits > 1 && g < heads) {
+      const int64_t bhs = (int64_t(b) * p.num_q_heads + h0 + g) * p.splits + split;
+      p.part_max[bhs] = mx;
+      p.part_sum[bhs] = sum;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < heads * D; i += kThreads) {
+    const int g = i / D, d = i - g * D;
+    float o = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += red_acc[(w * GT + g) * D + d] * red_w[w * GT + g];
+    const int64_t bh = int64_t(b) * p.num_q_heads + h0 + g;
+    if (p.splits == 1) p.out[bh * D + d] = from_float<T>(o);
+    else p.part_out[(bh * p.splits + split) * D + d] = o;
+  }
 }
 
-// grid (Hq, B): merge the used partitions of one (sequence, head).
+// grid (Hq, B): merge the used partitions of one (sequence, head). Thread (group,
+// d4) folds partitions group, group + groups, ... into its own (max, sum, output
+// float4) with loads issued before use and independent of seq_len (the unused
+// partitions are masked after loading); the groups then merge in shared memory.
 template <typename T>
-__global__ void paged_decode_merge_kernel(DecodeParams<T> p) {
-  extern __shared__ float w[];  // [splits]
-  __shared__ float scratch[32];
-  const int h = blockIdx.x, b = blockIdx.y, D = p.head_dim;
-  const int seq_len = max(p.seq_lens[b], 0);
-  const int used = (seq_len + p.part - 1) / p.part;
+__global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(DecodeParams<T> p) {
+  __shared__ float4 red_o[kMergeThreads];
+  __shared__ float red_m[kMergeThreads], red_l[kMergeThreads];
+  constexpr int S = 8;  // partitions loaded at once
+  const int h = blockIdx.x, b = blockIdx.y, D4 = p.head_dim / 4;
+  const int groups = kMergeThreads / D4, group = threadIdx.x / D4, d4 = threadIdx.x - group * D4;
+  const int used = (max(p.seq_lens[b], 0) + p.part - 1) / p.part;
   const int64_t bh = int64_t(b) * p.num_q_heads + h;
-  const float* pmax = p.part_max + bh * p.splits;
-  const float* psum = p.part_sum + bh * p.splits;
+  const float4* po = reinterpret_cast<const float4*>(p.part_out + bh * p.splits * p.head_dim);
+  float m = -INFINITY, l = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (group < groups) {
+    // The first S partitions of the group load before seq_len is known.
+    int s0 = group;
+    do {
+      float pm[S], ps[S];
+      float4 pv[S];
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        const int s = min(s0 + k * groups, p.splits - 1);
+        pm[k] = p.part_max[bh * p.splits + s];
+        ps[k] = p.part_sum[bh * p.splits + s];
+        pv[k] = po[s * D4 + d4];
+      }
+#pragma unroll
+      for (int k = 0; k < S; ++k) {
+        if (s0 + k * groups >= used) break;
+        const float mx = fmaxf(m, pm[k]);
+        const float a = exp2f(m - mx), w = ps[k] * exp2f(pm[k] - mx);
+        m = mx;
+        l = l * a + w;
+        o.x = o.x * a + w * pv[k].x;
+        o.y = o.y * a + w * pv[k].y;
+        o.z = o.z * a + w * pv[k].z;
+        o.w = o.w * a + w * pv[k].w;
+      }
+    } while ((s0 += S * groups) < used);
+  }
+  red_o[threadIdx.x] = o;
+  red_m[threadIdx.x] = m;
+  red_l[threadIdx.x] = l;
+  __syncthreads();
+  if (threadIdx.x >= D4) return;
   float mx = -INFINITY;
-  for (int s = threadIdx.x; s < used; s += blockDim.x) mx = fmaxf(mx, pmax[s]);
-  mx = block_max(mx, scratch);
+  for (int g = 0; g < groups; ++g) mx = fmaxf(mx, red_m[g * D4 + d4]);
+  const float ms = mx == -INFINITY ? 0.f : mx;
   float total = 0.f;
-  for (int s = threadIdx.x; s < used; s += blockDim.x) {
-    w[s] = psum[s] * expf(pmax[s] - mx);
-    total += w[s];
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int g = 0; g < groups; ++g) {
+    const int i = g * D4 + d4;
+    const float w = exp2f(red_m[i] - ms);
+    total += red_l[i] * w;
+    acc.x += red_o[i].x * w;
+    acc.y += red_o[i].y * w;
+    acc.z += red_o[i].z * w;
+    acc.w += red_o[i].w * w;
   }
-  total = block_sum(total, scratch);  // also orders the writes of w before the reads below
   const float inv = total > 0.f ? 1.f / total : 0.f;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < used; ++s) acc += w[s] * p.part_out[(bh * p.splits + s) * D + d];
-    p.out[bh * D + d] = from_float<T>(acc * inv);
-  }
+  Pack<T, 4> out;
+  out.v[0] = from_float<T>(acc.x * inv);
+  out.v[1] = from_float<T>(acc.y * inv);
+  out.v[2] = from_float<T>(acc.z * inv);
+  out.v[3] = from_float<T>(acc.w * inv);
+  reinterpret_cast<Pack<T, 4>*>(p.out + bh * p.head_dim)[d4] = out;
 }
 
 void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -218,6 +411,8 @@ void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at:
   SPLITVL_CHECK(key_cache.dim() == 4 && key_cache.sizes() == value_cache.sizes() &&
                   key_cache.is_contiguous() && value_cache.is_contiguous(),
               op, ": caches must be contiguous [num_blocks, block_size, Hkv, D] of equal shape");
+  SPLITVL_CHECK(key_cache.size(0) * key_cache.size(1) * key_cache.size(2) <= INT_MAX, op,
+              ": the cache's rows (slots x kv heads) must fit int32");
   SPLITVL_CHECK(key_cache.size(3) == query.size(2), op, ": cache head_dim ", key_cache.size(3),
               " != query head_dim ", query.size(2));
   SPLITVL_CHECK(query.size(1) % key_cache.size(2) == 0, op, ": query heads ", query.size(1),
@@ -240,11 +435,12 @@ void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at:
               " must be a multiple of ", vec, " and at most ", kMaxHeadDim);
 }
 
-// Partition length: 512 tokens, shorter while the grid would not fill the GPU twice.
+// Partition length: 512 tokens, shorter (down to 32) while the grid has fewer than
+// 3 CTAs per SM, so that small batches still spread their loads over every SM.
 int pick_partition(int64_t ctas, int64_t max_ctx) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int part = 512;
-  while (part > 128 && ctas * ceil_div(max_ctx, part) < 2 * sms) part /= 2;
+  int part = kMaxPartition;
+  while (part > kMinPartition && ctas * ceil_div(max_ctx, part) < 3 * sms) part /= 2;
   return part;
 }
 
@@ -260,12 +456,16 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   const int64_t max_ctx = block_tables.size(1) * block_size;
   if (B == 0 || Hq == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
+  if (max_ctx == 0) {  // no cached tokens at all
+    out.zero_();
+    return;
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int group = static_cast<int>(Hq / Hkv);
   const int gt = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
   const int64_t groups_per_kv = (group + gt - 1) / gt;
-  const int part = pick_partition(Hkv * groups_per_kv * B, std::max<int64_t>(max_ctx, 1));
-  const int splits = std::max(1, ceil_div(max_ctx, part));
+  const int part = pick_partition(Hkv * groups_per_kv * B, max_ctx);
+  const int splits = ceil_div(max_ctx, part);
   at::Tensor part_out, part_max, part_sum;
   if (splits > 1) {
     const auto f32 = query.options().dtype(at::kFloat);
@@ -274,6 +474,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     part_sum = at::empty({B, Hq, splits}, f32);
   }
   SPLITVL_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
+    constexpr int vec = kPack16<scalar_t>;
     DecodeParams<scalar_t> p{};
     p.q = reinterpret_cast<const scalar_t*>(query.data_ptr());
     p.q_s0 = query.stride(0);
@@ -283,6 +484,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     p.block_tables = block_tables.data_ptr<int>();
     p.bt_s0 = block_tables.stride(0);
     p.bt_s1 = block_tables.stride(1);
+    p.max_blocks = static_cast<int>(block_tables.size(1));
     p.seq_lens = seq_lens.data_ptr<int>();
     p.out = reinterpret_cast<scalar_t*>(out.data_ptr());
     p.part_out = splits > 1 ? part_out.data_ptr<float>() : nullptr;
@@ -296,20 +498,37 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     p.part = part;
     p.splits = splits;
     p.scale = static_cast<float>(scale);
+    const RowTiling tiling = pick_tiling(gt, static_cast<int>(D / vec), vec);
     const dim3 grid(static_cast<unsigned>(Hkv * groups_per_kv), static_cast<unsigned>(B), splits);
-    auto launch = [&](auto gt_c) {
-      constexpr int GT = decltype(gt_c)::value;
-      const size_t smem = (2 * GT * D + GT * part + 2 * GT) * sizeof(float);
-      paged_decode_kernel<scalar_t, GT><<<grid, kThreads, smem, stream>>>(p);
+    auto launch = [&](auto gt_c, auto lanes_c, auto cpl_c) {
+      constexpr int GT = decltype(gt_c)::value, L = decltype(lanes_c)::value;
+      constexpr int CPL = decltype(cpl_c)::value;
+      if constexpr (tiling_used(GT, vec, L, CPL)) {
+        if (gt != GT || tiling.lanes != L || tiling.cpl != CPL) return;
+        const size_t smem = kMaxPartition * sizeof(int) +
+                            ((kWarps + 1) * GT * D + 2 * kWarps * GT) * sizeof(float);
+        paged_decode_kernel<scalar_t, GT, L, CPL><<<grid, kThreads, smem, stream>>>(p);
+      }
     };
-    if (gt == 1) launch(std::integral_constant<int, 1>{});
-    else if (gt == 2) launch(std::integral_constant<int, 2>{});
-    else if (gt == 4) launch(std::integral_constant<int, 4>{});
-    else launch(std::integral_constant<int, 8>{});
+    auto per_cpl = [&](auto gt_c, auto lanes_c) {
+      launch(gt_c, lanes_c, std::integral_constant<int, 1>{});
+      launch(gt_c, lanes_c, std::integral_constant<int, 2>{});
+      launch(gt_c, lanes_c, std::integral_constant<int, 4>{});
+      launch(gt_c, lanes_c, std::integral_constant<int, 8>{});
+    };
+    auto per_lanes = [&](auto gt_c) {
+      per_cpl(gt_c, std::integral_constant<int, 8>{});
+      per_cpl(gt_c, std::integral_constant<int, 16>{});
+      per_cpl(gt_c, std::integral_constant<int, 32>{});
+    };
+    per_lanes(std::integral_constant<int, 1>{});
+    per_lanes(std::integral_constant<int, 2>{});
+    per_lanes(std::integral_constant<int, 4>{});
+    per_lanes(std::integral_constant<int, 8>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
       const dim3 mgrid(static_cast<unsigned>(Hq), static_cast<unsigned>(B));
-      paged_decode_merge_kernel<scalar_t><<<mgrid, 128, splits * sizeof(float), stream>>>(p);
+      paged_decode_merge_kernel<scalar_t><<<mgrid, kMergeThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
