@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -37,6 +38,7 @@ from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
 
 logger = logging.getLogger(__name__)
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
@@ -85,6 +87,10 @@ class LLMServer:
 
     def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None):
         self.config = AppConfig.model_validate(app_config)
+        # The engine's step thread takes the GIL back after every wait on the GPU while
+        # this process streams tokens over Ray; CPython hands the GIL over after 5 ms by
+        # default, which would stretch each step by up to that much per wait.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         path = ensure_checkpoint(self.config)
         if engine_cls is None:
             from engine import Engine as engine_cls

@@ -1,17 +1,19 @@
 """The async engine of one LLM replica: validation, the step loop, output streams.
 
-The scheduler and all bookkeeping run on the event loop; only the model step
-(`executor.execute`) runs in a worker thread, so the loop stays responsive
-while the model computes. One step: schedule -> message -> execute on every
-rank -> commit -> append sampled tokens, check stops, stream deltas.
+The steps run back to back on a thread of their own: schedule -> message ->
+execute on every rank -> commit -> append sampled tokens, check stops, stream
+deltas. The caller's event loop only adds and aborts requests and drains the
+streams, so a loop busy with other work (a Serve replica streaming over Ray)
+does not hold the next step back; its streams then receive several tokens at
+once. One lock guards the scheduler and the bookkeeping; the model step runs
+outside it.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +65,9 @@ class Engine:
         self._pending_new: dict[int, NewSequence] = {}
         self._known: dict[int, _Known] = {}
         self._pending_free: list[int] = []
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splitvl-step")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
-        self._wakeup: asyncio.Event | None = None
+        self._lock = threading.RLock()  # the scheduler and bookkeeping: step thread vs callers
+        self._work = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
         self._dead: str | None = None
         self._closed = False
 
@@ -88,13 +89,22 @@ class Engine:
         """
         if self._dead is not None or self._closed:
             raise EngineDeadError(self._dead or "the engine is shut down")
-        if request_id in self._seqs:
-            raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
         checked = validate_request(
             self.model_config, self.max_model_len, self.executor.num_blocks * self.config.block_size,
             prompt_token_ids, mm_inputs, sampling,
         )
-        self._ensure_loop()
+        with self._lock:
+            if self._dead is not None or self._closed:
+                raise EngineDeadError(self._dead or "the engine is shut down")
+            if request_id in self._seqs:
+                raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
+            stream = self._add(request_id, checked, mm_inputs, sampling)
+            self._ensure_thread()
+            self._work.notify()
+        return stream
+
+    def _add(self, request_id: str, checked: Any, mm_inputs: MultimodalInputs | None,
+             sampling: SamplingParams) -> RequestStream:
         prompt = checked.prompt_token_ids
         seq = Sequence(
             seq_id=self._next_seq_id, request_id=request_id,
@@ -111,16 +121,16 @@ class Engine:
         self._seqs[request_id] = seq
         self._streams[request_id] = stream
         self.scheduler.add(seq)
-        self._wakeup.set()
         return stream
 
     def abort(self, request_id: str) -> None:
         """End a request now: its blocks return at once and its stream ends with "abort"."""
-        seq = self._seqs.get(request_id)
-        if seq is None:
-            return
-        self._finish(seq, "abort")
-        self._emit(seq, [], "abort", None)
+        with self._lock:
+            seq = self._seqs.get(request_id)
+            if seq is None:
+                return
+            self._finish(seq, "abort")
+            self._emit(seq, [], "abort", None)
 
     @property
     def executor_device(self) -> str:
@@ -129,11 +139,13 @@ class Engine:
 
     def is_healthy(self) -> bool:
         if self._dead is None and not self._closed and not self.executor.is_alive():
-            self._fail("a tensor-parallel worker died")
+            with self._lock:
+                self._fail("a tensor-parallel worker died")
         return self._dead is None and not self._closed
 
     def stats(self) -> dict[str, Any]:
-        s = self.scheduler.stats()
+        with self._lock:
+            s = self.scheduler.stats()
         return {
             "healthy": self._dead is None and not self._closed,
             "num_running": s.num_running,
@@ -149,47 +161,45 @@ class Engine:
 
     def shutdown(self) -> None:
         """Abort everything, stop the loop, release the workers."""
-        if self._closed:
-            return
-        for request_id in list(self._seqs):
-            self.abort(request_id)
-        self._closed = True
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-        self._thread.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            if self._closed:
+                return
+            for request_id in list(self._seqs):
+                self.abort(request_id)
+            self._closed = True
+            self._work.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()  # the step in flight, if any
         self.executor.shutdown()
 
     # ---- the loop --------------------------------------------------------------------
 
-    def _ensure_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if self._task is not None and not self._task.done() and self._loop is loop:
-            return
-        self._loop = loop
-        self._wakeup = asyncio.Event()
-        self._task = loop.create_task(self._run_loop(), name="splitvl-engine-loop")
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._step_loop, name="splitvl-step", daemon=True)
+            self._thread.start()
 
-    async def _run_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not self._closed and self._dead is None:
-            if not self.scheduler.has_work():
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            out = self.scheduler.schedule()
-            if out.is_empty:
-                self._fail("the scheduler could not place any request (KV cache too small)")
-                return
-            msg = self._message(out)
+    def _step_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and self._dead is None and not self.scheduler.has_work():
+                    self._work.wait()
+                if self._closed or self._dead is not None:
+                    return
+                out = self.scheduler.schedule()
+                if out.is_empty:
+                    self._fail("the scheduler could not place any request (KV cache too small)")
+                    return
+                msg = self._message(out)
             try:
-                result = await loop.run_in_executor(self._thread, self.executor.execute, msg)
-            except asyncio.CancelledError:
-                raise
+                result = self.executor.execute(msg)
             except Exception as exc:  # a worker died, a step timed out or crashed
                 log.exception("engine step failed")
-                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+                with self._lock:
+                    self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
                 return
-            self._process(out, result)
+            with self._lock:
+                self._process(out, result)
 
     def _message(self, out: SchedulerOutput) -> StepMessage:
         new, steps = [], []

@@ -237,10 +237,8 @@ class LLM:
         """Stop the engine (and its workers); the LLM is unusable afterwards."""
         if self._loop.is_closed():
             return
-        task = self.engine._task
         self.engine.shutdown()
-        if task is not None and not task.done():
-            self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        self._loop.run_until_complete(asyncio.sleep(0))  # deliver what the engine emitted last
         self._loop.close()
 
     def __enter__(self) -> LLM:

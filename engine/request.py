@@ -144,14 +144,11 @@ class RequestStream:
         self._done = False
 
     def put(self, out: RequestOutput) -> None:
+        """From any thread; outputs arrive in the order of the calls."""
         try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            self._queue.put_nowait(out)
-        else:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
 
     def __aiter__(self) -> RequestStream:
         return self
