@@ -71,7 +71,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 
 def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Application:
-    """Bind Ingress(Router(VisionEncoder?, LLMServer)) for a validated config.
+    """Bind Ingress(Router(VisionEncoder?, LLMServer)) for a validated config
+    (Ingress[router](VisionEncoder?, LLMServer) with `router_in_ingress`).
 
     Args:
         engine_cls: engine class for the LLM replicas (default `engine.Engine`; tests inject one).
@@ -84,13 +85,15 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     if needs_vision(config):
         vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_options(config))
         vision_app = vision.bind(raw)
-    router = serve.deployment(Router, name="Router").options(
-        num_replicas=config.router_replicas,
+    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
+        num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": 0.1},
         **front_options(config),
     )
-    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
-        num_replicas=config.ingress_replicas,
+    if config.router_in_ingress:
+        return ingress.bind(raw, None, vision_app, llm_app)
+    router = serve.deployment(Router, name="Router").options(
+        num_replicas=config.router_replicas,
         ray_actor_options={"num_cpus": 0.1},
         **front_options(config),
     )

@@ -176,6 +176,11 @@ class AppConfig(_Strict):
         1, ge=1, description="Router replicas (each streams its requests' tokens and keeps its own embedding cache)."
     )
     ingress_replicas: int = Field(1, ge=1, description="OpenAI ingress (FastAPI) replicas.")
+    router_in_ingress: bool = Field(
+        False,
+        description="Run the router inside each ingress replica (no Router deployment): one Serve hop less "
+        "per request and per streamed token; `router_replicas` is then unused.",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key: str | None = Field(None, description="Bearer key for /v1/* (or env SPLITVL_API_KEY).")
     embedding_cache_bytes: int = Field(

@@ -84,6 +84,7 @@ class MetricsRecorder:
         self._histograms: dict[tuple[str, Labels], Histogram] = {}
         self._dirty = asyncio.Event() if _in_loop() else None
         self._hub: Any = None
+        self._push_task: asyncio.Task | None = None
 
     def inc(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
         key = (name, _labels(labels))
@@ -124,7 +125,13 @@ class MetricsRecorder:
         }
 
     def start_pushing(self, app_name: str, interval_s: float = 0.2) -> asyncio.Task | None:
-        """Push the snapshot to the app's hub whenever it changed (at most every interval)."""
+        """Push the snapshot to the app's hub whenever it changed (at most every interval).
+
+        Once per recorder: a second call (a router living in the ingress' process shares
+        the ingress' recorder) returns the task already pushing.
+        """
+        if self._push_task is not None:
+            return self._push_task
         if self._dirty is None:
             self._dirty = asyncio.Event()
         try:
@@ -135,7 +142,8 @@ class MetricsRecorder:
         except Exception as exc:  # metrics must never take a replica down
             logger.warning("metrics hub unavailable: %s", exc)
             return None
-        return asyncio.get_running_loop().create_task(self._push_loop(interval_s))
+        self._push_task = asyncio.get_running_loop().create_task(self._push_loop(interval_s))
+        return self._push_task
 
     async def _push_loop(self, interval_s: float) -> None:
         self._dirty.set()

@@ -98,12 +98,32 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+class LocalStream:
+    """A router generator in this process, with the streaming handle's `cancel()`."""
+
+    def __init__(self, events: AsyncIterator[dict[str, Any]]):
+        self._events = events
+        self._closing: asyncio.Task | None = None
+
+    def __aiter__(self) -> LocalStream:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        return await self._events.__anext__()
+
+    def cancel(self) -> None:
+        """Close the generator (its `finally` aborts the LLM request), as a remote cancel would."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._events.aclose())
+
+
 class OpenAIIngress:
     """Serve deployment body (wrapped with `serve.ingress()` in app.py)."""
 
-    def __init__(self, app_config: dict[str, Any], router: Any):
+    def __init__(self, app_config: dict[str, Any], router: Any, vision: Any | None = None, llm: Any | None = None):
+        """`router`: a Router deployment's handle; None builds the router in this process
+        (`router_in_ingress`), over the `vision` and `llm` handles."""
         self.config = AppConfig.model_validate(app_config)
-        self.router = router
         self.model_id = self.config.served_model_id
         self.api_key = self.config.resolved_api_key()
         self.limits = self.config.limits
@@ -112,9 +132,21 @@ class OpenAIIngress:
         self.metrics = MetricsRecorder(deployment, replica)
         self._app_name = app
         self._metrics_task: asyncio.Task | None = None
+        self.router = router
+        self.local_router = None
+        if router is None:
+            from deployments.router import Router
+
+            self.local_router = Router(app_config, vision, llm, metrics=self.metrics)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
+
+    def debug_state(self) -> dict[str, Any]:
+        """The in-process router's `debug_state` (with `router_in_ingress`)."""
+        if self.local_router is None:
+            raise RuntimeError("the router is a deployment of its own here: ask it")
+        return self.local_router.debug_state()
 
     # ------------------------------------------------------------ helpers
 
@@ -147,7 +179,10 @@ class OpenAIIngress:
         if self._metrics_task is None:
             self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
         deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s
-        stream = getattr(self.router, method).options(stream=True).remote(request)
+        if self.local_router is not None:
+            stream = LocalStream(getattr(self.local_router, method)(request))
+        else:
+            stream = getattr(self.router, method).options(stream=True).remote(request)
         try:
             async with asyncio.timeout_at(deadline):
                 first = await stream.__anext__()

@@ -71,7 +71,9 @@ def replica_identity(default_deployment: str) -> tuple[str, str, str]:
 class Router:
     """Serve deployment body; see the module docstring."""
 
-    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any):
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any,
+                 metrics: MetricsRecorder | None = None):
+        """`metrics`: the recorder of the process' replica, when this router lives in the ingress'."""
         from transformers import AutoTokenizer
 
         from models.config import load_model_config
@@ -92,7 +94,7 @@ class Router:
         self.cache = EmbeddingCache(self.config.embedding_cache_bytes)
         self._settings = repr(self.processor) if self.processor is not None else ""
         app, deployment, replica = replica_identity("Router")
-        self.metrics = MetricsRecorder(deployment, replica)
+        self.metrics = metrics or MetricsRecorder(deployment, replica)
         self._app_name = app
         self._metrics_task: asyncio.Task | None = None
         self._set_pil_bomb_guard()
