@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from models.config import ModelConfig, load_model_config
 from models.layers.attention import AttentionMetadata
@@ -26,7 +24,7 @@ from models.qwen3 import MultimodalBatch
 from models.qwen3_5 import Qwen3_5ForCausalLM
 from models.qwen3_vl.vision import Qwen3VLVisionModel
 from tests.models.test_qwen3_parity import assert_logits_close
-from tests.models.test_tp import _free_port
+from tests.models.test_tp import spawn_tp2
 
 ARCHS = ["qwen3_5", "qwen3_5_moe"]
 BLOCK = 4
@@ -219,23 +217,12 @@ def _tp_run(path: Path, parallel: ParallelContext) -> torch.Tensor:
     return torch.stack([full, torch.cat(steps)])
 
 
-def _tp_worker(rank: int, world: int, port: int, paths: list[str], out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for i, path in enumerate(paths):
-            torch.save(_tp_run(Path(path), ParallelContext(rank, world, dist.group.WORLD)), f"{out}.{i}.{rank}")
-        dist.barrier()  # neither rank tears gloo down while the other still talks to it
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(180)
 def test_tp2_over_gloo_equals_tp1(tiny_checkpoint, tmp_path) -> None:
     """Heads split over 2 ranks (linear-attention k/v heads, attention heads, experts' intermediate)."""
     paths = [tiny_checkpoint(arch) for arch in ARCHS]
     out = str(tmp_path / "logits")
-    mp.spawn(_tp_worker, args=(2, _free_port(), [str(p) for p in paths], out), nprocs=2, join=True)
+    spawn_tp2(_tp_run, paths, out)
     for i, (arch, path) in enumerate(zip(ARCHS, paths)):
         reference = _tp_run(path, ParallelContext())
         torch.testing.assert_close(reference[1], reference[0], atol=1e-4, rtol=1e-4, msg=arch)
