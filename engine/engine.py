@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineInputError
 from engine.executor import Executor, InProcessExecutor
 from engine.kv_cache import BlockManager, StateSlotManager
-from engine.request import RequestStream, validate_request
+from engine.request import CheckedRequest, RequestStream, validate_request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
@@ -103,7 +103,7 @@ class Engine:
             self._work.notify()
         return stream
 
-    def _add(self, request_id: str, checked: Any, mm_inputs: MultimodalInputs | None,
+    def _add(self, request_id: str, checked: CheckedRequest, mm_inputs: MultimodalInputs | None,
              sampling: SamplingParams) -> RequestStream:
         prompt = checked.prompt_token_ids
         seq = Sequence(
