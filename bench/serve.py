@@ -20,6 +20,10 @@ add_request -> first token, and `splitvl_llm_embedding_wait_seconds`):
 - `ray overhead` = text-only requests (1 output token, concurrency 1): HTTP
   TTFT - the engine's own TTFT; ingress, router (tokenize, detokenize) and the
   Serve hops there and back;
+  split by where it happens (`overhead_breakdown`, means): outside the
+  ingress (client, proxy, the hop to the ingress replica), the ingress' body
+  read, the router's preprocessing, the LLM call's Serve hops (router-measured
+  round trip less the LLM replica's own time), the engine TTFT, the rest;
 - per image level, `other ms` = mean HTTP TTFT - mean engine TTFT - mean LLM
   embedding wait: the above plus image decode and preprocessing in the router.
 Embedding transfer (bench/transfer.py): one image's embeddings between two
@@ -54,6 +58,11 @@ TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "split": (1.0, 1.0)}
 ENGINE_TTFT = "splitvl_engine_time_to_first_token_seconds"
 EMBED_WAIT = "splitvl_llm_embedding_wait_seconds"
 VISION_ENCODE = "splitvl_vision_encode_seconds"
+BODY_READ = "splitvl_ingress_body_read_seconds"
+INGRESS_FIRST_CHUNK = "splitvl_ingress_time_to_first_chunk_seconds"
+ROUTER_PREPROCESS = "splitvl_router_preprocess_seconds"
+LLM_CALL = "splitvl_llm_call_overhead_seconds"
+OVERHEAD_PARTS = (BODY_READ, INGRESS_FIRST_CHUNK, ROUTER_PREPROCESS, LLM_CALL)
 
 
 def layout_args(config_file: Path, ckpt: Path, model_id: str) -> dict:
@@ -124,13 +133,29 @@ def stop_app(owns_ray: bool) -> None:
         serve.delete("bench", _blocking=False)
 
 
+async def settled_scrape(url: str, key: str | None, names: tuple[str, ...], timeout_s: float = 10.0) -> dict:
+    """/metrics once the counts of `names` stop moving.
+
+    Replicas push their metrics at most every 0.2 s, and a replica's first push
+    waits for the metrics hub actor to exist: a fixed pause can miss the last
+    phase's values, which would then land in the next phase's deltas.
+    """
+    deadline = time.monotonic() + timeout_s
+    counts = None
+    while True:
+        await asyncio.sleep(0.5)
+        sample = await scrape(url, key)
+        now = {n: sample[n].count for n in names if n in sample}
+        if now == counts or time.monotonic() > deadline:
+            return sample
+        counts = now
+
+
 async def _metered(url: str, key: str | None, coro, names: tuple[str, ...]) -> tuple[object, dict]:
-    """Run `coro` between two /metrics scrapes; histogram deltas of `names`."""
-    await asyncio.sleep(0.5)  # replicas push metrics at most every 0.2 s; let the last phase's land
-    before = await scrape(url, key)
+    """Run `coro` between two settled /metrics scrapes; histogram deltas of `names`."""
+    before = await settled_scrape(url, key, names)
     out = await coro
-    await asyncio.sleep(0.7)
-    after = await scrape(url, key)
+    after = await settled_scrape(url, key, names)
     return out, {n: after[n].minus(before.get(n)) for n in names if n in after}
 
 
@@ -150,13 +175,15 @@ async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
     image_seed += len(warm)
 
     probes = [chat_body(model_id, None, 1) for _ in range(opts.overhead_probes)]
-    (res, wall), hists = await _metered(url, key, run_level(url, model_id, probes, 1, key), (ENGINE_TTFT,))
+    (res, wall), hists = await _metered(url, key, run_level(url, model_id, probes, 1, key),
+                                        (ENGINE_TTFT, *OVERHEAD_PARTS))
     probe = summarize(res, wall, 1)
     engine = _hist_ms(hists, ENGINE_TTFT)
     overhead = {"http_ttft_p50_ms": probe["ttft_p50_ms"], "http_ttft_mean_ms": probe["ttft_mean_ms"],
                 "engine_ttft_p50_ms": engine["p50"], "engine_ttft_mean_ms": engine["mean"],
                 "ray_overhead_p50_ms": probe["ttft_p50_ms"] - engine["p50"],
-                "ray_overhead_mean_ms": probe["ttft_mean_ms"] - engine["mean"], "errors": probe["errors"]}
+                "ray_overhead_mean_ms": probe["ttft_mean_ms"] - engine["mean"], "errors": probe["errors"],
+                "breakdown_mean_ms": overhead_breakdown(probe["ttft_mean_ms"], engine["mean"], hists)}
 
     levels = []
     for c in opts.concurrency:
@@ -178,6 +205,30 @@ async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
         print(f"  c={c}: {level['output_tok_s']:.0f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} ms, "
               f"TPOT p50 {level['tpot_p50_ms']:.2f} ms, errors {level['errors']}", flush=True)
     return {"overhead": overhead, "levels": levels}
+
+
+def overhead_breakdown(http_ttft_ms: float, engine_ttft_ms: float, hists: dict) -> dict[str, float]:
+    """Where the text-only TTFT goes, in means (they add up; medians do not).
+
+    - outside the ingress: the client, the proxy and the Serve hop to the ingress replica and back;
+    - body read: the ingress fetching the request body (from the proxy, over Ray);
+    - router: template + tokenize up to the LLM call;
+    - LLM call: the Serve call to the LLM replica and its first item back, less the replica's own time;
+    - engine TTFT: add_request -> first token inside the LLM replica;
+    - rest: the remainder inside the ingress (validation, the LLM replica's own work around the
+      engine, detokenizing, the first SSE chunk).
+    """
+    part = {name: _hist_ms(hists, name)["mean"] for name in OVERHEAD_PARTS}
+    in_ingress = part[INGRESS_FIRST_CHUNK]
+    out = {
+        "outside_ingress": http_ttft_ms - in_ingress,
+        "body_read": part[BODY_READ],
+        "router": part[ROUTER_PREPROCESS],
+        "llm_call": part[LLM_CALL],
+        "engine_ttft": engine_ttft_ms,
+    }
+    out["rest"] = in_ingress - out["body_read"] - out["router"] - out["llm_call"] - engine_ttft_ms
+    return out
 
 
 def model_checkpoint(opts) -> tuple[Path, bool]:
@@ -281,6 +332,12 @@ def print_tables(device: str, opts, runs: list[dict], base: dict) -> None:
     print_table("Serving overhead (text-only, 1 token, concurrency 1) and embedding transfer (one image)",
                 ["layout", "ray overhead p50 ms", "ray overhead mean ms", "HTTP TTFT p50 ms",
                  "engine TTFT p50 ms", "embeds MB", "object store GB/s", "end to end GB/s", "startup s"], rows)
+    parts = ("outside_ingress", "body_read", "router", "llm_call", "engine_ttft", "rest")
+    rows = [[run["layout"], run["overhead"]["http_ttft_mean_ms"],
+             *(run["overhead"].get("breakdown_mean_ms", {}).get(k, math.nan) for k in parts)] for run in runs]
+    print_table("Where the text-only TTFT goes (means, ms; see bench.serve.overhead_breakdown)",
+                ["layout", "HTTP TTFT", "outside ingress (client, proxy, hop)", "body read", "router",
+                 "LLM call hops", "engine TTFT", "rest in ingress"], rows)
     rows = [[f"ours HTTP, {run['layout']}, concurrency 1", lv["ttft_p50_ms"]]
             for run in runs for lv in run["levels"] if lv["concurrency"] == 1]
     if "ours_inprocess_ttft_ms" in base:

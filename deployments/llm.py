@@ -149,6 +149,7 @@ class LLMServer:
         if mm:
             self.metrics.observe("splitvl_llm_embedding_wait_seconds", added - received, FINE_LATENCY_BUCKETS)
         finished = first = False
+        replied = False
         try:
             stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, params)
             async for out in stream:
@@ -160,12 +161,16 @@ class LLMServer:
                     first = True
                     self.metrics.observe("splitvl_engine_time_to_first_token_seconds", time.monotonic() - added,
                                          FINE_LATENCY_BUCKETS)
-                yield {
+                delta = {
                     "token_ids": list(out.new_token_ids),
                     "finish_reason": out.finish_reason,
                     "logprobs": _logprob_entries(out),
                     "error": out.error,
                 }
+                if not replied:  # this replica's own share of the caller's wait (Serve hops excluded)
+                    replied = True
+                    delta["server_s"] = time.monotonic() - received
+                yield delta
                 if finished:
                     break
         except EngineInputError as exc:

@@ -40,6 +40,14 @@ HELP = {
         "histogram", "LLM replica: engine.add_request to the first token (queueing + prefill)."),
     "splitvl_llm_embedding_wait_seconds": (
         "histogram", "LLM replica: waiting for a request's image embeddings (encode + transfer)."),
+    "splitvl_ingress_body_read_seconds": (
+        "histogram", "Ingress: reading a request's body (Serve fetches it from the proxy)."),
+    "splitvl_ingress_time_to_first_chunk_seconds": (
+        "histogram", "Ingress: a streaming request's arrival in the replica to its first content chunk."),
+    "splitvl_router_preprocess_seconds": (
+        "histogram", "Router: a request's arrival to its LLM call (template, tokenize, images, encode calls)."),
+    "splitvl_llm_call_overhead_seconds": (
+        "histogram", "Router: the LLM call to its first streamed item, less the LLM replica's own time."),
     "splitvl_vision_encode_retries_total": (
         "counter", "Requests re-encoded and retried once because a vision replica died holding their images."),
     "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),

@@ -35,7 +35,7 @@ from deployments.errors import (
     ServiceUnavailableError,
     pydantic_error_to_api,
 )
-from deployments.metrics import MetricsRecorder, hub_name, render_prometheus
+from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder, hub_name, render_prometheus
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -211,9 +211,13 @@ class OpenAIIngress:
         return choices, usage
 
     async def stream_events(
-        self, stream: Any, deadline: float, chunk: Any, include_usage: bool, chat: bool,
+        self, stream: Any, deadline: float, chunk: Any, include_usage: bool, chat: bool, arrived: float,
     ) -> AsyncIterator[str]:
-        """SSE lines from router events; an error mid-stream becomes an error event."""
+        """SSE lines from router events; an error mid-stream becomes an error event.
+
+        `arrived`: when the request reached this replica (for the first-chunk histogram).
+        """
+        first = True
         if chat:
             yield sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}]))
@@ -229,6 +233,10 @@ class OpenAIIngress:
                     body = ({"delta": {"content": event["text"]}} if chat else {"text": event["text"]})
                     yield sse(chunk([{"index": event["index"], **body, "logprobs": lp,
                                       "finish_reason": event["finish_reason"]}]))
+                    if first:
+                        first = False
+                        self.metrics.observe("splitvl_ingress_time_to_first_chunk_seconds",
+                                             time.monotonic() - arrived, FINE_LATENCY_BUCKETS)
         except asyncio.CancelledError:
             stream.cancel()
             raise
@@ -290,9 +298,12 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
         return await _completion(request, chat=False)
 
     async def _completion(request: Request, chat: bool) -> Response:
+        arrived = time.monotonic()
         try:
             ingress.check_auth(request)
             body = await read_json(request, ingress.limits.max_request_bytes)
+            ingress.metrics.observe("splitvl_ingress_body_read_seconds", time.monotonic() - arrived,
+                                    FINE_LATENCY_BUCKETS)
             schema = ChatCompletionRequest if chat else CompletionRequest
             try:
                 req = schema.model_validate(body)
@@ -313,7 +324,7 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                ingress.stream_events(stream, deadline, chunk, include_usage, chat),
+                ingress.stream_events(stream, deadline, chunk, include_usage, chat, arrived),
                 media_type="text/event-stream",
             )
         try:

@@ -40,7 +40,7 @@ from deployments.errors import (
     ServiceUnavailableError,
 )
 from deployments.media import MediaPolicy, load_request_image
-from deployments.metrics import MetricsRecorder
+from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.prompt import (
     SamplingRequest,
     chat_prompt_ids,
@@ -263,6 +263,7 @@ class Router:
         n: int, stop: list[str] | None, start: float,
     ) -> AsyncIterator[dict[str, Any]]:
         rid = uuid.uuid4().hex
+        self.metrics.observe("splitvl_router_preprocess_seconds", time.monotonic() - start, FINE_LATENCY_BUCKETS)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
             asyncio.create_task(self._run_choice(f"{rid}-{i}", i, ids, sampling, refs, keys, stop, queue))
@@ -311,12 +312,16 @@ class Router:
     ) -> None:
         """Stream one choice from the LLM into `queue` (deltas, then a "done" event)."""
         detok = IncrementalDetokenizer(self.tokenizer, stop, prompt_tail=ids[-8:])
+        sent = time.monotonic()
         stream = self.llm.generate.options(stream=True).remote(
             request_id, ids, sampling.as_dict(seed_offset=index), refs or None, keys or None
         )
         finished = engine_done = False
         try:
             async for out in stream:
+                if "server_s" in out:
+                    self.metrics.observe("splitvl_llm_call_overhead_seconds",
+                                         max(0.0, time.monotonic() - sent - out["server_s"]), FINE_LATENCY_BUCKETS)
                 reason = out.get("finish_reason")
                 engine_done = reason is not None
                 if reason in ("error", "abort"):

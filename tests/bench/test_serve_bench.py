@@ -51,6 +51,12 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
         assert 0 < level["engine_ttft_p50_ms"] and level["engine_ttft_mean_ms"] < level["ttft_mean_ms"]
         assert level["embed_wait_mean_ms"] >= 0
     assert not math.isnan(run["overhead"]["ray_overhead_mean_ms"])
+    # The breakdown's parts are disjoint intervals of one request, each measured where it happens
+    # (client, ingress, router, LLM replica): all present, none negative, and they add up to the TTFT.
+    parts = run["overhead"]["breakdown_mean_ms"]
+    assert set(parts) == {"outside_ingress", "body_read", "router", "llm_call", "engine_ttft", "rest"}
+    assert all(v >= 0 for v in parts.values()), parts
+    assert sum(parts.values()) == pytest.approx(run["overhead"]["http_ttft_mean_ms"])
     assert run["transfer"]["bytes"] > 0 and run["transfer"]["get_gb_s"] > 0
     assert "Time to first token" in capsys.readouterr().out
 

@@ -156,6 +156,20 @@ def test_metrics_render_and_parse():
     assert totals["splitvl_time_to_first_token_seconds_count"] == 1
 
 
+def test_every_recorded_metric_is_described_and_documented():
+    import re
+
+    from deployments.metrics import HELP
+
+    root = Path(__file__).resolve().parents[2]
+    source = "\n".join(p.read_text() for p in (root / "deployments").glob("*.py"))
+    recorded = set(re.findall(r'\.(?:observe|inc|set)\(\s*"(splitvl_\w+)"', source))
+    assert {"splitvl_llm_call_overhead_seconds", "splitvl_ingress_body_read_seconds"} <= recorded
+    assert recorded <= set(HELP), recorded - set(HELP)
+    readme = (root / "README.md").read_text()
+    assert [name for name in HELP if f"`{name}`" not in readme] == []
+
+
 def test_errors_pickle_through_ray_boundaries():
     import pickle
 
