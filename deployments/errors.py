@@ -130,5 +130,5 @@ def pydantic_error_to_api(exc: Exception) -> InvalidRequestError:
         return InvalidRequestError("invalid request")
     first = max(items, key=lambda e: len(e.get("loc", ())))
     loc = _field_path(tuple(first.get("loc", ())))
-    msg = first.get("msg", "invalid value")
+    msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     return InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)

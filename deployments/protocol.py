@@ -17,11 +17,42 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# Fields other OpenAI-compatible servers implement and this one does not, each
+# with the values that ask for nothing (the default behaviour). Anything else is
+# a 400: ignoring them would answer a different request than the one sent.
+UNSUPPORTED_NOOP: dict[str, tuple[Any, ...]] = {
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "modalities": (["text"],),
+    "audio": (),
+    "prediction": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "best_of": (1,),
+    "suffix": ("",),
+    "tool_calls": ([],),
+}
+
+
+def reject_unsupported(value: Any, field: str) -> None:
+    """None, or a value in UNSUPPORTED_NOOP[field], passes; anything else is a ValueError."""
+    if value is None or any(value == noop for noop in UNSUPPORTED_NOOP[field]):
+        return None
+    raise ValueError(f"`{field}` is not supported by this server")
 
 
 class ImageURL(_Strict):
@@ -46,6 +77,12 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: Any = None
+
+    @field_validator("tool_calls", mode="before")
+    @classmethod
+    def _no_tool_calls(cls, value: Any) -> None:
+        return reject_unsupported(value, "tool_calls")
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -84,6 +121,25 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    logit_bias: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+
+    @field_validator("logit_bias", "response_format", "guided_json", "guided_regex", "guided_choice",
+                     "guided_grammar", "structured_outputs", mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> None:
+        return reject_unsupported(value, info.field_name)
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> SamplingFields:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -104,6 +160,19 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+
+    @field_validator("tools", "tool_choice", "functions", "function_call", "modalities", "audio", "prediction",
+                     mode="before")
+    @classmethod
+    def _unsupported_chat(cls, value: Any, info: Any) -> None:
+        return reject_unsupported(value, info.field_name)
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -120,6 +189,13 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
+    best_of: Any = None
+    suffix: Any = None
+
+    @field_validator("best_of", "suffix", mode="before")
+    @classmethod
+    def _unsupported_completion(cls, value: Any, info: Any) -> None:
+        return reject_unsupported(value, info.field_name)
 
     @property
     def num_logprobs(self) -> int | None:

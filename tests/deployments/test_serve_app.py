@@ -295,6 +295,15 @@ def _ppm() -> bytes:
 
 BAD_INPUTS = [
     # (name, raw body or dict, headers, status, message fragment)
+    ("tools", _chat(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), None, 400,
+     "`tools` is not supported"),
+    ("json mode", _chat(response_format={"type": "json_object"}), None, 400, "`response_format` is not supported"),
+    ("logit_bias", _chat(logit_bias={"5": 100}), None, 400, "`logit_bias` is not supported"),
+    ("tool call in history", _chat(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]), None, 400, "tool_calls"),
+    ("NaN temperature", b'{"model": "tiny-vl", "temperature": NaN, "messages": [{"role": "user", "content": "x"}]}',
+     None, 400, "finite number"),
+    ("stream_options without stream", _chat(stream_options={"include_usage": True}), None, 400, "stream: true"),
     ("malformed json", b'{"model": ', None, 400, "malformed JSON"),
     ("missing messages", {"model": MODEL_ID}, None, 400, "messages"),
     ("empty messages", _chat(messages=[]), None, 400, "messages"),

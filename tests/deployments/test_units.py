@@ -156,6 +156,32 @@ def test_metrics_render_and_parse():
     assert totals["splitvl_time_to_first_token_seconds_count"] == 1
 
 
+def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
+    from deployments.protocol import ChatCompletionRequest, CompletionRequest
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    # The values that ask for the default behaviour pass (clients send some of them always).
+    ChatCompletionRequest.model_validate({**chat, "tools": [], "tool_choice": "none", "logit_bias": {},
+                                          "response_format": {"type": "text"}, "modalities": ["text"]})
+    CompletionRequest.model_validate({"prompt": "x", "best_of": 1, "suffix": ""})
+    refused = [
+        (ChatCompletionRequest, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        (ChatCompletionRequest, {**chat, "tool_choice": "auto"}, "tool_choice"),
+        (ChatCompletionRequest, {**chat, "response_format": {"type": "json_schema"}}, "response_format"),
+        (ChatCompletionRequest, {**chat, "logit_bias": {"1": -100}}, "logit_bias"),
+        (ChatCompletionRequest, {**chat, "guided_json": {"type": "object"}}, "guided_json"),
+        (ChatCompletionRequest, {**chat, "modalities": ["text", "audio"]}, "modalities"),
+        (CompletionRequest, {"prompt": "x", "best_of": 4}, "best_of"),
+        (CompletionRequest, {"prompt": "x", "suffix": "end"}, "suffix"),
+    ]
+    for schema, body, field in refused:
+        with pytest.raises(ValidationError) as info:
+            schema.model_validate(body)
+        err = pydantic_error_to_api(info.value)
+        assert (err.status, err.param) == (400, field)
+        assert err.message == f"{field}: `{field}` is not supported by this server"
+
+
 def test_every_recorded_metric_is_described_and_documented():
     import re
 
