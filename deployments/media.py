@@ -253,6 +253,7 @@ def decode_image(data: bytes, policy: MediaPolicy) -> PIL.Image.Image:
         with PIL.Image.open(io.BytesIO(data)) as header:
             fmt = header.format
             width, height = header.size
+            frames = getattr(header, "n_frames", 1)
     except PIL.Image.DecompressionBombError as exc:
         raise MediaError(f"image is too large: {exc}", param="image_url", code="image_too_large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
@@ -260,6 +261,12 @@ def decode_image(data: bytes, policy: MediaPolicy) -> PIL.Image.Image:
     if fmt not in ALLOWED_FORMATS:
         raise MediaError(
             f"unsupported image format {fmt}; use one of {', '.join(sorted(ALLOWED_FORMATS))}",
+            param="image_url",
+        )
+    if frames > 1:  # only the first frame would reach the model; say so rather than drop the rest
+        raise MediaError(
+            f"animated or multi-page images are not supported ({fmt} with {frames} frames); "
+            "send the frames as separate images",
             param="image_url",
         )
     try:

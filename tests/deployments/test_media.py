@@ -77,6 +77,22 @@ def test_unsupported_format():
         decode_image(buf.getvalue(), policy())
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "WEBP", "TIFF"])
+def test_animated_or_multipage_image_refused(fmt):
+    import io
+
+    import PIL.Image
+
+    first, second = PIL.Image.new("RGB", (16, 8), "red"), PIL.Image.new("RGB", (16, 8), "blue")
+    buf = io.BytesIO()
+    first.save(buf, format=fmt, save_all=True, append_images=[second])
+    with pytest.raises(MediaError, match=r"2 frames\); send the frames as separate images"):
+        decode_image(buf.getvalue(), policy())
+    single = io.BytesIO()
+    first.save(single, format=fmt)
+    assert decode_image(single.getvalue(), policy()).size == (16, 8)
+
+
 def test_oversized_image_rejected_from_header():
     bomb = png_header_only(50_000, 50_000)  # 2.5 G pixels claimed, ~100 bytes
     with pytest.raises(MediaError, match="pixels|too large") as info:
