@@ -18,7 +18,9 @@ class EngineConfig:
     max_position_embeddings. num_gpu_blocks: KV blocks per rank (None: sized
     from free memory x gpu_memory_utilization on CUDA, `cpu_kv_cache_gb` on CPU).
     step_timeout_s: a model step (all TP ranks) slower than this marks the
-    engine dead. seed: derives the generators of requests without a seed.
+    engine dead. tp_compiled_graph: with tensor_parallel_size > 1, send the
+    steps to the ranks through a Ray compiled graph (False: one actor task per
+    rank per step). seed: derives the generators of requests without a seed.
     """
 
     model: str
@@ -35,6 +37,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     step_timeout_s: float = 600.0
+    tp_compiled_graph: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -35,7 +35,10 @@ def _tp2_matches_tp1(path, **kwargs) -> None:
             {"prompt_token_ids": prompt_ids(tok, TEXT, 2), "images": [image(96, 64, 1), image(64, 64, 2)]},
         ]
         ref = [o.token_ids for o in one.generate(prompts, GREEDY)]
-    with LLM(path, tensor_parallel_size=2, **kwargs) as two:
+    compiled = kwargs.pop("tp_compiled_graph", True)
+    with LLM(path, tensor_parallel_size=2, tp_compiled_graph=compiled, **kwargs) as two:
+        # The steps went where asked: the compiled graph (text steps) or actor tasks only.
+        assert (two.engine.executor._dag is not None) == compiled
         got = [o.token_ids for o in two.generate(prompts, GREEDY)]
         assert two.engine.is_healthy()
     assert got == ref
@@ -45,6 +48,11 @@ def _tp2_matches_tp1(path, **kwargs) -> None:
 def test_tp2_equals_tp1(local_ray, tiny_checkpoint, arch):
     """Hybrid Qwen3.5 too: each rank keeps its heads' conv/recurrent state slots."""
     _tp2_matches_tp1(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=64, max_num_seqs=8)
+
+
+def test_tp2_over_actor_tasks_equals_tp1(local_ray, tiny_checkpoint):
+    """The step path without the compiled graph (`tp_compiled_graph=False`) gives the same tokens."""
+    _tp2_matches_tp1(tiny_checkpoint("qwen3_vl"), max_model_len=512, num_gpu_blocks=64, tp_compiled_graph=False)
 
 
 async def test_killed_worker_fails_requests(local_ray, tiny_checkpoint):
