@@ -21,7 +21,7 @@ from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineInputError
 from engine.executor import Executor, InProcessExecutor
 from engine.kv_cache import BlockManager, StateSlotManager
-from engine.request import CheckedRequest, RequestStream, validate_request
+from engine.request import CheckedRequest, RequestStream, put_many, validate_request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
@@ -62,6 +62,7 @@ class Engine:
         self._next_seq_id = 0
         self._seqs: dict[str, Sequence] = {}
         self._streams: dict[str, RequestStream] = {}
+        self._outbox: list[tuple[RequestStream, RequestOutput]] | None = None  # set while a step's outputs go out
         self._pending_new: dict[int, NewSequence] = {}
         self._known: dict[int, _Known] = {}
         self._pending_free: list[int] = []
@@ -226,15 +227,20 @@ class Engine:
         if result is None:
             return
         by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
-        for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
-            seq = by_id[seq_id]
-            if seq.is_finished:
-                continue  # aborted while the step ran
-            seq.output_token_ids.append(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self._finish(seq, reason)
-            self._emit(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
+        self._outbox = []
+        try:
+            for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
+                seq = by_id[seq_id]
+                if seq.is_finished:
+                    continue  # aborted while the step ran
+                seq.output_token_ids.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason is not None:
+                    self._finish(seq, reason)
+                self._emit(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
+        finally:  # under the lock, so deltas keep their order with any other output
+            outbox, self._outbox = self._outbox, None
+            put_many(outbox)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
@@ -257,9 +263,13 @@ class Engine:
         stream = self._streams.get(seq.request_id) if reason is None else self._streams.pop(seq.request_id, None)
         if stream is None:
             return
-        stream.put(RequestOutput(
+        out = RequestOutput(
             seq.request_id, tokens, reason, logprobs, seq.num_prompt_tokens, seq.num_cached_tokens, error,
-        ))
+        )
+        if self._outbox is not None:  # a step's outputs: delivered together at its end
+            self._outbox.append((stream, out))
+        else:
+            stream.put(out)
 
     def _fail(self, message: str) -> None:
         """Mark the engine dead and end every pending request with an error."""

@@ -211,3 +211,37 @@ async def test_slow_consumer_gets_merged_deltas(path):
         assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + ["length"]
     finally:
         engine.shutdown()
+
+
+async def test_step_outputs_reach_their_streams_in_order_with_one_wakeup():
+    """put_many (a step's outputs) wakes the consumers' loop once and keeps each stream's order."""
+    import threading
+
+    from engine.request import RequestStream, put_many
+    from engine.sequence import RequestOutput
+
+    class _Engine:
+        def abort(self, request_id):
+            pass
+
+    loop = asyncio.get_running_loop()
+    streams = [RequestStream(f"r{i}", _Engine()) for i in range(3)]
+    wakeups = []
+    original = loop.call_soon_threadsafe
+
+    def counting(callback, *args):
+        wakeups.append(callback)
+        return original(callback, *args)
+
+    loop.call_soon_threadsafe = counting
+    try:
+        steps = [[(s, RequestOutput(s.request_id, [10 * k + i])) for i, s in enumerate(streams)] for k in range(4)]
+        steps[-1] = [(s, RequestOutput(s.request_id, [99], "length")) for s in streams]
+        sender = threading.Thread(target=lambda: [put_many(items) for items in steps])
+        sender.start()
+        sender.join()
+        got = [[t for out in [o async for o in s] for t in out.new_token_ids] for s in streams]
+    finally:
+        loop.call_soon_threadsafe = original
+    assert len(wakeups) == len(steps)
+    assert got == [[i, 10 + i, 20 + i, 99] for i in range(3)]
