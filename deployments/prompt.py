@@ -67,7 +67,8 @@ def chat_prompt_ids(tokenizer: Any, request: ChatCompletionRequest) -> list[int]
     """Render the chat template and tokenize (one `<|image_pad|>` per image)."""
     try:
         text = tokenizer.apply_chat_template(
-            template_messages(request), tokenize=False, add_generation_prompt=True
+            template_messages(request), tokenize=False, add_generation_prompt=True,
+            **(request.chat_template_kwargs or {}),
         )
     except Exception as exc:  # jinja errors from a template that rejects the messages
         raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", "messages") from exc

@@ -156,10 +156,28 @@ class SamplingFields(_Lenient):
         return self.max_completion_tokens or self.max_tokens
 
 
+# apply_chat_template's own arguments: a request must not set them through chat_template_kwargs.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize", "add_generation_prompt",
+    "continue_final_message", "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+    "truncation", "max_length", "tokenizer_kwargs",
+})
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    # vLLM's extension: extra variables for the chat template (e.g. {"enable_thinking": false}).
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
+                raise ValueError(f"{key!r} cannot be set through chat_template_kwargs")
+        return value
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None

@@ -79,8 +79,9 @@ def reference(ckpt):
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
 
     class Ref:
-        def prompt_ids(self, messages, images):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        def prompt_ids(self, messages, images, **template_kwargs):
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                 **template_kwargs)
             ids = tokenizer.encode(text, add_special_tokens=False)
             counts = iter(processor.num_image_tokens(processor.grid_thw(*load_image(b).size[::-1]))
                           for b in images)
@@ -240,6 +241,18 @@ def test_concurrent_images_over_two_vision_replicas(base_url, reference, router_
     assert not [s for s in state["live_tensor_shapes"] if s and s[-1] == out_hidden]
     status = serve.status().applications[APP].deployments["VisionEncoder"]
     assert status.replica_states.get("RUNNING") == 2
+
+
+def test_chat_template_kwargs_reach_the_engine(client, reference):
+    """vLLM's `chat_template_kwargs` (here Qwen3's no-think switch) through extra_body."""
+    messages = [{"role": "user", "content": "Answer directly."}]
+    ids = reference.prompt_ids(messages, [], enable_thinking=False)
+    assert ids != reference.prompt_ids(messages, [])
+    resp = client.chat.completions.create(model=MODEL_ID, max_tokens=4, messages=messages,
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert resp.usage.prompt_tokens == len(ids)
+    assert resp.choices[0].message.content == reference.text(ids, 4)
+    llm_request(ids)  # the engine got exactly these prompt ids
 
 
 def test_stop_string_and_n(client, reference):

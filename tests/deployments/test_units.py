@@ -156,6 +156,22 @@ def test_metrics_render_and_parse():
     assert totals["splitvl_time_to_first_token_seconds_count"] == 1
 
 
+def test_chat_template_kwargs_reach_the_template(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    plain = chat_prompt_ids(tokenizer, ChatCompletionRequest.model_validate({"messages": messages}))
+    no_think = chat_prompt_ids(tokenizer, ChatCompletionRequest.model_validate(
+        {"messages": messages, "chat_template_kwargs": {"enable_thinking": False}}))
+    assert plain == tokenizer.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+                                     add_special_tokens=False)
+    assert no_think == tokenizer.encode(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n", add_special_tokens=False)
+    for key in ("add_generation_prompt", "tokenize", "not an identifier"):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate({"messages": messages, "chat_template_kwargs": {key: True}})
+        err = pydantic_error_to_api(info.value)
+        assert err.param == "chat_template_kwargs" and "cannot be set through chat_template_kwargs" in err.message
+
+
 def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
     from deployments.protocol import ChatCompletionRequest, CompletionRequest
 
