@@ -266,8 +266,31 @@ def test_tp_worker_killed_replica_restarts(deploy):
 
     before_workers, before_replica = workers(), replica_names("tp", "LLMServer")
     assert len(before_workers) == 2 and len(before_replica) == 1
+
+    # A stream in flight when the rank dies ends with an in-band error event and [DONE].
+    streaming = {**body, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    started, lines = threading.Event(), []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=streaming, timeout=HANG_GUARD_S) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) >= 3:
+                    started.set()
+        started.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert started.wait(HANG_GUARD_S)
     t_kill = time.monotonic()
     os.kill(before_workers[1], signal.SIGKILL)  # a worker process this test's app started
+    reader.join(HANG_GUARD_S)
+    assert not reader.is_alive(), "the in-flight stream hung after the worker died"
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert "error" in events[-1] and events[-1]["error"]["message"], events[-1]
+    assert not [e for e in events if e.get("choices") and e["choices"][0]["finish_reason"]]  # cut short, not done
     statuses: list[int] = []
     while True:
         assert time.monotonic() - t_kill < HANG_GUARD_S, f"no recovery: {statuses}"
@@ -288,7 +311,8 @@ def test_tp_worker_killed_replica_restarts(deploy):
     after_workers = wait_until(lambda: len(w := workers()) == 2 and w)
     assert not set(after_workers) & set(before_workers)
     print(f"\n[recovery] TP worker kill: first success {recovery:.2f}s after the kill "
-          f"({len(statuses) - 1} requests answered 503 meanwhile)")
+          f"({len(statuses) - 1} requests answered 503 meanwhile); the stream in flight ended with "
+          f"{events[-1]['error']['message']!r}")
 
 
 def test_graceful_shutdown_drains_a_running_stream(deploy):
