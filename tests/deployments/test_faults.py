@@ -207,6 +207,10 @@ def test_vision_replica_killed_under_load(deploy):
         await asyncio.sleep(0)
         while sum(o == "ok" for *_, o in outcomes) < 8:  # warm: both replicas have served
             await asyncio.sleep(0.2)
+        # Successes come in bursts, when a batch finishes: the replicas are empty right then.
+        # Half a second later the workers' next images sit in the replicas' 1 s batch wait,
+        # so the victim dies holding encodes (the retry path below needs that).
+        await asyncio.sleep(0.5)
         before = set(replica_names("vf", "VisionEncoder"))
         victim = sorted(before)[0]
         t_kill = time.monotonic()
