@@ -198,9 +198,11 @@ async def test_slow_consumer_gets_merged_deltas(path):
     engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_model_len=512,
                                  num_gpu_blocks=64, enable_prefix_caching=False))
     try:
+        # The reference: the same request read as fast as this loop can (on a loaded machine
+        # even this reader can fall a step behind, so its deltas are not asserted one-token).
         fast = [out async for out in engine.add_request("fast", ids, None, sp)]
-        assert [len(d.new_token_ids) for d in fast] == [1] * 12
         want = [t for d in fast for t in d.new_token_ids]
+        assert len(want) == 12
         deltas = []
         async for out in engine.add_request("slow", ids, None, sp):
             deltas.append(out)
