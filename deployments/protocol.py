@@ -16,14 +16,6 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
 # Fields other OpenAI-compatible servers implement and this one does not, each
 # with the values that ask for nothing (the default behaviour). Anything else is
 # a 400: ignoring them would answer a different request than the one sent.
@@ -55,6 +47,21 @@ def reject_unsupported(value: Any, field: str) -> None:
     raise ValueError(f"`{field}` is not supported by this server")
 
 
+class _Lenient(BaseModel):
+    """Unknown fields are ignored; the UNSUPPORTED_NOOP ones a model declares are checked."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator(*UNSUPPORTED_NOOP, mode="before", check_fields=False)
+    @classmethod
+    def _unsupported(cls, value: Any, info: Any) -> None:
+        return reject_unsupported(value, info.field_name)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
 class ImageURL(_Strict):
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
@@ -77,12 +84,7 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: Any = None
-
-    @field_validator("tool_calls", mode="before")
-    @classmethod
-    def _no_tool_calls(cls, value: Any) -> None:
-        return reject_unsupported(value, "tool_calls")
+    tool_calls: Any = None  # refused unless empty (_Lenient._unsupported)
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -121,6 +123,7 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Refused unless they ask for nothing (UNSUPPORTED_NOOP), here and in the subclasses.
     logit_bias: Any = None
     response_format: Any = None
     guided_json: Any = None
@@ -128,12 +131,6 @@ class SamplingFields(_Lenient):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-
-    @field_validator("logit_bias", "response_format", "guided_json", "guided_regex", "guided_choice",
-                     "guided_grammar", "structured_outputs", mode="before")
-    @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> None:
-        return reject_unsupported(value, info.field_name)
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -170,14 +167,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's extension: extra variables for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
-
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        for key in value or {}:
-            if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
-                raise ValueError(f"{key!r} cannot be set through chat_template_kwargs")
-        return value
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -186,11 +175,13 @@ class ChatCompletionRequest(SamplingFields):
     audio: Any = None
     prediction: Any = None
 
-    @field_validator("tools", "tool_choice", "functions", "function_call", "modalities", "audio", "prediction",
-                     mode="before")
+    @field_validator("chat_template_kwargs")
     @classmethod
-    def _unsupported_chat(cls, value: Any, info: Any) -> None:
-        return reject_unsupported(value, info.field_name)
+    def _template_kwargs(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            if not key.isidentifier() or key in RESERVED_TEMPLATE_KWARGS:
+                raise ValueError(f"{key!r} cannot be set through chat_template_kwargs")
+        return value
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
@@ -209,11 +200,6 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: Any = None
     suffix: Any = None
-
-    @field_validator("best_of", "suffix", mode="before")
-    @classmethod
-    def _unsupported_completion(cls, value: Any, info: Any) -> None:
-        return reject_unsupported(value, info.field_name)
 
     @property
     def num_logprobs(self) -> int | None:
