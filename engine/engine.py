@@ -62,7 +62,6 @@ class Engine:
         self._next_seq_id = 0
         self._seqs: dict[str, Sequence] = {}
         self._streams: dict[str, RequestStream] = {}
-        self._outbox: list[tuple[RequestStream, RequestOutput]] | None = None  # set while a step's outputs go out
         self._pending_new: dict[int, NewSequence] = {}
         self._known: dict[int, _Known] = {}
         self._pending_free: list[int] = []
@@ -227,7 +226,7 @@ class Engine:
         if result is None:
             return
         by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
-        self._outbox = []
+        outbox = []  # delivered together (one wake-up per consumer loop), still under the lock
         try:
             for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
                 seq = by_id[seq_id]
@@ -237,9 +236,10 @@ class Engine:
                 reason = self._stop_reason(seq, token)
                 if reason is not None:
                     self._finish(seq, reason)
-                self._emit(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
-        finally:  # under the lock, so deltas keep their order with any other output
-            outbox, self._outbox = self._outbox, None
+                item = self._output(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
+                if item is not None:
+                    outbox.append(item)
+        finally:
             put_many(outbox)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
@@ -259,17 +259,21 @@ class Engine:
         if self._known.pop(seq.seq_id, None) is not None:
             self._pending_free.append(seq.seq_id)
 
-    def _emit(self, seq: Sequence, tokens: list[int], reason: str | None, logprobs, error: str | None = None) -> None:
+    def _output(
+        self, seq: Sequence, tokens: list[int], reason: str | None, logprobs, error: str | None = None,
+    ) -> tuple[RequestStream, RequestOutput] | None:
+        """`seq`'s delta and the stream it goes to (None once nobody listens); a final one closes the stream."""
         stream = self._streams.get(seq.request_id) if reason is None else self._streams.pop(seq.request_id, None)
         if stream is None:
-            return
-        out = RequestOutput(
+            return None
+        return stream, RequestOutput(
             seq.request_id, tokens, reason, logprobs, seq.num_prompt_tokens, seq.num_cached_tokens, error,
         )
-        if self._outbox is not None:  # a step's outputs: delivered together at its end
-            self._outbox.append((stream, out))
-        else:
-            stream.put(out)
+
+    def _emit(self, seq: Sequence, tokens: list[int], reason: str | None, logprobs, error: str | None = None) -> None:
+        item = self._output(seq, tokens, reason, logprobs, error)
+        if item is not None:
+            item[0].put(item[1])
 
     def _fail(self, message: str) -> None:
         """Mark the engine dead and end every pending request with an error."""
