@@ -1,78 +1,35 @@
 """splitvl custom ops: typed wrappers over `torch.ops.splitvl` (docs/INTERNALS.md).
 
 On import the C++/CUDA extension is built (or loaded from its cache) by
-`ops.build`. If that fails, one warning names the cause and every wrapper runs
-the pure-torch reference in `ops.reference` instead. `SPLITVL_REFERENCE_OPS=1`
+`ops.build` (`ops/_extension.py`). If that fails, one warning names the cause
+and every wrapper is the pure-torch reference of the same name in
+`ops.reference` / `ops.reference_linear_attn` instead. `SPLITVL_REFERENCE_OPS=1`
 skips the build and uses the references directly.
 
 The wrappers run in every layer of every step, so they only allocate outputs
-and call the op.
+and call the op. Each is declared once, by `@_ops.op(<its reference module>)`.
+
+Linear-attention state pools: conv states `[num_slots, dim, width-1]` (x's
+dtype) and recurrent states `[num_slots, Hv, Dk, Dv]` (fp32) belong to the
+engine; sequence `b` of a batch uses slot `state_indices[b]` (int32). Slots of
+one batch must be distinct; a slot < 0 means none (zero start, final state
+dropped: CUDA-graph padding). `has_initial_state[b]` false starts sequence `b`
+from zeros (a new prompt), true continues from its slot (chunked prefill).
 """
 
 from __future__ import annotations
 
-import os
-import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from ops import reference
+from ops import reference, reference_linear_attn
+from ops._extension import STATE, OpTable, extension_available, fallback_reason
 
-__all__ = [
-    "extension_available",
-    "fallback_reason",
-    "rms_norm",
-    "fused_add_rms_norm",
-    "rotary_embedding",
-    "silu_and_mul",
-    "gelu_tanh",
-    "reshape_and_cache",
-    "paged_attention_decode",
-    "varlen_attention",
-    "topk_softmax",
-]
+_ops = OpTable(STATE)
 
 
-@dataclass(frozen=True, slots=True)
-class ExtensionState:
-    available: bool
-    reason: str | None  # why the references are used, when they are
-
-
-def _load() -> ExtensionState:
-    if os.environ.get("SPLITVL_REFERENCE_OPS", "") not in ("", "0"):
-        return ExtensionState(False, "SPLITVL_REFERENCE_OPS is set")
-    from ops.build import load_extension
-
-    try:
-        load_extension()
-    except Exception as exc:  # any build/load failure falls back to the references
-        reason = f"{type(exc).__name__}: {exc}"
-        short = reason if len(reason) < 3000 else reason[:1000] + "\n...\n" + reason[-2000:]
-        warnings.warn(
-            f"splitvl ops extension unavailable, using pure-torch references ({short})",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return ExtensionState(False, reason)
-    return ExtensionState(True, None)
-
-
-_STATE = _load()
-
-
-def extension_available() -> bool:
-    """True when the wrappers run the compiled kernels."""
-    return _STATE.available
-
-
-def fallback_reason() -> str | None:
-    """Why the references are in use (None when the extension is loaded)."""
-    return _STATE.reason
-
-
+@_ops.op(reference)
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Shapes: x [..., D] (unit last stride, any outer strides), weight [D] -> [..., D]."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -80,6 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+@_ops.op(reference)
 def fused_add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> None:
@@ -87,6 +45,7 @@ def fused_add_rms_norm(
     torch.ops.splitvl.fused_add_rms_norm.default(x, residual, weight, eps)
 
 
+@_ops.op(reference)
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,
@@ -105,6 +64,7 @@ def rotary_embedding(
     )
 
 
+@_ops.op(reference)
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """Shapes: x [..., 2d] -> [..., d]."""
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
@@ -112,6 +72,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_ops.op(reference)
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """Shapes: x [...] -> same (tanh-approximated gelu)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -119,6 +80,7 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@_ops.op(reference)
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -130,6 +92,7 @@ def reshape_and_cache(
     torch.ops.splitvl.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
 
 
+@_ops.op(reference)
 def paged_attention_decode(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -147,6 +110,7 @@ def paged_attention_decode(
     return out
 
 
+@_ops.op(reference)
 def varlen_attention(
     query: torch.Tensor,
     key: torch.Tensor | None,
@@ -171,6 +135,7 @@ def varlen_attention(
     return out
 
 
+@_ops.op(reference)
 def topk_softmax(
     gating_output: torch.Tensor, topk: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,47 +147,127 @@ def topk_softmax(
     return weights, ids
 
 
-def _register_fakes() -> None:
-    """Fake kernels: every op only writes into tensors it is given, so they return None."""
-    names = (
-        "rms_norm", "fused_add_rms_norm", "rotary_embedding", "silu_and_mul", "gelu_tanh",
-        "reshape_and_cache", "paged_attention_decode", "varlen_attention", "topk_softmax",
+# Qwen3.5 linear attention (Gated DeltaNet); state pools as in the module docstring.
+
+
+@_ops.op(reference_linear_attn)
+def causal_conv1d_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_states: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor | None = None,
+    silu: bool = True,
+) -> torch.Tensor:
+    """Depthwise causal conv over packed sequences; writes each final conv state.
+
+    Shapes: x [T, dim] token-major (unit stride along dim, any row stride),
+    weight [dim, W], bias [dim] | None, conv_states [num_slots, dim, W-1] (in
+    place), cu_seqlens [B+1] int32, state_indices [B] int32,
+    has_initial_state [B] bool | None -> out [T, dim].
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.causal_conv1d_fwd.default(
+        out, x, weight, bias, conv_states, cu_seqlens, state_indices, has_initial_state, silu
     )
-
-    def writes_in_place(*args, **kwargs) -> None:
-        return None
-
-    for name in names:
-        torch.library.register_fake(f"splitvl::{name}")(writes_in_place)
+    return out
 
 
-if _STATE.available:
-    _register_fakes()
-else:
-    rms_norm = reference.rms_norm  # noqa: F811
-    fused_add_rms_norm = reference.fused_add_rms_norm  # noqa: F811
-    rotary_embedding = reference.rotary_embedding  # noqa: F811
-    silu_and_mul = reference.silu_and_mul  # noqa: F811
-    gelu_tanh = reference.gelu_tanh  # noqa: F811
-    reshape_and_cache = reference.reshape_and_cache  # noqa: F811
-    paged_attention_decode = reference.paged_attention_decode  # noqa: F811
-    varlen_attention = reference.varlen_attention  # noqa: F811
-    topk_softmax = reference.topk_softmax  # noqa: F811
+@_ops.op(reference_linear_attn)
+def causal_conv1d_update(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    conv_states: torch.Tensor,
+    state_indices: torch.Tensor,
+    silu: bool = True,
+) -> torch.Tensor:
+    """Decode step: one new token per sequence, conv state shifted in place.
 
-# The Qwen3.5 linear-attention ops (ops/linear_attn.py read `extension_available`
-# above, so they are imported last).
-from ops.linear_attn import (  # noqa: E402
-    causal_conv1d_fwd,
-    causal_conv1d_update,
-    gated_delta_rule_chunked,
-    gated_delta_rule_recurrent,
-    gated_rms_norm,
-)
+    Shapes: x [B, dim], weight [dim, W], conv_states [num_slots, dim, W-1],
+    state_indices [B] int32 -> out [B, dim].
+    """
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.causal_conv1d_update.default(
+        out, x, weight, bias, conv_states, state_indices, silu
+    )
+    return out
 
-__all__ += [
-    "causal_conv1d_fwd",
-    "causal_conv1d_update",
-    "gated_delta_rule_chunked",
-    "gated_delta_rule_recurrent",
-    "gated_rms_norm",
-]
+
+@_ops.op(reference_linear_attn)
+def gated_delta_rule_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    states: torch.Tensor,
+    state_indices: torch.Tensor,
+    has_initial_state: torch.Tensor | None = None,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Gated delta rule prefill over packed sequences (chunks of 64), fp32 state.
+
+    Value head h reads query/key head h // (Hv // Hk). q is scaled by Dk^-0.5
+    (after the l2 norm when `use_qk_l2norm`).
+
+    Shapes: q, k [T, Hk, Dk], v [T, Hv, Dv] (unit stride along the head dim,
+    any token/head strides), g (log decay) and beta [T, Hv], cu_seqlens [B+1]
+    int32, states [num_slots, Hv, Dk, Dv] fp32 (in place), state_indices [B]
+    int32, has_initial_state [B] bool | None -> out [T, Hv, Dv] in q's dtype.
+    """
+    out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    torch.ops.splitvl.gated_delta_rule_chunked.default(
+        out, q, k, v, g.float().contiguous(), beta.float().contiguous(), cu_seqlens,
+        states, state_indices, has_initial_state, use_qk_l2norm,
+    )
+    return out
+
+
+@_ops.op(reference_linear_attn)
+def gated_delta_rule_recurrent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    states: torch.Tensor,
+    state_indices: torch.Tensor,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Gated delta rule decode step: one token per sequence, continuing its slot.
+
+    Shapes: q, k [B, Hk, Dk], v [B, Hv, Dv], g and beta [B, Hv], states
+    [num_slots, Hv, Dk, Dv] fp32 (in place), state_indices [B] int32
+    -> out [B, Hv, Dv] in q's dtype.
+    """
+    out = torch.empty(v.shape, dtype=q.dtype, device=q.device)
+    torch.ops.splitvl.gated_delta_rule_recurrent.default(
+        out, q, k, v, g.float().contiguous(), beta.float().contiguous(), states,
+        state_indices, use_qk_l2norm,
+    )
+    return out
+
+
+@_ops.op(reference_linear_attn)
+def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm(x) * weight * silu(z) (transformers' Qwen3_5RMSNormGated; weight as is).
+
+    Shapes: x, z [..., D] (views with outer strides are fine), weight [D] in x's
+    dtype or fp32 -> out [..., D] contiguous in x's dtype.
+    """
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d) if x.stride(-1) == 1 else x.contiguous().view(-1, d)
+    z2 = z.reshape(-1, d) if z.stride(-1) == 1 else z.contiguous().view(-1, d)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.gated_rms_norm.default(out.view(-1, d), x2, z2, weight, eps)
+    return out
+
+
+# The declared ops, in declaration order (tests check them against the schemas and references).
+OPS = _ops.ops()
+
+__all__ = ["extension_available", "fallback_reason", *(bound.name for bound in OPS)]

@@ -250,8 +250,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"built {EXTENSION_NAME} ({'cpu+cuda' if plan.cuda else 'cpu'}) in {plan.build_dir}")
     for source in plan.sources:
         print(f"  source {source.relative_to(CSRC.parent)}")
-    import ops  # noqa: F401  (registers the fake kernels on the loaded library)
-
     for name, backends in registered_ops().items():
         print(f"  splitvl::{name:<28} {', '.join(backends) or '(no kernels)'}")
     return 0

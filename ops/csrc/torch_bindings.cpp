@@ -1,6 +1,6 @@
-// The splitvl op library: one schema per op (Tensor! marks what an op writes)
-// and the CPU kernels. CUDA kernels register in ops/csrc/cuda/*.cu with
-// TORCH_LIBRARY_IMPL(splitvl, CUDA, m); more ops join via TORCH_LIBRARY_FRAGMENT.
+// The splitvl op library: every op's schema (Tensor! marks what an op writes)
+// and its CPU kernel. The CUDA kernels register in cuda/registration.cu.
+// Semantics: ops/reference.py, ops/reference_linear_attn.py.
 #include <torch/library.h>
 
 #include "cpu/ops_cpu.h"
@@ -27,6 +27,25 @@ TORCH_LIBRARY(splitvl, m) {
   m.def(
       "topk_softmax(Tensor! topk_weights, Tensor! topk_ids, Tensor gating_output, "
       "bool renormalize) -> ()");
+  // Qwen3.5 linear attention. x [T, dim] token-major; conv_states [num_slots, dim,
+  // width-1]; sequence b uses slot state_indices[b] (< 0: none, zero start, state
+  // discarded). q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, beta [T, Hv] fp32; states
+  // [num_slots, Hv, Dk, Dv] fp32.
+  m.def(
+      "causal_conv1d_fwd(Tensor! out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor! conv_states, Tensor cu_seqlens, Tensor state_indices, "
+      "Tensor? has_initial_state, bool silu) -> ()");
+  m.def(
+      "causal_conv1d_update(Tensor! out, Tensor x, Tensor weight, Tensor? bias, "
+      "Tensor! conv_states, Tensor state_indices, bool silu) -> ()");
+  m.def(
+      "gated_delta_rule_chunked(Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, "
+      "Tensor beta, Tensor cu_seqlens, Tensor! states, Tensor state_indices, "
+      "Tensor? has_initial_state, bool use_qk_l2norm) -> ()");
+  m.def(
+      "gated_delta_rule_recurrent(Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, "
+      "Tensor beta, Tensor! states, Tensor state_indices, bool use_qk_l2norm) -> ()");
+  m.def("gated_rms_norm(Tensor! out, Tensor x, Tensor z, Tensor weight, float eps) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
@@ -39,4 +58,9 @@ TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("paged_attention_decode", &splitvl::cpu::paged_attention_decode);
   m.impl("varlen_attention", &splitvl::cpu::varlen_attention);
   m.impl("topk_softmax", &splitvl::cpu::topk_softmax);
+  m.impl("causal_conv1d_fwd", &splitvl::cpu::causal_conv1d_fwd);
+  m.impl("causal_conv1d_update", &splitvl::cpu::causal_conv1d_update);
+  m.impl("gated_delta_rule_chunked", &splitvl::cpu::gated_delta_rule_chunked);
+  m.impl("gated_delta_rule_recurrent", &splitvl::cpu::gated_delta_rule_recurrent);
+  m.impl("gated_rms_norm", &splitvl::cpu::gated_rms_norm);
 }

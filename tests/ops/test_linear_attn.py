@@ -16,13 +16,6 @@ CONV_DIM, WIDTH = 37, 4
 HEADS = [pytest.param((2, 4, 16, 40), id="gqa-dv40"), pytest.param((3, 3, 32, 8), id="mha")]
 
 
-@pytest.fixture(scope="module")
-def la(kernels):
-    from ops import linear_attn
-
-    return linear_attn
-
-
 def packed(lens: list[int], device: str) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
@@ -131,7 +124,7 @@ def test_reference_gated_rms_norm_matches_transformers(dtype):
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("use_bias", [False, True])
-def test_causal_conv1d_fwd_matches_reference(la, device, dtype, use_bias):
+def test_causal_conv1d_fwd_matches_reference(kernels, device, dtype, use_bias):
     cu = packed(LENS, device)
     x = torch.randn(sum(LENS), CONV_DIM + 5, dtype=dtype, device=device)[:, 2 : CONV_DIM + 2]
     weight = torch.randn(CONV_DIM, WIDTH, dtype=dtype, device=device)
@@ -141,13 +134,13 @@ def test_causal_conv1d_fwd_matches_reference(la, device, dtype, use_bias):
     has_init = (torch.arange(len(LENS), device=device) % 2 == 0)
     expected_pool = pool.clone()
     expected = ref.causal_conv1d_fwd(x, weight, bias, expected_pool, cu, slots, has_init, True)
-    out = la.causal_conv1d_fwd(x, weight, bias, pool, cu, slots, has_init, True)
+    out = kernels.causal_conv1d_fwd(x, weight, bias, pool, cu, slots, has_init, True)
     assert_close(out, expected, dtype)
     assert_close(pool, expected_pool, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
-def test_causal_conv1d_update_matches_reference(la, device, dtype):
+def test_causal_conv1d_update_matches_reference(kernels, device, dtype):
     batch = 5
     x = torch.randn(batch, CONV_DIM, dtype=dtype, device=device)
     weight = torch.randn(CONV_DIM, WIDTH, dtype=dtype, device=device)
@@ -156,14 +149,14 @@ def test_causal_conv1d_update_matches_reference(la, device, dtype):
     slots = slots_for(batch, device)
     expected_pool = pool.clone()
     expected = ref.causal_conv1d_update(x, weight, bias, expected_pool, slots, True)
-    out = la.causal_conv1d_update(x, weight, bias, pool, slots, True)
+    out = kernels.causal_conv1d_update(x, weight, bias, pool, slots, True)
     assert_close(out, expected, dtype)
     assert_close(pool, expected_pool, dtype)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("heads", HEADS)
-def test_gated_delta_rule_chunked_matches_reference(la, device, dtype, heads):
+def test_gated_delta_rule_chunked_matches_reference(kernels, device, dtype, heads):
     cu = packed(LENS, device)
     q, k, v, g, beta = gdr_inputs(sum(LENS), heads, dtype, device)
     pool = state_pool(len(LENS) + 2, heads, device)
@@ -171,7 +164,7 @@ def test_gated_delta_rule_chunked_matches_reference(la, device, dtype, heads):
     has_init = (torch.arange(len(LENS), device=device) % 2 == 1)
     expected_pool = pool.clone()
     expected = ref.gated_delta_rule_chunked(q, k, v, g, beta, cu, expected_pool, slots, has_init, True)
-    out = la.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool, slots, has_init, True)
+    out = kernels.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool, slots, has_init, True)
     assert out.shape == v.shape and out.dtype == dtype
     assert_close(out, expected, dtype, scale=10)
     assert_close(pool, expected_pool, torch.float32, scale=10)
@@ -179,7 +172,7 @@ def test_gated_delta_rule_chunked_matches_reference(la, device, dtype, heads):
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("l2norm", [True, False])
-def test_gated_delta_rule_recurrent_matches_reference(la, device, dtype, l2norm):
+def test_gated_delta_rule_recurrent_matches_reference(kernels, device, dtype, l2norm):
     heads = (2, 4, 16, 40)
     q, k, v, g, beta = gdr_inputs(5, heads, dtype, device)
     if not l2norm:
@@ -188,25 +181,25 @@ def test_gated_delta_rule_recurrent_matches_reference(la, device, dtype, l2norm)
     slots = slots_for(5, device)
     expected_pool = pool.clone()
     expected = ref.gated_delta_rule_recurrent(q, k, v, g, beta, expected_pool, slots, l2norm)
-    out = la.gated_delta_rule_recurrent(q, k, v, g, beta, pool, slots, l2norm)
+    out = kernels.gated_delta_rule_recurrent(q, k, v, g, beta, pool, slots, l2norm)
     assert_close(out, expected, dtype, scale=10)
     assert_close(pool, expected_pool, torch.float32, scale=10)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("weight_fp32", [False, True])
-def test_gated_rms_norm_matches_reference(la, device, dtype, weight_fp32):
+def test_gated_rms_norm_matches_reference(kernels, device, dtype, weight_fp32):
     t, h, d = 6, 3, 128
     fused = torch.randn(t, 2 * h * d + 7, dtype=dtype, device=device) * 2
     x = fused[:, : h * d].view(t, h, d)  # strided views of one projection
     z = fused[:, h * d + 7 :].view(t, h, d)
     weight = torch.randn(d, device=device, dtype=torch.float32 if weight_fp32 else dtype)
-    out = la.gated_rms_norm(x, z, weight, 1e-6)
+    out = kernels.gated_rms_norm(x, z, weight, 1e-6)
     assert out.shape == x.shape and out.is_contiguous() and out.dtype == dtype
     assert_close(out, ref.gated_rms_norm(x, z, weight, 1e-6), dtype)
     odd, gate = torch.randn(2, 5, 769, dtype=dtype, device=device)
     w_odd = torch.randn(769, device=device, dtype=weight.dtype)
-    assert_close(la.gated_rms_norm(odd, gate, w_odd, 1e-5), ref.gated_rms_norm(odd, gate, w_odd, 1e-5), dtype)
+    assert_close(kernels.gated_rms_norm(odd, gate, w_odd, 1e-5), ref.gated_rms_norm(odd, gate, w_odd, 1e-5), dtype)
 
 
 # ---------------------------------------------------------------- state carry-over
@@ -214,7 +207,7 @@ def test_gated_rms_norm_matches_reference(la, device, dtype, weight_fp32):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("split", [100, 64, 1])
-def test_prefill_in_two_chunks_equals_one_pass(la, device, split):
+def test_prefill_in_two_chunks_equals_one_pass(kernels, device, split):
     heads, total = (2, 4, 16, 40), 230
     q, k, v, g, beta = gdr_inputs(total, heads, torch.float32, device)
     x = torch.randn(total, CONV_DIM, device=device)
@@ -224,13 +217,13 @@ def test_prefill_in_two_chunks_equals_one_pass(la, device, split):
     cwhole, cparts = torch.randn(2, 3, CONV_DIM, WIDTH - 1, device=device)
     fresh = torch.tensor([False], device=device)
     cont = torch.tensor([True], device=device)
-    o_whole = la.gated_delta_rule_chunked(q, k, v, g, beta, packed([total], device), whole, slot, fresh)
-    y_whole = la.causal_conv1d_fwd(x, weight, None, cwhole, packed([total], device), slot, fresh)
+    o_whole = kernels.gated_delta_rule_chunked(q, k, v, g, beta, packed([total], device), whole, slot, fresh)
+    y_whole = kernels.causal_conv1d_fwd(x, weight, None, cwhole, packed([total], device), slot, fresh)
     o_parts, y_parts = [], []
     for (s, e), has in (((0, split), fresh), ((split, total), cont)):
         cu = packed([e - s], device)
-        o_parts.append(la.gated_delta_rule_chunked(q[s:e], k[s:e], v[s:e], g[s:e], beta[s:e], cu, parts, slot, has))
-        y_parts.append(la.causal_conv1d_fwd(x[s:e], weight, None, cparts, cu, slot, has))
+        o_parts.append(kernels.gated_delta_rule_chunked(q[s:e], k[s:e], v[s:e], g[s:e], beta[s:e], cu, parts, slot, has))
+        y_parts.append(kernels.causal_conv1d_fwd(x[s:e], weight, None, cparts, cu, slot, has))
     assert_close(torch.cat(o_parts), o_whole, torch.float32, scale=10)
     assert_close(parts[1], whole[1], torch.float32, scale=10)
     assert_close(torch.cat(y_parts), y_whole, torch.float32)
@@ -238,7 +231,7 @@ def test_prefill_in_two_chunks_equals_one_pass(la, device, split):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_prefill_then_decode_equals_full_prefill(la, device):
+def test_prefill_then_decode_equals_full_prefill(kernels, device):
     heads, prompt, steps = (2, 4, 16, 40), 75, 6
     total = prompt + steps
     q, k, v, g, beta = gdr_inputs(total, heads, torch.float32, device)
@@ -248,16 +241,16 @@ def test_prefill_then_decode_equals_full_prefill(la, device):
     fresh = torch.tensor([False], device=device)
     states, full_states = state_pool(1, heads, device), state_pool(1, heads, device)
     conv, full_conv = torch.randn(2, 1, CONV_DIM, WIDTH - 1, device=device)
-    o_full = la.gated_delta_rule_chunked(q, k, v, g, beta, packed([total], device), full_states, slot, fresh)
-    y_full = la.causal_conv1d_fwd(x, weight, bias, full_conv, packed([total], device), slot, fresh)
+    o_full = kernels.gated_delta_rule_chunked(q, k, v, g, beta, packed([total], device), full_states, slot, fresh)
+    y_full = kernels.causal_conv1d_fwd(x, weight, bias, full_conv, packed([total], device), slot, fresh)
     cu = packed([prompt], device)
-    outs = [la.gated_delta_rule_chunked(q[:prompt], k[:prompt], v[:prompt], g[:prompt], beta[:prompt],
+    outs = [kernels.gated_delta_rule_chunked(q[:prompt], k[:prompt], v[:prompt], g[:prompt], beta[:prompt],
                                         cu, states, slot, fresh)]
-    ys = [la.causal_conv1d_fwd(x[:prompt], weight, bias, conv, cu, slot, fresh)]
+    ys = [kernels.causal_conv1d_fwd(x[:prompt], weight, bias, conv, cu, slot, fresh)]
     for t in range(prompt, total):
         step = slice(t, t + 1)
-        outs.append(la.gated_delta_rule_recurrent(q[step], k[step], v[step], g[step], beta[step], states, slot))
-        ys.append(la.causal_conv1d_update(x[step], weight, bias, conv, slot))
+        outs.append(kernels.gated_delta_rule_recurrent(q[step], k[step], v[step], g[step], beta[step], states, slot))
+        ys.append(kernels.causal_conv1d_update(x[step], weight, bias, conv, slot))
     assert_close(torch.cat(outs), o_full, torch.float32, scale=10)
     assert_close(states, full_states, torch.float32, scale=10)
     assert_close(torch.cat(ys), y_full, torch.float32)
@@ -268,47 +261,47 @@ def test_prefill_then_decode_equals_full_prefill(la, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bad_input_raises(la, device):
+def test_bad_input_raises(kernels, device):
     heads = (2, 4, 16, 8)
     q, k, v, g, beta = gdr_inputs(10, heads, torch.float32, device)
     pool = state_pool(3, heads, device)
     cu, slots = packed([4, 6], device), torch.tensor([0, 1], dtype=torch.int32, device=device)
     with raises(device, "cu_seqlens must be torch.int32|cu_seqlens must be Int"):
-        la.gated_delta_rule_chunked(q, k, v, g, beta, cu.long(), pool, slots)
+        kernels.gated_delta_rule_chunked(q, k, v, g, beta, cu.long(), pool, slots)
     with raises(device, "value heads"):
-        la.gated_delta_rule_chunked(q, k, v[:, :3], g[:, :3], beta[:, :3], cu, pool[:, :3], slots)
+        kernels.gated_delta_rule_chunked(q, k, v[:, :3], g[:, :3], beta[:, :3], cu, pool[:, :3], slots)
     with raises(device, "states must be contiguous float32"):
-        la.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool.half(), slots)
+        kernels.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool.half(), slots)
     x = torch.randn(10, CONV_DIM, device=device)
     w = torch.randn(CONV_DIM, WIDTH, device=device)
     conv = torch.randn(3, CONV_DIM, WIDTH - 1, device=device)
     with raises(device, "conv_states must be contiguous"):
-        la.causal_conv1d_fwd(x, w, None, conv[..., :2], cu, slots)
+        kernels.causal_conv1d_fwd(x, w, None, conv[..., :2], cu, slots)
     with raises(device, "weight dtype"):
-        la.causal_conv1d_fwd(x, w.double(), None, conv, cu, slots)
+        kernels.causal_conv1d_fwd(x, w.double(), None, conv, cu, slots)
     with raises(device, "weight must be contiguous"):
-        la.gated_rms_norm(x, x, torch.ones(5, device=device), 1e-6)
+        kernels.gated_rms_norm(x, x, torch.ones(5, device=device), 1e-6)
 
 
-def test_bad_values_raise_on_cpu(la):
+def test_bad_values_raise_on_cpu(kernels):
     heads = (2, 4, 16, 8)
     q, k, v, g, beta = gdr_inputs(10, heads, torch.float32, "cpu")
     pool = state_pool(3, heads, "cpu")
     slots = torch.tensor([0, 1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match=r"cu_seqlens\[-1\] = 9"):
-        la.gated_delta_rule_chunked(q, k, v, g, beta, packed([4, 5], "cpu"), pool, slots)
+        kernels.gated_delta_rule_chunked(q, k, v, g, beta, packed([4, 5], "cpu"), pool, slots)
     with pytest.raises(RuntimeError, match="share a state slot"):
-        la.gated_delta_rule_chunked(q, k, v, g, beta, packed([4, 6], "cpu"), pool, slots * 0)
+        kernels.gated_delta_rule_chunked(q, k, v, g, beta, packed([4, 6], "cpu"), pool, slots * 0)
     with pytest.raises(RuntimeError, match="out of range for 3 slots"):
-        la.gated_delta_rule_recurrent(q[:2], k[:2], v[:2], g[:2], beta[:2], pool, slots + 2)
+        kernels.gated_delta_rule_recurrent(q[:2], k[:2], v[:2], g[:2], beta[:2], pool, slots + 2)
     conv = torch.randn(3, CONV_DIM, WIDTH - 1)
     with pytest.raises(RuntimeError, match="non-decreasing"):
-        la.causal_conv1d_fwd(torch.randn(10, CONV_DIM), torch.randn(CONV_DIM, WIDTH), None, conv,
+        kernels.causal_conv1d_fwd(torch.randn(10, CONV_DIM), torch.randn(CONV_DIM, WIDTH), None, conv,
                              torch.tensor([0, 7, 6], dtype=torch.int32), slots)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(la, device):
+def test_opcheck(kernels, device):
     heads = (2, 4, 16, 8)
     lens = [5, 3]
     cu, slots = packed(lens, device), torch.tensor([2, 0], dtype=torch.int32, device=device)

@@ -82,4 +82,11 @@ inline int64_t grain_for(int64_t row_len, int64_t work = 32768) {
   return std::max<int64_t>(1, work / std::max<int64_t>(1, row_len));
 }
 
+// Value checks of the linear-attention ops that read cu_seqlens / state_indices
+// (on CUDA they would need a device sync): cu_seqlens starts at 0, never
+// decreases and ends at `tokens` (undefined: skipped); slots are < num_slots and
+// distinct (< 0: none).
+void check_seqlens_and_slots(const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+                             int64_t tokens, int64_t num_slots, const char* op);
+
 }  // namespace splitvl::cpu

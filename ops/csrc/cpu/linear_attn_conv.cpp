@@ -8,12 +8,14 @@
 #include <cmath>
 #include <vector>
 
-#include "linear_attn.h"
+#include "../linear_attn_checks.h"
+#include "cpu_common.h"
+#include "ops_cpu.h"
 
-namespace splitvl {
+namespace splitvl::cpu {
 
-void check_seqlens_and_slots_cpu(const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
-                                 int64_t tokens, int64_t num_slots, const char* op) {
+void check_seqlens_and_slots(const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+                             int64_t tokens, int64_t num_slots, const char* op) {
   const int64_t batch = state_indices.numel();
   if (cu_seqlens.defined()) {
     const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
@@ -115,26 +117,26 @@ void conv_dispatch(at::Tensor& out, const at::Tensor& x, const at::Tensor& weigh
 
 }  // namespace
 
-void causal_conv1d_fwd_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                           const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
-                           const std::optional<at::Tensor>& has_initial_state, bool silu) {
+void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                       const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+                       const std::optional<at::Tensor>& has_initial_state, bool silu) {
   const char* op = "causal_conv1d_fwd";
   check_conv1d_args(out, x, weight, bias, conv_states, &cu_seqlens, state_indices,
                     has_initial_state, op);
-  check_seqlens_and_slots_cpu(cu_seqlens, state_indices, x.size(0), conv_states.size(0), op);
+  check_seqlens_and_slots(cu_seqlens, state_indices, x.size(0), conv_states.size(0), op);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   conv_dispatch(out, x, weight, bias, conv_states, cu_seqlens.data_ptr<int32_t>(), state_indices,
                 has_init, silu);
 }
 
-void causal_conv1d_update_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                              const at::Tensor& state_indices, bool silu) {
+void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                          const at::Tensor& state_indices, bool silu) {
   const char* op = "causal_conv1d_update";
   check_conv1d_args(out, x, weight, bias, conv_states, nullptr, state_indices, std::nullopt, op);
-  check_seqlens_and_slots_cpu(at::Tensor(), state_indices, x.size(0), conv_states.size(0), op);
+  check_seqlens_and_slots(at::Tensor(), state_indices, x.size(0), conv_states.size(0), op);
   conv_dispatch(out, x, weight, bias, conv_states, nullptr, state_indices, nullptr, silu);
 }
 
-}  // namespace splitvl
+}  // namespace splitvl::cpu

@@ -9,9 +9,11 @@
 #include <cmath>
 #include <vector>
 
-#include "linear_attn.h"
+#include "../linear_attn_checks.h"
+#include "cpu_common.h"
+#include "ops_cpu.h"
 
-namespace splitvl {
+namespace splitvl::cpu {
 namespace {
 
 constexpr int64_t kChunk = 64;
@@ -216,16 +218,16 @@ void recurrent_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, c
 
 }  // namespace
 
-void gated_delta_rule_chunked_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
-                                  const at::Tensor& cu_seqlens, at::Tensor& states,
-                                  const at::Tensor& state_indices,
-                                  const std::optional<at::Tensor>& has_initial_state,
-                                  bool use_qk_l2norm) {
+void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                              const at::Tensor& cu_seqlens, at::Tensor& states,
+                              const at::Tensor& state_indices,
+                              const std::optional<at::Tensor>& has_initial_state,
+                              bool use_qk_l2norm) {
   const char* op = "gated_delta_rule_chunked";
   const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states,
                                               state_indices, has_initial_state, op);
-  check_seqlens_and_slots_cpu(cu_seqlens, state_indices, q.size(0), states.size(0), op);
+  check_seqlens_and_slots(cu_seqlens, state_indices, q.size(0), states.size(0), op);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_rule_chunked", [&] {
     chunked_impl<scalar_t>(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states,
@@ -233,18 +235,18 @@ void gated_delta_rule_chunked_cpu(at::Tensor& out, const at::Tensor& q, const at
   });
 }
 
-void gated_delta_rule_recurrent_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& g,
-                                    const at::Tensor& beta, at::Tensor& states,
-                                    const at::Tensor& state_indices, bool use_qk_l2norm) {
+void gated_delta_rule_recurrent(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& g,
+                                const at::Tensor& beta, at::Tensor& states,
+                                const at::Tensor& state_indices, bool use_qk_l2norm) {
   const char* op = "gated_delta_rule_recurrent";
   const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, nullptr, states,
                                               state_indices, std::nullopt, op);
-  check_seqlens_and_slots_cpu(at::Tensor(), state_indices, q.size(0), states.size(0), op);
+  check_seqlens_and_slots(at::Tensor(), state_indices, q.size(0), states.size(0), op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_rule_recurrent", [&] {
     recurrent_impl<scalar_t>(out, q, k, v, g, beta, states, state_indices.data_ptr<int32_t>(),
                              batch, use_qk_l2norm);
   });
 }
 
-}  // namespace splitvl
+}  // namespace splitvl::cpu

@@ -7,9 +7,11 @@
 #include <cmath>
 #include <type_traits>
 
-#include "linear_attn.h"
+#include "../linear_attn_checks.h"
+#include "cpu_common.h"
+#include "ops_cpu.h"
 
-namespace splitvl {
+namespace splitvl::cpu {
 namespace {
 
 template <typename scalar_t, typename weight_t>
@@ -45,8 +47,8 @@ void gated_rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 
 }  // namespace
 
-void gated_rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
-                        const at::Tensor& weight, double eps) {
+void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
+                    const at::Tensor& weight, double eps) {
   check_gated_rms_norm_args(out, x, z, weight, "gated_rms_norm");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_rms_norm", [&] {
     if (weight.scalar_type() == at::kFloat) {
@@ -57,4 +59,4 @@ void gated_rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& 
   });
 }
 
-}  // namespace splitvl
+}  // namespace splitvl::cpu

@@ -1,4 +1,5 @@
-// CPU kernels of torch.ops.splitvl (schema in ops/csrc/torch_bindings.cpp).
+// CPU kernels of torch.ops.splitvl, registered by ops/csrc/torch_bindings.cpp next to
+// their schema. Signatures follow the schema.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,5 +36,27 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
 
 void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
                   bool renormalize);
+
+
+// Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in ../linear_attn_checks.h.
+void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                       const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+                       const std::optional<at::Tensor>& has_initial_state, bool silu);
+void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                          const at::Tensor& state_indices, bool silu);
+void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                              const at::Tensor& cu_seqlens, at::Tensor& states,
+                              const at::Tensor& state_indices,
+                              const std::optional<at::Tensor>& has_initial_state,
+                              bool use_qk_l2norm);
+void gated_delta_rule_recurrent(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                                at::Tensor& states, const at::Tensor& state_indices,
+                                bool use_qk_l2norm);
+void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
+                    const at::Tensor& weight, double eps);
 
 }  // namespace splitvl::cpu

@@ -2,12 +2,12 @@
 // one-token update (decode), conv states in a slot pool.
 // Semantics: ops/reference_linear_attn.py (causal_conv1d_fwd / _update).
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
-#include "../linear_attn.h"
+#include "../linear_attn_checks.h"
 #include "common.cuh"
+#include "ops.cuh"
 
-namespace splitvl {
+namespace splitvl::cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -124,10 +124,12 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
-void causal_conv1d_fwd_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                            const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
-                            const std::optional<at::Tensor>& has_initial_state, bool silu) {
+}  // namespace
+
+void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                       const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+                       const std::optional<at::Tensor>& has_initial_state, bool silu) {
   const char* op = "causal_conv1d_fwd";
   const int64_t batch = check_conv1d_args(out, x, weight, bias, conv_states, &cu_seqlens,
                                           state_indices, has_initial_state, op);
@@ -155,9 +157,9 @@ void causal_conv1d_fwd_cuda(at::Tensor& out, const at::Tensor& x, const at::Tens
   });
 }
 
-void causal_conv1d_update_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                               const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                               const at::Tensor& state_indices, bool silu) {
+void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+                          const at::Tensor& state_indices, bool silu) {
   const char* op = "causal_conv1d_update";
   const int64_t batch = check_conv1d_args(out, x, weight, bias, conv_states, nullptr,
                                           state_indices, std::nullopt, op);
@@ -176,10 +178,4 @@ void causal_conv1d_update_cuda(at::Tensor& out, const at::Tensor& x, const at::T
   });
 }
 
-}  // namespace
-}  // namespace splitvl
-
-TORCH_LIBRARY_IMPL(splitvl, CUDA, m) {
-  m.impl("causal_conv1d_fwd", &splitvl::causal_conv1d_fwd_cuda);
-  m.impl("causal_conv1d_update", &splitvl::causal_conv1d_update_cuda);
-}
+}  // namespace splitvl::cuda

@@ -9,12 +9,12 @@
 // tensor-core form is the speed goal, not yet written.
 // Semantics: ops/reference_linear_attn.py (gated_delta_rule_chunked / _recurrent).
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
-#include "../linear_attn.h"
+#include "../linear_attn_checks.h"
 #include "common.cuh"
+#include "ops.cuh"
 
-namespace splitvl {
+namespace splitvl::cuda {
 namespace {
 
 constexpr int kTile = 32;    // state columns per CTA (one per lane)
@@ -144,12 +144,14 @@ void launch_delta_rule(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
   });
 }
 
-void gated_delta_rule_chunked_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                   const at::Tensor& v, const at::Tensor& g,
-                                   const at::Tensor& beta, const at::Tensor& cu_seqlens,
-                                   at::Tensor& states, const at::Tensor& state_indices,
-                                   const std::optional<at::Tensor>& has_initial_state,
-                                   bool use_qk_l2norm) {
+}  // namespace
+
+void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                              const at::Tensor& v, const at::Tensor& g,
+                              const at::Tensor& beta, const at::Tensor& cu_seqlens,
+                              at::Tensor& states, const at::Tensor& state_indices,
+                              const std::optional<at::Tensor>& has_initial_state,
+                              bool use_qk_l2norm) {
   const char* op = "gated_delta_rule_chunked";
   const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states,
                                               state_indices, has_initial_state, op);
@@ -158,10 +160,10 @@ void gated_delta_rule_chunked_cuda(at::Tensor& out, const at::Tensor& q, const a
                     has_init, batch, use_qk_l2norm, op);
 }
 
-void gated_delta_rule_recurrent_cuda(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                     const at::Tensor& v, const at::Tensor& g,
-                                     const at::Tensor& beta, at::Tensor& states,
-                                     const at::Tensor& state_indices, bool use_qk_l2norm) {
+void gated_delta_rule_recurrent(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                                const at::Tensor& v, const at::Tensor& g,
+                                const at::Tensor& beta, at::Tensor& states,
+                                const at::Tensor& state_indices, bool use_qk_l2norm) {
   const char* op = "gated_delta_rule_recurrent";
   const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, nullptr, states,
                                               state_indices, std::nullopt, op);
@@ -169,10 +171,4 @@ void gated_delta_rule_recurrent_cuda(at::Tensor& out, const at::Tensor& q, const
                     use_qk_l2norm, op);
 }
 
-}  // namespace
-}  // namespace splitvl
-
-TORCH_LIBRARY_IMPL(splitvl, CUDA, m) {
-  m.impl("gated_delta_rule_chunked", &splitvl::gated_delta_rule_chunked_cuda);
-  m.impl("gated_delta_rule_recurrent", &splitvl::gated_delta_rule_recurrent_cuda);
-}
+}  // namespace splitvl::cuda

@@ -2,14 +2,14 @@
 // RMSNorm(x) * weight * silu(z), with transformers' Qwen3_5RMSNormGated casts.
 // Semantics: ops/reference_linear_attn.py (gated_rms_norm).
 #include <c10/cuda/CUDAException.h>
-#include <torch/library.h>
 
 #include <type_traits>
 
-#include "../linear_attn.h"
+#include "../linear_attn_checks.h"
 #include "common.cuh"
+#include "ops.cuh"
 
-namespace splitvl {
+namespace splitvl::cuda {
 namespace {
 
 constexpr int kThreads = 128;
@@ -38,8 +38,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-void gated_rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
-                         const at::Tensor& weight, double eps) {
+}  // namespace
+
+void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
+                    const at::Tensor& weight, double eps) {
   const char* op = "gated_rms_norm";
   check_gated_rms_norm_args(out, x, z, weight, op);
   check_cuda(x, op, "x");
@@ -65,7 +67,4 @@ void gated_rms_norm_cuda(at::Tensor& out, const at::Tensor& x, const at::Tensor&
   });
 }
 
-}  // namespace
-}  // namespace splitvl
-
-TORCH_LIBRARY_IMPL(splitvl, CUDA, m) { m.impl("gated_rms_norm", &splitvl::gated_rms_norm_cuda); }
+}  // namespace splitvl::cuda

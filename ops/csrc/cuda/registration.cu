@@ -13,4 +13,9 @@ TORCH_LIBRARY_IMPL(splitvl, CUDA, m) {
   m.impl("paged_attention_decode", &splitvl::cuda::paged_attention_decode);
   m.impl("varlen_attention", &splitvl::cuda::varlen_attention);
   m.impl("topk_softmax", &splitvl::cuda::topk_softmax);
+  m.impl("causal_conv1d_fwd", &splitvl::cuda::causal_conv1d_fwd);
+  m.impl("causal_conv1d_update", &splitvl::cuda::causal_conv1d_update);
+  m.impl("gated_delta_rule_chunked", &splitvl::cuda::gated_delta_rule_chunked);
+  m.impl("gated_delta_rule_recurrent", &splitvl::cuda::gated_delta_rule_recurrent);
+  m.impl("gated_rms_norm", &splitvl::cuda::gated_rms_norm);
 }

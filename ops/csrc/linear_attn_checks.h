@@ -1,6 +1,6 @@
-// Qwen3.5 linear-attention ops: shape/dtype checks shared by the CPU and CUDA
-// kernels, and the CPU entry points registered in torch_bindings_linear_attn.cpp.
-// Semantics: ops/reference_linear_attn.py.
+// Qwen3.5 linear-attention ops: the shape/dtype/device checks shared by the CPU
+// and CUDA kernels (value checks that read tensor data are CPU-only:
+// cpu/cpu_common.h). Semantics: ops/reference_linear_attn.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -155,29 +155,5 @@ inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x
               op, ": out must be contiguous ", x.sizes(), " of x's dtype");
   for (const at::Tensor* t : {&out, &z, &weight}) la_check_same_device(x, *t, op, "a tensor argument");
 }
-
-// CPU-only value checks (on CUDA they would need a device sync).
-void check_seqlens_and_slots_cpu(const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
-                                 int64_t tokens, int64_t num_slots, const char* op);
-
-void causal_conv1d_fwd_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                           const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                           const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
-                           const std::optional<at::Tensor>& has_initial_state, bool silu);
-void causal_conv1d_update_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
-                              const at::Tensor& state_indices, bool silu);
-void gated_delta_rule_chunked_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                  const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
-                                  const at::Tensor& cu_seqlens, at::Tensor& states,
-                                  const at::Tensor& state_indices,
-                                  const std::optional<at::Tensor>& has_initial_state,
-                                  bool use_qk_l2norm);
-void gated_delta_rule_recurrent_cpu(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v, const at::Tensor& g,
-                                    const at::Tensor& beta, at::Tensor& states,
-                                    const at::Tensor& state_indices, bool use_qk_l2norm);
-void gated_rms_norm_cpu(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
-                        const at::Tensor& weight, double eps);
 
 }  // namespace splitvl

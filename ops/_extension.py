@@ -1,0 +1,111 @@
+"""The compiled splitvl extension in this process, and how a typed wrapper binds to it.
+
+`STATE` is decided once, on import: the extension is built (or loaded from its
+cache) by `ops.build`, or, when that fails or `SPLITVL_REFERENCE_OPS=1` is set,
+the references are used and one warning names the cause.
+
+`OpTable.op(references)` is the one place an op's wrapper is declared: it
+records the wrapper under its function name, registers the fake kernel of
+`splitvl::<name>`, and, without the extension, hands back `references.<name>`
+(the pure-torch reference of the same signature) in its place.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, TypeVar
+
+import torch
+
+Wrapper = TypeVar("Wrapper", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionState:
+    available: bool
+    reason: str | None  # why the references are used, when they are
+
+
+def load_state() -> ExtensionState:
+    """Build or load the extension; on failure warn once and report why."""
+    if os.environ.get("SPLITVL_REFERENCE_OPS", "") not in ("", "0"):
+        return ExtensionState(False, "SPLITVL_REFERENCE_OPS is set")
+    from ops.build import load_extension
+
+    try:
+        load_extension()
+    except Exception as exc:  # any build/load failure falls back to the references
+        reason = f"{type(exc).__name__}: {exc}"
+        short = reason if len(reason) < 3000 else reason[:1000] + "\n...\n" + reason[-2000:]
+        warnings.warn(
+            f"splitvl ops extension unavailable, using pure-torch references ({short})",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return ExtensionState(False, reason)
+    return ExtensionState(True, None)
+
+
+STATE = load_state()
+
+
+def extension_available() -> bool:
+    """True when the wrappers run the compiled kernels."""
+    return STATE.available
+
+
+def fallback_reason() -> str | None:
+    """Why the references are in use (None when the extension is loaded)."""
+    return STATE.reason
+
+
+@dataclass(frozen=True, slots=True)
+class BoundOp:
+    """One op of the Python layer: its wrapper and the reference it falls back to."""
+
+    name: str
+    wrapper: Callable[..., Any]
+    reference: Callable[..., Any]
+
+
+def _writes_in_place(*args: Any, **kwargs: Any) -> None:
+    """The fake kernel of every splitvl op: each writes only into tensors it is given."""
+    return None
+
+
+class OpTable:
+    """The typed wrappers of `torch.ops.splitvl`, each declared once with `@table.op(...)`."""
+
+    def __init__(self, state: ExtensionState) -> None:
+        self._state = state
+        self._ops: dict[str, BoundOp] = {}
+
+    def op(self, references: ModuleType) -> Callable[[Wrapper], Wrapper]:
+        """Decorator for the wrapper of `splitvl::<its function name>`.
+
+        Args:
+            references: the module holding the op's pure-torch reference under the
+                same name and signature.
+        Returns:
+            A decorator giving the wrapper when the extension is loaded, else the reference.
+        """
+
+        def bind(wrapper: Wrapper) -> Wrapper:
+            name = wrapper.__name__
+            if name in self._ops:
+                raise ValueError(f"splitvl op {name!r} is declared twice")
+            self._ops[name] = BoundOp(name, wrapper, getattr(references, name))
+            if not self._state.available:
+                return self._ops[name].reference  # type: ignore[return-value]
+            torch.library.register_fake(f"splitvl::{name}")(_writes_in_place)
+            return wrapper
+
+        return bind
+
+    def ops(self) -> tuple[BoundOp, ...]:
+        """Every declared op, in declaration order."""
+        return tuple(self._ops.values())
