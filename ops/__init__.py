@@ -14,7 +14,8 @@ dtype) and recurrent states `[num_slots, Hv, Dk, Dv]` (fp32) belong to the
 engine; sequence `b` of a batch uses slot `state_indices[b]` (int32). Slots of
 one batch must be distinct; a slot < 0 means none (zero start, final state
 dropped: CUDA-graph padding). `has_initial_state[b]` false starts sequence `b`
-from zeros (a new prompt), true continues from its slot (chunked prefill).
+from zeros (a new prompt), true (or the tensor None) continues from its slot
+(chunked prefill).
 """
 
 from __future__ import annotations

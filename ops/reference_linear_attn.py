@@ -11,8 +11,9 @@ Conventions shared by every op here:
 - States live in a pool `[num_slots, ...]`; sequence `b` uses slot
   `state_indices[b]`. A slot < 0 means "no slot" (e.g. CUDA-graph padding): the
   sequence starts from a zero state and its final state is discarded.
-- `has_initial_state[b]` false (or the tensor None) starts sequence `b` from a
-  zero state whatever its slot holds; the final state is written either way.
+- `has_initial_state[b]` false starts sequence `b` from a zero state whatever
+  its slot holds (the tensor None: every sequence continues from its slot); the
+  final state is written either way.
 """
 
 from __future__ import annotations
