@@ -20,7 +20,7 @@ from typing import Any
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineInputError
 from engine.executor import Executor, InProcessExecutor
-from engine.kv_cache import BlockManager, StateSlotManager
+from engine.block_manager import BlockManager, StateSlotManager
 from engine.request import CheckedRequest, RequestStream, put_many, validate_request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from engine.kv_cache import BlockManager, StateSlotManager
+from engine.block_manager import BlockManager, StateSlotManager
 from engine.sequence import Sequence, SequenceStatus
 
 
