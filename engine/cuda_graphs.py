@@ -9,23 +9,24 @@ buckets (1,024 tokens, then x4 up to max_model_len) keep the grid close to the
 batch's context. A decode batch of B sequences replays the smallest bucket
 >= B, the padding rows writing nowhere (slot -1) and attending to one cached
 token. Batches larger than the largest bucket, mixed prefill steps and steps
-with images run eagerly. Only built on CUDA and without `enforce_eager`.
+with images run eagerly. Whether a model is captured at all is the runner's
+`captures_decode_graphs()`; the forward it captures is the runner's too.
 """
 
 from __future__ import annotations
 
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from engine.decode_inputs import HostDecodeBatch
 from models.layers.attention import AttentionMetadata
 
-if TYPE_CHECKING:
-    from engine.decode_inputs import HostDecodeBatch
-    from engine.runner import ModelRunner
+# (input_ids [B], positions [3, B], attn) -> hidden [B, H]: the decoder over the runner's caches.
+DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -47,44 +48,82 @@ def width_buckets(max_blocks: int, block_size: int) -> list[int]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Buffers:
+class StaticInputs:
+    """The captured graphs' input and output buffers, sized for the largest bucket.
+
+    A step of S rows and table width W uses the leading `[:S]` / `[:S, :W]` views.
+    """
+
+    block_size: int
     longs: torch.Tensor  # [5 * M] int64: a batch of S uses [:5S] as [5, S] (ids, 3 x position, slot)
     block_tables: torch.Tensor  # [M, max_blocks] int32
     seq_lens: torch.Tensor  # [M] int32
     cu_seqlens: torch.Tensor  # [M + 1] int32 (0..M: one query, and one key as far as the graph knows)
     hidden: torch.Tensor  # [M, H] model dtype
 
+    @classmethod
+    def allocate(cls, max_rows: int, max_model_len: int, block_size: int, hidden_size: int,
+                 dtype: torch.dtype, device: torch.device) -> StaticInputs:
+        max_blocks = -(-max_model_len // block_size)
+        return cls(
+            block_size=block_size,
+            longs=torch.zeros(5 * max_rows, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device),
+            seq_lens=torch.ones(max_rows, dtype=torch.int32, device=device),
+            cu_seqlens=torch.arange(max_rows + 1, dtype=torch.int32, device=device),
+            hidden=torch.zeros(max_rows, hidden_size, dtype=dtype, device=device),
+        )
+
+    @property
+    def max_rows(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def max_blocks(self) -> int:
+        return self.block_tables.shape[1]
+
     def longs_of(self, size: int) -> torch.Tensor:
         return self.longs[: 5 * size].view(5, size)
 
-    def metadata(self, size: int, width: int, block_size: int) -> AttentionMetadata:
+    def metadata(self, size: int, width: int) -> AttentionMetadata:
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens[: size + 1],
             cu_seqlens_k=self.cu_seqlens[: size + 1],
             max_seqlen_q=1,
-            max_seqlen_k=width * block_size,
+            max_seqlen_k=width * self.block_size,
             slot_mapping=self.longs_of(size)[4],
             block_tables=self.block_tables[:size, :width],
             seq_lens=self.seq_lens[:size],
             decode_only=True,
         )
 
+    def fill_padding(self, size: int) -> None:
+        """Rows that attend to one cached token and write nowhere (slot -1): what capture runs."""
+        view = self.longs_of(size)
+        view.zero_()
+        view[4].fill_(-1)
+
+    def load(self, host: HostDecodeBatch) -> None:
+        """Copy a staged decode step in (asynchronously from pinned memory)."""
+        self.longs_of(host.size).copy_(host.longs, non_blocking=True)
+        self.seq_lens[: host.size].copy_(host.seq_lens, non_blocking=True)
+        self.block_tables[: host.size, : host.width].copy_(host.block_tables, non_blocking=True)
+
 
 class DecodeGraphs:
-    """Captured decode graphs of one runner."""
+    """Captured decode graphs keyed by (batch bucket, block-table width bucket)."""
 
-    def __init__(self, runner: ModelRunner, buffers: _Buffers, graphs: dict[tuple[int, int], torch.cuda.CUDAGraph]):
-        self.runner = runner
-        self.buffers = buffers
+    def __init__(self, inputs: StaticInputs, graphs: dict[tuple[int, int], torch.cuda.CUDAGraph]):
+        self.inputs = inputs
         self.graphs = graphs
         self.sizes = sorted({size for size, _ in graphs})
         self.widths = sorted({width for _, width in graphs})
 
     @classmethod
-    def capture(cls, runner: ModelRunner, max_model_len: int) -> DecodeGraphs | None:
+    def capture(cls, forward: DecodeForward, inputs: StaticInputs) -> DecodeGraphs | None:
         """Capture every bucket; on any failure warn and return None (eager decode)."""
         try:
-            return cls._capture(runner, max_model_len)
+            return cls._capture(forward, inputs)
         except Exception as exc:  # a model op that cannot be captured: run eagerly
             frames = traceback.extract_tb(exc.__traceback__)
             ours = [f for f in frames if "site-packages" not in f.filename and "/torch/" not in f.filename]
@@ -96,55 +135,39 @@ class DecodeGraphs:
 
     @classmethod
     @torch.inference_mode()
-    def _capture(cls, runner: ModelRunner, max_model_len: int) -> DecodeGraphs:
-        cfg, dev = runner.config, runner.device
-        m = cfg.max_num_seqs
-        max_blocks = -(-max_model_len // cfg.block_size)
-        hidden_size = runner.model_config.text.hidden_size
-        longs = torch.zeros(5 * m, dtype=torch.int64, device=dev)
-        buf = _Buffers(
-            longs=longs,
-            block_tables=torch.zeros(m, max_blocks, dtype=torch.int32, device=dev),
-            seq_lens=torch.ones(m, dtype=torch.int32, device=dev),
-            cu_seqlens=torch.arange(m + 1, dtype=torch.int32, device=dev),
-            hidden=torch.zeros(m, hidden_size, dtype=runner.dtype, device=dev),
-        )
+    def _capture(cls, forward: DecodeForward, buf: StaticInputs) -> DecodeGraphs:
         graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         pool = None
-        for width in reversed(width_buckets(max_blocks, cfg.block_size)):
-            for size in reversed(bucket_sizes(m)):
-                view = buf.longs_of(size)
-                view.zero_()
-                view[4].fill_(-1)  # padding rows write nowhere
-                attn = buf.metadata(size, width, cfg.block_size)
-                args = (view[0], view[1:4], attn, runner.kv_caches, None)
-                buf.hidden[:size] = runner.model(*args)  # warmup (lazy inits, autotuning)
+        for width in reversed(width_buckets(buf.max_blocks, buf.block_size)):
+            for size in reversed(bucket_sizes(buf.max_rows)):
+                buf.fill_padding(size)
+                view, attn = buf.longs_of(size), buf.metadata(size, width)
+                buf.hidden[:size] = forward(view[0], view[1:4], attn)  # warmup (lazy inits, autotuning)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    buf.hidden[:size] = runner.model(*args)
+                    buf.hidden[:size] = forward(view[0], view[1:4], attn)
                 pool = graph.pool() if pool is None else pool
                 graphs[(size, width)] = graph
         torch.cuda.synchronize()
-        return cls(runner, buf, graphs)
+        return cls(buf, graphs)
 
     def batch_bucket(self, batch: int) -> int | None:
         """The captured batch size a decode of `batch` sequences pads to (None: run eagerly)."""
         return next((s for s in self.sizes if s >= batch), None)
 
-    def replay(self, host: HostDecodeBatch, batch: int) -> torch.Tensor | None:
+    def replay(self, host: HostDecodeBatch, batch: int, on_copied: Callable[[], None]) -> torch.Tensor | None:
         """Copy a staged decode step (padded to a batch bucket) in and replay its graph.
 
-        Returns hidden [batch, H] (a view of the static output), or None when the
-        context is wider than every captured width (the caller runs eagerly).
+        `on_copied` runs once the copies out of `host` are enqueued (the staging
+        arrays must outlive them). Returns hidden [batch, H] (a view of the static
+        output), or None when the context is wider than every captured width (the
+        caller runs eagerly).
         """
         width = next((w for w in self.widths if w >= host.width), None)
         if width is None or (host.size, width) not in self.graphs:
             return None
-        buf = self.buffers
-        buf.longs_of(host.size).copy_(host.longs, non_blocking=True)
-        buf.seq_lens[: host.size].copy_(host.seq_lens, non_blocking=True)
-        buf.block_tables[: host.size, : host.width].copy_(host.block_tables, non_blocking=True)
-        self.runner.decode_inputs.mark_copied()
+        self.inputs.load(host)
+        on_copied()
         self.graphs[(host.size, width)].replay()
-        return buf.hidden[:batch]
+        return self.inputs.hidden[:batch]

@@ -12,14 +12,15 @@ captured, and a bare argmax when every row is plain greedy.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineConfig
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import DecodeGraphs, StaticInputs
 from engine.decode_inputs import DecodeInputs, HostDecodeBatch
-from engine.kv_cache_alloc import allocate_kv_caches, num_blocks_for
+from engine.kv_cache import CacheLayout, LayerCache, cuda_kv_budget
 from engine.sampler import SampleRow, sample, sample_greedy
 from engine.sequence import MultimodalInputs
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
@@ -50,11 +51,12 @@ class SeqState:
 
 @dataclass(frozen=True, slots=True)
 class StepBatch:
+    """One step's model inputs. Shapes: input_ids [T]; positions [3, T]."""
+
     input_ids: torch.Tensor
     positions: torch.Tensor
     attn: AttentionMetadata
     mm: MultimodalBatch | None
-    sample_rows: torch.Tensor  # index of each sampled sequence's last token in the step
 
 
 class ModelRunner:
@@ -75,22 +77,59 @@ class ModelRunner:
         self.model.eval()
         self.seqs: dict[int, SeqState] = {}
         self.decode_inputs = DecodeInputs(config.block_size, self.device)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache_layout = self._cache_layout()
+        self.kv_caches: list[LayerCache] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
 
     # ---- setup -------------------------------------------------------------------
 
+    def _cache_layout(self) -> CacheLayout:
+        text = self.model_config.text
+        full = tuple(text.layer_type(i) == "full_attention" for i in range(text.num_hidden_layers))
+        conv, recurrent = ((), ()) if all(full) else self.model.state_shapes()
+        return CacheLayout(
+            full_attention=full, block_size=self.config.block_size, num_kv_heads=self.model.num_kv_heads,
+            head_dim=text.head_dim, max_num_seqs=self.config.max_num_seqs,
+            conv_state=tuple(conv), recurrent_state=tuple(recurrent), dtype=self.dtype,
+        )
+
     def profile_num_blocks(self, max_model_len: int) -> int:
-        """KV blocks this rank can hold (`num_gpu_blocks` if set)."""
-        return num_blocks_for(self, max_model_len)
+        """KV blocks this rank can hold: `num_gpu_blocks` if set; else from CUDA memory after a
+        profiling pass, or from `cpu_kv_cache_gb`."""
+        cfg = self.config
+        if cfg.num_gpu_blocks is not None:
+            return cfg.num_gpu_blocks
+        if self.device.type != "cuda":
+            # More than every running sequence at full length is never used on CPU.
+            cap = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
+            return self.cache_layout.num_blocks(cfg.cpu_kv_cache_gb * 2**30, cap)
+        budget = cuda_kv_budget(
+            lambda ids, pos, attn: self.model(ids, pos, attn, None, None), self.model.compute_logits,
+            vocab_size=self.model_config.text.vocab_size, num_tokens=cfg.max_num_batched_tokens,
+            max_model_len=max_model_len, logit_rows=cfg.max_num_seqs,
+            utilization=cfg.gpu_memory_utilization, device=self.device,
+        )
+        return self.cache_layout.num_blocks(budget)
 
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_caches(self, num_blocks)
-        # The model says whether its decode step can be captured (not MoE, not hybrid).
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.model.supports_cuda_graphs:
-            self.graphs = DecodeGraphs.capture(self, max_model_len)
+        self.kv_caches = self.cache_layout.allocate(num_blocks, self.device)
+        if self.captures_decode_graphs():
+            inputs = StaticInputs.allocate(
+                self.config.max_num_seqs, max_model_len, self.config.block_size,
+                self.model_config.text.hidden_size, self.dtype, self.device,
+            )
+            self.graphs = DecodeGraphs.capture(self._decode_forward, inputs)
+
+    def captures_decode_graphs(self) -> bool:
+        """Whether decode steps run as CUDA graphs: on CUDA, not `enforce_eager`, and a model
+        whose decode step can be captured (its `supports_cuda_graphs`: not MoE, not hybrid)."""
+        return self.device.type == "cuda" and not self.config.enforce_eager and self.model.supports_cuda_graphs
+
+    def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """A text-only step over the KV cache (what the decode graphs capture). Shapes: hidden [T, H]."""
+        return self.model(input_ids, positions, attn, self.kv_caches, None)
 
     def close(self) -> None:
         """Drop the KV cache, graphs and sequence state, and return the device memory."""
@@ -166,8 +205,7 @@ class ModelRunner:
     def build_batch(self, steps: tuple[SeqStep, ...]) -> StepBatch:
         bs = self.config.block_size
         ids, pos, slots, mask, embeds, deep = [], [], [], [], [], []
-        q_lens, k_lens, sample_rows, tables = [], [], [], []
-        offset = 0
+        q_lens, k_lens, tables = [], [], []
         for s in steps:
             state = self.seqs[s.seq_id]
             end = s.start + s.num_new_tokens
@@ -188,12 +226,9 @@ class ModelRunner:
             q_lens.append(s.num_new_tokens)
             k_lens.append(end)
             tables.append(state.block_table)
-            offset += s.num_new_tokens
-            if s.sample:
-                sample_rows.append(offset - 1)
-        return self._assemble(steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables, sample_rows)
+        return self._assemble(steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables)
 
-    def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables, sample_rows) -> StepBatch:
+    def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables) -> StepBatch:
         dev = self.device
         cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         cu_q[1:] = torch.cumsum(torch.tensor(q_lens), 0)
@@ -226,7 +261,6 @@ class ModelRunner:
             positions=torch.cat(pos, dim=1).to(dev),
             attn=attn,
             mm=mm,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
         )
 
     def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:
@@ -253,10 +287,12 @@ class ModelRunner:
     def execute(self, msg: StepMessage) -> StepResult | None:
         """Run one step. Every rank must call it with the same message; rank 0 returns the tokens."""
         self._update(msg)
+        sampled = [s for s in msg.steps if s.sample]
         if not msg.steps:
             return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        hidden, sample_rows = self._run(msg.steps)
-        sampled = [s for s in msg.steps if s.sample]
+        # Built before the forward is launched: a blocking host-to-device copy would wait for it.
+        sample_rows = self._sample_rows(msg.steps) if sampled else None
+        hidden = self._run(msg.steps)
         if not sampled:
             return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
         logits = self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows])
@@ -277,26 +313,31 @@ class ModelRunner:
         out = sample(logits, rows)
         return StepResult(seq_ids, tuple(out.token_ids), tuple(out.logprobs))
 
-    def _run(self, steps: tuple[SeqStep, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The model over this step's tokens -> (hidden [T, H], rows to sample or None for every row)."""
+    def _sample_rows(self, steps: tuple[SeqStep, ...]) -> torch.Tensor | None:
+        """Row of each sampled sequence's last token in the step's hidden [T, H]; None when
+        every step is one token that samples (every row)."""
+        if all(s.sample and s.num_new_tokens == 1 for s in steps):
+            return None
+        ends = itertools.accumulate(s.num_new_tokens for s in steps)
+        picked = [end - 1 for s, end in zip(steps, ends) if s.sample]
+        return torch.tensor(picked, dtype=torch.int64, device=self.device)
+
+    def _run(self, steps: tuple[SeqStep, ...]) -> torch.Tensor:
+        """The model over this step's tokens. Shapes: hidden [T, H] (T: the steps' new tokens)."""
         decode = self._decode_rows(steps)
         if decode is None:
             batch = self.build_batch(steps)
-            return self._forward(batch), batch.sample_rows
+            return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)
         rows, starts, token_ids = decode
         b = len(rows)
-        sample_rows = None
-        if not all(s.sample for s in steps):  # a 1-token chunk of a recompute after preemption
-            picked = [i for i, s in enumerate(steps) if s.sample]
-            sample_rows = torch.tensor(picked, dtype=torch.int64, device=self.device)
         size = self.graphs.batch_bucket(b) if self.graphs is not None else None
         host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0)
         if size is not None:
-            hidden = self.graphs.replay(host, b)
+            hidden = self.graphs.replay(host, b, self.decode_inputs.mark_copied)
             if hidden is not None:
-                return hidden, sample_rows
+                return hidden
         batch = self._decode_batch(host, b, max(starts) + 1, steps)
-        return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, None), sample_rows
+        return self._decode_forward(batch.input_ids, batch.positions, batch.attn)
 
     def _decode_rows(self, steps: tuple[SeqStep, ...]) -> tuple[list[int], list[int], list[int]] | None:
         """(state rows, token indices, token ids) when every step decodes one generated token, else None."""
@@ -333,7 +374,4 @@ class ModelRunner:
             decode_only=True,
             **self._state_metadata(steps),
         )
-        return StepBatch(longs[0], longs[1:4], attn, None, torch.arange(b, device=dev))
-
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
-        return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)
+        return StepBatch(longs[0], longs[1:4], attn, None)

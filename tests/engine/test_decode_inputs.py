@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 
 from engine import LLM, SamplingParams
+from engine.cuda_graphs import StaticInputs
 from tests.engine.helpers import TEXT, image, prompt_ids
 
 
 def _assert_same_batch(fast, ref) -> None:
     assert torch.equal(fast.input_ids, ref.input_ids)
     assert torch.equal(fast.positions, ref.positions)
-    assert torch.equal(fast.sample_rows, ref.sample_rows)
     a, b = fast.attn, ref.attn
     for name in ("cu_seqlens_q", "cu_seqlens_k", "slot_mapping", "block_tables", "seq_lens"):
         x, y = getattr(a, name), getattr(b, name)
@@ -21,18 +21,35 @@ def _assert_same_batch(fast, ref) -> None:
     assert fast.mm is None and ref.mm is None
 
 
+def _assert_graph_inputs_match(inputs: StaticInputs, host, b: int, ref) -> None:
+    """What a captured graph would read for a staged step (padded to a bucket) equals the general batch."""
+    inputs.load(host)
+    attn = inputs.metadata(host.size, host.width)
+    longs = inputs.longs_of(host.size)
+    assert torch.equal(longs[0, :b], ref.input_ids) and torch.equal(longs[1:4, :b], ref.positions)
+    assert torch.equal(attn.slot_mapping[:b], ref.attn.slot_mapping)
+    assert torch.equal(attn.block_tables[:b], ref.attn.block_tables)
+    assert torch.equal(attn.seq_lens[:b], ref.attn.seq_lens)
+    # Padding rows write nowhere and attend to one token.
+    assert (attn.slot_mapping[b:] == -1).all() and (attn.seq_lens[b:] == 1).all()
+
+
 def test_decode_inputs_match_the_general_batch(tiny_checkpoint):
     # Small blocks and a varied batch: tables grow, rows free and get reused, mRoPE offsets differ.
     llm = LLM(tiny_checkpoint("qwen3_vl"), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
     runner = llm.engine.executor.runner
     run, checked = runner._run, []
+    hidden = runner.model_config.text.hidden_size
+    inputs = StaticInputs.allocate(4, 512, 4, hidden, runner.dtype, runner.device)
 
     def checking_run(steps):
         decode = runner._decode_rows(steps)
         if decode is not None:
             rows, starts, ids = decode
             fast = runner._decode_batch(runner.decode_inputs.stage(rows, starts, ids), len(rows), max(starts) + 1, steps)
-            _assert_same_batch(fast, runner.build_batch(steps))
+            ref = runner.build_batch(steps)
+            _assert_same_batch(fast, ref)
+            _assert_graph_inputs_match(inputs, runner.decode_inputs.stage(rows, starts, ids, pad_to=4), len(rows), ref)
             checked.append(len(rows))
         return run(steps)
 
