@@ -33,11 +33,6 @@ class ScheduledSeq:
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
-    preempted: list[Sequence]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
     def is_empty(self) -> bool:
@@ -111,7 +106,7 @@ class Scheduler:
             budget -= chunk
         if not preempted:
             budget = self._admit(budget, scheduled)
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput(scheduled)
 
     def _reserve(
         self, seq: Sequence, chunk: int, scheduled: list[ScheduledSeq], preempted: list[Sequence]

@@ -158,7 +158,3 @@ class Sequence:
 
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    def token_at(self, index: int) -> int:
-        p = len(self.prompt_token_ids)
-        return self.prompt_token_ids[index] if index < p else self.output_token_ids[index - p]

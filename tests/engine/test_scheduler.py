@@ -23,7 +23,7 @@ def _run(sched: Scheduler, max_steps: int = 500) -> dict[int, list[tuple[int, in
         if not sched.has_work():
             return chunks
         out = sched.schedule()
-        assert out.num_tokens <= sched.max_num_batched_tokens
+        assert sum(s.num_new_tokens for s in out.scheduled) <= sched.max_num_batched_tokens
         assert len(sched.running) <= sched.max_num_seqs
         sched.commit(out)
         for item in out.scheduled:
