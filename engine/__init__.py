@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from engine.config import EngineConfig
-from engine.errors import EngineDeadError, EngineInputError
+from engine.errors import ContextLengthError, EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, RequestOutput, TokenLogprobs
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LLM",
+    "ContextLengthError",
     "Engine",
     "EngineConfig",
     "EngineDeadError",

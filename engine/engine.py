@@ -17,15 +17,16 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from engine.block_manager import BlockManager, StateSlotManager
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineInputError
 from engine.executor import Executor, InProcessExecutor
-from engine.block_manager import BlockManager, StateSlotManager
-from engine.request import CheckedRequest, RequestStream, put_many, validate_request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
+from engine.stream import RequestStream, put_many
+from engine.validation import CheckedRequest, validate_request
 from models.config import ModelConfig, load_model_config
 
 __all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineInputError"]
@@ -117,7 +118,7 @@ class Engine:
             seq.seq_id, tuple(prompt), checked.positions, checked.mrope_delta,
             sampling, seed, mm_inputs,
         )
-        stream = RequestStream(request_id, self)
+        stream = RequestStream(request_id, self.abort)
         self._seqs[request_id] = seq
         self._streams[request_id] = stream
         self.scheduler.add(seq)

@@ -8,7 +8,7 @@ import io
 
 import pytest
 
-from engine import LLM, EngineInputError, MultimodalInputs, SamplingParams
+from engine import LLM, ContextLengthError, EngineInputError, MultimodalInputs, SamplingParams
 from engine.engine import Engine, EngineConfig
 from tests.engine.helpers import TEXT, image, prompt_ids
 
@@ -144,16 +144,19 @@ def test_messages_prompt_and_data_url(base):
 def test_bad_inputs_are_typed_errors(base):
     tok = base.tokenizer
     ids = prompt_ids(tok, TEXT, 1)
-    with pytest.raises(EngineInputError):
+    with pytest.raises(EngineInputError) as err:
         base.generate([{"prompt_token_ids": ids}], GREEDY)  # image tokens, no image
+    assert err.value.code is None and not isinstance(err.value, ContextLengthError)
     with pytest.raises(EngineInputError):
         base.generate([{"prompt_token_ids": prompt_ids(tok, TEXT, 0), "images": [image(64, 64, 0)]}], GREEDY)
-    with pytest.raises(EngineInputError):
+    with pytest.raises(ContextLengthError) as err:
         base.generate([{"prompt_token_ids": [1] * 600}], GREEDY)  # over max_model_len
+    assert (err.value.param, err.value.code) == ("prompt", "context_length_exceeded")
     with pytest.raises(EngineInputError):
         base.generate([{"prompt_token_ids": [10**7]}], GREEDY)
-    with pytest.raises(EngineInputError):
+    with pytest.raises(ContextLengthError) as err:
         base.generate([{"prompt_token_ids": [1, 2]}], SamplingParams(max_tokens=600))
+    assert (err.value.param, err.value.code) == ("max_tokens", "context_length_exceeded")
     with pytest.raises(EngineInputError):
         SamplingParams(temperature=-1)
     with pytest.raises(EngineInputError):
@@ -219,15 +222,11 @@ async def test_step_outputs_reach_their_streams_in_order_with_one_wakeup():
     """put_many (a step's outputs) wakes the consumers' loop once and keeps each stream's order."""
     import threading
 
-    from engine.request import RequestStream, put_many
     from engine.sequence import RequestOutput
-
-    class _Engine:
-        def abort(self, request_id):
-            pass
+    from engine.stream import RequestStream, put_many
 
     loop = asyncio.get_running_loop()
-    streams = [RequestStream(f"r{i}", _Engine()) for i in range(3)]
+    streams = [RequestStream(f"r{i}", lambda request_id: None) for i in range(3)]
     wakeups = []
     original = loop.call_soon_threadsafe
 

@@ -1,22 +1,17 @@
-"""Request validation (before anything is queued) and the per-request output stream."""
+"""Request validation before anything is queued: the one place a request's limits are checked."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import operator
-from typing import TYPE_CHECKING
 
 import torch
 
-from engine.errors import EngineInputError
+from engine.errors import ContextLengthError, EngineInputError
 from engine.positions import image_token_runs, mrope_positions
 from engine.sampling_params import SamplingParams
-from engine.sequence import MultimodalInputs, RequestOutput
+from engine.sequence import MultimodalInputs
 from models.config import ModelConfig
-
-if TYPE_CHECKING:
-    from engine.engine import Engine
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -37,11 +32,11 @@ def _check_tokens(config: ModelConfig, max_model_len: int, kv_tokens: int, ids: 
     if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 or t >= vocab for t in ids):
         raise EngineInputError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
     if len(ids) >= max_model_len:
-        raise EngineInputError(
+        raise ContextLengthError(
             f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} tokens "
             "(prompt + at least one generated token)", param="prompt")
     if len(ids) + 1 > kv_tokens:
-        raise EngineInputError(
+        raise ContextLengthError(
             f"the prompt has {len(ids)} tokens but the KV cache holds {kv_tokens}", param="prompt")
 
 
@@ -83,7 +78,8 @@ def validate_request(
     """Check a request against the model and limits; derive its positions and budgets.
 
     Raises:
-        EngineInputError: naming the problem.
+        ContextLengthError: the prompt, or prompt + max_tokens, does not fit the context or KV cache.
+        EngineInputError: any other problem, named.
     """
     if not isinstance(sampling, SamplingParams):
         raise EngineInputError("sampling must be a SamplingParams", param="sampling")
@@ -99,7 +95,7 @@ def validate_request(
     limit = min(max_model_len, kv_tokens) - len(ids)
     max_tokens = limit if sampling.max_tokens is None else sampling.max_tokens
     if max_tokens > limit:
-        raise EngineInputError(
+        raise ContextLengthError(
             f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the {min(max_model_len, kv_tokens)}"
             "-token limit of this model/KV cache", param="max_tokens")
     if mm is None:
@@ -118,72 +114,3 @@ def validate_request(
             pos += count
             k += 1
     return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))
-
-
-def merge_outputs(first: RequestOutput, second: RequestOutput) -> RequestOutput:
-    """One delta with the tokens (and logprobs) of `first` then `second`; the state of `second`."""
-    logprobs = None
-    if first.logprobs is not None or second.logprobs is not None:
-        logprobs = list(first.logprobs or []) + list(second.logprobs or [])
-    return dataclasses.replace(
-        second, new_token_ids=list(first.new_token_ids) + list(second.new_token_ids), logprobs=logprobs,
-    )
-
-
-def put_many(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-    """Deliver outputs to their streams from any thread: one wake-up per event loop.
-
-    `call_soon_threadsafe` writes to the loop's self-pipe each time (a syscall);
-    a decode step of a 64-request batch would pay it 64 times.
-    """
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-    for stream, out in items:
-        by_loop.setdefault(stream._loop, []).append((stream, out))
-    for loop, batch in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_deliver, batch)
-        except RuntimeError:  # the consumers' loop is closed: nobody is listening any more
-            pass
-
-
-def _deliver(batch: list[tuple[RequestStream, RequestOutput]]) -> None:
-    for stream, out in batch:
-        stream._queue.put_nowait(out)
-
-
-class RequestStream:
-    """Async iterator of one request's `RequestOutput` deltas; ends after the finished one.
-
-    `aclose()` (or leaving the iteration early and calling it) aborts the request.
-    """
-
-    def __init__(self, request_id: str, engine: Engine):
-        self.request_id = request_id
-        self._engine = engine
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._done = False
-
-    def put(self, out: RequestOutput) -> None:
-        """From any thread; outputs arrive in the order of the calls."""
-        put_many([(self, out)])
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        """The next delta; deltas that queued up meanwhile (a consumer slower than the
-        engine's steps, e.g. a busy replica streaming over Ray) come merged in one."""
-        if self._done:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        while not out.finished and not self._queue.empty():
-            out = merge_outputs(out, self._queue.get_nowait())
-        if out.finished:
-            self._done = True
-        return out
-
-    async def aclose(self) -> None:
-        if not self._done:
-            self._done = True
-            self._engine.abort(self.request_id)
