@@ -10,7 +10,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("bench", "deployments", "engine", "models")
+PACKAGES = ("bench", "deployments", "engine", "models", "ops")
 
 
 def module_names(root: Path, packages: tuple[str, ...]) -> dict[str, Path]:
