@@ -25,7 +25,9 @@ def needs_vision(config: AppConfig) -> bool:
     if config.disable_vision_encoder:
         return False
     if config.create_tiny_if_missing is not None and not (config.model_path / "config.json").is_file():
-        return True  # every tiny demo architecture is vision-language
+        from models.architectures import TINY
+
+        return TINY[config.create_tiny_if_missing].is_vl
     from models.config import load_model_config
     from models.registry import get_task
 

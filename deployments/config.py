@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from models.architectures import TINY
+
 TINY_CACHE_DIR = Path("~/.cache/splitvl").expanduser()
 
 
@@ -167,8 +169,10 @@ class AppConfig(_Strict):
         alias="language_model_only",
         description="Serve text only: no vision deployment, no vision weights; images get a 400.",
     )
-    create_tiny_if_missing: Literal["qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe"] | None = Field(
-        None, description="Demo only: write a tiny random checkpoint of this arch if `model` is missing."
+    create_tiny_if_missing: str | None = Field(
+        None,
+        description="Demo only: write a tiny random checkpoint of this arch if `model` is missing "
+        f"(one of {', '.join(TINY)}).",
     )
     vision: VisionDeploymentConfig = Field(default_factory=VisionDeploymentConfig)
     llm: LLMDeploymentConfig = Field(default_factory=LLMDeploymentConfig)
@@ -196,6 +200,13 @@ class AppConfig(_Strict):
                 raise ValueError("disable_vision_encoder and language_model_only disagree")
             data = {k: v for k, v in data.items() if k != "language_model_only"}
         return data
+
+    @field_validator("create_tiny_if_missing")
+    @classmethod
+    def _known_tiny(cls, name: str | None) -> str | None:
+        if name is not None and name not in TINY:
+            raise ValueError(f"unknown tiny architecture {name!r}; choose one of {', '.join(TINY)}")
+        return name
 
     @model_validator(mode="after")
     def _model_source(self) -> AppConfig:

@@ -120,10 +120,11 @@ class LLM:
         self._loop = asyncio.new_event_loop()
         self._ids = itertools.count()
         self.vision = self.processor = None
-        if self.model_config.is_vl and self.model_config.vision is not None:
+        from models.registry import build_vision_model, get_task
+
+        if get_task(self.model_config).accepts_images:
             from models.loader import CheckpointReader
             from models.processor import ImageProcessor
-            from models.registry import build_vision_model
 
             self.vision = build_vision_model(self.model_config, config.torch_dtype, self.engine.executor_device)
             self.vision.load_weights(CheckpointReader(str(model)))

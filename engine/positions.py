@@ -16,8 +16,6 @@ import torch
 
 from engine.errors import EngineInputError
 
-GridTHW = tuple[int, int, int]
-
 
 def expand_image_placeholders(
     token_ids: Sequence[int], image_token_id: int, tokens_per_image: Sequence[int]
@@ -47,7 +45,7 @@ def expand_image_placeholders(
     return out
 
 
-def image_token_runs(token_ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+def _image_token_runs(token_ids: Sequence[int], image_token_id: int | None) -> list[tuple[int, int]]:
     """(start, end) index ranges of consecutive image tokens."""
     runs: list[tuple[int, int]] = []
     start = None
@@ -62,13 +60,18 @@ def image_token_runs(token_ids: Sequence[int], image_token_id: int) -> list[tupl
     return runs
 
 
-def _split_runs_by_image(
-    runs: list[tuple[int, int]], counts: list[int]
+def image_spans(
+    token_ids: Sequence[int], image_token_id: int | None, counts: Sequence[int]
 ) -> list[tuple[int, int]]:
-    """Split runs of image tokens into one span per image (adjacent images share a run)."""
+    """(start, end) of each image's tokens, image i owning `counts[i]` of them.
+
+    Adjacent images share one run of image tokens, so runs are split by the counts.
+    Raises:
+        EngineInputError: the image tokens do not add up to the counts.
+    """
     spans: list[tuple[int, int]] = []
     k = 0
-    for start, end in runs:
+    for start, end in _image_token_runs(token_ids, image_token_id):
         pos = start
         while pos < end:
             if k >= len(counts) or pos + counts[k] > end:
@@ -90,12 +93,10 @@ def mrope_positions(
     image_grid_thw: Sequence[Sequence[int]] | torch.Tensor | None,
     spatial_merge_size: int,
     image_token_id: int | None,
-    vision_start_token_id: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """3-D positions of a prompt whose image placeholders are already expanded.
 
-    `vision_start_token_id` is accepted for signature parity with HF; images
-    are found by their (expanded) `<|image_pad|>` tokens, as transformers does.
+    Images are found by their (expanded) `<|image_pad|>` tokens, as transformers does.
 
     Returns:
         positions [3, T] int64 and `mrope_delta` (decode position of index i is
@@ -103,18 +104,16 @@ def mrope_positions(
     Raises:
         EngineInputError: image tokens and grids disagree.
     """
-    del vision_start_token_id
     grids = [tuple(int(v) for v in g) for g in (image_grid_thw if image_grid_thw is not None else [])]
     n = len(token_ids)
-    runs = image_token_runs(token_ids, image_token_id) if image_token_id is not None else []
     merge = spatial_merge_size
     counts = [t * (h // merge) * (w // merge) for t, h, w in grids]
-    spans = _split_runs_by_image(runs, counts)
+    spans = image_spans(token_ids, image_token_id, counts)
     pieces: list[torch.Tensor] = []
     cursor, current = 0, 0
     for (start, end), (t, h, w) in zip(spans, grids, strict=True):
         if start > cursor:
-            pieces.append(torch.arange(start - cursor).expand(3, -1) + current)
+            pieces.append(text_positions(0, start - cursor, current))
             current += start - cursor
         gh, gw = h // merge, w // merge
         tt, hh, ww = torch.meshgrid(
@@ -124,7 +123,7 @@ def mrope_positions(
         current += max(gh, gw)
         cursor = end
     if n > cursor:
-        pieces.append(torch.arange(n - cursor).expand(3, -1) + current)
+        pieces.append(text_positions(0, n - cursor, current))
     if not pieces:
         return torch.zeros(3, 0, dtype=torch.int64), 0
     positions = torch.cat(pieces, dim=1).to(torch.int64).contiguous()
@@ -132,6 +131,7 @@ def mrope_positions(
     return positions, delta
 
 
-def decode_positions(start: int, end: int, mrope_delta: int) -> torch.Tensor:
-    """Positions [3, end - start] of tokens at sequence indices [start, end) past the prompt."""
+def text_positions(start: int, end: int, mrope_delta: int = 0) -> torch.Tensor:
+    """Positions [3, end - start] of text tokens at sequence indices [start, end):
+    `i + mrope_delta` on all three rows (a text-only prompt, or tokens past the prompt)."""
     return (torch.arange(start, end, dtype=torch.int64) + mrope_delta).expand(3, -1)

@@ -21,14 +21,15 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, StaticInputs
 from engine.decode_inputs import DecodeInputs, HostDecodeBatch
 from engine.kv_cache import CacheLayout, LayerCache, cuda_kv_budget
+from engine.positions import text_positions
 from engine.sampler import SampleRow, sample, sample_greedy
 from engine.sequence import MultimodalInputs
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from models.config import ModelConfig, load_model_config
+from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import CheckpointReader
-from models.qwen3 import MultimodalBatch
 from models.registry import build_language_model
 
 
@@ -85,12 +86,11 @@ class ModelRunner:
     # ---- setup -------------------------------------------------------------------
 
     def _cache_layout(self) -> CacheLayout:
-        text = self.model_config.text
-        full = tuple(text.layer_type(i) == "full_attention" for i in range(text.num_hidden_layers))
-        conv, recurrent = ((), ()) if all(full) else self.model.state_shapes()
+        full = tuple(kind == "full_attention" for kind in self.model.layer_types)
+        conv, recurrent = self.model.state_shapes() or ((), ())
         return CacheLayout(
             full_attention=full, block_size=self.config.block_size, num_kv_heads=self.model.num_kv_heads,
-            head_dim=text.head_dim, max_num_seqs=self.config.max_num_seqs,
+            head_dim=self.model_config.text.head_dim, max_num_seqs=self.config.max_num_seqs,
             conv_state=tuple(conv), recurrent_state=tuple(recurrent), dtype=self.dtype,
         )
 
@@ -191,7 +191,7 @@ class ModelRunner:
             parts.append(state.positions[:, start : min(end, p)])
         if end > p:
             lo = max(start, p)
-            parts.append((torch.arange(lo, end, dtype=torch.int64) + state.mrope_delta).expand(3, -1))
+            parts.append(text_positions(lo, end, state.mrope_delta))
         return torch.cat(parts, dim=1)
 
     def _mm_slice(self, state: SeqState, start: int, end: int) -> tuple[slice, int, int] | None:

@@ -8,7 +8,7 @@ import operator
 import torch
 
 from engine.errors import ContextLengthError, EngineInputError
-from engine.positions import image_token_runs, mrope_positions
+from engine.positions import image_spans, mrope_positions, text_positions
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
 from models.config import ModelConfig
@@ -46,7 +46,7 @@ def _check_images(config: ModelConfig, ids: list[int], mm: MultimodalInputs | No
         if has_image_tokens:
             raise EngineInputError("the prompt has image tokens but no image inputs", param="images")
         return
-    if not config.is_vl or config.vision is None:
+    if config.vision is None:
         raise EngineInputError(f"{config.architecture} does not accept images", param="images")
     hidden = config.text.hidden_size
     merge = config.vision.spatial_merge_size
@@ -99,18 +99,10 @@ def validate_request(
             f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the {min(max_model_len, kv_tokens)}"
             "-token limit of this model/KV cache", param="max_tokens")
     if mm is None:
-        return CheckedRequest(ids, torch.arange(len(ids)).expand(3, -1).contiguous(), 0, max_tokens, ())
+        return CheckedRequest(ids, text_positions(0, len(ids)).contiguous(), 0, max_tokens, ())
     merge = config.vision.spatial_merge_size
-    positions, delta = mrope_positions(
-        ids, mm.image_grid_thw, merge, config.image_token_id, config.vision_start_token_id
-    )
-    spans, hashes, k = [], mm.content_hashes(merge), 0
-    for start, end in image_token_runs(ids, config.image_token_id):
-        pos = start
-        for count in mm.tokens_per_image(merge)[k:]:
-            if pos >= end:
-                break
-            spans.append((pos, pos + count, hashes[k]))
-            pos += count
-            k += 1
+    positions, delta = mrope_positions(ids, mm.image_grid_thw, merge, config.image_token_id)
+    counts = mm.tokens_per_image(merge)
+    spans = [(*span, digest) for span, digest in zip(
+        image_spans(ids, config.image_token_id, counts), mm.content_hashes(merge), strict=True)]
     return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))

@@ -10,35 +10,11 @@ published Qwen3-VL checkpoints use.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-VL_ARCHITECTURES = (
-    "Qwen3VLForConditionalGeneration",
-    "Qwen3VLMoeForConditionalGeneration",
-    "Qwen3_5ForConditionalGeneration",
-    "Qwen3_5MoeForConditionalGeneration",
-)
-TEXT_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
-SUPPORTED_ARCHITECTURES = VL_ARCHITECTURES + TEXT_ARCHITECTURES
-# Qwen3.5 decoders: hybrid linear/full attention with a gated attention output.
-HYBRID_ARCHITECTURES = ("Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration")
-# transformers' head_dim default where config.json omits it (None: hidden // heads).
-_DEFAULT_HEAD_DIM: dict[str, int | None] = {
-    "Qwen3ForCausalLM": 128,
-    "Qwen3MoeForCausalLM": None,
-    "Qwen3VLForConditionalGeneration": 128,
-    "Qwen3VLMoeForConditionalGeneration": None,
-    "Qwen3_5ForConditionalGeneration": 256,
-    "Qwen3_5MoeForConditionalGeneration": 256,
-}
-# These MoE blocks renormalize the top-k weights whatever norm_topk_prob says.
-_ALWAYS_NORM_TOPK = (
-    "Qwen3VLMoeForConditionalGeneration",
-    "Qwen3_5MoeForConditionalGeneration",
-)
-
+from models.architectures import ARCHITECTURES, Architecture
 
 class ConfigError(ValueError):
     """config.json is missing, unreadable or inconsistent."""
@@ -51,7 +27,7 @@ class UnsupportedArchitectureError(ConfigError):
         self.architecture = architecture
         super().__init__(
             f"unsupported architecture {architecture!r}; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES)
+            + ", ".join(ARCHITECTURES)
         )
 
 
@@ -153,6 +129,10 @@ class VisionConfig:
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
+    """A parsed config.json. `vision` is set exactly when the architecture is
+    vision-language (`models/architectures.py`); whether a deployment serves
+    images is `models.registry.get_task`."""
+
     architecture: str
     model_type: str
     text: TextConfig
@@ -163,40 +143,6 @@ class ModelConfig:
     vision_end_token_id: int | None = None
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
-
-    @property
-    def is_vl(self) -> bool:
-        return self.architecture in VL_ARCHITECTURES
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from either an HF config.json dict or a `to_dict()` dict."""
-        if "text" in data and "architecture" in data:
-            return _from_own_dict(data)
-        return model_config_from_hf(data)
-
-
-def _from_own_dict(data: dict[str, Any]) -> ModelConfig:
-    text = _make(TextConfig, data["text"])
-    vision = _make(VisionConfig, data["vision"]) if data.get("vision") else None
-    rest = {k: v for k, v in data.items() if k not in ("text", "vision")}
-    rest["eos_token_ids"] = tuple(rest.get("eos_token_ids", ()))
-    return _make(ModelConfig, {**rest, "text": text, "vision": vision})
-
-
-def _make(cls: type, values: dict[str, Any]) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"{cls.__name__}: {exc}") from exc
 
 
 def _rope_settings(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -245,30 +191,27 @@ def _layer_types(cfg: dict[str, Any], layers: int, hybrid: bool) -> tuple[str, .
 
 
 def text_config_from_hf(
-    cfg: dict[str, Any],
-    architecture: str = "Qwen3ForCausalLM",
-    *,
-    tie_word_embeddings: bool | None = None,
+    cfg: dict[str, Any], arch: Architecture, *, tie_word_embeddings: bool | None = None
 ) -> TextConfig:
     """Parse an HF text config (a VL model's `text_config` or a flat causal-LM config).
 
     Args:
         cfg: the dict.
-        architecture: the HF architecture it belongs to (decides defaults and
-            the Qwen3.5 hybrid fields).
+        arch: the registry entry of the architecture it belongs to (decides
+            defaults and the Qwen3.5 hybrid fields).
         tie_word_embeddings: overrides the dict's own flag (the top level of a
             VL config wins over its text_config, as in transformers).
     """
     where = "text_config"
-    hybrid = architecture in HYBRID_ARCHITECTURES
+    hybrid = arch.hybrid
     heads = int(_require(cfg, "num_attention_heads", where))
     hidden = int(_require(cfg, "hidden_size", where))
-    head_dim = cfg.get("head_dim") or _DEFAULT_HEAD_DIM.get(architecture) or hidden // heads
+    head_dim = cfg.get("head_dim") or arch.default_head_dim or hidden // heads
     layers = int(_require(cfg, "num_hidden_layers", where))
     num_experts = int(cfg.get("num_experts", cfg.get("num_local_experts", 0)) or 0)
     layer_types = _layer_types(cfg, layers, hybrid)
     tie = cfg.get("tie_word_embeddings", False) if tie_word_embeddings is None else tie_word_embeddings
-    norm_topk = architecture in _ALWAYS_NORM_TOPK or bool(cfg.get("norm_topk_prob", False))
+    norm_topk = arch.always_norm_topk or bool(cfg.get("norm_topk_prob", False))
     return TextConfig(
         vocab_size=int(_require(cfg, "vocab_size", where)),
         hidden_size=hidden,
@@ -351,13 +294,13 @@ def model_config_from_hf(
     cfg: dict[str, Any], generation_config: dict[str, Any] | None = None
 ) -> ModelConfig:
     """Parse an HF config.json dict (plus generation_config.json, if any)."""
-    archs = cfg.get("architectures") or []
-    arch = archs[0] if archs else None
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(arch)
-    if arch in VL_ARCHITECTURES:
-        text_dict = _require(cfg, "text_config", arch)
-        vision = vision_config_from_hf(_require(cfg, "vision_config", arch))
+    names = cfg.get("architectures") or []
+    arch = ARCHITECTURES.get(names[0]) if names else None
+    if arch is None:
+        raise UnsupportedArchitectureError(names[0] if names else None)
+    if arch.is_vl:
+        text_dict = _require(cfg, "text_config", arch.name)
+        vision = vision_config_from_hf(_require(cfg, "vision_config", arch.name))
     else:
         text_dict, vision = cfg, None
     tie = cfg.get("tie_word_embeddings", text_dict.get("tie_word_embeddings", False))
@@ -366,8 +309,11 @@ def model_config_from_hf(
     for source in (generation_config or {}, cfg, text_dict):
         eos += [i for i in _as_ids(source.get("eos_token_id")) if i not in eos]
     _validate(text, vision)
+    if text.is_moe != arch.moe:
+        raise ConfigError(f"{arch.name}: num_experts {text.num_experts} does not fit a "
+                          f"{'MoE' if arch.moe else 'dense'} architecture")
     return ModelConfig(
-        architecture=arch,
+        architecture=arch.name,
         model_type=str(cfg.get("model_type", "")),
         text=text,
         vision=vision,

@@ -21,7 +21,7 @@ error naming it and its checkpoint key):
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,10 +201,3 @@ def load_language_model(model: nn.Module, reader: CheckpointReader) -> list[str]
         return prefix + name[len("model."):] if name.startswith("model.") else name
 
     return load_module(model, reader, key_of)
-
-
-def unused_keys(reader: CheckpointReader, used: Iterable[str], prefixes: Iterable[str]) -> list[str]:
-    """Checkpoint keys under `prefixes` that no parameter read (e.g. for a warning)."""
-    used_set = set(used)
-    prefixes = tuple(prefixes)
-    return [k for k in reader.keys() if k.startswith(prefixes) and k not in used_set]

@@ -20,19 +20,15 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, TextConfig
+from models.decoder import CausalLM, DecoderModel, build_mlp, build_rotary
+from models.interface import LayerCache, MultimodalBatch, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.embedding import VocabParallelEmbedding
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
-from models.layers.moe import SparseMoeBlock
 from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
-from models.qwen3 import (
-    MultimodalBatch, Qwen3ForCausalLM, Qwen3MLP, _image_rows, build_rotary, embed_with_images,
-)
-
-LayerCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class Qwen3_5Attention(nn.Module):
@@ -89,13 +85,7 @@ class Qwen3_5DecoderLayer(nn.Module):
             )
         else:
             self.self_attn = Qwen3_5Attention(text, rotary, parallel)
-        if text.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = SparseMoeBlock(
-                text.hidden_size, text.moe_intermediate_size, text.num_experts, text.num_experts_per_tok,
-                text.norm_topk_prob, parallel, text.shared_expert_intermediate_size,
-            )
-        else:
-            self.mlp = Qwen3MLP(text.hidden_size, text.intermediate_size, text.hidden_act, parallel)
+        self.mlp = build_mlp(text, layer_idx, parallel)
         self.input_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
         self.post_attention_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
 
@@ -117,7 +107,7 @@ class Qwen3_5DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class Qwen3_5Model(nn.Module):
+class Qwen3_5Model(DecoderModel):
     def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
@@ -132,27 +122,19 @@ class Qwen3_5Model(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
         caches: list[LayerCache] | None, mm: MultimodalBatch | None,
     ) -> torch.Tensor:
-        if caches is not None and len(caches) != len(self.layers):
-            raise ValueError(f"got {len(caches)} layer caches for {len(self.layers)} layers")
-        image_rows = _image_rows(mm, input_ids.shape[0], self.embed_tokens.embedding_dim) if mm is not None else None
-        x = embed_with_images(self.embed_tokens, input_ids, mm, image_rows)
         # One host decision per step: single-step kernels only when every sequence continues its state.
         decode = (
             caches is not None and attn.decode_only and attn.has_initial_state is not None
             and bool(attn.has_initial_state.all())
         )
-        deepstack = mm.deepstack if mm is not None else None
-        residual = None
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, positions, attn, None if caches is None else caches[i], decode)
-            if deepstack is not None and i < deepstack.shape[0]:
-                x.index_add_(0, image_rows, deepstack[i].to(x.dtype))
-        x, _ = self.norm(x, residual)
-        return x
+        return self.run_layers(
+            input_ids, mm, caches,
+            lambda layer, x, residual, cache: layer(x, residual, positions, attn, cache, decode),
+        )
 
 
-class Qwen3_5ForCausalLM(Qwen3ForCausalLM):
-    """The hybrid decoder of one TP rank: `forward` -> hidden, `compute_logits` -> fp32 logits.
+class Qwen3_5ForCausalLM(CausalLM):
+    """The hybrid decoder of one TP rank (`models.interface.LanguageModel`).
 
     `kv_caches[i]` in `forward`: layer i's paged `(key_cache, value_cache)` (full
     attention) or `(conv_state, recurrent_state)` pools (linear attention), with
@@ -181,7 +163,7 @@ class Qwen3_5ForCausalLM(Qwen3ForCausalLM):
     def layer_types(self) -> tuple[str, ...]:
         return tuple(layer.layer_type for layer in self.model.layers)
 
-    def state_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    def state_shapes(self) -> StateShapes | None:
         """Per-slot (conv state, recurrent state) shapes of a linear-attention layer on this rank."""
         return next(layer.linear_attn.state_shapes() for layer in self.model.layers
                     if layer.layer_type == "linear_attention")

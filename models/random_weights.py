@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from models.config import SUPPORTED_ARCHITECTURES, UnsupportedArchitectureError
+from models.architectures import ARCHITECTURES
+from models.config import UnsupportedArchitectureError
 
 # Published Qwen3-VL / Qwen3.5 image preprocessing (patch 16, merge 2).
 PUBLISHED_PREPROCESSOR: dict[str, Any] = {
@@ -46,7 +47,7 @@ def build_hf_model(
 
     data = config_json if isinstance(config_json, dict) else json.loads(Path(config_json).read_text())
     arch = (data.get("architectures") or [None])[0]
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if arch not in ARCHITECTURES:
         raise UnsupportedArchitectureError(arch)
     hf_config = transformers.AutoConfig.for_model(**data)
     model_cls = getattr(transformers, arch)

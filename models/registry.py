@@ -1,49 +1,25 @@
-"""Architecture -> task and model classes.
+"""Task selection and model construction from the architecture registry.
 
-`architectures[0]` of config.json decides everything: the four Qwen3-VL / Qwen3.5
-conditional-generation architectures are vision-language ("vl"); the plain
-causal-LM ones are text-only ("llm"). Model classes are named by import path
-and imported only when built, so a dependency that only Qwen3.5 needs cannot
-break serving Qwen3-VL; a failed import names the architecture and the cause.
+`architectures[0]` of config.json picks the `models/architectures.py` entry:
+vision-language entries give the "vl" task, the others "llm". Model classes
+are imported when built; a failed import names the architecture and the cause.
+The language model a builder returns meets `models.interface.LanguageModel`.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
+from models.architectures import ARCHITECTURES, Architecture
 from models.config import ModelConfig, UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     import torch
 
+    from models.interface import LanguageModel
     from models.layers.parallel import ParallelContext
-
-_QWEN3_LM = "models.qwen3:Qwen3ForCausalLM"
-_QWEN3_5_LM = "models.qwen3_5:Qwen3_5ForCausalLM"
-_VISION = "models.qwen3_vl.vision:Qwen3VLVisionModel"
-
-
-@dataclass(frozen=True, slots=True)
-class ArchitectureEntry:
-    """Where the classes of one HF architecture live (`module:Class`)."""
-
-    language_model: str
-    vision_model: str | None
-
-
-ARCHITECTURES: MappingProxyType[str, ArchitectureEntry] = MappingProxyType(
-    {
-        "Qwen3VLForConditionalGeneration": ArchitectureEntry(_QWEN3_LM, _VISION),
-        "Qwen3VLMoeForConditionalGeneration": ArchitectureEntry(_QWEN3_LM, _VISION),
-        "Qwen3_5ForConditionalGeneration": ArchitectureEntry(_QWEN3_5_LM, _VISION),
-        "Qwen3_5MoeForConditionalGeneration": ArchitectureEntry(_QWEN3_5_LM, _VISION),
-        "Qwen3ForCausalLM": ArchitectureEntry(_QWEN3_LM, None),
-        "Qwen3MoeForCausalLM": ArchitectureEntry(_QWEN3_LM, None),
-    }
-)
 
 VISION_DISABLED_REASON = (
     "this deployment runs the language model only (disable_vision_encoder / "
@@ -77,17 +53,17 @@ class TaskSpec:
     reason: str | None = None
 
 
-def _entry(config: ModelConfig) -> ArchitectureEntry:
-    entry = ARCHITECTURES.get(config.architecture)
-    if entry is None:
+def architecture_of(config: ModelConfig) -> Architecture:
+    """The registry entry of `config.architecture`."""
+    arch = ARCHITECTURES.get(config.architecture)
+    if arch is None:
         raise UnsupportedArchitectureError(config.architecture)
-    return entry
+    return arch
 
 
 def get_task(config: ModelConfig, disable_vision_encoder: bool = False) -> TaskSpec:
     """The task of a deployment of `config` (the seed's `get_task`)."""
-    entry = _entry(config)
-    if entry.vision_model is None or config.vision is None:
+    if not architecture_of(config).is_vl or config.vision is None:
         return TaskSpec("llm", False, f"{config.architecture} is a text-only model")
     if disable_vision_encoder:
         return TaskSpec("llm", False, VISION_DISABLED_REASON)
@@ -105,26 +81,19 @@ def import_model_class(architecture: str, path: str) -> type:
 
 
 def language_model_class(config: ModelConfig) -> type:
-    return import_model_class(config.architecture, _entry(config).language_model)
+    return import_model_class(config.architecture, architecture_of(config).language_model)
 
 
 def vision_model_class(config: ModelConfig) -> type:
-    entry = _entry(config)
-    if entry.vision_model is None or config.vision is None:
+    arch = architecture_of(config)
+    if arch.vision_model is None or config.vision is None:
         raise ValueError(f"{config.architecture} has no vision encoder")
-    return import_model_class(config.architecture, entry.vision_model)
-
-
-def check_dependencies(config: ModelConfig, disable_vision_encoder: bool = False) -> None:
-    """Import every class a deployment of `config` needs; fail fast at startup."""
-    language_model_class(config)
-    if get_task(config, disable_vision_encoder).task == "vl":
-        vision_model_class(config)
+    return import_model_class(config.architecture, arch.vision_model)
 
 
 def build_language_model(
     config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype, device: torch.device | str
-) -> Any:
+) -> LanguageModel:
     """Instantiate the decoder of `config` for one TP rank (weights not loaded)."""
     return language_model_class(config)(config, parallel, dtype, device)
 

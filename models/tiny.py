@@ -1,7 +1,7 @@
 """Tiny random HF checkpoints of every supported architecture, for CPU tests.
 
 `write_tiny_checkpoint(arch, out_dir, seed)` builds the model through
-transformers' own classes (`Qwen3VLForConditionalGeneration(config)` etc.) under
+transformers' own class of that architecture (the registry entry's name) under
 `torch.manual_seed(seed)` and saves it with `save_pretrained`, so the tensor
 names and layouts are HF's, not ours. Beside the weights it writes a byte-level
 BPE tokenizer trained offline on a small built-in corpus (Qwen special tokens,
@@ -43,9 +43,11 @@ from typing import Any
 
 import torch
 
+from models.architectures import TINY, Architecture
 from models.tiny_tokenizer import SPECIAL_TOKENS, write_tokenizer
 
-ARCHS = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
+# Tiny checkpoint names (each its architecture's HF model_type), from the registry.
+ARCHS = tuple(TINY)
 
 # Patch 16, merge 2: one image token per 32x32 px. These bounds give 4..1024
 # patches (1..256 tokens); a 64x64 image is 16 patches, 512x512 is 1024.
@@ -149,31 +151,24 @@ def _qwen3_5_text(vocab_size: int, moe: bool, tied: bool) -> dict[str, Any]:
     return cfg
 
 
-def _hf_classes(arch: str) -> tuple[type, type]:
-    import transformers as tf
-
-    names = {
-        "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
-        "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration"),
-        "qwen3_5": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration"),
-        "qwen3_5_moe": ("Qwen3_5MoeConfig", "Qwen3_5MoeForConditionalGeneration"),
-    }[arch]
-    return getattr(tf, names[0]), getattr(tf, names[1])
+def _architecture(name: str) -> Architecture:
+    if name not in TINY:
+        raise ValueError(f"unknown tiny arch {name!r}; choose one of {ARCHS}")
+    return TINY[name]
 
 
-def tiny_config_dict(arch: str, special_ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
-    """The HF config kwargs of the tiny `arch` (text_config, vision_config, token ids)."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS}")
-    moe = arch.endswith("_moe")
+def tiny_config_dict(name: str, special_ids: dict[str, int], vocab_size: int) -> dict[str, Any]:
+    """The HF config kwargs of the tiny checkpoint `name` (text_config, vision_config, token ids).
+
+    Its registry entry decides the shape: hybrid -> the Qwen3.5 decoder (no
+    deepstack), else Qwen3-VL's; MoE adds experts.
+    """
+    arch = _architecture(name)
     # Dense archs tie the LM head (as Qwen3-VL-2B / Qwen3.5-0.8B do); MoE do not.
-    tied = not moe
-    if arch.startswith("qwen3_vl"):
-        text = _qwen3_vl_text(vocab_size, moe, tied)
-        vision = _vision_config(deepstack=True)
-    else:
-        text = _qwen3_5_text(vocab_size, moe, tied)
-        vision = _vision_config(deepstack=False)
+    tied = not arch.moe
+    text_config = _qwen3_5_text if arch.hybrid else _qwen3_vl_text
+    text = text_config(vocab_size, arch.moe, tied)
+    vision = _vision_config(deepstack=not arch.hybrid)
     text["eos_token_id"] = special_ids["<|im_end|>"]
     text["pad_token_id"] = special_ids["<|endoftext|>"]
     return {
@@ -243,14 +238,14 @@ def write_tiny_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Path
     Returns:
         `out_dir` as a Path; `from_pretrained(out_dir)` loads model and tokenizer.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"unknown tiny arch {arch!r}; choose one of {ARCHS}")
+    import transformers
+
+    model_cls = getattr(transformers, _architecture(arch).name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     special_ids, vocab_len = write_tokenizer(out)
     vocab_size = -(-vocab_len // 64) * 64  # pad like real checkpoints do
-    config_cls, model_cls = _hf_classes(arch)
-    hf_config = config_cls(**tiny_config_dict(arch, special_ids, vocab_size))
+    hf_config = transformers.AutoConfig.for_model(arch, **tiny_config_dict(arch, special_ids, vocab_size))
     rng_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

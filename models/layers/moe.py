@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import ops
-from models.layers.linear import MergedColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+from models.layers.linear import ReplicatedLinear
+from models.layers.mlp import SwiGLUMLP
 from models.layers.parallel import SINGLE, ParallelContext, all_reduce, divide
 from models.loader import CheckpointError, CheckpointReader
 
@@ -127,18 +128,6 @@ def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) 
         raise CheckpointError(f"tensor {key} has shape {list(shape)}, expected {list(expected)}")
 
 
-class SharedExpert(nn.Module):
-    """Dense SwiGLU expert seen by every token (Qwen3.5-MoE), output not yet reduced."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, parallel: ParallelContext | None) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, parallel=parallel)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, parallel=parallel, reduce_results=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
-
-
 class SparseMoeBlock(nn.Module):
     """Router linear -> `ops.topk_softmax` -> selected experts (+ gated shared expert).
 
@@ -165,7 +154,9 @@ class SparseMoeBlock(nn.Module):
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size, self.parallel)
         if shared_expert_intermediate_size > 0:
-            self.shared_expert = SharedExpert(hidden_size, shared_expert_intermediate_size, self.parallel)
+            self.shared_expert = SwiGLUMLP(
+                hidden_size, shared_expert_intermediate_size, self.parallel, reduce_results=False
+            )
             self.shared_expert_gate = ReplicatedLinear(hidden_size, 1)
         else:
             self.shared_expert = None

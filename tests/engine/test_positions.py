@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.errors import EngineInputError
-from engine.positions import decode_positions, expand_image_placeholders, mrope_positions
+from engine.positions import expand_image_placeholders, image_spans, mrope_positions, text_positions
 
 IMG, VS, VE = 900, 901, 902
 
@@ -60,11 +60,11 @@ def test_matches_hf_get_rope_index(hf_model, case):
         ref, ref_delta = ref[:, 0], int(ref_delta[0, 0])
     else:
         ref, ref_delta = torch.arange(len(ids)).expand(3, -1), 0
-    pos, delta = mrope_positions(ids, grids, 2, IMG, VS)
+    pos, delta = mrope_positions(ids, grids, 2, IMG)
     assert torch.equal(pos, ref)
     assert delta == ref_delta
     # decode continues at len + delta on all rows, as HF's generate does
-    nxt = decode_positions(len(ids), len(ids) + 3, delta)
+    nxt = text_positions(len(ids), len(ids) + 3, delta)
     assert torch.equal(nxt[0], torch.arange(len(ids), len(ids) + 3) + ref_delta)
     assert torch.equal(nxt[1], nxt[2])
 
@@ -77,6 +77,15 @@ def test_adjacent_images_split_by_token_count():
     alone, _ = mrope_positions([5, VS] + [IMG] * 2 + [VE], [(1, 2, 4)], 2, IMG)
     assert torch.equal(pos[:, :4], alone[:, :4])
     assert pos[0, 4:6].tolist() == [4, 4]  # image 2 starts after image 1's max(h, w) // 2 = 2
+
+
+def test_image_spans_one_per_image():
+    ids = [5, VS] + [IMG] * 2 + [IMG] * 3 + [VE, 6, VS] + [IMG] + [VE]
+    assert image_spans(ids, IMG, [2, 3, 1]) == [(2, 4), (4, 7), (10, 11)]
+    assert image_spans([1, 2], None, []) == []
+    for counts in ([2, 2, 1], [2, 3], [2, 3, 1, 1]):
+        with pytest.raises(EngineInputError):
+            image_spans(ids, IMG, counts)
 
 
 def test_expand_placeholders():

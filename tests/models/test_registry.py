@@ -7,26 +7,15 @@ import sys
 import types
 
 import pytest
+import torch
 
-from models.config import (
-    SUPPORTED_ARCHITECTURES,
-    TEXT_ARCHITECTURES,
-    VL_ARCHITECTURES,
-    ModelConfig,
-    TextConfig,
-    UnsupportedArchitectureError,
-    load_model_config,
-)
-from models.registry import (
-    ARCHITECTURES,
-    ModelImportError,
-    TaskSpec,
-    build_language_model,
-    build_vision_model,
-    check_dependencies,
-    get_task,
-)
+from models.architectures import ARCHITECTURES, TINY
+from models.config import ModelConfig, TextConfig, UnsupportedArchitectureError, load_model_config
+from models.interface import LanguageModel
+from models.registry import ModelImportError, TaskSpec, build_language_model, build_vision_model, get_task
 from models.tiny import ARCHS
+
+TEXT_ARCHITECTURES = [name for name, arch in ARCHITECTURES.items() if not arch.is_vl]
 
 TEXT = TextConfig(
     vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
@@ -38,14 +27,37 @@ def _text_only(arch: str) -> ModelConfig:
     return ModelConfig(architecture=arch, model_type="qwen3", text=TEXT)
 
 
-def test_every_supported_architecture_is_registered():
-    assert set(ARCHITECTURES) == set(SUPPORTED_ARCHITECTURES)
+def test_entries_are_keyed_by_name():
+    assert all(name == arch.name for name, arch in ARCHITECTURES.items())
+    assert set(ARCHS) == {arch.tiny for arch in ARCHITECTURES.values() if arch.tiny}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_checkpoint_has_its_entry_facts(tiny_checkpoint, arch):
+    """The entry's facts agree with what the parsed tiny checkpoint says of itself."""
+    entry = TINY[arch]
+    cfg = load_model_config(tiny_checkpoint(arch))
+    assert cfg.architecture == entry.name and cfg.model_type == arch
+    assert (cfg.vision is not None) == entry.is_vl
+    assert cfg.text.is_hybrid == entry.hybrid and cfg.text.is_moe == entry.moe
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_built_language_models_meet_the_interface(tiny_checkpoint, arch):
+    cfg = load_model_config(tiny_checkpoint(arch))
+    lm = build_language_model(cfg, None, torch.float32, "cpu")
+    assert isinstance(lm, LanguageModel)
+    assert len(lm.layer_types) == cfg.text.num_hidden_layers
+    assert [cfg.text.layer_type(i) for i in range(cfg.text.num_hidden_layers)] == list(lm.layer_types)
+    assert (lm.state_shapes() is None) == (not TINY[arch].hybrid)
+    assert lm.num_kv_heads == cfg.text.num_key_value_heads
+    assert lm.supports_cuda_graphs == (not TINY[arch].hybrid and not TINY[arch].moe)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_vl_architectures(tiny_checkpoint, arch):
     cfg = load_model_config(tiny_checkpoint(arch))
-    assert cfg.architecture in VL_ARCHITECTURES
+    assert TINY[arch].is_vl
     assert get_task(cfg) == TaskSpec("vl", True, None)
     off = get_task(cfg, disable_vision_encoder=True)
     assert off.task == "llm" and off.accepts_images is False
@@ -94,13 +106,12 @@ def test_builders_pass_the_contract_arguments(monkeypatch, tiny_checkpoint):
     assert isinstance(lm, _FakeLM) and lm.args == (cfg, parallel, "fp32", "cpu")
     vision = build_vision_model(cfg, "fp32", "cpu")
     assert isinstance(vision, _FakeVision) and vision.args == (cfg.vision, "fp32", "cpu")
-    check_dependencies(cfg)
 
 
 def test_text_only_has_no_vision_model(monkeypatch):
     _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
     cfg = _text_only("Qwen3ForCausalLM")
-    check_dependencies(cfg)
+    assert isinstance(build_language_model(cfg, None, "fp32", "cpu"), _FakeLM)
     with pytest.raises(ValueError, match="no vision encoder"):
         build_vision_model(cfg, "fp32", "cpu")
 
@@ -115,12 +126,10 @@ def test_qwen3_5_import_failure_does_not_break_qwen3_vl(monkeypatch, tiny_checkp
     assert err.value.architecture == "Qwen3_5ForConditionalGeneration"
     assert "Qwen3_5ForConditionalGeneration" in str(err.value) and "models.qwen3_5" in str(err.value)
     assert isinstance(err.value.__cause__, ImportError)
-    with pytest.raises(ModelImportError):
-        check_dependencies(qwen35)
     # Qwen3-VL is unaffected.
     vl = load_model_config(tiny_checkpoint("qwen3_vl"))
     assert isinstance(build_language_model(vl, None, "fp32", "cpu"), _FakeLM)
-    check_dependencies(vl)
+    assert isinstance(build_vision_model(vl, "fp32", "cpu"), _FakeVision)
 
 
 def test_missing_class_names_the_architecture(monkeypatch, tiny_checkpoint):
@@ -134,9 +143,10 @@ def test_disabled_vision_skips_vision_import(monkeypatch, tiny_checkpoint):
     _fake_module(monkeypatch, "models.qwen3", Qwen3ForCausalLM=_FakeLM)
     monkeypatch.setitem(sys.modules, "models.qwen3_vl.vision", None)
     cfg = load_model_config(tiny_checkpoint("qwen3_vl"))
-    check_dependencies(cfg, disable_vision_encoder=True)
+    assert get_task(cfg, disable_vision_encoder=True).task == "llm"  # no vision import needed
+    assert isinstance(build_language_model(cfg, None, "fp32", "cpu"), _FakeLM)
     with pytest.raises(ModelImportError):
-        check_dependencies(cfg)
+        build_vision_model(cfg, "fp32", "cpu")
 
 
 def test_vl_arch_without_vision_section_is_text_only():

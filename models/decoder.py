@@ -1,0 +1,149 @@
+"""What the Qwen3 and Qwen3.5 decoders share: the embed -> layers -> norm stack with
+image embeddings and deepstack injection, the MLP choice per layer, and the
+causal-LM wrapper (LM head, weight loading). Each model file adds its layers and
+its answers to `models.interface.LanguageModel`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig, TextConfig
+from models.interface import LayerCache, MultimodalBatch
+from models.layers.attention import AttentionMetadata
+from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from models.layers.mlp import SwiGLUMLP
+from models.layers.moe import SparseMoeBlock
+from models.layers.parallel import SINGLE, ParallelContext
+from models.layers.rotary import MRotaryEmbedding, RotaryEmbedding
+from models.loader import CheckpointReader, load_language_model
+
+# (layer, x, residual, cache) -> (block output, residual)
+RunLayer = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, LayerCache | None],
+                    tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def default_dtype_and_device(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Create parameters directly in `dtype` on `device` (restores the old default dtype)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_rotary(text: TextConfig) -> RotaryEmbedding:
+    """Interleaved/chunked mRoPE when the config has `mrope_section`, else plain RoPE."""
+    if text.mrope_section is not None:
+        return MRotaryEmbedding(
+            text.head_dim, text.rotary_dim, text.max_position_embeddings, text.rope_theta,
+            text.mrope_section, text.mrope_interleaved,
+        )
+    return RotaryEmbedding(text.head_dim, text.rotary_dim, text.max_position_embeddings, text.rope_theta)
+
+
+def build_mlp(text: TextConfig, layer_idx: int, parallel: ParallelContext) -> nn.Module:
+    """The sparse MoE block on MoE layers (HF's rule), else the dense SwiGLU MLP."""
+    if text.is_moe_layer(layer_idx):
+        return SparseMoeBlock(
+            text.hidden_size, text.moe_intermediate_size, text.num_experts, text.num_experts_per_tok,
+            text.norm_topk_prob, parallel, text.shared_expert_intermediate_size,
+        )
+    if text.hidden_act != "silu":
+        raise ValueError(f"unsupported hidden_act {text.hidden_act!r} (only 'silu')")
+    return SwiGLUMLP(text.hidden_size, text.intermediate_size, parallel)
+
+
+class DecoderModel(nn.Module):
+    """`embed_tokens`, `layers`, `norm` (the checkpoint's `model.*`); subclasses build them."""
+
+    embed_tokens: VocabParallelEmbedding
+    layers: nn.ModuleList
+    norm: nn.Module
+
+    def run_layers(
+        self, input_ids: torch.Tensor, mm: MultimodalBatch | None, caches: list[LayerCache] | None,
+        run_layer: RunLayer,
+    ) -> torch.Tensor:
+        """Embed (image rows from `mm.embeds`), run every layer, add deepstack, final norm.
+
+        Shapes: input_ids [T] int64 -> hidden [T, H]. `run_layer` calls one layer
+        with the step's positions and metadata.
+        """
+        if caches is not None and len(caches) != len(self.layers):
+            raise ValueError(f"got {len(caches)} layer caches for {len(self.layers)} layers")
+        x = self.embed_tokens(input_ids)
+        # The image rows are found once per step (one host sync), not once per use.
+        rows = mm.rows(input_ids.shape[0], self.embed_tokens.embedding_dim) if mm is not None else None
+        if mm is not None:
+            x.index_copy_(0, rows, mm.embeds.to(x.dtype))
+        deepstack = mm.deepstack if mm is not None else None
+        residual = None
+        for i, layer in enumerate(self.layers):
+            x, residual = run_layer(layer, x, residual, None if caches is None else caches[i])
+            if deepstack is not None and i < deepstack.shape[0]:
+                # Added to the layer output (x + residual) at the image rows.
+                x.index_add_(0, rows, deepstack[i].to(x.dtype))
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class CausalLM(nn.Module):
+    """A decoder of one TP rank with its LM head: `forward` -> hidden, `compute_logits` -> fp32 logits.
+
+    Subclasses set `model_class` and check that `config` is theirs.
+    """
+
+    model_class: type[DecoderModel]
+
+    def __init__(
+        self, config: ModelConfig, parallel: ParallelContext | None = None,
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        text = config.text
+        self._check_architecture(config)
+        self.config = config
+        self.parallel = parallel or SINGLE
+        with default_dtype_and_device(dtype, device):
+            self.model = self.model_class(text, self.parallel)
+            self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, self.parallel)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @staticmethod
+    def _check_architecture(config: ModelConfig) -> None:
+        raise NotImplementedError
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionMetadata,
+        kv_caches: list[LayerCache] | None = None,
+        mm: MultimodalBatch | None = None,
+    ) -> torch.Tensor:
+        """Shapes: input_ids [T] int64; positions [3, T] or [T] int64 -> hidden [T, H].
+
+        `kv_caches[i]` is layer i's cache (`models.interface.LayerCache`); None
+        runs each sequence from scratch without a cache.
+        """
+        if self.config.text.mrope_section is None and positions.dim() == 2:
+            positions = positions[0]
+        return self.model(input_ids, positions, attn, kv_caches, mm)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shapes: hidden [N, H] -> logits [N, vocab] fp32 (full vocab on every rank)."""
+        return self.lm_head.compute_logits(hidden)
+
+    @torch.no_grad()
+    def load_weights(self, reader: CheckpointReader) -> list[str]:
+        """Load this rank's slices of every parameter; returns the checkpoint keys read."""
+        return load_language_model(self, reader)

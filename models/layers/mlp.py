@@ -1,0 +1,31 @@
+"""The SwiGLU MLP of the Qwen decoders (dense layers and the MoE shared expert)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from models.layers.parallel import ParallelContext
+
+
+class SwiGLUMLP(nn.Module):
+    """`down_proj(silu(gate_proj(x)) * up_proj(x))`, gate/up fused into `gate_up_proj`.
+
+    `reduce_results=False` leaves the TP partial sums for the caller to reduce
+    (the MoE block adds its shared expert before one all-reduce).
+    Shapes: x [T, H] -> [T, H].
+    """
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, parallel: ParallelContext | None, reduce_results: bool = True
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, parallel=parallel)
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, parallel=parallel, reduce_results=reduce_results
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
