@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from models.config import ModelConfig, load_model_config
+from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import CheckpointReader
-from models.qwen3 import MultimodalBatch
 from models.qwen3_5 import Qwen3_5ForCausalLM
 from models.qwen3_vl.vision import Qwen3VLVisionModel
 from tests.models.test_qwen3_parity import assert_logits_close

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from models.config import ModelConfig, load_model_config
+from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.loader import CheckpointReader
-from models.qwen3 import MultimodalBatch, Qwen3ForCausalLM
+from models.qwen3 import Qwen3ForCausalLM
 
 ARCHS = ["qwen3_vl", "qwen3_vl_moe"]
 TOL = 1e-4

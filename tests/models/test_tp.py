@@ -12,10 +12,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from models.config import load_model_config
+from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import CheckpointReader
-from models.qwen3 import MultimodalBatch, Qwen3ForCausalLM
+from models.qwen3 import Qwen3ForCausalLM
 
 BLOCK = 4
 
