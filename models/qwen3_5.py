@@ -1,4 +1,5 @@
-"""Qwen3.5 / Qwen3.5-MoE hybrid decoder (the language model of Qwen3.5 VL checkpoints).
+"""Qwen3.5 / Qwen3.5-MoE hybrid decoder: the language model of
+`Qwen3_5ForConditionalGeneration` and `Qwen3_5MoeForConditionalGeneration`.
 
 Same math as transformers' `modeling_qwen3_5.py` / `modeling_qwen3_5_moe.py`:
 `layer_types` picks, per layer, Gated DeltaNet linear attention

@@ -37,6 +37,8 @@ def test_config_typo_names_the_field(tmp_path):
         AppConfig.model_validate({"model": str(tmp_path / "missing")})
     with pytest.raises(ValidationError, match="allowed_media_networks"):
         AppConfig.model_validate({"model": str(tmp_path), "limits": {"allowed_media_networks": ["nope"]}})
+    with pytest.raises(ValidationError, match="unknown tiny architecture 'llama'.*qwen3_vl"):
+        AppConfig.model_validate({"create_tiny_if_missing": "llama"})
 
 
 def test_config_alias_and_defaults(tmp_path, monkeypatch):
