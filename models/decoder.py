@@ -61,12 +61,47 @@ def build_mlp(text: TextConfig, layer_idx: int, parallel: ParallelContext) -> nn
     return SwiGLUMLP(text.hidden_size, text.intermediate_size, parallel)
 
 
-class DecoderModel(nn.Module):
-    """`embed_tokens`, `layers`, `norm` (the checkpoint's `model.*`); subclasses build them."""
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `input_layernorm` -> token mixer -> `post_attention_layernorm` -> `mlp`.
 
-    embed_tokens: VocabParallelEmbedding
-    layers: nn.ModuleList
-    norm: nn.Module
+    The residual stream is carried unnormalized beside the block output and
+    added inside the next fused add + norm. Subclasses build the norms, the
+    mixer and `mlp`.
+    """
+
+    input_layernorm: nn.Module
+    post_attention_layernorm: nn.Module
+    mlp: nn.Module
+
+    def residual_block(
+        self, x: torch.Tensor, residual: torch.Tensor | None, mixer: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shapes: x [T, H] -> (block output [T, H], residual [T, H]); the layer's output is their sum."""
+        if residual is None:
+            residual = x
+            x = self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(mixer(x), residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    """`embed_tokens`, `layers`, `norm` (the checkpoint's `model.*`), one rotary module shared by the layers.
+
+    `layer_class(text, layer_idx, rotary, parallel)` builds layer i; `norm_class(hidden, eps)` the norms.
+    """
+
+    def __init__(
+        self, text: TextConfig, parallel: ParallelContext, layer_class: type[DecoderLayer], norm_class: type[nn.Module]
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
+        self.rotary_emb = build_rotary(text)
+        self.layers = nn.ModuleList(
+            [layer_class(text, i, self.rotary_emb, parallel) for i in range(text.num_hidden_layers)]
+        )
+        self.norm = norm_class(text.hidden_size, text.rms_norm_eps)
 
     def run_layers(
         self, input_ids: torch.Tensor, mm: MultimodalBatch | None, caches: list[LayerCache] | None,

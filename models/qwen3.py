@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, TextConfig
-from models.decoder import CausalLM, DecoderModel, build_mlp, build_rotary
+from models.decoder import CausalLM, DecoderLayer, DecoderModel, build_mlp
 from models.interface import LayerCache, MultimodalBatch, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
-from models.layers.embedding import VocabParallelEmbedding
 from models.layers.layernorm import RMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
 from models.layers.parallel import ParallelContext
@@ -56,7 +55,7 @@ class Qwen3Attention(nn.Module):
         return self.o_proj(out.flatten(1))
 
 
-class Qwen3DecoderLayer(nn.Module):
+class Qwen3DecoderLayer(DecoderLayer):
     def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
         super().__init__()
         self.self_attn = Qwen3Attention(text, rotary, parallel)
@@ -69,26 +68,12 @@ class Qwen3DecoderLayer(nn.Module):
         attn: AttentionMetadata, kv_cache: LayerCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (block output, residual); the layer's output is their sum."""
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, attn, kv_cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        return self.residual_block(x, residual, lambda h: self.self_attn(h, positions, attn, kv_cache))
 
 
 class Qwen3Model(DecoderModel):
     def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
-        rotary = build_rotary(text)
-        self.rotary_emb = rotary
-        self.layers = nn.ModuleList(
-            [Qwen3DecoderLayer(text, i, rotary, parallel) for i in range(text.num_hidden_layers)]
-        )
-        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        super().__init__(text, parallel, Qwen3DecoderLayer, RMSNorm)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,

@@ -21,10 +21,9 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, TextConfig
-from models.decoder import CausalLM, DecoderModel, build_mlp, build_rotary
+from models.decoder import CausalLM, DecoderLayer, DecoderModel, build_mlp
 from models.interface import LayerCache, MultimodalBatch, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
-from models.layers.embedding import VocabParallelEmbedding
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -74,7 +73,7 @@ class Qwen3_5Attention(nn.Module):
         return self.o_proj(out * torch.sigmoid(gate))
 
 
-class Qwen3_5DecoderLayer(nn.Module):
+class Qwen3_5DecoderLayer(DecoderLayer):
     def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
         super().__init__()
         self.layer_type = text.layer_type(layer_idx)
@@ -95,29 +94,14 @@ class Qwen3_5DecoderLayer(nn.Module):
         attn: AttentionMetadata, cache: LayerCache | None, decode: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (block output, residual); the layer's output is their sum."""
-        if residual is None:
-            residual = x
-            x = self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm(x, residual)
         if self.layer_type == "linear_attention":
-            x = self.linear_attn(x, attn, cache, decode)
-        else:
-            x = self.self_attn(x, positions, attn, cache)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            return self.residual_block(x, residual, lambda h: self.linear_attn(h, attn, cache, decode))
+        return self.residual_block(x, residual, lambda h: self.self_attn(h, positions, attn, cache))
 
 
 class Qwen3_5Model(DecoderModel):
     def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
-        super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
-        rotary = build_rotary(text)
-        self.rotary_emb = rotary
-        self.layers = nn.ModuleList(
-            [Qwen3_5DecoderLayer(text, i, rotary, parallel) for i in range(text.num_hidden_layers)]
-        )
-        self.norm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
+        super().__init__(text, parallel, Qwen3_5DecoderLayer, OffsetRMSNorm)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
