@@ -53,6 +53,10 @@ ARCHS = tuple(TINY)
 # patches (1..256 tokens); a 64x64 image is 16 patches, 512x512 is 1024.
 IMAGE_MIN_PIXELS = 32 * 32 * 4
 IMAGE_MAX_PIXELS = 32 * 32 * 256
+# Video bounds are over all sampled frames (t * h * w): at most 64 tokens per frame
+# pair for short clips, fewer for longer ones.
+VIDEO_MIN_PIXELS = 32 * 32 * 4
+VIDEO_MAX_PIXELS = 32 * 32 * 2 * 64
 # Wider than HF's 0.02 so that logits and router scores are well separated
 # (greedy/top-k parity is then not decided by float noise).
 INIT_RANGE = 0.08
@@ -214,6 +218,21 @@ def _preprocessor_config() -> dict[str, Any]:
     }
 
 
+def _video_preprocessor_config() -> dict[str, Any]:
+    # The published Qwen3-VL / Qwen3.5 layout (fps, frame bounds and mean/std left to
+    # the class defaults); a small pixel budget so test clips stay a few tokens per frame.
+    return {
+        "video_processor_type": "Qwen3VLVideoProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "size": {"shortest_edge": VIDEO_MIN_PIXELS, "longest_edge": VIDEO_MAX_PIXELS},
+    }
+
+
 def _generation_config(special_ids: dict[str, int]) -> dict[str, Any]:
     return {
         "bos_token_id": special_ids["<|endoftext|>"],
@@ -255,6 +274,7 @@ def write_tiny_checkpoint(arch: str, out_dir: str | Path, seed: int = 0) -> Path
         torch.random.set_rng_state(rng_state)
     model.save_pretrained(out, safe_serialization=True)
     _write_json(out / "preprocessor_config.json", _preprocessor_config())
+    _write_json(out / "video_preprocessor_config.json", _video_preprocessor_config())
     _write_json(out / "generation_config.json", _generation_config(special_ids))
     return out
 
