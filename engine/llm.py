@@ -2,10 +2,12 @@
 
 Prompts are `{"prompt": str}`, `{"prompt_token_ids": [...]}` or
 `{"messages": [...]}` (OpenAI chat format; the chat template is applied), each
-optionally with `"images"` (PIL images, paths or encoded bytes). Image parts
-inside messages (`{"type": "image", "image": ...}` or `{"type": "image_url",
-"image_url": {"url": "data:..." | path}}`) are used in order. The vision tower
-runs here, per request; the engine gets its embeddings as `MultimodalInputs`.
+optionally with `"images"` (PIL images, paths or encoded bytes) and `"videos"`
+(paths or encoded bytes; text prompts only, as their timestamps are text).
+Image and video parts inside messages (`{"type": "image", "image": ...}`,
+`{"type": "image_url", "image_url": {"url": "data:..." | path}}`, and the same
+with `video`) are used in order. The vision tower runs here, per request; the
+engine gets its embeddings as `MultimodalInputs`.
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineDeadError, EngineInputError
+from engine.multimodal import VisionItem, in_prompt_order, multimodal_inputs
 from engine.positions import expand_image_placeholders
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, TokenLogprobs
+from models.video_io import PreparedVideo, prepare_video
+from models.video_processor import VideoError, expand_video_wrappers, video_prompt
 
 Prompt = str | dict[str, Any]
 
@@ -64,9 +69,10 @@ class GenerationOutput:
         return self.outputs[0].finish_reason
 
 
-def _image_from_part(part: dict[str, Any]) -> Any:
-    if part.get("type") == "image_url" or "image_url" in part:
-        ref = part["image_url"]
+def _media_from_part(part: dict[str, Any], kind: str) -> Any:
+    """`kind` is "image" or "video"."""
+    if part.get("type") == f"{kind}_url" or f"{kind}_url" in part:
+        ref = part[f"{kind}_url"]
         url = ref["url"] if isinstance(ref, dict) else ref
         if url.startswith("data:"):
             try:
@@ -76,27 +82,36 @@ def _image_from_part(part: dict[str, Any]) -> Any:
         if url.startswith("file://"):
             return Path(url[len("file://") :])
         if "://" in url:
-            raise EngineInputError("the offline LLM does not fetch remote images", param="messages")
+            raise EngineInputError(f"the offline LLM does not fetch remote {kind}s", param="messages")
         return Path(url)
-    return part["image"]
+    return part[kind]
 
 
-def _split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Messages with image parts reduced to `{"type": "image"}`, and the images in order."""
-    images, out = [], []
+def _part_kind(part: dict[str, Any]) -> str | None:
+    for kind in ("image", "video"):
+        if part.get("type") in (kind, f"{kind}_url") or kind in part or f"{kind}_url" in part:
+            return kind
+    return None
+
+
+def _split_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, list[Any]]]:
+    """Messages with media parts reduced to `{"type": "image" | "video"}`, and the media in order."""
+    media: dict[str, list[Any]] = {"image": [], "video": []}
+    out = []
     for msg in messages:
         content = msg.get("content")
         if isinstance(content, list):
             parts = []
             for part in content:
-                if part.get("type") in ("image", "image_url") or "image" in part or "image_url" in part:
-                    images.append(_image_from_part(part))
-                    parts.append({"type": "image"})
-                else:
+                kind = _part_kind(part)
+                if kind is None:
                     parts.append(part)
+                    continue
+                media[kind].append(_media_from_part(part, kind))
+                parts.append({"type": kind})
             msg = {**msg, "content": parts}
         out.append(msg)
-    return out, images
+    return out, media
 
 
 class LLM:
@@ -119,63 +134,105 @@ class LLM:
         self.tokenizer = None if skip_tokenizer_init else AutoTokenizer.from_pretrained(str(model))
         self._loop = asyncio.new_event_loop()
         self._ids = itertools.count()
-        self.vision = self.processor = None
+        self.vision = self.processor = self.video_processor = None
         from models.registry import build_vision_model, get_task
 
         if get_task(self.model_config).accepts_images:
             from models.loader import CheckpointReader
             from models.processor import ImageProcessor
+            from models.video_processor import VideoProcessor
 
             self.vision = build_vision_model(self.model_config, config.torch_dtype, self.engine.executor_device)
             self.vision.load_weights(CheckpointReader(str(model)))
             self.vision.eval()
             self.processor = ImageProcessor.from_pretrained(str(model))
+            self.video_processor = VideoProcessor.from_pretrained(str(model))
 
     # ---- inputs ----------------------------------------------------------------
 
-    def _tokens_and_images(self, prompt: Prompt) -> tuple[list[int], list[Any]]:
+    def _text_and_media(self, prompt: Prompt) -> tuple[str | None, list[int] | None, list[Any], list[Any]]:
+        """(text or None, token ids or None, images, videos) of a prompt."""
         if isinstance(prompt, str):
             prompt = {"prompt": prompt}
-        images = list(prompt.get("images") or [])
+        images, videos = list(prompt.get("images") or []), list(prompt.get("videos") or [])
         if "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-        elif self.tokenizer is None:
+            if videos:
+                raise EngineInputError("videos need a text prompt or messages (timestamps are text)", param="videos")
+            return None, [int(t) for t in prompt["prompt_token_ids"]], images, videos
+        if self.tokenizer is None:
             raise EngineInputError("skip_tokenizer_init is set: give 'prompt_token_ids'", param="prompt")
-        elif "prompt" in prompt:
-            ids = self.tokenizer.encode(prompt["prompt"], add_special_tokens=False)
-        elif "messages" in prompt:
-            messages, msg_images = _split_messages(prompt["messages"])
-            if msg_images and images:
-                raise EngineInputError("give images either in the messages or in 'images', not both", param="images")
-            images = images or msg_images
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        else:
+        if "prompt" in prompt:
+            return prompt["prompt"], None, images, videos
+        if "messages" not in prompt:
             raise EngineInputError("a prompt needs 'prompt', 'prompt_token_ids' or 'messages'", param="prompt")
-        return ids, images
+        messages, media = _split_messages(prompt["messages"])
+        if (media["image"] and images) or (media["video"] and videos):
+            raise EngineInputError("give media either in the messages or in 'images'/'videos', not both", param="images")
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, None, images or media["image"], videos or media["video"]
+
+    def _require_vision(self) -> None:
+        if self.vision is None:
+            raise EngineInputError(f"{self.model_config.architecture} does not accept images or videos", param="images")
 
     @torch.inference_mode()
+    def _encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[VisionItem]:
+        """Run the vision tower; one item per row of `grid_thw`."""
+        embeds, deepstack = self.vision(pixel_values, grid_thw)
+        merge = self.model_config.vision.spatial_merge_size
+        items, row = [], 0
+        for t, h, w in grid_thw.tolist():
+            n = t * h * w // merge**2
+            deep = deepstack[:, row : row + n] if deepstack.numel() else None
+            items.append(VisionItem(embeds[row : row + n], deep, (t, h, w)))
+            row += n
+        return items
+
     def encode_images(self, images: Sequence[Any]) -> MultimodalInputs:
         """Preprocess and run the vision tower. Returns the embeddings the engine takes."""
-        if self.vision is None:
-            raise EngineInputError(f"{self.model_config.architecture} does not accept images", param="images")
+        self._require_vision()
         processed = self.processor.preprocess(list(images))
-        embeds, deepstack = self.vision(processed.pixel_values, processed.grid_thw)
-        return MultimodalInputs(
-            image_embeds=embeds,
-            deepstack_embeds=deepstack if deepstack.numel() else None,
-            image_grid_thw=tuple(tuple(g) for g in processed.grid_thw.tolist()),
-        )
+        return multimodal_inputs(self._encode(processed.pixel_values, processed.grid_thw))
+
+    def _prepare_videos(self, videos: list[Any]) -> list[PreparedVideo]:
+        self._require_vision()
+        try:
+            return [prepare_video(Path(v).read_bytes() if isinstance(v, (str, Path)) else bytes(v),
+                                  self.video_processor) for v in videos]
+        except (VideoError, OSError) as exc:
+            raise EngineInputError(f"cannot use the video: {exc}", param="videos") from exc
 
     def prepare(self, prompt: Prompt) -> tuple[list[int], MultimodalInputs | None]:
-        """Prompt -> (token ids with image placeholders expanded, vision inputs)."""
-        ids, images = self._tokens_and_images(prompt)
-        image_token = self.model_config.image_token_id
-        if not images:
+        """Prompt -> (token ids with image and video placeholders expanded, vision inputs)."""
+        text, ids, images, videos = self._text_and_media(prompt)
+        prepared = self._prepare_videos(videos) if videos else []
+        if prepared:
+            vp = self.video_processor
+            try:
+                text = expand_video_wrappers(text, [
+                    video_prompt(v.timestamps, vp.tokens_per_frame_group(v.grid_thw), "<|vision_start|>",
+                                 "<|video_pad|>", "<|vision_end|>", pads=1)
+                    for v in prepared])
+            except VideoError as exc:
+                raise EngineInputError(str(exc), param="videos") from exc
+        if ids is None:
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if not images and not prepared:
             return ids, None
-        mm = self.encode_images(images)
-        counts = mm.tokens_per_image(self.model_config.vision.spatial_merge_size)
-        return expand_image_placeholders(ids, image_token, counts), mm
+        self._require_vision()
+        image_items = self._encode(*self._image_pixels(images)) if images else []
+        video_items = []
+        if prepared:
+            pv = self.video_processor.pixel_values([v.resized for v in prepared], self.engine.executor_device)
+            video_items = self._encode(pv.pixel_values, pv.grid_thw)
+        cfg = self.model_config
+        items = in_prompt_order(ids, cfg.image_token_id, cfg.video_token_id, image_items, video_items)
+        counts = [t * h * w // cfg.vision.spatial_merge_size**2 for t, h, w in (i.grid_thw for i in items)]
+        return expand_image_placeholders(ids, cfg.placeholder_token_ids, counts), multimodal_inputs(items)
+
+    def _image_pixels(self, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        processed = self.processor.preprocess(list(images))
+        return processed.pixel_values, processed.grid_thw
 
     # ---- generation --------------------------------------------------------------
 

@@ -1,31 +1,45 @@
-"""mRoPE positions for text and image tokens, and image placeholder expansion.
+"""mRoPE positions for text, image and video tokens, and placeholder expansion.
 
 Same numbers as transformers' Qwen3-VL / Qwen3.5 `get_rope_index`: text tokens
 advance all three rows together; the tokens of one image (grid t, h, w patches,
 merged `spatial_merge_size` x `spatial_merge_size`) sit at
 `(start + t_idx, start + h_idx, start + w_idx)`; the text after it continues at
-`start + max(h, w) // merge` (images have t == 1). During decode, the token at
-index `i` of the sequence has position `i + mrope_delta` on all three rows.
+`start + max(h, w) // merge` (images have t == 1). A video is one such span
+per frame group (grid (1, h, w) each, `<|video_pad|>` tokens), because its
+groups are separated by timestamp text: transformers splits `video_grid_thw`
+the same way. During decode, the token at index `i` of the sequence has
+position `i + mrope_delta` on all three rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 
 from engine.errors import EngineInputError
 
+TokenIds = int | Collection[int]
+
+
+def _as_set(token_ids: TokenIds | None) -> frozenset[int]:
+    if token_ids is None:
+        return frozenset()
+    return frozenset([token_ids]) if isinstance(token_ids, int) else frozenset(token_ids)
+
 
 def expand_image_placeholders(
-    token_ids: Sequence[int], image_token_id: int, tokens_per_image: Sequence[int]
+    token_ids: Sequence[int], image_token_id: TokenIds, tokens_per_image: Sequence[int]
 ) -> list[int]:
-    """Repeat the i-th `<|image_pad|>` of `token_ids` `tokens_per_image[i]` times.
+    """Repeat the i-th placeholder of `token_ids` `tokens_per_image[i]` times.
+
+    `image_token_id` may be several ids (image and video pads); each keeps its id.
 
     Raises:
         EngineInputError: the number of placeholders differs from the number of images.
     """
-    placeholders = sum(1 for t in token_ids if t == image_token_id)
+    pads = _as_set(image_token_id)
+    placeholders = sum(1 for t in token_ids if t in pads)
     if placeholders != len(tokens_per_image):
         raise EngineInputError(
             f"the prompt has {placeholders} image placeholder(s) but {len(tokens_per_image)} "
@@ -35,24 +49,25 @@ def expand_image_placeholders(
     out: list[int] = []
     images = iter(tokens_per_image)
     for token in token_ids:
-        if token == image_token_id:
+        if token in pads:
             count = next(images)
             if count < 1:
                 raise EngineInputError("an image must have at least one token", param="images")
-            out.extend([image_token_id] * count)
+            out.extend([token] * count)
         else:
             out.append(token)
     return out
 
 
-def _image_token_runs(token_ids: Sequence[int], image_token_id: int | None) -> list[tuple[int, int]]:
-    """(start, end) index ranges of consecutive image tokens."""
+def _image_token_runs(token_ids: Sequence[int], image_token_id: TokenIds | None) -> list[tuple[int, int]]:
+    """(start, end) index ranges of consecutive placeholder tokens (one id or several)."""
+    placeholders = _as_set(image_token_id)
     runs: list[tuple[int, int]] = []
     start = None
     for i, token in enumerate(token_ids):
-        if token == image_token_id and start is None:
+        if token in placeholders and start is None:
             start = i
-        elif token != image_token_id and start is not None:
+        elif token not in placeholders and start is not None:
             runs.append((start, i))
             start = None
     if start is not None:
@@ -61,7 +76,7 @@ def _image_token_runs(token_ids: Sequence[int], image_token_id: int | None) -> l
 
 
 def image_spans(
-    token_ids: Sequence[int], image_token_id: int | None, counts: Sequence[int]
+    token_ids: Sequence[int], image_token_id: TokenIds | None, counts: Sequence[int]
 ) -> list[tuple[int, int]]:
     """(start, end) of each image's tokens, image i owning `counts[i]` of them.
 
@@ -92,9 +107,12 @@ def mrope_positions(
     token_ids: Sequence[int],
     image_grid_thw: Sequence[Sequence[int]] | torch.Tensor | None,
     spatial_merge_size: int,
-    image_token_id: int | None,
+    image_token_id: TokenIds | None,
 ) -> tuple[torch.Tensor, int]:
-    """3-D positions of a prompt whose image placeholders are already expanded.
+    """3-D positions of a prompt whose placeholders are already expanded.
+
+    `image_token_id` may be several ids (image and video pads): their runs are
+    split into one span per grid, in prompt order.
 
     Images are found by their (expanded) `<|image_pad|>` tokens, as transformers does.
 

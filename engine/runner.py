@@ -70,7 +70,8 @@ class ModelRunner:
         cuda = config.device == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         self.dtype = config.torch_dtype
-        self.image_token_id = self.model_config.image_token_id
+        # Image and video pads: the rows the vision embeddings replace.
+        self.placeholder_ids = torch.tensor(self.model_config.placeholder_token_ids, dtype=torch.int64)
         # Qwen3.5: linear-attention layers keep per-sequence state slots beside the paged KV.
         self.hybrid = self.model_config.text.is_hybrid
         self.model = build_language_model(self.model_config, parallel, self.dtype, self.device)
@@ -154,7 +155,7 @@ class ModelRunner:
                 mm.image_grid_thw,
                 mm.image_hashes,
             )
-            is_img = torch.tensor(new.prompt_token_ids) == self.image_token_id
+            is_img = torch.isin(torch.tensor(new.prompt_token_ids), self.placeholder_ids)
             rows = torch.zeros(len(new.prompt_token_ids) + 1, dtype=torch.int64)
             rows[1:] = torch.cumsum(is_img, 0)
         sp = new.sampling
@@ -218,7 +219,7 @@ class ModelRunner:
             sl = self._mm_slice(state, s.start, end)
             if sl is not None:
                 rows, lo, hi = sl
-                m[: hi - s.start] = torch.tensor(state.token_ids[s.start : hi]) == self.image_token_id
+                m[: hi - s.start] = torch.isin(torch.tensor(state.token_ids[s.start : hi]), self.placeholder_ids)
                 embeds.append(state.mm.image_embeds[rows])
                 if state.mm.deepstack_embeds is not None:
                     deep.append(state.mm.deepstack_embeds[:, rows])

@@ -41,7 +41,7 @@ def _check_tokens(config: ModelConfig, max_model_len: int, kv_tokens: int, ids: 
 
 
 def _check_images(config: ModelConfig, ids: list[int], mm: MultimodalInputs | None) -> None:
-    has_image_tokens = config.image_token_id is not None and config.image_token_id in ids
+    has_image_tokens = any(t in ids for t in config.placeholder_token_ids)
     if mm is None:
         if has_image_tokens:
             raise EngineInputError("the prompt has image tokens but no image inputs", param="images")
@@ -101,8 +101,8 @@ def validate_request(
     if mm is None:
         return CheckedRequest(ids, text_positions(0, len(ids)).contiguous(), 0, max_tokens, ())
     merge = config.vision.spatial_merge_size
-    positions, delta = mrope_positions(ids, mm.image_grid_thw, merge, config.image_token_id)
+    positions, delta = mrope_positions(ids, mm.image_grid_thw, merge, config.placeholder_token_ids)
     counts = mm.tokens_per_image(merge)
     spans = [(*span, digest) for span, digest in zip(
-        image_spans(ids, config.image_token_id, counts), mm.content_hashes(merge), strict=True)]
+        image_spans(ids, config.placeholder_token_ids, counts), mm.content_hashes(merge), strict=True)]
     return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))

@@ -144,6 +144,11 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
+    @property
+    def placeholder_token_ids(self) -> tuple[int, ...]:
+        """Tokens whose embeddings the vision encoder replaces: `<|image_pad|>`, `<|video_pad|>`."""
+        return tuple(t for t in (self.image_token_id, self.video_token_id) if t is not None)
+
 
 def _rope_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     """RoPE fields from `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""

@@ -296,3 +296,23 @@ def video_prompt(
     """
     n = tokens_per_group if pads is None else pads
     return "".join(f"<{t:.1f} seconds>{vision_start}{video_pad * n}{vision_end}" for t in timestamps)
+
+
+VIDEO_WRAPPER = "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+def expand_video_wrappers(text: str, expansions: Sequence[str]) -> str:
+    """Replace the i-th `<|vision_start|><|video_pad|><|vision_end|>` of a rendered chat by `expansions[i]`.
+
+    Raises:
+        VideoError: the text holds a different number of video wrappers than videos.
+    """
+    pieces = text.split(VIDEO_WRAPPER)
+    if len(pieces) - 1 != len(expansions):
+        raise VideoError(
+            f"the prompt has {len(pieces) - 1} video placeholder(s) but {len(expansions)} video(s) were given"
+        )
+    out = [pieces[0]]
+    for expansion, piece in zip(expansions, pieces[1:]):
+        out += [expansion, piece]
+    return "".join(out)

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.errors import MediaError
-from deployments.media_video import VideoLimits, decode_video
+from models.video_io import VideoDecodeError, VideoLimits, decode_video
 from models.video_processor import VideoError, VideoProcessor, video_prompt
 from tests.videos import noise_frames, noise_video
 
@@ -157,17 +156,17 @@ def test_too_few_frames_and_bad_inputs_are_user_errors():
 def test_decode_limits_and_garbage_are_media_errors():
     proc = VideoProcessor()
     data = noise_video(seconds=2, fps=8, height=64, width=64)
-    with pytest.raises(MediaError, match="max_video_seconds"):
+    with pytest.raises(VideoDecodeError, match="max_video_seconds"):
         decode_video(data, proc.sample_indices, VideoLimits(1.5, 1000, 10**6))
-    with pytest.raises(MediaError, match="max_video_frames"):
+    with pytest.raises(VideoDecodeError, match="max_video_frames"):
         decode_video(data, proc.sample_indices, VideoLimits(60, 10, 10**6))
-    with pytest.raises(MediaError, match="pixels"):
+    with pytest.raises(VideoDecodeError, match="pixels"):
         decode_video(data, proc.sample_indices, VideoLimits(60, 1000, 63 * 64))
     webm = noise_video(seconds=2, fps=8, height=64, width=64, codec="libvpx-vp9", container="webm")
-    with pytest.raises(MediaError, match="max_video_frames"):  # counted while decoding: no header count
+    with pytest.raises(VideoDecodeError, match="max_video_frames"):  # counted while decoding: no header count
         decode_video(webm, proc.sample_indices, VideoLimits(60, 10, 10**6))
     for garbage in (b"", b"not a video at all" * 50, data[: len(data) // 3]):
-        with pytest.raises(MediaError):
+        with pytest.raises(VideoDecodeError):
             decode_video(garbage, proc.sample_indices, LIMITS)
 
 

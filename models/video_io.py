@@ -9,7 +9,8 @@ Limits are checked from the container header before any frame is decoded
 (frame size, duration, frame count) and again while decoding (a header can
 lie). Only the frames the video processor samples are converted to RGB and
 kept, so memory is bounded by the sampled frames, not the clip. Decoding is
-CPU-bound and blocking: the router runs it in a thread.
+CPU-bound and blocking: the router runs it in a thread
+(`deployments/media.py: load_request_video`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from deployments.errors import MediaError
+from models.video_processor import VideoError, VideoProcessor
 
 # Sampled frame indices for (total_num_frames, video_fps).
 SampleFn = Callable[[int, float], np.ndarray]
@@ -33,6 +35,9 @@ class VideoLimits:
     max_seconds: float
     max_frames: int
     max_frame_pixels: int
+
+
+UNLIMITED = VideoLimits(max_seconds=float("inf"), max_frames=2**62, max_frame_pixels=2**62)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +54,16 @@ class DecodedVideo:
     total_num_frames: int
 
 
-def _error(message: str, code: str | None = None) -> MediaError:
-    return MediaError(message, param="video_url", code=code)
+class VideoDecodeError(VideoError):
+    """Not a decodable video. `code` is an OpenAI error code for the over-limit cases."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def _error(message: str, code: str | None = None) -> VideoDecodeError:
+    return VideoDecodeError(message, code)
 
 
 def _open(data: bytes):
@@ -131,11 +144,11 @@ def _decode_indices(data: bytes, wanted: np.ndarray, limits: VideoLimits, fps: f
     return frames, count
 
 
-def decode_video(data: bytes, sample: SampleFn, limits: VideoLimits) -> DecodedVideo:
+def decode_video(data: bytes, sample: SampleFn, limits: VideoLimits = UNLIMITED) -> DecodedVideo:
     """Decode the frames `sample(total_num_frames, fps)` picks from an encoded video.
 
     Raises:
-        MediaError: not a video, no frames, or over a limit (all HTTP 400).
+        VideoDecodeError: not a video, no frames, or over a limit (all HTTP 400).
     """
     import av
 
@@ -160,3 +173,28 @@ def decode_video(data: bytes, sample: SampleFn, limits: VideoLimits) -> DecodedV
             return DecodedVideo(np.stack(frames), tuple(int(i) for i in wanted), fps, total)
         total = read  # the header overstated the frame count: sample again from what is there
     raise _error("the video's frames could not be decoded")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedVideo:
+    """A video after the host half of preprocessing.
+
+    Shapes: resized [T, h, w, 3] uint8 (the sampled frames, resized); grid_thw
+    (frame groups, h, w in patches); one timestamp (seconds) per frame group.
+    """
+
+    resized: torch.Tensor
+    grid_thw: tuple[int, int, int]
+    timestamps: tuple[float, ...]
+
+
+def prepare_video(data: bytes, processor: VideoProcessor, limits: VideoLimits = UNLIMITED) -> PreparedVideo:
+    """Decode, sample and resize one encoded video (blocking: run it off an event loop).
+
+    Raises:
+        VideoError: not a video, over a limit, or too small to preprocess.
+    """
+    decoded = decode_video(data, processor.sample_indices, limits)
+    resized = processor.resize(decoded.frames)
+    t, h, w = processor.grid_thw(*decoded.frames.shape[:3])
+    return PreparedVideo(resized, (t, h, w), tuple(processor.timestamps(decoded.frame_indices, decoded.fps)))
