@@ -137,6 +137,12 @@ class LimitsConfig(_Strict):
     allowed_local_media_path: str | None = Field(
         None, description="Directory whose files may be used as images (file:// URLs); off if unset."
     )
+    max_videos_per_request: int = Field(2, ge=0, description="Videos in one request.")
+    max_video_bytes: int = Field(64 * 2**20, ge=1, description="Encoded bytes of one video (URL or file).")
+    max_video_seconds: float = Field(600.0, gt=0, description="Duration of one video, from its header and while decoding.")
+    max_video_frames: int = Field(
+        36_000, ge=1, description="Frames decoded from one video (before sampling), from its header and while decoding."
+    )
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens accepted.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request.")

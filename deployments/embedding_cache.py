@@ -58,6 +58,14 @@ class EmbeddingCache:
         return [e.ref for e in self._entries.values()]
 
 
+def video_key(frames: Any, settings: str, model_id: str) -> str:
+    """sha256 of a video's sampled, resized uint8 frames ([T, h, w, 3]), the settings and model."""
+    h = hashlib.sha256()
+    h.update(f"{model_id}\0{settings}\0video\0{tuple(frames.shape)}\0".encode())
+    h.update(frames.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def image_key(image: PIL.Image.Image, settings: str, model_id: str) -> str:
     """sha256 of the decoded RGB pixels, their size, the preprocessing settings and model."""
     h = hashlib.sha256()

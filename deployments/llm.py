@@ -66,20 +66,19 @@ def make_engine_config(config_cls: type, values: dict[str, Any]) -> Any:
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
-def merge_images(embeddings: list[ImageEmbedding]) -> dict[str, Any]:
-    """Per-image encoder outputs -> one request's multimodal inputs, in image order.
+def merge_images(embeddings: list[ImageEmbedding], hashes: tuple[str, ...] | None = None) -> MultimodalInputs:
+    """Per-image and per-video encoder outputs (in prompt order) -> one request's multimodal inputs.
 
-    Shapes: image_embeds [sum N_tok, H]; deepstack_embeds [L, sum N_tok, H] or None.
+    A video of grid (t, h, w) becomes its t frame groups, one per placeholder span
+    (`engine/multimodal.py`). Shapes: image_embeds [sum N_tok, H];
+    deepstack_embeds [L, sum N_tok, H] or None.
     """
-    embeds = torch.cat([e.embeds for e in embeddings])
-    deepstack = None
-    if embeddings[0].deepstack.numel() > 0:
-        deepstack = torch.cat([e.deepstack for e in embeddings], dim=1)
-    return {
-        "image_embeds": embeds,
-        "deepstack_embeds": deepstack,
-        "image_grid_thw": [tuple(e.grid_thw) for e in embeddings],
-    }
+    from engine.multimodal import VisionItem, frame_groups, multimodal_inputs
+
+    keys = hashes if hashes is not None else (None,) * len(embeddings)
+    items = [g for e, key in zip(embeddings, keys, strict=True)
+             for g in frame_groups(VisionItem(e.embeds, e.deepstack, tuple(e.grid_thw), key))]
+    return multimodal_inputs(items)
 
 
 class LLMServer:
@@ -195,7 +194,7 @@ class LLMServer:
                 raise cause from None
             # The vision replica that held them died (or the objects were lost): the router retries once.
             raise EncoderUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
-        return MultimodalInputs(**merge_images(list(embeddings)), image_hashes=image_hashes)
+        return merge_images(list(embeddings), image_hashes)
 
     def _sampling_params(self, sampling: dict[str, Any]) -> Any:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import binascii
 import io
 import ipaddress
@@ -23,6 +24,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
@@ -48,6 +50,15 @@ class MediaPolicy:
     allowed_domains: tuple[str, ...] = ()
     allowed_networks: tuple[IPNetwork, ...] = ()
     local_root: Path | None = None
+    kind: str = "image"  # "video" for video_url parts: their MIME prefix, limits and error param
+
+    @property
+    def param(self) -> str:
+        return f"{self.kind}_url"
+
+    def for_videos(self, max_video_bytes: int) -> MediaPolicy:
+        """The same fetch rules for `video_url` parts, with the video byte limit."""
+        return dataclasses.replace(self, kind="video", max_media_bytes=max_video_bytes)
 
     @classmethod
     def from_limits(cls, limits: LimitsConfig) -> MediaPolicy:
@@ -83,8 +94,8 @@ def check_address(ip: IPAddress, policy: MediaPolicy) -> None:
         return
     if not ip.is_global or ip.is_multicast or ip.is_reserved:
         raise MediaError(
-            f"image URL resolves to a non-public address ({ip}); refusing to fetch it",
-            param="image_url",
+            f"{policy.kind} URL resolves to a non-public address ({ip}); refusing to fetch it",
+            param=policy.param,
             code="forbidden_media_address",
         )
 
@@ -97,7 +108,7 @@ def check_host(host: str, policy: MediaPolicy) -> None:
     if any(host == d or host.endswith("." + d) for d in policy.allowed_domains):
         return
     raise MediaError(
-        f"image host {host!r} is not in allowed_media_domains", param="image_url", code="forbidden_media_domain"
+        f"{policy.kind} host {host!r} is not in allowed_media_domains", param=policy.param, code="forbidden_media_domain"
     )
 
 
@@ -114,10 +125,10 @@ async def resolve_host(host: str, port: int, policy: MediaPolicy) -> IPAddress:
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise MediaError(f"cannot resolve image host {host!r}: {exc}", param="image_url") from exc
+        raise MediaError(f"cannot resolve {policy.kind} host {host!r}: {exc}", param=policy.param) from exc
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not addresses:
-        raise MediaError(f"image host {host!r} has no address", param="image_url")
+        raise MediaError(f"{policy.kind} host {host!r} has no address", param=policy.param)
     for ip in addresses:
         check_address(ip, policy)
     return addresses[0]
@@ -130,47 +141,47 @@ def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
     """`data:image/<fmt>;base64,<payload>` -> bytes."""
     header, sep, payload = url[5:].partition(",")
     if not sep:
-        raise MediaError("malformed data URL (no comma)", param="image_url")
+        raise MediaError("malformed data URL (no comma)", param=policy.param)
     parts = header.split(";")
     mime = parts[0].strip().lower()
-    if not mime.startswith("image/"):
-        raise MediaError(f"data URL must hold an image, got {mime or 'no'} media type", param="image_url")
+    if not mime.startswith(f"{policy.kind}/"):
+        raise MediaError(f"data URL must hold an {policy.kind}, got {mime or 'no'} media type", param=policy.param)
     if "base64" not in (p.strip().lower() for p in parts[1:]):
-        raise MediaError("data URL images must be base64-encoded", param="image_url")
+        raise MediaError(f"data URL {policy.kind}s must be base64-encoded", param=policy.param)
     if len(payload) * 3 // 4 > policy.max_media_bytes + 3:
-        raise MediaError(f"image is larger than {policy.max_media_bytes} bytes", param="image_url")
+        raise MediaError(f"{policy.kind} is larger than {policy.max_media_bytes} bytes", param=policy.param)
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise MediaError(f"corrupt base64 in data URL: {exc}", param="image_url") from exc
+        raise MediaError(f"corrupt base64 in data URL: {exc}", param=policy.param) from exc
 
 
 def read_local_file(url: str, policy: MediaPolicy) -> bytes:
     """A file:// URL (or absolute path) inside `local_root`, symlinks resolved."""
     if policy.local_root is None:
         raise MediaError(
-            "local image files are disabled (allowed_local_media_path is not set)", param="image_url"
+            f"local {policy.kind} files are disabled (allowed_local_media_path is not set)", param=policy.param
         )
     raw = unquote(urlsplit(url).path) if url.startswith("file:") else url
     real = Path(os.path.realpath(raw))
     if not real.is_relative_to(policy.local_root):
-        raise MediaError("image path is outside allowed_local_media_path", param="image_url")
+        raise MediaError(f"{policy.kind} path is outside allowed_local_media_path", param=policy.param)
     try:
         size = real.stat().st_size
         if size > policy.max_media_bytes:
-            raise MediaError(f"image is larger than {policy.max_media_bytes} bytes", param="image_url")
+            raise MediaError(f"{policy.kind} is larger than {policy.max_media_bytes} bytes", param=policy.param)
         return real.read_bytes()
     except OSError as exc:
-        raise MediaError(f"cannot read image file: {exc.strerror}", param="image_url") from exc
+        raise MediaError(f"cannot read {policy.kind} file: {exc.strerror}", param=policy.param) from exc
 
 
 async def _fetch_one_hop(client: httpx.AsyncClient, url: str, policy: MediaPolicy) -> tuple[str | None, bytes]:
     """GET `url` pinned to its checked IP. Returns (redirect target or None, body)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise MediaError(f"unsupported image URL scheme {parts.scheme!r}", param="image_url")
+        raise MediaError(f"unsupported {policy.kind} URL scheme {parts.scheme!r}", param=policy.param)
     if parts.username or parts.password:
-        raise MediaError("image URLs with credentials are not allowed", param="image_url")
+        raise MediaError(f"{policy.kind} URLs with credentials are not allowed", param=policy.param)
     host = parts.hostname
     port = parts.port or (443 if parts.scheme == "https" else 80)
     check_host(host, policy)
@@ -186,21 +197,21 @@ async def _fetch_one_hop(client: httpx.AsyncClient, url: str, policy: MediaPolic
         if response.is_redirect:
             location = response.headers.get("location")
             if not location:
-                raise MediaError("image URL redirect without a Location", param="image_url")
+                raise MediaError(f"{policy.kind} URL redirect without a Location", param=policy.param)
             return urljoin(url, location), b""
         if response.status_code != 200:
-            raise MediaError(f"image URL returned HTTP {response.status_code}", param="image_url")
+            raise MediaError(f"{policy.kind} URL returned HTTP {response.status_code}", param=policy.param)
         ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
-            raise MediaError(f"image URL returned content type {ctype!r}, not an image", param="image_url")
+        if ctype and not (ctype.startswith(f"{policy.kind}/") or ctype == "application/octet-stream"):
+            raise MediaError(f"{policy.kind} URL returned content type {ctype!r}, not an {policy.kind}", param=policy.param)
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > policy.max_media_bytes:
-            raise MediaError(f"image is larger than {policy.max_media_bytes} bytes", param="image_url")
+            raise MediaError(f"{policy.kind} is larger than {policy.max_media_bytes} bytes", param=policy.param)
         body = bytearray()
         async for chunk in response.aiter_bytes():
             body += chunk
             if len(body) > policy.max_media_bytes:
-                raise MediaError(f"image is larger than {policy.max_media_bytes} bytes", param="image_url")
+                raise MediaError(f"{policy.kind} is larger than {policy.max_media_bytes} bytes", param=policy.param)
         return None, bytes(body)
     finally:
         await response.aclose()
@@ -216,19 +227,19 @@ async def fetch_http(url: str, policy: MediaPolicy) -> bytes:
                     if redirect is None:
                         return body
                     url = redirect
-                raise MediaError(f"image URL redirected more than {MAX_REDIRECTS} times", param="image_url")
+                raise MediaError(f"{policy.kind} URL redirected more than {MAX_REDIRECTS} times", param=policy.param)
     except TimeoutError as exc:
         raise MediaError(
-            f"fetching the image took longer than {policy.fetch_timeout_s:g}s",
-            param="image_url",
+            f"fetching the {policy.kind} took longer than {policy.fetch_timeout_s:g}s",
+            param=policy.param,
             code="media_fetch_timeout",
         ) from exc
     except httpx.HTTPError as exc:
-        raise MediaError(f"cannot fetch image URL: {type(exc).__name__}: {exc}", param="image_url") from exc
+        raise MediaError(f"cannot fetch {policy.kind} URL: {type(exc).__name__}: {exc}", param=policy.param) from exc
 
 
 async def fetch_image_bytes(url: str, policy: MediaPolicy) -> bytes:
-    """The encoded bytes behind an OpenAI `image_url.url`."""
+    """The encoded bytes behind an OpenAI `image_url.url` (or `video_url.url` under a video policy)."""
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
     if scheme == "data":
         return decode_data_url(url, policy)
@@ -237,8 +248,8 @@ async def fetch_image_bytes(url: str, policy: MediaPolicy) -> bytes:
     if scheme == "file" or url.startswith("/"):
         return await asyncio.to_thread(read_local_file, url, policy)
     raise MediaError(
-        "image_url must be an http(s) URL, a data:image/...;base64 URL or an allowed local file",
-        param="image_url",
+        f"{policy.param} must be an http(s) URL, a data:{policy.kind}/...;base64 URL or an allowed local file",
+        param=policy.param,
     )
 
 
@@ -255,27 +266,27 @@ def decode_image(data: bytes, policy: MediaPolicy) -> PIL.Image.Image:
             width, height = header.size
             frames = getattr(header, "n_frames", 1)
     except PIL.Image.DecompressionBombError as exc:
-        raise MediaError(f"image is too large: {exc}", param="image_url", code="image_too_large") from exc
+        raise MediaError(f"image is too large: {exc}", param=policy.param, code="image_too_large") from exc
     except (OSError, SyntaxError, ValueError) as exc:
-        raise MediaError("cannot decode image: not a supported image file", param="image_url") from exc
+        raise MediaError("cannot decode image: not a supported image file", param=policy.param) from exc
     if fmt not in ALLOWED_FORMATS:
         raise MediaError(
             f"unsupported image format {fmt}; use one of {', '.join(sorted(ALLOWED_FORMATS))}",
-            param="image_url",
+            param=policy.param,
         )
     if frames > 1:  # only the first frame would reach the model; say so rather than drop the rest
         raise MediaError(
             f"animated or multi-page images are not supported ({fmt} with {frames} frames); "
             "send the frames as separate images",
-            param="image_url",
+            param=policy.param,
         )
     try:
         check_image_size(width, height, policy.max_image_pixels)
         return load_image(data, max_pixels=policy.max_image_pixels)
     except ImageTooLargeError as exc:
-        raise MediaError(str(exc), param="image_url", code="image_too_large") from exc
+        raise MediaError(str(exc), param=policy.param, code="image_too_large") from exc
     except ImageError as exc:
-        raise MediaError(str(exc), param="image_url") from exc
+        raise MediaError(str(exc), param=policy.param) from exc
 
 
 async def load_request_image(url: str, policy: MediaPolicy) -> PIL.Image.Image:
@@ -283,3 +294,26 @@ async def load_request_image(url: str, policy: MediaPolicy) -> PIL.Image.Image:
     data = await fetch_image_bytes(url, policy)
     return await asyncio.to_thread(decode_image, data, policy)
 
+
+
+async def load_request_video(url: str, policy: MediaPolicy, processor: Any, limits: Any) -> Any:
+    """Fetch, decode (only the sampled frames) and resize one request video, off the event loop.
+
+    Args:
+        policy: a video policy (`MediaPolicy.for_videos`); processor: a `VideoProcessor`;
+        limits: `models.video_io.VideoLimits`.
+    Returns:
+        `models.video_io.PreparedVideo`.
+    Raises:
+        MediaError: unreachable, not a video, or over a limit (HTTP 400).
+    """
+    from models.processor import ImageError
+    from models.video_io import VideoDecodeError, prepare_video
+
+    data = await fetch_image_bytes(url, policy)
+    try:
+        return await asyncio.to_thread(prepare_video, data, processor, limits)
+    except VideoDecodeError as exc:
+        raise MediaError(str(exc), param=policy.param, code=exc.code) from exc
+    except (ImageError, ValueError) as exc:  # VideoError is a ValueError: too few frames, bad size
+        raise MediaError(f"cannot use the video: {exc}", param=policy.param) from exc

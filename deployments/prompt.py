@@ -15,7 +15,7 @@ from typing import Any
 
 from deployments.config import LimitsConfig
 from deployments.errors import InvalidRequestError
-from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, SamplingFields
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, SamplingFields, VideoPart
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +51,8 @@ def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
             content: Any = msg.content or ""
         else:
             content = [
-                {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text}
+                {"type": "image"} if isinstance(p, ImagePart) else {"type": "video"} if isinstance(p, VideoPart)
+                else {"type": "text", "text": p.text}
                 for p in msg.content
             ]
         role = "system" if msg.role == "developer" else msg.role
@@ -63,16 +64,35 @@ def image_urls(request: ChatCompletionRequest) -> list[str]:
     return [url for msg in request.messages for url in msg.image_urls()]
 
 
-def chat_prompt_ids(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
-    """Render the chat template and tokenize (one `<|image_pad|>` per image)."""
+def media_parts(request: ChatCompletionRequest) -> list[tuple[str, str]]:
+    """(kind, url) of every image and video part, in prompt order."""
+    return [item for msg in request.messages for item in msg.media()]
+
+
+def chat_prompt_text(tokenizer: Any, request: ChatCompletionRequest) -> str:
+    """The rendered chat template (one `<|image_pad|>` per image, the template's video wrapper per video)."""
     try:
-        text = tokenizer.apply_chat_template(
+        return tokenizer.apply_chat_template(
             template_messages(request), tokenize=False, add_generation_prompt=True,
             **(request.chat_template_kwargs or {}),
         )
     except Exception as exc:  # jinja errors from a template that rejects the messages
         raise InvalidRequestError(f"the chat template cannot render these messages: {exc}", "messages") from exc
-    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def chat_prompt_ids(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """Render the chat template and tokenize (one `<|image_pad|>` per image)."""
+    return list(tokenizer.encode(chat_prompt_text(tokenizer, request), add_special_tokens=False))
+
+
+def expand_videos(text: str, expansions: list[str]) -> str:
+    """The template's video wrappers replaced by timestamped frame groups (400 if they disagree)."""
+    from models.video_processor import VideoError, expand_video_wrappers
+
+    try:
+        return expand_video_wrappers(text, expansions)
+    except VideoError as exc:
+        raise InvalidRequestError(f"{exc}; message text must not contain video placeholder tokens", "messages") from None
 
 
 def completion_prompt_ids(tokenizer: Any, request: CompletionRequest, vocab_size: int) -> list[int]:
@@ -84,7 +104,7 @@ def completion_prompt_ids(tokenizer: Any, request: CompletionRequest, vocab_size
     return list(request.prompt)
 
 
-def expand_image_pads(ids: list[int], image_token_id: int, counts: list[int]) -> list[int]:
+def expand_image_pads(ids: list[int], image_token_id: int | tuple[int, ...], counts: list[int]) -> list[int]:
     """Replace the i-th `<|image_pad|>` by `counts[i]` of them (the engine's rule).
 
     Raises:

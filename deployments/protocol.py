@@ -77,7 +77,24 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str = Field(min_length=1)
+
+
+class VideoPart(_Strict):
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+def _video_part_forms(part: Any) -> Any:
+    """vLLM's video forms: `{"video_url": "<url>"}` (no type) and `video_url` as a plain string."""
+    if isinstance(part, dict) and "video_url" in part and part.get("type", "video_url") == "video_url":
+        ref = part["video_url"]
+        return {**part, "type": "video_url", "video_url": {"url": ref} if isinstance(ref, str) else ref}
+    return part
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
@@ -85,6 +102,11 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: Any = None  # refused unless empty (_Lenient._unsupported)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _video_forms(cls, value: Any) -> Any:
+        return [_video_part_forms(p) for p in value] if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _content_present(self) -> ChatMessage:
@@ -96,6 +118,13 @@ class ChatMessage(_Lenient):
         if isinstance(self.content, list):
             return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
         return []
+
+    def media(self) -> list[tuple[str, str]]:
+        """(kind "image" | "video", url) of every media part, in order."""
+        if not isinstance(self.content, list):
+            return []
+        return [("image", p.image_url.url) if isinstance(p, ImagePart) else ("video", p.video_url.url)
+                for p in self.content if isinstance(p, (ImagePart, VideoPart))]
 
 
 class StreamOptions(_Lenient):

@@ -30,7 +30,7 @@ from typing import Any
 
 from deployments.config import AppConfig, ensure_checkpoint
 from deployments.detokenize import IncrementalDetokenizer
-from deployments.embedding_cache import EmbeddingCache, image_key
+from deployments.embedding_cache import EmbeddingCache, image_key, video_key
 from deployments.errors import (
     APIError,
     EncoderUnavailableError,
@@ -39,15 +39,17 @@ from deployments.errors import (
     MediaError,
     ServiceUnavailableError,
 )
-from deployments.media import MediaPolicy, load_request_image
+from deployments.media import MediaPolicy, load_request_image, load_request_video
+from models.video_io import PreparedVideo, VideoLimits
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.prompt import (
     SamplingRequest,
-    chat_prompt_ids,
+    chat_prompt_text,
     check_limits,
     completion_prompt_ids,
     expand_image_pads,
-    image_urls,
+    expand_videos,
+    media_parts,
     sampling_request,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
@@ -78,6 +80,7 @@ class Router:
 
         from models.config import load_model_config
         from models.processor import ImageProcessor
+        from models.video_processor import VideoProcessor
         from models.registry import get_task
 
         self.config = AppConfig.model_validate(app_config)
@@ -86,13 +89,19 @@ class Router:
         self.task = get_task(self.model_config, self.config.disable_vision_encoder)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.processor = ImageProcessor.from_pretrained(path) if self.task.accepts_images else None
+        self.video_processor = VideoProcessor.from_pretrained(path) if self.task.accepts_images else None
         self.model_id = self.config.served_model_id
         self.vision = vision if self.task.accepts_images else None
         self.llm = llm
         self.limits = self.config.limits
         self.policy = MediaPolicy.from_limits(self.limits)
+        self.video_policy = self.policy.for_videos(self.limits.max_video_bytes)
+        self.video_limits = VideoLimits(
+            self.limits.max_video_seconds, self.limits.max_video_frames, self.limits.max_image_pixels
+        )
         self.cache = EmbeddingCache(self.config.embedding_cache_bytes)
         self._settings = repr(self.processor) if self.processor is not None else ""
+        self._video_settings = repr(self.video_processor) if self.video_processor is not None else ""
         app, deployment, replica = replica_identity("Router")
         self.metrics = metrics or MetricsRecorder(deployment, replica)
         self._app_name = app
@@ -116,22 +125,17 @@ class Router:
         self._ensure_metrics()
         start = time.monotonic()
         check_limits(request, self.limits)
-        urls = image_urls(request)
-        if urls and not self.task.accepts_images:
-            raise InvalidRequestError(
-                f"this deployment does not accept images: {self.task.reason}", "messages",
-                code="vision_encoder_disabled",
-            )
-        if len(urls) > self.limits.max_images_per_request:
-            raise InvalidRequestError(
-                f"{len(urls)} images; at most {self.limits.max_images_per_request} per request", "messages"
-            )
-        ids = chat_prompt_ids(self.tokenizer, request)
+        media = media_parts(request)
+        self._check_media_counts(media)
+        text = chat_prompt_text(self.tokenizer, request)
         images: list[Any] = []
         counts: list[int] = []
-        if urls:
-            images, counts = await self._load_images(urls)
-            ids = expand_image_pads(ids, self.model_config.image_token_id, counts)
+        if media:
+            images, counts, text = await self._load_media(media, text)
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if media:
+            ids = expand_image_pads(ids, self.model_config.placeholder_token_ids, counts)
+            counts = self._per_item(images, counts)
         sampling = self._sampling(request, len(ids))
         # A vision replica dying with this request's encodes in flight loses
         # their embeddings; re-encode (on a live replica) and retry once.
@@ -163,9 +167,8 @@ class Router:
         if request.echo:
             raise InvalidRequestError("echo is not supported", "echo")
         ids = completion_prompt_ids(self.tokenizer, request, self.model_config.text.vocab_size)
-        image_token = self.model_config.image_token_id
-        if image_token is not None and image_token in ids:
-            raise InvalidRequestError("completion prompts cannot contain image placeholder tokens", "prompt")
+        if any(t in ids for t in self.model_config.placeholder_token_ids):
+            raise InvalidRequestError("completion prompts cannot contain image or video placeholder tokens", "prompt")
         sampling = self._sampling(request, len(ids))
         async for event in self._generate(ids, sampling, [], [], request.n, request.stop, start):
             yield event
@@ -197,6 +200,54 @@ class Router:
             request, prompt_len, self.config.llm.max_model_len, self.limits, self.model_config.text.vocab_size
         )
 
+    def _check_media_counts(self, media: list[tuple[str, str]]) -> None:
+        if media and not self.task.accepts_images:
+            raise InvalidRequestError(
+                f"this deployment does not accept images or videos: {self.task.reason}", "messages",
+                code="vision_encoder_disabled",
+            )
+        for kind, limit in (("image", self.limits.max_images_per_request),
+                            ("video", self.limits.max_videos_per_request)):
+            n = sum(1 for k, _ in media if k == kind)
+            if n > limit:
+                raise InvalidRequestError(f"{n} {kind}s; at most {limit} per request", "messages")
+
+    async def _load_media(self, media: list[tuple[str, str]], text: str) -> tuple[list[Any], list[int], str]:
+        """Load every image and video (in prompt order); returns them, the placeholder
+        counts (one per image, one per video frame group) and the text with timestamps."""
+        from models.video_processor import video_prompt
+
+        image_urls_ = [u for k, u in media if k == "image"]
+        video_urls = [u for k, u in media if k == "video"]
+        loaded_images, image_counts = await self._load_images(image_urls_) if image_urls_ else ([], [])
+        videos = await asyncio.gather(*(load_request_video(u, self.video_policy, self.video_processor,
+                                                           self.video_limits) for u in video_urls))
+        vp = self.video_processor
+        text = expand_videos(text, [
+            video_prompt(v.timestamps, vp.tokens_per_frame_group(v.grid_thw), "<|vision_start|>", "<|video_pad|>",
+                         "<|vision_end|>", pads=1) for v in videos])
+        image_iter, video_iter = iter(zip(loaded_images, image_counts)), iter(videos)
+        items, counts = [], []
+        for kind, _ in media:
+            if kind == "image":
+                image, count = next(image_iter)
+                items.append(image)
+                counts.append(count)
+            else:
+                video = next(video_iter)
+                items.append(video)
+                counts += [vp.tokens_per_frame_group(video.grid_thw)] * video.grid_thw[0]
+        return items, counts, text
+
+    def _per_item(self, items: list[Any], counts: list[int]) -> list[int]:
+        """Placeholder counts regrouped to one total per item (a video's frame groups summed)."""
+        out, k = [], 0
+        for item in items:
+            groups = item.grid_thw[0] if isinstance(item, PreparedVideo) else 1
+            out.append(sum(counts[k : k + groups]))
+            k += groups
+        return out
+
     async def _load_images(self, urls: list[str]) -> tuple[list[Any], list[int]]:
         """Fetch and decode every image; (images, image-token count of each)."""
         from models.processor import ImageError
@@ -218,7 +269,8 @@ class Router:
         """One ObjectRef of embeddings per image (from the cache or a new encode), and its cache key."""
         refs, keys = [], []
         for image, num_tokens in zip(images, counts, strict=True):
-            key = image_key(image, self._settings, self.model_id)
+            key = (video_key(image.resized, self._video_settings, self.model_id) if isinstance(image, PreparedVideo)
+                   else image_key(image, self._settings, self.model_id))
             ref = self.cache.get(key)
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
@@ -240,7 +292,10 @@ class Router:
 
     async def _encode(self, image: Any) -> Any:
         # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
-        pixels = await asyncio.to_thread(self.processor.resize, image)
+        if isinstance(image, PreparedVideo):
+            pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
+        else:
+            pixels = await asyncio.to_thread(self.processor.resize, image)
         response = self.vision.encode.remote(pixels)
         try:
             # Only waits for a replica to take the call; the result stays remote.

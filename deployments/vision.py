@@ -2,7 +2,7 @@
 
 Loads only `model.visual.*`. `encode` takes one image as the router resized it
 (uint8 pixels: the router decodes and resizes, this replica rescales, normalizes
-and patchifies on its device); `@serve.batch` gathers images from concurrent
+and patchifies on its device), or one video as its sampled, resized frames; `@serve.batch` gathers images from concurrent
 requests into one tower call and splits the outputs back by each image's grid. Results are CPU tensors (so
 they can travel through Ray's object store to any LLM replica); they pickle as
 NumPy arrays so the LLM replica maps them from the store without a copy.
@@ -23,6 +23,7 @@ from deployments.config import AppConfig, ensure_checkpoint
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from engine.transport import dtype_name, from_numpy, to_numpy
 from models.processor import ImageProcessor
+from models.video_processor import VideoProcessor
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,7 @@ class VisionEncoder:
         self.model = build_vision_model(model_config, dtype, self.device)
         self.model.load_weights(_checkpoint_reader(path))
         self.processor = ImageProcessor.from_pretrained(path)
+        self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
         self.encode.set_max_batch_size(config.vision.max_batch_size)
         self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
@@ -122,10 +124,13 @@ class VisionEncoder:
         return results
 
     def _run(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
         with torch.inference_mode():
-            batch = self.processor.pixel_values(images, self.device)
-            embeds, deepstack = self.model(batch.pixel_values, batch.grid_thw)
-        grids = [tuple(int(v) for v in g) for g in batch.grid_thw]
+            parts = [(self.video_processor if item.ndim == 4 else self.processor).pixel_values([item], self.device)
+                     for item in images]
+            grid_thw = torch.cat([p.grid_thw for p in parts])
+            embeds, deepstack = self.model(torch.cat([p.pixel_values for p in parts]), grid_thw)
+        grids = [tuple(int(v) for v in g) for g in grid_thw]
         return split_outputs(embeds, deepstack, grids, self.merge_unit)
 
     def stats(self) -> dict[str, int]:
