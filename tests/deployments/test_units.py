@@ -287,8 +287,8 @@ def test_image_embedding_is_read_from_the_object_store_without_a_copy():
         assert back.embeds.data_ptr() == again.embeds.data_ptr()
         assert back.deepstack.data_ptr() == again.deepstack.data_ptr()
         merged = merge_images([back, back])  # consumers copy; the store's memory is never written
-        assert torch.equal(merged["image_embeds"], torch.cat([emb.embeds, emb.embeds]))
-        assert torch.equal(merged["deepstack_embeds"], torch.cat([emb.deepstack, emb.deepstack], dim=1))
+        assert torch.equal(merged.image_embeds, torch.cat([emb.embeds, emb.embeds]))
+        assert torch.equal(merged.deepstack_embeds, torch.cat([emb.deepstack, emb.deepstack], dim=1))
     finally:
         ray.shutdown()
 
