@@ -24,8 +24,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ops import reference, reference_linear_attn
+from ops import reference, reference_linear_attn, reference_moe
 from ops._extension import STATE, OpTable, extension_available, fallback_reason
+from ops.reference_moe import MoeAlignment, align_block_size, align_capacity
 
 _ops = OpTable(STATE)
 
@@ -146,6 +147,67 @@ def topk_softmax(
     ids = torch.empty((tokens, topk), dtype=torch.int32, device=gating_output.device)
     torch.ops.splitvl.topk_softmax.default(weights, ids, gating_output, renormalize)
     return weights, ids
+
+
+# MoE experts: pairs sorted by expert into blocks (ops/reference_moe.py); no host sync.
+
+
+@_ops.op(reference_moe)
+def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
+    """Sort the routed pairs by expert, padded per expert to the block size chosen from T*k/E.
+
+    Shapes: topk_ids int32 [T, k] -> MoeAlignment (sizes from T, k, E only).
+    """
+    tokens, k = topk_ids.shape
+    block = align_block_size(tokens * k, num_experts)
+    capacity = align_capacity(tokens * k, num_experts, block)
+    device = topk_ids.device
+    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
+    pair_pos = torch.empty((tokens, k), dtype=torch.int32, device=device)
+    block_experts = torch.empty(capacity // block, dtype=torch.int32, device=device)
+    total_padded = torch.empty(1, dtype=torch.int32, device=device)
+    torch.ops.splitvl.moe_align.default(
+        sorted_pairs, pair_pos, block_experts, total_padded, topk_ids, num_experts
+    )
+    return MoeAlignment(sorted_pairs, pair_pos, block_experts, total_padded, block)
+
+
+@_ops.op(reference_moe)
+def moe_gate_up(x: torch.Tensor, weight: torch.Tensor, alignment: MoeAlignment) -> torch.Tensor:
+    """silu(x W_gate^T) * (x W_up^T) for each aligned pair with its expert's weights.
+
+    Shapes: x [T, H]; weight [E, 2I, H] -> [capacity, I].
+    """
+    out = torch.empty((alignment.capacity, weight.shape[1] // 2), dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.moe_gate_up.default(
+        out, x, weight, alignment.sorted_pairs, alignment.block_experts,
+        alignment.total_padded, alignment.top_k,
+    )
+    return out
+
+
+@_ops.op(reference_moe)
+def moe_down(
+    h: torch.Tensor, weight: torch.Tensor, topk_weights: torch.Tensor, alignment: MoeAlignment
+) -> torch.Tensor:
+    """h W_down^T of each aligned pair's expert, scaled by the pair's routing weight.
+
+    Shapes: h [capacity, I]; weight [E, H, I]; topk_weights fp32 [T, k] -> [capacity, H].
+    """
+    out = torch.empty((alignment.capacity, weight.shape[1]), dtype=h.dtype, device=h.device)
+    torch.ops.splitvl.moe_down.default(
+        out, h, weight, topk_weights, alignment.sorted_pairs, alignment.block_experts,
+        alignment.total_padded,
+    )
+    return out
+
+
+@_ops.op(reference_moe)
+def moe_combine(y: torch.Tensor, alignment: MoeAlignment) -> torch.Tensor:
+    """out[t] = sum over its k pairs of y[pair_pos[t, j]]. Shapes: y [capacity, H] -> [T, H]."""
+    out = torch.empty((alignment.num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
+    torch.ops.splitvl.moe_combine.default(out, y, alignment.pair_pos)
+    return out
 
 
 # Qwen3.5 linear attention (Gated DeltaNet); state pools as in the module docstring.
@@ -271,4 +333,6 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 # The declared ops, in declaration order (tests check them against the schemas and references).
 OPS = _ops.ops()
 
-__all__ = ["extension_available", "fallback_reason", *(bound.name for bound in OPS)]
+__all__ = [
+    "extension_available", "fallback_reason", "MoeAlignment", *(bound.name for bound in OPS)
+]

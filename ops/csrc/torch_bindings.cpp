@@ -27,6 +27,19 @@ TORCH_LIBRARY(splitvl, m) {
   m.def(
       "topk_softmax(Tensor! topk_weights, Tensor! topk_ids, Tensor gating_output, "
       "bool renormalize) -> ()");
+  // MoE experts over pairs p = t * k + j sorted by expert and padded per expert to
+  // blocks (ops/reference_moe.py): sorted_pairs [capacity], block_experts
+  // [capacity / block], total_padded [1], pair_pos [T, k]; all int32.
+  m.def(
+      "moe_align(Tensor! sorted_pairs, Tensor! pair_pos, Tensor! block_experts, "
+      "Tensor! total_padded, Tensor topk_ids, int num_experts) -> ()");
+  m.def(
+      "moe_gate_up(Tensor! out, Tensor x, Tensor weight, Tensor sorted_pairs, "
+      "Tensor block_experts, Tensor total_padded, int top_k) -> ()");
+  m.def(
+      "moe_down(Tensor! out, Tensor h, Tensor weight, Tensor topk_weights, Tensor sorted_pairs, "
+      "Tensor block_experts, Tensor total_padded) -> ()");
+  m.def("moe_combine(Tensor! out, Tensor y, Tensor pair_pos) -> ()");
   // Qwen3.5 linear attention. x [T, dim] token-major; conv_states [num_slots, dim,
   // width-1]; sequence b uses slot state_indices[b] (< 0: none, zero start, state
   // discarded). q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, beta [T, Hv] fp32; states
@@ -58,6 +71,10 @@ TORCH_LIBRARY_IMPL(splitvl, CPU, m) {
   m.impl("paged_attention_decode", &splitvl::cpu::paged_attention_decode);
   m.impl("varlen_attention", &splitvl::cpu::varlen_attention);
   m.impl("topk_softmax", &splitvl::cpu::topk_softmax);
+  m.impl("moe_align", &splitvl::cpu::moe_align);
+  m.impl("moe_gate_up", &splitvl::cpu::moe_gate_up);
+  m.impl("moe_down", &splitvl::cpu::moe_down);
+  m.impl("moe_combine", &splitvl::cpu::moe_combine);
   m.impl("causal_conv1d_fwd", &splitvl::cpu::causal_conv1d_fwd);
   m.impl("causal_conv1d_update", &splitvl::cpu::causal_conv1d_update);
   m.impl("gated_delta_rule_chunked", &splitvl::cpu::gated_delta_rule_chunked);

@@ -32,6 +32,17 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
 void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
                   bool renormalize);
 
+// MoE experts (semantics: ops/reference_moe.py).
+void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
+               at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts);
+void moe_gate_up(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+                 const at::Tensor& sorted_pairs, const at::Tensor& block_experts,
+                 const at::Tensor& total_padded, int64_t top_k);
+void moe_down(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
+              const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
+              const at::Tensor& block_experts, const at::Tensor& total_padded);
+void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos);
+
 
 // Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in ../linear_attn_checks.h.
 void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

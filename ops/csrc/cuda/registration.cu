@@ -13,6 +13,10 @@ TORCH_LIBRARY_IMPL(splitvl, CUDA, m) {
   m.impl("paged_attention_decode", &splitvl::cuda::paged_attention_decode);
   m.impl("varlen_attention", &splitvl::cuda::varlen_attention);
   m.impl("topk_softmax", &splitvl::cuda::topk_softmax);
+  m.impl("moe_align", &splitvl::cuda::moe_align);
+  m.impl("moe_gate_up", &splitvl::cuda::moe_gate_up);
+  m.impl("moe_down", &splitvl::cuda::moe_down);
+  m.impl("moe_combine", &splitvl::cuda::moe_combine);
   m.impl("causal_conv1d_fwd", &splitvl::cuda::causal_conv1d_fwd);
   m.impl("causal_conv1d_update", &splitvl::cuda::causal_conv1d_update);
   m.impl("gated_delta_rule_chunked", &splitvl::cuda::gated_delta_rule_chunked);

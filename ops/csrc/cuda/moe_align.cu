@@ -1,0 +1,196 @@
+// moe_align: sort routed pairs by expert and pad each expert's run to a block
+// multiple, on the device (semantics: ops/reference_moe.py); moe_combine: the
+// deterministic gather-sum of each token's k expert rows.
+//
+// Alignment is one CTA: pairs are few (T * k) and a single CTA needs no
+// cross-block sync. Within an expert, pairs keep ascending order: each chunk of
+// kAlignThreads pairs ranks its lanes per warp (__match_any_sync), then warps in
+// order, then chunks in order, so the result equals a stable sort.
+#include "common.cuh"
+#include "ops.cuh"
+
+namespace splitvl::cuda {
+namespace {
+
+constexpr int kAlignThreads = 256;
+constexpr int kAlignWarps = kAlignThreads / 32;
+
+__device__ __forceinline__ int padded_count(int count, int block) {
+  return (count + block - 1) / block * block;
+}
+
+// Exclusive scan of the padded counts into start[e] (warp 0); returns the total.
+__device__ int scan_padded_counts(const int* counts, int* start, int experts, int block) {
+  const int lane = threadIdx.x & 31;
+  int running = 0;
+  for (int base = 0; base < experts; base += 32) {
+    const int e = base + lane;
+    const int c = e < experts ? padded_count(counts[e], block) : 0;
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int v = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (e < experts) start[e] = running + incl - c;
+    running += __shfl_sync(0xffffffffu, incl, 31);
+  }
+  return running;
+}
+
+// Scatter one chunk of pairs to their sorted rows; cursor[e] is expert e's next free row.
+__device__ void scatter_chunk(const int32_t* ids, int first, int pairs, int experts, int* cursor,
+                              int* warp_counts, int32_t* sorted, int32_t* pos) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int p = first + threadIdx.x;
+  const int e = p < pairs ? ids[p] : -1;
+  const bool routed = e >= 0 && e < experts;
+  for (int i = threadIdx.x; i < kAlignWarps * experts; i += kAlignThreads) warp_counts[i] = 0;
+  __syncthreads();
+  const unsigned same = __match_any_sync(0xffffffffu, routed ? e : -1);
+  const int rank = __popc(same & ((1u << lane) - 1));
+  if (routed && rank == 0) warp_counts[warp * experts + e] = __popc(same);
+  __syncthreads();
+  for (int x = threadIdx.x; x < experts; x += kAlignThreads) {
+    int run = cursor[x];
+    for (int w = 0; w < kAlignWarps; ++w) {
+      const int c = warp_counts[w * experts + x];
+      warp_counts[w * experts + x] = run;
+      run += c;
+    }
+    cursor[x] = run;
+  }
+  __syncthreads();
+  if (routed) {
+    const int row = warp_counts[warp * experts + e] + rank;
+    sorted[row] = p;
+    pos[p] = row;
+  } else if (p < pairs) {
+    pos[p] = -1;
+  }
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kAlignThreads)
+    moe_align_kernel(const int32_t* __restrict__ ids, int pairs, int experts, int block,
+                     int blocks, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
+                     int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
+  extern __shared__ int smem[];
+  int* counts = smem;             // [E], then the fill cursor of each expert
+  int* start = counts + experts;  // [E] first padded row of each expert
+  int* warp_counts = start + experts;  // [warps, E]
+  __shared__ int total_rows;
+  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += kAlignThreads) {
+    const int e = ids[p];
+    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int rows = scan_padded_counts(counts, start, experts, block);
+    if (threadIdx.x == 0) total_rows = rows;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) total[0] = total_rows;
+  for (int b = threadIdx.x; b < blocks; b += kAlignThreads) {
+    const int row = b * block;
+    int owner = -1;
+    if (row < total_rows) {  // the last expert whose run starts at or before row
+      int lo = 0, hi = experts - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (start[mid] <= row) lo = mid;
+        else hi = mid - 1;
+      }
+      owner = lo;
+    }
+    block_experts[b] = owner;
+  }
+  for (int r = threadIdx.x; r < blocks * block; r += kAlignThreads) sorted[r] = pairs;
+  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = start[e];
+  __syncthreads();
+  for (int first = 0; first < pairs; first += kAlignThreads)
+    scatter_chunk(ids, first, pairs, experts, counts, warp_counts, sorted, pos);
+}
+
+template <typename T>
+__global__ void moe_combine_kernel(T* __restrict__ out, const T* __restrict__ y,
+                                   const int32_t* __restrict__ pos, int k, int hidden) {
+  const int64_t t = blockIdx.x;
+  const int32_t* my_pos = pos + t * k;
+  for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
+    float acc = 0.f;
+    for (int j = 0; j < k; ++j) {
+      const int row = my_pos[j];
+      if (row >= 0) acc += to_float(y[int64_t(row) * hidden + c]);
+    }
+    out[t * hidden + c] = from_float<T>(acc);
+  }
+}
+
+}  // namespace
+
+void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
+               at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts) {
+  constexpr const char* op = "moe_align";
+  check_cuda(topk_ids, op, "topk_ids");
+  for (const at::Tensor* t : {&sorted_pairs, &pair_pos, &block_experts, &total_padded}) {
+    check_same_device(topk_ids, *t, op);
+    SPLITVL_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), op,
+                  ": outputs must be contiguous int32");
+  }
+  SPLITVL_CHECK(topk_ids.scalar_type() == at::kInt && topk_ids.is_contiguous(), op,
+                ": topk_ids must be contiguous int32");
+  SPLITVL_CHECK(num_experts >= 1 && num_experts <= 1024, op, ": 1..1024 experts, got ",
+                num_experts);
+  const int64_t pairs = topk_ids.numel();
+  const int64_t capacity = sorted_pairs.numel(), blocks = block_experts.numel();
+  SPLITVL_CHECK(pair_pos.numel() == pairs && total_padded.numel() == 1 &&
+                    (blocks > 0 ? capacity % blocks == 0 : capacity == 0),
+                op, ": output sizes do not match (pairs ", pairs, ", capacity ", capacity,
+                ", blocks ", blocks, ")");
+  SPLITVL_CHECK(pairs < (int64_t(1) << 30), op, ": too many pairs");
+  const int block = blocks > 0 ? static_cast<int>(capacity / blocks) : 16;
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int experts = static_cast<int>(num_experts);
+  const size_t smem = sizeof(int) * size_t(experts) * (2 + kAlignWarps);
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(moe_align_kernel,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  moe_align_kernel<<<1, kAlignThreads, smem, stream>>>(
+      topk_ids.data_ptr<int32_t>(), static_cast<int>(pairs), experts, block,
+      static_cast<int>(blocks), sorted_pairs.data_ptr<int32_t>(), pair_pos.data_ptr<int32_t>(),
+      block_experts.data_ptr<int32_t>(), total_padded.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos) {
+  constexpr const char* op = "moe_combine";
+  check_cuda(y, op, "y");
+  check_same_device(y, out, op);
+  check_same_device(y, pair_pos, op);
+  SPLITVL_CHECK(pair_pos.dim() == 2 && pair_pos.scalar_type() == at::kInt &&
+                    pair_pos.is_contiguous(),
+                op, ": pair_pos must be contiguous int32 [T, k]");
+  SPLITVL_CHECK(y.dim() == 2 && y.is_contiguous() && out.is_contiguous() &&
+                    out.scalar_type() == y.scalar_type() &&
+                    out.sizes() == at::IntArrayRef({pair_pos.size(0), y.size(1)}),
+                op, ": out [T, H] and y [capacity, H] must be contiguous, same dtype");
+  const int64_t tokens = pair_pos.size(0);
+  if (tokens == 0 || y.size(1) == 0) return;
+  const c10::cuda::CUDAGuard guard(y.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int hidden = static_cast<int>(y.size(1));
+  const int threads = std::min(512, (hidden + 31) / 32 * 32);
+  SPLITVL_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
+    moe_combine_kernel<scalar_t><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+        reinterpret_cast<scalar_t*>(out.data_ptr()),
+        reinterpret_cast<const scalar_t*>(y.data_ptr()), pair_pos.data_ptr<int32_t>(),
+        static_cast<int>(pair_pos.size(1)), hidden);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace splitvl::cuda

@@ -1,0 +1,148 @@
+"""Pure-torch references of the MoE expert ops (the law for the kernels).
+
+A routed (token, expert) *pair* is `p = t * k + j` for `topk_ids[t, j]`. The
+expert GEMMs run over pairs sorted by expert and padded per expert to a
+multiple of the block size, so each block of `block_size` rows belongs to one
+expert (`MoeAlignment`). Every output size is an upper bound computed on the
+host from (T, k, E, block), never from device data, so nothing syncs with the
+host and a MoE step can be captured in a CUDA graph.
+
+Rows of the aligned buffers that hold padding (or lie beyond
+`total_padded`) are unspecified; only real pairs are read back by
+`moe_combine`. Expert ids outside [0, E) are dropped (their pair has no
+position and adds nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, slots=True)
+class MoeAlignment:
+    """Pairs sorted by expert (stable: ascending pair index within an expert), padded per expert.
+
+    Shapes: sorted_pairs int32 [capacity] (pair index, or T*k for padding);
+    pair_pos int32 [T, k] (row of each pair in sorted_pairs, -1 when dropped);
+    block_experts int32 [capacity / block_size] (-1 beyond the total);
+    total_padded int32 [1] (rows in use, a multiple of block_size).
+    """
+
+    sorted_pairs: torch.Tensor
+    pair_pos: torch.Tensor
+    block_experts: torch.Tensor
+    total_padded: torch.Tensor
+    block_size: int
+
+    @property
+    def top_k(self) -> int:
+        return self.pair_pos.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pair_pos.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.sorted_pairs.shape[0]
+
+
+def align_block_size(pairs: int, num_experts: int) -> int:
+    """Rows per expert block: 16 when experts see few pairs (decode), up to 64 for prefill."""
+    per_expert = pairs / max(1, num_experts)
+    if per_expert <= 16:
+        return 16
+    return 32 if per_expert <= 64 else 64
+
+
+def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
+    """Upper bound of the padded row count: each expert hit adds at most block_size - 1 rows."""
+    hit = min(pairs, num_experts)
+    return (pairs + hit * (block_size - 1)) // block_size * block_size
+
+
+def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
+    """Sort the routed pairs by expert and pad each expert's run to a block multiple.
+
+    Shapes: topk_ids int32 [T, k] -> MoeAlignment (capacity from `align_capacity`).
+    """
+    tokens, k = topk_ids.shape
+    pairs = tokens * k
+    block = align_block_size(pairs, num_experts)
+    capacity = align_capacity(pairs, num_experts, block)
+    device = topk_ids.device
+    sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=device)
+    pair_pos = torch.full((pairs,), -1, dtype=torch.int32, device=device)
+    block_experts = torch.full((capacity // block,), -1, dtype=torch.int32, device=device)
+    ids = topk_ids.reshape(-1).long().cpu()
+    row = 0
+    for expert in range(num_experts):
+        members = torch.nonzero(ids == expert).flatten()  # ascending pair index
+        if members.numel() == 0:
+            continue
+        padded = -(-members.numel() // block) * block
+        positions = torch.arange(row, row + members.numel())
+        sorted_pairs[positions.to(device)] = members.to(device, torch.int32)
+        pair_pos[members.to(device)] = positions.to(device, torch.int32)
+        block_experts[row // block : (row + padded) // block] = expert
+        row += padded
+    total = torch.tensor([row], dtype=torch.int32, device=device)
+    return MoeAlignment(sorted_pairs, pair_pos.view(tokens, k), block_experts, total, block)
+
+
+def _expert_runs(alignment: MoeAlignment) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(expert, rows, pair indices) of each expert's real rows."""
+    pairs = alignment.num_tokens * alignment.top_k
+    sorted_pairs = alignment.sorted_pairs.long().cpu()
+    block_experts = alignment.block_experts.long().cpu()
+    total = int(alignment.total_padded.item())
+    runs = []
+    for expert in torch.unique(block_experts[: total // alignment.block_size]).tolist():
+        blocks = torch.nonzero(block_experts == expert).flatten()
+        rows = (blocks[:, None] * alignment.block_size + torch.arange(alignment.block_size)).flatten()
+        rows = rows[sorted_pairs[rows] < pairs]
+        runs.append((expert, rows, sorted_pairs[rows]))
+    return runs
+
+
+def moe_gate_up(x: torch.Tensor, weight: torch.Tensor, alignment: MoeAlignment) -> torch.Tensor:
+    """Row r of pair p = (t, j) routed to expert e: silu(x[t] W_gate[e]^T) * (x[t] W_up[e]^T).
+
+    Shapes: x [T, H]; weight [E, 2I, H] (gate rows, then up rows) -> [capacity, I].
+    """
+    inter = weight.shape[1] // 2
+    out = torch.zeros((alignment.capacity, inter), dtype=x.dtype, device=x.device)
+    for expert, rows, pairs in _expert_runs(alignment):
+        gate_up = F.linear(x[(pairs // alignment.top_k).to(x.device)].float(), weight[expert].float())
+        h = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out[rows.to(x.device)] = h.to(x.dtype)
+    return out
+
+
+def moe_down(
+    h: torch.Tensor, weight: torch.Tensor, topk_weights: torch.Tensor, alignment: MoeAlignment
+) -> torch.Tensor:
+    """Row r of pair p routed to expert e: (h[r] W_down[e]^T) * topk_weights.flat[p].
+
+    Shapes: h [capacity, I]; weight [E, H, I]; topk_weights fp32 [T, k] -> [capacity, H].
+    """
+    out = torch.zeros((alignment.capacity, weight.shape[1]), dtype=h.dtype, device=h.device)
+    flat_weights = topk_weights.reshape(-1).float()
+    for expert, rows, pairs in _expert_runs(alignment):
+        rows, pairs = rows.to(h.device), pairs.to(h.device)
+        y = F.linear(h[rows].float(), weight[expert].float()) * flat_weights[pairs, None]
+        out[rows] = y.to(h.dtype)
+    return out
+
+
+def moe_combine(y: torch.Tensor, alignment: MoeAlignment) -> torch.Tensor:
+    """out[t] = sum over j of y[pair_pos[t, j]] (fp32 sum in j order; dropped pairs add nothing).
+
+    Shapes: y [capacity, H] -> [T, H].
+    """
+    pos = alignment.pair_pos.long()
+    rows = y.float()[pos.clamp(min=0)] * (pos >= 0)[..., None]
+    return rows.sum(dim=1).to(y.dtype)

@@ -1,0 +1,179 @@
+"""MoE expert ops: alignment, grouped gate_up/down GEMMs and combine, kernels vs references;
+the chain vs a per-token transformers-style expert loop; opcheck."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ops import reference_moe
+from ops.reference_moe import align_block_size, align_capacity
+from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
+
+# (tokens, k, experts): decode, odd sizes, an expert-heavy prefill (block 32 and 64), empty.
+ROUTING = [(1, 8, 128), (5, 2, 7), (37, 4, 60), (64, 8, 16), (300, 4, 8), (0, 2, 4)]
+
+
+def _routing(tokens: int, k: int, experts: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.randn(tokens, experts)
+    weights, ids = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    return weights.to(device).contiguous(), ids.to(device, torch.int32).contiguous()
+
+
+def _real_rows(alignment) -> torch.Tensor:
+    pos = alignment.pair_pos.flatten().long()
+    return pos[pos >= 0]
+
+
+def test_block_size_grows_with_pairs_per_expert():
+    assert align_block_size(8, 128) == 16 and align_block_size(512, 128) == 16
+    assert align_block_size(4096, 128) == 32 and align_block_size(65536, 128) == 64
+
+
+@pytest.mark.parametrize("tokens,k,experts", [(1, 8, 128), (3, 2, 2), (100, 4, 7), (40, 2, 128)])
+def test_capacity_bounds_the_worst_routings(tokens, k, experts):
+    """Every expert hit once but one (most padding), all on one expert, round-robin."""
+    pairs = tokens * k
+    hit = min(pairs, experts)
+    spread = torch.arange(pairs) % experts
+    lopsided = torch.where(torch.arange(pairs) < hit, torch.arange(pairs), 0)
+    for flat in (spread, lopsided, torch.zeros(pairs, dtype=torch.long)):
+        alignment = reference_moe.moe_align(flat.view(tokens, k).to(torch.int32), experts)
+        assert 0 < alignment.total_padded.item() <= alignment.capacity
+        assert alignment.capacity == align_capacity(pairs, experts, align_block_size(pairs, experts))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tokens,k,experts", ROUTING)
+def test_moe_align_matches_reference(kernels, device, tokens, k, experts):
+    _, ids = _routing(tokens, k, experts, device)
+    got = kernels.moe_align(ids, experts)
+    ref = reference_moe.moe_align(ids, experts)
+    assert got.block_size == ref.block_size and got.capacity == ref.capacity
+    for name in ("sorted_pairs", "pair_pos", "block_experts", "total_padded"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(ref, name).cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_align_drops_out_of_range_experts(kernels, device):
+    # Expert ids a rank does not own (expert parallelism) must route nowhere.
+    ids = torch.tensor([[0, 5], [2, -1], [2, 0]], dtype=torch.int32, device=device)
+    got = kernels.moe_align(ids, 3)
+    assert got.pair_pos.cpu().tolist() == [[0, -1], [16, -1], [17, 1]]
+    assert got.total_padded.item() == 32
+    assert got.block_experts.cpu().tolist()[:2] == [0, 2]
+
+
+def _weights(experts: int, hidden: int, inter: int, device: str, dtype: torch.dtype):
+    gate_up = (torch.randn(experts, 2 * inter, hidden) / hidden**0.5).to(device, dtype)
+    down = (torch.randn(experts, hidden, inter) / inter**0.5).to(device, dtype)
+    return gate_up, down
+
+
+# (hidden, inter): tensor-core path with N and K tails (328, 88), and K % 8 != 0 (CUDA-core path).
+SHAPES = [(328, 88), (100, 36), (64, 32)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens,k,experts", ROUTING)
+@pytest.mark.parametrize("hidden,inter", SHAPES)
+def test_moe_experts_match_reference(kernels, device, dtype, tokens, k, experts, hidden, inter):
+    weights, ids = _routing(tokens, k, experts, device)
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    alignment = kernels.moe_align(ids, experts)
+    rows = _real_rows(alignment).to(device)
+    h = kernels.moe_gate_up(x, gate_up, alignment)
+    h_ref = reference_moe.moe_gate_up(x, gate_up, alignment)
+    assert_close(h[rows], h_ref[rows], dtype, scale=2)
+    y = kernels.moe_down(h_ref, down, weights, alignment)
+    y_ref = reference_moe.moe_down(h_ref, down, weights, alignment)
+    assert_close(y[rows], y_ref[rows], dtype, scale=2)
+    out = kernels.moe_combine(y_ref, alignment)
+    assert_close(out, reference_moe.moe_combine(y_ref, alignment), dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_moe_chain_matches_per_token_experts(kernels, device, dtype):
+    """The ops chained == transformers' Qwen3-MoE expert loop, one token and expert at a time."""
+    tokens, k, experts, hidden, inter = 19, 4, 12, 72, 40
+    weights, ids = _routing(tokens, k, experts, device)
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    alignment = kernels.moe_align(ids, experts)
+    h = kernels.moe_gate_up(x, gate_up, alignment)
+    out = kernels.moe_combine(kernels.moe_down(h, down, weights, alignment), alignment)
+    expected = torch.zeros(tokens, hidden, dtype=torch.float32)
+    for t in range(tokens):
+        for j in range(k):
+            e = int(ids[t, j])
+            g, u = F.linear(x[t].float(), gate_up[e].float()).cpu().chunk(2)
+            expected[t] += F.linear(F.silu(g) * u, down[e].float().cpu()) * weights[t, j].item()
+    assert_close(out.float(), expected, dtype, scale=3)
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_moe_experts_full_size_decode_and_batch(kernels, dtype):
+    """Qwen3-VL-30B-A3B expert shapes (E=128, H=2048, I=768, top-8) at batch 1, 64 and 1000."""
+    experts, hidden, inter = 128, 2048, 768
+    gate_up, down = _weights(experts, hidden, inter, "cuda", dtype)
+    for tokens in (1, 64, 1000):
+        weights, ids = _routing(tokens, 8, experts, "cuda")
+        x = torch.randn(tokens, hidden, device="cuda").to(dtype)
+        alignment = kernels.moe_align(ids, experts)
+        rows = _real_rows(alignment)
+        h = kernels.moe_gate_up(x, gate_up, alignment)
+        assert_close(h[rows], reference_moe.moe_gate_up(x, gate_up, alignment)[rows], dtype, scale=2)
+        y = kernels.moe_down(h, down, weights, alignment)
+        assert_close(y[rows], reference_moe.moe_down(h, down, weights, alignment)[rows], dtype, scale=2)
+
+
+@GPU
+def test_moe_experts_capture_in_a_cuda_graph(kernels):
+    """No host sync: the whole chain records into a CUDA graph and replays == eager."""
+    tokens, k, experts, hidden, inter = 8, 8, 128, 256, 128
+    gate_up, down = _weights(experts, hidden, inter, "cuda", torch.bfloat16)
+    x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
+    logits = torch.randn(tokens, experts, device="cuda")
+
+    def step() -> torch.Tensor:
+        weights, ids = kernels.topk_softmax(logits, k, True)
+        alignment = kernels.moe_align(ids, experts)
+        h = kernels.moe_gate_up(x, gate_up, alignment)
+        return kernels.moe_combine(kernels.moe_down(h, down, weights, alignment), alignment)
+
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    logits.copy_(torch.randn(tokens, experts, device="cuda"))  # new routing, same graph
+    graph.replay()
+    torch.testing.assert_close(captured, step(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_gate_up_rejects_mismatched_weight(kernels, device):
+    alignment = kernels.moe_align(torch.zeros(2, 1, dtype=torch.int32, device=device), 2)
+    with raises(device, "weight"):
+        kernels.moe_gate_up(torch.randn(2, 8, device=device), torch.randn(2, 6, 9, device=device), alignment)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_ops_opcheck(kernels, device):
+    tokens, k, experts, hidden, inter = 6, 2, 5, 16, 8
+    weights, ids = _routing(tokens, k, experts, device)
+    a = kernels.moe_align(ids, experts)
+    alignment_args = (a.sorted_pairs, a.block_experts, a.total_padded)
+    outs = (torch.empty_like(a.sorted_pairs), torch.empty_like(a.pair_pos),
+            torch.empty_like(a.block_experts), torch.empty_like(a.total_padded))
+    torch.library.opcheck(torch.ops.splitvl.moe_align.default, (*outs, ids, experts))
+    gate_up, down = _weights(experts, hidden, inter, device, torch.float32)
+    x = torch.randn(tokens, hidden, device=device)
+    h = torch.zeros(a.capacity, inter, device=device)
+    torch.library.opcheck(torch.ops.splitvl.moe_gate_up.default, (h, x, gate_up, *alignment_args, k))
+    y = torch.zeros(a.capacity, hidden, device=device)
+    torch.library.opcheck(torch.ops.splitvl.moe_down.default, (y, h, down, weights, *alignment_args))
+    out = torch.empty(tokens, hidden, device=device)
+    torch.library.opcheck(torch.ops.splitvl.moe_combine.default, (out, y, a.pair_pos))
