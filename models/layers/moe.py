@@ -1,5 +1,9 @@
 """Sparse MoE block: router, top-k softmax, experts run only on their tokens.
 
+The experts run as `ops.moe_align` -> `ops.moe_gate_up` -> `ops.moe_down` ->
+`ops.moe_combine`: every size comes from the token count, never from the
+routing, so the block does not sync with the host (CUDA-graph capturable).
+
 Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
 `experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
 rows) and `experts.down_proj [E, H, I / tp]`. The block's partial sums are
@@ -16,7 +20,6 @@ Checkpoint layouts read by `FusedExperts.load_checkpoint`:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ops
@@ -47,23 +50,9 @@ class FusedExperts(nn.Module):
 
         Shapes: x [T, H]; topk_weights fp32 [T, k]; topk_ids int32 [T, k] -> [T, H].
         """
-        k = topk_ids.shape[1]
-        flat_ids = topk_ids.reshape(-1).long()
-        order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-        token_of_pair = order // k
-        pair_weights = topk_weights.reshape(-1)[order].to(x.dtype)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of_pair[start : start + count]
-            h = ops.silu_and_mul(F.linear(x[tokens], self.gate_up_proj[expert]))
-            y = F.linear(h, self.down_proj[expert]) * pair_weights[start : start + count, None]
-            out.index_add_(0, tokens, y)
-            start += count
-        return out
+        alignment = ops.moe_align(topk_ids, self.num_experts)
+        h = ops.moe_gate_up(x, self.gate_up_proj, alignment)
+        return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, alignment), alignment)
 
     def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
         """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).

@@ -241,7 +241,8 @@ void run_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& weight,
               const float* pair_weights, const at::Tensor& sorted_pairs,
               const at::Tensor& block_experts, const at::Tensor& total_padded, int64_t pairs,
               int top_k, const char* op) {
-  for (const at::Tensor* t : {&out, &weight, &sorted_pairs, &block_experts, &total_padded})
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{
+           &out, &weight, &sorted_pairs, &block_experts, &total_padded})
     check_same_device(a, *t, op);
   SPLITVL_CHECK(a.is_contiguous() && weight.is_contiguous() && out.is_contiguous(), op,
                 ": input, weight and out must be contiguous");
