@@ -17,6 +17,9 @@ Shapes: Qwen3-VL-2B (hidden 2048, 16/8 heads, head_dim 128, intermediate 6144),
 Qwen3.5 Gated DeltaNet ops (causal conv, delta rule prefill/decode, gated norm)
 at 0.8B (16/16 heads x 128) and 16/32 x 128 linear-attention shapes.
 Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
+MoE experts (align, gate_up, down, combine) at the Qwen3-VL-30B-A3B expert shape
+(E=128, top-8, hidden 2048, intermediate 768): bytes are the distinct experts'
+weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at large).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
 
 import ops  # noqa: E402
 from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
-from ops import reference, reference_linear_attn  # noqa: E402
+from ops import reference, reference_linear_attn, reference_moe  # noqa: E402
 
 EPS = 1e-6
 LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
@@ -240,6 +243,29 @@ def topk_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                    check, nbytes(gating) + t * k * 8)
 
 
+def _moe_chain(module, x, gate_up, down, logits, k: int) -> torch.Tensor:
+    weights, ids = ops.topk_softmax(logits, k, True)
+    alignment = module.moe_align(ids, gate_up.shape[0])
+    h = module.moe_gate_up(x, gate_up, alignment)
+    return module.moe_combine(module.moe_down(h, down, weights, alignment), alignment)
+
+
+def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
+    gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
+    for t in [3] if smoke else [1, 8, 64, 512, 4096]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        logits = torch.randn(t, experts, device=dev)
+        hit = torch.unique(ops.topk_softmax(logits, k, True)[1]).numel()
+        run = partial(_moe_chain, ops, x, gate_up, down, logits, k)
+        check = partial(lambda run, ref: rel_err(run(), ref()), run,
+                        partial(_moe_chain, reference_moe, x, gate_up, down, logits, k))
+        weight_bytes = hit * 3 * hidden * inter * dtype.itemsize
+        yield Case("moe_experts", f"T={t} E={experts} k={k} H={hidden} I={inter}", run, check,
+                   weight_bytes + 2 * nbytes(x), flops=t * k * 6 * hidden * inter)
+
+
 # Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head
 # layout of transformers' Qwen3.5 config defaults (larger models); conv width 4.
 LINEAR = {"0.8B": (16, 16, 128, 128), "16/32": (16, 32, 128, 128)}
@@ -349,7 +375,7 @@ def gated_norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
 FAMILIES = {
     "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
-    "varlen_attention": varlen_cases, "topk_softmax": topk_cases,
+    "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
 }
 

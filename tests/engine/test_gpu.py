@@ -24,7 +24,9 @@ def _prompts(tok):
     ]
 
 
-def test_cuda_graph_decode_equals_eager_and_transformers(path):
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_vl_moe"])
+def test_cuda_graph_decode_equals_eager_and_transformers(tiny_checkpoint, arch):
+    path = tiny_checkpoint(arch)
     greedy = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
     kwargs = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8)
     with LLM(path, enforce_eager=True, **kwargs) as eager:

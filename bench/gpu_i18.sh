@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Issue 18 (MoE kernels) on one H200, in one device call; logs + JSON under $OUT.
+#
+#   bash bench/gpu_i18.sh                 # build test ops moe
+#   bash bench/gpu_i18.sh moe             # any steps, in the order given
+#
+# Steps (each under `timeout`, cut to what is left of I18_TOTAL_S, default 330 s):
+#   build  JIT-build the splitvl extension (C++ + CUDA)
+#   test   GPU tests: MoE ops (kernels vs references, full-size shapes, CUDA-graph capture),
+#          every op has a CUDA kernel, engine decode with CUDA graphs == eager == transformers (MoE too)
+#   ops    bench/ops.py MoE rows (% copy bandwidth at small T, % matmul rate at large T)
+#   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64
+#          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+TOTAL=${I18_TOTAL_S:-330}
+START=$(date +%s)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200)
+
+step_cmd() {
+  case $1 in
+    build) python -c "import ops; assert ops.extension_available(), ops.fallback_reason(); print('ops built')" ;;
+    test) python -m pytest -m gpu -x -q tests/ops/test_moe_experts.py tests/ops/test_moe.py \
+            tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
+    ops) python bench/ops.py --ops moe_experts topk_softmax --json "$OUT/ops_moe.json" ;;
+    moe) python -m bench.moe --json "$OUT/moe.json" ;;
+    *) echo "unknown step $1" >&2; return 2 ;;
+  esac
+}
+
+FAILED=() SKIPPED=()
+for step in "${@:-build test ops moe}"; do
+  for s in $step; do
+    left=$(( TOTAL - ($(date +%s) - START) ))
+    budget=${BUDGET[$s]:-120}
+    (( budget > left )) && budget=$left
+    if (( budget < 20 )); then SKIPPED+=("$s"); continue; fi
+    echo "=== $s (timeout ${budget}s) ==="
+    timeout "$budget" bash -c "$(declare -f step_cmd); step_cmd $s" 2>&1 | tee "$OUT/i18-$s.log"
+    rc=${PIPESTATUS[0]}
+    (( rc != 0 )) && FAILED+=("$s (rc $rc)")
+  done
+done
+echo "done in $(( $(date +%s) - START )) s; failed: ${FAILED[*]:-none}; skipped (no time left): ${SKIPPED[*]:-none}"
+(( ${#FAILED[@]} == 0 ))

@@ -1,0 +1,241 @@
+"""Full-size MoE decode without a checkpoint on disk: ours vs transformers vs the active-weight floor.
+
+    python -m bench.moe --json $OUT/moe.json                  # Qwen3-VL-30B-A3B, all 48 layers
+    python -m bench.moe --batches 1 --layers 12 --no-hf       # a quicker slice
+    python -m bench.moe --smoke                               # CPU, tiny MoE config
+
+Our language model is built straight in GPU memory and filled with random
+weights as transformers initialises them (matrices ~ N(0, initializer_range),
+norms 1), the init the random-checkpoint path (`models.random_weights`) saves.
+A decode step is the model over `batch` sequences of `--context` cached tokens
+plus the LM head, timed eagerly and as a replayed CUDA graph (the engine
+captures MoE decode too). The floor is the bytes one step must read (attention,
+router, norms and LM head, plus for each MoE layer the experts this step's
+routing hit, counted on the device) over the copy bandwidth of this run.
+transformers runs the same config with its own random weights, in the same run
+when both fit the GPU, else after ours is freed; its ITL is
+(t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.common import config_path, cuda_time_fn, int_list, measure_peaks, print_table, write_json
+
+BLOCK = 16  # KV block size, as the engine's default
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    batch: int
+    eager_ms: float
+    graph_ms: float
+    floor_ms: float
+    active_gb: float
+    experts_hit: float  # mean distinct experts per MoE layer
+
+
+def load_config(name: str, layers: int | None) -> dict:
+    data = json.loads(config_path(name).read_text())
+    if layers:
+        data["text_config"]["num_hidden_layers"] = layers
+    return data
+
+
+def build_ours(data: dict, dtype: torch.dtype, device: torch.device):
+    """Our decoder for `data` (an HF config dict), random weights made in place on `device`."""
+    from models.config import model_config_from_hf
+    from models.layers.parallel import SINGLE
+    from models.registry import build_language_model
+
+    config = model_config_from_hf(data)
+    std = float(data["text_config"].get("initializer_range", 0.02))
+    gen = torch.Generator(device=device).manual_seed(0)
+    model = build_language_model(config, SINGLE, dtype, device)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=gen)
+            else:  # RMSNorm weights (no biases in these decoders)
+                param.fill_(1.0)
+    return config, model.eval()
+
+
+def decode_inputs(config, batch: int, context: int, dtype: torch.dtype, device: torch.device):
+    """(input_ids, positions, attention metadata, kv caches) of one decode step after `context` tokens."""
+    from models.layers.attention import AttentionMetadata
+
+    text = config.text
+    per_seq = context // BLOCK + 1
+    tables = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
+    shape = (batch * per_seq, BLOCK, text.num_key_value_heads, text.head_dim)
+    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+              for _ in range(text.num_hidden_layers)]
+    seq_lens = torch.full((batch,), context + 1, dtype=torch.int32, device=device)
+    attn = AttentionMetadata(
+        cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
+        cu_seqlens_k=torch.arange(batch + 1, dtype=torch.int32, device=device) * (context + 1),
+        max_seqlen_q=1, max_seqlen_k=context + 1,
+        slot_mapping=(tables[:, context // BLOCK].long() * BLOCK + context % BLOCK),
+        block_tables=tables, seq_lens=seq_lens, decode_only=True,
+    )
+    ids = torch.randint(0, min(text.vocab_size, 100_000), (batch,), device=device)
+    positions = torch.full((3, batch), context, dtype=torch.long, device=device)
+    return ids, positions, attn, caches
+
+
+def active_bytes(model, batch_step) -> tuple[int, float]:
+    """(bytes one step reads, mean distinct experts per MoE layer), routing counted in one eager step."""
+    from models.layers.moe import FusedExperts
+
+    hits: list[int] = []
+    expert_bytes: list[int] = []
+
+    def count(module, args) -> None:  # args: (x, topk_weights, topk_ids)
+        hits.append(torch.unique(args[2]).numel())
+        expert_bytes.append(module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
+
+    handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, FusedExperts)]
+    batch_step()
+    for handle in handles:
+        handle.remove()
+    dense = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n and ".experts." not in n)
+    head = 0 if any("lm_head" in n for n, _ in model.named_parameters()) else model.model.embed_tokens.weight.nbytes
+    routed = sum(h * b for h, b in zip(hits, expert_bytes))
+    return dense + head + routed, sum(hits) / max(1, len(hits))
+
+
+def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device) -> StepResult:
+    dtype = next(model.parameters()).dtype
+    ids, positions, attn, caches = decode_inputs(config, batch, context, dtype, device)
+
+    def step() -> torch.Tensor:
+        return model.compute_logits(model(ids, positions, attn, caches, None))
+
+    with torch.no_grad():
+        nbytes, hit = active_bytes(model, step)
+        if device.type != "cuda":
+            start = time.perf_counter()
+            step()
+            eager = graphed = (time.perf_counter() - start) * 1e3
+        else:
+            eager = cuda_time_fn(step, warmup=3, iters=10)
+            graph = torch.cuda.CUDAGraph()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                step()
+            graphed = cuda_time_fn(graph.replay, warmup=3, iters=20)
+            del graph
+    floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
+    return StepResult(batch, eager, graphed, floor, nbytes / 1e9, hit)
+
+
+def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
+    """transformers' decode ms/step at `batch` (random init in GPU memory)."""
+    from models.random_weights import build_hf_model
+
+    model = build_hf_model(data, torch.bfloat16, device)
+    gen = torch.Generator().manual_seed(batch)
+    ids = torch.randint(1000, 100_000, (batch, context), generator=gen).to(device)
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        run(2)  # warm-up
+        ms = (run(1 + new_tokens) - run(1)) / new_tokens * 1e3
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ms
+
+
+def tiny_moe_config() -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from models.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return json.loads((write_tiny_checkpoint("qwen3_vl_moe", Path(tmp)) / "config.json").read_text())
+
+
+def weight_bytes(model) -> int:
+    return sum(p.nbytes for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3-vl-30b-a3b")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
+    parser.add_argument("--batches", nargs="+", default=["1,64"])
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--hf-batches", nargs="+", default=["64"], help="batches transformers also runs")
+    parser.add_argument("--hf-tokens", type=int, default=8, help="decode steps timed for transformers")
+    parser.add_argument("--no-hf", dest="hf", action="store_false")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
+    args = parser.parse_args(argv)
+    batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
+    if args.smoke:
+        data, device, dtype, hf_batches = tiny_moe_config(), torch.device("cpu"), torch.float32, []
+        args.model = "tiny qwen3_vl_moe"
+    else:
+        data, device, dtype = load_config(args.model, args.layers), torch.device("cuda"), torch.bfloat16
+    peaks = measure_peaks(device)
+    print(f"{peaks.device_name}: copy {peaks.copy_gbps:.0f} GB/s, bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s",
+          flush=True)
+    config, model = build_ours(data, dtype, device)
+    ours_gb = weight_bytes(model) / 1e9
+    results = [time_ours(model, config, b, args.context, peaks.copy_gbps, device) for b in batches]
+    for r in results:
+        print(f"batch {r.batch}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, floor {r.floor_ms:.2f} ms "
+              f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
+    hf_ms: dict[int, float] = {}
+    if hf_batches:
+        free = torch.cuda.mem_get_info(device)[0] / 1e9
+        if free < ours_gb * 1.1 + 8:
+            print(f"transformers after ours: {free:.0f} GB free < {ours_gb * 1.1 + 8:.0f} GB for a second copy",
+                  flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+        for b in hf_batches:
+            hf_ms[b] = time_hf(data, b, args.context, args.hf_tokens, device)
+            print(f"batch {b}: transformers {hf_ms[b]:.2f} ms/step", flush=True)
+    layers = data["text_config"]["num_hidden_layers"]
+    rows, records = [], []
+    for r in results:
+        hf = hf_ms.get(r.batch, float("nan"))
+        best = min(r.eager_ms, r.graph_ms)
+        records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
+                            ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
+                            **{f: getattr(r, f) for f in StepResult.__slots__}))
+        rows.append([args.model, layers, r.batch, r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms,
+                     r.batch / best * 1e3, hf, r.batch / hf * 1e3, r.experts_hit])
+    print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
+                f"copy {peaks.copy_gbps:.0f} GB/s",
+                ["model", "layers", "batch", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                 "HF ms", "HF tok/s", "experts/layer"], rows)
+    write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
+                           "matmul_tflops": peaks.matmul_tflops, "results": records})
+
+
+if __name__ == "__main__":
+    main()
