@@ -12,6 +12,14 @@
 #include "common.cuh"
 #include "ops.cuh"
 
+namespace {
+// A type carried as a value into generic lambdas (std::type_identity is C++20; the GPU machine builds C++17).
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+}  // namespace
+
 namespace splitvl::cuda {
 namespace {
 
@@ -110,9 +118,9 @@ void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
       }
     };
     if (weight.scalar_type() == at::kFloat) {
-      by_vec(std::type_identity<float>{});
+      by_vec(TypeTag<float>{});
     } else {
-      by_vec(std::type_identity<scalar_t>{});
+      by_vec(TypeTag<scalar_t>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
