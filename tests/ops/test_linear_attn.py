@@ -194,7 +194,10 @@ def test_gated_delta_rule_chunked_matches_reference(kernels, device, dtype, head
     out = kernels.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool, slots, has_init, True)
     assert out.shape == v.shape and out.dtype == dtype
     assert_close(out, expected, dtype, scale=10)
-    assert_close(pool, expected_pool, torch.float32, scale=10)
+    # The CUDA chunk kernel multiplies bf16/fp16 operands on tensor cores (the state is stored in fp32),
+    # so its final state carries the input dtype's rounding; the CPU kernel computes in fp32.
+    state_dtype = torch.float32 if device == "cpu" or dtype == torch.float32 else dtype
+    assert_close(pool, expected_pool, state_dtype, scale=10)
 
 
 # Chunk-parallel kernels (Dk <= 128; Dv tiled by 32, padded), and Dk = 192 (the sequential fallback).
