@@ -101,6 +101,7 @@ class OpenAIIngress:
 
     async def chat(self, request: ChatCompletionRequest) -> Events:
         """The router's events of one chat request, for deployment-handle callers (the batch job)."""
+        self.metrics.start_pushing()
         async with aclosing(self.router.chat(request)) as events:
             async for event in events:
                 yield event

@@ -114,7 +114,6 @@ class Router:
     # ------------------------------------------------------------ entry points
 
     async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[RouterEvent]:
-        self.metrics.start_pushing()
         start = time.monotonic()
         check_limits(request, self.limits)
         media = media_parts(request)
@@ -153,7 +152,6 @@ class Router:
             return
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[RouterEvent]:
-        self.metrics.start_pushing()
         start = time.monotonic()
         check_limits(request, self.limits)
         if request.echo:
