@@ -254,12 +254,12 @@ def model_checkpoint(opts) -> tuple[Path, bool]:
 
 def transfer_row(ckpt: Path, layout: str, args: dict, iters: int) -> dict:
     from bench.transfer import embedding_shape, measure_transfer
+    from deployments.config import resolve_dtype
     from models.config import load_model_config
 
     tokens, hidden, levels = embedding_shape(load_model_config(ckpt), args.get("image_size", 1024))
     gpus = TRANSFER_GPUS.get(layout, (0.0, 0.0)) if torch.cuda.is_available() else (0.0, 0.0)
-    dtype = "bfloat16" if args["dtype"] in ("auto", "bfloat16") and gpus[0] > 0 else args["dtype"]
-    dtype = "float32" if dtype == "auto" else dtype
+    dtype = resolve_dtype(args["dtype"], "cuda" if gpus[0] > 0 else "cpu")
     return measure_transfer(tokens, hidden, levels, dtype, gpus, iters=iters)
 
 

@@ -178,7 +178,7 @@ def end_state(app: str, settle_s: float = 30.0) -> dict[str, Any]:
         if (stats["num_running"] == 0 and stats["num_waiting"] == 0) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    router = serve.get_deployment_handle("Router", app).debug_state.remote().result(timeout_s=30)
+    router = serve.get_deployment_handle("OpenAIIngress", app).debug_state.remote().result(timeout_s=30)
     return {
         "kv_free_blocks": stats.get("num_free_blocks"), "kv_total_blocks": stats.get("num_total_blocks"),
         "num_running": stats["num_running"], "num_waiting": stats["num_waiting"],

@@ -1,4 +1,7 @@
-"""`build_app(args) -> serve.Application`: Ingress(Router(VisionEncoder?, LLMServer)).
+"""`build_app(args) -> serve.Application`: OpenAIIngress(VisionEncoder?, LLMServer).
+
+The one graph: each ingress replica holds its own router (deployments/router.py),
+which calls the VisionEncoder and LLMServer deployments through their handles.
 
 Usable as `import_path: deployments.app:build_app` in a Serve config, whose
 `args:` is an `AppConfig` dict. Building validates the config and decides the
@@ -16,7 +19,6 @@ from ray import serve
 from deployments.config import AppConfig
 from deployments.llm import LLMServer
 from deployments.openai_api import IngressDeployment
-from deployments.router import Router
 from deployments.vision import VisionEncoder
 
 
@@ -46,10 +48,10 @@ def vision_options(config: AppConfig) -> dict[str, Any]:
     return opts
 
 
-def front_options(config: AppConfig) -> dict[str, Any]:
-    """Queue bounds of the ingress and router: no unbounded queue in front of the LLM.
+def ingress_options(config: AppConfig) -> dict[str, Any]:
+    """Replicas, resources and queue bounds of the ingress: no unbounded queue in front of the LLM.
 
-    They hold at least what the LLM deployment admits, so overload is normally
+    The bounds hold at least what the LLM deployment admits, so overload is normally
     refused by the LLM's bounded queue (a 503 envelope from the router); the
     ingress' own queue bound is the last resort (Serve's proxy answers 503).
     """
@@ -59,7 +61,12 @@ def front_options(config: AppConfig) -> dict[str, Any]:
     ongoing = max(64, replicas * llm.max_ongoing_requests + max(queued, 0))
     # Requests wait in a handle's queue briefly even when replicas have room
     # (while it picks one), so the front queue bound is generous, not tight.
-    return {"max_ongoing_requests": ongoing, "max_queued_requests": ongoing if queued >= 0 else -1}
+    return {
+        "num_replicas": config.ingress_replicas,
+        "ray_actor_options": {"num_cpus": 0.1},
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": ongoing if queued >= 0 else -1,
+    }
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -73,8 +80,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
 
 def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Application:
-    """Bind Ingress(Router(VisionEncoder?, LLMServer)) for a validated config
-    (Ingress[router](VisionEncoder?, LLMServer) with `router_in_ingress`).
+    """Bind OpenAIIngress(VisionEncoder?, LLMServer) for a validated config.
 
     Args:
         engine_cls: engine class for the LLM replicas (default `engine.Engine`; tests inject one).
@@ -87,16 +93,5 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     if needs_vision(config):
         vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_options(config))
         vision_app = vision.bind(raw)
-    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(
-        num_replicas=config.ingress_replicas,
-        ray_actor_options={"num_cpus": 0.1},
-        **front_options(config),
-    )
-    if config.router_in_ingress:
-        return ingress.bind(raw, None, vision_app, llm_app)
-    router = serve.deployment(Router, name="Router").options(
-        num_replicas=config.router_replicas,
-        ray_actor_options={"num_cpus": 0.1},
-        **front_options(config),
-    )
-    return ingress.bind(raw, router.bind(raw, vision_app, llm_app))
+    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(**ingress_options(config))
+    return ingress.bind(raw, vision_app, llm_app)

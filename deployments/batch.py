@@ -7,7 +7,7 @@ An input line is `{"id", "messages", ...sampling params}` (a chat completion
 request body); an output line is `{"id", "text", "finish_reason", "usage"}` or
 `{"id", "error": {...}}`. The app (vision + LLM replicas) is deployed with
 `serve.run` on the current Ray cluster (local if none) under its own name, and
-requests go to its Router handle directly (no HTTP).
+requests go to its ingress' `chat` through a deployment handle (no HTTP).
 
 Resumable: ids already in the output are skipped; each result is appended,
 flushed and fsynced as one line, so a kill loses at most the lines in flight.
@@ -29,8 +29,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from deployments.config import AppConfig, args_from_serve_yaml
-from deployments.errors import APIError, InvalidRequestError, pydantic_error_to_api
-from deployments.protocol import ChatCompletionRequest
+from deployments.errors import InvalidRequestError, as_api_error, pydantic_error_to_api
+from deployments.messages import ChoiceDelta, Usage
+from deployments.protocol import ChatCompletionRequest, usage_dict
 
 APP_NAME = "splitvl-batch"
 
@@ -99,7 +100,7 @@ class ResultWriter:
 
 
 async def run_one(router: Any, rid: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One request through the Router; returns the output record."""
+    """One request through the ingress' router (`router`: the ingress handle); returns the output record."""
     try:
         request = ChatCompletionRequest.model_validate({**body, "stream": False})
     except ValidationError as exc:
@@ -111,19 +112,14 @@ async def run_one(router: Any, rid: str, body: dict[str, Any], timeout_s: float)
     try:
         async with asyncio.timeout(timeout_s):
             async for event in stream:
-                if event["kind"] == "delta":
-                    text += event["text"]
-                    finish = event["finish_reason"] or finish
-                elif event["kind"] == "usage":
-                    usage = {"prompt_tokens": event["prompt_tokens"],
-                             "completion_tokens": event["completion_tokens"],
-                             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+                if isinstance(event, ChoiceDelta):
+                    text += event.text
+                    finish = event.finish_reason or finish
+                elif isinstance(event, Usage):
+                    usage = usage_dict(event)
     except Exception as exc:  # each line gets its own error; the job goes on
-        from deployments.openai_api import as_api_error
-
         stream.cancel()
-        err = exc if isinstance(exc, APIError) else as_api_error(exc)
-        return {"id": rid, "error": err.body()["error"]}
+        return {"id": rid, "error": as_api_error(exc).body()["error"]}
     return {"id": rid, "text": text, "finish_reason": finish, "usage": usage}
 
 
@@ -152,7 +148,7 @@ async def run_all(router: Any, todo: list[tuple[str, dict[str, Any]]], writer: R
 
 
 def deploy(config_path: Path) -> tuple[Any, AppConfig]:
-    """Deploy the app from `config_path` on the current Ray cluster; returns its Router handle."""
+    """Deploy the app from `config_path` on the current Ray cluster; returns its ingress' handle."""
     import ray
     import yaml
     from ray import serve
@@ -170,7 +166,7 @@ def deploy(config_path: Path) -> tuple[Any, AppConfig]:
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env_vars} if env_vars else None)
     serve.start(proxy_location="Disabled")
     serve.run(build_app(args), name=APP_NAME, route_prefix=None)
-    return serve.get_deployment_handle("Router", APP_NAME), config
+    return serve.get_deployment_handle("OpenAIIngress", APP_NAME), config
 
 
 def main(argv: list[str] | None = None) -> int:

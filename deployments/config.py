@@ -182,14 +182,8 @@ class AppConfig(_Strict):
     )
     vision: VisionDeploymentConfig = Field(default_factory=VisionDeploymentConfig)
     llm: LLMDeploymentConfig = Field(default_factory=LLMDeploymentConfig)
-    router_replicas: int = Field(
-        1, ge=1, description="Router replicas (each streams its requests' tokens and keeps its own embedding cache)."
-    )
-    ingress_replicas: int = Field(1, ge=1, description="OpenAI ingress (FastAPI) replicas.")
-    router_in_ingress: bool = Field(
-        False,
-        description="Run the router inside each ingress replica (no Router deployment): one Serve hop less "
-        "per request and per streamed token; `router_replicas` is then unused.",
+    ingress_replicas: int = Field(
+        1, ge=1, description="OpenAI ingress (FastAPI) replicas; each runs a router (its own embedding cache)."
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     api_key: str | None = Field(None, description="Bearer key for /v1/* (or env SPLITVL_API_KEY).")
@@ -258,6 +252,13 @@ class AppConfig(_Strict):
         """Load from a Serve config (`applications[0].args`) or a bare args mapping."""
         data = yaml.safe_load(Path(path).read_text()) or {}
         return cls.model_validate(args_from_serve_yaml(data))
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The dtype name models run in: `auto` is bfloat16 on cuda, float32 on cpu."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device == "cuda" else "float32"
 
 
 def args_from_serve_yaml(data: dict[str, Any]) -> dict[str, Any]:

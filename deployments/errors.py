@@ -1,14 +1,18 @@
-"""Typed errors users can cause, and their OpenAI error envelope.
+"""Typed errors users can cause, their OpenAI error envelope, and the one classifier of failures.
 
 Every error a request can trigger is an `APIError` subclass carrying its HTTP
 status, OpenAI `type` and `code`, and the offending `param`. They cross Ray
-actor boundaries (router -> ingress) intact: `__reduce__` keeps the fields, and
-Ray re-raises a remote exception as an instance of its cause class.
+actor boundaries (LLM replica -> router, ingress -> batch job) intact: `__reduce__`
+keeps the fields, and Ray re-raises a remote exception as an instance of its cause
+class. `as_api_error` maps anything else (Ray's errors around remote calls included).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -73,12 +77,6 @@ class PayloadTooLargeError(APIError):
     code = "request_too_large"
 
 
-class RateLimitError(APIError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
-
-
 class ServiceUnavailableError(APIError):
     status = 503
     type = "service_unavailable_error"
@@ -132,3 +130,35 @@ def pydantic_error_to_api(exc: Exception) -> InvalidRequestError:
     loc = _field_path(tuple(first.get("loc", ())))
     msg = first.get("msg", "invalid value").removeprefix("Value error, ")
     return InvalidRequestError(f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+
+# Ray/Serve exception class names meaning a replica (or an object it owned) is gone.
+_REPLICA_DEATH = ("ActorDied", "ActorUnavailable", "ActorError", "DeploymentUnavailable",
+                  "ObjectLost", "OwnerDied", "ObjectReconstruction")
+
+
+def is_replica_death(exc: BaseException) -> bool:
+    """Whether `exc` says the replica (or the object it computed) is gone, not that the call failed."""
+    name = type(exc).__name__
+    return any(k in name for k in _REPLICA_DEATH)
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Any failure on the request path (ours, or Ray's around a remote call) -> the APIError to answer with.
+
+    Ray re-raises a remote APIError wrapped, with the original as `cause`.
+    """
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, APIError):
+        return cause
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return RequestTimeoutError("the request took longer than the deployment's request_timeout_s")
+    name = type(exc).__name__
+    if "BackPressure" in name:
+        return ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
+    if is_replica_death(exc):
+        return ServiceUnavailableError(f"a model replica is unavailable ({name}); retry the request")
+    logger.error("request failed: %s: %s", name, exc, exc_info=exc)
+    return InternalServerError(f"internal error ({name})")

@@ -1,9 +1,9 @@
 """The LLMServer deployment: one `engine.Engine` (a TP group) behind a streaming method.
 
-`generate` takes prompt ids (image placeholders already expanded), sampling
-settings and the ObjectRefs of the images' embeddings; it fetches those
+`generate` takes prompt ids (image placeholders already expanded), the engine's
+`SamplingParams` and the ObjectRefs of the images' embeddings; it fetches those
 straight from the object store (the router never touched them), builds the
-engine's `MultimodalInputs` and yields token deltas. A cancelled call (client
+engine's `MultimodalInputs` and yields `TokenDelta`s. A cancelled call (client
 gone, stop string hit, timeout) aborts the request in the engine.
 
 `deployment_options` computes the replica's Serve options from config: one
@@ -23,16 +23,11 @@ from typing import Any
 
 import torch
 
-from deployments.config import AppConfig, ensure_checkpoint
-from deployments.errors import (
-    APIError,
-    EncoderUnavailableError,
-    InternalServerError,
-    InvalidRequestError,
-    ServiceUnavailableError,
-)
+from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
+from deployments.errors import APIError, EncoderUnavailableError, InvalidRequestError, ServiceUnavailableError
+from deployments.messages import TokenDelta
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
-from deployments.vision import ImageEmbedding, resolve_dtype
+from deployments.vision import ImageEmbedding
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
@@ -47,7 +42,7 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
     device = config.resolved_device()
     return {
         "model": model_path,
-        "dtype": str(resolve_dtype(config.dtype, device)).removeprefix("torch."),
+        "dtype": resolve_dtype(config.dtype, device),
         "device": device,
         "tensor_parallel_size": llm.tensor_parallel_size,
         "max_num_seqs": llm.max_num_seqs,
@@ -97,12 +92,7 @@ class LLMServer:
         if config_cls is None:
             from engine import EngineConfig as config_cls
         self.engine = engine_cls(make_engine_config(config_cls, engine_config_values(self.config, str(path))))
-        from deployments.router import replica_identity
-
-        app, deployment, replica = replica_identity("LLMServer")
-        self.metrics = MetricsRecorder(deployment, replica)
-        self._app_name = app
-        self._metrics_task: asyncio.Task | None = None
+        self.metrics = MetricsRecorder.for_replica("LLMServer")
 
     @classmethod
     def deployment_options(cls, config: AppConfig) -> dict[str, Any]:
@@ -130,27 +120,26 @@ class LLMServer:
         return opts
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: dict[str, Any],
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
         mm: list[Any] | None = None, image_hashes: list[str] | None = None,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Stream `{"token_ids", "finish_reason", "logprobs", "error"}` deltas of one request.
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream the `TokenDelta`s of one request; the first carries this replica's `server_s`.
 
         Args:
             mm: one ObjectRef of an `ImageEmbedding` per image, in prompt order.
             image_hashes: content ids of those images (prefix-cache keys).
+        Raises:
+            InvalidRequestError: the engine refused the request (e.g. code context_length_exceeded).
         """
-        if self._metrics_task is None:
-            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+        self.metrics.start_pushing()
         received = time.monotonic()
         mm_inputs = await self._multimodal_inputs(mm, tuple(image_hashes) if image_hashes else None)
-        params = self._sampling_params(sampling)
         added = time.monotonic()
         if mm:
             self.metrics.observe("splitvl_llm_embedding_wait_seconds", added - received, FINE_LATENCY_BUCKETS)
-        finished = first = False
-        replied = False
+        finished = first = replied = False
         try:
-            stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, params)
+            stream = self.engine.add_request(request_id, prompt_token_ids, mm_inputs, sampling)
             async for out in stream:
                 finished = out.finish_reason is not None
                 if out.finish_reason == "error" and not self.engine.is_healthy():
@@ -160,20 +149,17 @@ class LLMServer:
                     first = True
                     self.metrics.observe("splitvl_engine_time_to_first_token_seconds", time.monotonic() - added,
                                          FINE_LATENCY_BUCKETS)
-                delta = {
-                    "token_ids": list(out.new_token_ids),
-                    "finish_reason": out.finish_reason,
-                    "logprobs": _logprob_entries(out),
-                    "error": out.error,
-                }
-                if not replied:  # this replica's own share of the caller's wait (Serve hops excluded)
-                    replied = True
-                    delta["server_s"] = time.monotonic() - received
-                yield delta
+                # This replica's own share of the caller's wait (Serve hops excluded), once.
+                server_s = None if replied else time.monotonic() - received
+                replied = True
+                yield TokenDelta(
+                    token_ids=tuple(out.new_token_ids), finish_reason=out.finish_reason,
+                    logprobs=tuple(out.logprobs) if out.logprobs else None, error=out.error, server_s=server_s,
+                )
                 if finished:
                     break
         except EngineInputError as exc:
-            raise InvalidRequestError(str(exc), exc.param) from None
+            raise InvalidRequestError(str(exc), exc.param, code=exc.code) from None
         except EngineDeadError as exc:
             raise ServiceUnavailableError(f"the engine is down: {exc}") from None
         finally:
@@ -195,14 +181,6 @@ class LLMServer:
             # The vision replica that held them died (or the objects were lost): the router retries once.
             raise EncoderUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
         return merge_images(list(embeddings), image_hashes)
-
-    def _sampling_params(self, sampling: dict[str, Any]) -> Any:
-        try:
-            return SamplingParams(**sampling)
-        except EngineInputError as exc:
-            raise InvalidRequestError(str(exc), exc.param) from None
-        except TypeError as exc:
-            raise InternalServerError(f"sampling settings do not fit the engine: {exc}") from None
 
     def _record_stats(self) -> None:
         try:
@@ -239,14 +217,3 @@ class LLMServer:
 def _stat(stats: Any, key: str) -> float | None:
     value = stats.get(key) if isinstance(stats, dict) else getattr(stats, key, None)
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def _logprob_entries(out: Any) -> list[dict[str, Any]] | None:
-    """Engine `TokenLogprobs` of the new tokens -> [{"token_id", "logprob", "top": [(id, lp)...]}]."""
-    if not out.logprobs:
-        return None
-    return [
-        {"token_id": int(lp.token_id), "logprob": float(lp.logprob),
-         "top": [(int(t), float(v)) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)]}
-        for lp in out.logprobs
-    ]

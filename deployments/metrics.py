@@ -14,6 +14,7 @@ import asyncio
 import bisect
 import logging
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,15 +85,29 @@ class Histogram:
 class MetricsRecorder:
     """One replica's metrics; `snapshot()` is plain data, `start_pushing` ships it."""
 
-    def __init__(self, deployment: str, replica: str):
+    def __init__(self, deployment: str, replica: str, app_name: str | None = None):
+        """`app_name`: the Serve application whose hub gets the snapshots (None: outside Serve, none)."""
         self.deployment = deployment
         self.replica = replica
+        self.app_name = app_name
         self._counters: dict[tuple[str, Labels], float] = {}
         self._gauges: dict[tuple[str, Labels], float] = {}
         self._histograms: dict[tuple[str, Labels], Histogram] = {}
         self._dirty = asyncio.Event() if _in_loop() else None
         self._hub: Any = None
         self._push_task: asyncio.Task | None = None
+        self._push_started = False
+
+    @classmethod
+    def for_replica(cls, default_deployment: str) -> MetricsRecorder:
+        """The recorder of the Serve replica this runs in (outside Serve: no app, a random id)."""
+        try:
+            from ray import serve
+
+            ctx = serve.get_replica_context()
+            return cls(ctx.deployment, ctx.replica_id.unique_id, ctx.app_name)
+        except Exception:  # outside a replica (unit tests)
+            return cls(default_deployment, uuid.uuid4().hex[:8])
 
     def inc(self, name: str, value: float = 1.0, labels: dict[str, str] | None = None) -> None:
         key = (name, _labels(labels))
@@ -114,9 +129,6 @@ class MetricsRecorder:
         hist.observe(value)
         self._mark()
 
-    def counter(self, name: str, labels: dict[str, str] | None = None) -> float:
-        return self._counters.get((name, _labels(labels)), 0.0)
-
     def _mark(self) -> None:
         if self._dirty is not None:
             self._dirty.set()
@@ -132,26 +144,26 @@ class MetricsRecorder:
             ],
         }
 
-    def start_pushing(self, app_name: str, interval_s: float = 0.2) -> asyncio.Task | None:
+    def start_pushing(self, interval_s: float = 0.2) -> None:
         """Push the snapshot to the app's hub whenever it changed (at most every interval).
 
-        Once per recorder: a second call (a router living in the ingress' process shares
-        the ingress' recorder) returns the task already pushing.
+        Needs a running event loop, so replicas call it on every request: only the
+        first call does anything (a hub that cannot be reached is not retried).
         """
-        if self._push_task is not None:
-            return self._push_task
+        if self._push_started or self.app_name is None:
+            return
+        self._push_started = True
         if self._dirty is None:
             self._dirty = asyncio.Event()
         try:
             self._hub = MetricsHub.options(
-                name=hub_name(app_name), namespace="serve", get_if_exists=True,
+                name=hub_name(self.app_name), namespace="serve", get_if_exists=True,
                 lifetime="detached", num_cpus=0,
             ).remote()
         except Exception as exc:  # metrics must never take a replica down
             logger.warning("metrics hub unavailable: %s", exc)
-            return None
+            return
         self._push_task = asyncio.get_running_loop().create_task(self._push_loop(interval_s))
-        return self._push_task
 
     async def _push_loop(self, interval_s: float) -> None:
         self._dirty.set()

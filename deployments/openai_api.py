@@ -2,9 +2,11 @@
 
 Routes: POST /v1/chat/completions and /v1/completions (stream and not),
 GET /v1/models, /health, /metrics. Bodies are read with a byte cap (413) and
-validated here; the Router does the rest. Every error leaves as the OpenAI
-envelope `{"error": {"message", "type", "param", "code"}}` with its status,
-never a traceback. An optional API key guards /v1/* (constant-time compare).
+validated here; the replica's own `Router` (built over the vision and LLM
+handles, no Serve hop between them) does the rest. Every error leaves as the
+OpenAI envelope `{"error": {"message", "type", "param", "code"}}` with its
+status, never a traceback. An optional API key guards /v1/* (constant-time
+compare). `chat` serves the batch job through a deployment handle.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,47 +29,23 @@ from deployments.config import AppConfig
 from deployments.errors import (
     APIError,
     AuthenticationError,
-    InternalServerError,
     InvalidRequestError,
     NotFoundError,
     PayloadTooLargeError,
-    RequestTimeoutError,
-    ServiceUnavailableError,
+    as_api_error,
     pydantic_error_to_api,
 )
+from deployments.messages import ChoiceDelta, RouterEvent, Usage
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder, hub_name, render_prometheus
 from deployments.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    chat_chunk,
-    chat_response,
-    completion_chunk,
-    completion_response,
+    choice_dict,
+    completion_object,
     models_response,
     new_id,
-    usage_dict,
 )
-from deployments.router import replica_identity
-
-logger = logging.getLogger(__name__)
-
-
-def as_api_error(exc: BaseException) -> APIError:
-    """Any failure on the request path -> the APIError to answer with."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, APIError):
-        return cause
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, TimeoutError):
-        return RequestTimeoutError("the request took longer than the deployment's request_timeout_s")
-    name = type(exc).__name__
-    if "BackPressure" in name:
-        return ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
-    if any(k in name for k in ("ActorDied", "ActorUnavailable", "DeploymentUnavailable", "ActorError")):
-        return ServiceUnavailableError(f"a replica is unavailable ({name}); retry the request")
-    logger.error("request failed: %s: %s", name, exc)
-    return InternalServerError("internal error")
+from deployments.router import Router
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -98,55 +76,35 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-class LocalStream:
-    """A router generator in this process, with the streaming handle's `cancel()`."""
-
-    def __init__(self, events: AsyncIterator[dict[str, Any]]):
-        self._events = events
-        self._closing: asyncio.Task | None = None
-
-    def __aiter__(self) -> LocalStream:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        return await self._events.__anext__()
-
-    def cancel(self) -> None:
-        """Close the generator (its `finally` aborts the LLM request), as a remote cancel would."""
-        if self._closing is None:
-            self._closing = asyncio.ensure_future(self._events.aclose())
+Events = AsyncIterator[RouterEvent]
 
 
 class OpenAIIngress:
-    """Serve deployment body (wrapped with `serve.ingress()` in app.py)."""
+    """Serve deployment body (wrapped with `serve.ingress()` below); holds this replica's Router."""
 
-    def __init__(self, app_config: dict[str, Any], router: Any, vision: Any | None = None, llm: Any | None = None):
-        """`router`: a Router deployment's handle; None builds the router in this process
-        (`router_in_ingress`), over the `vision` and `llm` handles."""
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any):
+        """`vision` (None: no vision deployment), `llm`: the deployments' handles, for the router."""
         self.config = AppConfig.model_validate(app_config)
         self.model_id = self.config.served_model_id
         self.api_key = self.config.resolved_api_key()
         self.limits = self.config.limits
         self.created = int(time.time())
-        app, deployment, replica = replica_identity("OpenAIIngress")
-        self.metrics = MetricsRecorder(deployment, replica)
-        self._app_name = app
-        self._metrics_task: asyncio.Task | None = None
-        self.router = router
-        self.local_router = None
-        if router is None:
-            from deployments.router import Router
-
-            self.local_router = Router(app_config, vision, llm, metrics=self.metrics)
+        self.metrics = MetricsRecorder.for_replica("OpenAIIngress")
+        self.router = Router(app_config, vision, llm, self.metrics)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)
 
     def debug_state(self) -> dict[str, Any]:
-        """The in-process router's `debug_state` (with `router_in_ingress`)."""
-        if self.local_router is None:
-            raise RuntimeError("the router is a deployment of its own here: ask it")
-        return self.local_router.debug_state()
+        """The router's `debug_state`."""
+        return self.router.debug_state()
+
+    async def chat(self, request: ChatCompletionRequest) -> Events:
+        """The router's events of one chat request, for deployment-handle callers (the batch job)."""
+        self.metrics.start_pushing()
+        async with aclosing(self.router.chat(request)) as events:
+            async for event in events:
+                yield event
 
     # ------------------------------------------------------------ helpers
 
@@ -167,81 +125,75 @@ class OpenAIIngress:
 
         snapshots = [self.metrics.snapshot()]
         try:
-            hub = ray.get_actor(hub_name(self._app_name), namespace="serve")
+            hub = ray.get_actor(hub_name(self.metrics.app_name), namespace="serve")
             others = await hub.collect.remote()
             snapshots += [s for s in others if s["base"]["replica"] != self.metrics.replica]
         except ValueError:
             pass  # no replica has pushed yet
         return render_prometheus(snapshots)
 
-    async def open_stream(self, method: str, request: Any) -> tuple[Any, dict[str, Any], float]:
-        """Start the router call and wait for its "start" event (errors surface here)."""
-        if self._metrics_task is None:
-            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+    async def open_stream(self, request: ChatCompletionRequest | CompletionRequest) -> tuple[Events, float]:
+        """Start the router and wait for its `Start` (errors before it surface here); (events, deadline)."""
+        self.metrics.start_pushing()
         deadline = asyncio.get_running_loop().time() + self.limits.request_timeout_s
-        if self.local_router is not None:
-            stream = LocalStream(getattr(self.local_router, method)(request))
-        else:
-            stream = getattr(self.router, method).options(stream=True).remote(request)
+        chat = isinstance(request, ChatCompletionRequest)
+        events = self.router.chat(request) if chat else self.router.complete(request)
         try:
             async with asyncio.timeout_at(deadline):
-                first = await stream.__anext__()
+                await anext(events)
         except BaseException:
-            stream.cancel()
+            await events.aclose()
             raise
-        return stream, first, deadline
+        return events, deadline
 
-    async def collect(self, stream: Any, n: int, deadline: float) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        choices = [{"index": i, "text": "", "finish_reason": None, "logprobs": None} for i in range(n)]
-        usage: dict[str, int] = {}
-        try:
+    async def collect(self, events: Events, n: int, deadline: float) -> tuple[list[ChoiceDelta], Usage]:
+        """The whole response: each choice's deltas joined into one, and the usage."""
+        texts: list[list[str]] = [[] for _ in range(n)]
+        logprobs: list[list[Any]] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        usage = Usage(0, 0)
+        async with aclosing(events):
             async with asyncio.timeout_at(deadline):
-                async for event in stream:
-                    if event["kind"] == "usage":
-                        usage = usage_dict(event["prompt_tokens"], event["completion_tokens"])
+                async for event in events:
+                    if isinstance(event, Usage):
+                        usage = event
                         continue
-                    choice = choices[event["index"]]
-                    choice["text"] += event["text"]
-                    choice["finish_reason"] = event["finish_reason"] or choice["finish_reason"]
-                    if event.get("logprobs"):
-                        choice.setdefault("_lp", []).extend(event["logprobs"])
-        except BaseException:
-            stream.cancel()
-            raise
+                    texts[event.index].append(event.text)
+                    logprobs[event.index].extend(event.logprobs or ())
+                    finish[event.index] = event.finish_reason or finish[event.index]
+        choices = [ChoiceDelta(i, "".join(texts[i]), tuple(logprobs[i]) or None, finish[i]) for i in range(n)]
         return choices, usage
 
     async def stream_events(
-        self, stream: Any, deadline: float, chunk: Any, include_usage: bool, chat: bool, arrived: float,
+        self, events: Events, deadline: float, chunk: Any, include_usage: bool, chat: bool, arrived: float,
     ) -> AsyncIterator[str]:
         """SSE lines from router events; an error mid-stream becomes an error event.
 
-        `arrived`: when the request reached this replica (for the first-chunk histogram).
+        `chunk(choices, usage)`: the chunk object; `arrived`: when the request reached
+        this replica (for the first-chunk histogram).
         """
         first = True
+        offsets: dict[int, int] = {}  # characters sent per choice (completions' text_offset)
         if chat:
             yield sse(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                               "logprobs": None, "finish_reason": None}]))
         try:
-            async with asyncio.timeout_at(deadline):
-                async for event in stream:
-                    if event["kind"] == "usage":
+            async with aclosing(events), asyncio.timeout_at(deadline):
+                async for event in events:
+                    if isinstance(event, Usage):
                         if include_usage:
-                            usage = usage_dict(event["prompt_tokens"], event["completion_tokens"])
-                            yield sse(chunk([], usage))
+                            yield sse(chunk([], event))
                         continue
-                    lp = {"content": event["logprobs"]} if chat and event.get("logprobs") else None
-                    body = ({"delta": {"content": event["text"]}} if chat else {"text": event["text"]})
-                    yield sse(chunk([{"index": event["index"], **body, "logprobs": lp,
-                                      "finish_reason": event["finish_reason"]}]))
+                    offset = offsets.get(event.index, 0)
+                    offsets[event.index] = offset + len(event.text)
+                    yield sse(chunk([choice_dict(chat, True, event, offset)]))
                     if first:
                         first = False
                         self.metrics.observe("splitvl_ingress_time_to_first_chunk_seconds",
                                              time.monotonic() - arrived, FINE_LATENCY_BUCKETS)
         except asyncio.CancelledError:
-            stream.cancel()
             raise
         except BaseException as exc:  # headers are sent: report in-band
-            stream.cancel()
             yield sse(as_api_error(exc).body())
         yield "data: [DONE]\n\n"
 
@@ -310,51 +262,32 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
             except ValidationError as exc:
                 raise pydantic_error_to_api(exc) from None
             ingress.check_model(req.model)
-            stream, _, deadline = await ingress.open_stream("chat" if chat else "complete", req)
+            events, deadline = await ingress.open_stream(req)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return error_response(as_api_error(exc))
         rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
         if req.stream:
-            make = chat_chunk if chat else completion_chunk
 
-            def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
-                return make(rid, ingress.model_id, created, choices, usage)
+            def chunk(choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+                return completion_object(chat, True, rid, ingress.model_id, created, choices, usage)
 
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                ingress.stream_events(stream, deadline, chunk, include_usage, chat, arrived),
+                ingress.stream_events(events, deadline, chunk, include_usage, chat, arrived),
                 media_type="text/event-stream",
             )
         try:
-            choices, usage = await ingress.collect(stream, req.n, deadline)
+            choices, usage = await ingress.collect(events, req.n, deadline)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return error_response(as_api_error(exc))
-        for c in choices:
-            lp = c.pop("_lp", None)
-            if lp:
-                c["logprobs"] = {"content": lp} if chat else _completion_logprobs(lp)
-        build = chat_response if chat else completion_response
-        return JSONResponse(build(rid, ingress.model_id, choices, usage))
+        body = [choice_dict(chat, False, c) for c in choices]
+        return JSONResponse(completion_object(chat, False, rid, ingress.model_id, created, body, usage))
 
     return app
-
-
-def _completion_logprobs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Chat-style logprob items -> the legacy completions `logprobs` object."""
-    offsets, pos = [], 0
-    for item in items:
-        offsets.append(pos)
-        pos += len(item["token"])
-    return {
-        "tokens": [i["token"] for i in items],
-        "token_logprobs": [i["logprob"] for i in items],
-        "top_logprobs": [{t["token"]: t["logprob"] for t in i["top_logprobs"]} for i in items],
-        "text_offset": offsets,
-    }
 
 
 IngressDeployment = serve.ingress()(OpenAIIngress)

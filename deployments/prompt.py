@@ -4,43 +4,20 @@ Chat messages are rendered with the checkpoint's chat template (image parts as
 `{"type": "image"}`, which Qwen templates turn into
 `<|vision_start|><|image_pad|><|vision_end|>`), tokenized, and each image's
 single `<|image_pad|>` is expanded to its token count. Deployment limits that
-the schema cannot know (max_tokens_limit, max_n, stop strings, context length)
-are checked here.
+the schema cannot know (max_tokens_limit, max_n, stop strings) are checked here;
+the context length is the engine's check (`engine.validation`), which the LLM
+replica answers as a 400 with code `context_length_exceeded`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from deployments.config import LimitsConfig
 from deployments.errors import InvalidRequestError
 from deployments.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, SamplingFields, VideoPart
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingRequest:
-    """Sampling settings in engine terms (`engine.SamplingParams` field names)."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    min_p: float
-    seed: int | None
-    presence_penalty: float
-    frequency_penalty: float
-    repetition_penalty: float
-    stop_token_ids: tuple[int, ...]
-    ignore_eos: bool
-    logprobs: int | None
-
-    def as_dict(self, seed_offset: int = 0) -> dict[str, Any]:
-        out = {f: getattr(self, f) for f in self.__slots__}
-        out["stop_token_ids"] = list(self.stop_token_ids)
-        if self.seed is not None:
-            out["seed"] = self.seed + seed_offset
-        return out
+from engine.errors import EngineInputError
+from engine.sampling_params import SamplingParams
 
 
 def template_messages(request: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -111,7 +88,6 @@ def expand_image_pads(ids: list[int], image_token_id: int | tuple[int, ...], cou
         InvalidRequestError: the prompt holds a different number of image
             placeholders than images (e.g. the text spells the special token).
     """
-    from engine.errors import EngineInputError
     from engine.positions import expand_image_placeholders
 
     try:
@@ -137,42 +113,36 @@ def check_limits(request: SamplingFields, limits: LimitsConfig) -> None:
         )
 
 
-def sampling_request(
+def sampling_params(
     request: ChatCompletionRequest | CompletionRequest, prompt_len: int, max_model_len: int,
-    limits: LimitsConfig, vocab_size: int,
-) -> SamplingRequest:
-    """Sampling settings, with max_tokens defaulted to what the context leaves."""
-    if prompt_len >= max_model_len:
-        raise InvalidRequestError(
-            f"the prompt is {prompt_len} tokens; this model's context is {max_model_len} tokens",
-            "messages" if isinstance(request, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
-    room = max_model_len - prompt_len
+    limits: LimitsConfig, vocab_size: int, seed_offset: int = 0,
+) -> SamplingParams:
+    """The engine's sampling settings for one choice of `request`.
+
+    Without max_tokens a request gets what the context leaves (the engine's default),
+    at most `limits.max_tokens_limit`. `seed_offset` makes the choices of a seeded
+    request differ from each other and stay reproducible.
+    """
     max_tokens = request.requested_max_tokens
-    if max_tokens is None:
-        max_tokens = min(room, limits.max_tokens_limit)
-    elif max_tokens > room:
-        raise InvalidRequestError(
-            f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) exceeds the context "
-            f"length {max_model_len}",
-            "max_tokens",
-            code="context_length_exceeded",
-        )
+    if max_tokens is None and limits.max_tokens_limit < max_model_len - prompt_len:
+        max_tokens = limits.max_tokens_limit
     stop_ids = tuple(request.stop_token_ids or ())
     if any(not 0 <= t < vocab_size for t in stop_ids):
         raise InvalidRequestError(f"stop_token_ids must be in [0, {vocab_size})", "stop_token_ids")
-    return SamplingRequest(
-        max_tokens=max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        min_p=request.min_p,
-        seed=request.seed,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty,
-        stop_token_ids=stop_ids,
-        ignore_eos=request.ignore_eos,
-        logprobs=request.num_logprobs,
-    )
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            min_p=request.min_p,
+            seed=None if request.seed is None else request.seed + seed_offset,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            repetition_penalty=request.repetition_penalty,
+            stop_token_ids=stop_ids,
+            ignore_eos=request.ignore_eos,
+            logprobs=request.num_logprobs,
+        )
+    except EngineInputError as exc:
+        raise InvalidRequestError(str(exc), exc.param, code=exc.code) from None

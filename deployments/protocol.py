@@ -2,18 +2,21 @@
 
 Requests validate what does not depend on the deployment (types, ranges);
 deployment limits (max_tokens_limit, max_n, max images...) are checked by the
-router. Unknown top-level fields are ignored, as OpenAI-compatible servers do,
+router. The response builders at the end are the one place router events and
+logprobs take OpenAI's shapes. Unknown top-level fields are ignored, as OpenAI-compatible servers do,
 but malformed known fields (an `image_url` string instead of an object, an
 unknown role) are 400s.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.messages import ChoiceDelta, TextLogprob, Usage
 
 
 # Fields other OpenAI-compatible servers implement and this one does not, each
@@ -239,90 +242,59 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def now() -> int:
-    return int(time.time())
-
-
-def usage_dict(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage_dict(usage: Usage) -> dict[str, int]:
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.prompt_tokens + usage.completion_tokens,
     }
 
 
-def chat_response(
-    rid: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]
-) -> dict[str, Any]:
-    """A `chat.completion` object; choices hold index, text, finish_reason, logprobs."""
+def openai_logprobs(items: Sequence[TextLogprob], chat: bool, text_offset: int = 0) -> dict[str, Any]:
+    """Logprobs in OpenAI's shape: chat's `{"content": [...]}`, or the legacy completions object.
+
+    text_offset: characters of the choice's text before these tokens (completions' `text_offset`).
+    """
+    if chat:
+        return {"content": [
+            {"token": i.token, "logprob": i.logprob, "bytes": list(i.token.encode()),
+             "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in i.top]}
+            for i in items
+        ]}
+    offsets = []
+    for item in items:
+        offsets.append(text_offset)
+        text_offset += len(item.token)
     return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": now(),
-        "model": model,
-        "choices": [
-            {
-                "index": c["index"],
-                "message": {"role": "assistant", "content": c["text"]},
-                "logprobs": c.get("logprobs"),
-                "finish_reason": c["finish_reason"],
-            }
-            for c in choices
-        ],
-        "usage": usage,
+        "tokens": [i.token for i in items],
+        "token_logprobs": [i.logprob for i in items],
+        "top_logprobs": [dict(i.top) for i in items],
+        "text_offset": offsets,
     }
 
 
-def chat_chunk(
-    rid: str, model: str, created: int, choices: list[dict[str, Any]], usage: dict[str, int] | None = None
+def choice_dict(chat: bool, stream: bool, delta: ChoiceDelta, text_offset: int = 0) -> dict[str, Any]:
+    """One choice of a response (stream False) or chunk (stream True); `delta` holds its text so far."""
+    if not chat:
+        body: dict[str, Any] = {"text": delta.text}
+    elif stream:
+        body = {"delta": {"content": delta.text}}
+    else:
+        body = {"message": {"role": "assistant", "content": delta.text}}
+    logprobs = openai_logprobs(delta.logprobs, chat, text_offset) if delta.logprobs else None
+    return {"index": delta.index, **body, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+
+def completion_object(
+    chat: bool, stream: bool, rid: str, model: str, created: int,
+    choices: list[dict[str, Any]], usage: Usage | None = None,
 ) -> dict[str, Any]:
-    """A `chat.completion.chunk`; each choice dict is already in OpenAI shape."""
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
+    """A `chat.completion`, `chat.completion.chunk` or `text_completion` object."""
+    kind = ("chat.completion.chunk" if stream else "chat.completion") if chat else "text_completion"
+    out: dict[str, Any] = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices}
     if usage is not None:
-        chunk["usage"] = usage
-    return chunk
-
-
-def completion_response(
-    rid: str, model: str, choices: list[dict[str, Any]], usage: dict[str, int]
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": [
-            {
-                "index": c["index"],
-                "text": c["text"],
-                "logprobs": c.get("logprobs"),
-                "finish_reason": c["finish_reason"],
-            }
-            for c in choices
-        ],
-        "usage": usage,
-    }
-
-
-def completion_chunk(
-    rid: str, model: str, created: int, choices: list[dict[str, Any]], usage: dict[str, int] | None = None
-) -> dict[str, Any]:
-    chunk: dict[str, Any] = {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+        out["usage"] = usage_dict(usage)
+    return out
 
 
 def models_response(model_id: str, created: int) -> dict[str, Any]:

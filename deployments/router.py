@@ -1,20 +1,21 @@
-"""The Router deployment: request -> prompt ids + image embeddings -> LLM stream -> text.
+"""The router: request -> prompt ids + image embeddings -> LLM stream -> text.
 
+It lives in each ingress replica (`OpenAIIngress` builds one over the vision and
+LLM handles): no Serve hop between ingress and router, per request or per token.
 Per request: deployment limits, chat template + tokenization, images loaded
 (`deployments.media`) and checked, placeholders expanded, then for every image
 the embedding cache is asked for an ObjectRef; a miss preprocesses the image
 and calls `vision.encode`, converting its `DeploymentResponse` to an ObjectRef
 without awaiting the result. The refs go to `llm.generate` as they are, so the
 embedding bytes travel encoder -> object store -> LLM replica and this process
-never deserializes them. Token ids stream back; each choice is detokenized
+never deserializes them. `TokenDelta`s stream back; each choice is detokenized
 incrementally with stop strings applied.
 
-`chat` / `complete` are async generators of plain-dict events:
-`{"kind": "start", "prompt_tokens"}` once the LLM has sent its first event, then
-`{"kind": "delta", "index", "text", "logprobs", "finish_reason"}` and finally
-`{"kind": "usage", "prompt_tokens", "completion_tokens"}`. Errors before
-"start" are typed `APIError`s the ingress maps to a status: bad input (4xx),
-an overloaded LLM deployment (its `max_queued_requests` exceeded: 503 with
+`chat` / `complete` are async generators of `deployments.messages.RouterEvent`s:
+`Start` once the LLM has sent its first delta, then `ChoiceDelta`s, finally
+`Usage`. Errors before `Start` are typed `APIError`s the ingress maps to a
+status: bad input (4xx, the engine's context-length check included), an
+overloaded LLM deployment (its `max_queued_requests` exceeded: 503 with
 Retry-After), a dead replica (503). When a vision replica dies holding a
 request's encodes, the images are re-encoded and the request retried once.
 """
@@ -26,56 +27,54 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
-from deployments.config import AppConfig, ensure_checkpoint
+from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.detokenize import IncrementalDetokenizer
 from deployments.embedding_cache import EmbeddingCache, image_key, video_key
 from deployments.errors import (
-    APIError,
     EncoderUnavailableError,
     InternalServerError,
     InvalidRequestError,
     MediaError,
-    ServiceUnavailableError,
+    as_api_error,
+    is_replica_death,
 )
 from deployments.media import MediaPolicy, load_request_image, load_request_video
-from models.video_io import PreparedVideo, VideoLimits
+from deployments.messages import ChoiceDelta, RouterEvent, Start, TextLogprob, TokenDelta, Usage
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.prompt import (
-    SamplingRequest,
     chat_prompt_text,
     check_limits,
     completion_prompt_ids,
     expand_image_pads,
     expand_videos,
     media_parts,
-    sampling_request,
+    sampling_params,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from engine.sampling_params import SamplingParams
+from models.video_io import PreparedVideo, VideoLimits
 
 logger = logging.getLogger(__name__)
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
-def replica_identity(default_deployment: str) -> tuple[str, str, str]:
-    """(app name, deployment name, replica id) inside Serve, or local fallbacks."""
-    try:
-        from ray import serve
+@dataclass(frozen=True, slots=True)
+class _ChoiceDone:
+    """A choice's last word on the router's internal queue: how many tokens it generated."""
 
-        ctx = serve.get_replica_context()
-        return ctx.app_name, ctx.deployment, ctx.replica_id.unique_id
-    except Exception:  # outside a replica (unit tests)
-        return "local", default_deployment, uuid.uuid4().hex[:8]
+    index: int
+    num_tokens: int
 
 
 class Router:
-    """Serve deployment body; see the module docstring."""
+    """One ingress replica's router; see the module docstring."""
 
-    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any,
-                 metrics: MetricsRecorder | None = None):
-        """`metrics`: the recorder of the process' replica, when this router lives in the ingress'."""
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any, metrics: MetricsRecorder):
+        """`vision`, `llm`: the deployments' handles; `metrics`: the ingress replica's recorder."""
         from transformers import AutoTokenizer
 
         from models.config import load_model_config
@@ -102,10 +101,7 @@ class Router:
         self.cache = EmbeddingCache(self.config.embedding_cache_bytes)
         self._settings = repr(self.processor) if self.processor is not None else ""
         self._video_settings = repr(self.video_processor) if self.video_processor is not None else ""
-        app, deployment, replica = replica_identity("Router")
-        self.metrics = metrics or MetricsRecorder(deployment, replica)
-        self._app_name = app
-        self._metrics_task: asyncio.Task | None = None
+        self.metrics = metrics
         self._set_pil_bomb_guard()
 
     def _set_pil_bomb_guard(self) -> None:
@@ -115,14 +111,9 @@ class Router:
 
         PIL.Image.MAX_IMAGE_PIXELS = self.limits.max_image_pixels
 
-    def _ensure_metrics(self) -> None:
-        if self._metrics_task is None:
-            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
-
     # ------------------------------------------------------------ entry points
 
-    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        self._ensure_metrics()
+    async def chat(self, request: ChatCompletionRequest) -> AsyncIterator[RouterEvent]:
         start = time.monotonic()
         check_limits(request, self.limits)
         media = media_parts(request)
@@ -141,10 +132,10 @@ class Router:
         # their embeddings; re-encode (on a live replica) and retry once.
         attempts = 2 if images else 1
         for attempt in range(attempts):
-            events: AsyncIterator[dict[str, Any]] | None = None
+            events: AsyncIterator[RouterEvent] | None = None
             try:
                 refs, keys = await self._embed(images, counts)
-                events = self._generate(ids, sampling, refs, keys, request.n, request.stop, start)
+                events = self._generate(ids, sampling, refs, keys, request.stop, start)
                 first = await anext(events)
             except EncoderUnavailableError as exc:
                 if attempt + 1 == attempts:
@@ -160,8 +151,7 @@ class Router:
                 await events.aclose()
             return
 
-    async def complete(self, request: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-        self._ensure_metrics()
+    async def complete(self, request: CompletionRequest) -> AsyncIterator[RouterEvent]:
         start = time.monotonic()
         check_limits(request, self.limits)
         if request.echo:
@@ -170,14 +160,8 @@ class Router:
         if any(t in ids for t in self.model_config.placeholder_token_ids):
             raise InvalidRequestError("completion prompts cannot contain image or video placeholder tokens", "prompt")
         sampling = self._sampling(request, len(ids))
-        async for event in self._generate(ids, sampling, [], [], request.n, request.stop, start):
+        async for event in self._generate(ids, sampling, [], [], request.stop, start):
             yield event
-
-    def get_model_id(self) -> str:
-        return self.model_id
-
-    def accepts_images(self) -> bool:
-        return self.task.accepts_images
 
     def debug_state(self) -> dict[str, Any]:
         """What this process holds: cache value types and every live tensor's shape."""
@@ -195,10 +179,13 @@ class Router:
 
     # ------------------------------------------------------------ steps
 
-    def _sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> SamplingRequest:
-        return sampling_request(
-            request, prompt_len, self.config.llm.max_model_len, self.limits, self.model_config.text.vocab_size
-        )
+    def _sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_len: int) -> list[SamplingParams]:
+        """The engine's sampling settings of each of the request's `n` choices."""
+        return [
+            sampling_params(request, prompt_len, self.config.llm.max_model_len, self.limits,
+                            self.model_config.text.vocab_size, seed_offset=i)
+            for i in range(request.n)
+        ]
 
     def _check_media_counts(self, media: list[tuple[str, str]]) -> None:
         if media and not self.task.accepts_images:
@@ -301,48 +288,48 @@ class Router:
             # Only waits for a replica to take the call; the result stays remote.
             return await response._to_object_ref()
         except Exception as exc:
-            if _is_actor_death(exc):
+            if is_replica_death(exc):
                 raise EncoderUnavailableError(f"the vision replica died ({type(exc).__name__})") from None
             raise
 
     def _embedding_bytes(self, num_tokens: int) -> int:
         vision = self.model_config.vision
         layers = 1 + len(vision.deepstack_visual_indexes)
-        dtype = self.config.dtype if self.config.dtype != "auto" else (
-            "bfloat16" if self.config.resolved_device() == "cuda" else "float32"
-        )
+        dtype = resolve_dtype(self.config.dtype, self.config.resolved_device())
         return num_tokens * vision.out_hidden_size * layers * _DTYPE_BYTES[dtype]
 
     async def _generate(
-        self, ids: list[int], sampling: SamplingRequest, refs: list[Any], keys: list[str],
-        n: int, stop: list[str] | None, start: float,
-    ) -> AsyncIterator[dict[str, Any]]:
+        self, ids: list[int], sampling: list[SamplingParams], refs: list[Any], keys: list[str],
+        stop: list[str] | None, start: float,
+    ) -> AsyncIterator[RouterEvent]:
+        """One LLM call per choice, their deltas interleaved as they come; `Usage` last."""
         rid = uuid.uuid4().hex
         self.metrics.observe("splitvl_router_preprocess_seconds", time.monotonic() - start, FINE_LATENCY_BUCKETS)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._run_choice(f"{rid}-{i}", i, ids, sampling, refs, keys, stop, queue))
-            for i in range(n)
+            asyncio.create_task(self._run_choice(f"{rid}-{i}", i, ids, params, refs, keys, stop, queue))
+            for i, params in enumerate(sampling)
         ]
         completion_tokens = 0
         first_token_at: float | None = None
         last_token_at = start
         try:
-            # "start" waits for the LLM's first event, so that failures before
-            # any token (overload, lost embeddings, a dead replica) still reach
-            # the client as an HTTP status rather than an in-band stream error.
+            # `Start` waits for the LLM's first delta, so that failures before
+            # any token (overload, lost embeddings, a dead replica, a prompt over
+            # the context) still reach the client as an HTTP status rather than
+            # an in-band stream error.
             pending = [await queue.get()]
             if not isinstance(pending[0], BaseException):
-                yield {"kind": "start", "prompt_tokens": len(ids)}
+                yield Start(prompt_tokens=len(ids))
             done = 0
-            while done < n:
+            while done < len(sampling):
                 event = pending.pop() if pending else await queue.get()
                 if isinstance(event, BaseException):
                     for key in keys:  # a failed encode must not stay cached
                         self.cache.pop(key)
                     raise event
-                if event["kind"] == "done":
-                    completion_tokens += event["num_tokens"]
+                if isinstance(event, _ChoiceDone):
+                    completion_tokens += event.num_tokens
                     done += 1
                     continue
                 event = _merge_waiting_deltas(event, queue, pending)
@@ -359,107 +346,75 @@ class Router:
                 task.cancel()
         self.metrics.inc("splitvl_prompt_tokens_total", len(ids))
         self.metrics.inc("splitvl_generation_tokens_total", completion_tokens)
-        yield {"kind": "usage", "prompt_tokens": len(ids), "completion_tokens": completion_tokens}
+        yield Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
 
     async def _run_choice(
-        self, request_id: str, index: int, ids: list[int], sampling: SamplingRequest,
+        self, request_id: str, index: int, ids: list[int], sampling: SamplingParams,
         refs: list[Any], keys: list[str], stop: list[str] | None, queue: asyncio.Queue,
     ) -> None:
-        """Stream one choice from the LLM into `queue` (deltas, then a "done" event)."""
+        """Stream one choice from the LLM into `queue`: `ChoiceDelta`s, then `_ChoiceDone` (or an error)."""
         detok = IncrementalDetokenizer(self.tokenizer, stop, prompt_tail=ids[-8:])
         sent = time.monotonic()
-        stream = self.llm.generate.options(stream=True).remote(
-            request_id, ids, sampling.as_dict(seed_offset=index), refs or None, keys or None
-        )
+        stream = self.llm.generate.options(stream=True).remote(request_id, ids, sampling, refs or None, keys or None)
         finished = engine_done = False
         try:
+            out: TokenDelta
             async for out in stream:
-                if "server_s" in out:
+                if out.server_s is not None:
                     self.metrics.observe("splitvl_llm_call_overhead_seconds",
-                                         max(0.0, time.monotonic() - sent - out["server_s"]), FINE_LATENCY_BUCKETS)
-                reason = out.get("finish_reason")
+                                         max(0.0, time.monotonic() - sent - out.server_s), FINE_LATENCY_BUCKETS)
+                reason = out.finish_reason
                 engine_done = reason is not None
                 if reason in ("error", "abort"):
-                    detail = out.get("error") or reason
-                    raise InternalServerError(f"the engine ended the request: {detail}")
-                delta = detok.add(out["token_ids"], final=reason is not None)
+                    raise InternalServerError(f"the engine ended the request: {out.error or reason}")
+                delta = detok.add(list(out.token_ids), final=reason is not None)
                 if delta.stopped:
                     reason = "stop"
-                logprobs = self._logprobs(out.get("logprobs"), len(out["token_ids"]))
+                logprobs = self._logprobs(out, len(out.token_ids))
                 if delta.text or reason is not None or logprobs:
-                    await queue.put({"kind": "delta", "index": index, "text": delta.text,
-                                     "logprobs": logprobs, "finish_reason": reason})
+                    await queue.put(ChoiceDelta(index, delta.text, logprobs, reason))
                 if reason is not None:
                     finished = True
                     break
             if not finished:
                 raise InternalServerError("the LLM stream ended without a finish reason")
-            await queue.put({"kind": "done", "index": index, "num_tokens": detok.num_tokens})
+            await queue.put(_ChoiceDone(index, detok.num_tokens))
         except asyncio.CancelledError:
             raise
-        except APIError as exc:
-            await queue.put(exc)
         except Exception as exc:
-            await queue.put(_wrap_remote_error(exc))
+            await queue.put(as_api_error(exc))
         finally:
             if not engine_done:  # cancelled, failed or stopped by a stop string: abort it
                 stream.cancel()
 
-    def _logprobs(self, raw: Any, num_new: int) -> list[dict[str, Any]] | None:
-        """Engine logprobs ([{"token_id", "logprob", "top": [(id, lp)...]}]) -> OpenAI content items."""
-        if not raw:
+    def _logprobs(self, out: TokenDelta, num_new: int) -> tuple[TextLogprob, ...] | None:
+        """The engine's logprobs of the delta's tokens, decoded."""
+        if not out.logprobs or not num_new:
             return None
-        items = []
-        for entry in raw[-num_new:] if num_new else []:
-            token = self.tokenizer.decode([entry["token_id"]])
-            items.append({
-                "token": token,
-                "logprob": float(entry["logprob"]),
-                "bytes": list(token.encode()),
-                "top_logprobs": [
-                    {"token": (t := self.tokenizer.decode([tid])), "logprob": float(lp), "bytes": list(t.encode())}
-                    for tid, lp in entry.get("top", [])
-                ],
-            })
-        return items
+
+        def text(token_id: int) -> str:
+            return self.tokenizer.decode([int(token_id)])
+
+        return tuple(
+            TextLogprob(text(lp.token_id), float(lp.logprob),
+                        tuple((text(t), float(v)) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)))
+            for lp in out.logprobs[-num_new:]
+        )
 
 
-_ACTOR_DEATH = ("ActorDied", "ActorUnavailable", "ActorError", "ObjectLost", "OwnerDied", "ObjectReconstruction")
-
-
-def _merge_waiting_deltas(event: dict[str, Any], queue: asyncio.Queue, pending: list) -> dict[str, Any]:
+def _merge_waiting_deltas(event: ChoiceDelta, queue: asyncio.Queue, pending: list) -> ChoiceDelta:
     """Fold the deltas of the same choice already waiting in `queue` into `event`.
 
-    Under load the stream to the client lags the engine; one chunk per waiting
-    delta would cost a Serve hop each. Anything else goes back to `pending`.
+    Under load the stream to the client lags the engine; an SSE chunk per waiting
+    delta would only add to the lag. Anything else goes back to `pending`.
     """
-    while event["finish_reason"] is None and not queue.empty():
+    while event.finish_reason is None and not queue.empty():
         nxt = queue.get_nowait()
-        if isinstance(nxt, BaseException) or nxt["kind"] != "delta" or nxt["index"] != event["index"]:
+        if not isinstance(nxt, ChoiceDelta) or nxt.index != event.index:
             pending.append(nxt)
             break
         logprobs = None
-        if event["logprobs"] is not None or nxt["logprobs"] is not None:
-            logprobs = (event["logprobs"] or []) + (nxt["logprobs"] or [])
-        event = {**nxt, "text": event["text"] + nxt["text"], "logprobs": logprobs}
+        if event.logprobs is not None or nxt.logprobs is not None:
+            logprobs = (event.logprobs or ()) + (nxt.logprobs or ())
+        event = ChoiceDelta(event.index, event.text + nxt.text, logprobs, nxt.finish_reason)
     return event
-
-
-def _is_actor_death(exc: BaseException) -> bool:
-    return any(k in type(exc).__name__ for k in _ACTOR_DEATH)
-
-
-def _wrap_remote_error(exc: BaseException) -> APIError:
-    """Map Ray/Serve failures of the LLM or vision call to an APIError."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, APIError):
-        return cause
-    if isinstance(exc, APIError):
-        return exc
-    name = type(exc).__name__
-    if "BackPressure" in name:
-        return ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
-    if _is_actor_death(exc) or "DeploymentUnavailable" in name:
-        return ServiceUnavailableError(f"a model replica is unavailable ({name}); retry the request")
-    logger.exception("generation failed", exc_info=exc)
-    return InternalServerError(f"generation failed ({name})")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from ray import serve
 
-from deployments.config import AppConfig, ensure_checkpoint
+from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from engine.transport import dtype_name, from_numpy, to_numpy
 from models.processor import ImageProcessor
@@ -50,12 +50,6 @@ class ImageEmbedding:
 
 def _rebuild_image_embedding(embeds: Any, deepstack: Any, dtype: str, grid_thw: tuple[int, int, int]) -> ImageEmbedding:
     return ImageEmbedding(from_numpy(embeds, dtype), from_numpy(deepstack, dtype), tuple(grid_thw))
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def split_outputs(
@@ -93,7 +87,7 @@ class VisionEncoder:
         model_config = load_model_config(path)
         # Ray hands a GPU to this replica only when it asked for one.
         self.device = "cuda" if config.vision.num_gpus > 0 and config.device != "cpu" else "cpu"
-        dtype = resolve_dtype(config.dtype, self.device)
+        dtype = getattr(torch, resolve_dtype(config.dtype, self.device))
         self.model = build_vision_model(model_config, dtype, self.device)
         self.model.load_weights(_checkpoint_reader(path))
         self.processor = ImageProcessor.from_pretrained(path)
@@ -101,19 +95,13 @@ class VisionEncoder:
         self.merge_unit = model_config.vision.spatial_merge_size**2
         self.encode.set_max_batch_size(config.vision.max_batch_size)
         self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
-        from deployments.router import replica_identity
-
-        app, deployment, replica = replica_identity("VisionEncoder")
-        self.metrics = MetricsRecorder(deployment, replica)
-        self._app_name = app
-        self._metrics_task: asyncio.Task | None = None
+        self.metrics = MetricsRecorder.for_replica("VisionEncoder")
         self.images_processed = 0
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3]); Serve hands this method a batch of calls."""
-        if self._metrics_task is None:
-            self._metrics_task = self.metrics.start_pushing(self._app_name) or asyncio.sleep(0)
+        self.metrics.start_pushing()
         start = time.monotonic()
         results = await asyncio.to_thread(self._run, images)
         self.images_processed += len(images)

@@ -2,7 +2,8 @@
 
 It implements `engine.Engine`'s interface (add_request -> async iterator of
 RequestOutput, abort, is_healthy, stats, shutdown) with a deterministic token
-rule instead of a model, and records what it received (prompt ids, the image
+rule instead of a model; requests go through the engine's own validation
+(`engine.validation`, the one context-length check), and it records what it received (prompt ids, the image
 embeddings) so tests can compare the data path against an
 independent computation. Real-model serving is tested with `engine.Engine`.
 """
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.sequence import MultimodalInputs, RequestOutput
+from engine.validation import validate_request
+from models.config import load_model_config
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,14 +39,24 @@ class ScriptedEngine:
 
     def __init__(self, config: ScriptedEngineConfig):
         self.config = config
+        self.model_config = load_model_config(config.model)
         self.requests: dict[str, dict[str, Any]] = {}
         self.aborted: list[str] = []
         self.running: set[str] = set()
         self.finished: set[str] = set()
         self.max_running = 0  # most requests this engine ever held at once
 
-    async def add_request(
+    def add_request(
         self, request_id: str, prompt_token_ids: list[int], mm_inputs: MultimodalInputs | None, sampling: Any
+    ) -> AsyncIterator[RequestOutput]:
+        # Raises before anything is queued, as the engine does; no KV cache: only max_model_len bounds.
+        limit = self.config.max_model_len
+        checked = validate_request(self.model_config, limit, limit, prompt_token_ids, mm_inputs, sampling)
+        return self._stream(request_id, prompt_token_ids, mm_inputs, checked.max_tokens, sampling)
+
+    async def _stream(
+        self, request_id: str, prompt_token_ids: list[int], mm_inputs: MultimodalInputs | None,
+        max_tokens: int, sampling: Any,
     ) -> AsyncIterator[RequestOutput]:
         self.requests[request_id] = {
             "prompt_token_ids": list(prompt_token_ids),
@@ -54,7 +67,7 @@ class ScriptedEngine:
         }
         self.running.add(request_id)
         self.max_running = max(self.max_running, len(self.running))
-        tokens = script_tokens(prompt_token_ids, sampling.max_tokens)
+        tokens = script_tokens(prompt_token_ids, max_tokens)
         try:
             for i, token in enumerate(tokens):
                 await asyncio.sleep(self.token_delay_s)

@@ -1,5 +1,6 @@
 """Router fault paths without Ray: in-process stand-ins for the vision and LLM handles, the real
-`Router` and `LLMServer` (with the scripted engine) in between."""
+`Router` and `LLMServer` (with the scripted engine) in between. Outside Serve the metrics
+recorders have no app to push to."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 from deployments.llm import LLMServer
+from deployments.messages import ChoiceDelta, Start, Usage
+from deployments.metrics import MetricsRecorder
 from deployments.protocol import ChatCompletionRequest
 from deployments.router import Router
 from deployments.vision import ImageEmbedding
@@ -113,12 +116,10 @@ def make_router(tiny_checkpoint):
 
     def make(script: list[str]) -> tuple[Router, _Vision, LLMServer]:
         server = LLMServer(config, engine_cls=ScriptedEngine)
-        server._metrics_task = object()  # no metrics hub (no Ray)
-        vision_config = Router(config, None, None).model_config.vision
+        metrics = MetricsRecorder("OpenAIIngress", "test")
+        vision_config = Router(config, None, None, metrics).model_config.vision
         vision = _Vision(vision_config.out_hidden_size, len(vision_config.deepstack_visual_indexes), script)
-        router = Router(config, vision, _LLM(server))
-        router._metrics_task = object()
-        return router, vision, server
+        return Router(config, vision, _LLM(server), metrics), vision, server
 
     return make
 
@@ -135,7 +136,7 @@ async def test_retry_reencodes_images_lost_with_the_replica_that_refused_the_nex
     again, not reuse image 1's lost result from the cache."""
     router, vision, server = make_router(["lost", "dead"])
     events = [e async for e in router.chat(_two_image_chat())]
-    assert [e["kind"] for e in events][0] == "start" and events[-1]["kind"] == "usage"
-    assert events[-2]["finish_reason"] == "length"
+    assert isinstance(events[0], Start) and isinstance(events[-1], Usage)
+    assert isinstance(events[-2], ChoiceDelta) and events[-2].finish_reason == "length"
     assert vision.calls == 4  # 2 on the failed attempt, 2 on the retry
     assert len(server.engine.requests) == 1 and not server.engine.aborted  # one engine request, finished

@@ -2,8 +2,8 @@
 
 One app per module: 2 VisionEncoder replicas (the real tiny ViT), 1 LLMServer
 replica with the contract-conforming `ScriptedEngine` (its tokens are a pure
-function of the prompt, so the expected text is computable here), a Router and
-the ingress; the whole module runs again with the router inside the ingress. References are computed independently in the test: prompt ids
+function of the prompt, so the expected text is computable here), and the
+ingress with its router. References are computed independently in the test: prompt ids
 from the tokenizer's own chat template + the processor's token counts, image
 embeddings from running the vision tower directly.
 """
@@ -32,13 +32,8 @@ def ckpt(tiny_checkpoint):
     return tiny_checkpoint("qwen3_vl")
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["router-deployment", "router-in-ingress"])
-def router_in_ingress(request):
-    return request.param
-
-
 @pytest.fixture(scope="module")
-def base_url(serve_instance, ckpt, router_in_ingress):
+def base_url(serve_instance, ckpt):
     from ray import serve
 
     from deployments.app import bind_app
@@ -48,7 +43,6 @@ def base_url(serve_instance, ckpt, router_in_ingress):
         "model": str(ckpt), "model_id": MODEL_ID, "device": "cpu", "dtype": "float32",
         "vision": {"num_replicas": 2, "num_cpus": 0.1, "max_batch_size": 4, "batch_wait_timeout_s": 0.05},
         "llm": {"num_replicas": 1, "num_cpus": 0.1, "max_model_len": 512},
-        "router_in_ingress": router_in_ingress,
         "limits": {"allowed_media_networks": ["127.0.0.1/32"], "max_images_per_request": 3,
                    "max_image_pixels": 1_000_000, "max_request_bytes": 200_000, "max_tokens_limit": 64,
                    "max_n": 2, "max_stop_strings": 2, "media_fetch_timeout_s": 2.0},
@@ -215,7 +209,7 @@ def test_same_image_twice_hits_the_cache(client, base_url):
     assert after["splitvl_vision_images_total"] == before["splitvl_vision_images_total"]
 
 
-def test_concurrent_images_over_two_vision_replicas(base_url, reference, router_in_ingress):
+def test_concurrent_images_over_two_vision_replicas(base_url, reference):
     from ray import serve
 
     images = [png_bytes(32 + 32 * (i % 3), 64, (i * 20, 100, 200 - i * 10)) for i in range(8)]
@@ -234,8 +228,7 @@ def test_concurrent_images_over_two_vision_replicas(base_url, reference, router_
         assert resp.choices[0].message.content == reference.text(ids, 4)
         torch.testing.assert_close(llm_request(ids)["image_embeds"], reference.embeds([image])[0],
                                    atol=1e-5, rtol=1e-4)
-    holder = "OpenAIIngress" if router_in_ingress else "Router"
-    state = serve.get_deployment_handle(holder, APP).debug_state.remote().result()
+    state = serve.get_deployment_handle("OpenAIIngress", APP).debug_state.remote().result()
     assert state["cache_value_types"] == ["ObjectRef"]
     out_hidden = 64  # the tiny ViT's out_hidden_size: no tensor of that width lives in the router
     assert not [s for s in state["live_tensor_shapes"] if s and s[-1] == out_hidden]

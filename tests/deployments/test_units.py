@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from deployments.config import AppConfig, args_from_serve_yaml
 from deployments.detokenize import IncrementalDetokenizer
 from deployments.embedding_cache import EmbeddingCache
-from deployments.errors import InvalidRequestError, RateLimitError, pydantic_error_to_api
+from deployments.errors import InvalidRequestError, ServiceUnavailableError, pydantic_error_to_api
 from deployments.metrics import MetricsRecorder, parse_prometheus, render_prometheus
-from deployments.prompt import chat_prompt_ids, check_limits, expand_image_pads, sampling_request
+from deployments.prompt import chat_prompt_ids, check_limits, expand_image_pads, sampling_params
 from deployments.protocol import ChatCompletionRequest
 from deployments.config import LimitsConfig
 
@@ -49,14 +49,23 @@ def test_config_alias_and_defaults(tmp_path, monkeypatch):
     assert AppConfig.model_validate({"model": str(tmp_path), "api_key": "k2"}).resolved_api_key() == "k2"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_removed_router_in_ingress_key_is_refused(tmp_path):
+    """One Serve graph: the router always runs in the ingress; the old switch is a typo-style error."""
+    for key, value in (("router_in_ingress", True), ("router_replicas", 2)):
+        with pytest.raises(ValidationError, match=f"{key}\n  Extra inputs are not permitted"):
+            AppConfig.model_validate({"model": str(tmp_path), key: value})
+
+
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob("**/*.yaml")
+                                        if "cluster" not in p.parts))
 def test_shipped_configs_validate(name):
     import yaml
 
     data = yaml.safe_load((CONFIGS / name).read_text())
     args = args_from_serve_yaml(data)
-    if args.get("model") and not Path(args["model"]).expanduser().exists():
-        args = {**args, "model": None, "create_tiny_if_missing": "qwen3_vl"}  # weights not on CI
+    if not args.get("model") or not Path(args["model"]).expanduser().exists():
+        # Weights not on CI; the bench configs get their model from bench/serve.py.
+        args = {**args, "model": None, "create_tiny_if_missing": args.get("create_tiny_if_missing", "qwen3_vl")}
     AppConfig.model_validate(args)
     assert data["applications"][0]["import_path"] == "deployments.app:build_app"
 
@@ -92,12 +101,37 @@ def test_limits():
             check_limits(ChatCompletionRequest.model_validate({"messages": msg, **extra}), limits)
         assert info.value.param == param
     req = ChatCompletionRequest.model_validate({"messages": msg})
-    assert sampling_request(req, 10, 64, limits, 1000).max_tokens == 54  # what the context leaves
-    with pytest.raises(InvalidRequestError, match="context"):
-        sampling_request(req, 64, 64, limits, 1000)
-    req = ChatCompletionRequest.model_validate({"messages": msg, "max_tokens": 60})
-    with pytest.raises(InvalidRequestError, match="exceeds the context"):
-        sampling_request(req, 10, 64, limits, 1000)
+    # Without max_tokens: what the context leaves (None: the engine's own default), capped by the limit.
+    assert sampling_params(req, 10, 64, limits, 1000).max_tokens is None
+    assert sampling_params(req, 10, 500, limits, 1000).max_tokens == 100
+    req = ChatCompletionRequest.model_validate({"messages": msg, "max_tokens": 60, "seed": 7,
+                                                "stop_token_ids": [3], "temperature": 0.5})
+    params = sampling_params(req, 10, 64, limits, 1000, seed_offset=2)
+    assert (params.max_tokens, params.seed, params.stop_token_ids, params.temperature) == (60, 9, (3,), 0.5)
+    with pytest.raises(InvalidRequestError, match="stop_token_ids"):
+        sampling_params(req.model_copy(update={"stop_token_ids": [1000]}), 10, 64, limits, 1000)
+
+
+def test_engine_context_length_error_is_the_400_with_its_code(tiny_checkpoint):
+    """The engine's check is the one context-length check; LLMServer answers it as a 400 envelope."""
+    import asyncio
+
+    from deployments.llm import LLMServer
+    from engine.sampling_params import SamplingParams
+    from tests.deployments.scripted_engine import ScriptedEngine
+
+    config = {"model": str(tiny_checkpoint("qwen3_vl")), "device": "cpu", "llm": {"max_model_len": 64}}
+    server = LLMServer(config, engine_cls=ScriptedEngine)
+
+    async def first(ids, max_tokens):
+        return await anext(server.generate("r", ids, SamplingParams(max_tokens=max_tokens)))
+
+    for ids, max_tokens, param in (([5] * 64, None, "prompt"), ([5] * 10, 60, "max_tokens")):
+        with pytest.raises(InvalidRequestError) as info:
+            asyncio.run(first(ids, max_tokens))
+        assert (info.value.status, info.value.code, info.value.param) == (400, "context_length_exceeded", param)
+    delta = asyncio.run(first([5] * 10, None))
+    assert delta.token_ids and delta.server_s is not None
 
 
 def test_prompt_ids_match_the_template(tokenizer):
@@ -217,8 +251,45 @@ def test_every_recorded_metric_is_described_and_documented():
 def test_errors_pickle_through_ray_boundaries():
     import pickle
 
-    err = pickle.loads(pickle.dumps(RateLimitError("slow down", param="x")))
-    assert err.status == 429 and err.param == "x" and err.body()["error"]["code"] == "rate_limit_exceeded"
+    err = pickle.loads(pickle.dumps(ServiceUnavailableError("busy", param="x", code="overloaded")))
+    assert err.status == 503 and err.param == "x" and err.body()["error"]["code"] == "overloaded"
+
+
+class ActorDiedError(Exception):
+    """Named like Ray's."""
+
+
+class ObjectLostError(Exception):
+    """Named like Ray's."""
+
+
+class BackPressureError(Exception):
+    """Named like Serve's."""
+
+
+class RayTaskError(Exception):
+    """Ray's wrapper of a remote exception: the original is its `cause`."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@pytest.mark.parametrize("exc, status, code", [
+    (InvalidRequestError("bad", "x"), 400, None),
+    (RayTaskError(InvalidRequestError("bad", "x", code="context_length_exceeded")), 400, "context_length_exceeded"),
+    (TimeoutError(), 408, "request_timeout"),
+    (BackPressureError(), 503, "overloaded"),
+    (ActorDiedError(), 503, "service_unavailable"),
+    (ObjectLostError(), 503, "service_unavailable"),
+    (RuntimeError("boom"), 500, "internal_error"),
+])
+def test_one_classifier_maps_failures_to_api_errors(exc, status, code):
+    from deployments.errors import as_api_error
+
+    err = as_api_error(exc)
+    assert (err.status, err.code) == (status, code)
+    assert "Traceback" not in err.message
 
 
 def test_cluster_files_carry_a_valid_serve_config():
@@ -296,25 +367,46 @@ def test_image_embedding_is_read_from_the_object_store_without_a_copy():
 def test_router_merges_waiting_deltas_of_one_choice():
     import asyncio
 
-    from deployments.router import _merge_waiting_deltas
+    from deployments.messages import ChoiceDelta, TextLogprob
+    from deployments.router import _ChoiceDone, _merge_waiting_deltas
 
-    def delta(index, text, finish=None, logprobs=None):
-        return {"kind": "delta", "index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    def lp(token):
+        return (TextLogprob(token, -1.0),)
 
     queue: asyncio.Queue = asyncio.Queue()
-    for item in (delta(0, "b", logprobs=[{"t": 2}]), delta(0, "c", "length", [{"t": 3}]), {"kind": "done"}):
+    done = _ChoiceDone(0, 3)
+    for item in (ChoiceDelta(0, "b", lp("b")), ChoiceDelta(0, "c", lp("c"), "length"), done):
         queue.put_nowait(item)
     pending: list = []
-    merged = _merge_waiting_deltas(delta(0, "a", logprobs=[{"t": 1}]), queue, pending)
-    assert merged == delta(0, "abc", "length", [{"t": 1}, {"t": 2}, {"t": 3}])
-    assert pending == [] and queue.get_nowait() == {"kind": "done"}  # stops at the finished delta
+    merged = _merge_waiting_deltas(ChoiceDelta(0, "a", lp("a")), queue, pending)
+    assert merged == ChoiceDelta(0, "abc", lp("a") + lp("b") + lp("c"), "length")
+    assert pending == [] and queue.get_nowait() == done  # stops at the finished delta
 
-    for item in (delta(0, "y"), delta(1, "other"), delta(0, "z")):
+    for item in (ChoiceDelta(0, "y"), ChoiceDelta(1, "other"), ChoiceDelta(0, "z")):
         queue.put_nowait(item)
-    merged = _merge_waiting_deltas(delta(0, "x"), queue, pending)
-    assert merged == delta(0, "xy") and pending == [delta(1, "other")] and queue.qsize() == 1
+    merged = _merge_waiting_deltas(ChoiceDelta(0, "x"), queue, pending)
+    assert merged == ChoiceDelta(0, "xy") and pending == [ChoiceDelta(1, "other")] and queue.qsize() == 1
     error = RuntimeError("lost")
     queue.put_nowait(error)
     held: list = []
-    assert _merge_waiting_deltas(delta(0, "q"), queue, held) == delta(0, "qz")
+    assert _merge_waiting_deltas(ChoiceDelta(0, "q"), queue, held) == ChoiceDelta(0, "qz")
     assert held == [error] and queue.empty()
+
+
+def test_logprobs_take_the_openai_shapes_in_one_place():
+    """Chat: `{"content": [...]}` with bytes; completions: the legacy parallel lists, offsets into the text."""
+    from deployments.messages import ChoiceDelta, TextLogprob
+    from deployments.protocol import choice_dict
+
+    items = (TextLogprob("Hi", -0.5, (("Hi", -0.5), ("Yo", -1.5))), TextLogprob(" é", -0.25, ((" é", -0.25),)))
+    delta = ChoiceDelta(0, "Hi é", items, "length")
+    chat = choice_dict(True, False, delta)
+    assert chat["message"] == {"role": "assistant", "content": "Hi é"} and chat["finish_reason"] == "length"
+    first = chat["logprobs"]["content"][1]
+    assert first["token"] == " é" and first["bytes"] == list(" é".encode()) and first["logprob"] == -0.25
+    assert [t["token"] for t in chat["logprobs"]["content"][0]["top_logprobs"]] == ["Hi", "Yo"]
+    legacy = choice_dict(False, True, delta, text_offset=5)["logprobs"]
+    assert legacy == {"tokens": ["Hi", " é"], "token_logprobs": [-0.5, -0.25],
+                      "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {" é": -0.25}], "text_offset": [5, 7]}
+    assert choice_dict(True, True, ChoiceDelta(1, "x")) == {"index": 1, "delta": {"content": "x"},
+                                                           "logprobs": None, "finish_reason": None}
