@@ -3,26 +3,20 @@
 // Semantics: ops/reference_linear_attn.py (causal_conv1d_fwd / _update).
 #include <c10/cuda/CUDAException.h>
 
+#include <type_traits>
+
 #include "../linear_attn_checks.h"
 #include "common.cuh"
+#include "linear_attn_common.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+constexpr int kRun = 16;  // tokens per thread of the vectorized prefill kernel
 
 __device__ __forceinline__ float silu_dev(float v) { return v / (1.f + __expf(-v)); }
-
-// Index of the sequence holding token t: the last b with cu[b] <= t (and cu[b+1] > t).
-__device__ __forceinline__ int find_sequence(const int32_t* cu, int batch, int64_t t) {
-  int lo = 0, hi = batch;  // answer in [lo, hi)
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (cu[mid] <= t) lo = mid; else hi = mid;
-  }
-  return lo;
-}
 
 struct ConvArgs {
   int64_t tokens, dim, width, x_stride, num_slots;
@@ -113,6 +107,137 @@ __global__ void conv_update_kernel(scalar_t* __restrict__ out, const scalar_t* _
   if (hist > 0) st[hist - 1] = xv;
 }
 
+// A thread per (run of kRun tokens, kVec channels), for width kWidth: the previous
+// kWidth - 1 inputs stay in registers, each input row is read once with one vector load
+// (plus kWidth - 1 rows of history at the run start). Runs may cross sequence ends.
+template <typename scalar_t, int kVec, int kWidth>
+__global__ void __launch_bounds__(kThreads)
+    conv_fwd_vec_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                        const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                        const scalar_t* states, const int32_t* __restrict__ cu,
+                        const int32_t* __restrict__ slots, const bool* __restrict__ has_init, ConvArgs a) {
+  using VecT = Pack<scalar_t, kVec>;
+  constexpr int kHist = kWidth - 1;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kVec;
+  if (c0 >= a.dim) return;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * kRun;
+  const int64_t t_end = t_begin + kRun < a.tokens ? t_begin + kRun : a.tokens;
+  float w[kWidth][kVec], acc0[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    acc0[e] = bias != nullptr ? to_float(bias[c0 + e]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) w[j][e] = to_float(weight[(c0 + e) * kWidth + j]);
+  }
+  float win[kHist > 0 ? kHist : 1][kVec];  // win[0] is the oldest input
+  int b = find_sequence(cu, a.batch, t_begin);
+  int64_t seq_end = cu[b + 1];
+  auto load_history = [&](int64_t t) {  // the kHist inputs before token t of sequence b
+    const int slot = slots[b];
+    CUDA_KERNEL_ASSERT(slot < a.num_slots);
+    const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
+    const int64_t rel = t - cu[b];
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) {
+      const int64_t p = rel - kHist + j;
+      if (p >= 0) {
+        const VecT in = *reinterpret_cast<const VecT*>(x + (t - kHist + j) * a.x_stride + c0);
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) win[j][e] = to_float(in.v[e]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          win[j][e] = use_state ? to_float(states[(static_cast<int64_t>(slot) * a.dim + c0 + e) * kHist + kHist + p])
+                                : 0.f;
+        }
+      }
+    }
+  };
+  load_history(t_begin);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (t >= seq_end) {  // t starts the next non-empty sequence
+      do { ++b; } while (cu[b + 1] <= t);
+      seq_end = cu[b + 1];
+      load_history(t);
+    }
+    const VecT in = *reinterpret_cast<const VecT*>(x + t * a.x_stride + c0);
+    VecT y;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const float xe = to_float(in.v[e]);
+      float acc = acc0[e];
+#pragma unroll
+      for (int j = 0; j < kHist; ++j) acc += w[j][e] * win[j][e];
+      acc += w[kHist][e] * xe;
+      float r = to_float(from_float<scalar_t>(acc));  // rounded before SiLU, as the reference
+      if (a.silu) r = silu_dev(r);
+      y.v[e] = from_float<scalar_t>(r);
+#pragma unroll
+      for (int j = 0; j + 1 < kHist; ++j) win[j][e] = win[j + 1][e];
+      if (kHist > 0) win[kHist - 1][e] = xe;
+    }
+    *reinterpret_cast<VecT*>(out + t * a.dim + c0) = y;
+  }
+}
+
+// Decode for width kWidth: a thread per (sequence, kVec channels), whose kVec x (kWidth-1)
+// conv state is contiguous ([dim, width-1] per slot) and moves as kWidth - 1 vectors.
+template <typename scalar_t, int kVec, int kWidth>
+__global__ void __launch_bounds__(kThreads)
+    conv_update_vec_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                           const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
+                           scalar_t* states, const int32_t* __restrict__ slots, ConvArgs a) {
+  using VecT = Pack<scalar_t, kVec>;
+  constexpr int kHist = kWidth - 1;
+  const int64_t groups = a.dim / kVec;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.batch * groups) return;
+  const int b = static_cast<int>(idx / groups);
+  const int64_t c0 = (idx % groups) * kVec;
+  const int slot = slots[b];
+  CUDA_KERNEL_ASSERT(slot < a.num_slots);
+  VecT st[kHist];  // flat [kVec][kHist], channel-major as in memory
+  VecT* st_mem = slot >= 0 ? reinterpret_cast<VecT*>(states + (static_cast<int64_t>(slot) * a.dim + c0) * kHist)
+                           : nullptr;
+#pragma unroll
+  for (int j = 0; j < kHist; ++j) {
+    if (st_mem != nullptr) {
+      st[j] = st_mem[j];
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) st[j].v[e] = from_float<scalar_t>(0.f);
+    }
+  }
+  const VecT in = *reinterpret_cast<const VecT*>(x + b * a.x_stride + c0);
+  VecT y;
+  scalar_t* flat = reinterpret_cast<scalar_t*>(st);
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    float acc = bias != nullptr ? to_float(bias[c0 + e]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) acc += to_float(weight[(c0 + e) * kWidth + j]) * to_float(flat[e * kHist + j]);
+    acc += to_float(weight[(c0 + e) * kWidth + kHist]) * to_float(in.v[e]);
+    float r = to_float(from_float<scalar_t>(acc));
+    if (a.silu) r = silu_dev(r);
+    y.v[e] = from_float<scalar_t>(r);
+#pragma unroll
+    for (int j = 0; j + 1 < kHist; ++j) flat[e * kHist + j] = flat[e * kHist + j + 1];
+    flat[e * kHist + kHist - 1] = in.v[e];
+  }
+  *reinterpret_cast<VecT*>(out + b * a.dim + c0) = y;
+  if (st_mem == nullptr) return;
+#pragma unroll
+  for (int j = 0; j < kHist; ++j) st_mem[j] = st[j];
+}
+
+// 16-byte vectors when the channel count, the row stride and the pointers allow it.
+template <typename scalar_t>
+bool vectorizable(const at::Tensor& x, const at::Tensor& out, const at::Tensor& states) {
+  constexpr int kVec = kPack16<scalar_t>;
+  return x.size(1) % kVec == 0 && x.stride(0) % kVec == 0 && is_aligned16(x.data_ptr()) &&
+         is_aligned16(out.data_ptr()) && is_aligned16(states.data_ptr());
+}
+
 ConvArgs make_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& states,
                    int64_t batch, bool silu) {
   return ConvArgs{x.size(0), x.size(1), weight.size(1), x.stride(0), states.size(0),
@@ -144,11 +269,24 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
   SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     auto* states_p = reinterpret_cast<scalar_t*>(conv_states.data_ptr());
     const auto* x_p = reinterpret_cast<const scalar_t*>(x.data_ptr());
-    if (a.tokens > 0) {
+    auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const auto* w_p = reinterpret_cast<const scalar_t*>(weight.data_ptr());
+    if (a.tokens > 0 && a.width == 4) {
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        const dim3 grid(ceil_div(a.tokens, kRun), ceil_div(a.dim / kVec, kThreads));
+        conv_fwd_vec_kernel<scalar_t, kVec, 4><<<grid, kThreads, 0, stream>>>(
+            out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, cu, slots, has_init, a);
+      };
+      if (vectorizable<scalar_t>(x, out, conv_states)) {
+        launch(std::integral_constant<int, kPack16<scalar_t>>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (a.tokens > 0) {
       conv_fwd_kernel<scalar_t><<<ceil_div(a.tokens * a.dim, kThreads), kThreads, 0, stream>>>(
-          reinterpret_cast<scalar_t*>(out.data_ptr()), x_p,
-          reinterpret_cast<const scalar_t*>(weight.data_ptr()), opt_ptr<scalar_t>(bias), states_p,
-          cu, slots, has_init, a);
+          out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, cu, slots, has_init, a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     conv_state_kernel<scalar_t><<<ceil_div(batch * a.dim, kThreads), kThreads, 0, stream>>>(
@@ -169,11 +307,27 @@ void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor
   const auto stream = at::cuda::getCurrentCUDAStream();
   const ConvArgs a = make_args(x, weight, conv_states, batch, silu);
   SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
-    conv_update_kernel<scalar_t><<<ceil_div(batch * a.dim, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<scalar_t*>(out.data_ptr()),
-        reinterpret_cast<const scalar_t*>(x.data_ptr()),
-        reinterpret_cast<const scalar_t*>(weight.data_ptr()), opt_ptr<scalar_t>(bias),
-        reinterpret_cast<scalar_t*>(conv_states.data_ptr()), state_indices.data_ptr<int32_t>(), a);
+    auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const auto* x_p = reinterpret_cast<const scalar_t*>(x.data_ptr());
+    const auto* w_p = reinterpret_cast<const scalar_t*>(weight.data_ptr());
+    auto* states_p = reinterpret_cast<scalar_t*>(conv_states.data_ptr());
+    const int32_t* slots = state_indices.data_ptr<int32_t>();
+    if (a.width == 4) {
+      const auto launch = [&](auto vec) {
+        constexpr int kVec = decltype(vec)::value;
+        conv_update_vec_kernel<scalar_t, kVec, 4>
+            <<<ceil_div(batch * (a.dim / kVec), kThreads), kThreads, 0, stream>>>(
+                out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, slots, a);
+      };
+      if (vectorizable<scalar_t>(x, out, conv_states)) {
+        launch(std::integral_constant<int, kPack16<scalar_t>>{});
+      } else {
+        launch(std::integral_constant<int, 1>{});
+      }
+    } else {
+      conv_update_kernel<scalar_t><<<ceil_div(batch * a.dim, kThreads), kThreads, 0, stream>>>(
+          out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, slots, a);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -5,13 +5,14 @@
 // 32-column tile of Dv) keeps its Dk x 32 slice of the state in shared memory
 // and steps through the tokens. Columns of the state evolve independently
 // (S[:, j] only meets v[j]), so tiling Dv needs no communication between CTAs.
-// It is exact w.r.t. the chunked reference up to fp32 rounding; the chunked
-// tensor-core form is the speed goal, not yet written.
+// It runs the decode step, and the prefill only for head dims the chunk-parallel
+// kernels (linear_attn_delta_chunked.cu) do not take.
 // Semantics: ops/reference_linear_attn.py (gated_delta_rule_chunked / _recurrent).
 #include <c10/cuda/CUDAException.h>
 
 #include "../linear_attn_checks.h"
 #include "common.cuh"
+#include "linear_attn_delta_chunked.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
@@ -156,6 +157,12 @@ void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Te
   const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states,
                                               state_indices, has_initial_state, op);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
+  check_cuda(q, op, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (launch_gated_delta_rule_chunked(out, q, k, v, g, beta, cu_seqlens, states, state_indices,
+                                      has_init, batch, use_qk_l2norm)) {
+    return;
+  }
   launch_delta_rule(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states, state_indices,
                     has_init, batch, use_qk_l2norm, op);
 }

@@ -1,8 +1,11 @@
 // CUDA kernel: gated RMSNorm of the Qwen3.5 linear-attention output,
 // RMSNorm(x) * weight * silu(z), with transformers' Qwen3_5RMSNormGated casts.
+// Rows are short (a head, e.g. 128), so a warp (not a block) owns a row.
 // Semantics: ops/reference_linear_attn.py (gated_rms_norm).
 #include <c10/cuda/CUDAException.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "../linear_attn_checks.h"
@@ -12,30 +15,63 @@
 namespace splitvl::cuda {
 namespace {
 
-constexpr int kThreads = 128;
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / 32;
 
-// One CTA per row.
-template <typename scalar_t, typename weight_t>
+__device__ __forceinline__ float silu_dev(float v) { return v / (1.f + expf(-v)); }
+
+// A warp per row, kVec elements per lane and load: one pass over x for the sum of
+// squares, a second (from L1) with z and the weight for the output.
+template <typename scalar_t, typename weight_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gated_rms_norm_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                           const scalar_t* __restrict__ z, const weight_t* __restrict__ weight,
-                          int64_t d, int64_t x_stride, int64_t z_stride, float eps) {
-  __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+                          int64_t rows, int64_t d, int64_t x_stride, int64_t z_stride, float eps) {
+  using VecT = Pack<scalar_t, kVec>;
+  using VecW = Pack<weight_t, kVec>;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
   const scalar_t* xr = x + row * x_stride;
   const scalar_t* zr = z + row * z_stride;
   float sq = 0.f;
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-    const float v = to_float(xr[i]);
-    sq += v * v;
+  for (int64_t i = lane * kVec; i < d; i += 32 * kVec) {
+    const VecT xv = *reinterpret_cast<const VecT*>(xr + i);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) sq += to_float(xv.v[e]) * to_float(xv.v[e]);
   }
-  const float inv = rsqrtf(block_sum(sq, scratch) / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += kThreads) {
-    float h = to_float(from_float<scalar_t>(to_float(xr[i]) * inv)) * to_float(weight[i]);
-    if constexpr (!std::is_same_v<weight_t, float>) h = to_float(from_float<weight_t>(h));
-    const float zf = to_float(zr[i]);
-    out[row * d + i] = from_float<scalar_t>(h * (zf / (1.f + expf(-zf))));
+  const float inv = rsqrtf(warp_sum(sq) / static_cast<float>(d) + eps);
+  for (int64_t i = lane * kVec; i < d; i += 32 * kVec) {
+    const VecT xv = *reinterpret_cast<const VecT*>(xr + i);
+    const VecT zv = *reinterpret_cast<const VecT*>(zr + i);
+    const VecW wv = *reinterpret_cast<const VecW*>(weight + i);
+    VecT o;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      float h = to_float(from_float<scalar_t>(to_float(xv.v[e]) * inv)) * to_float(wv.v[e]);
+      if constexpr (!std::is_same_v<weight_t, float>) h = to_float(from_float<weight_t>(h));
+      o.v[e] = from_float<scalar_t>(h * silu_dev(to_float(zv.v[e])));
+    }
+    *reinterpret_cast<VecT*>(out + row * d + i) = o;
   }
+}
+
+// The widest vector (<= 16 bytes of x, and of the weight) that d, the row strides and the
+// pointers allow; narrower when the wide one would leave lanes of the warp idle.
+int pick_vec(const at::Tensor& out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight) {
+  const int64_t d = x.size(1);
+  const int64_t max_elem = std::max(x.element_size(), weight.element_size());
+  for (int vec = static_cast<int>(16 / max_elem); vec > 1; vec /= 2) {
+    const int64_t bytes = vec * x.element_size(), wbytes = vec * weight.element_size();
+    const auto aligned = [](const void* p, int64_t n) { return reinterpret_cast<std::uintptr_t>(p) % n == 0; };
+    if (d % vec != 0 || x.stride(0) % vec != 0 || z.stride(0) % vec != 0) continue;
+    if (!aligned(x.data_ptr(), bytes) || !aligned(z.data_ptr(), bytes) || !aligned(out.data_ptr(), bytes) ||
+        !aligned(weight.data_ptr(), wbytes)) {
+      continue;
+    }
+    if (d / vec >= 32 || vec == 2) return vec;
+  }
+  return 1;
 }
 
 }  // namespace
@@ -47,21 +83,36 @@ void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
   check_cuda(x, op, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0 || d == 0) return;
-  SPLITVL_CHECK(rows <= 0x7fffffff, op, ": too many rows");
+  SPLITVL_CHECK(rows / kRowsPerBlock < 0x7fffffff, op, ": too many rows");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const int vec = pick_vec(out, x, z, weight);
+  const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
   SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
     const auto* x_p = reinterpret_cast<const scalar_t*>(x.data_ptr());
     const auto* z_p = reinterpret_cast<const scalar_t*>(z.data_ptr());
+    const auto run = [&](auto w_tag, auto vec_tag) {
+      using weight_t = typename decltype(w_tag)::type;
+      constexpr int kVec = decltype(vec_tag)::value;
+      if constexpr (kVec * sizeof(scalar_t) <= 16 && kVec * sizeof(weight_t) <= 16) {
+        gated_rms_norm_kernel<scalar_t, weight_t, kVec><<<blocks, kThreads, 0, stream>>>(
+            out_p, x_p, z_p, reinterpret_cast<const weight_t*>(weight.data_ptr()), rows, d, x.stride(0),
+            z.stride(0), static_cast<float>(eps));
+      }
+    };
+    const auto by_vec = [&](auto w_tag) {
+      switch (vec) {
+        case 8: run(w_tag, std::integral_constant<int, 8>{}); break;
+        case 4: run(w_tag, std::integral_constant<int, 4>{}); break;
+        case 2: run(w_tag, std::integral_constant<int, 2>{}); break;
+        default: run(w_tag, std::integral_constant<int, 1>{});
+      }
+    };
     if (weight.scalar_type() == at::kFloat) {
-      gated_rms_norm_kernel<scalar_t, float><<<rows, kThreads, 0, stream>>>(
-          out_p, x_p, z_p, weight.data_ptr<float>(), d, x.stride(0), z.stride(0),
-          static_cast<float>(eps));
+      by_vec(std::type_identity<float>{});
     } else {
-      gated_rms_norm_kernel<scalar_t, scalar_t><<<rows, kThreads, 0, stream>>>(
-          out_p, x_p, z_p, reinterpret_cast<const scalar_t*>(weight.data_ptr()), d, x.stride(0),
-          z.stride(0), static_cast<float>(eps));
+      by_vec(std::type_identity<scalar_t>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,0 +1,61 @@
+// Block-wide matrix product on shared-memory tiles: tensor cores (WMMA, fp32
+// accumulation) for 16-bit operands, fp32 FMA for float operands (the exact path
+// the fp32 tests check the surrounding algorithm with).
+#pragma once
+
+#include <mma.h>
+
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace splitvl {
+
+// C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]; C is fp32 in shared memory.
+// A(m, k) = kATrans ? A[k * lda + m] : A[m * lda + k]
+// B(k, n) = kBTrans ? B[n * ldb + k] : B[k * ldb + n]
+// 16-bit T: M, N, K multiples of 16, lda/ldb multiples of 8, ldc a multiple of 4 and
+// every base pointer 32-byte aligned; warps take 16x16 output tiles round robin.
+// Every thread of the block calls it; it does not sync: callers sync before reading C
+// (and between two calls that accumulate into the same C).
+template <bool kATrans, bool kBTrans, typename T>
+__device__ __forceinline__ void block_mm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
+                                         int M, int N, int K, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+      const int m = idx / N, n = idx % N;
+      float acc = accumulate ? C[m * ldc + n] : 0.f;
+      for (int kk = 0; kk < K; ++kk) {
+        const float a = kATrans ? A[kk * lda + m] : A[m * lda + kk];
+        const float b = kBTrans ? B[n * ldb + kk] : B[kk * ldb + n];
+        acc = fmaf(a, b, acc);
+      }
+      C[m * ldc + n] = acc;
+    }
+  } else {
+    namespace wmma = nvcuda::wmma;
+    using ALayout = std::conditional_t<kATrans, wmma::col_major, wmma::row_major>;
+    using BLayout = std::conditional_t<kBTrans, wmma::col_major, wmma::row_major>;
+    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
+    for (int tile = warp; tile < tiles; tile += warps) {
+      const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 16;
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      if (accumulate) {
+        wmma::load_matrix_sync(acc, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+      } else {
+        wmma::fill_fragment(acc, 0.f);
+      }
+      for (int k0 = 0; k0 < K; k0 += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALayout> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> b;
+        wmma::load_matrix_sync(a, kATrans ? A + k0 * lda + m0 : A + m0 * lda + k0, lda);
+        wmma::load_matrix_sync(b, kBTrans ? B + n0 * ldb + k0 : B + k0 * ldb + n0, ldb);
+        wmma::mma_sync(acc, a, b, acc);
+      }
+      wmma::store_matrix_sync(C + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
+    }
+  }
+}
+
+}  // namespace splitvl

@@ -1,0 +1,411 @@
+// CUDA kernels: chunk-parallel gated delta rule prefill (chunks of 64 tokens), the
+// UT/WY form on tensor cores. Step for step as tests/ops/test_gdn_chunked_algorithm.py:
+//  1. chunk_offsets: chunks per sequence, scanned (no host sync on cu_seqlens).
+//  2. prepare, one CTA per (chunk, value head), all chunks in parallel: cumulative gate,
+//     l2-normalized q/k, K K^T and Q K^T (tensor cores), the UT system solved by forward
+//     substitution in fp32 (a thread per right-hand-side column), giving
+//     w = A (beta k exp(cum)), u = A (beta v), qg = q exp(cum), kd = k exp(cum_last - cum),
+//     p = masked (q k^T exp(cum_i - cum_j)) and exp(cum_last), into a workspace.
+//  3. state pass, one CTA per (sequence, value head, 32 state columns), sequential over
+//     the sequence's chunks with the fp32 state in shared memory:
+//     v_new = u - w S; o = qg S + p v_new; S = exp(cum_last) S + kd^T v_new.
+// 16-bit inputs multiply on tensor cores (state rounded to the input type as a matmul
+// operand, kept in fp32); fp32 inputs use fp32 FMA throughout.
+// Semantics: ops/reference_linear_attn.py (gated_delta_rule_chunked).
+#include <c10/cuda/CUDAException.h>
+
+#include "../check.h"
+#include "block_mm.cuh"
+#include "common.cuh"
+#include "linear_attn_common.cuh"
+#include "linear_attn_delta_chunked.cuh"
+
+namespace splitvl {
+namespace {
+
+constexpr int kChunk = 64;
+constexpr int kMaxDk = 128;    // q/k row in registers: kMaxDk / 32 values per lane
+constexpr int kMaxDv = 256;
+constexpr int kTileV = 32;     // state columns per state-pass CTA
+constexpr int kPrepThreads = 256;
+constexpr int kPassThreads = 128;
+constexpr int kScanThreads = 1024;
+constexpr float kL2Eps = 1e-6f;
+
+struct ChunkArgs {
+  int64_t q_tok, q_head, k_tok, k_head, v_tok, v_head;
+  int hk, hv, dk, dv, dkp, dvp, num_slots;
+  float scale;
+  bool l2norm;
+};
+
+// The workspace rows of (chunk c, head h) start at row (c * hv + h) * kChunk.
+template <typename T>
+struct ChunkWork {
+  T* w;    // [rows, dkp]
+  T* qg;   // [rows, dkp]
+  T* kd;   // [rows, dkp]
+  T* u;    // [rows, dvp]
+  T* p;    // [rows, kChunk]
+  float* gl;  // [chunks * hv]
+};
+
+__host__ __device__ inline size_t take(size_t& offset, size_t bytes) {
+  const size_t at = offset;
+  offset += (bytes + 127) / 128 * 128;
+  return at;
+}
+
+// Shared-memory carving of the prepare kernel (byte offsets); elem = sizeof(T).
+struct PrepLayout {
+  int ldk, ldl, ldx;
+  size_t qs, ks, l, p, x, cum, bet, bytes;
+  __host__ __device__ PrepLayout(int dkp, int dvp, int elem)
+      : ldk(dkp + 16 / elem), ldl(kChunk + 4), ldx(dkp + dvp) {
+    size_t o = 0;
+    qs = take(o, size_t(kChunk) * ldk * elem);
+    ks = take(o, size_t(kChunk) * ldk * elem);
+    l = take(o, size_t(kChunk) * ldl * 4);
+    p = take(o, size_t(kChunk) * ldl * 4);
+    x = take(o, size_t(kChunk) * ldx * 4);
+    cum = take(o, kChunk * 4);
+    bet = take(o, kChunk * 4);
+    bytes = o;
+  }
+};
+
+// Shared-memory carving of the state-pass kernel.
+struct PassLayout {
+  int ldk, ldt, ldp, lds;
+  size_t w, qg, kd, u, p, s, sb, cb, vb, bytes;
+  __host__ __device__ PassLayout(int dkp, int elem)
+      : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), ldp(kChunk + 16 / elem), lds(kTileV + 4) {
+    size_t o = 0;
+    w = take(o, size_t(kChunk) * ldk * elem);
+    qg = take(o, size_t(kChunk) * ldk * elem);
+    kd = take(o, size_t(kChunk) * ldk * elem);
+    u = take(o, size_t(kChunk) * ldt * elem);
+    p = take(o, size_t(kChunk) * ldp * elem);
+    s = take(o, size_t(dkp) * lds * 4);
+    sb = take(o, size_t(dkp) * ldt * elem);
+    cb = take(o, size_t(kChunk) * lds * 4);
+    vb = take(o, size_t(kChunk) * ldt * elem);
+    bytes = o;
+  }
+};
+
+template <typename U>
+__device__ __forceinline__ U* carve(unsigned char* base, size_t offset) {
+  return reinterpret_cast<U*>(base + offset);
+}
+
+// offsets[b] = chunks of sequences < b (ceil(len / kChunk) each); offsets[batch] = total.
+__global__ void __launch_bounds__(kScanThreads)
+    chunk_offsets_kernel(const int32_t* __restrict__ cu, int batch, int32_t* __restrict__ offsets) {
+  __shared__ int32_t buf[kScanThreads];
+  __shared__ int32_t carry;
+  if (threadIdx.x == 0) {
+    carry = 0;
+    offsets[0] = 0;
+  }
+  for (int base = 0; base < batch; base += kScanThreads) {
+    const int b = base + threadIdx.x;
+    buf[threadIdx.x] = b < batch ? (cu[b + 1] - cu[b] + kChunk - 1) / kChunk : 0;
+    __syncthreads();
+    for (int off = 1; off < kScanThreads; off <<= 1) {  // Hillis-Steele inclusive scan
+      const int32_t add = threadIdx.x >= off ? buf[threadIdx.x - off] : 0;
+      __syncthreads();
+      buf[threadIdx.x] += add;
+      __syncthreads();
+    }
+    if (b < batch) offsets[b + 1] = carry + buf[threadIdx.x];
+    __syncthreads();
+    if (threadIdx.x == kScanThreads - 1) carry += buf[kScanThreads - 1];
+    __syncthreads();
+  }
+}
+
+// Cumulative gate (warp 0, two rows per lane) and beta of the chunk's rows; zero past n.
+__device__ __forceinline__ void load_gates(const float* g, const float* beta, int64_t t0, int n, int h,
+                                           int hv, float* cum, float* bet) {
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x, r0 = 2 * lane, r1 = r0 + 1;
+  const float g0 = r0 < n ? g[(t0 + r0) * hv + h] : 0.f;
+  const float g1 = r1 < n ? g[(t0 + r1) * hv + h] : 0.f;
+  float incl = g0 + g1;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const float y = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += y;
+  }
+  float excl = __shfl_up_sync(0xffffffffu, incl, 1);
+  if (lane == 0) excl = 0.f;
+  cum[r0] = excl + g0;
+  cum[r1] = excl + g0 + g1;
+  bet[r0] = r0 < n ? beta[(t0 + r0) * hv + h] : 0.f;
+  bet[r1] = r1 < n ? beta[(t0 + r1) * hv + h] : 0.f;
+}
+
+// A warp per row: normalized q, k into shared memory (matmul operands), qg and kd into the
+// workspace, the right-hand sides beta k exp(cum) | beta v into x (fp32).
+template <typename T>
+__device__ __forceinline__ void load_rows(const T* q, const T* k, const T* v, const ChunkArgs& a,
+                                          int64_t t0, int n, int h, int64_t row0, const float* cum,
+                                          const float* bet, T* qs, T* ks, float* x, int ldk, int ldx,
+                                          const ChunkWork<T>& ws) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int hq = h / (a.hv / a.hk);
+  const float last = cum[n - 1];
+  for (int r = warp; r < kChunk; r += kPrepThreads / 32) {
+    const bool live = r < n;
+    const int64_t t = t0 + r;
+    float qv[kMaxDk / 32], kv[kMaxDk / 32];
+    float sq = 0.f, sk = 0.f;
+#pragma unroll
+    for (int e = 0; e < kMaxDk / 32; ++e) {
+      const int i = lane + 32 * e;
+      const bool in = live && i < a.dk;
+      qv[e] = in ? to_float(q[t * a.q_tok + hq * a.q_head + i]) : 0.f;
+      kv[e] = in ? to_float(k[t * a.k_tok + hq * a.k_head + i]) : 0.f;
+      sq += qv[e] * qv[e];
+      sk += kv[e] * kv[e];
+    }
+    float q_scale = a.scale, k_scale = 1.f;
+    if (a.l2norm) {
+      q_scale *= rsqrtf(warp_sum(sq) + kL2Eps);
+      k_scale = rsqrtf(warp_sum(sk) + kL2Eps);
+    }
+    const float up = expf(cum[r]), down = expf(last - cum[r]), br = bet[r];
+#pragma unroll
+    for (int e = 0; e < kMaxDk / 32; ++e) {
+      const int i = lane + 32 * e;
+      if (i >= a.dkp) break;
+      const float qn = qv[e] * q_scale, kn = kv[e] * k_scale;
+      qs[r * ldk + i] = from_float<T>(qn);
+      ks[r * ldk + i] = from_float<T>(kn);
+      x[r * ldx + i] = br * kn * up;
+      ws.qg[(row0 + r) * a.dkp + i] = from_float<T>(qn * up);
+      ws.kd[(row0 + r) * a.dkp + i] = from_float<T>(kn * down);
+    }
+    for (int j = lane; j < a.dvp; j += 32) {
+      x[r * ldx + a.dkp + j] = live && j < a.dv ? br * to_float(v[t * a.v_tok + h * a.v_head + j]) : 0.f;
+    }
+  }
+}
+
+// x <- (I + l)^-1 x for strictly lower l, rows < n (the rest are zero); a thread per column.
+__device__ __forceinline__ void forward_substitute(float* x, int ldx, int cols, const float* l, int ldl,
+                                                   int n) {
+  for (int col = threadIdx.x; col < cols; col += blockDim.x) {
+    for (int i = 1; i < n; ++i) {
+      const float* li = l + i * ldl;
+      float acc[4] = {x[i * ldx + col], 0.f, 0.f, 0.f};  // four chains: the FMA latency overlaps
+      int j = 0;
+      for (; j + 4 <= i; j += 4) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[e] -= li[j + e] * x[(j + e) * ldx + col];
+      }
+      for (; j < i; ++j) acc[0] -= li[j] * x[j * ldx + col];
+      x[i * ldx + col] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPrepThreads)
+    gdn_prepare_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                       const float* __restrict__ g, const float* __restrict__ beta,
+                       const int32_t* __restrict__ cu, const int32_t* __restrict__ offsets, int batch,
+                       ChunkArgs a, ChunkWork<T> ws) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int c = blockIdx.x, h = blockIdx.y;
+  if (c >= offsets[batch]) return;  // the grid is an upper bound on the chunk count
+  const int b = find_sequence(offsets, batch, c);
+  const int64_t t0 = cu[b] + static_cast<int64_t>(c - offsets[b]) * kChunk;
+  const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), cu[b + 1] - t0));
+  const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
+  const PrepLayout lay(a.dkp, a.dvp, sizeof(T));
+  T* qs = carve<T>(smem, lay.qs);
+  T* ks = carve<T>(smem, lay.ks);
+  float* l = carve<float>(smem, lay.l);
+  float* p = carve<float>(smem, lay.p);
+  float* x = carve<float>(smem, lay.x);
+  float* cum = carve<float>(smem, lay.cum);
+  float* bet = carve<float>(smem, lay.bet);
+
+  load_gates(g, beta, t0, n, h, a.hv, cum, bet);
+  __syncthreads();
+  load_rows(q, k, v, a, t0, n, h, row0, cum, bet, qs, ks, x, lay.ldk, lay.ldx, ws);
+  __syncthreads();
+  block_mm<false, true>(l, lay.ldl, ks, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
+  block_mm<false, true>(p, lay.ldl, qs, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kChunk * kChunk; idx += blockDim.x) {
+    const int i = idx / kChunk, j = idx % kChunk;
+    const float decay = j <= i ? expf(cum[i] - cum[j]) : 0.f;
+    l[i * lay.ldl + j] = j < i ? bet[i] * l[i * lay.ldl + j] * decay : 0.f;
+    ws.p[(row0 + i) * kChunk + j] = from_float<T>(p[i * lay.ldl + j] * decay);
+  }
+  __syncthreads();
+  forward_substitute(x, lay.ldx, a.dkp + a.dvp, l, lay.ldl, n);
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kChunk * a.dkp; idx += blockDim.x) {
+    const int r = idx / a.dkp, i = idx % a.dkp;
+    ws.w[(row0 + r) * a.dkp + i] = from_float<T>(x[r * lay.ldx + i]);
+  }
+  for (int idx = threadIdx.x; idx < kChunk * a.dvp; idx += blockDim.x) {
+    const int r = idx / a.dvp, j = idx % a.dvp;
+    ws.u[(row0 + r) * a.dvp + j] = from_float<T>(x[r * lay.ldx + a.dkp + j]);
+  }
+  if (threadIdx.x == 0) ws.gl[static_cast<int64_t>(c) * a.hv + h] = expf(cum[n - 1]);
+}
+
+// rows x cols of T, cols * sizeof(T) and both leading dims a multiple of 16 bytes.
+template <typename T>
+__device__ __forceinline__ void copy_tile(T* dst, int ldd, const T* src, int64_t lds, int rows, int cols) {
+  constexpr int kVec = kPack16<T>;
+  const int units = cols / kVec;
+  for (int idx = threadIdx.x; idx < rows * units; idx += blockDim.x) {
+    const int r = idx / units, e = (idx % units) * kVec;
+    *reinterpret_cast<uint4*>(dst + r * ldd + e) = *reinterpret_cast<const uint4*>(src + r * lds + e);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kPassThreads)
+    gdn_state_pass_kernel(T* __restrict__ out, const int32_t* __restrict__ cu,
+                          const int32_t* __restrict__ offsets, float* __restrict__ states,
+                          const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
+                          ChunkArgs a, ChunkWork<T> ws) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int b = blockIdx.x, h = blockIdx.y, v0 = blockIdx.z * kTileV;
+  const PassLayout lay(a.dkp, sizeof(T));
+  T* w = carve<T>(smem, lay.w);
+  T* qg = carve<T>(smem, lay.qg);
+  T* kd = carve<T>(smem, lay.kd);
+  T* u = carve<T>(smem, lay.u);
+  T* p = carve<T>(smem, lay.p);
+  float* s = carve<float>(smem, lay.s);
+  T* sb = carve<T>(smem, lay.sb);
+  float* cb = carve<float>(smem, lay.cb);
+  T* vb = carve<T>(smem, lay.vb);
+  const int slot = slots[b];
+  CUDA_KERNEL_ASSERT(slot < a.num_slots);
+  const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
+  float* slot_state =
+      slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
+  const int state_elems = a.dkp * kTileV;
+  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
+    const int i = idx / kTileV, col = v0 + idx % kTileV;
+    const bool in = use_state && i < a.dk && col < a.dv;
+    s[i * lay.lds + idx % kTileV] = in ? slot_state[static_cast<int64_t>(i) * a.dv + col] : 0.f;
+  }
+  const int first = offsets[b], count = offsets[b + 1] - first;
+  for (int ci = 0; ci < count; ++ci) {
+    const int c = first + ci;
+    const int64_t t0 = cu[b] + static_cast<int64_t>(ci) * kChunk;
+    const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), cu[b + 1] - t0));
+    const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
+    copy_tile(w, lay.ldk, ws.w + row0 * a.dkp, a.dkp, kChunk, a.dkp);
+    copy_tile(qg, lay.ldk, ws.qg + row0 * a.dkp, a.dkp, kChunk, a.dkp);
+    copy_tile(kd, lay.ldk, ws.kd + row0 * a.dkp, a.dkp, kChunk, a.dkp);
+    copy_tile(u, lay.ldt, ws.u + row0 * a.dvp + v0, a.dvp, kChunk, kTileV);
+    copy_tile(p, lay.ldp, ws.p + row0 * kChunk, kChunk, kChunk, kChunk);
+    const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
+    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
+      const int i = idx / kTileV, j = idx % kTileV;
+      sb[i * lay.ldt + j] = from_float<T>(s[i * lay.lds + j]);
+    }
+    __syncthreads();
+    block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
+      const int r = idx / kTileV, j = idx % kTileV;
+      vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - cb[r * lay.lds + j]);
+    }
+    __syncthreads();
+    block_mm<false, false>(cb, lay.lds, qg, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
+    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
+      s[(idx / kTileV) * lay.lds + idx % kTileV] *= gl;
+    }
+    __syncthreads();
+    block_mm<false, false>(cb, lay.lds, p, lay.ldp, vb, lay.ldt, kChunk, kTileV, kChunk, true);
+    block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * kTileV; idx += blockDim.x) {
+      const int r = idx / kTileV, j = idx % kTileV;
+      if (v0 + j < a.dv) out[((t0 + r) * a.hv + h) * a.dv + v0 + j] = from_float<T>(cb[r * lay.lds + j]);
+    }
+    __syncthreads();  // the tiles are reloaded for the next chunk
+  }
+  if (slot_state == nullptr) return;
+  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
+    const int i = idx / kTileV, col = v0 + idx % kTileV;
+    if (i < a.dk && col < a.dv) slot_state[static_cast<int64_t>(i) * a.dv + col] = s[i * lay.lds + idx % kTileV];
+  }
+}
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+template <typename T>
+void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
+                    at::Tensor& states, const at::Tensor& state_indices, const bool* has_init,
+                    int batch, const ChunkArgs& a, size_t prep_smem, size_t pass_smem) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t max_chunks = (q.size(0) + kChunk - 1) / kChunk + batch;  // each sequence adds <= 1 partial
+  const int64_t rows = max_chunks * a.hv * kChunk;
+  at::Tensor work = at::empty({rows * (3 * a.dkp + a.dvp + kChunk)}, q.options());
+  at::Tensor gl = at::empty({max_chunks * a.hv}, q.options().dtype(at::kFloat));
+  at::Tensor offsets = at::empty({batch + 1}, cu_seqlens.options());
+  T* base = reinterpret_cast<T*>(work.data_ptr());
+  const ChunkWork<T> ws{base, base + rows * a.dkp, base + 2 * rows * a.dkp, base + 3 * rows * a.dkp,
+                        base + rows * (3 * a.dkp + a.dvp), gl.data_ptr<float>()};
+  const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
+  int32_t* off = offsets.data_ptr<int32_t>();
+  chunk_offsets_kernel<<<1, kScanThreads, 0, stream>>>(cu, batch, off);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gdn_prepare_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(prep_smem)));
+  gdn_prepare_kernel<T><<<dim3(static_cast<unsigned>(max_chunks), a.hv), kPrepThreads, prep_smem, stream>>>(
+      reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k.data_ptr()),
+      reinterpret_cast<const T*>(v.data_ptr()), g.data_ptr<float>(), beta.data_ptr<float>(), cu, off,
+      batch, a, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gdn_state_pass_kernel<T>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(pass_smem)));
+  gdn_state_pass_kernel<T><<<dim3(batch, a.hv, a.dvp / kTileV), kPassThreads, pass_smem, stream>>>(
+      reinterpret_cast<T*>(out.data_ptr()), cu, off, states.data_ptr<float>(),
+      state_indices.data_ptr<int32_t>(), has_init, a, ws);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                                     const at::Tensor& cu_seqlens, at::Tensor& states,
+                                     const at::Tensor& state_indices, const bool* has_init,
+                                     int64_t batch, bool l2norm) {
+  const int dk = static_cast<int>(q.size(2)), dv = static_cast<int>(v.size(2));
+  if (dk > kMaxDk || dv > kMaxDv || v.size(1) > 65535) return false;
+  const int dkp = round_up(dk, 16), dvp = round_up(dv, kTileV);
+  const int elem = static_cast<int>(q.element_size());
+  const size_t prep_smem = PrepLayout(dkp, dvp, elem).bytes, pass_smem = PassLayout(dkp, elem).bytes;
+  int device = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (prep_smem > static_cast<size_t>(max_smem) || pass_smem > static_cast<size_t>(max_smem)) return false;
+  if (batch == 0) return true;
+  const ChunkArgs a{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                    static_cast<int>(q.size(1)), static_cast<int>(v.size(1)), dk, dv, dkp, dvp,
+                    static_cast<int>(states.size(0)), 1.f / sqrtf(static_cast<float>(dk)), l2norm};
+  SPLITVL_DISPATCH_FLOAT(q.scalar_type(), "gated_delta_rule_chunked", [&] {
+    launch_chunked<scalar_t>(out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_init,
+                             static_cast<int>(batch), a, prep_smem, pass_smem);
+  });
+  return true;
+}
+
+}  // namespace splitvl
