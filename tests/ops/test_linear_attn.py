@@ -14,6 +14,8 @@ from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
 LENS = [1, 70, 130, 3, 0, 64]  # one token, > 1 chunk, > 2 chunks, empty, exactly one chunk
 CONV_DIM, WIDTH = 37, 4
 HEADS = [pytest.param((2, 4, 16, 40), id="gqa-dv40"), pytest.param((3, 3, 32, 8), id="mha")]
+CUDA_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch."), marks=GPU)
+               for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 
 def packed(lens: list[int], device: str) -> torch.Tensor:
@@ -139,6 +141,31 @@ def test_causal_conv1d_fwd_matches_reference(kernels, device, dtype, use_bias):
     assert_close(pool, expected_pool, dtype)
 
 
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("width", [4, 3])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_causal_conv1d_vectorized_matches_reference(la, dtype, width, aligned):
+    """16-byte vectors (aligned, dim % 8 == 0) or scalars; token runs crossing sequence ends."""
+    lens, dim = [1, 63, 64, 0, 65, 200, 1000, 2], 64
+    cu = packed(lens, "cuda")
+    offset = 0 if aligned else 1
+    x = torch.randn(sum(lens), dim + 8, dtype=dtype, device="cuda")[:, offset : offset + dim]
+    weight = torch.randn(dim, width, dtype=dtype, device="cuda")
+    bias = torch.randn(dim, dtype=dtype, device="cuda")
+    pool = torch.randn(len(lens) + 2, dim, width - 1, dtype=dtype, device="cuda")
+    slots = slots_for(len(lens), "cuda", none_at=4)
+    has_init = torch.arange(len(lens), device="cuda") % 3 != 1
+    expected_pool = pool.clone()
+    expected = ref.causal_conv1d_fwd(x, weight, bias, expected_pool, cu, slots, has_init, True)
+    out = la.causal_conv1d_fwd(x, weight, bias, pool, cu, slots, has_init, True)
+    assert_close(out, expected, dtype)
+    assert_close(pool, expected_pool, dtype)
+    step = torch.randn(len(lens), dim + 8, dtype=dtype, device="cuda")[:, offset : offset + dim]
+    expected = ref.causal_conv1d_update(step, weight, None, expected_pool, slots, False)
+    assert_close(la.causal_conv1d_update(step, weight, None, pool, slots, False), expected, dtype)
+    assert_close(pool, expected_pool, dtype)
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_causal_conv1d_update_matches_reference(kernels, device, dtype):
     batch = 5
@@ -170,8 +197,6 @@ def test_gated_delta_rule_chunked_matches_reference(kernels, device, dtype, head
     assert_close(pool, expected_pool, torch.float32, scale=10)
 
 
-CUDA_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch."), marks=GPU)
-               for d in (torch.float32, torch.bfloat16, torch.float16)]
 # Chunk-parallel kernels (Dk <= 128; Dv tiled by 32, padded), and Dk = 192 (the sequential fallback).
 CHUNK_HEADS = HEADS + [pytest.param((2, 2, 128, 128), id="0.8b-heads"), pytest.param((1, 2, 192, 64), id="dk192")]
 
@@ -226,6 +251,19 @@ def test_gated_rms_norm_matches_reference(kernels, device, dtype, weight_fp32):
     odd, gate = torch.randn(2, 5, 769, dtype=dtype, device=device)
     w_odd = torch.randn(769, device=device, dtype=weight.dtype)
     assert_close(kernels.gated_rms_norm(odd, gate, w_odd, 1e-5), ref.gated_rms_norm(odd, gate, w_odd, 1e-5), dtype)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("d", [128, 256, 96, 30])
+@pytest.mark.parametrize("weight_fp32", [False, True])
+def test_gated_rms_norm_vector_widths_match_reference(la, dtype, d, weight_fp32):
+    """Head rows as the model has them (x [T, H, D] views of one projection): 8, 4, 2-wide vectors."""
+    t, h = 37, 5
+    fused = torch.randn(t, 2 * h * d + 8, dtype=dtype, device="cuda") * 2
+    x = fused[:, : h * d].view(t, h, d)
+    z = fused[:, h * d + 8 :].view(t, h, d)
+    weight = torch.randn(d, device="cuda", dtype=torch.float32 if weight_fp32 else dtype)
+    assert_close(la.gated_rms_norm(x, z, weight, 1e-6), ref.gated_rms_norm(x, z, weight, 1e-6), dtype)
 
 
 # ---------------------------------------------------------------- state carry-over
