@@ -363,7 +363,7 @@ def delta_rule_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
 def gated_norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     for model, (_, hv, _, dv) in _linear_shapes(smoke):
         weight = torch.randn(dv, device=dev, dtype=dtype)
-        for t in [3] if smoke else [1, 256, 4096]:
+        for t in [3] if smoke else [1, 256, 4096, 16384]:
             x = torch.randn(t, hv, dv, device=dev, dtype=dtype)
             z = torch.randn_like(x)
             yield Case("gated_rms_norm", f"{model} T={t} [{hv},{dv}]", partial(ops.gated_rms_norm, x, z, weight, EPS),

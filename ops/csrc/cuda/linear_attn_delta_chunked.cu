@@ -19,85 +19,11 @@
 #include "common.cuh"
 #include "linear_attn_common.cuh"
 #include "linear_attn_delta_chunked.cuh"
+#include "linear_attn_delta_chunked_layout.cuh"
+#include "linear_attn_delta_state_pass.cuh"
 
 namespace splitvl {
 namespace {
-
-constexpr int kChunk = 64;
-constexpr int kMaxDk = 128;    // q/k row in registers: kMaxDk / 32 values per lane
-constexpr int kMaxDv = 256;
-constexpr int kTileV = 32;     // state columns per state-pass CTA
-constexpr int kPrepThreads = 256;
-constexpr int kPassThreads = 128;
-constexpr int kScanThreads = 1024;
-constexpr float kL2Eps = 1e-6f;
-
-struct ChunkArgs {
-  int64_t q_tok, q_head, k_tok, k_head, v_tok, v_head;
-  int hk, hv, dk, dv, dkp, dvp, num_slots;
-  float scale;
-  bool l2norm;
-};
-
-// The workspace rows of (chunk c, head h) start at row (c * hv + h) * kChunk.
-template <typename T>
-struct ChunkWork {
-  T* w;    // [rows, dkp]
-  T* qg;   // [rows, dkp]
-  T* kd;   // [rows, dkp]
-  T* u;    // [rows, dvp]
-  T* p;    // [rows, kChunk]
-  float* gl;  // [chunks * hv]
-};
-
-__host__ __device__ inline size_t take(size_t& offset, size_t bytes) {
-  const size_t at = offset;
-  offset += (bytes + 127) / 128 * 128;
-  return at;
-}
-
-// Shared-memory carving of the prepare kernel (byte offsets); elem = sizeof(T).
-struct PrepLayout {
-  int ldk, ldl, ldx;
-  size_t qs, ks, l, p, x, cum, bet, bytes;
-  __host__ __device__ PrepLayout(int dkp, int dvp, int elem)
-      : ldk(dkp + 16 / elem), ldl(kChunk + 4), ldx(dkp + dvp) {
-    size_t o = 0;
-    qs = take(o, size_t(kChunk) * ldk * elem);
-    ks = take(o, size_t(kChunk) * ldk * elem);
-    l = take(o, size_t(kChunk) * ldl * 4);
-    p = take(o, size_t(kChunk) * ldl * 4);
-    x = take(o, size_t(kChunk) * ldx * 4);
-    cum = take(o, kChunk * 4);
-    bet = take(o, kChunk * 4);
-    bytes = o;
-  }
-};
-
-// Shared-memory carving of the state-pass kernel.
-struct PassLayout {
-  int ldk, ldt, ldp, lds;
-  size_t w, qg, kd, u, p, s, sb, cb, vb, bytes;
-  __host__ __device__ PassLayout(int dkp, int elem)
-      : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), ldp(kChunk + 16 / elem), lds(kTileV + 4) {
-    size_t o = 0;
-    w = take(o, size_t(kChunk) * ldk * elem);
-    qg = take(o, size_t(kChunk) * ldk * elem);
-    kd = take(o, size_t(kChunk) * ldk * elem);
-    u = take(o, size_t(kChunk) * ldt * elem);
-    p = take(o, size_t(kChunk) * ldp * elem);
-    s = take(o, size_t(dkp) * lds * 4);
-    sb = take(o, size_t(dkp) * ldt * elem);
-    cb = take(o, size_t(kChunk) * lds * 4);
-    vb = take(o, size_t(kChunk) * ldt * elem);
-    bytes = o;
-  }
-};
-
-template <typename U>
-__device__ __forceinline__ U* carve(unsigned char* base, size_t offset) {
-  return reinterpret_cast<U*>(base + offset);
-}
 
 // offsets[b] = chunks of sequences < b (ceil(len / kChunk) each); offsets[batch] = total.
 __global__ void __launch_bounds__(kScanThreads)
@@ -260,98 +186,13 @@ __global__ void __launch_bounds__(kPrepThreads)
   if (threadIdx.x == 0) ws.gl[static_cast<int64_t>(c) * a.hv + h] = expf(cum[n - 1]);
 }
 
-// rows x cols of T, cols * sizeof(T) and both leading dims a multiple of 16 bytes.
-template <typename T>
-__device__ __forceinline__ void copy_tile(T* dst, int ldd, const T* src, int64_t lds, int rows, int cols) {
-  constexpr int kVec = kPack16<T>;
-  const int units = cols / kVec;
-  for (int idx = threadIdx.x; idx < rows * units; idx += blockDim.x) {
-    const int r = idx / units, e = (idx % units) * kVec;
-    *reinterpret_cast<uint4*>(dst + r * ldd + e) = *reinterpret_cast<const uint4*>(src + r * lds + e);
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kPassThreads)
-    gdn_state_pass_kernel(T* __restrict__ out, const int32_t* __restrict__ cu,
-                          const int32_t* __restrict__ offsets, float* __restrict__ states,
-                          const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
-                          ChunkArgs a, ChunkWork<T> ws) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int b = blockIdx.x, h = blockIdx.y, v0 = blockIdx.z * kTileV;
-  const PassLayout lay(a.dkp, sizeof(T));
-  T* w = carve<T>(smem, lay.w);
-  T* qg = carve<T>(smem, lay.qg);
-  T* kd = carve<T>(smem, lay.kd);
-  T* u = carve<T>(smem, lay.u);
-  T* p = carve<T>(smem, lay.p);
-  float* s = carve<float>(smem, lay.s);
-  T* sb = carve<T>(smem, lay.sb);
-  float* cb = carve<float>(smem, lay.cb);
-  T* vb = carve<T>(smem, lay.vb);
-  const int slot = slots[b];
-  CUDA_KERNEL_ASSERT(slot < a.num_slots);
-  const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
-  float* slot_state =
-      slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
-  const int state_elems = a.dkp * kTileV;
-  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-    const int i = idx / kTileV, col = v0 + idx % kTileV;
-    const bool in = use_state && i < a.dk && col < a.dv;
-    s[i * lay.lds + idx % kTileV] = in ? slot_state[static_cast<int64_t>(i) * a.dv + col] : 0.f;
-  }
-  const int first = offsets[b], count = offsets[b + 1] - first;
-  for (int ci = 0; ci < count; ++ci) {
-    const int c = first + ci;
-    const int64_t t0 = cu[b] + static_cast<int64_t>(ci) * kChunk;
-    const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), cu[b + 1] - t0));
-    const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
-    copy_tile(w, lay.ldk, ws.w + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-    copy_tile(qg, lay.ldk, ws.qg + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-    copy_tile(kd, lay.ldk, ws.kd + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-    copy_tile(u, lay.ldt, ws.u + row0 * a.dvp + v0, a.dvp, kChunk, kTileV);
-    copy_tile(p, lay.ldp, ws.p + row0 * kChunk, kChunk, kChunk, kChunk);
-    const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
-    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-      const int i = idx / kTileV, j = idx % kTileV;
-      sb[i * lay.ldt + j] = from_float<T>(s[i * lay.lds + j]);
-    }
-    __syncthreads();
-    block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
-      const int r = idx / kTileV, j = idx % kTileV;
-      vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - cb[r * lay.lds + j]);
-    }
-    __syncthreads();
-    block_mm<false, false>(cb, lay.lds, qg, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
-    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-      s[(idx / kTileV) * lay.lds + idx % kTileV] *= gl;
-    }
-    __syncthreads();
-    block_mm<false, false>(cb, lay.lds, p, lay.ldp, vb, lay.ldt, kChunk, kTileV, kChunk, true);
-    block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < n * kTileV; idx += blockDim.x) {
-      const int r = idx / kTileV, j = idx % kTileV;
-      if (v0 + j < a.dv) out[((t0 + r) * a.hv + h) * a.dv + v0 + j] = from_float<T>(cb[r * lay.lds + j]);
-    }
-    __syncthreads();  // the tiles are reloaded for the next chunk
-  }
-  if (slot_state == nullptr) return;
-  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-    const int i = idx / kTileV, col = v0 + idx % kTileV;
-    if (i < a.dk && col < a.dv) slot_state[static_cast<int64_t>(i) * a.dv + col] = s[i * lay.lds + idx % kTileV];
-  }
-}
-
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 template <typename T>
 void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
                     at::Tensor& states, const at::Tensor& state_indices, const bool* has_init,
-                    int batch, const ChunkArgs& a, size_t prep_smem, size_t pass_smem) {
+                    int batch, const ChunkArgs& a, size_t prep_smem, const PassLayout& pass) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t max_chunks = (q.size(0) + kChunk - 1) / kChunk + batch;  // each sequence adds <= 1 partial
   const int64_t rows = max_chunks * a.hv * kChunk;
@@ -374,10 +215,10 @@ void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(cudaFuncSetAttribute(gdn_state_pass_kernel<T>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(pass_smem)));
-  gdn_state_pass_kernel<T><<<dim3(batch, a.hv, a.dvp / kTileV), kPassThreads, pass_smem, stream>>>(
+                                      static_cast<int>(pass.bytes)));
+  gdn_state_pass_kernel<T><<<dim3(batch, a.hv, a.dvp / kTileV), kPassThreads, pass.bytes, stream>>>(
       reinterpret_cast<T*>(out.data_ptr()), cu, off, states.data_ptr<float>(),
-      state_indices.data_ptr<int32_t>(), has_init, a, ws);
+      state_indices.data_ptr<int32_t>(), has_init, a, ws, pass.stages);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -392,18 +233,21 @@ bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const
   if (dk > kMaxDk || dv > kMaxDv || v.size(1) > 65535) return false;
   const int dkp = round_up(dk, 16), dvp = round_up(dv, kTileV);
   const int elem = static_cast<int>(q.element_size());
-  const size_t prep_smem = PrepLayout(dkp, dvp, elem).bytes, pass_smem = PassLayout(dkp, elem).bytes;
   int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (prep_smem > static_cast<size_t>(max_smem) || pass_smem > static_cast<size_t>(max_smem)) return false;
+  const auto fits = [&](size_t bytes) { return bytes <= static_cast<size_t>(max_smem); };
+  const size_t prep_smem = PrepLayout(dkp, dvp, elem).bytes;
+  PassLayout pass(dkp, elem, 2);
+  if (!fits(pass.bytes)) pass = PassLayout(dkp, elem, 1);
+  if (!fits(prep_smem) || !fits(pass.bytes)) return false;
   if (batch == 0) return true;
   const ChunkArgs a{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     static_cast<int>(q.size(1)), static_cast<int>(v.size(1)), dk, dv, dkp, dvp,
                     static_cast<int>(states.size(0)), 1.f / sqrtf(static_cast<float>(dk)), l2norm};
   SPLITVL_DISPATCH_FLOAT(q.scalar_type(), "gated_delta_rule_chunked", [&] {
     launch_chunked<scalar_t>(out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_init,
-                             static_cast<int>(batch), a, prep_smem, pass_smem);
+                             static_cast<int>(batch), a, prep_smem, pass);
   });
   return true;
 }
