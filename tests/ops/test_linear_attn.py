@@ -144,7 +144,7 @@ def test_causal_conv1d_fwd_matches_reference(kernels, device, dtype, use_bias):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("width", [4, 3])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_causal_conv1d_vectorized_matches_reference(la, dtype, width, aligned):
+def test_causal_conv1d_vectorized_matches_reference(kernels, dtype, width, aligned):
     """16-byte vectors (aligned, dim % 8 == 0) or scalars; token runs crossing sequence ends."""
     lens, dim = [1, 63, 64, 0, 65, 200, 1000, 2], 64
     cu = packed(lens, "cuda")
@@ -157,12 +157,12 @@ def test_causal_conv1d_vectorized_matches_reference(la, dtype, width, aligned):
     has_init = torch.arange(len(lens), device="cuda") % 3 != 1
     expected_pool = pool.clone()
     expected = ref.causal_conv1d_fwd(x, weight, bias, expected_pool, cu, slots, has_init, True)
-    out = la.causal_conv1d_fwd(x, weight, bias, pool, cu, slots, has_init, True)
+    out = kernels.causal_conv1d_fwd(x, weight, bias, pool, cu, slots, has_init, True)
     assert_close(out, expected, dtype)
     assert_close(pool, expected_pool, dtype)
     step = torch.randn(len(lens), dim + 8, dtype=dtype, device="cuda")[:, offset : offset + dim]
     expected = ref.causal_conv1d_update(step, weight, None, expected_pool, slots, False)
-    assert_close(la.causal_conv1d_update(step, weight, None, pool, slots, False), expected, dtype)
+    assert_close(kernels.causal_conv1d_update(step, weight, None, pool, slots, False), expected, dtype)
     assert_close(pool, expected_pool, dtype)
 
 
@@ -204,7 +204,7 @@ CHUNK_HEADS = HEADS + [pytest.param((2, 2, 128, 128), id="0.8b-heads"), pytest.p
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("heads", CHUNK_HEADS)
 @pytest.mark.parametrize("l2norm", [True, False])
-def test_gated_delta_rule_chunked_chunk_edges_match_reference(la, dtype, heads, l2norm):
+def test_gated_delta_rule_chunked_chunk_edges_match_reference(kernels, dtype, heads, l2norm):
     """Lengths around the chunk size, several sequences, initial state on/off, slot -1."""
     lens = [1, 63, 64, 65, 200, 1000, 0]
     cu = packed(lens, "cuda")
@@ -216,7 +216,7 @@ def test_gated_delta_rule_chunked_chunk_edges_match_reference(la, dtype, heads, 
     has_init = torch.tensor([True, False, True, True, False, True, True], device="cuda")
     expected_pool = pool.clone()
     expected = ref.gated_delta_rule_chunked(q, k, v, g, beta, cu, expected_pool, slots, has_init, l2norm)
-    out = la.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool, slots, has_init, l2norm)
+    out = kernels.gated_delta_rule_chunked(q, k, v, g, beta, cu, pool, slots, has_init, l2norm)
     assert_close(out, expected, dtype, scale=10)
     assert_close(pool, expected_pool, torch.float32 if dtype == torch.float32 else dtype, scale=10)
 
@@ -256,14 +256,14 @@ def test_gated_rms_norm_matches_reference(kernels, device, dtype, weight_fp32):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("d", [128, 256, 96, 30])
 @pytest.mark.parametrize("weight_fp32", [False, True])
-def test_gated_rms_norm_vector_widths_match_reference(la, dtype, d, weight_fp32):
+def test_gated_rms_norm_vector_widths_match_reference(kernels, dtype, d, weight_fp32):
     """Head rows as the model has them (x [T, H, D] views of one projection): 8, 4, 2-wide vectors."""
     t, h = 37, 5
     fused = torch.randn(t, 2 * h * d + 8, dtype=dtype, device="cuda") * 2
     x = fused[:, : h * d].view(t, h, d)
     z = fused[:, h * d + 8 :].view(t, h, d)
     weight = torch.randn(d, device="cuda", dtype=torch.float32 if weight_fp32 else dtype)
-    assert_close(la.gated_rms_norm(x, z, weight, 1e-6), ref.gated_rms_norm(x, z, weight, 1e-6), dtype)
+    assert_close(kernels.gated_rms_norm(x, z, weight, 1e-6), ref.gated_rms_norm(x, z, weight, 1e-6), dtype)
 
 
 # ---------------------------------------------------------------- state carry-over
