@@ -7,8 +7,11 @@ block-table width (context splits), so a graph captured at the widest table
 would launch max_model_len / 512 splits per sequence at every step; width
 buckets (1,024 tokens, then x4 up to max_model_len) keep the grid close to the
 batch's context. A decode batch of B sequences replays the smallest bucket
->= B, the padding rows writing nowhere (slot -1) and attending to one cached
-token. Batches larger than the largest bucket, mixed prefill steps and steps
+>= B, the padding rows writing nowhere (KV slot -1) and attending to one cached
+token. Hybrid models' linear-attention states are pools addressed by the static
+`state_indices` (padding rows: slot -1, which the kernels neither read nor
+write); every decode row continues its slot, so the metadata says so with
+`has_initial_state=None` rather than a tensor the model would have to inspect. Batches larger than the largest bucket, mixed prefill steps and steps
 with images run eagerly. Whether a model is captured at all is the runner's
 `captures_decode_graphs()`; the forward it captures is the runner's too.
 """
@@ -55,9 +58,9 @@ class StaticInputs:
     """
 
     block_size: int
-    longs: torch.Tensor  # [5 * M] int64: a batch of S uses [:5S] as [5, S] (ids, 3 x position, slot)
+    longs: torch.Tensor  # [5 * M] int64: a batch of S uses [:5S] as [5, S] (ids, 3 x position, KV slot)
+    ints: torch.Tensor  # [2 * M] int32: a batch of S uses [:2S] as [2, S] (context length, state slot)
     block_tables: torch.Tensor  # [M, max_blocks] int32
-    seq_lens: torch.Tensor  # [M] int32
     cu_seqlens: torch.Tensor  # [M + 1] int32 (0..M: one query, and one key as far as the graph knows)
     hidden: torch.Tensor  # [M, H] model dtype
 
@@ -68,15 +71,15 @@ class StaticInputs:
         return cls(
             block_size=block_size,
             longs=torch.zeros(5 * max_rows, dtype=torch.int64, device=device),
+            ints=torch.ones(2 * max_rows, dtype=torch.int32, device=device),
             block_tables=torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device),
-            seq_lens=torch.ones(max_rows, dtype=torch.int32, device=device),
             cu_seqlens=torch.arange(max_rows + 1, dtype=torch.int32, device=device),
             hidden=torch.zeros(max_rows, hidden_size, dtype=dtype, device=device),
         )
 
     @property
     def max_rows(self) -> int:
-        return self.seq_lens.shape[0]
+        return self.block_tables.shape[0]
 
     @property
     def max_blocks(self) -> int:
@@ -85,7 +88,12 @@ class StaticInputs:
     def longs_of(self, size: int) -> torch.Tensor:
         return self.longs[: 5 * size].view(5, size)
 
+    def ints_of(self, size: int) -> torch.Tensor:
+        return self.ints[: 2 * size].view(2, size)
+
     def metadata(self, size: int, width: int) -> AttentionMetadata:
+        """Decode metadata over the leading views; models without state slots ignore `state_indices`."""
+        ints = self.ints_of(size)
         return AttentionMetadata(
             cu_seqlens_q=self.cu_seqlens[: size + 1],
             cu_seqlens_k=self.cu_seqlens[: size + 1],
@@ -93,20 +101,24 @@ class StaticInputs:
             max_seqlen_k=width * self.block_size,
             slot_mapping=self.longs_of(size)[4],
             block_tables=self.block_tables[:size, :width],
-            seq_lens=self.seq_lens[:size],
+            seq_lens=ints[0],
             decode_only=True,
+            state_indices=ints[1],
+            has_initial_state=None,
         )
 
     def fill_padding(self, size: int) -> None:
-        """Rows that attend to one cached token and write nowhere (slot -1): what capture runs."""
-        view = self.longs_of(size)
+        """Rows that attend to one cached token and write nowhere (KV and state slot -1): what capture runs."""
+        view, ints = self.longs_of(size), self.ints_of(size)
         view.zero_()
         view[4].fill_(-1)
+        ints[0].fill_(1)
+        ints[1].fill_(-1)
 
     def load(self, host: HostDecodeBatch) -> None:
         """Copy a staged decode step in (asynchronously from pinned memory)."""
         self.longs_of(host.size).copy_(host.longs, non_blocking=True)
-        self.seq_lens[: host.size].copy_(host.seq_lens, non_blocking=True)
+        self.ints_of(host.size).copy_(host.ints, non_blocking=True)
         self.block_tables[: host.size, : host.width].copy_(host.block_tables, non_blocking=True)
 
 

@@ -6,7 +6,8 @@ runner knows owns a row of a persistent block-table array that only changes
 when blocks are appended, and a step fills preallocated staging arrays (pinned
 on CUDA) with a handful of numpy operations over the batch. The staging rows
 are then copied to the device in three transfers, straight into the CUDA
-graph's static buffers when a graph runs the step.
+graph's static buffers when a graph runs the step. Hybrid models' state slots
+ride in the int32 transfer beside the context lengths.
 """
 
 from __future__ import annotations
@@ -21,15 +22,24 @@ import torch
 class HostDecodeBatch:
     """One decode step's inputs on the host (views of the staging arrays, valid until the next step).
 
-    Shapes: longs [5, B] int64 rows (input id, 3 x mRoPE position, slot);
-    seq_lens [B] int32; block_tables [B, width] int32.
+    Shapes: longs [5, B] int64 rows (input id, 3 x mRoPE position, KV slot);
+    ints [2, B] int32 rows (context length, linear-attention state slot, -1 for
+    none); block_tables [B, width] int32.
     """
 
     size: int
     width: int
     longs: torch.Tensor
-    seq_lens: torch.Tensor
+    ints: torch.Tensor
     block_tables: torch.Tensor
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        return self.ints[0]
+
+    @property
+    def state_slots(self) -> torch.Tensor:
+        return self.ints[1]
 
 
 class DecodeInputs:
@@ -77,20 +87,25 @@ class DecodeInputs:
     # ---- one step --------------------------------------------------------------------
 
     def _alloc_staging(self, rows: int, width: int) -> None:
-        # Flat buffers: a step of S rows views the first elements as contiguous [5, S] / [S, width]
-        # blocks, so each goes to the device in one plain copy.
+        # Flat buffers: a step of S rows views the first elements as contiguous [5, S] / [2, S] /
+        # [S, width] blocks, so each goes to the device in one plain copy.
         self._cap_rows, self._cap_width = rows, width
         self._longs = torch.zeros(5 * rows, dtype=torch.int64, pin_memory=self._pin)
-        self._ints = torch.zeros(rows, dtype=torch.int32, pin_memory=self._pin)
+        self._ints = torch.zeros(2 * rows, dtype=torch.int32, pin_memory=self._pin)
         self._bt = torch.zeros(rows * width, dtype=torch.int32, pin_memory=self._pin)
         self._longs_np, self._ints_np, self._bt_np = self._longs.numpy(), self._ints.numpy(), self._bt.numpy()
 
-    def stage(self, rows: list[int], starts: list[int], token_ids: list[int], pad_to: int = 0) -> HostDecodeBatch:
+    def stage(
+        self, rows: list[int], starts: list[int], token_ids: list[int], pad_to: int = 0,
+        state_slots: list[int] | None = None,
+    ) -> HostDecodeBatch:
         """Fill the staging arrays for a decode step of `len(rows)` sequences.
 
         Sequence i computes token `starts[i]` (id `token_ids[i]`) past its prompt,
-        so all three mRoPE rows are `start + delta`. Rows `[B, pad_to)` are padding
-        for a CUDA graph bucket: slot -1 (write nowhere), one context token.
+        so all three mRoPE rows are `start + delta`; it continues linear-attention
+        state slot `state_slots[i]` (hybrid models; else -1). Rows `[B, pad_to)`
+        are padding for a CUDA graph bucket: KV and state slot -1 (write nowhere),
+        one context token.
         """
         b, bs = len(rows), self.block_size
         size = max(b, pad_to)
@@ -101,20 +116,22 @@ class DecodeInputs:
         if size > self._cap_rows or size * width > self._bt_np.shape[0]:
             self._alloc_staging(max(size, 2 * self._cap_rows), max(width, 2 * self._cap_width))
         longs = self._longs_np[: 5 * size].reshape(5, size)
-        ints = self._ints_np[:size]
+        ints = self._ints_np[: 2 * size].reshape(2, size)
         bt = self._bt_np[: size * width].reshape(size, width)
         longs[0, :b] = token_ids
         longs[1:4, :b] = start + self._deltas[row]
         bt[:b] = self._tables[row, :width]
         longs[4, :b] = self._tables[row, start // bs].astype(np.int64) * bs + start % bs
-        ints[:b] = start + 1
+        ints[0, :b] = start + 1
+        ints[1, :b] = -1 if state_slots is None else state_slots
         if size > b:
             longs[:, b:] = 0
             longs[4, b:] = -1
-            ints[b:] = 1
+            ints[0, b:] = 1
+            ints[1, b:] = -1
             bt[b:] = 0
         return HostDecodeBatch(
-            size, width, self._longs[: 5 * size].view(5, size), self._ints[:size],
+            size, width, self._longs[: 5 * size].view(5, size), self._ints[: 2 * size].view(2, size),
             self._bt[: size * width].view(size, width),
         )
 

@@ -125,7 +125,7 @@ class ModelRunner:
 
     def captures_decode_graphs(self) -> bool:
         """Whether decode steps run as CUDA graphs: on CUDA, not `enforce_eager`, and a model
-        whose decode step can be captured (its `supports_cuda_graphs`: not MoE, not hybrid)."""
+        whose decode step can be captured (its `supports_cuda_graphs`)."""
         return self.device.type == "cuda" and not self.config.enforce_eager and self.model.supports_cuda_graphs
 
     def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
@@ -270,17 +270,26 @@ class ModelRunner:
         A sequence continues its slot whenever it has computed tokens before
         this step (a later prefill chunk or a decode); a preempted one restarts
         at token 0 and so from zeros. Prefix caching is off for hybrid models,
-        so `start > 0` always means the slot holds tokens [0, start).
+        so `start > 0` always means the slot holds tokens [0, start). When every
+        sequence continues, `has_initial_state` is None (the model's cue for its
+        single-token kernels on decode steps).
         """
         if not self.hybrid:
             return {}
+        continues = [s.start > 0 for s in steps]
+        return {
+            "state_indices": torch.tensor(self._state_slots(steps), dtype=torch.int32, device=self.device),
+            "has_initial_state": None if all(continues) else torch.tensor(continues, device=self.device),
+        }
+
+    def _state_slots(self, steps: tuple[SeqStep, ...]) -> list[int] | None:
+        """Each step's linear-attention state slot (hybrid models), else None."""
+        if not self.hybrid:
+            return None
         slots = [s.state_slot for s in steps]
         if any(slot is None for slot in slots):
             raise RuntimeError("a hybrid model step without a state slot for every sequence")
-        return {
-            "state_indices": torch.tensor(slots, dtype=torch.int32, device=self.device),
-            "has_initial_state": torch.tensor([s.start > 0 for s in steps], dtype=torch.bool, device=self.device),
-        }
+        return slots
 
     # ---- the step ----------------------------------------------------------------
 
@@ -332,12 +341,13 @@ class ModelRunner:
         rows, starts, token_ids = decode
         b = len(rows)
         size = self.graphs.batch_bucket(b) if self.graphs is not None else None
-        host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0)
+        host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0,
+                                        state_slots=self._state_slots(steps))
         if size is not None:
             hidden = self.graphs.replay(host, b, self.decode_inputs.mark_copied)
             if hidden is not None:
                 return hidden
-        batch = self._decode_batch(host, b, max(starts) + 1, steps)
+        batch = self._decode_batch(host, b, max(starts) + 1)
         return self._decode_forward(batch.input_ids, batch.positions, batch.attn)
 
     def _decode_rows(self, steps: tuple[SeqStep, ...]) -> tuple[list[int], list[int], list[int]] | None:
@@ -353,15 +363,16 @@ class ModelRunner:
             token_ids.append(st.token_ids[s.start])
         return rows, starts, token_ids
 
-    def _decode_batch(self, host: HostDecodeBatch, b: int, max_len: int, steps: tuple[SeqStep, ...]) -> StepBatch:
+    def _decode_batch(self, host: HostDecodeBatch, b: int, max_len: int) -> StepBatch:
         """Device tensors of a staged decode step that runs eagerly (no graph for it)."""
         dev = self.device
-        longs, seq_lens, tables = host.longs[:, :b], host.seq_lens[:b], host.block_tables[:b]
+        longs, ints, tables = host.longs[:, :b], host.ints[:, :b], host.block_tables[:b]
         if dev.type == "cuda":
-            longs, seq_lens, tables = (t.to(dev, non_blocking=True) for t in (longs, seq_lens, tables))
+            longs, ints, tables = (t.to(dev, non_blocking=True) for t in (longs, ints, tables))
             self.decode_inputs.mark_copied()
         else:  # the staging arrays are overwritten next step
-            longs, seq_lens, tables = longs.clone(), seq_lens.clone(), tables.clone()
+            longs, ints, tables = longs.clone(), ints.clone(), tables.clone()
+        seq_lens = ints[0]
         cu_k = torch.zeros(b + 1, dtype=torch.int32, device=dev)
         cu_k[1:] = torch.cumsum(seq_lens, 0)
         attn = AttentionMetadata(
@@ -373,6 +384,7 @@ class ModelRunner:
             block_tables=tables,
             seq_lens=seq_lens,
             decode_only=True,
-            **self._state_metadata(steps),
+            # Every decode row continues its slot (has_initial_state None); non-hybrid models ignore both.
+            state_indices=ints[1] if self.hybrid else None,
         )
         return StepBatch(longs[0], longs[1:4], attn, None)

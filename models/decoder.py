@@ -157,6 +157,12 @@ class CausalLM(nn.Module):
     def _check_architecture(config: ModelConfig) -> None:
         raise NotImplementedError
 
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Whether a decode step may be captured: every layer's forward is free of host syncs,
+        which only a sparse MoE block can break (its `capturable`)."""
+        return all(layer.mlp.capturable for layer in self.model.layers if isinstance(layer.mlp, SparseMoeBlock))
+
     def forward(
         self,
         input_ids: torch.Tensor,

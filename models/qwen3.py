@@ -100,11 +100,6 @@ class Qwen3ForCausalLM(CausalLM):
             raise ValueError(f"{config.architecture} is a hybrid Qwen3.5 decoder; use models.qwen3_5")
 
     @property
-    def supports_cuda_graphs(self) -> bool:
-        """Dense and MoE decode steps alike: the MoE block never syncs with the host."""
-        return True
-
-    @property
     def num_kv_heads(self) -> int:
         """KV heads held by this rank (the cache's Hkv)."""
         return self.model.layers[0].self_attn.num_kv_heads

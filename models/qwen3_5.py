@@ -12,7 +12,8 @@ RMSNorm except the gated one scales by `1 + weight` (`OffsetRMSNorm`).
 Caches: `kv_caches[i]` is layer i's `(key_cache, value_cache)` for a
 full-attention layer and its `(conv_state, recurrent_state)` pools for a
 linear-attention layer (`state_shapes()` gives their per-slot shapes);
-`AttentionMetadata.state_indices` / `has_initial_state` address the slots.
+`AttentionMetadata.state_indices` / `has_initial_state` address the slots
+(`has_initial_state=None`: every sequence continues its slot).
 """
 
 from __future__ import annotations
@@ -107,11 +108,9 @@ class Qwen3_5Model(DecoderModel):
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
         caches: list[LayerCache] | None, mm: MultimodalBatch | None,
     ) -> torch.Tensor:
-        # One host decision per step: single-step kernels only when every sequence continues its state.
-        decode = (
-            caches is not None and attn.decode_only and attn.has_initial_state is not None
-            and bool(attn.has_initial_state.all())
-        )
+        # Single-token kernels when every sequence decodes one token continuing its slot; decided
+        # from host facts only (no device read), so the step can be captured in a CUDA graph.
+        decode = caches is not None and attn.decode_only and attn.has_initial_state is None
         return self.run_layers(
             input_ids, mm, caches,
             lambda layer, x, residual, cache: layer(x, residual, positions, attn, cache, decode),
@@ -132,11 +131,6 @@ class Qwen3_5ForCausalLM(CausalLM):
     def _check_architecture(config: ModelConfig) -> None:
         if config.text.layer_types is None or not config.text.attn_output_gate:
             raise ValueError(f"{config.architecture} is not a Qwen3.5 hybrid decoder; use models.qwen3")
-
-    @property
-    def supports_cuda_graphs(self) -> bool:
-        """Steps carry per-sequence state slots, which the captured decode graphs do not take."""
-        return False
 
     @property
     def num_kv_heads(self) -> int:

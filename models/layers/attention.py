@@ -30,9 +30,11 @@ class AttentionMetadata:
         decode_only: every sequence has exactly one query -> paged decode kernel.
         state_indices: [B] int32 or None, each sequence's state slot in the
             linear-attention (Gated DeltaNet) state pools of hybrid models.
-        has_initial_state: [B] bool or None, whether sequence b continues the
-            state in its slot (a later prefill chunk or a decode) rather than
-            starting from zeros.
+        has_initial_state: [B] bool, whether sequence b continues the state in
+            its slot (a later prefill chunk) rather than starting from zeros;
+            None: every sequence continues its slot. The engine passes None
+            whenever that holds (every decode step), so hybrid models pick the
+            single-token kernels from host facts, never by reading the tensor.
     """
 
     cu_seqlens_q: torch.Tensor

@@ -126,6 +126,10 @@ class SparseMoeBlock(nn.Module):
     Shapes: x [T, H] -> [T, H].
     """
 
+    # Whether `forward` runs without host syncs, so a CUDA graph may capture it (the model's
+    # `supports_cuda_graphs` asks): every size in the expert ops comes from the token count.
+    capturable = True
+
     def __init__(
         self,
         hidden_size: int,

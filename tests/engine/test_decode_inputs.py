@@ -1,8 +1,9 @@
 """The runner's decode fast path (persistent rows, staged in place) builds exactly the batch that
-the general per-sequence path builds for the same steps."""
+the general per-sequence path builds for the same steps, for dense and hybrid (state-slot) models."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from engine import LLM, SamplingParams
@@ -19,6 +20,12 @@ def _assert_same_batch(fast, ref) -> None:
         assert x.dtype == y.dtype and torch.equal(x, y), name
     assert (a.max_seqlen_q, a.max_seqlen_k, a.decode_only) == (b.max_seqlen_q, b.max_seqlen_k, b.decode_only)
     assert fast.mm is None and ref.mm is None
+    if b.state_indices is None:
+        assert a.state_indices is None
+    else:
+        assert a.state_indices.dtype == torch.int32 and torch.equal(a.state_indices, b.state_indices)
+    # Decode rows all continue their slots: no tensor for the model to read.
+    assert a.has_initial_state is None and b.has_initial_state is None
 
 
 def _assert_graph_inputs_match(inputs: StaticInputs, host, b: int, ref) -> None:
@@ -30,15 +37,21 @@ def _assert_graph_inputs_match(inputs: StaticInputs, host, b: int, ref) -> None:
     assert torch.equal(attn.slot_mapping[:b], ref.attn.slot_mapping)
     assert torch.equal(attn.block_tables[:b], ref.attn.block_tables)
     assert torch.equal(attn.seq_lens[:b], ref.attn.seq_lens)
-    # Padding rows write nowhere and attend to one token.
+    assert attn.has_initial_state is None
+    if ref.attn.state_indices is not None:
+        assert torch.equal(attn.state_indices[:b], ref.attn.state_indices)
+    # Padding rows write nowhere (KV cache or state pools) and attend to one token.
     assert (attn.slot_mapping[b:] == -1).all() and (attn.seq_lens[b:] == 1).all()
+    assert (attn.state_indices[b:] == -1).all()
 
 
-def test_decode_inputs_match_the_general_batch(tiny_checkpoint):
-    # Small blocks and a varied batch: tables grow, rows free and get reused, mRoPE offsets differ.
-    llm = LLM(tiny_checkpoint("qwen3_vl"), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_decode_inputs_match_the_general_batch(tiny_checkpoint, arch):
+    # Small blocks and a varied batch: tables grow, rows (and state slots) free and get reused,
+    # mRoPE offsets differ.
+    llm = LLM(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
     runner = llm.engine.executor.runner
-    run, checked = runner._run, []
+    run, checked, seen_slots = runner._run, [], set()
     hidden = runner.model_config.text.hidden_size
     inputs = StaticInputs.allocate(4, 512, 4, hidden, runner.dtype, runner.device)
 
@@ -46,11 +59,15 @@ def test_decode_inputs_match_the_general_batch(tiny_checkpoint):
         decode = runner._decode_rows(steps)
         if decode is not None:
             rows, starts, ids = decode
-            fast = runner._decode_batch(runner.decode_inputs.stage(rows, starts, ids), len(rows), max(starts) + 1, steps)
+            slots = runner._state_slots(steps)
+            fast = runner._decode_batch(runner.decode_inputs.stage(rows, starts, ids, state_slots=slots),
+                                        len(rows), max(starts) + 1)
             ref = runner.build_batch(steps)
             _assert_same_batch(fast, ref)
-            _assert_graph_inputs_match(inputs, runner.decode_inputs.stage(rows, starts, ids, pad_to=4), len(rows), ref)
+            padded = runner.decode_inputs.stage(rows, starts, ids, pad_to=4, state_slots=slots)
+            _assert_graph_inputs_match(inputs, padded, len(rows), ref)
             checked.append(len(rows))
+            seen_slots.update(slots or ())
         return run(steps)
 
     runner._run = checking_run
@@ -70,3 +87,4 @@ def test_decode_inputs_match_the_general_batch(tiny_checkpoint):
         llm.shutdown()
     assert [len(o.token_ids) for o in outs] == [9, 3, 12, 6, 5]
     assert max(checked) == 4 and min(checked) < 4  # full and partial decode batches both went through
+    assert runner.hybrid == bool(seen_slots)

@@ -139,6 +139,7 @@ def _caches(ours: Qwen3_5ForCausalLM, num_blocks: int, num_slots: int) -> list[t
 def _step(chunks: list[tuple[int, int]], tables: torch.Tensor, slots: list[int]) -> AttentionMetadata:
     """chunks[b] = (tokens already computed, new tokens) of sequence b, in state slot slots[b]."""
     mapping, new, total = [], [], []
+    continues = [done > 0 for done, _ in chunks]
     for b, (done, n) in enumerate(chunks):
         mapping += [int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(done, done + n)]
         new.append(n)
@@ -148,7 +149,8 @@ def _step(chunks: list[tuple[int, int]], tables: torch.Tensor, slots: list[int])
         cu(new), cu(total), max(new), max(total), torch.tensor(mapping, dtype=torch.int64), tables,
         torch.tensor(total, dtype=torch.int32), decode_only=all(n == 1 for n in new),
         state_indices=torch.tensor(slots, dtype=torch.int32),
-        has_initial_state=torch.tensor([done > 0 for done, _ in chunks]),
+        # As the engine passes it: None when every sequence continues its slot (decode kernels).
+        has_initial_state=None if all(continues) else torch.tensor(continues),
     )
 
 
