@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
-from engine.cuda_graphs import StaticInputs
+from engine.cuda_graphs import DecodeGraphs, StaticInputs, bucket_sizes, width_buckets
 from tests.engine.helpers import TEXT, image, prompt_ids
 
 
@@ -88,3 +88,44 @@ def test_decode_inputs_match_the_general_batch(tiny_checkpoint, arch):
     assert [len(o.token_ids) for o in outs] == [9, 3, 12, 6, 5]
     assert max(checked) == 4 and min(checked) < 4  # full and partial decode batches both went through
     assert runner.hybrid == bool(seen_slots)
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on CPU: runs the forward a graph would capture, over the static views."""
+
+    def __init__(self, forward, inputs: StaticInputs, size: int, width: int, sizes: list[int]):
+        self.forward, self.inputs, self.size, self.width, self.sizes = forward, inputs, size, width, sizes
+
+    def replay(self) -> None:
+        view = self.inputs.longs_of(self.size)
+        attn = self.inputs.metadata(self.size, self.width)
+        self.inputs.hidden[: self.size] = self.forward(view[0], view[1:4], attn)
+        self.sizes.append(self.size)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_vl"])
+def test_decode_through_static_inputs_equals_general_path(tiny_checkpoint, arch):
+    """What the graphs compute (static buffers, padded buckets, padding rows at KV/state slot -1),
+    run eagerly on CPU, generates the same tokens as the general path, with rows and slots reused."""
+    tok_len, max_len, bs = (9, 3, 12, 6, 5), 512, 4
+    with LLM(tiny_checkpoint(arch), max_model_len=max_len, num_gpu_blocks=128, block_size=bs, max_num_seqs=4) as llm:
+        tok = llm.tokenizer
+        prompts = [
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 1), "images": [image(64, 96, 0)]},
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 0)},
+            {"prompt_token_ids": prompt_ids(tok, TEXT[:20], 0)},
+            {"prompt_token_ids": prompt_ids(tok, (TEXT + " ") * 3, 0)},
+            {"prompt_token_ids": prompt_ids(tok, TEXT, 0)[:5]},
+        ]
+        params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in tok_len]
+        want = [o.token_ids for o in llm.generate(prompts, params)]
+        runner = llm.engine.executor.runner
+        inputs = StaticInputs.allocate(4, max_len, bs, runner.model_config.text.hidden_size, runner.dtype,
+                                       runner.device)
+        sizes: list[int] = []
+        replays = {(size, width): _EagerReplay(runner._decode_forward, inputs, size, width, sizes)
+                   for size in bucket_sizes(4) for width in width_buckets(inputs.max_blocks, bs)}
+        runner.graphs = DecodeGraphs(inputs, replays)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+    assert got == want
+    assert 4 in sizes and len(sizes) >= 10
