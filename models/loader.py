@@ -8,9 +8,9 @@ driven by the module's parameters (so a parameter that got nothing is an
 error naming it and its checkpoint key):
 
 - a parameter in a module named like a key of `PACKED_MODULES_MAPPING`
-  (`qkv_proj`, `gate_up_proj`) is read from its unfused checkpoint keys
-  (`q_proj/k_proj/v_proj`, `gate_proj/up_proj`) unless the checkpoint holds
-  the fused key itself;
+  (`qkv_proj`, `gate_up_proj`, `in_proj_ba`) is read from its unfused
+  checkpoint keys (`q_proj/k_proj/v_proj`, `gate_proj/up_proj`,
+  `in_proj_b/in_proj_a`) unless the checkpoint holds the fused key itself;
 - a module with `load_checkpoint(reader, key_prefix)` loads its own
   parameters (the MoE experts, whose checkpoint layouts vary);
 - otherwise the parameter's own `shard_spec` / `weight_loader` (see
@@ -32,6 +32,7 @@ from torch import nn
 PACKED_MODULES_MAPPING: dict[str, list[tuple[str, int | str]]] = {
     "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
     "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
+    "in_proj_ba": [("in_proj_b", 0), ("in_proj_a", 1)],  # Gated DeltaNet's b and a in one GEMM
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

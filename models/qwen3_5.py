@@ -65,13 +65,13 @@ class Qwen3_5Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q_gate, k, v = qkv.split([2 * self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
-        gate = q_gate[..., d:].reshape(tokens, self.num_heads * d)
+        gate = torch.sigmoid(q_gate[..., d:])  # straight from the strided view: no copy first
         q = self.q_norm(q_gate[..., :d])
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, d)))
         self.rotary_emb(positions, q, k)
         v = v.unflatten(-1, (self.num_kv_heads, d)).contiguous()
-        out = self.attn(q, k, v, attn, kv_cache).flatten(1)
-        return self.o_proj(out * torch.sigmoid(gate))
+        out = self.attn(q, k, v, attn, kv_cache)
+        return self.o_proj((out * gate).flatten(1))
 
 
 class Qwen3_5DecoderLayer(DecoderLayer):

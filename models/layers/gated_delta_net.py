@@ -11,6 +11,12 @@ Per-sequence state lives in two pools owned by the engine, one pair per layer:
 says which slot each sequence uses and whether it continues it. Without pools
 (full-sequence runs) every sequence starts from zeros in scratch pools.
 
+The two per-head scalar projections run as one GEMM, `in_proj_ba` (b, a),
+filled from the checkpoint's `in_proj_b` / `in_proj_a`
+(`models.loader.PACKED_MODULES_MAPPING`): a small decode step is
+launch-bound. z stays its own GEMM: as a slice of a fused q/k/v/z output it
+would not be contiguous, and the gated norm would copy it.
+
 Tensor parallelism splits the key and value heads (each rank keeps whole
 q/k/v head groups, so value head h still reads key head h // (Hv / Hk)).
 """
@@ -74,22 +80,23 @@ class GatedDeltaNet(nn.Module):
 
         self.in_proj_qkv = MergedColumnParallelLinear(hidden_size, self.part_sizes, parallel=self.parallel)
         self.in_proj_z = ColumnParallelLinear(hidden_size, value_dim, parallel=self.parallel)
-        self.in_proj_b = ColumnParallelLinear(hidden_size, num_v_heads, parallel=self.parallel)
-        self.in_proj_a = ColumnParallelLinear(hidden_size, num_v_heads, parallel=self.parallel)
+        self.in_proj_ba = MergedColumnParallelLinear(hidden_size, [num_v_heads, num_v_heads], parallel=self.parallel)
         self.out_proj = RowParallelLinear(value_dim, hidden_size, parallel=self.parallel)
         # Depthwise conv weight as the op reads it, [conv_dim / tp, W] (HF: [conv_dim, 1, W]).
         self.conv1d = nn.Module()
         self.conv1d.weight = self._param((self.conv_dim, conv_kernel), self._conv_spec, self._load_conv)
-        self.A_log = self._param((self.num_v_heads,), self._head_spec, self._load_heads)
-        self.dt_bias = self._param((self.num_v_heads,), self._head_spec, self._load_heads)
+        # fp32 (exact copies of the checkpoint values): the decay math runs in fp32 as transformers'
+        # does, and fp32 parameters save it a cast per layer and step.
+        self.A_log = self._param((self.num_v_heads,), self._head_spec, self._load_heads, torch.float32)
+        self.dt_bias = self._param((self.num_v_heads,), self._head_spec, self._load_heads, torch.float32)
         self.norm = nn.Module()
         self.norm.weight = nn.Parameter(torch.ones(head_v_dim), requires_grad=False)
 
     # ---- weights -------------------------------------------------------------------
 
     @staticmethod
-    def _param(shape: tuple[int, ...], spec, loader) -> nn.Parameter:
-        param = nn.Parameter(torch.empty(shape), requires_grad=False)
+    def _param(shape: tuple[int, ...], spec, loader, dtype: torch.dtype | None = None) -> nn.Parameter:
+        param = nn.Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
         param.shard_spec = spec
         param.weight_loader = loader
         return param
@@ -128,8 +135,9 @@ class GatedDeltaNet(nn.Module):
         tokens = x.shape[0]
         mixed = self.in_proj_qkv(x)
         z = self.in_proj_z(x).view(tokens, self.num_v_heads, self.head_v_dim)
-        beta = self.in_proj_b(x).sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias)
+        b, a = self.in_proj_ba(x).split(self.num_v_heads, dim=-1)
+        beta = b.sigmoid()
+        g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # a promoted to fp32 exactly
         conv_w = self.conv1d.weight
         if pools is None:
             pools, slots, has_state = self._scratch(x, attn), self._arange(attn), None
