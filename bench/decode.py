@@ -110,9 +110,13 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
         torch.cuda.empty_cache()
         ours_itl: dict[tuple[int, int], float] = {}
+        graphed: dict[int, bool | None] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for tp in args.tp:
             llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(args.batches), PROMPT_LEN)
+            # Whether decode steps replay CUDA graphs (TP > 1: the runners live in the worker actors).
+            graphed[tp] = llm.engine.executor.runner.graphs is not None if tp == 1 else None
+            print(f"{name} tp={tp}: CUDA-graph decode {graphed[tp]}", flush=True)
             for batch in args.batches:
                 ours_itl[(tp, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
                 print(f"{name} tp={tp} batch={batch}: ours {ours_itl[(tp, batch)]:.2f} ms/token", flush=True)
@@ -133,7 +137,8 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
             vs_tp1 = ms / ours_itl[(1, batch)] if (1, batch) in ours_itl else float("nan")
             rec = dict(model=name, tp=tp, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
                        ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3, vs_floor=ms / floor_ms,
-                       speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1, weight_gb=weight_bytes / 1e9)
+                       speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1, weight_gb=weight_bytes / 1e9,
+                       cuda_graphs=graphed[tp])
             records.append(rec)
             rows.append([name, tp, batch, ms, hf_ms, floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"],
                          rec["speedup_vs_hf"], vs_tp1])
