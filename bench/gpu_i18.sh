@@ -15,13 +15,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-START=$(date +%s)
 declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200)
 
 step_cmd() {
@@ -35,18 +30,4 @@ step_cmd() {
   esac
 }
 
-FAILED=() SKIPPED=()
-for step in "${@:-build test ops moe}"; do
-  for s in $step; do
-    left=$(( TOTAL - ($(date +%s) - START) ))
-    budget=${BUDGET[$s]:-120}
-    (( budget > left )) && budget=$left
-    if (( budget < 20 )); then SKIPPED+=("$s"); continue; fi
-    echo "=== $s (timeout ${budget}s) ==="
-    timeout "$budget" bash -c "$(declare -f step_cmd); step_cmd $s" 2>&1 | tee "$OUT/i18-$s.log"
-    rc=${PIPESTATUS[0]}
-    (( rc != 0 )) && FAILED+=("$s (rc $rc)")
-  done
-done
-echo "done in $(( $(date +%s) - START )) s; failed: ${FAILED[*]:-none}; skipped (no time left): ${SKIPPED[*]:-none}"
-(( ${#FAILED[@]} == 0 ))
+run_steps i18 "build test ops moe" "$@"

@@ -14,13 +14,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-export PYTHONPATH=${PYTHONPATH:-$PWD}
+source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I19_TOTAL_S:-280}
-START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [decode]=150)
 
 step_cmd() {
@@ -33,18 +28,4 @@ step_cmd() {
   esac
 }
 
-FAILED=() SKIPPED=()
-for step in "${@:-build test decode}"; do
-  for s in $step; do
-    left=$(( TOTAL - ($(date +%s) - START) ))
-    budget=${BUDGET[$s]:-120}
-    (( budget > left )) && budget=$left
-    if (( budget < 20 )); then SKIPPED+=("$s"); continue; fi
-    echo "=== $s (timeout ${budget}s) ==="
-    timeout "$budget" bash -c "$(declare -f step_cmd); step_cmd $s" 2>&1 | tee "$OUT/i19-graph-$s.log"
-    rc=${PIPESTATUS[0]}
-    (( rc != 0 )) && FAILED+=("$s (rc $rc)")
-  done
-done
-echo "done in $(( $(date +%s) - START )) s; failed: ${FAILED[*]:-none}; skipped (no time left): ${SKIPPED[*]:-none}"
-(( ${#FAILED[@]} == 0 ))
+run_steps i19-graph "build test decode" "$@"
