@@ -11,8 +11,9 @@ batch's context. A decode batch of B sequences replays the smallest bucket
 token. Hybrid models' linear-attention states are pools addressed by the static
 `state_indices` (padding rows: slot -1, which the kernels neither read nor
 write); every decode row continues its slot, so the metadata says so with
-`has_initial_state=None` rather than a tensor the model would have to inspect. Batches larger than the largest bucket, mixed prefill steps and steps
-with images run eagerly. Whether a model is captured at all is the runner's
+`has_initial_state=None` rather than a tensor the model would have to inspect.
+Batches larger than the largest bucket, mixed prefill steps and steps with
+images run eagerly. Whether a model is captured at all is the runner's
 `captures_decode_graphs()`; the forward it captures is the runner's too.
 """
 

@@ -33,14 +33,6 @@ class HostDecodeBatch:
     ints: torch.Tensor
     block_tables: torch.Tensor
 
-    @property
-    def seq_lens(self) -> torch.Tensor:
-        return self.ints[0]
-
-    @property
-    def state_slots(self) -> torch.Tensor:
-        return self.ints[1]
-
 
 class DecodeInputs:
     """Persistent per-sequence rows (block table, mRoPE offset) and per-step staging arrays."""
