@@ -4,7 +4,7 @@
 #   bash bench/gpu_i19_graph.sh                 # build test decode
 #   bash bench/gpu_i19_graph.sh decode          # any steps, in the order given
 #
-# Steps (each under `timeout`, cut to what is left of I19_TOTAL_S, default 280 s):
+# Steps (each under `timeout`, cut to what is left of I19_TOTAL_S, default 290 s):
 #   build   JIT-build the splitvl extension (C++ + CUDA)
 #   test    GPU tests: CUDA-graph decode == eager for Qwen3.5 dense, Qwen3.5-MoE and Qwen3-VL-MoE tiny
 #           checkpoints (bf16 step by step with caches and state pools, fp32 end to end), and the dense
@@ -15,8 +15,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
-TOTAL=${I19_TOTAL_S:-280}
-declare -A BUDGET=([build]=150 [test]=90 [decode]=150)
+TOTAL=${I19_TOTAL_S:-290}
+declare -A BUDGET=([build]=180 [test]=120 [decode]=160)
 
 step_cmd() {
   case $1 in
