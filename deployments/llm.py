@@ -228,12 +228,11 @@ class LLMServer:
 
 
 def _node_id() -> str:
-    try:
-        import ray
+    import ray
 
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (unit tests): no node, so no IPC handle is ever local
+    if not ray.is_initialized():  # outside Ray (unit tests): no node, so no IPC handle is ever local
         return ""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _stat(stats: Any, key: str) -> float | None:
