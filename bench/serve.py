@@ -91,6 +91,10 @@ def start_ray(num_gpus: int | None) -> bool:
            if k.startswith(("SPLITVL_", "TORCH_CUDA_ARCH", "CUDA_HOME", "MAX_JOBS"))}
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
+    if num_gpus:
+        # HAProxy as Serve's HTTP ingress (README "Serving performance"); read when the cluster
+        # starts, so it goes into this process' environment, not a runtime_env. RAY_SERVE_ENABLE_HA_PROXY=0 opts out.
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     ray.init(num_gpus=num_gpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     return True
 

@@ -85,6 +85,19 @@ class VisionDeploymentConfig(_Scaled):
     batch_wait_timeout_s: float = Field(
         0.01, ge=0, description="How long the first image waits for others to batch with."
     )
+    embedding_transfer: Literal["auto", "object_store"] = Field(
+        "auto",
+        description="How embeddings reach LLM replicas: auto = CUDA IPC from a pooled GPU buffer to LLM "
+        "replicas on the same node (object store for others, for CPU replicas, and when the pool is full); "
+        "object_store = always through Ray's object store (device -> host -> device copies).",
+    )
+    embedding_pool_mb: int = Field(
+        512, ge=0, description="GPU buffer of a vision replica for IPC transfers, in MiB, allocated at start "
+        "(an 8B model's 1024x1024 image takes 32 MiB); 0 turns IPC off."
+    )
+    embedding_lease_s: float = Field(
+        60.0, gt=0, description="A pool slot no LLM replica has released after this long is reclaimed."
+    )
 
 
 class LLMDeploymentConfig(_Scaled):

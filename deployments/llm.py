@@ -2,7 +2,8 @@
 
 `generate` takes prompt ids (image placeholders already expanded), the engine's
 `SamplingParams` and the ObjectRefs of the images' embeddings; it fetches those
-straight from the object store (the router never touched them), builds the
+straight from the encoder (a CUDA IPC slot or the object store; the router never
+touched them), builds the
 engine's `MultimodalInputs` and yields `TokenDelta`s. A cancelled call (client
 gone, stop string hit, timeout) aborts the request in the engine.
 
@@ -27,7 +28,8 @@ from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.errors import APIError, EncoderUnavailableError, InvalidRequestError, ServiceUnavailableError
 from deployments.messages import TokenDelta
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
-from deployments.vision import ImageEmbedding
+from deployments.embedding_pool import PoolReader, fetch_embeddings
+from deployments.embedding_transfer import ImageEmbedding
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
@@ -93,6 +95,17 @@ class LLMServer:
             from engine import EngineConfig as config_cls
         self.engine = engine_cls(make_engine_config(config_cls, engine_config_values(self.config, str(path))))
         self.metrics = MetricsRecorder.for_replica("LLMServer")
+        self.embedding_reader = PoolReader(_node_id(), self._ipc_device())
+        self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
+
+    def _ipc_device(self) -> torch.device | None:
+        """Where IPC embeddings are copied: this replica's GPU when it runs the model itself (TP 1).
+
+        TP ranks in other processes take them through the object store.
+        """
+        if self.config.resolved_device() != "cuda" or self.config.llm.tensor_parallel_size != 1:
+            return None
+        return torch.device("cuda", torch.cuda.current_device())
 
     @classmethod
     def deployment_options(cls, config: AppConfig) -> dict[str, Any]:
@@ -126,7 +139,7 @@ class LLMServer:
         """Stream the `TokenDelta`s of one request; the first carries this replica's `server_s`.
 
         Args:
-            mm: one ObjectRef of an `ImageEmbedding` per image, in prompt order.
+            mm: one ObjectRef of an `ImageEmbedding` or `IpcEmbedding` per image, in prompt order.
             image_hashes: content ids of those images (prefix-cache keys).
         Raises:
             InvalidRequestError: the engine refused the request (e.g. code context_length_exceeded).
@@ -171,7 +184,7 @@ class LLMServer:
         if not mm:
             return None
         try:
-            embeddings = await asyncio.gather(*mm)
+            embeddings = await fetch_embeddings(mm, self.embedding_reader, self._releases)
         except APIError:
             raise
         except Exception as exc:
@@ -212,6 +225,14 @@ class LLMServer:
                 engine.shutdown()
             except Exception:
                 pass
+
+
+def _node_id() -> str:
+    import ray
+
+    if not ray.is_initialized():  # outside Ray (unit tests): no node, so no IPC handle is ever local
+        return ""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _stat(stats: Any, key: str) -> float | None:

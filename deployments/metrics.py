@@ -52,6 +52,7 @@ HELP = {
     "splitvl_vision_encode_retries_total": (
         "counter", "Requests re-encoded and retried once because a vision replica died holding their images."),
     "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),
+    "splitvl_vision_ipc_images_total": ("counter", "Images whose embeddings left through the CUDA IPC pool."),
     "splitvl_vision_batches_total": ("counter", "Vision tower calls."),
     "splitvl_vision_batch_size": ("histogram", "Images per vision tower call."),
     "splitvl_vision_encode_seconds": ("histogram", "Time of one vision tower call."),

@@ -20,6 +20,7 @@ from contextlib import aclosing
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
@@ -191,11 +192,51 @@ class OpenAIIngress:
                         first = False
                         self.metrics.observe("splitvl_ingress_time_to_first_chunk_seconds",
                                              time.monotonic() - arrived, FINE_LATENCY_BUCKETS)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client left (the response task was cancelled, or the generator closed after a
+            # failed write); `aclosing` ends the router stream. Yielding here would turn a hang-up
+            # into a traceback.
             raise
-        except BaseException as exc:  # headers are sent: report in-band
+        except Exception as exc:  # headers are sent: report in-band
             yield sse(as_api_error(exc).body())
         yield "data: [DONE]\n\n"
+
+
+class RequestCounter:
+    """Pure ASGI middleware: counts requests by route and status; an escaped error becomes the envelope.
+
+    Not starlette's `BaseHTTPMiddleware`: that one runs the app in a task group of its own
+    and relays `receive`, so a client hanging up mid-stream surfaced as an `ExceptionGroup`
+    traceback instead of the plain cancellation the stream already handles.
+    """
+
+    def __init__(self, app: Any, metrics: Any):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def send_counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception as exc:  # noqa: BLE001 - becomes the envelope
+            if isinstance(exc, (OSError, ClientDisconnect)):
+                logger.info("client disconnected from %s", scope["path"])
+            elif status:  # headers are out: nothing more can be said to this client
+                logger.warning("request %s failed after its response started: %s", scope["path"], exc)
+            else:
+                await error_response(as_api_error(exc))(scope, receive, send_counted)
+        finally:
+            self.metrics.inc("splitvl_requests_total", labels={
+                "route": scope["path"], "status": str(status[0]) if status else "499"})
 
 
 def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
@@ -218,15 +259,7 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
     async def _any_error(_: Request, exc: Exception) -> JSONResponse:
         return error_response(as_api_error(exc))
 
-    @app.middleware("http")
-    async def _count(request: Request, call_next: Any) -> Response:
-        try:
-            response = await call_next(request)
-        except Exception as exc:  # noqa: BLE001 - becomes the envelope
-            response = error_response(as_api_error(exc))
-        ingress.metrics.inc("splitvl_requests_total", labels={"route": request.url.path,
-                                                              "status": str(response.status_code)})
-        return response
+    app.add_middleware(RequestCounter, metrics=ingress.metrics)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

@@ -7,8 +7,8 @@ Per request: deployment limits, chat template + tokenization, images loaded
 the embedding cache is asked for an ObjectRef; a miss preprocesses the image
 and calls `vision.encode`, converting its `DeploymentResponse` to an ObjectRef
 without awaiting the result. The refs go to `llm.generate` as they are, so the
-embedding bytes travel encoder -> object store -> LLM replica and this process
-never deserializes them. `TokenDelta`s stream back; each choice is detokenized
+embedding bytes travel encoder -> LLM replica (a CUDA IPC handle on one node, else the
+object store: `deployments/embedding_transfer.py`) and this process never deserializes them. `TokenDelta`s stream back; each choice is detokenized
 incrementally with stop strings applied.
 
 `chat` / `complete` are async generators of `deployments.messages.RouterEvent`s:
@@ -134,7 +134,9 @@ class Router:
         for attempt in range(attempts):
             events: AsyncIterator[RouterEvent] | None = None
             try:
-                refs, keys = await self._embed(images, counts)
+                # The retry asks for the object store: the lost embeddings may have been an IPC
+                # handle this LLM replica could not read (another node, a reused pool slot).
+                refs, keys = await self._embed(images, counts, "auto" if attempt == 0 else "object_store")
                 events = self._generate(ids, sampling, refs, keys, request.stop, start)
                 first = await anext(events)
             except EncoderUnavailableError as exc:
@@ -252,8 +254,11 @@ class Router:
             counts.append(self.processor.num_image_tokens(grid))
         return list(loaded), counts
 
-    async def _embed(self, images: list[Any], counts: list[int]) -> tuple[list[Any], list[str]]:
-        """One ObjectRef of embeddings per image (from the cache or a new encode), and its cache key."""
+    async def _embed(self, images: list[Any], counts: list[int], transfer: str) -> tuple[list[Any], list[str]]:
+        """One ObjectRef of embeddings per image (from the cache or a new encode), and its cache key.
+
+        `transfer` ("auto" or "object_store") is how a new encode's result should travel.
+        """
         refs, keys = [], []
         for image, num_tokens in zip(images, counts, strict=True):
             key = (video_key(image.resized, self._video_settings, self.model_id) if isinstance(image, PreparedVideo)
@@ -262,7 +267,7 @@ class Router:
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
                 try:
-                    ref = await self._encode(image)
+                    ref = await self._encode(image, transfer)
                 except EncoderUnavailableError:
                     # The dead replica may hold this request's earlier encodes too: drop them
                     # so that the retry re-encodes instead of reusing their lost results.
@@ -277,13 +282,13 @@ class Router:
             keys.append(key)
         return refs, keys
 
-    async def _encode(self, image: Any) -> Any:
+    async def _encode(self, image: Any, transfer: str) -> Any:
         # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
         if isinstance(image, PreparedVideo):
             pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
         else:
             pixels = await asyncio.to_thread(self.processor.resize, image)
-        response = self.vision.encode.remote(pixels)
+        response = self.vision.encode.remote(pixels, transfer)
         try:
             # Only waits for a replica to take the call; the result stays remote.
             return await response._to_object_ref()

@@ -3,16 +3,18 @@
 Loads only `model.visual.*`. `encode` takes one image as the router resized it
 (uint8 pixels: the router decodes and resizes, this replica rescales, normalizes
 and patchifies on its device), or one video as its sampled, resized frames; `@serve.batch` gathers images from concurrent
-requests into one tower call and splits the outputs back by each image's grid. Results are CPU tensors (so
-they can travel through Ray's object store to any LLM replica); they pickle as
-NumPy arrays so the LLM replica maps them from the store without a copy.
+requests into one tower call and splits the outputs back by each image's grid. On a GPU with
+`embedding_transfer: auto` each image's outputs go into a slot of this replica's `EmbeddingPool`
+and the call returns an `IpcEmbedding` handle (LLM replicas on this node copy GPU -> GPU);
+otherwise, on a retry that asked for the object store, or when the pool is full, the result is an
+`ImageEmbedding` of CPU tensors that travels through Ray's object store to any LLM replica
+(`deployments/embedding_transfer.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,35 +23,12 @@ from ray import serve
 
 from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
-from engine.transport import dtype_name, from_numpy, to_numpy
+from deployments.embedding_pool import EmbeddingPool
+from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
 from models.processor import ImageProcessor
 from models.video_processor import VideoProcessor
 
 
-@dataclass(frozen=True, slots=True)
-class ImageEmbedding:
-    """Vision-tower output of one image.
-
-    Shapes: embeds [N_tok, H]; deepstack [L, N_tok, H] (L may be 0);
-    grid_thw (t, h, w) in patches.
-    """
-
-    embeds: torch.Tensor
-    deepstack: torch.Tensor
-    grid_thw: tuple[int, int, int]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.embeds.shape[0]
-
-    def __reduce__(self):
-        # NumPy buffers: the LLM replica maps them out of the object store (engine/transport.py).
-        return _rebuild_image_embedding, (to_numpy(self.embeds), to_numpy(self.deepstack),
-                                          dtype_name(self.embeds), self.grid_thw)
-
-
-def _rebuild_image_embedding(embeds: Any, deepstack: Any, dtype: str, grid_thw: tuple[int, int, int]) -> ImageEmbedding:
-    return ImageEmbedding(from_numpy(embeds, dtype), from_numpy(deepstack, dtype), tuple(grid_thw))
 
 
 def split_outputs(
@@ -97,13 +76,15 @@ class VisionEncoder:
         self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
         self.metrics = MetricsRecorder.for_replica("VisionEncoder")
         self.images_processed = 0
+        self.pool = _make_pool(config, self.device)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def encode(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
-        """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3]); Serve hands this method a batch of calls."""
+    async def encode(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
+        """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3]) and how its result should
+        travel ("auto" or "object_store"); Serve hands this method a batch of calls."""
         self.metrics.start_pushing()
         start = time.monotonic()
-        results = await asyncio.to_thread(self._run, images)
+        results = await asyncio.to_thread(self._run, images, transfers)
         self.images_processed += len(images)
         self.metrics.inc("splitvl_vision_images_total", len(images))
         self.metrics.inc("splitvl_vision_batches_total")
@@ -111,18 +92,52 @@ class VisionEncoder:
         self.metrics.observe("splitvl_vision_encode_seconds", time.monotonic() - start)
         return results
 
-    def _run(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+    def _run(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
         # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
         with torch.inference_mode():
             parts = [(self.video_processor if item.ndim == 4 else self.processor).pixel_values([item], self.device)
                      for item in images]
             grid_thw = torch.cat([p.grid_thw for p in parts])
             embeds, deepstack = self.model(torch.cat([p.pixel_values for p in parts]), grid_thw)
-        grids = [tuple(int(v) for v in g) for g in grid_thw]
-        return split_outputs(embeds, deepstack, grids, self.merge_unit)
+            grids = [tuple(int(v) for v in g) for g in grid_thw]
+            if self.pool is None or all(t == "object_store" for t in transfers):
+                return split_outputs(embeds, deepstack, grids, self.merge_unit)
+            return self._to_pool(embeds, deepstack, grids, transfers)
+
+    def _to_pool(self, embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]],
+                 transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
+        """Each image into a pool slot; those that asked for the object store or found the pool full go to host.
+
+        Shapes: embeds [sum N_tok, H]; deepstack [L, sum N_tok, H].
+        """
+        out: list[ImageEmbedding | IpcEmbedding | None] = []
+        offset = 0
+        for grid, transfer in zip(grids, transfers, strict=True):
+            size = grid[0] * grid[1] * grid[2] // self.merge_unit
+            e, d = embeds[offset : offset + size], deepstack[:, offset : offset + size]
+            out.append(self.pool.store(e, d, grid) if transfer == "auto" else None)
+            offset += size
+        torch.cuda.current_stream().synchronize()  # the slots are written before any handle leaves
+        if all(item is not None for item in out):
+            self.metrics.inc("splitvl_vision_ipc_images_total", len(out))
+            return out
+        host = split_outputs(embeds, deepstack, grids, self.merge_unit)
+        self.metrics.inc("splitvl_vision_ipc_images_total", sum(item is not None for item in out))
+        return [item if item is not None else h for item, h in zip(out, host, strict=True)]
 
     def stats(self) -> dict[str, int]:
         return {"images_processed": self.images_processed}
+
+
+def _make_pool(config: AppConfig, device: str) -> EmbeddingPool | None:
+    """This replica's IPC pool: on a GPU with `embedding_transfer: auto`, else None (object store only)."""
+    vision = config.vision
+    if device != "cuda" or vision.embedding_transfer != "auto" or vision.embedding_pool_mb == 0:
+        return None
+    import ray
+
+    return EmbeddingPool.on_device(vision.embedding_pool_mb * 2**20, torch.device("cuda", torch.cuda.current_device()),
+                                   ray.get_runtime_context().get_node_id(), vision.embedding_lease_s)
 
 
 def _checkpoint_reader(path: Any) -> Any:

@@ -56,7 +56,7 @@ class _Vision:
     def __init__(self, hidden: int, layers: int, script: list[str]):
         self.encode, self.hidden, self.layers, self.script, self.calls = self, hidden, layers, script, 0
 
-    def remote(self, pixels) -> _Response:
+    def remote(self, pixels, transfer: str) -> _Response:
         what = self.script[self.calls] if self.calls < len(self.script) else "ok"
         self.calls += 1
         if what == "dead":

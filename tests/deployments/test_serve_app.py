@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -274,6 +276,48 @@ def test_client_disconnect_aborts_engine_request(base_url):
                 break  # hang up mid-stream
     wait_until(lambda: set(handle.stats.remote().result()["aborted"]) - aborted_before)
     wait_until(lambda: handle.stats.remote().result()["num_running"] == 0)
+
+
+def _serve_log_sizes() -> dict[Path, int]:
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"  # noqa: SLF001
+    return {p: p.stat().st_size for p in logs.glob("*.log")}
+
+
+def _appended(before: dict[Path, int]) -> str:
+    text = []
+    for path, size in _serve_log_sizes().items():
+        with path.open("rb") as f:
+            f.seek(before.get(path, 0))
+            text.append(f.read().decode(errors="replace"))
+    return "\n".join(text)
+
+
+def test_client_hang_up_mid_stream_logs_no_traceback(base_url):
+    """A client leaving is normal: at most a line in the ingress' and proxy's logs, no traceback."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", APP)
+    before = _serve_log_sizes()
+    body = {"model": MODEL_ID, "max_tokens": 64, "stream": True,
+            "messages": [{"role": "user", "content": "Another long answer please."}]}
+
+    def hang_up(after_lines: int) -> None:
+        with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30) as resp:
+            for i, _ in enumerate(resp.iter_lines()):
+                if i >= after_lines:
+                    break
+
+    # Some leave before the first token, some mid-stream, several at once (as in the GPU soak).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(hang_up, [0, 1, 2, 3, 0, 1, 2, 3] * 3))
+    wait_until(lambda: handle.stats.remote().result()["num_running"] == 0)
+    time.sleep(2.0)  # the replicas' log handlers flush
+    text = _appended(before)
+    assert "Traceback" not in text and "ExceptionGroup" not in text, text[-4000:]
 
 
 # ---------------------------------------------------------------- bad inputs (issue 8)

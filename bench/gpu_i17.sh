@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Issue 17 (embedding transfer by CUDA IPC) on one H200, in one device call; logs under $OUT.
+#
+#   bash bench/gpu_i17.sh                 # build test transfer
+#   bash bench/gpu_i17.sh test transfer   # any steps, in the order given
+#
+# Steps (each under `timeout`, cut to what is left of I17_TOTAL_S, default 230 s):
+#   build     JIT-build the splitvl extension (C++ + CUDA)
+#   test      tests/deployments/test_gpu_embedding_ipc.py: two Ray actors on one GPU, the producer's
+#             pool slot opened by CUDA IPC in the consumer, values equal, slots come back, stale refused
+#   transfer  python -m bench.transfer: one 1024x1024 image of Qwen3-VL-8B, object store vs IPC (GB/s)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+TOTAL=${I17_TOTAL_S:-230}
+START=$(date +%s)
+declare -A BUDGET=([build]=150 [test]=90 [transfer]=90)
+
+step_cmd() {
+  case $1 in
+    build) python -c "import ops; assert ops.extension_available(), ops.fallback_reason(); print('ops built')" ;;
+    test) python -m pytest -m gpu -x -q -p no:warnings tests/deployments/test_gpu_embedding_ipc.py ;;
+    transfer) python -m bench.transfer --model qwen3-vl-8b --image-size 1024 --iters 20 ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(build test transfer)
+status=0
+for step in "${STEPS[@]}"; do
+  left=$(( TOTAL - ($(date +%s) - START) ))
+  limit=${BUDGET[$step]:-60}
+  (( limit > left )) && limit=$left
+  if (( limit <= 5 )); then echo "== $step: skipped (no time left)"; status=1; continue; fi
+  echo "== $step (limit ${limit}s)"
+  timeout "$limit" bash -c "$(declare -f step_cmd); step_cmd $step" 2>&1 | tee "$OUT/i17_$step.log"
+  rc=${PIPESTATUS[0]}
+  echo "== $step: rc=$rc"
+  (( rc != 0 )) && status=1
+done
+exit $status
