@@ -210,6 +210,41 @@ class OpenAIIngress:
             raise
         return choices, usage
 
+    async def start(self, chat: bool, body: Any) -> tuple[ChatCompletionRequest | CompletionRequest, Any, float]:
+        """Validate a request body, check its model and open its router stream: (request, stream, deadline)."""
+        schema = ChatCompletionRequest if chat else CompletionRequest
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as exc:
+            raise pydantic_error_to_api(exc) from None
+        self.check_model(req.model)
+        stream, _, deadline = await self.open_stream("chat" if chat else "complete", req)
+        return req, stream, deadline
+
+    async def answer(self, stream: Any, req: Any, chat: bool, rid: str, deadline: float) -> dict[str, Any]:
+        """The non-streaming response object of an opened stream (chat.completion / text_completion)."""
+        choices, usage = await self.collect(stream, req.n, deadline)
+        for c in choices:
+            lp = c.pop("_lp", None)
+            if lp:
+                c["logprobs"] = {"content": lp} if chat else _completion_logprobs(lp)
+        build = chat_response if chat else completion_response
+        return build(rid, self.model_id, choices, usage)
+
+    async def respond(self, chat: bool, body: Any) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) that POST /v1/chat/completions (`chat`) or /v1/completions
+        answers for `body`, without HTTP or auth: the batch job calls this through a handle.
+
+        A streaming request is answered as a non-streaming one.
+        """
+        try:
+            as_unary = {**body, "stream": False} if isinstance(body, dict) else body
+            req, stream, deadline = await self.start(chat, as_unary)
+            return 200, await self.answer(stream, req, chat, new_id("chatcmpl" if chat else "cmpl"), deadline)
+        except Exception as exc:  # every failure is an envelope, as over HTTP
+            err = as_api_error(exc)
+            return err.status, err.body()
+
     async def stream_events(
         self, stream: Any, deadline: float, chunk: Any, include_usage: bool, chat: bool, arrived: float,
     ) -> AsyncIterator[str]:
@@ -304,13 +339,7 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
             body = await read_json(request, ingress.limits.max_request_bytes)
             ingress.metrics.observe("splitvl_ingress_body_read_seconds", time.monotonic() - arrived,
                                     FINE_LATENCY_BUCKETS)
-            schema = ChatCompletionRequest if chat else CompletionRequest
-            try:
-                req = schema.model_validate(body)
-            except ValidationError as exc:
-                raise pydantic_error_to_api(exc) from None
-            ingress.check_model(req.model)
-            stream, _, deadline = await ingress.open_stream("chat" if chat else "complete", req)
+            req, stream, deadline = await ingress.start(chat, body)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -328,17 +357,11 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
                 media_type="text/event-stream",
             )
         try:
-            choices, usage = await ingress.collect(stream, req.n, deadline)
+            return JSONResponse(await ingress.answer(stream, req, chat, rid, deadline))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return error_response(as_api_error(exc))
-        for c in choices:
-            lp = c.pop("_lp", None)
-            if lp:
-                c["logprobs"] = {"content": lp} if chat else _completion_logprobs(lp)
-        build = chat_response if chat else completion_response
-        return JSONResponse(build(rid, ingress.model_id, choices, usage))
 
     return app
 
