@@ -1,18 +1,20 @@
 """Offline batch inference over JSONL with the same Serve deployments.
 
     python -m deployments.batch --config configs/demo.yaml --input in.jsonl --output out.jsonl
-    ray job submit --working-dir . -- python -m deployments.batch --config ... --input /abs/in.jsonl --output /abs/out.jsonl
+    ray job submit --working-dir . -- python -m deployments.batch --config ... --input in.jsonl --output /abs/out.jsonl
 
-An input line is `{"id", "messages", ...sampling params}` (a chat completion
-request body); an output line is `{"id", "text", "finish_reason", "usage"}` or
-`{"id", "error": {...}}`. The app (vision + LLM replicas) is deployed with
-`serve.run` on the current Ray cluster (local if none) under its own name, and
-requests go to its ingress' `chat` through a deployment handle (no HTTP).
+Lines are OpenAI Batch requests (`/v1/chat/completions`, `/v1/completions`) or
+the simple `{"id", "messages", ...}` format (`deployments.batch_format`). The
+app is deployed with `serve.run` on the current Ray cluster (local if none)
+under its own name, without HTTP; each line goes to the ingress' `respond`
+through a handle, so its response body is what the HTTP route would answer.
+A broken line gets an error record and the job goes on.
 
-Resumable: ids already in the output are skipped; each result is appended,
-flushed and fsynced as one line, so a kill loses at most the lines in flight.
-On start, a torn last line and duplicate ids (from a crash between write and
-exit) are dropped by rewriting the file atomically.
+Resumable: lines whose custom_id (simple format: id) is already in the output
+are skipped; each result is appended, flushed and fsynced as one line, so a
+kill loses at most the lines in flight. On start, a torn last line and
+duplicates (from a crash between write and exit) are dropped by rewriting the
+file atomically.
 """
 
 from __future__ import annotations
@@ -23,39 +25,39 @@ import json
 import os
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from deployments.config import AppConfig, args_from_serve_yaml
-from deployments.errors import InvalidRequestError, as_api_error, pydantic_error_to_api
-from deployments.messages import ChoiceDelta, Usage
-from deployments.protocol import ChatCompletionRequest, usage_dict
+from deployments.batch_format import BatchLine, output_record, parse_line, record_failed, record_key
+from deployments.config import args_from_serve_yaml
+from deployments.errors import as_api_error
 
 APP_NAME = "splitvl-batch"
+INGRESS_DEPLOYMENT = "OpenAIIngress"  # the name app.py gives the ingress
 
 
-def load_done(output: Path) -> set[str]:
-    """Ids already answered; rewrites the file without torn lines or duplicates."""
+def load_done(output: Path) -> dict[str, bool]:
+    """Resume keys already answered -> whether that answer failed.
+
+    Rewrites the file without torn lines or duplicates (from a crash between
+    write and exit) when it holds any.
+    """
     if not output.exists():
-        return set()
-    done: set[str] = set()
+        return {}
+    done: dict[str, bool] = {}
     kept: list[str] = []
-    dirty = False
-    for line in output.read_text().splitlines():
+    lines = output.read_text().splitlines()
+    for line in lines:
         try:
             record = json.loads(line)
-            rid = str(record["id"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            dirty = True
+            key = record_key(record)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
-        if rid in done:
-            dirty = True
-            continue
-        done.add(rid)
-        kept.append(line)
-    if dirty:
+        if key not in done:
+            done[key] = record_failed(record)
+            kept.append(line)
+    if len(kept) != len(lines):
         fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=output.name + ".")
         with os.fdopen(fd, "w") as f:
             f.write("".join(k + "\n" for k in kept))
@@ -65,22 +67,19 @@ def load_done(output: Path) -> set[str]:
     return done
 
 
-def read_inputs(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(id, request body) per non-empty input line; ids must be unique."""
-    items, seen = [], set()
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+def read_inputs(path: Path) -> list[BatchLine]:
+    """Every non-empty input line, parsed; a resume key twice is an error before anything runs."""
+    lines: list[BatchLine] = []
+    first_seen: dict[str, int] = {}
+    for lineno, text in enumerate(path.read_text().splitlines(), start=1):
+        if not text.strip():
             continue
-        try:
-            body = json.loads(line)
-            rid = str(body.pop("id"))
-        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as exc:
-            raise SystemExit(f"{path}:{lineno}: not a JSON object with an 'id' ({exc})") from None
-        if rid in seen:
-            raise SystemExit(f"{path}:{lineno}: duplicate id {rid!r}")
-        seen.add(rid)
-        items.append((rid, body))
-    return items
+        line = parse_line(text, lineno)
+        if line.key in first_seen:
+            raise SystemExit(f"{path}:{lineno}: duplicate id {line.key!r} (first on line {first_seen[line.key]})")
+        first_seen[line.key] = lineno
+        lines.append(line)
+    return lines
 
 
 class ResultWriter:
@@ -99,56 +98,61 @@ class ResultWriter:
         self._file.close()
 
 
-async def run_one(router: Any, rid: str, body: dict[str, Any], timeout_s: float) -> dict[str, Any]:
-    """One request through the ingress' router (`router`: the ingress handle); returns the output record."""
+async def run_one(ingress: Any, line: BatchLine) -> dict[str, Any]:
+    """One line through the ingress (as its HTTP route would answer it); returns the output record."""
+    if line.error is not None:
+        return output_record(line, None, None)
     try:
-        request = ChatCompletionRequest.model_validate({**body, "stream": False})
-    except ValidationError as exc:
-        return {"id": rid, "error": pydantic_error_to_api(exc).body()["error"]}
-    if request.n != 1:
-        return {"id": rid, "error": InvalidRequestError("batch requests take n = 1", "n").body()["error"]}
-    text, finish, usage = "", None, None
-    stream = router.chat.options(stream=True).remote(request)
-    try:
-        async with asyncio.timeout(timeout_s):
-            async for event in stream:
-                if isinstance(event, ChoiceDelta):
-                    text += event.text
-                    finish = event.finish_reason or finish
-                elif isinstance(event, Usage):
-                    usage = usage_dict(event)
-    except Exception as exc:  # each line gets its own error; the job goes on
-        stream.cancel()
-        return {"id": rid, "error": as_api_error(exc).body()["error"]}
-    return {"id": rid, "text": text, "finish_reason": finish, "usage": usage}
+        status, body = await ingress.respond.remote(line.chat, line.body)
+    except Exception as exc:  # the ingress itself failed (a dead replica): this line's error
+        err = as_api_error(exc)
+        status, body = err.status, err.body()
+    return output_record(line, status, body)
 
 
-async def run_all(router: Any, todo: list[tuple[str, dict[str, Any]]], writer: ResultWriter,
-                  concurrency: int, timeout_s: float) -> int:
-    """Run `todo` with bounded concurrency; returns the number of error lines."""
+@dataclass(slots=True)
+class Progress:
+    """Counts of one job (earlier runs included), shown on a tqdm bar."""
+
+    total: int
+    ok: int
+    failed: int
+
+    def postfix(self) -> dict[str, int]:
+        return {"done": self.ok, "failed": self.failed, "remaining": self.total - self.ok - self.failed}
+
+    def summary(self, output: Path) -> str:
+        return f"batch: {self.total} lines, {self.ok} done, {self.failed} failed -> {output}"
+
+
+async def run_all(ingress: Any, todo: list[BatchLine], writer: ResultWriter, concurrency: int,
+                  progress: Progress) -> None:
+    """Run `todo` with bounded concurrency, writing each record as it finishes."""
     from tqdm import tqdm
 
     semaphore = asyncio.Semaphore(concurrency)
-    errors = 0
-    bar = tqdm(total=len(todo), desc="batch", unit="req", file=sys.stderr)
+    bar = tqdm(total=progress.total, initial=progress.ok + progress.failed, desc="batch", unit="req",
+               file=sys.stderr, mininterval=1.0, postfix=progress.postfix())
 
-    async def worker(rid: str, body: dict[str, Any]) -> None:
-        nonlocal errors
+    async def worker(line: BatchLine) -> None:
         async with semaphore:
-            record = await run_one(router, rid, body, timeout_s)
-        errors += "error" in record
+            record = await run_one(ingress, line)
         writer.write(record)
+        if record_failed(record):
+            progress.failed += 1
+        else:
+            progress.ok += 1
+        bar.set_postfix(progress.postfix(), refresh=False)
         bar.update(1)
 
     try:
-        await asyncio.gather(*(worker(rid, body) for rid, body in todo))
+        await asyncio.gather(*(worker(line) for line in todo))
     finally:
         bar.close()
-    return errors
 
 
-def deploy(config_path: Path) -> tuple[Any, AppConfig]:
-    """Deploy the app from `config_path` on the current Ray cluster; returns its ingress' handle."""
+def deploy(config_path: Path) -> Any:
+    """Deploy the app from `config_path` on the current Ray cluster; returns its ingress handle."""
     import ray
     import yaml
     from ray import serve
@@ -157,7 +161,6 @@ def deploy(config_path: Path) -> tuple[Any, AppConfig]:
 
     data = yaml.safe_load(config_path.read_text()) or {}
     args = args_from_serve_yaml(data)
-    config = AppConfig.model_validate(args)
     env_vars = {}
     if "applications" in data:
         env_vars = ((data["applications"][0].get("runtime_env") or {}).get("env_vars")) or {}
@@ -166,11 +169,11 @@ def deploy(config_path: Path) -> tuple[Any, AppConfig]:
         ray.init(address=os.environ.get("RAY_ADDRESS"), runtime_env={"env_vars": env_vars} if env_vars else None)
     serve.start(proxy_location="Disabled")
     serve.run(build_app(args), name=APP_NAME, route_prefix=None)
-    return serve.get_deployment_handle("OpenAIIngress", APP_NAME), config
+    return serve.get_deployment_handle(INGRESS_DEPLOYMENT, APP_NAME)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="splitvl batch inference over JSONL")
+    parser = argparse.ArgumentParser(description="splitvl batch inference over JSONL (OpenAI Batch or simple lines)")
     parser.add_argument("--config", required=True, type=Path, help="Serve YAML (as for `serve run`)")
     parser.add_argument("--input", required=True, type=Path)
     parser.add_argument("--output", required=True, type=Path)
@@ -178,23 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-app", action="store_true", help="leave the Serve app running afterwards")
     args = parser.parse_args(argv)
 
-    items = read_inputs(args.input)
+    lines = read_inputs(args.input)
     done = load_done(args.output)
-    todo = [(rid, body) for rid, body in items if rid not in done]
-    print(f"{len(items)} requests, {len(items) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
-    if not todo:
-        return 0
-    router, config = deploy(args.config)
-    writer = ResultWriter(args.output)
-    try:
-        errors = asyncio.run(run_all(router, todo, writer, args.concurrency, config.limits.request_timeout_s))
-    finally:
-        writer.close()
-        if not args.keep_app:
-            from ray import serve
+    todo = [line for line in lines if line.key not in done]
+    earlier = [done[line.key] for line in lines if line.key in done]
+    progress = Progress(total=len(lines), ok=earlier.count(False), failed=earlier.count(True))
+    print(f"{len(lines)} requests, {len(earlier)} already done, {len(todo)} to run", file=sys.stderr)
+    if todo:
+        ingress = deploy(args.config)
+        writer = ResultWriter(args.output)
+        try:
+            asyncio.run(run_all(ingress, todo, writer, args.concurrency, progress))
+        finally:
+            writer.close()
+            if not args.keep_app:
+                from ray import serve
 
-            serve.delete(APP_NAME)
-    print(f"done: {len(todo) - errors} ok, {errors} errors -> {args.output}", file=sys.stderr)
+                serve.delete(APP_NAME)
+    print(progress.summary(args.output), file=sys.stderr)
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.model_source import is_repo_id, resolve_repo
 from models.architectures import TINY
 
 TINY_CACHE_DIR = Path("~/.cache/splitvl").expanduser()
@@ -177,8 +178,17 @@ class LimitsConfig(_Strict):
 class AppConfig(_Strict):
     """One splitvl application: a model, its vision and LLM deployments, limits."""
 
-    model: str | None = Field(None, description="Directory of the HF checkpoint (safetensors).")
-    model_id: str | None = Field(None, description="Served model name (default: the directory name).")
+    model: str | None = Field(
+        None,
+        description="Checkpoint directory (safetensors), or a Hugging Face repo id (`org/name`) resolved "
+        "through the HF cache (HF_HOME; downloaded unless HF_HUB_OFFLINE=1).",
+    )
+    revision: str | None = Field(
+        None, description="Branch, tag or commit of a Hugging Face repo id `model` (default: main)."
+    )
+    model_id: str | None = Field(
+        None, description="Served model name (default: the repo id, or the directory name)."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights/compute dtype; auto = bfloat16 on GPU, float32 on CPU."
     )
@@ -226,20 +236,38 @@ class AppConfig(_Strict):
         if self.model is None and self.create_tiny_if_missing is None:
             raise ValueError("model: a checkpoint directory is required")
         if self.model is not None and self.create_tiny_if_missing is None:
-            if not Path(self.model).expanduser().is_dir():
-                raise ValueError(f"model: {self.model!r} is not a directory")
+            if not Path(self.model).expanduser().is_dir() and not is_repo_id(self.model):
+                raise ValueError(
+                    f"model: {self.model!r} is not a directory or a Hugging Face repo id (org/name)"
+                )
+        if self.revision is not None and not self.from_hub:
+            raise ValueError("revision applies to a Hugging Face repo id `model` only")
         return self
 
     @property
+    def from_hub(self) -> bool:
+        """Whether `model` is a Hugging Face repo id (resolved through the HF cache)."""
+        return self.model is not None and self.create_tiny_if_missing is None and is_repo_id(self.model)
+
+    @property
     def model_path(self) -> Path:
-        """Checkpoint directory (the tiny demo default lives under ~/.cache/splitvl)."""
+        """Checkpoint directory: `model`, the snapshot of its repo id (downloaded unless
+        HF_HUB_OFFLINE), or the tiny demo default under ~/.cache/splitvl.
+
+        Raises:
+            ModelNotFoundError for a repo id that cannot be resolved.
+        """
+        if self.from_hub:
+            return resolve_repo(self.model, self.revision)
         if self.model is not None:
             return Path(self.model).expanduser()
         return TINY_CACHE_DIR / f"tiny-{self.create_tiny_if_missing}"
 
     @property
     def served_model_id(self) -> str:
-        return self.model_id or self.model_path.name
+        if self.model_id:
+            return self.model_id
+        return self.model if self.from_hub else self.model_path.name
 
     def resolved_api_key(self) -> str | None:
         """The API key from config, else env SPLITVL_API_KEY, else None (auth off)."""

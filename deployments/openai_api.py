@@ -165,6 +165,41 @@ class OpenAIIngress:
         choices = [ChoiceDelta(i, "".join(texts[i]), tuple(logprobs[i]) or None, finish[i]) for i in range(n)]
         return choices, usage
 
+    async def start(self, chat: bool, body: Any) -> tuple[ChatCompletionRequest | CompletionRequest, Events, float]:
+        """Validate a request body, check its model and open its router stream: (request, events, deadline)."""
+        schema = ChatCompletionRequest if chat else CompletionRequest
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as exc:
+            raise pydantic_error_to_api(exc) from None
+        self.check_model(req.model)
+        events, deadline = await self.open_stream(req)
+        return req, events, deadline
+
+    async def answer(
+        self, events: Events, req: ChatCompletionRequest | CompletionRequest, chat: bool, rid: str, created: int,
+        deadline: float,
+    ) -> dict[str, Any]:
+        """The non-streaming response object (chat.completion / text_completion) of an opened stream."""
+        choices, usage = await self.collect(events, req.n, deadline)
+        body = [choice_dict(chat, False, c) for c in choices]
+        return completion_object(chat, False, rid, self.model_id, created, body, usage)
+
+    async def respond(self, chat: bool, body: Any) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, JSON body) that POST /v1/chat/completions (`chat`) or /v1/completions
+        answers for `body`, without HTTP or auth: the batch job calls this through a handle.
+
+        A streaming request is answered as a non-streaming one.
+        """
+        try:
+            as_unary = {**body, "stream": False} if isinstance(body, dict) else body
+            req, events, deadline = await self.start(chat, as_unary)
+            rid = new_id("chatcmpl" if chat else "cmpl")
+            return 200, await self.answer(events, req, chat, rid, int(time.time()), deadline)
+        except Exception as exc:  # every failure is an envelope, as over HTTP
+            err = as_api_error(exc)
+            return err.status, err.body()
+
     async def stream_events(
         self, events: Events, deadline: float, chunk: Any, include_usage: bool, chat: bool, arrived: float,
     ) -> AsyncIterator[str]:
@@ -289,13 +324,7 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
             body = await read_json(request, ingress.limits.max_request_bytes)
             ingress.metrics.observe("splitvl_ingress_body_read_seconds", time.monotonic() - arrived,
                                     FINE_LATENCY_BUCKETS)
-            schema = ChatCompletionRequest if chat else CompletionRequest
-            try:
-                req = schema.model_validate(body)
-            except ValidationError as exc:
-                raise pydantic_error_to_api(exc) from None
-            ingress.check_model(req.model)
-            events, deadline = await ingress.open_stream(req)
+            req, events, deadline = await ingress.start(chat, body)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -312,13 +341,11 @@ def build_fastapi(ingress: OpenAIIngress) -> FastAPI:
                 media_type="text/event-stream",
             )
         try:
-            choices, usage = await ingress.collect(events, req.n, deadline)
+            return JSONResponse(await ingress.answer(events, req, chat, rid, created, deadline))
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return error_response(as_api_error(exc))
-        body = [choice_dict(chat, False, c) for c in choices]
-        return JSONResponse(completion_object(chat, False, rid, ingress.model_id, created, body, usage))
 
     return app
 

@@ -196,3 +196,25 @@ def endless_body() -> Route:
             pass
 
     return route
+
+
+def hub_cache_from(checkpoint: Path, hub_cache: Path, repo_id: str, revision: str = "0" * 39 + "1") -> Path:
+    """Lay `checkpoint` out in `hub_cache` as huggingface_hub writes a download of `repo_id`:
+    `models--org--name/{blobs/<hash>, snapshots/<revision>/<file> -> ../../blobs/<hash>, refs/main}`.
+    Returns the snapshot directory."""
+    import hashlib
+
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in checkpoint.rglob("*") if p.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / file.relative_to(checkpoint)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

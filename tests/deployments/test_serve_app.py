@@ -186,6 +186,34 @@ def test_text_only_multi_turn_and_completions(client, reference):
     assert comp.choices[0].text and comp.usage.completion_tokens == 4
 
 
+def test_batch_lines_get_what_http_answers(base_url):
+    """A batch line goes through the ingress handle (`deployments.batch.run_one`) and carries the
+    status and body HTTP answers for the same request: success, a refused body, an unknown model."""
+    from ray import serve
+
+    from deployments.batch import run_one
+    from deployments.batch_format import parse_line
+
+    ingress = serve.get_deployment_handle("OpenAIIngress", APP)
+    chat = {"model": MODEL_ID, "max_tokens": 5, "messages": image_message("what?", [data_url(png_bytes(32, 32))])}
+    comp = {"model": MODEL_ID, "prompt": "The quick brown fox", "max_tokens": 4, "stream": True}
+    cases = [("/v1/chat/completions", chat), ("/v1/completions", comp),
+             ("/v1/chat/completions", {**chat, "messages": []}), ("/v1/completions", {**comp, "model": "other"})]
+    for i, (url, body) in enumerate(cases):
+        http = httpx.post(f"{base_url}{url}", json={**body, "stream": False}, timeout=60)
+        line = parse_line(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": url, "body": body}), i + 1)
+        record = asyncio.run(run_one(ingress, line))
+        expected, response = http.json(), record["response"]
+        assert response["status_code"] == http.status_code, (record, expected)
+        if http.status_code == 200:
+            assert record["error"] is None and response["request_id"] == response["body"]["id"]
+            for key in ("id", "created"):
+                response["body"].pop(key), expected.pop(key)
+        else:
+            assert record["error"] == expected["error"]
+        assert response["body"] == expected
+
+
 def test_models_health_metrics(client, base_url):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
