@@ -59,12 +59,13 @@ class Head:
             args[args.index("--input") + 1] = input_path
         at = args.index("submit") + 1
         args = args[:at] + list(extra) + args[at:] + list(job_args)
-        for _ in range(30):  # the dashboard answers before its job agent is up; wait for the agent
+        # The dashboard answers before its job agent is up (minutes on a loaded 2-core box); wait for the agent.
+        deadline = time.monotonic() + 300
+        while True:
             done = self.run(args)
-            if "No available agent to submit job" not in done.stderr + done.stdout:
+            if "No available agent to submit job" not in done.stderr + done.stdout or time.monotonic() > deadline:
                 return done
-            time.sleep(2)
-        return done
+            time.sleep(3)
 
 
 @pytest.fixture(scope="module")
