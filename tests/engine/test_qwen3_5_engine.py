@@ -10,7 +10,14 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.engine import Engine, EngineConfig
-from tests.engine.helpers import TEXT, HFReference, image, prompt_ids
+from tests.engine.helpers import (
+    TEXT,
+    HFReference,
+    arch_llm_fixture,
+    assert_greedy_matches,
+    image,
+    prompt_ids,
+)
 from tests.engine.test_engine import _alone, _mixed
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -25,12 +32,7 @@ def _assert_nothing_held(llm_or_engine) -> None:
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_llm(request, tiny_checkpoint):
-    path = tiny_checkpoint(request.param)
-    llm = LLM(path, max_model_len=1024, num_gpu_blocks=256)
-    yield path, llm
-    llm.shutdown()
+arch_llm = arch_llm_fixture(ARCHS)
 
 
 def test_greedy_matches_transformers(arch_llm):
@@ -43,11 +45,7 @@ def test_greedy_matches_transformers(arch_llm):
         "two_images": (prompt_ids(tok, TEXT, 2), [image(96, 64, 1), image(128, 128, 2)]),
     }
     assert len(cases["text"][0]) > 64
-    outs = llm.generate([{"prompt_token_ids": ids, "images": imgs} for ids, imgs in cases.values()], GREEDY)
-    for name, out in zip(cases, outs):
-        ref, _ = hf.greedy(*cases[name], max_new_tokens=32)
-        assert out.token_ids == ref, name
-        assert out.finish_reason == "length"
+    assert_greedy_matches(llm, hf, cases, GREEDY)
     _assert_nothing_held(llm)
     assert not llm.engine.scheduler.blocks.enable_prefix_caching  # off for hybrid models
 
