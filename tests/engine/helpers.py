@@ -92,3 +92,14 @@ def assert_greedy_matches(llm: LLM, hf: HFReference, cases: dict, params: Sampli
         ref, _ = hf.greedy(*cases[name], max_new_tokens=params.max_tokens)
         assert out.token_ids == ref, name
         assert out.finish_reason == "length"
+
+
+async def collect_aborting(engine, stream, after: int, abort: list[str]) -> list:
+    """Every output of `stream`, aborting the requests `abort` once `after` outputs have come."""
+    got = []
+    async for out in stream:
+        got.append(out)
+        if len(got) == after:
+            for request_id in abort:
+                engine.abort(request_id)
+    return got

@@ -15,6 +15,7 @@ from tests.engine.helpers import (
     HFReference,
     arch_llm_fixture,
     assert_greedy_matches,
+    collect_aborting,
     image,
     prompt_ids,
 )
@@ -95,12 +96,7 @@ async def test_abort_frees_slots_and_blocks(reference):
         a = engine.add_request("a", list(range(10, 90)), None, sp)
         b = engine.add_request("b", list(range(20, 45)), None, sp)
         waiting = engine.add_request("c", list(range(30, 70)), None, sp)  # no slot left: waits
-        got = []
-        async for out in a:
-            got.append(out)
-            if len(got) == 3:
-                engine.abort("a")
-                engine.abort("c")
+        got = await collect_aborting(engine, a, after=3, abort=["a", "c"])
         assert got[-1].finish_reason == "abort"
         assert [o.finish_reason async for o in waiting] == ["abort"]
         # "d" takes a's slot (a's state is stale there) while b keeps decoding.
