@@ -18,8 +18,10 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import PIL.Image
+import pytest
 
 
 def png_bytes(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -218,3 +220,29 @@ def hub_cache_from(checkpoint: Path, hub_cache: Path, repo_id: str, revision: st
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / "main").write_text(revision)
     return snapshot
+
+
+def run_tiny_app(serve_instance: str, ckpt: Path, name: str, llm: dict[str, Any], **config: Any) -> str:
+    """Run Serve app `name` at `/name`: the real engine on a tiny checkpoint, CPU fp32, small replicas.
+
+    `llm` adds to the LLM replicas' config and `config` to the app's (`model_id` defaults
+    to `name`). Returns the app's base URL.
+    """
+    from ray import serve
+
+    from deployments.app import build_app
+
+    app = {"model": str(ckpt), "model_id": name, "device": "cpu", "dtype": "float32",
+           "llm": {"num_cpus": 0.1, **llm}, "vision": {"num_cpus": 0.1}, **config}
+    serve.run(build_app(app), name=name, route_prefix=f"/{name}")
+    return f"{serve_instance}/{name}"
+
+
+def tiny_checkpoint_fixture(arch: str):
+    """A module-scoped fixture giving the path of the tiny `arch` checkpoint."""
+
+    @pytest.fixture(scope="module")
+    def ckpt(tiny_checkpoint):
+        return tiny_checkpoint(arch)
+
+    return ckpt

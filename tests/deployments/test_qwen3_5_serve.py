@@ -12,29 +12,19 @@ import pytest
 import torch
 
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import data_url, png_bytes
+from tests.deployments.helpers import data_url, png_bytes, run_tiny_app, tiny_checkpoint_fixture
 
 IMAGE = png_bytes(96, 64, (40, 120, 200))
 QUESTION = "What is in this picture?"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return tiny_checkpoint("qwen3_5")
+ckpt = tiny_checkpoint_fixture("qwen3_5")
 
 
 @pytest.fixture(scope="module")
 def url(serve_instance, ckpt):
-    from ray import serve
-
-    from deployments.app import build_app
-
-    serve.run(build_app({
-        "model": str(ckpt), "model_id": "qwen3.5-tiny", "device": "cpu", "dtype": "float32",
-        "llm": {"num_cpus": 0.1, "max_model_len": 512, "num_gpu_blocks": 64, "max_num_seqs": 4},
-        "vision": {"num_cpus": 0.1},
-    }), name="qwen3_5", route_prefix="/q35")
-    return f"{serve_instance}/q35"
+    llm = {"max_model_len": 512, "num_gpu_blocks": 64, "max_num_seqs": 4}
+    return run_tiny_app(serve_instance, ckpt, "qwen3_5", llm, model_id="qwen3.5-tiny")
 
 
 def _transformers_answer(ckpt, max_new_tokens: int) -> tuple[int, list[int], str]:

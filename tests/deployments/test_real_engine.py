@@ -14,29 +14,21 @@ import openai
 import pytest
 import torch
 
-from tests.deployments.helpers import data_url, png_bytes
+from tests.deployments.helpers import data_url, png_bytes, run_tiny_app, tiny_checkpoint_fixture
 
 KEY = "sekret-key"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return tiny_checkpoint("qwen3_vl")
+ckpt = tiny_checkpoint_fixture("qwen3_vl")
 
 
 @pytest.fixture(scope="module")
 def urls(serve_instance, ckpt):
-    from ray import serve
-
-    from deployments.app import build_app
-
-    common = {"model": str(ckpt), "device": "cpu", "dtype": "float32"}
-    llm = {"num_cpus": 0.1, "max_model_len": 512, "num_gpu_blocks": 96, "max_num_seqs": 8}
-    serve.run(build_app({**common, "model_id": "real", "api_key": KEY, "llm": llm,
-                         "vision": {"num_cpus": 0.1}}), name="real", route_prefix="/real")
-    serve.run(build_app({**common, "model_id": "text", "disable_vision_encoder": True, "llm": llm}),
-              name="text", route_prefix="/text")
-    return {"real": f"{serve_instance}/real", "text": f"{serve_instance}/text"}
+    llm = {"max_model_len": 512, "num_gpu_blocks": 96, "max_num_seqs": 8}
+    return {
+        "real": run_tiny_app(serve_instance, ckpt, "real", llm, api_key=KEY),
+        "text": run_tiny_app(serve_instance, ckpt, "text", llm, disable_vision_encoder=True),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,14 @@ import torch
 
 from deployments.metrics import parse_prometheus
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import LocalServer, data_url, png_bytes, send_body
+from tests.deployments.helpers import LocalServer, data_url, png_bytes, send_body, tiny_checkpoint_fixture
 from tests.deployments.scripted_engine import ScriptedEngine, script_tokens
 
 APP = "vl"
 MODEL_ID = "tiny-vl"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return tiny_checkpoint("qwen3_vl")
+ckpt = tiny_checkpoint_fixture("qwen3_vl")
 
 
 @pytest.fixture(scope="module")

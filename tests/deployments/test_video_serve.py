@@ -12,32 +12,23 @@ import openai
 import pytest
 import torch
 
-from tests.deployments.helpers import LocalServer, data_url, send_body
+from tests.deployments.helpers import LocalServer, data_url, run_tiny_app, send_body, tiny_checkpoint_fixture
 from tests.videos import noise_video
 
 pytest.importorskip("av")
 MODEL = "vid"
 
 
-@pytest.fixture(scope="module")
-def ckpt(tiny_checkpoint):
-    return tiny_checkpoint("qwen3_vl")
+ckpt = tiny_checkpoint_fixture("qwen3_vl")
 
 
 @pytest.fixture(scope="module")
 def client(serve_instance, ckpt):
-    from ray import serve
-
-    from deployments.app import build_app
-
-    serve.run(build_app({
-        "model": str(ckpt), "model_id": MODEL, "device": "cpu", "dtype": "float32",
-        "llm": {"num_cpus": 0.1, "max_model_len": 1024, "num_gpu_blocks": 128, "max_num_seqs": 4},
-        "vision": {"num_cpus": 0.1},
-        "limits": {"allowed_media_networks": ["127.0.0.1/32"], "max_videos_per_request": 2,
-                   "max_video_seconds": 5.0, "max_video_frames": 100, "max_video_bytes": 100_000},
-    }), name="video", route_prefix="/video")
-    return openai.OpenAI(base_url=f"{serve_instance}/video/v1", api_key="unused", max_retries=0)
+    llm = {"max_model_len": 1024, "num_gpu_blocks": 128, "max_num_seqs": 4}
+    limits = {"allowed_media_networks": ["127.0.0.1/32"], "max_videos_per_request": 2,
+              "max_video_seconds": 5.0, "max_video_frames": 100, "max_video_bytes": 100_000}
+    url = run_tiny_app(serve_instance, ckpt, "video", llm, model_id=MODEL, limits=limits)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def _hf_greedy(ckpt, parts: list[dict], videos: list[bytes], n: int) -> str:

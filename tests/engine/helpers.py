@@ -7,8 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 
+from engine import LLM, SamplingParams
 from engine.positions import expand_image_placeholders
 
 TEXT = "The quick brown fox jumps over the lazy dog. Models generate text"
@@ -68,3 +70,36 @@ class HFReference:
         )
         n = inputs["input_ids"].shape[1]
         return out.sequences[0, n:].tolist(), torch.cat(out.logits)
+
+
+def arch_llm_fixture(archs: list[str]):
+    """A module-scoped fixture giving (checkpoint path, `engine.LLM`) for each tiny checkpoint in `archs`."""
+
+    @pytest.fixture(scope="module", params=archs)
+    def arch_llm(request, tiny_checkpoint):
+        path = tiny_checkpoint(request.param)
+        llm = LLM(path, max_model_len=1024, num_gpu_blocks=256)
+        yield path, llm
+        llm.shutdown()
+
+    return arch_llm
+
+
+def assert_greedy_matches(llm: LLM, hf: HFReference, cases: dict, params: SamplingParams) -> None:
+    """`cases` (name -> (prompt ids, images)), run in one batch, each equal to transformers' greedy run alone."""
+    outs = llm.generate([{"prompt_token_ids": ids, "images": imgs} for ids, imgs in cases.values()], params)
+    for name, out in zip(cases, outs):
+        ref, _ = hf.greedy(*cases[name], max_new_tokens=params.max_tokens)
+        assert out.token_ids == ref, name
+        assert out.finish_reason == "length"
+
+
+async def collect_aborting(engine, stream, after: int, abort: list[str]) -> list:
+    """Every output of `stream`, aborting the requests `abort` once `after` outputs have come."""
+    got = []
+    async for out in stream:
+        got.append(out)
+        if len(got) == after:
+            for request_id in abort:
+                engine.abort(request_id)
+    return got

@@ -10,7 +10,7 @@ import pytest
 
 from engine import LLM, ContextLengthError, EngineInputError, MultimodalInputs, SamplingParams
 from engine.engine import Engine, EngineConfig
-from tests.engine.helpers import TEXT, image, prompt_ids
+from tests.engine.helpers import TEXT, collect_aborting, image, prompt_ids
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -176,12 +176,7 @@ async def test_abort_frees_blocks_and_ends_stream(path):
             engine.add_request("a", [1, 2], None, sp)
         with pytest.raises(EngineInputError):
             engine.add_request("d", [1, 2], MultimodalInputs(__import__("torch").zeros(4, 64), None, ((1, 4, 4),)), sp)
-        got = []
-        async for out in a:
-            got.append(out)
-            if len(got) == 3:
-                engine.abort("a")
-                engine.abort("c")
+        got = await collect_aborting(engine, a, after=3, abort=["a", "c"])
         assert got[-1].finish_reason == "abort" and len(got) == 4
         assert [o.finish_reason async for o in c] == ["abort"]
         b_out = [o async for o in b]

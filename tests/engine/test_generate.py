@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from engine import LLM, SamplingParams
-from tests.engine.helpers import TEXT, HFReference, image, prompt_ids
+from engine import SamplingParams
+from tests.engine.helpers import TEXT, HFReference, arch_llm_fixture, assert_greedy_matches, image, prompt_ids
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
@@ -19,24 +18,13 @@ def _cases(tok):
     }
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
-def arch_llm(request, tiny_checkpoint):
-    path = tiny_checkpoint(request.param)
-    llm = LLM(path, max_model_len=1024, num_gpu_blocks=256)
-    yield path, llm
-    llm.shutdown()
+arch_llm = arch_llm_fixture(["qwen3_vl", "qwen3_vl_moe"])
 
 
 def test_greedy_matches_transformers(arch_llm):
     path, llm = arch_llm
     hf = HFReference(path)
-    cases = _cases(llm.tokenizer)
-    prompts = [{"prompt_token_ids": ids, "images": imgs} for ids, imgs in cases.values()]
-    outs = llm.generate(prompts, GREEDY)  # all three in one batch
-    for name, out in zip(cases, outs):
-        ref, _ = hf.greedy(*cases[name], max_new_tokens=32)
-        assert out.token_ids == ref, name
-        assert out.finish_reason == "length"
+    assert_greedy_matches(llm, hf, _cases(llm.tokenizer), GREEDY)
     stats = llm.engine.stats()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
 

@@ -10,7 +10,15 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.engine import Engine, EngineConfig
-from tests.engine.helpers import TEXT, HFReference, image, prompt_ids
+from tests.engine.helpers import (
+    TEXT,
+    HFReference,
+    arch_llm_fixture,
+    assert_greedy_matches,
+    collect_aborting,
+    image,
+    prompt_ids,
+)
 from tests.engine.test_engine import _alone, _mixed
 
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
@@ -25,12 +33,7 @@ def _assert_nothing_held(llm_or_engine) -> None:
     assert stats["num_running"] == 0 and stats["num_waiting"] == 0
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def arch_llm(request, tiny_checkpoint):
-    path = tiny_checkpoint(request.param)
-    llm = LLM(path, max_model_len=1024, num_gpu_blocks=256)
-    yield path, llm
-    llm.shutdown()
+arch_llm = arch_llm_fixture(ARCHS)
 
 
 def test_greedy_matches_transformers(arch_llm):
@@ -43,11 +46,7 @@ def test_greedy_matches_transformers(arch_llm):
         "two_images": (prompt_ids(tok, TEXT, 2), [image(96, 64, 1), image(128, 128, 2)]),
     }
     assert len(cases["text"][0]) > 64
-    outs = llm.generate([{"prompt_token_ids": ids, "images": imgs} for ids, imgs in cases.values()], GREEDY)
-    for name, out in zip(cases, outs):
-        ref, _ = hf.greedy(*cases[name], max_new_tokens=32)
-        assert out.token_ids == ref, name
-        assert out.finish_reason == "length"
+    assert_greedy_matches(llm, hf, cases, GREEDY)
     _assert_nothing_held(llm)
     assert not llm.engine.scheduler.blocks.enable_prefix_caching  # off for hybrid models
 
@@ -97,12 +96,7 @@ async def test_abort_frees_slots_and_blocks(reference):
         a = engine.add_request("a", list(range(10, 90)), None, sp)
         b = engine.add_request("b", list(range(20, 45)), None, sp)
         waiting = engine.add_request("c", list(range(30, 70)), None, sp)  # no slot left: waits
-        got = []
-        async for out in a:
-            got.append(out)
-            if len(got) == 3:
-                engine.abort("a")
-                engine.abort("c")
+        got = await collect_aborting(engine, a, after=3, abort=["a", "c"])
         assert got[-1].finish_reason == "abort"
         assert [o.finish_reason async for o in waiting] == ["abort"]
         # "d" takes a's slot (a's state is stale there) while b keeps decoding.

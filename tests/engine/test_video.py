@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import LLM, SamplingParams
+from engine import SamplingParams
 from models.video_io import decode_video
 from models.video_processor import VideoProcessor
-from tests.engine.helpers import HFReference, image
+from tests.engine.helpers import HFReference, arch_llm_fixture, image
 from tests.videos import noise_video
 
 pytest.importorskip("av")
@@ -48,12 +48,7 @@ def _hf_greedy(hf: HFReference, inputs: dict, n: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1]:].tolist()
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_5"])
-def arch_llm(request, tiny_checkpoint):
-    path = tiny_checkpoint(request.param)
-    llm = LLM(path, max_model_len=1024, num_gpu_blocks=256)
-    yield path, llm
-    llm.shutdown()
+arch_llm = arch_llm_fixture(["qwen3_vl", "qwen3_5"])
 
 
 def test_video_prompts_match_transformers(arch_llm):

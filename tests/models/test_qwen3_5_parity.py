@@ -23,11 +23,10 @@ from models.layers.parallel import ParallelContext
 from models.loader import CheckpointReader
 from models.qwen3_5 import Qwen3_5ForCausalLM
 from models.qwen3_vl.vision import Qwen3VLVisionModel
-from tests.models.test_qwen3_parity import assert_logits_close
+from tests.models.test_qwen3_parity import BLOCK, assert_logits_close, load_fp32_models, step_metadata
 from tests.models.test_tp import spawn_tp2
 
 ARCHS = ["qwen3_5", "qwen3_5_moe"]
-BLOCK = 4
 GRID = (1, 8, 12)  # 24 image tokens
 
 
@@ -42,13 +41,8 @@ class Pair:
 
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request, tiny_checkpoint) -> Pair:
-    import transformers
-
     path = tiny_checkpoint(request.param)
-    config = load_model_config(path)
-    hf = getattr(transformers, config.architecture).from_pretrained(path, dtype=torch.float32).eval()
-    ours = Qwen3_5ForCausalLM(config, dtype=torch.float32, device="cpu")
-    ours.load_weights(CheckpointReader(path))
+    config, hf, ours = load_fp32_models(path, Qwen3_5ForCausalLM)
     vision = Qwen3VLVisionModel(config.vision, torch.float32, "cpu")
     vision.load_weights(CheckpointReader(path))
     return Pair(path, config, hf, ours, vision)
@@ -136,24 +130,6 @@ def _caches(ours: Qwen3_5ForCausalLM, num_blocks: int, num_slots: int) -> list[t
     return out
 
 
-def _step(chunks: list[tuple[int, int]], tables: torch.Tensor, slots: list[int]) -> AttentionMetadata:
-    """chunks[b] = (tokens already computed, new tokens) of sequence b, in state slot slots[b]."""
-    mapping, new, total = [], [], []
-    continues = [done > 0 for done, _ in chunks]
-    for b, (done, n) in enumerate(chunks):
-        mapping += [int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(done, done + n)]
-        new.append(n)
-        total.append(done + n)
-    cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
-    return AttentionMetadata(
-        cu(new), cu(total), max(new), max(total), torch.tensor(mapping, dtype=torch.int64), tables,
-        torch.tensor(total, dtype=torch.int32), decode_only=all(n == 1 for n in new),
-        state_indices=torch.tensor(slots, dtype=torch.int32),
-        # As the engine passes it: None when every sequence continues its slot (decode kernels).
-        has_initial_state=None if all(continues) else torch.tensor(continues),
-    )
-
-
 def _mm_part(mm: MultimodalBatch | None, start: int, end: int) -> MultimodalBatch | None:
     if mm is None or not mm.mask[start:end].any():
         return None
@@ -175,20 +151,20 @@ def test_chunked_prefill_and_decode_with_state_slots(pair: Pair) -> None:
     tables = torch.tensor([list(range(63, 63 - blocks, -1)), list(range(1, 1 + blocks))], dtype=torch.int32)
     slots = [3, 1]
 
-    out = ours(ids_a[:split], pos_a[:, :split], _step([(0, split)], tables[:1], slots[:1]), caches,
+    out = ours(ids_a[:split], pos_a[:, :split], step_metadata([(0, split)], tables[:1], slots[:1]), caches,
                _mm_part(mm_a, 0, split))
     logits_a, logits_b = [ours.compute_logits(out)], []
     # Step 2: the rest of A's prompt (continuing its slot) and all of B's (fresh slot).
     part = _mm_part(mm_a, split, len_a)
     mm = MultimodalBatch(part.embeds, None, torch.cat([part.mask, torch.zeros(len_b, dtype=torch.bool)]))
-    meta = _step([(split, len_a - split), (0, len_b)], tables, slots)
+    meta = step_metadata([(split, len_a - split), (0, len_b)], tables, slots)
     out = ours.compute_logits(ours(torch.cat([ids_a[split:len_a], ids_b[:len_b]]),
                                    torch.cat([pos_a[:, split:len_a], pos_b[:, :len_b]], dim=1), meta, caches, mm))
     logits_a.append(out[: len_a - split])
     logits_b.append(out[len_a - split :])
     for step in range(decode):
         pa, pb = len_a + step, len_b + step
-        meta = _step([(pa, 1), (pb, 1)], tables, slots)
+        meta = step_metadata([(pa, 1), (pb, 1)], tables, slots)
         assert meta.decode_only
         ids = torch.stack([ids_a[pa], ids_b[pb]])
         out = ours.compute_logits(ours(ids, torch.stack([pos_a[:, pa], pos_b[:, pb]], dim=1), meta, caches, None))
@@ -214,7 +190,7 @@ def _tp_run(path: Path, parallel: ParallelContext) -> torch.Tensor:
     table = torch.arange(18, dtype=torch.int32)[None]
     steps = []
     for done, n in ((0, 66), (66, 4), (70, 1), (71, 1)):
-        meta = _step([(done, n)], table, [1])
+        meta = step_metadata([(done, n)], table, [1])
         steps.append(model.compute_logits(model(ids[done : done + n], positions[:, done : done + n], meta, caches)))
     return torch.stack([full, torch.cat(steps)])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,16 +32,20 @@ class Pair:
     ours: Qwen3ForCausalLM
 
 
-@pytest.fixture(scope="module", params=ARCHS)
-def pair(request, tiny_checkpoint) -> Pair:
+def load_fp32_models(model_dir: Path, model_cls: type) -> tuple[ModelConfig, torch.nn.Module, torch.nn.Module]:
+    """The checkpoint's config, transformers' model of it and ours (`model_cls`), fp32 on CPU."""
     import transformers
 
-    model_dir = tiny_checkpoint(request.param)
     config = load_model_config(model_dir)
     hf = getattr(transformers, config.architecture).from_pretrained(model_dir, dtype=torch.float32).eval()
-    ours = Qwen3ForCausalLM(config, dtype=torch.float32, device="cpu")
+    ours = model_cls(config, dtype=torch.float32, device="cpu")
     ours.load_weights(CheckpointReader(model_dir))
-    return Pair(config, hf, ours)
+    return config, hf, ours
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def pair(request, tiny_checkpoint) -> Pair:
+    return Pair(*load_fp32_models(tiny_checkpoint(request.param), Qwen3ForCausalLM))
 
 
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -113,17 +118,26 @@ def _kv_caches(ours: Qwen3ForCausalLM, num_blocks: int) -> list[tuple[torch.Tens
     return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(text.num_hidden_layers)]
 
 
-def _step_metadata(chunks: list[tuple[int, int]], tables: torch.Tensor) -> AttentionMetadata:
-    """chunks[b] = (tokens already cached, new tokens) for sequence b."""
-    slots, new, total = [], [], []
+def step_metadata(
+    chunks: list[tuple[int, int]], tables: torch.Tensor, slots: list[int] | None = None
+) -> AttentionMetadata:
+    """chunks[b] = (tokens already cached, new tokens) for sequence b, its KV in blocks
+    tables[b] of BLOCK tokens; slots[b]: its state slot (hybrid models), None without."""
+    mapping, new, total = [], [], []
     for b, (cached, n) in enumerate(chunks):
-        slots += [int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(cached, cached + n)]
+        mapping += [int(tables[b, p // BLOCK]) * BLOCK + p % BLOCK for p in range(cached, cached + n)]
         new.append(n)
         total.append(cached + n)
     cu = lambda lens: torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)  # noqa: E731
+    continues = [cached > 0 for cached, _ in chunks]
+    state = {} if slots is None else {
+        "state_indices": torch.tensor(slots, dtype=torch.int32),
+        # As the engine passes it: None when every sequence continues its slot (decode kernels).
+        "has_initial_state": None if all(continues) else torch.tensor(continues),
+    }
     return AttentionMetadata(
-        cu(new), cu(total), max(new), max(total), torch.tensor(slots, dtype=torch.int64), tables,
-        torch.tensor(total, dtype=torch.int32), decode_only=all(n == 1 for n in new),
+        cu(new), cu(total), max(new), max(total), torch.tensor(mapping, dtype=torch.int64), tables,
+        torch.tensor(total, dtype=torch.int32), decode_only=all(n == 1 for n in new), **state,
     )
 
 
@@ -151,7 +165,7 @@ def test_paged_chunked_prefill_and_decode_equal_full_sequence(pair: Pair) -> Non
     blocks = -(-len(ids_a) // BLOCK)
     tables = torch.tensor([list(range(31, 31 - blocks, -1)), list(range(1, 1 + blocks))], dtype=torch.int32)
 
-    logits_a = [ours.compute_logits(ours(ids_a[:split], pos_a[:, :split], _step_metadata([(0, split)], tables[:1]),
+    logits_a = [ours.compute_logits(ours(ids_a[:split], pos_a[:, :split], step_metadata([(0, split)], tables[:1]),
                                          caches, _slice_mm(mm_a, 0, split)))]
     # Step 2: the rest of A's prompt and all of B's prompt in one batch.
     ids = torch.cat([ids_a[split:len_a], ids_b[:len_b]])
@@ -159,13 +173,13 @@ def test_paged_chunked_prefill_and_decode_equal_full_sequence(pair: Pair) -> Non
     part = _slice_mm(mm_a, split, len_a)
     mask = torch.cat([part.mask, torch.zeros(len_b, dtype=torch.bool)])
     mm = MultimodalBatch(part.embeds, part.deepstack, mask)
-    meta = _step_metadata([(split, len_a - split), (0, len_b)], tables)
+    meta = step_metadata([(split, len_a - split), (0, len_b)], tables)
     out = ours.compute_logits(ours(ids, positions, meta, caches, mm))
     logits_a.append(out[: len_a - split])
     logits_b = [out[len_a - split :]]
     for step in range(decode):
         pa, pb = len_a + step, len_b + step
-        meta = _step_metadata([(pa, 1), (pb, 1)], tables)
+        meta = step_metadata([(pa, 1), (pb, 1)], tables)
         assert meta.decode_only
         ids = torch.stack([ids_a[pa], ids_b[pb]])
         positions = torch.stack([pos_a[:, pa], pos_b[:, pb]], dim=1)

@@ -25,6 +25,25 @@ inline float gelu_tanh_scalar(float x) {
   return 0.5f * x * (1.f + std::tanh(kBeta * (x + kKappa * x * x * x)));
 }
 
+// Every row of `input` (viewed as rows of its last dim; outer strides kept) through
+// `row(x, i)`, which gives element i of the contiguous output row (d elements).
+template <typename RowFn>
+void map_rows(at::Tensor& out, const at::Tensor& input, int64_t d, RowFn row) {
+  const RowIndexer rows(input);
+  // check_activation_args has checked the dtype.
+  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "splitvl_activation", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = in + rows.offset(r);
+        scalar_t* y = o + r * d;
+        for (int64_t i = 0; i < d; ++i) y[i] = static_cast<scalar_t>(row(x, i));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
@@ -36,18 +55,8 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   SPLITVL_CHECK(out.sizes() == at::IntArrayRef(expected), "silu_and_mul: out ", out.sizes(),
               " must be ", at::IntArrayRef(expected));
   if (out.numel() == 0) return;
-  const RowIndexer rows(input);
-  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "splitvl_silu_and_mul", [&] {
-    const scalar_t* in = input.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* x = in + rows.offset(r);
-        scalar_t* y = o + r * d;
-        for (int64_t i = 0; i < d; ++i)
-          y[i] = static_cast<scalar_t>(silu(static_cast<float>(x[i])) * static_cast<float>(x[d + i]));
-      }
-    });
+  map_rows(out, input, d, [d](const auto* x, int64_t i) {
+    return silu(static_cast<float>(x[i])) * static_cast<float>(x[d + i]);
   });
 }
 
@@ -56,19 +65,8 @@ void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
   SPLITVL_CHECK(out.sizes() == input.sizes(), "gelu_tanh: out ", out.sizes(), " must match input ",
               input.sizes());
   if (out.numel() == 0) return;
-  const RowIndexer rows(input);
-  const int64_t d = input.size(-1);
-  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "splitvl_gelu_tanh", [&] {
-    const scalar_t* in = input.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        const scalar_t* x = in + rows.offset(r);
-        scalar_t* y = o + r * d;
-        for (int64_t i = 0; i < d; ++i)
-          y[i] = static_cast<scalar_t>(gelu_tanh_scalar(static_cast<float>(x[i])));
-      }
-    });
+  map_rows(out, input, input.size(-1), [](const auto* x, int64_t i) {
+    return gelu_tanh_scalar(static_cast<float>(x[i]));
   });
 }
 

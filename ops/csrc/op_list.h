@@ -1,0 +1,104 @@
+// Every op of torch.ops.splitvl, written once as
+//   SPLITVL_OP(name, "schema arguments", (C++ parameters))
+// Each includer defines SPLITVL_OP to turn the list into what it needs: the kernel
+// declarations of one backend (cpu/ops_cpu.h, cuda/ops.cuh), the schemas and CPU
+// registrations (torch_bindings.cpp) or the CUDA registrations (cuda/registration.cu).
+// No include guard: it is meant to be included once per use. Every op returns () and
+// `Tensor!` marks what it writes; the C++ parameters follow the schema one for one.
+// Semantics: ops/reference.py, ops/reference_linear_attn.py.
+
+SPLITVL_OP(rms_norm, "Tensor! out, Tensor input, Tensor weight, float epsilon",
+           (at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon))
+SPLITVL_OP(fused_add_rms_norm,
+           "Tensor! input, Tensor! residual, Tensor weight, float epsilon",
+           (at::Tensor& input, at::Tensor& residual, const at::Tensor& weight, double epsilon))
+SPLITVL_OP(rotary_embedding,
+           "Tensor positions, Tensor! query, Tensor!? key, int head_size, Tensor cos_sin_cache, "
+           "bool is_neox, int[] mrope_section, bool mrope_interleaved",
+           (const at::Tensor& positions, at::Tensor& query, const std::optional<at::Tensor>& key,
+            int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox,
+            at::IntArrayRef mrope_section, bool mrope_interleaved))
+SPLITVL_OP(silu_and_mul, "Tensor! out, Tensor input",
+           (at::Tensor& out, const at::Tensor& input))
+SPLITVL_OP(gelu_tanh, "Tensor! out, Tensor input", (at::Tensor& out, const at::Tensor& input))
+SPLITVL_OP(reshape_and_cache,
+           "Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping",
+           (const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+            at::Tensor& value_cache, const at::Tensor& slot_mapping))
+SPLITVL_OP(paged_attention_decode,
+           "Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, "
+           "Tensor block_tables, Tensor seq_lens, float scale",
+           (at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+            const at::Tensor& value_cache, const at::Tensor& block_tables,
+            const at::Tensor& seq_lens, double scale))
+SPLITVL_OP(varlen_attention,
+           "Tensor! out, Tensor query, Tensor? key, Tensor? value, Tensor cu_seqlens_q, "
+           "Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, "
+           "Tensor? key_cache, Tensor? value_cache, Tensor? block_tables",
+           (at::Tensor& out, const at::Tensor& query, const std::optional<at::Tensor>& key,
+            const std::optional<at::Tensor>& value, const at::Tensor& cu_seqlens_q,
+            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+            double scale, bool causal, const std::optional<at::Tensor>& key_cache,
+            const std::optional<at::Tensor>& value_cache,
+            const std::optional<at::Tensor>& block_tables))
+SPLITVL_OP(topk_softmax,
+           "Tensor! topk_weights, Tensor! topk_ids, Tensor gating_output, bool renormalize",
+           (at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
+            bool renormalize))
+
+// MoE experts over pairs p = t * k + j sorted by expert and padded per expert to blocks
+// (ops/reference_moe.py): sorted_pairs [capacity], block_experts [capacity / block],
+// total_padded [1], pair_pos [T, k]; all int32.
+SPLITVL_OP(moe_align,
+           "Tensor! sorted_pairs, Tensor! pair_pos, Tensor! block_experts, Tensor! total_padded, "
+           "Tensor topk_ids, int num_experts",
+           (at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
+            at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts))
+SPLITVL_OP(moe_gate_up,
+           "Tensor! out, Tensor x, Tensor weight, Tensor sorted_pairs, Tensor block_experts, "
+           "Tensor total_padded, int top_k",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+            const at::Tensor& sorted_pairs, const at::Tensor& block_experts,
+            const at::Tensor& total_padded, int64_t top_k))
+SPLITVL_OP(moe_down,
+           "Tensor! out, Tensor h, Tensor weight, Tensor topk_weights, Tensor sorted_pairs, "
+           "Tensor block_experts, Tensor total_padded",
+           (at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
+            const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
+            const at::Tensor& block_experts, const at::Tensor& total_padded))
+SPLITVL_OP(moe_combine, "Tensor! out, Tensor y, Tensor pair_pos",
+           (at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos))
+
+// Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in linear_attn_checks.h.
+// x [T, dim] token-major; conv_states [num_slots, dim, width-1]; sequence b uses slot
+// state_indices[b] (< 0: none, zero start, state discarded). q, k [T, Hk, Dk]; v [T, Hv, Dv];
+// g, beta [T, Hv] fp32; states [num_slots, Hv, Dk, Dv] fp32.
+SPLITVL_OP(causal_conv1d_fwd,
+           "Tensor! out, Tensor x, Tensor weight, Tensor? bias, Tensor! conv_states, "
+           "Tensor cu_seqlens, Tensor state_indices, Tensor? has_initial_state, bool silu",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+            const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
+            const std::optional<at::Tensor>& has_initial_state, bool silu))
+SPLITVL_OP(causal_conv1d_update,
+           "Tensor! out, Tensor x, Tensor weight, Tensor? bias, Tensor! conv_states, "
+           "Tensor state_indices, bool silu",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
+            const at::Tensor& state_indices, bool silu))
+SPLITVL_OP(gated_delta_rule_chunked,
+           "Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor cu_seqlens, "
+           "Tensor! states, Tensor state_indices, Tensor? has_initial_state, bool use_qk_l2norm",
+           (at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
+            at::Tensor& states, const at::Tensor& state_indices,
+            const std::optional<at::Tensor>& has_initial_state, bool use_qk_l2norm))
+SPLITVL_OP(gated_delta_rule_recurrent,
+           "Tensor! out, Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor! states, "
+           "Tensor state_indices, bool use_qk_l2norm",
+           (at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const at::Tensor& g, const at::Tensor& beta, at::Tensor& states,
+            const at::Tensor& state_indices, bool use_qk_l2norm))
+SPLITVL_OP(gated_rms_norm, "Tensor! out, Tensor x, Tensor z, Tensor weight, float eps",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
+            double eps))
