@@ -92,3 +92,28 @@ def test_bad_videos_are_openai_400s(client, case, match):
     assert err.value.status_code == 400
     body = err.value.response.json()["error"]
     assert match in body["message"] and body["type"] == "invalid_request_error"
+
+
+def test_batch_line_with_a_video_gets_what_http_answers(client):
+    """An OpenAI Batch line with a video part runs through the batch job's path (`run_one` on the
+    ingress handle) and its body is the HTTP answer to the same request."""
+    import asyncio
+    import json
+
+    from ray import serve
+
+    from deployments.batch import run_one
+    from deployments.batch_format import parse_line
+
+    clip = noise_video(seconds=2, fps=4, height=64, width=64, seed=5)
+    body = {"model": MODEL, "max_tokens": 6, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": data_url(clip, "video/mp4")}}, {"type": "text", "text": "?"}]}]}
+    http = client.chat.completions.create(**body)
+    line = parse_line(json.dumps({"custom_id": "v1", "method": "POST", "url": "/v1/chat/completions", "body": body}), 1)
+    record = asyncio.run(run_one(serve.get_deployment_handle("OpenAIIngress", "video"), line))
+    assert record["custom_id"] == "v1" and record["error"] is None
+    response = record["response"]
+    assert response["status_code"] == 200
+    answer = response["body"]
+    assert answer["choices"][0]["message"]["content"] == http.choices[0].message.content
+    assert answer["usage"]["prompt_tokens"] == http.usage.prompt_tokens > 2 * 6
