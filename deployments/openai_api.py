@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -47,6 +48,8 @@ from deployments.protocol import (
     new_id,
 )
 from deployments.router import Router
+
+logger = logging.getLogger(__name__)
 
 
 def error_response(err: APIError) -> JSONResponse:
@@ -266,7 +269,8 @@ class RequestCounter:
             if isinstance(exc, (OSError, ClientDisconnect)):
                 logger.info("client disconnected from %s", scope["path"])
             elif status:  # headers are out: nothing more can be said to this client
-                logger.warning("request %s failed after its response started: %s", scope["path"], exc)
+                logger.warning("request %s failed after its response started: %s: %s", scope["path"],
+                               type(exc).__name__, exc)
             else:
                 await error_response(as_api_error(exc))(scope, receive, send_counted)
         finally:
