@@ -33,6 +33,7 @@ from deployments.embedding_transfer import ImageEmbedding
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
+from engine.timeline import StepRecord, TimelineRead
 
 logger = logging.getLogger(__name__)
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -212,6 +213,10 @@ class LLMServer:
     def stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
         return dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+
+    def timeline(self, since: int = 0) -> TimelineRead[StepRecord]:
+        """The engine's step records from cursor `since` on (engine/timeline.py)."""
+        return self.engine.timeline(since)
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising restarts the replica."""

@@ -25,10 +25,9 @@ from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool
 from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
+from engine.timeline import EncodeRecord, Timeline, TimelineRead
 from models.processor import ImageProcessor
 from models.video_processor import VideoProcessor
-
-
 
 
 def split_outputs(
@@ -77,6 +76,7 @@ class VisionEncoder:
         self.metrics = MetricsRecorder.for_replica("VisionEncoder")
         self.images_processed = 0
         self.pool = _make_pool(config, self.device)
+        self._timeline: Timeline[EncodeRecord] = Timeline()
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def encode(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
@@ -94,15 +94,21 @@ class VisionEncoder:
 
     def _run(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
         # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
+        start = time.monotonic()
         with torch.inference_mode():
             parts = [(self.video_processor if item.ndim == 4 else self.processor).pixel_values([item], self.device)
                      for item in images]
             grid_thw = torch.cat([p.grid_thw for p in parts])
-            embeds, deepstack = self.model(torch.cat([p.pixel_values for p in parts]), grid_thw)
+            pixels = torch.cat([p.pixel_values for p in parts])
+            embeds, deepstack = self.model(pixels, grid_thw)
             grids = [tuple(int(v) for v in g) for g in grid_thw]
             if self.pool is None or all(t == "object_store" for t in transfers):
-                return split_outputs(embeds, deepstack, grids, self.merge_unit)
-            return self._to_pool(embeds, deepstack, grids, transfers)
+                out = split_outputs(embeds, deepstack, grids, self.merge_unit)
+            else:
+                out = self._to_pool(embeds, deepstack, grids, transfers)
+        # Both paths end after the device finished (the copy to host, or the pool's synchronize).
+        self._timeline.append(EncodeRecord(start, time.monotonic(), len(images), pixels.shape[0]))
+        return out
 
     def _to_pool(self, embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]],
                  transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
@@ -127,6 +133,10 @@ class VisionEncoder:
 
     def stats(self) -> dict[str, int]:
         return {"images_processed": self.images_processed}
+
+    def timeline(self, since: int = 0) -> TimelineRead[EncodeRecord]:
+        """This replica's tower calls from cursor `since` on (engine/timeline.py)."""
+        return self._timeline.read(since)
 
 
 def _make_pool(config: AppConfig, device: str) -> EmbeddingPool | None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.timeline import DEFAULT_CAPACITY
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -39,13 +41,15 @@ class EngineConfig:
     step_timeout_s: float = 600.0
     tp_compiled_graph: bool = True
     seed: int = 0
+    timeline_capacity: int = DEFAULT_CAPACITY
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
-        positive = ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size")
+        positive = ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size",
+                    "timeline_capacity")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from engine.stream import RequestStream, put_many
+from engine.timeline import StepRecord, Timeline, TimelineRead, count_rows
 from engine.validation import CheckedRequest, validate_request
 from models.config import ModelConfig, load_model_config
 
@@ -71,6 +73,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
         self._closed = False
+        self._timeline: Timeline[StepRecord] = Timeline(config.timeline_capacity)
 
     # ---- public API ----------------------------------------------------------------
 
@@ -160,6 +163,10 @@ class Engine:
             "num_total_state_slots": s.num_total_state_slots,
         }
 
+    def timeline(self, since: int = 0) -> TimelineRead[StepRecord]:
+        """The records of the steps from cursor `since` on (engine/timeline.py); from any thread."""
+        return self._timeline.read(since)
+
     def shutdown(self) -> None:
         """Abort everything, stop the loop, release the workers."""
         with self._lock:
@@ -181,26 +188,46 @@ class Engine:
             self._thread.start()
 
     def _step_loop(self) -> None:
-        while True:
+        while self._step():
+            pass
+
+    def _step(self) -> bool:
+        """Wait for work, run one step, record it on the timeline. False: the loop ends."""
+        clock = time.monotonic
+        top = clock()
+        with self._lock:
+            locked = clock()
+            while not self._closed and self._dead is None and not self.scheduler.has_work():
+                self._work.wait()
+            if self._closed or self._dead is not None:
+                return False
+            start = clock()
+            out = self.scheduler.schedule()
+            if out.is_empty:
+                self._fail("the scheduler could not place any request (KV cache too small)")
+                return False
+            scheduled = clock()
+            msg = self._message(out)
+            built = clock()
+            waiting = len(self.scheduler.waiting)
+        try:
+            result = self.executor.execute(msg)
+        except Exception as exc:  # a worker died, a step timed out or crashed
+            log.exception("engine step failed")
             with self._lock:
-                while not self._closed and self._dead is None and not self.scheduler.has_work():
-                    self._work.wait()
-                if self._closed or self._dead is not None:
-                    return
-                out = self.scheduler.schedule()
-                if out.is_empty:
-                    self._fail("the scheduler could not place any request (KV cache too small)")
-                    return
-                msg = self._message(out)
-            try:
-                result = self.executor.execute(msg)
-            except Exception as exc:  # a worker died, a step timed out or crashed
-                log.exception("engine step failed")
-                with self._lock:
-                    self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
-                return
-            with self._lock:
-                self._process(out, result)
+                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+            return False
+        executed = clock()
+        with self._lock:
+            relocked = clock()
+            outputs = self._process(out, result)
+        end = clock()
+        decode, prefill, prefill_tokens = count_rows(out.scheduled)
+        self._timeline.append(StepRecord(
+            start, end, start - locked, (locked - top) + (relocked - executed), scheduled - start,
+            built - scheduled, executed - built, end - relocked, decode, prefill, prefill_tokens, outputs, waiting,
+        ))
+        return True
 
     def _message(self, out: SchedulerOutput) -> StepMessage:
         new, steps = [], []
@@ -222,10 +249,11 @@ class Engine:
         freed, self._pending_free = tuple(self._pending_free), []
         return StepMessage(tuple(new), tuple(steps), freed)
 
-    def _process(self, out: SchedulerOutput, result: StepResult | None) -> None:
+    def _process(self, out: SchedulerOutput, result: StepResult | None) -> int:
+        """Commit the step, append its tokens, deliver the deltas; how many were delivered."""
         self.scheduler.commit(out)
         if result is None:
-            return
+            return 0
         by_id = {item.seq.seq_id: item.seq for item in out.scheduled}
         outbox = []  # delivered together (one wake-up per consumer loop), still under the lock
         try:
@@ -242,6 +270,7 @@ class Engine:
                     outbox.append(item)
         finally:
             put_many(outbox)
+        return len(outbox)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.sampling
