@@ -26,6 +26,10 @@ add_request -> first token, and `splitvl_llm_embedding_wait_seconds`):
   round trip less the LLM replica's own time), the engine TTFT, the rest;
 - per image level, `other ms` = mean HTTP TTFT - mean engine TTFT - mean LLM
   embedding wait: the above plus image decode and preprocessing in the router.
+Per level, the LLM replica's step timeline and the vision replica's tower calls
+(bench/timeline.py): steps/s, rows and prefill tokens per step, host ms per phase,
+idle share, vision overlap, mixed vs pure-decode steps; raw records in the JSON
+(`levels[i].timeline`; not with --url).
 Embedding transfer (bench/transfer.py): one image's embeddings between two
 actors placed as the layout places the encoder and the LLM.
 Baselines in the same run: transformers `generate(max_new_tokens=1)` on the same
@@ -51,6 +55,7 @@ import torch
 
 from bench.common import int_list, print_table, write_json
 from bench.load import chat_body, make_image_url, run_level, scrape, summarize
+from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT_GPUS = {"one-gpu": 1, "split": 2}
@@ -170,8 +175,12 @@ def _hist_ms(hists: dict, name: str) -> dict[str, float]:
     return {"mean": h.mean * 1e3, "p50": h.quantile(0.5) * 1e3}
 
 
-async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
-    """Warm up, measure the text-only overhead, then every concurrency level."""
+async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | None = None) -> dict:
+    """Warm up, measure the text-only overhead, then every concurrency level.
+
+    `app_name`: the Serve app started here, whose replicas' timelines are read per level.
+    """
+    timeline = TimelineSource.for_app(app_name) if app_name is not None else None
     key = opts.api_key
     warm = [chat_body(model_id, make_image_url(opts.image_size, image_seed + i), 4) for i in range(opts.warmup)]
     if warm:  # CUDA graphs, lazy inits, the first vision batch
@@ -198,9 +207,13 @@ async def sweep(url: str, model_id: str, opts, image_seed: int) -> dict:
         bodies = [chat_body(model_id, make_image_url(opts.image_size, image_seed + i), opts.output_len)
                   for i in range(n)]
         image_seed += n
+        if timeline is not None:
+            await timeline.mark()
         (res, wall), hists = await _metered(url, key, run_level(url, model_id, bodies, c, key),
                                             (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level = summarize(res, wall, c)
+        if timeline is not None:
+            level["timeline"] = await timeline.pull()
         engine, wait, vision = (_hist_ms(hists, n_) for n_ in (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level.update(engine_ttft_p50_ms=engine["p50"], engine_ttft_mean_ms=engine["mean"],
                      embed_wait_mean_ms=wait["mean"], vision_encode_mean_ms=vision["mean"],
@@ -290,7 +303,7 @@ def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
         t0 = time.monotonic()
         url = start_app(args)
         startup_s = time.monotonic() - t0
-        result = asyncio.run(sweep(url, "bench", opts, image_seed=0))
+        result = asyncio.run(sweep(url, "bench", opts, image_seed=0, app_name="bench"))
         result.update(layout=name, config=str(config_file), startup_s=startup_s, transfer=transfer)
         return result
     finally:
@@ -327,6 +340,7 @@ def print_tables(device: str, opts, runs: list[dict], base: dict) -> None:
                 ["layout", "conc", "reqs", "errors", "out tok/s", "req/s", "TTFT p50 ms", "TTFT p99 ms",
                  "TPOT p50 ms", "ITL p50 ms", "ITL p99 ms", "engine TTFT p50 ms", "emb wait ms",
                  "vision ms", "other ms"], rows)
+    print_timeline(runs)
     rows = []
     for run in runs:
         o, t = run["overhead"], run.get("transfer") or {}

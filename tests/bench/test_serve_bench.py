@@ -50,6 +50,14 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
         # The LLM replica's own histograms reached /metrics and are below the HTTP numbers.
         assert 0 < level["engine_ttft_p50_ms"] and level["engine_ttft_mean_ms"] < level["ttft_mean_ms"]
         assert level["embed_wait_mean_ms"] >= 0
+        # The level's step timeline: each request's 6 tokens are its prompt's last chunk and 5 decode
+        # rows, and its one (distinct) image is one tower image; raw records go to the JSON.
+        tl = level["timeline"]
+        assert tl["dropped_steps"] == 0 and tl["summary"]["steps"] == len(tl["steps"]) > 0
+        assert sum(r["decode_rows"] for r in tl["steps"]) == level["requests"] * (6 - 1)
+        assert sum(r["outputs"] for r in tl["steps"]) == level["requests"] * 6
+        assert sum(r["images"] for r in tl["encodes"]) == level["requests"]
+        assert 0 <= tl["summary"]["idle_frac"] < 1 and 0 <= tl["summary"]["vision_overlap_frac"] <= 1
     assert not math.isnan(run["overhead"]["ray_overhead_mean_ms"])
     # The breakdown's parts are disjoint intervals of one request, each measured where it happens
     # (client, ingress, router, LLM replica): all present, none negative, and they add up to the TTFT.
@@ -58,7 +66,11 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
     assert all(v >= 0 for v in parts.values()), parts
     assert sum(parts.values()) == pytest.approx(run["overhead"]["http_ttft_mean_ms"])
     assert run["transfer"]["bytes"] > 0 and run["transfer"]["get_gb_s"] > 0
-    assert "Time to first token" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Time to first token" in printed
+    assert "LLM replica step timeline per level" in printed and "host time per step by phase" in printed
+    saved = json.loads(out.read_text())["runs"][0]["levels"]
+    assert [len(lv["timeline"]["steps"]) for lv in saved] == [len(lv["timeline"]["steps"]) for lv in run["levels"]]
 
 
 def test_decode_tp_arguments() -> None:

@@ -149,3 +149,39 @@ def test_text_only_rejects_images(urls):
     assert "VisionEncoder" not in serve.status().applications["text"].deployments
     resp = client.chat.completions.create(model="text", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert resp.usage.completion_tokens >= 1
+
+
+def test_timeline_through_the_handles(urls, ckpt):
+    """`LLMServer.timeline` and `VisionEncoder.timeline` over Serve's handles: one image chat's steps
+    (its output count, decode rows) and its one tower call (images, patches)."""
+    from ray import serve
+
+    from models.processor import ImageProcessor, load_image
+    from tests.deployments.conftest import wait_until
+
+    llm = serve.get_deployment_handle("LLMServer", "real")
+    vision = serve.get_deployment_handle("VisionEncoder", "real")
+    mark, vision_mark = (h.timeline.remote(1 << 62).result().cursor for h in (llm, vision))
+    image = png_bytes(96, 64, (11, 22, 33))  # not seen before: no embedding or prefix-cache hit
+    client = openai.OpenAI(base_url=f"{urls['real']}/v1", api_key=KEY, max_retries=0)
+    resp = client.chat.completions.create(
+        model="real", max_tokens=5, temperature=0, extra_body={"ignore_eos": True},
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                               {"type": "text", "text": "What is this?"}]}])
+    assert resp.usage.completion_tokens == 5
+
+    def read():  # a step's record follows the delivery of its outputs
+        got = llm.timeline.remote(mark).result()
+        return got if sum(r.outputs for r in got.records) == 5 else None
+
+    steps = wait_until(read, timeout_s=10)
+    assert steps.dropped == 0 and steps.cursor == mark + len(steps.records)
+    # The first token comes from the prompt's last chunk, each later one from a decode row.
+    assert sum(r.decode_rows for r in steps.records) == 4
+    assert 0 < sum(r.prefill_tokens for r in steps.records) <= resp.usage.prompt_tokens
+    assert all(r.start <= r.end for r in steps.records)
+    (encode,) = vision.timeline.remote(vision_mark).result().records
+    grid = ImageProcessor.from_pretrained(ckpt).preprocess([load_image(image)]).grid_thw[0]
+    assert encode.images == 1 and encode.patches == int(grid.prod())
+    # One node: the tower call ran before the request's first step.
+    assert encode.end <= steps.records[0].start

@@ -1,0 +1,164 @@
+"""The LLM replica's step timeline under load: pulled per level by bench/serve.py, summarized, printed.
+
+The engine records one `StepRecord` per step and the vision replica one
+`EncodeRecord` per tower call (engine/timeline.py); `TimelineSource` reads both
+through the deployment handles since a mark taken before the level, and
+`summarize` reduces a level's records to the columns `print_timeline` prints:
+
+- steps/s over the level's step window (first step start -> last step end);
+- mean decode rows and prefill tokens per step, outputs (deltas) per step;
+- host phases per step in ms (mean, p50, p99): the whole step, schedule, message
+  (the ranks' step message), execute (the runner step with its GPU time as the
+  host sees it; with TP the executor round trip), process (commit, stops, output
+  delivery), lock (waits for the engine lock);
+- idle %: the share of the window the step loop waited for work;
+- vision %: the share of the window with a vision tower call running (same node:
+  both replicas' clocks are the node's CLOCK_MONOTONIC);
+- mixed steps (a prefill chunk together with decodes) and their mean ms against
+  pure-decode steps, and pure-decode steps with / without a tower call overlapping.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import print_table
+from bench.load import percentile
+from engine.timeline import EncodeRecord, StepRecord
+
+PHASES = ("step", "schedule", "message", "execute", "process", "lock")
+MARK = 1 << 62  # a cursor past any end: the read is a mark
+
+
+class TimelineSource:
+    """The LLMServer's step records and the VisionEncoder's tower calls of one Serve app.
+
+    With several replicas of a deployment a handle call reaches one of them:
+    the layouts benchmarked here run one of each.
+    """
+
+    def __init__(self, llm: Any, vision: Any | None):
+        self.llm, self.vision = llm, vision
+        self.cursors = (0, 0)
+
+    @classmethod
+    def for_app(cls, app_name: str) -> TimelineSource:
+        from ray import serve
+
+        names = serve.status().applications[app_name].deployments
+        vision = serve.get_deployment_handle("VisionEncoder", app_name) if "VisionEncoder" in names else None
+        return cls(serve.get_deployment_handle("LLMServer", app_name), vision)
+
+    async def _read(self, since: tuple[int, int]) -> tuple[Any, Any | None]:
+        steps = await self.llm.timeline.remote(since[0])
+        encodes = await self.vision.timeline.remote(since[1]) if self.vision is not None else None
+        return steps, encodes
+
+    async def mark(self) -> None:
+        """Records from now on belong to the next `pull`."""
+        steps, encodes = await self._read((MARK, MARK))
+        self.cursors = (steps.cursor, encodes.cursor if encodes is not None else 0)
+
+    async def pull(self) -> dict:
+        """The records since the mark: summary, raw records (as dicts) and how many were lost."""
+        steps, encodes = await self._read(self.cursors)
+        enc = encodes.records if encodes is not None else ()
+        self.cursors = (steps.cursor, encodes.cursor if encodes is not None else 0)
+        return {"summary": summarize(steps.records, enc),
+                "dropped_steps": steps.dropped, "dropped_encodes": encodes.dropped if encodes is not None else 0,
+                "steps": [dataclasses.asdict(r) for r in steps.records],
+                "encodes": [dataclasses.asdict(r) for r in enc]}
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _overlaps(merged: list[tuple[float, float]], starts: list[float], lo: float, hi: float) -> bool:
+    """Whether [lo, hi] meets any of the disjoint sorted intervals `merged` (`starts`: their starts)."""
+    i = bisect.bisect_left(starts, hi)  # intervals starting before hi
+    return i > 0 and merged[i - 1][1] > lo
+
+
+def _ms_stats(values_s: Sequence[float]) -> dict[str, float]:
+    ms = [v * 1e3 for v in values_s]
+    return {"mean": sum(ms) / len(ms) if ms else math.nan, "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
+
+
+def _mean_ms(steps: Sequence[StepRecord]) -> float:
+    return 1e3 * sum(s.duration_s for s in steps) / len(steps) if steps else math.nan
+
+
+def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> dict:
+    """One level's timeline in numbers (ms, fractions of the step window)."""
+    if not steps:
+        return {"steps": 0}
+    lo, hi = steps[0].start, steps[-1].end
+    span = max(hi - lo, 1e-9)
+    n = len(steps)
+    merged = _union([(max(e.start, lo), min(e.end, hi)) for e in encodes if e.end > lo and e.start < hi])
+    starts = [m[0] for m in merged]
+    decode_only = [s for s in steps if s.prefill_rows == 0]
+    mixed = [s for s in steps if s.prefill_rows and s.decode_rows]
+    with_encode, without_encode = [], []
+    for s in decode_only:
+        (with_encode if _overlaps(merged, starts, s.start, s.end) else without_encode).append(s)
+    phases = {
+        "step": [s.duration_s for s in steps], "schedule": [s.schedule_s for s in steps],
+        "message": [s.message_s for s in steps], "execute": [s.execute_s for s in steps],
+        "process": [s.process_s for s in steps], "lock": [s.lock_s for s in steps],
+    }
+    return {
+        "steps": n,
+        "window_s": span,
+        "steps_per_s": n / span,
+        "decode_rows_mean": sum(s.decode_rows for s in steps) / n,
+        "prefill_tokens_per_step": sum(s.prefill_tokens for s in steps) / n,
+        "outputs_per_step": sum(s.outputs for s in steps) / n,
+        "phases_ms": {k: _ms_stats(v) for k, v in phases.items()},
+        "idle_frac": sum(s.idle_s for s in steps[1:]) / span,  # the first step's wait is before the window
+        "vision_overlap_frac": sum(b - a for a, b in merged) / span,
+        "mixed_steps": len(mixed),
+        "mixed_step_ms": _mean_ms(mixed),
+        "decode_steps": len(decode_only),
+        "decode_step_ms": _mean_ms(decode_only),
+        "decode_step_ms_with_encode": _mean_ms(with_encode),
+        "decode_step_ms_without_encode": _mean_ms(without_encode),
+        "encodes": len(encodes),
+        "encode_images": sum(e.images for e in encodes),
+        "encode_ms_mean": 1e3 * sum(e.end - e.start for e in encodes) / len(encodes) if encodes else math.nan,
+    }
+
+
+def print_timeline(runs: list[dict]) -> None:
+    """Two tables over every level that has a timeline: the step mix, and the host phases."""
+    levels = [(run["layout"], lv["concurrency"], lv["timeline"]) for run in runs for lv in run["levels"]
+              if lv.get("timeline", {}).get("summary", {}).get("steps")]
+    if not levels:
+        return
+    rows = []
+    for layout, c, tl in levels:
+        s = tl["summary"]
+        rows.append([layout, c, s["steps"], s["steps_per_s"], s["decode_rows_mean"], s["prefill_tokens_per_step"],
+                     s["outputs_per_step"], f"{100 * s['idle_frac']:.1f}%", f"{100 * s['vision_overlap_frac']:.1f}%",
+                     s["mixed_steps"], s["mixed_step_ms"], s["decode_steps"], s["decode_step_ms"],
+                     s["decode_step_ms_with_encode"], s["decode_step_ms_without_encode"], s["encodes"],
+                     s["encode_ms_mean"], tl["dropped_steps"]])
+    print_table("LLM replica step timeline per level (bench/timeline.py; ms are step wall times)",
+                ["layout", "conc", "steps", "steps/s", "decode rows", "prefill tok/step", "outputs/step",
+                 "idle", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
+                 "decode ms w/ encode", "decode ms w/o encode", "encodes", "encode ms", "dropped"], rows)
+    rows = [[layout, c, phase, *(tl["summary"]["phases_ms"][phase][k] for k in ("mean", "p50", "p99"))]
+            for layout, c, tl in levels for phase in PHASES]
+    print_table("LLM replica host time per step by phase (ms)",
+                ["layout", "conc", "phase", "mean", "p50", "p99"], rows)
