@@ -9,6 +9,9 @@
 #   test      tests/deployments/test_gpu_embedding_ipc.py: two Ray actors on one GPU, the producer's
 #             pool slot opened by CUDA IPC in the consumer, values equal, slots come back, stale refused
 #   transfer  python -m bench.transfer: one 1024x1024 image of Qwen3-VL-8B, object store vs IPC (GB/s)
+#   timeline-2b, timeline-8b  python -m bench.serve, one-gpu layout, concurrency 1,8,32,64: the serve tables
+#             with the LLM replica's step timeline per level; JSON (raw step records) to $OUT/timeline-<model>.json.
+#             One per device call: I17_TOTAL_S=560 bash bench/gpu_i17.sh build timeline-8b
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,13 +22,17 @@ export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
-declare -A BUDGET=([build]=150 [test]=90 [transfer]=90)
+declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400)
+CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
   case $1 in
     build) python -c "import ops; assert ops.extension_available(), ops.fallback_reason(); print('ops built')" ;;
     test) python -m pytest -m gpu -x -q -p no:warnings tests/deployments/test_gpu_embedding_ipc.py ;;
     transfer) python -m bench.transfer --model qwen3-vl-8b --image-size 1024 --iters 20 ;;
+    timeline-2b|timeline-8b) python -m bench.serve --model "qwen3-vl-${1#timeline-}" --layout one-gpu \
+        --concurrency 1,8,32,64 --no-hf --ckpt-cache "$CKPT" --time-budget-s $(( $2 * 7 / 10 )) \
+        --json "$OUT/$1.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
@@ -39,7 +46,7 @@ for step in "${STEPS[@]}"; do
   (( limit > left )) && limit=$left
   if (( limit <= 5 )); then echo "== $step: skipped (no time left)"; status=1; continue; fi
   echo "== $step (limit ${limit}s)"
-  timeout "$limit" bash -c "$(declare -f step_cmd); step_cmd $step" 2>&1 | tee "$OUT/i17_$step.log"
+  timeout "$limit" bash -c "$(declare -f step_cmd); CKPT=$CKPT OUT=$OUT step_cmd $step $limit" 2>&1 | tee "$OUT/i17_$step.log"
   rc=${PIPESTATUS[0]}
   echo "== $step: rc=$rc"
   (( rc != 0 )) && status=1
