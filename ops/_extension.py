@@ -5,13 +5,16 @@ cache) by `ops.build`, or, when that fails or `SPLITVL_REFERENCE_OPS=1` is set,
 the references are used and one warning names the cause.
 
 `OpTable.op(references)` is the one place an op's wrapper is declared: it
-records the wrapper under its function name, registers the fake kernel of
-`splitvl::<name>`, and, without the extension, hands back `references.<name>`
-(the pure-torch reference of the same signature) in its place.
+records the wrapper under its function name, gives it the signature and
+docstring of `references.<name>` (the pure-torch reference, where the typed
+signature, the defaults and the semantics are written once), registers the fake
+kernel of `splitvl::<name>`, and, without the extension, hands back the
+reference in its place.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Callable
@@ -72,6 +75,41 @@ class BoundOp:
     reference: Callable[..., Any]
 
 
+def _take_signature(wrapper: Callable[..., Any], reference: Callable[..., Any]) -> None:
+    """Give `wrapper` the defaults, annotations and docstring of `reference`.
+
+    The wrapper is written with the reference's parameter names only, so the two
+    cannot drift apart; help(), inspect.signature() and the binding of omitted
+    arguments (by Python and by torch.compile) then see the reference's signature.
+    """
+    name = reference.__name__
+    expected = [(p.name, p.kind) for p in inspect.signature(reference).parameters.values()]
+    written = [(p.name, p.kind) for p in inspect.signature(wrapper).parameters.values()]
+    if written != expected:
+        raise TypeError(
+            f"splitvl op {name!r}: the wrapper takes {[n for n, _ in written]}, "
+            f"its reference {[n for n, _ in expected]}"
+        )
+    restated = [
+        what
+        for what, value in (
+            ("defaults", wrapper.__defaults__ or wrapper.__kwdefaults__),
+            ("annotations", wrapper.__annotations__),
+            ("a docstring", wrapper.__doc__),
+        )
+        if value
+    ]
+    if restated:
+        raise TypeError(
+            f"splitvl op {name!r}: the wrapper restates {', '.join(restated)}; "
+            "they are written once, in the reference"
+        )
+    wrapper.__defaults__ = reference.__defaults__
+    wrapper.__kwdefaults__ = dict(reference.__kwdefaults__) if reference.__kwdefaults__ else None
+    wrapper.__annotations__ = dict(reference.__annotations__)
+    wrapper.__doc__ = reference.__doc__
+
+
 def _writes_in_place(*args: Any, **kwargs: Any) -> None:
     """The fake kernel of every splitvl op: each writes only into tensors it is given."""
     return None
@@ -87,18 +125,27 @@ class OpTable:
     def op(self, references: ModuleType) -> Callable[[Wrapper], Wrapper]:
         """Decorator for the wrapper of `splitvl::<its function name>`.
 
+        The wrapper takes the reference's parameters by bare name (no defaults,
+        annotations or docstring) and only allocates the outputs and calls the op.
+
         Args:
             references: the module holding the op's pure-torch reference under the
-                same name and signature.
+                same name.
         Returns:
-            A decorator giving the wrapper when the extension is loaded, else the reference.
+            A decorator giving the wrapper, with the reference's signature and
+            docstring, when the extension is loaded, else the reference.
+        Raises:
+            TypeError: the wrapper's parameters differ from the reference's, or it
+                restates their defaults, annotations or the docstring.
         """
 
         def bind(wrapper: Wrapper) -> Wrapper:
             name = wrapper.__name__
             if name in self._ops:
                 raise ValueError(f"splitvl op {name!r} is declared twice")
-            self._ops[name] = BoundOp(name, wrapper, getattr(references, name))
+            reference = getattr(references, name)
+            _take_signature(wrapper, reference)
+            self._ops[name] = BoundOp(name, wrapper, reference)
             if not self._state.available:
                 return self._ops[name].reference  # type: ignore[return-value]
             torch.library.register_fake(f"splitvl::{name}")(_writes_in_place)

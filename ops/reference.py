@@ -17,7 +17,8 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Qwen3 RMSNorm: fp32 `x * rsqrt(mean(x^2) + eps)`, cast to x.dtype, `* weight`.
 
-    Shapes: x [..., D] (any strides), weight [D] -> [..., D] contiguous, x.dtype.
+    Shapes: x [..., D] (the kernels need unit last stride; any outer strides), weight [D]
+    -> [..., D] contiguous, x.dtype.
     """
     _check_norm_args(x, weight)
     xf = x.float()
@@ -129,7 +130,7 @@ def rotary_embedding(
     mrope_section: Sequence[int] | None = None,
     mrope_interleaved: bool = False,
 ) -> None:
-    """Neox (or GPT-J when not is_neox) RoPE in place on query and key.
+    """Neox (or GPT-J when not is_neox) RoPE in place on query and key; mRoPE with mrope_section.
 
     Shapes: positions [T] or [S, T]; query [T, Hq*D] or [T, Hq, D] (may be
     strided views); key likewise or None; cos_sin_cache [max_pos, rot_dim] fp32.
@@ -171,7 +172,8 @@ def reshape_and_cache(
 ) -> None:
     """Write token t's K/V at slot `slot_mapping[t]` of the paged caches; slot < 0 skipped.
 
-    Shapes: key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D]; slot_mapping [T].
+    Shapes: key/value [T, Hkv, D]; caches [num_blocks, block_size, Hkv, D];
+    slot_mapping [T] int64.
     """
     if key_cache.dtype != key.dtype or value_cache.dtype != value.dtype:
         raise ValueError(f"reshape_and_cache: cache dtype {key_cache.dtype} != key dtype {key.dtype}")

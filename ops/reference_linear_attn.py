@@ -41,7 +41,7 @@ def causal_conv1d_fwd(
 ) -> torch.Tensor:
     """Depthwise causal conv over packed sequences; writes each final conv state.
 
-    Shapes: x [T, dim] (token-major, unit stride along dim), weight [dim, W],
+    Shapes: x [T, dim] (token-major, unit stride along dim, any row stride), weight [dim, W],
     bias [dim] | None, conv_states [num_slots, dim, W-1] (the last W-1 inputs of
     each sequence, oldest first; updated in place), cu_seqlens [B+1] int32,
     state_indices [B] int32, has_initial_state [B] bool | None -> out [T, dim].
@@ -149,9 +149,11 @@ def gated_delta_rule_chunked(
 
     Per token: S = exp(g) S; S += k (beta (v - S^T k))^T; o = S^T q / sqrt(Dk),
     computed chunk by chunk as transformers' `torch_chunk_gated_delta_rule`.
-    Query/key head `h // (Hv // Hk)` serves value head `h`.
+    Query/key head `h // (Hv // Hk)` serves value head `h`; q and k are
+    l2-normalized first when `use_qk_l2norm`.
 
-    Shapes: q, k [T, Hk, Dk], v [T, Hv, Dv], g (log decay, <= 0), beta [T, Hv],
+    Shapes: q, k [T, Hk, Dk], v [T, Hv, Dv] (unit stride along the head dim, any
+    token/head strides), g (log decay, <= 0), beta [T, Hv],
     cu_seqlens [B+1] int32, states [num_slots, Hv, Dk, Dv] fp32 (updated in
     place), state_indices [B] int32, has_initial_state [B] bool | None
     -> out [T, Hv, Dv] in q's dtype.
@@ -221,7 +223,8 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     casts: normalize in fp32, round to x's dtype, multiply by the weight (in the
     promoted dtype), multiply by fp32 silu(z), round to x's dtype.
 
-    Shapes: x, z [N, D], weight [D] -> out [N, D] contiguous, x's dtype.
+    Shapes: x, z [..., D] (views with outer strides are fine), weight [D] in x's
+    dtype or fp32 -> out [..., D] contiguous, x's dtype.
     """
     dtype = x.dtype
     h = x.float()

@@ -67,7 +67,10 @@ def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
 def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
     """Sort the routed pairs by expert and pad each expert's run to a block multiple.
 
-    Shapes: topk_ids int32 [T, k] -> MoeAlignment (capacity from `align_capacity`).
+    The block size comes from T*k/E (`align_block_size`), the capacity from
+    `align_capacity`: sizes from T, k and E only, never from device data.
+
+    Shapes: topk_ids int32 [T, k] -> MoeAlignment.
     """
     tokens, k = topk_ids.shape
     pairs = tokens * k
