@@ -32,7 +32,31 @@ inline void la_check_index(const at::Tensor& t, int64_t size, at::ScalarType dty
   SPLITVL_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// causal_conv1d_fwd / causal_conv1d_update. `cu_seqlens` is undefined for the
+// state_indices [B] int32, and cu_seqlens [B+1] int32 (packed prefill) or, when null,
+// one of the `tokens` rows per sequence (decode); has_initial_state [B] bool when given.
+// All on `ref`'s device. Returns B.
+inline int64_t la_check_sequences(const at::Tensor& ref, int64_t tokens,
+                                  const at::Tensor* cu_seqlens, const at::Tensor& state_indices,
+                                  const std::optional<at::Tensor>& has_initial_state,
+                                  const char* op) {
+  const int64_t batch = state_indices.numel();
+  la_check_index(state_indices, batch, at::kInt, op, "state_indices");
+  la_check_same_device(ref, state_indices, op, "state_indices");
+  if (cu_seqlens != nullptr) {
+    la_check_index(*cu_seqlens, batch + 1, at::kInt, op, "cu_seqlens");
+    la_check_same_device(ref, *cu_seqlens, op, "cu_seqlens");
+  } else {
+    SPLITVL_CHECK(tokens == batch, op, ": ", tokens, " tokens for ", batch,
+                " sequences (decode takes one token per sequence)");
+  }
+  if (has_initial_state.has_value()) {
+    la_check_index(*has_initial_state, batch, at::kBool, op, "has_initial_state");
+    la_check_same_device(ref, *has_initial_state, op, "has_initial_state");
+  }
+  return batch;
+}
+
+// causal_conv1d_fwd / causal_conv1d_update. `cu_seqlens` is null for the
 // update (one token per sequence). Returns the number of sequences.
 inline int64_t check_conv1d_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& bias,
@@ -66,19 +90,9 @@ inline int64_t check_conv1d_args(const at::Tensor& out, const at::Tensor& x, con
   SPLITVL_CHECK(out.sizes() == x.sizes() && out.is_contiguous() &&
                   out.scalar_type() == x.scalar_type(),
               op, ": out must be contiguous ", x.sizes(), " of x's dtype");
-  const int64_t batch = state_indices.numel();
-  la_check_index(state_indices, batch, at::kInt, op, "state_indices");
-  if (cu_seqlens != nullptr) {
-    la_check_index(*cu_seqlens, batch + 1, at::kInt, op, "cu_seqlens");
-    la_check_same_device(x, *cu_seqlens, op, "cu_seqlens");
-  } else {
-    SPLITVL_CHECK(x.size(0) == batch, op, ": x has ", x.size(0), " rows for ", batch, " sequences");
-  }
-  if (has_initial_state.has_value()) {
-    la_check_index(*has_initial_state, batch, at::kBool, op, "has_initial_state");
-    la_check_same_device(x, *has_initial_state, op, "has_initial_state");
-  }
-  for (const at::Tensor* t : {&out, &weight, &conv_states, &state_indices}) {
+  const int64_t batch =
+      la_check_sequences(x, x.size(0), cu_seqlens, state_indices, has_initial_state, op);
+  for (const at::Tensor* t : {&out, &weight, &conv_states}) {
     la_check_same_device(x, *t, op, "a tensor argument");
   }
   return batch;
@@ -118,23 +132,62 @@ inline int64_t check_delta_rule_args(const at::Tensor& out, const at::Tensor& q,
   SPLITVL_CHECK(out.dim() == 3 && out.size(0) == tokens && out.size(1) == hv && out.size(2) == dv &&
                   out.is_contiguous() && out.scalar_type() == q.scalar_type(),
               op, ": out must be contiguous [", tokens, ", ", hv, ", ", dv, "] of q's dtype");
-  const int64_t batch = state_indices.numel();
-  la_check_index(state_indices, batch, at::kInt, op, "state_indices");
-  if (cu_seqlens != nullptr) {
-    la_check_index(*cu_seqlens, batch + 1, at::kInt, op, "cu_seqlens");
-    la_check_same_device(q, *cu_seqlens, op, "cu_seqlens");
-  } else {
-    SPLITVL_CHECK(tokens == batch, op, ": ", tokens, " tokens for ", batch,
-                " sequences (decode takes one token per sequence)");
-  }
-  if (has_initial_state.has_value()) {
-    la_check_index(*has_initial_state, batch, at::kBool, op, "has_initial_state");
-    la_check_same_device(q, *has_initial_state, op, "has_initial_state");
-  }
-  for (const at::Tensor* t : {&out, &k, &v, &g, &beta, &states, &state_indices}) {
+  const int64_t batch =
+      la_check_sequences(q, tokens, cu_seqlens, state_indices, has_initial_state, op);
+  for (const at::Tensor* t : {&out, &k, &v, &g, &beta, &states}) {
     la_check_same_device(q, *t, op, "a tensor argument");
   }
   return batch;
+}
+
+// What an op's kernel knows once its arguments passed the checks: the op's name (for the
+// kernel's own messages) and the number of sequences.
+struct LinearAttnCall {
+  const char* op;
+  int64_t batch;
+};
+
+// One check per op, called by its CPU and CUDA kernels alike.
+inline LinearAttnCall check_causal_conv1d_fwd(const at::Tensor& out, const at::Tensor& x,
+                                              const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const at::Tensor& conv_states,
+                                              const at::Tensor& cu_seqlens,
+                                              const at::Tensor& state_indices,
+                                              const std::optional<at::Tensor>& has_initial_state) {
+  constexpr const char* op = "causal_conv1d_fwd";
+  return {op, check_conv1d_args(out, x, weight, bias, conv_states, &cu_seqlens, state_indices,
+                                has_initial_state, op)};
+}
+
+inline LinearAttnCall check_causal_conv1d_update(const at::Tensor& out, const at::Tensor& x,
+                                                 const at::Tensor& weight,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const at::Tensor& conv_states,
+                                                 const at::Tensor& state_indices) {
+  constexpr const char* op = "causal_conv1d_update";
+  return {op, check_conv1d_args(out, x, weight, bias, conv_states, nullptr, state_indices,
+                                std::nullopt, op)};
+}
+
+inline LinearAttnCall check_gated_delta_rule_chunked(
+    const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
+    const at::Tensor& states, const at::Tensor& state_indices,
+    const std::optional<at::Tensor>& has_initial_state) {
+  constexpr const char* op = "gated_delta_rule_chunked";
+  return {op, check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states, state_indices,
+                                    has_initial_state, op)};
+}
+
+inline LinearAttnCall check_gated_delta_rule_recurrent(const at::Tensor& out, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& g, const at::Tensor& beta,
+                                                       const at::Tensor& states,
+                                                       const at::Tensor& state_indices) {
+  constexpr const char* op = "gated_delta_rule_recurrent";
+  return {op, check_delta_rule_args(out, q, k, v, g, beta, nullptr, states, state_indices,
+                                    std::nullopt, op)};
 }
 
 inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x,

@@ -121,10 +121,9 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
                        const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
                        const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
                        const std::optional<at::Tensor>& has_initial_state, bool silu) {
-  const char* op = "causal_conv1d_fwd";
-  check_conv1d_args(out, x, weight, bias, conv_states, &cu_seqlens, state_indices,
-                    has_initial_state, op);
-  check_seqlens_and_slots(cu_seqlens, state_indices, x.size(0), conv_states.size(0), op);
+  const LinearAttnCall call = check_causal_conv1d_fwd(out, x, weight, bias, conv_states, cu_seqlens,
+                                                      state_indices, has_initial_state);
+  check_seqlens_and_slots(cu_seqlens, state_indices, x.size(0), conv_states.size(0), call.op);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   conv_dispatch(out, x, weight, bias, conv_states, cu_seqlens.data_ptr<int32_t>(), state_indices,
                 has_init, silu);
@@ -133,9 +132,9 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
 void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
                           const at::Tensor& state_indices, bool silu) {
-  const char* op = "causal_conv1d_update";
-  check_conv1d_args(out, x, weight, bias, conv_states, nullptr, state_indices, std::nullopt, op);
-  check_seqlens_and_slots(at::Tensor(), state_indices, x.size(0), conv_states.size(0), op);
+  const LinearAttnCall call =
+      check_causal_conv1d_update(out, x, weight, bias, conv_states, state_indices);
+  check_seqlens_and_slots(at::Tensor(), state_indices, x.size(0), conv_states.size(0), call.op);
   conv_dispatch(out, x, weight, bias, conv_states, nullptr, state_indices, nullptr, silu);
 }
 

@@ -30,6 +30,29 @@ Dims make_dims(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1)};
 }
 
+// What both kernels read and write: sizes, strides and data of the checked arguments.
+template <typename scalar_t>
+struct DeltaData {
+  Dims dm;
+  int64_t group;  // value heads per query/key head
+  float scale;    // Dk^-0.5, applied to q
+  const scalar_t *q, *k, *v;
+  const float *g, *beta;
+  float* states;
+  scalar_t* out;
+};
+
+template <typename scalar_t>
+DeltaData<scalar_t> delta_data(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+                               at::Tensor& states) {
+  const Dims dm = make_dims(q, k, v, states);
+  return {dm, dm.hv / dm.hk, 1.f / std::sqrt(static_cast<float>(dm.dk)),
+          q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          g.data_ptr<float>(), beta.data_ptr<float>(), states.data_ptr<float>(),
+          out.data_ptr<scalar_t>()};
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -124,24 +147,15 @@ void chunk_step(ChunkBuffers& buf, int64_t c, int64_t dk, int64_t dv, float* sta
 }
 
 template <typename scalar_t>
-void chunked_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& g, const at::Tensor& beta, const int32_t* cu,
-                  at::Tensor& states, const int32_t* slots, const bool* has_init, int64_t batch,
-                  bool l2norm) {
-  const Dims dm = make_dims(q, k, v, states);
-  const int64_t group = dm.hv / dm.hk;
-  const float scale = 1.f / std::sqrt(static_cast<float>(dm.dk));
-  const scalar_t *q_p = q.data_ptr<scalar_t>(), *k_p = k.data_ptr<scalar_t>();
-  const scalar_t* v_p = v.data_ptr<scalar_t>();
-  const float *g_p = g.data_ptr<float>(), *beta_p = beta.data_ptr<float>();
-  float* states_p = states.data_ptr<float>();
-  scalar_t* out_p = out.data_ptr<scalar_t>();
+void chunked_impl(const DeltaData<scalar_t>& d, const int32_t* cu, const int32_t* slots,
+                  const bool* has_init, int64_t batch, bool l2norm) {
+  const Dims& dm = d.dm;
   at::parallel_for(0, batch * dm.hv, 1, [&](int64_t lo, int64_t hi) {
     ChunkBuffers buf(dm.dk, dm.dv);
     std::vector<float> state(dm.dk * dm.dv), o(kChunk * dm.dv);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / dm.hv, h = task % dm.hv, hq = h / group;
-      float* slot_state = slots[b] >= 0 ? states_p + (slots[b] * dm.hv + h) * dm.dk * dm.dv : nullptr;
+      const int64_t b = task / dm.hv, h = task % dm.hv, hq = h / d.group;
+      float* slot_state = slots[b] >= 0 ? d.states + (slots[b] * dm.hv + h) * dm.dk * dm.dv : nullptr;
       if (slot_state != nullptr && (has_init == nullptr || has_init[b])) {
         std::copy(slot_state, slot_state + dm.dk * dm.dv, state.begin());
       } else {
@@ -152,16 +166,16 @@ void chunked_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, con
         float running = 0.f;
         for (int64_t i = 0; i < c; ++i) {
           const int64_t t = c0 + i;
-          load_vec(buf.q.data() + i * dm.dk, q_p + t * dm.q_tok + hq * dm.q_head, dm.dk, l2norm, scale);
-          load_vec(buf.k.data() + i * dm.dk, k_p + t * dm.k_tok + hq * dm.k_head, dm.dk, l2norm, 1.f);
-          load_vec(buf.v.data() + i * dm.dv, v_p + t * dm.v_tok + h * dm.v_head, dm.dv, false, 1.f);
-          running += g_p[t * dm.hv + h];
+          load_vec(buf.q.data() + i * dm.dk, d.q + t * dm.q_tok + hq * dm.q_head, dm.dk, l2norm, d.scale);
+          load_vec(buf.k.data() + i * dm.dk, d.k + t * dm.k_tok + hq * dm.k_head, dm.dk, l2norm, 1.f);
+          load_vec(buf.v.data() + i * dm.dv, d.v + t * dm.v_tok + h * dm.v_head, dm.dv, false, 1.f);
+          running += d.g[t * dm.hv + h];
           buf.cum[i] = running;
-          buf.beta[i] = beta_p[t * dm.hv + h];
+          buf.beta[i] = d.beta[t * dm.hv + h];
         }
         chunk_step(buf, c, dm.dk, dm.dv, state.data(), o.data());
         for (int64_t i = 0; i < c; ++i) {
-          scalar_t* dst = out_p + ((c0 + i) * dm.hv + h) * dm.dv;
+          scalar_t* dst = d.out + ((c0 + i) * dm.hv + h) * dm.dv;
           for (int64_t e = 0; e < dm.dv; ++e) dst[e] = static_cast<scalar_t>(o[i * dm.dv + e]);
         }
       }
@@ -171,27 +185,19 @@ void chunked_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, con
 }
 
 template <typename scalar_t>
-void recurrent_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const at::Tensor& g, const at::Tensor& beta, at::Tensor& states,
-                    const int32_t* slots, int64_t batch, bool l2norm) {
-  const Dims dm = make_dims(q, k, v, states);
-  const int64_t group = dm.hv / dm.hk;
-  const float scale = 1.f / std::sqrt(static_cast<float>(dm.dk));
-  const scalar_t *q_p = q.data_ptr<scalar_t>(), *k_p = k.data_ptr<scalar_t>();
-  const scalar_t* v_p = v.data_ptr<scalar_t>();
-  const float *g_p = g.data_ptr<float>(), *beta_p = beta.data_ptr<float>();
-  float* states_p = states.data_ptr<float>();
-  scalar_t* out_p = out.data_ptr<scalar_t>();
+void recurrent_impl(const DeltaData<scalar_t>& d, const int32_t* slots, int64_t batch,
+                    bool l2norm) {
+  const Dims& dm = d.dm;
   at::parallel_for(0, batch * dm.hv, 1, [&](int64_t lo, int64_t hi) {
     std::vector<float> qv(dm.dk), kv(dm.dk), vv(dm.dv), o(dm.dv), scratch(dm.dk * dm.dv);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / dm.hv, h = task % dm.hv, hq = h / group;
-      float* s = slots[b] >= 0 ? states_p + (slots[b] * dm.hv + h) * dm.dk * dm.dv : scratch.data();
+      const int64_t b = task / dm.hv, h = task % dm.hv, hq = h / d.group;
+      float* s = slots[b] >= 0 ? d.states + (slots[b] * dm.hv + h) * dm.dk * dm.dv : scratch.data();
       if (slots[b] < 0) std::fill(scratch.begin(), scratch.end(), 0.f);
-      load_vec(qv.data(), q_p + b * dm.q_tok + hq * dm.q_head, dm.dk, l2norm, scale);
-      load_vec(kv.data(), k_p + b * dm.k_tok + hq * dm.k_head, dm.dk, l2norm, 1.f);
-      load_vec(vv.data(), v_p + b * dm.v_tok + h * dm.v_head, dm.dv, false, 1.f);
-      const float decay = std::exp(g_p[b * dm.hv + h]), bt = beta_p[b * dm.hv + h];
+      load_vec(qv.data(), d.q + b * dm.q_tok + hq * dm.q_head, dm.dk, l2norm, d.scale);
+      load_vec(kv.data(), d.k + b * dm.k_tok + hq * dm.k_head, dm.dk, l2norm, 1.f);
+      load_vec(vv.data(), d.v + b * dm.v_tok + h * dm.v_head, dm.dv, false, 1.f);
+      const float decay = std::exp(d.g[b * dm.hv + h]), bt = d.beta[b * dm.hv + h];
       // delta = beta (v - (decay S)^T k); S = decay S + k delta^T; o = S^T q.
       std::fill(o.begin(), o.end(), 0.f);
       for (int64_t d = 0; d < dm.dk; ++d) {
@@ -210,7 +216,7 @@ void recurrent_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, c
           o[e] += row[e] * qv[d];
         }
       }
-      scalar_t* dst = out_p + (b * dm.hv + h) * dm.dv;
+      scalar_t* dst = d.out + (b * dm.hv + h) * dm.dv;
       for (int64_t e = 0; e < dm.dv; ++e) dst[e] = static_cast<scalar_t>(o[e]);
     }
   });
@@ -224,14 +230,13 @@ void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Te
                               const at::Tensor& state_indices,
                               const std::optional<at::Tensor>& has_initial_state,
                               bool use_qk_l2norm) {
-  const char* op = "gated_delta_rule_chunked";
-  const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states,
-                                              state_indices, has_initial_state, op);
-  check_seqlens_and_slots(cu_seqlens, state_indices, q.size(0), states.size(0), op);
+  const LinearAttnCall call = check_gated_delta_rule_chunked(
+      out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_initial_state);
+  check_seqlens_and_slots(cu_seqlens, state_indices, q.size(0), states.size(0), call.op);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_rule_chunked", [&] {
-    chunked_impl<scalar_t>(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states,
-                           state_indices.data_ptr<int32_t>(), has_init, batch, use_qk_l2norm);
+    chunked_impl(delta_data<scalar_t>(out, q, k, v, g, beta, states), cu_seqlens.data_ptr<int32_t>(),
+                 state_indices.data_ptr<int32_t>(), has_init, call.batch, use_qk_l2norm);
   });
 }
 
@@ -239,13 +244,12 @@ void gated_delta_rule_recurrent(at::Tensor& out, const at::Tensor& q, const at::
                                 const at::Tensor& v, const at::Tensor& g,
                                 const at::Tensor& beta, at::Tensor& states,
                                 const at::Tensor& state_indices, bool use_qk_l2norm) {
-  const char* op = "gated_delta_rule_recurrent";
-  const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, nullptr, states,
-                                              state_indices, std::nullopt, op);
-  check_seqlens_and_slots(at::Tensor(), state_indices, q.size(0), states.size(0), op);
+  const LinearAttnCall call =
+      check_gated_delta_rule_recurrent(out, q, k, v, g, beta, states, state_indices);
+  check_seqlens_and_slots(at::Tensor(), state_indices, q.size(0), states.size(0), call.op);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "gated_delta_rule_recurrent", [&] {
-    recurrent_impl<scalar_t>(out, q, k, v, g, beta, states, state_indices.data_ptr<int32_t>(),
-                             batch, use_qk_l2norm);
+    recurrent_impl(delta_data<scalar_t>(out, q, k, v, g, beta, states),
+                   state_indices.data_ptr<int32_t>(), call.batch, use_qk_l2norm);
   });
 }
 

@@ -153,29 +153,27 @@ void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Te
                               at::Tensor& states, const at::Tensor& state_indices,
                               const std::optional<at::Tensor>& has_initial_state,
                               bool use_qk_l2norm) {
-  const char* op = "gated_delta_rule_chunked";
-  const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, &cu_seqlens, states,
-                                              state_indices, has_initial_state, op);
+  const LinearAttnCall call = check_gated_delta_rule_chunked(
+      out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_initial_state);
   const bool* has_init = has_initial_state.has_value() ? has_initial_state->data_ptr<bool>() : nullptr;
-  check_cuda(q, op, "q");
+  check_cuda(q, call.op, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   if (launch_gated_delta_rule_chunked(out, q, k, v, g, beta, cu_seqlens, states, state_indices,
-                                      has_init, batch, use_qk_l2norm)) {
+                                      has_init, call.batch, use_qk_l2norm)) {
     return;
   }
   launch_delta_rule(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states, state_indices,
-                    has_init, batch, use_qk_l2norm, op);
+                    has_init, call.batch, use_qk_l2norm, call.op);
 }
 
 void gated_delta_rule_recurrent(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
                                 const at::Tensor& v, const at::Tensor& g,
                                 const at::Tensor& beta, at::Tensor& states,
                                 const at::Tensor& state_indices, bool use_qk_l2norm) {
-  const char* op = "gated_delta_rule_recurrent";
-  const int64_t batch = check_delta_rule_args(out, q, k, v, g, beta, nullptr, states,
-                                              state_indices, std::nullopt, op);
-  launch_delta_rule(out, q, k, v, g, beta, nullptr, states, state_indices, nullptr, batch,
-                    use_qk_l2norm, op);
+  const LinearAttnCall call =
+      check_gated_delta_rule_recurrent(out, q, k, v, g, beta, states, state_indices);
+  launch_delta_rule(out, q, k, v, g, beta, nullptr, states, state_indices, nullptr, call.batch,
+                    use_qk_l2norm, call.op);
 }
 
 }  // namespace splitvl::cuda
