@@ -55,21 +55,42 @@ __global__ void conv_fwd_kernel(scalar_t* __restrict__ out, const scalar_t* __re
   out[t * a.dim + c] = from_float<scalar_t>(y);
 }
 
+// A thread of the one-thread-per-(sequence, channel) kernels: sequence b (-1 past the
+// last thread), channel c, b's slot and that slot's conv state of channel c (null without a slot).
+template <typename scalar_t>
+struct SlotChannel {
+  int b;
+  int64_t c;
+  int slot;
+  scalar_t* state;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ SlotChannel<scalar_t> slot_channel(scalar_t* states,
+                                                              const int32_t* __restrict__ slots,
+                                                              const ConvArgs& a) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.batch * a.dim) return {-1, 0, -1, nullptr};
+  const int b = static_cast<int>(idx / a.dim);
+  const int64_t c = idx % a.dim;
+  const int slot = slots[b];
+  return {b, c, slot,
+          slot >= 0 ? states + (static_cast<int64_t>(slot) * a.dim + c) * (a.width - 1) : nullptr};
+}
+
 // One thread per (sequence, channel): new state = the last width-1 inputs.
 // Runs after conv_fwd_kernel (same stream), which read the old states.
 template <typename scalar_t>
 __global__ void conv_state_kernel(const scalar_t* __restrict__ x, scalar_t* states,
                                   const int32_t* __restrict__ cu, const int32_t* __restrict__ slots,
                                   const bool* __restrict__ has_init, ConvArgs a) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.batch * a.dim) return;
-  const int b = static_cast<int>(idx / a.dim);
-  const int64_t c = idx % a.dim, hist = a.width - 1;
-  const int slot = slots[b];
-  if (slot < 0) return;
+  const SlotChannel<scalar_t> t = slot_channel(states, slots, a);
+  if (t.b < 0 || t.state == nullptr) return;
+  const int b = t.b;
+  const int64_t c = t.c, hist = a.width - 1;
   const bool use_state = has_init == nullptr || has_init[b];
   const int64_t begin = cu[b], len = cu[b + 1] - cu[b];
-  scalar_t* st = states + (static_cast<int64_t>(slot) * a.dim + c) * hist;
+  scalar_t* st = t.state;
   // In-order writes: entry j is written before entries > j are read.
   for (int64_t j = 0; j < hist; ++j) {
     const int64_t p = len - hist + j;
@@ -86,13 +107,12 @@ __global__ void conv_update_kernel(scalar_t* __restrict__ out, const scalar_t* _
                                    const scalar_t* __restrict__ weight,
                                    const scalar_t* __restrict__ bias, scalar_t* states,
                                    const int32_t* __restrict__ slots, ConvArgs a) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.batch * a.dim) return;
-  const int b = static_cast<int>(idx / a.dim);
-  const int64_t c = idx % a.dim, hist = a.width - 1;
-  const int slot = slots[b];
-  CUDA_KERNEL_ASSERT(slot < a.num_slots);
-  scalar_t* st = slot >= 0 ? states + (static_cast<int64_t>(slot) * a.dim + c) * hist : nullptr;
+  const SlotChannel<scalar_t> t = slot_channel(states, slots, a);
+  if (t.b < 0) return;
+  const int b = t.b;
+  const int64_t c = t.c, hist = a.width - 1;
+  CUDA_KERNEL_ASSERT(t.slot < a.num_slots);
+  scalar_t* st = t.state;
   const scalar_t xv = x[b * a.x_stride + c];
   float acc = bias != nullptr ? to_float(bias[c]) : 0.f;
   for (int64_t j = 0; j < hist; ++j) {
@@ -255,18 +275,17 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
                        const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
                        const at::Tensor& cu_seqlens, const at::Tensor& state_indices,
                        const std::optional<at::Tensor>& has_initial_state, bool silu) {
-  const char* op = "causal_conv1d_fwd";
-  const int64_t batch = check_conv1d_args(out, x, weight, bias, conv_states, &cu_seqlens,
-                                          state_indices, has_initial_state, op);
-  check_cuda(x, op, "x");
-  if (batch == 0) return;
+  const LinearAttnCall call = check_causal_conv1d_fwd(out, x, weight, bias, conv_states, cu_seqlens,
+                                                      state_indices, has_initial_state);
+  check_cuda(x, call.op, "x");
+  if (call.batch == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const ConvArgs a = make_args(x, weight, conv_states, batch, silu);
+  const ConvArgs a = make_args(x, weight, conv_states, call.batch, silu);
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   const int32_t* slots = state_indices.data_ptr<int32_t>();
   const bool* has_init = opt_ptr<bool>(has_initial_state);
-  SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+  SPLITVL_DISPATCH_FLOAT(x.scalar_type(), call.op, [&] {
     auto* states_p = reinterpret_cast<scalar_t*>(conv_states.data_ptr());
     const auto* x_p = reinterpret_cast<const scalar_t*>(x.data_ptr());
     auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
@@ -289,7 +308,7 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
           out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, cu, slots, has_init, a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    conv_state_kernel<scalar_t><<<ceil_div(batch * a.dim, kThreads), kThreads, 0, stream>>>(
+    conv_state_kernel<scalar_t><<<ceil_div(call.batch * a.dim, kThreads), kThreads, 0, stream>>>(
         x_p, states_p, cu, slots, has_init, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -298,15 +317,14 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
 void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
                           const std::optional<at::Tensor>& bias, at::Tensor& conv_states,
                           const at::Tensor& state_indices, bool silu) {
-  const char* op = "causal_conv1d_update";
-  const int64_t batch = check_conv1d_args(out, x, weight, bias, conv_states, nullptr,
-                                          state_indices, std::nullopt, op);
-  check_cuda(x, op, "x");
-  if (batch == 0) return;
+  const LinearAttnCall call =
+      check_causal_conv1d_update(out, x, weight, bias, conv_states, state_indices);
+  check_cuda(x, call.op, "x");
+  if (call.batch == 0) return;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const ConvArgs a = make_args(x, weight, conv_states, batch, silu);
-  SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+  const ConvArgs a = make_args(x, weight, conv_states, call.batch, silu);
+  SPLITVL_DISPATCH_FLOAT(x.scalar_type(), call.op, [&] {
     auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
     const auto* x_p = reinterpret_cast<const scalar_t*>(x.data_ptr());
     const auto* w_p = reinterpret_cast<const scalar_t*>(weight.data_ptr());
@@ -316,7 +334,7 @@ void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor
       const auto launch = [&](auto vec) {
         constexpr int kVec = decltype(vec)::value;
         conv_update_vec_kernel<scalar_t, kVec, 4>
-            <<<ceil_div(batch * (a.dim / kVec), kThreads), kThreads, 0, stream>>>(
+            <<<ceil_div(call.batch * (a.dim / kVec), kThreads), kThreads, 0, stream>>>(
                 out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, slots, a);
       };
       if (vectorizable<scalar_t>(x, out, conv_states)) {
@@ -325,7 +343,7 @@ void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor
         launch(std::integral_constant<int, 1>{});
       }
     } else {
-      conv_update_kernel<scalar_t><<<ceil_div(batch * a.dim, kThreads), kThreads, 0, stream>>>(
+      conv_update_kernel<scalar_t><<<ceil_div(call.batch * a.dim, kThreads), kThreads, 0, stream>>>(
           out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, slots, a);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
