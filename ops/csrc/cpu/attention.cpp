@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "cpu_common.h"
@@ -173,6 +174,26 @@ KeySource<T> paged_source(const at::Tensor& kc, const at::Tensor& vc, const at::
           bt.const_data_ptr<int32_t>() + b * bt.stride(0), kc.size(1)};
 }
 
+// attend_group for every (query row r, kv head h) of query [rows, Hq, D] into out, one
+// parallel task per pair; keys(r) gives row r's {KeySource<T>, number of keys it sees}.
+template <typename T, typename KeysOfRow>
+void attend_rows(const at::Tensor& query, at::Tensor& out, int64_t hkv, double scale,
+                 const KeysOfRow& keys) {
+  const int64_t rows = query.size(0), hq = query.size(1), d = query.size(2), group = hq / hkv;
+  const T* q = query.const_data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, rows * hkv, 1, [&](int64_t begin, int64_t end) {
+    Scratch scratch(group, d);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t r = u / hkv, h = u % hkv;
+      const std::pair<KeySource<T>, int64_t> src = keys(r);
+      attend_group(src.first, h, src.second, q + r * query.stride(0) + h * group * query.stride(1),
+                   query.stride(1), group, d, static_cast<float>(scale),
+                   o + (r * hq + h * group) * d, scratch);
+    }
+  });
+}
+
 }  // namespace
 
 void varlen_attention(at::Tensor& out, const at::Tensor& query,
@@ -195,8 +216,8 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
       seq_lengths(cu_seqlens_k, paged ? -1 : key->size(0), max_seqlen_k, "cu_seqlens_k");
   SPLITVL_CHECK(lq.size() == lk.size(), op, ": cu_seqlens_q and cu_seqlens_k differ in batch size");
   if (paged) check_block_tables(*block_tables, *key_cache, lk, op);
-  const int64_t tokens = query.size(0), hq = query.size(1), d = query.size(2);
-  const int64_t hkv = paged ? key_cache->size(2) : key->size(1), group = hq / hkv;
+  const int64_t tokens = query.size(0), d = query.size(2);
+  const int64_t hkv = paged ? key_cache->size(2) : key->size(1);
   if (tokens == 0 || d == 0) return;
   std::vector<int64_t> seq_of(tokens), q_start(lq.size()), k_start(lk.size());
   for (size_t b = 0, t = 0, ks = 0; b < lq.size(); ++b) {
@@ -206,21 +227,14 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
     ks += lk[b];
   }
   SPLITVL_DISPATCH_FLOATING(query.scalar_type(), "splitvl_varlen_attention", [&] {
-    const scalar_t* q = query.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tokens * hkv, 1, [&](int64_t begin, int64_t end) {
-      Scratch scratch(group, d);
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t t = u / hkv, h = u % hkv, b = seq_of[t], i = t - q_start[b];
-        const int64_t n_keys =
-            causal ? std::clamp<int64_t>(i + lk[b] - lq[b] + 1, 0, lk[b]) : lk[b];
-        const KeySource<scalar_t> src =
-            paged ? paged_source<scalar_t>(*key_cache, *value_cache, *block_tables, b)
-                  : packed_source<scalar_t>(*key, *value, k_start[b]);
-        attend_group(src, h, n_keys, q + t * query.stride(0) + h * group * query.stride(1),
-                     query.stride(1), group, d, static_cast<float>(scale),
-                     o + (t * hq + h * group) * d, scratch);
-      }
+    attend_rows<scalar_t>(query, out, hkv, scale, [&](int64_t t) {
+      const int64_t b = seq_of[t], i = t - q_start[b];
+      const int64_t n_keys =
+          causal ? std::clamp<int64_t>(i + lk[b] - lq[b] + 1, 0, lk[b]) : lk[b];
+      const KeySource<scalar_t> src =
+          paged ? paged_source<scalar_t>(*key_cache, *value_cache, *block_tables, b)
+                : packed_source<scalar_t>(*key, *value, k_start[b]);
+      return std::pair{src, n_keys};
     });
   });
 }
@@ -233,7 +247,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   check_kv_pair(key_cache, value_cache, query, 4, "key_cache/value_cache", op);
   SPLITVL_CHECK_CPU(seq_lens);
   SPLITVL_CHECK_DTYPE(seq_lens, at::kInt);
-  const int64_t batch = query.size(0), hq = query.size(1), d = query.size(2);
+  const int64_t batch = query.size(0), d = query.size(2);
   SPLITVL_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == batch, op, ": seq_lens ",
               seq_lens.sizes(), " must be [B=", batch, "]");
   const at::Tensor lens_t = seq_lens.contiguous();
@@ -241,20 +255,11 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   for (int64_t b = 0; b < batch; ++b)
     SPLITVL_CHECK(lens[b] >= 0, op, ": seq_lens[", b, "]=", lens[b], " is negative");
   check_block_tables(block_tables, key_cache, lens, op);
-  const int64_t hkv = key_cache.size(2), group = hq / hkv;
+  const int64_t hkv = key_cache.size(2);
   if (batch == 0 || d == 0) return;
   SPLITVL_DISPATCH_FLOATING(query.scalar_type(), "splitvl_paged_attention_decode", [&] {
-    const scalar_t* q = query.const_data_ptr<scalar_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
-      Scratch scratch(group, d);
-      for (int64_t u = begin; u < end; ++u) {
-        const int64_t b = u / hkv, h = u % hkv;
-        const KeySource<scalar_t> src = paged_source<scalar_t>(key_cache, value_cache, block_tables, b);
-        attend_group(src, h, lens[b], q + b * query.stride(0) + h * group * query.stride(1),
-                     query.stride(1), group, d, static_cast<float>(scale),
-                     o + (b * hq + h * group) * d, scratch);
-      }
+    attend_rows<scalar_t>(query, out, hkv, scale, [&](int64_t b) {
+      return std::pair{paged_source<scalar_t>(key_cache, value_cache, block_tables, b), lens[b]};
     });
   });
 }
