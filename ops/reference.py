@@ -15,7 +15,13 @@ import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Qwen3 RMSNorm: fp32 `x * rsqrt(mean(x^2) + eps)`, cast to x.dtype, `* weight`.
+    """RMSNorm over the last dim: fp32 `normed = x * rsqrt(mean(x^2) + eps)`, then
+
+    - weight in x.dtype (Qwen3's `Qwen3RMSNorm`): `normed.to(x.dtype) * weight`;
+    - fp32 weight with a bf16/fp16 x (Qwen3.5's `Qwen3_5RMSNorm`, whose `1 + w`
+      would lose up to 0.4% per channel in bf16): `(normed * weight).to(x.dtype)`,
+      one rounding.
+    The two agree for fp32 x.
 
     Shapes: x [..., D] (the kernels need unit last stride; any outer strides), weight [D]
     -> [..., D] contiguous, x.dtype.
@@ -23,7 +29,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check_norm_args(x, weight)
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed.to(x.dtype) * weight).contiguous()
+    if weight.dtype == x.dtype:
+        return (normed.to(x.dtype) * weight).contiguous()
+    return (normed * weight).to(x.dtype).contiguous()
 
 
 def fused_add_rms_norm(
@@ -31,7 +39,7 @@ def fused_add_rms_norm(
 ) -> None:
     """In place: `residual = x + residual` (rounded to dtype), `x = rms_norm(residual)`.
 
-    Shapes: x [..., D], residual same shape, weight [D].
+    Shapes: x [..., D], residual same shape and dtype, weight [D] in x.dtype or fp32.
     """
     _check_norm_args(x, weight)
     if residual.shape != x.shape or residual.dtype != x.dtype:
@@ -49,8 +57,8 @@ def _check_norm_args(x: torch.Tensor, weight: torch.Tensor) -> None:
             f"rms_norm: weight {tuple(weight.shape)} must be [D] with D = input.shape[-1] "
             f"(input {tuple(x.shape)})"
         )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"rms_norm: weight dtype {weight.dtype} != input dtype {x.dtype}")
+    if weight.dtype not in (x.dtype, torch.float32) or not x.is_floating_point():
+        raise ValueError(f"rms_norm: weight dtype {weight.dtype} must be float32 or the input dtype {x.dtype}")
 
 
 def mrope_rows(

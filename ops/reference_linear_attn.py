@@ -231,3 +231,27 @@ def gated_rms_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     h = weight * h.to(dtype)
     return (h * F.silu(z.float())).to(dtype).contiguous()
+
+
+def gdn_gating(
+    ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head decay and write strength of the gated delta rule, as transformers'
+    `Qwen3_5GatedDeltaNet` computes them from the `b` and `a` projections:
+    `g = -exp(A_log) * softplus(a + dt_bias)` in fp32 (softplus threshold 20) and
+    `beta = sigmoid(b)` in fp32, rounded to ba's dtype (then widened back to fp32,
+    the dtype the delta-rule ops read).
+
+    Shapes: ba [T, 2 * Hv] (b then a; unit stride along the last dim), A_log and
+    dt_bias [Hv] fp32 -> (g [T, Hv] fp32, beta [T, Hv] fp32), both contiguous.
+    """
+    hv = A_log.shape[0]
+    if ba.dim() != 2 or ba.shape[1] != 2 * hv or dt_bias.shape != A_log.shape:
+        raise ValueError(f"gdn_gating: ba {tuple(ba.shape)} must be [T, 2 * Hv] with Hv = {hv} "
+                         f"(A_log {tuple(A_log.shape)}, dt_bias {tuple(dt_bias.shape)})")
+    if A_log.dtype != torch.float32 or dt_bias.dtype != torch.float32:
+        raise ValueError(f"gdn_gating: A_log and dt_bias must be float32, got {A_log.dtype}, {dt_bias.dtype}")
+    b, a = ba.split(hv, dim=-1)
+    beta = b.sigmoid().float()
+    g = -A_log.exp() * F.softplus(a.float() + dt_bias)
+    return g.contiguous(), beta.contiguous()

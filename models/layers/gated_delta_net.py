@@ -24,7 +24,6 @@ q/k/v head groups, so value head h still reads key head h // (Hv / Hk)).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ops
@@ -135,9 +134,7 @@ class GatedDeltaNet(nn.Module):
         tokens = x.shape[0]
         mixed = self.in_proj_qkv(x)
         z = self.in_proj_z(x).view(tokens, self.num_v_heads, self.head_v_dim)
-        b, a = self.in_proj_ba(x).split(self.num_v_heads, dim=-1)
-        beta = b.sigmoid()
-        g = -self.A_log.exp() * F.softplus(a + self.dt_bias)  # a promoted to fp32 exactly
+        g, beta = ops.gdn_gating(self.in_proj_ba(x), self.A_log, self.dt_bias)
         conv_w = self.conv1d.weight
         if pools is None:
             pools, slots, has_state = self._scratch(x, attn), self._arange(attn), None

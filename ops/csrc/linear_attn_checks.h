@@ -209,4 +209,29 @@ inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x
   for (const at::Tensor* t : {&out, &z, &weight}) la_check_same_device(x, *t, op, "a tensor argument");
 }
 
+inline void check_gdn_gating_args(const at::Tensor& g, const at::Tensor& beta, const at::Tensor& ba,
+                                  const at::Tensor& A_log, const at::Tensor& dt_bias,
+                                  const char* op) {
+  la_check_float_dtype(ba, op, "ba");
+  const int64_t hv = A_log.numel();
+  SPLITVL_CHECK(ba.dim() == 2 && ba.size(1) == 2 * hv && (ba.stride(1) == 1 || hv == 0), op,
+              ": ba must be [T, 2 * Hv] (Hv = ", hv, ") with unit stride along it, got ", ba.sizes(),
+              " strides ", ba.strides());
+  for (const at::Tensor* t : {&A_log, &dt_bias}) {
+    SPLITVL_CHECK(t->dim() == 1 && t->size(0) == hv && t->is_contiguous() &&
+                    t->scalar_type() == at::kFloat,
+                op, ": A_log and dt_bias must be contiguous float32 [", hv, "], got ", t->sizes(),
+                " ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&g, &beta}) {
+    SPLITVL_CHECK(t->dim() == 2 && t->size(0) == ba.size(0) && t->size(1) == hv &&
+                    t->is_contiguous() && t->scalar_type() == at::kFloat,
+                op, ": g and beta must be contiguous float32 [", ba.size(0), ", ", hv, "], got ",
+                t->sizes(), " ", t->scalar_type());
+  }
+  for (const at::Tensor* t : {&g, &beta, &A_log, &dt_bias}) {
+    la_check_same_device(ba, *t, op, "a tensor argument");
+  }
+}
+
 }  // namespace splitvl

@@ -7,6 +7,7 @@
 // `Tensor!` marks what it writes; the C++ parameters follow the schema one for one.
 // Semantics: ops/reference.py, ops/reference_linear_attn.py.
 
+// weight [D] in the input's dtype, or fp32 with a bf16/fp16 input (ops/reference.py rms_norm).
 SPLITVL_OP(rms_norm, "Tensor! out, Tensor input, Tensor weight, float epsilon",
            (at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon))
 SPLITVL_OP(fused_add_rms_norm,
@@ -102,3 +103,7 @@ SPLITVL_OP(gated_delta_rule_recurrent,
 SPLITVL_OP(gated_rms_norm, "Tensor! out, Tensor x, Tensor z, Tensor weight, float eps",
            (at::Tensor& out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight,
             double eps))
+// ba [T, 2 * Hv] (b then a, unit column stride); A_log, dt_bias [Hv] fp32; g, beta [T, Hv] fp32.
+SPLITVL_OP(gdn_gating, "Tensor! g, Tensor! beta, Tensor ba, Tensor A_log, Tensor dt_bias",
+           (at::Tensor& g, at::Tensor& beta, const at::Tensor& ba, const at::Tensor& A_log,
+            const at::Tensor& dt_bias))

@@ -52,8 +52,7 @@ __global__ void gelu_tanh_kernel(T* __restrict__ out, const T* __restrict__ in, 
 
 void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   constexpr const char* op = "silu_and_mul";
-  check_cuda(input, op, "input");
-  check_same_device(input, out, op);
+  check_cuda_tensors(op, "input", input, out);
   SPLITVL_CHECK(input.dim() >= 1 && input.size(-1) % 2 == 0, op,
               ": input last dim must be even, got ", input.sizes());
   SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
@@ -87,8 +86,7 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
 
 void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
   constexpr const char* op = "gelu_tanh";
-  check_cuda(input, op, "input");
-  check_same_device(input, out, op);
+  check_cuda_tensors(op, "input", input, out);
   SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
   SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
               ": out must be contiguous with the input's shape");

@@ -46,6 +46,15 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
               " vs ", b.device(), ")");
 }
 
+// The preamble of an op's checks: `first` (named `name`) is a CUDA tensor and every
+// one of `others` lives on its device.
+template <typename... Others>
+inline void check_cuda_tensors(const char* op, const char* name, const at::Tensor& first,
+                               const Others&... others) {
+  check_cuda(first, op, name);
+  (check_same_device(first, others, op), ...);
+}
+
 inline bool is_aligned16(const void* p) {
   return (reinterpret_cast<std::uintptr_t>(p) & 15) == 0;
 }

@@ -1,8 +1,14 @@
-// rms_norm and fused_add_rms_norm (Qwen3 RMSNorm math, see ops/reference.py).
+// rms_norm and fused_add_rms_norm (ops/reference.py rms_norm): a weight in the input
+// dtype multiplies the normalized value rounded to that dtype (Qwen3); an fp32 weight
+// with a bf16/fp16 input scales in fp32 and rounds once (Qwen3.5's `1 + w` norm).
 //
+// One kernel serves both ops (ADD: the residual is added first and written back).
 // One warp per row for short rows (q/k norm over head_dim), one block per row
 // otherwise. Each thread keeps its 16-byte packs in registers between the
 // reduction and the write, so the input is read once.
+#include <cstdint>
+#include <type_traits>
+
 #include "common.cuh"
 #include "ops.cuh"
 
@@ -22,92 +28,71 @@ __device__ __forceinline__ int64_t row_offset(const RowLayout& L, int64_t r) {
   return (r / L.heads) * L.s0 + (r % L.heads) * L.s1;
 }
 
-// Round x*inv to T first, then multiply by the weight (transformers' order).
-template <typename T>
-__device__ __forceinline__ T scale_weight(float x, float inv, T w) {
-  return from_float<T>(to_float(from_float<T>(x * inv)) * to_float(w));
-}
+// The rows one launch normalizes. `out` may be `in` (fused_add_rms_norm writes in place);
+// `res` is only read and written when the kernel adds the residual.
+template <typename T, typename W>
+struct NormRows {
+  T* out;
+  const T* in;
+  T* res;
+  const W* weight;
+  RowLayout lo, li, lr;
+  float eps;
+};
 
-template <typename T, int VEC, bool WARP>
-__device__ __forceinline__ void row_bounds(int64_t& row, int& tid, int& nthr, int64_t rows) {
-  if (WARP) {
-    row = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    tid = threadIdx.x & 31;
-    nthr = 32;
+// A weight in T: round x*inv to T first, then multiply (transformers' Qwen3RMSNorm order).
+// An fp32 weight: scale in fp32 and round once (Qwen3_5RMSNorm).
+template <typename T, typename W>
+__device__ __forceinline__ T scale_weight(float x, float inv, W w) {
+  if constexpr (std::is_same_v<T, W>) {
+    return from_float<T>(to_float(from_float<T>(x * inv)) * to_float(w));
   } else {
-    row = blockIdx.x;
-    tid = threadIdx.x;
-    nthr = blockDim.x;
+    return from_float<T>(x * inv * w);
   }
 }
 
-template <typename T, int VEC, bool WARP>
-__global__ void rms_norm_kernel(T* __restrict__ out, const T* __restrict__ in,
-                                const T* __restrict__ weight, RowLayout L, float eps) {
+template <typename T, int VEC>
+__device__ __forceinline__ float sum_squares(const Pack<T, VEC>& p) {
+  float s = 0.f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s += to_float(p.v[j]) * to_float(p.v[j]);
+  return s;
+}
+
+template <typename T, typename W, int VEC, bool WARP, bool ADD>
+__global__ void rms_norm_kernel(NormRows<T, W> a) {
   __shared__ float scratch[32];
   using P = Pack<T, VEC>;
-  int64_t row;
-  int tid, nthr;
-  row_bounds<T, VEC, WARP>(row, tid, nthr, L.rows);
-  if (WARP && row >= L.rows) return;  // whole warps only: no block barrier in warp mode
-  const int nvec = L.dim / VEC;
-  const P* x = reinterpret_cast<const P*>(in + row_offset(L, row));
-  const P* w = reinterpret_cast<const P*>(weight);
-  P* y = reinterpret_cast<P*>(out + row * L.dim);
+  using PW = Pack<W, VEC>;
+  const int64_t row = WARP ? int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5) : blockIdx.x;
+  const int tid = WARP ? threadIdx.x & 31 : threadIdx.x;
+  const int nthr = WARP ? 32 : blockDim.x;
+  if (WARP && row >= a.li.rows) return;  // whole warps only: no block barrier in warp mode
+  const int nvec = a.li.dim / VEC;
+  const P* x = reinterpret_cast<const P*>(a.in + row_offset(a.li, row));
+  P* r = ADD ? reinterpret_cast<P*>(a.res + row_offset(a.lr, row)) : nullptr;
+  P* y = reinterpret_cast<P*>(a.out + row_offset(a.lo, row));
+  const PW* w = reinterpret_cast<const PW*>(a.weight);
 
-  P cache[kCache];
-  float ss = 0.f;
+  // Pack i of the row to normalize: the input, or input + residual rounded to T,
+  // which is the new residual.
+  const auto load = [&](int i) {
+    P p = x[i];
+    if constexpr (ADD) {
+      const P b = r[i];
 #pragma unroll
-  for (int k = 0; k < kCache; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) {
-      cache[k] = x[i];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) ss += to_float(cache[k].v[j]) * to_float(cache[k].v[j]);
+      for (int j = 0; j < VEC; ++j) p.v[j] = from_float<T>(to_float(p.v[j]) + to_float(b.v[j]));
+      r[i] = p;
     }
-  }
-  for (int i = tid + kCache * nthr; i < nvec; i += nthr) {
-    const P p = x[i];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) ss += to_float(p.v[j]) * to_float(p.v[j]);
-  }
-  ss = WARP ? warp_sum(ss) : block_sum(ss, scratch);
-  const float inv = rsqrtf(ss / L.dim + eps);
-
-#pragma unroll
-  for (int k = 0; k < kCache; ++k) {
-    const int i = tid + k * nthr;
-    if (i < nvec) {
-      const P wp = w[i];
-      P o;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight(to_float(cache[k].v[j]), inv, wp.v[j]);
-      y[i] = o;
-    }
-  }
-  for (int i = tid + kCache * nthr; i < nvec; i += nthr) {
-    const P p = x[i], wp = w[i];
+    return p;
+  };
+  const auto store = [&](int i, const P& p, float inv) {
+    const PW wp = w[i];
     P o;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight(to_float(p.v[j]), inv, wp.v[j]);
+    for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight<T, W>(to_float(p.v[j]), inv, wp.v[j]);
     y[i] = o;
-  }
-}
-
-template <typename T, int VEC, bool WARP>
-__global__ void fused_add_rms_norm_kernel(T* __restrict__ x_ptr, T* __restrict__ res_ptr,
-                                          const T* __restrict__ weight, RowLayout Lx,
-                                          RowLayout Lr, float eps) {
-  __shared__ float scratch[32];
-  using P = Pack<T, VEC>;
-  int64_t row;
-  int tid, nthr;
-  row_bounds<T, VEC, WARP>(row, tid, nthr, Lx.rows);
-  if (WARP && row >= Lx.rows) return;
-  const int nvec = Lx.dim / VEC;
-  P* x = reinterpret_cast<P*>(x_ptr + row_offset(Lx, row));
-  P* r = reinterpret_cast<P*>(res_ptr + row_offset(Lr, row));
-  const P* w = reinterpret_cast<const P*>(weight);
+  };
 
   P cache[kCache];
   float ss = 0.f;
@@ -115,47 +100,27 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ x_ptr, T* __restrict__
   for (int k = 0; k < kCache; ++k) {
     const int i = tid + k * nthr;
     if (i < nvec) {
-      const P a = x[i], b = r[i];
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        cache[k].v[j] = from_float<T>(to_float(a.v[j]) + to_float(b.v[j]));
-        const float f = to_float(cache[k].v[j]);
-        ss += f * f;
-      }
-      r[i] = cache[k];
+      cache[k] = load(i);
+      ss += sum_squares(cache[k]);
     }
   }
-  for (int i = tid + kCache * nthr; i < nvec; i += nthr) {
-    const P a = x[i], b = r[i];
-    P s;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      s.v[j] = from_float<T>(to_float(a.v[j]) + to_float(b.v[j]));
-      ss += to_float(s.v[j]) * to_float(s.v[j]);
-    }
-    r[i] = s;
-  }
+  for (int i = tid + kCache * nthr; i < nvec; i += nthr) ss += sum_squares(load(i));
   ss = WARP ? warp_sum(ss) : block_sum(ss, scratch);
-  const float inv = rsqrtf(ss / Lx.dim + eps);
+  const float inv = rsqrtf(ss / a.li.dim + a.eps);
 
 #pragma unroll
   for (int k = 0; k < kCache; ++k) {
     const int i = tid + k * nthr;
-    if (i < nvec) {
-      const P wp = w[i];
-      P o;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight(to_float(cache[k].v[j]), inv, wp.v[j]);
-      x[i] = o;
-    }
+    if (i < nvec) store(i, cache[k], inv);
   }
-  // Rows longer than the register cache re-read the residual this thread wrote.
+  // Rows longer than the register cache re-read the values this thread normalized
+  // (the residual it wrote, or the input).
   for (int i = tid + kCache * nthr; i < nvec; i += nthr) {
-    const P s = r[i], wp = w[i];
-    P o;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight(to_float(s.v[j]), inv, wp.v[j]);
-    x[i] = o;
+    if constexpr (ADD) {
+      store(i, r[i], inv);
+    } else {
+      store(i, x[i], inv);
+    }
   }
 }
 
@@ -182,88 +147,91 @@ bool packs_ok(const RowLayout& L, const void* p, int vec) {
   return L.dim % vec == 0 && L.s0 % vec == 0 && L.s1 % vec == 0 && is_aligned16(p);
 }
 
-template <typename Launch>
-void launch_rows(int64_t rows, int nvec, bool vec, Launch&& launch) {
-  const bool warp = nvec <= kWarpRowPacks;
-  if (warp) {
+// Packs of 16 bytes of T where every row layout and pointer allow (the weight's packs
+// are VEC elements of W), else one element per thread.
+template <typename T, typename W, bool ADD>
+void launch_rows(const NormRows<T, W>& a, cudaStream_t stream) {
+  constexpr int V = kPack16<T>;
+  const bool vec = packs_ok(a.lo, a.out, V) && packs_ok(a.li, a.in, V) &&
+                   (!ADD || packs_ok(a.lr, a.res, V)) &&
+                   reinterpret_cast<std::uintptr_t>(a.weight) % (sizeof(W) * V) == 0;
+  const int nvec = vec ? a.li.dim / V : a.li.dim;
+  if (nvec <= kWarpRowPacks) {
     constexpr int warps = 8;
-    launch(std::integral_constant<bool, true>{}, vec, ceil_div(rows, warps), warps * 32);
+    const int grid = ceil_div(a.li.rows, warps);
+    if (vec)
+      rms_norm_kernel<T, W, V, true, ADD><<<grid, warps * 32, 0, stream>>>(a);
+    else
+      rms_norm_kernel<T, W, 1, true, ADD><<<grid, warps * 32, 0, stream>>>(a);
   } else {
     const int threads = std::min(1024, ((nvec + 31) / 32) * 32);
-    launch(std::integral_constant<bool, false>{}, vec, static_cast<int>(rows), threads);
+    const int grid = static_cast<int>(a.li.rows);
+    if (vec)
+      rms_norm_kernel<T, W, V, false, ADD><<<grid, threads, 0, stream>>>(a);
+    else
+      rms_norm_kernel<T, W, 1, false, ADD><<<grid, threads, 0, stream>>>(a);
   }
+}
+
+void check_weight(const at::Tensor& input, const at::Tensor& weight, const char* op) {
+  SPLITVL_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1) &&
+                  weight.is_contiguous(),
+              op, ": weight must be contiguous [D] with D = input.size(-1), got ", weight.sizes(),
+              " for input ", input.sizes());
+  SPLITVL_CHECK(weight.scalar_type() == input.scalar_type() || weight.scalar_type() == at::kFloat,
+              op, ": weight dtype ", weight.scalar_type(), " must be float32 or the input dtype ",
+              input.scalar_type());
+}
+
+// out = rms_norm(input (+ residual, written back)) * weight; out may be input itself.
+template <bool ADD>
+void run_rms_norm(at::Tensor& out, const at::Tensor& input, at::Tensor* residual,
+                  const at::Tensor& weight, double epsilon, const char* op) {
+  const RowLayout li = row_layout(input, op, "input");
+  const RowLayout lo = row_layout(out, op, "out");
+  const RowLayout lr = ADD ? row_layout(*residual, op, "residual") : li;
+  if (li.rows == 0 || li.dim == 0) return;
+  SPLITVL_CHECK(li.rows < (int64_t{1} << 31), op, ": too many rows (", li.rows, ")");
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const float eps = static_cast<float>(epsilon);
+  SPLITVL_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
+    using T = scalar_t;
+    T* o = reinterpret_cast<T*>(out.data_ptr());
+    const T* x = reinterpret_cast<const T*>(input.data_ptr());
+    T* r = ADD ? reinterpret_cast<T*>(residual->data_ptr()) : nullptr;
+    if (weight.scalar_type() == at::kFloat) {
+      const auto* w = reinterpret_cast<const float*>(weight.data_ptr());
+      launch_rows<T, float, ADD>(NormRows<T, float>{o, x, r, w, lo, li, lr, eps}, stream);
+    } else {
+      const auto* w = reinterpret_cast<const T*>(weight.data_ptr());
+      launch_rows<T, T, ADD>(NormRows<T, T>{o, x, r, w, lo, li, lr, eps}, stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   constexpr const char* op = "rms_norm";
-  check_cuda(input, op, "input");
-  check_same_device(input, out, op);
-  check_same_device(input, weight, op);
-  SPLITVL_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1) && weight.is_contiguous(), op,
-              ": weight must be contiguous [D] with D = input.size(-1), got ", weight.sizes(),
-              " for input ", input.sizes());
-  SPLITVL_CHECK(weight.scalar_type() == input.scalar_type() &&
-                  out.scalar_type() == input.scalar_type(),
-              op, ": input, weight and out dtypes must match");
+  check_cuda_tensors(op, "input", input, out, weight);
+  check_weight(input, weight, op);
+  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
   SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
               ": out must be contiguous with the input's shape");
-  const RowLayout L = row_layout(input, op, "input");
-  if (L.rows == 0 || L.dim == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  SPLITVL_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
-    constexpr int V = kPack16<scalar_t>;
-    auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
-    const auto* x = reinterpret_cast<const scalar_t*>(input.data_ptr());
-    const auto* w = reinterpret_cast<const scalar_t*>(weight.data_ptr());
-    const bool vec = packs_ok(L, x, V) && is_aligned16(o) && is_aligned16(w);
-    launch_rows(L.rows, vec ? L.dim / V : L.dim, vec, [&](auto warp, bool v, int grid, int block) {
-      constexpr bool W = decltype(warp)::value;
-      if (v)
-        rms_norm_kernel<scalar_t, V, W><<<grid, block, 0, stream>>>(o, x, w, L, float(epsilon));
-      else
-        rms_norm_kernel<scalar_t, 1, W><<<grid, block, 0, stream>>>(o, x, w, L, float(epsilon));
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  run_rms_norm<false>(out, input, nullptr, weight, epsilon, op);
 }
 
 void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tensor& weight,
                         double epsilon) {
   constexpr const char* op = "fused_add_rms_norm";
-  check_cuda(input, op, "input");
-  check_same_device(input, residual, op);
-  check_same_device(input, weight, op);
+  check_cuda_tensors(op, "input", input, residual, weight);
   SPLITVL_CHECK(residual.sizes() == input.sizes() && residual.scalar_type() == input.scalar_type(),
               op, ": residual ", residual.sizes(), " must match input ", input.sizes(),
               " in shape and dtype");
-  SPLITVL_CHECK(weight.dim() == 1 && weight.size(0) == input.size(-1) && weight.is_contiguous(), op,
-              ": weight must be contiguous [D] with D = input.size(-1)");
-  SPLITVL_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype must match input");
-  const RowLayout Lx = row_layout(input, op, "input");
-  const RowLayout Lr = row_layout(residual, op, "residual");
-  if (Lx.rows == 0 || Lx.dim == 0) return;
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  SPLITVL_DISPATCH_FLOAT(input.scalar_type(), op, [&] {
-    constexpr int V = kPack16<scalar_t>;
-    auto* x = reinterpret_cast<scalar_t*>(input.data_ptr());
-    auto* r = reinterpret_cast<scalar_t*>(residual.data_ptr());
-    const auto* w = reinterpret_cast<const scalar_t*>(weight.data_ptr());
-    const bool vec = packs_ok(Lx, x, V) && packs_ok(Lr, r, V) && is_aligned16(w);
-    launch_rows(Lx.rows, vec ? Lx.dim / V : Lx.dim, vec, [&](auto warp, bool v, int grid, int block) {
-      constexpr bool W = decltype(warp)::value;
-      if (v)
-        fused_add_rms_norm_kernel<scalar_t, V, W>
-            <<<grid, block, 0, stream>>>(x, r, w, Lx, Lr, float(epsilon));
-      else
-        fused_add_rms_norm_kernel<scalar_t, 1, W>
-            <<<grid, block, 0, stream>>>(x, r, w, Lx, Lr, float(epsilon));
-    });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_weight(input, weight, op);
+  run_rms_norm<true>(input, input, &residual, weight, epsilon, op);
 }
 
 }  // namespace splitvl::cuda

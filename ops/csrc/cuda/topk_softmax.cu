@@ -79,9 +79,7 @@ __global__ void topk_softmax_kernel(float* __restrict__ weights, int32_t* __rest
 void topk_softmax(at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
                   bool renormalize) {
   constexpr const char* op = "topk_softmax";
-  check_cuda(gating_output, op, "gating_output");
-  check_same_device(gating_output, topk_weights, op);
-  check_same_device(gating_output, topk_ids, op);
+  check_cuda_tensors(op, "gating_output", gating_output, topk_weights, topk_ids);
   SPLITVL_CHECK(gating_output.dim() == 2, op, ": gating_output must be [T, E], got ",
               gating_output.sizes());
   const int64_t T = gating_output.size(0);
