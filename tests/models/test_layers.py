@@ -279,6 +279,20 @@ def test_attention_paged_prefill_and_decode_equal_packed() -> None:
     torch.testing.assert_close(out, full[last])
 
 
+def _assert_rounds_once(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """`got` is transformers' one rounding after the fp32 scale, up to the fp32 sum of squares
+    (the kernel adds in another order: a rare last-bit flip in bf16); rounding the
+    normalized value before the scale (Qwen3's order) would differ on a large share."""
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=0, rtol=1e-6)
+        return
+    torch.testing.assert_close(got, expected, atol=0, rtol=2**-7)  # at most one bf16 step
+    assert (got != expected).float().mean().item() < 1e-3
+    xf = x.float()
+    twice = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight.to(x.dtype)
+    assert (twice != expected).float().mean().item() > 0.05
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_offset_rms_norm_matches_transformers_qwen3_5_norm(dtype) -> None:
     """Qwen3.5's `(1 + w)` norm in bf16 rounds once, after the fp32 scale, as transformers does."""
@@ -294,7 +308,7 @@ def test_offset_rms_norm_matches_transformers_qwen3_5_norm(dtype) -> None:
     ours.weight.weight_loader(ours.weight, w)
     x = (torch.randn(64, 256, generator=gen) * 3).to(dtype)
     r = (torch.randn(64, 256, generator=gen)).to(dtype)
-    torch.testing.assert_close(ours(x), ref(x), atol=0, rtol=1e-6 if dtype == torch.float32 else 0)
+    _assert_rounds_once(ours(x), ref(x), x, ours.weight)
     got, res = ours(x.clone(), r.clone())
     torch.testing.assert_close(res, x + r, atol=0, rtol=0)
-    torch.testing.assert_close(got, ref(x + r), atol=0, rtol=1e-6 if dtype == torch.float32 else 0)
+    _assert_rounds_once(got, ref(x + r), x + r, ours.weight)
