@@ -20,6 +20,9 @@ Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
 MoE experts (align, gate_up, down, combine) at the Qwen3-VL-30B-A3B expert shape
 (E=128, top-8, hidden 2048, intermediate 768): bytes are the distinct experts'
 weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at large).
+`qwen3_5_fusions`: Qwen3.5-0.8B decode pieces (hidden 1024, 16 value heads, from
+configs/models/qwen3.5-0.8b.json), each op next to the composed torch kernels it
+replaced ("composed (old)" rows), timed the same way in the same run.
 """
 
 from __future__ import annotations
@@ -372,11 +375,57 @@ def gated_norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
                        3 * nbytes(x) + nbytes(weight))
 
 
+QWEN3_5_HIDDEN = 1024  # configs/models/qwen3.5-0.8b.json text_config.hidden_size
+
+
+def _composed_offset_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The kernels an fp32-weight (Qwen3.5) norm ran before the op took that weight."""
+    r.add_(x)
+    return torch.nn.functional.rms_norm(r.float(), (r.shape[-1],), w, EPS).to(r.dtype)
+
+
+def _composed_gating(ba: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor):
+    """The kernels GatedDeltaNet's gating ran before gdn_gating (beta.float(): the delta-rule wrapper's)."""
+    b, a = ba.split(a_log.shape[0], dim=-1)
+    return -a_log.exp() * torch.nn.functional.softplus(a + dt_bias), b.sigmoid().float()
+
+
+def fusion_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """Qwen3.5-0.8B decode pieces, the composed torch path next to the one op: the offset
+    norm (fused add + norm, fp32 `1 + w`) and the Gated DeltaNet gating."""
+    hidden, hv = (64, 4) if smoke else (QWEN3_5_HIDDEN, LINEAR["0.8B"][1])
+    for t in [3] if smoke else [1, 64]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        r, w = torch.randn_like(x), 1 + 0.3 * torch.randn(hidden, device=dev)
+        norm_bytes = 4 * nbytes(x) + nbytes(w)
+        # The timed calls write x and r: each row and its check keep their own copies.
+        x_old, r_old, expected_x = x.clone(), r.clone(), x.clone()
+        reference.fused_add_rms_norm(expected_x, r.clone(), w, EPS)
+        yield Case("fused_add_rms_norm", f"0.8B fp32 w T={t} H={hidden}", partial(ops.fused_add_rms_norm, x, r, w, EPS),
+                   partial(_in_place_check, partial(_fused, ops, w), partial(_fused, reference, w), x, r), norm_bytes)
+        yield Case("  composed (old)", f"0.8B fp32 w T={t} H={hidden}", partial(_composed_offset_norm, x_old, r_old, w),
+                   lambda x=x_old.clone(), r=r_old.clone(), w=w, e=expected_x: rel_err(_composed_offset_norm(x, r, w), e),
+                   norm_bytes)
+        ba = torch.randn(t, 2 * hv, device=dev, dtype=dtype) * 4
+        a_log, dt_bias = torch.rand(hv, device=dev) * 2.7, torch.randn(hv, device=dev)
+        gate_bytes = nbytes(ba, a_log, dt_bias) + 2 * t * hv * 4
+        expected = reference_linear_attn.gdn_gating(ba, a_log, dt_bias)
+
+        def gating_err(fn, args=(ba, a_log, dt_bias), expected=expected) -> float:
+            return max(rel_err(a, b) for a, b in zip(fn(*args), expected))
+
+        yield Case("gdn_gating", f"0.8B T={t} Hv={hv}", partial(ops.gdn_gating, ba, a_log, dt_bias),
+                   partial(gating_err, ops.gdn_gating), gate_bytes)
+        yield Case("  composed (old)", f"0.8B T={t} Hv={hv}", partial(_composed_gating, ba, a_log, dt_bias),
+                   partial(gating_err, _composed_gating), gate_bytes)
+
+
 FAMILIES = {
     "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
+    "qwen3_5_fusions": fusion_cases,
 }
 
 
