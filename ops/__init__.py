@@ -207,14 +207,7 @@ def gated_rms_norm(x, z, weight, eps):
 
 
 @_ops.op(reference_linear_attn)
-def gdn_gating(
-    ba: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (rounded to ba's dtype).
-
-    Shapes: ba [T, 2 * Hv] (b then a, unit stride along the last dim), A_log and
-    dt_bias [Hv] fp32 -> (g [T, Hv] fp32, beta [T, Hv] fp32), as the delta-rule ops read them.
-    """
+def gdn_gating(ba, A_log, dt_bias):
     shape = (ba.shape[0], A_log.shape[0])
     g = torch.empty(shape, dtype=torch.float32, device=ba.device)
     beta = torch.empty(shape, dtype=torch.float32, device=ba.device)
