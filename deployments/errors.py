@@ -22,6 +22,17 @@ class APIError(Exception):
     type: str = "internal_error"
     code: str | None = None
 
+    def __init_subclass__(cls, status: int | None = None, type: str | None = None,  # noqa: A002 (OpenAI's name)
+                          code: str | None = None, **kwargs: Any):
+        """`class X(APIError, status=.., type=.., code=..)`: a keyword left out is inherited."""
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
+        if type is not None:
+            cls.type = type
+        if code is not None:
+            cls.code = code
+
     def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.message = message
@@ -48,61 +59,44 @@ def _rebuild(cls: type[APIError], message: str, param: str | None, code: str | N
     return cls(message, param=param, code=code)
 
 
-class InvalidRequestError(APIError):
-    status = 400
-    type = "invalid_request_error"
+class InvalidRequestError(APIError, status=400, type="invalid_request_error"):
+    """A request the OpenAI schema or the model's limits reject (400)."""
 
 
-class AuthenticationError(APIError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
+class AuthenticationError(APIError, status=401, type="authentication_error", code="invalid_api_key"):
+    """A missing or wrong API key (401)."""
 
 
-class NotFoundError(APIError):
-    status = 404
-    type = "not_found_error"
-    code = "model_not_found"
+class NotFoundError(APIError, status=404, type="not_found_error", code="model_not_found"):
+    """A model (or route) this application does not serve (404)."""
 
 
-class RequestTimeoutError(APIError):
-    status = 408
-    type = "timeout_error"
-    code = "request_timeout"
+class RequestTimeoutError(APIError, status=408, type="timeout_error", code="request_timeout"):
+    """A request that ran past the deployment's request_timeout_s (408)."""
 
 
-class PayloadTooLargeError(APIError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
+class PayloadTooLargeError(APIError, status=413, type="invalid_request_error", code="request_too_large"):
+    """A request body over the ingress's size limit (413)."""
 
 
-class ServiceUnavailableError(APIError):
-    status = 503
-    type = "service_unavailable_error"
-    code = "service_unavailable"
+class ServiceUnavailableError(APIError, status=503, type="service_unavailable_error", code="service_unavailable"):
+    """Overload or a dead replica: the client may retry (503)."""
 
 
-class EncoderUnavailableError(ServiceUnavailableError):
+class EncoderUnavailableError(ServiceUnavailableError, code="vision_encoder_unavailable"):
     """A request's image embeddings are gone: the vision replica that held them died.
 
     The router re-encodes the images and retries the request once on this error
     (the LLM has produced no token yet); a second failure reaches the client as 503.
     """
 
-    code = "vision_encoder_unavailable"
+
+class InternalServerError(APIError, status=500, type="internal_error", code="internal_error"):
+    """A failure on our side, answered without a traceback (500)."""
 
 
-class InternalServerError(APIError):
-    status = 500
-    type = "internal_error"
-    code = "internal_error"
-
-
-class MediaError(InvalidRequestError):
+class MediaError(InvalidRequestError, code="invalid_image"):
     """An image that cannot be fetched, decoded or accepted (400)."""
-
-    code = "invalid_image"
 
 
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "json-or-python"})
