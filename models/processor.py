@@ -147,13 +147,19 @@ class ProcessedImages:
     grid_thw: torch.Tensor
 
 
-@dataclass(frozen=True, slots=True)
-class ImageProcessor:
-    """Qwen3-VL image preprocessing settings (preprocessor_config.json).
+def as_pixel_tensor(array: np.ndarray | torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """`array` as a tensor on `device`, copied first when it is read-only (torch cannot wrap that)."""
+    if isinstance(array, np.ndarray) and not array.flags.writeable:
+        array = array.copy()  # e.g. mapped read-only out of Ray's object store
+    return torch.as_tensor(array).to(device)
 
-    The dataclass defaults are Qwen3-VL's patch geometry; `from_dict` fills keys
-    a file leaves out with transformers' Qwen2VLImageProcessor class defaults
-    (patch 14, CLIP mean/std), exactly as transformers would.
+
+@dataclass(frozen=True, slots=True)
+class PatchProcessor:
+    """Settings the image and video processors share: patch geometry, pixel budget, rescale, normalize.
+
+    The defaults are Qwen3-VL's patch geometry with transformers' image budget and
+    CLIP mean/std; `VideoProcessor` sets its own budget and mean/std.
     """
 
     patch_size: int = 16
@@ -169,6 +175,47 @@ class ImageProcessor:
     do_normalize: bool = True
     resample: int = PIL.Image.Resampling.BICUBIC
 
+    @staticmethod
+    def shared_fields(cfg: dict[str, Any], defaults: PatchProcessor) -> dict[str, Any]:
+        """The shared fields but the pixel budget, from a processor config dict; missing keys take `defaults`'.
+
+        A scalar `image_mean` / `image_std` applies to all three channels.
+        """
+        mean = cfg.get("image_mean", defaults.image_mean)
+        std = cfg.get("image_std", defaults.image_std)
+        return {
+            "patch_size": int(cfg.get("patch_size", defaults.patch_size)),
+            "merge_size": int(cfg.get("merge_size", defaults.merge_size)),
+            "temporal_patch_size": int(cfg.get("temporal_patch_size", defaults.temporal_patch_size)),
+            "image_mean": tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
+            "image_std": tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3)),
+            "rescale_factor": float(cfg.get("rescale_factor", defaults.rescale_factor)),
+            "do_resize": bool(cfg.get("do_resize", True)),
+            "do_rescale": bool(cfg.get("do_rescale", True)),
+            "do_normalize": bool(cfg.get("do_normalize", True)),
+            "resample": int(cfg.get("resample", defaults.resample)),
+        }
+
+    @property
+    def factor(self) -> int:
+        """Pixels per LLM token along each side."""
+        return self.patch_size * self.merge_size
+
+    def check_multiple(self, height: int, width: int, what: str) -> None:
+        """Raise ImageSizeError unless both sides divide by `factor` (`what` names the pixels in the message)."""
+        if height % self.factor or width % self.factor:
+            raise ImageSizeError(f"{what} {width}x{height} must be multiples of {self.factor}")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageProcessor(PatchProcessor):
+    """Qwen3-VL image preprocessing settings (preprocessor_config.json).
+
+    The dataclass defaults are Qwen3-VL's patch geometry; `from_dict` fills keys
+    a file leaves out with transformers' Qwen2VLImageProcessor class defaults
+    (patch 14, CLIP mean/std), exactly as transformers would.
+    """
+
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ImageProcessor:
         """From a preprocessor_config.json dict; missing keys take HF's class defaults.
@@ -180,21 +227,10 @@ class ImageProcessor:
         min_pixels = cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
         max_pixels = cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
         defaults = cls(patch_size=14)
-        mean = cfg.get("image_mean", defaults.image_mean)
-        std = cfg.get("image_std", defaults.image_std)
         return cls(
-            patch_size=int(cfg.get("patch_size", defaults.patch_size)),
-            merge_size=int(cfg.get("merge_size", defaults.merge_size)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", defaults.temporal_patch_size)),
             min_pixels=int(min_pixels or defaults.min_pixels),
             max_pixels=int(max_pixels or defaults.max_pixels),
-            image_mean=tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
-            image_std=tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3)),
-            rescale_factor=float(cfg.get("rescale_factor", defaults.rescale_factor)),
-            do_resize=bool(cfg.get("do_resize", True)),
-            do_rescale=bool(cfg.get("do_rescale", True)),
-            do_normalize=bool(cfg.get("do_normalize", True)),
-            resample=int(cfg.get("resample", defaults.resample)),
+            **cls.shared_fields(cfg, defaults),
         )
 
     @classmethod
@@ -205,11 +241,6 @@ class ImageProcessor:
         return cls.from_dict(json.loads(path.read_text()))
 
     @property
-    def factor(self) -> int:
-        """Pixels per LLM token along each side."""
-        return self.patch_size * self.merge_size
-
-    @property
     def patch_dim(self) -> int:
         return 3 * self.temporal_patch_size * self.patch_size**2
 
@@ -217,8 +248,7 @@ class ImageProcessor:
         """(height, width) after resizing; the pixel size must divide by `factor`."""
         if self.do_resize:
             return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
-        if height % self.factor or width % self.factor:
-            raise ImageSizeError(f"with do_resize off, {width}x{height} must be multiples of {self.factor}")
+        self.check_multiple(height, width, "with do_resize off,")
         return height, width
 
     def grid_thw(self, height: int, width: int) -> tuple[int, int, int]:
@@ -276,13 +306,10 @@ class ImageProcessor:
             raise ImageError("no images to preprocess")
         patches, grids = [], []
         for array in resized:
-            if isinstance(array, np.ndarray) and not array.flags.writeable:
-                array = array.copy()  # e.g. mapped read-only out of Ray's object store
-            pixels = torch.as_tensor(array).to(device)
+            pixels = as_pixel_tensor(array, device)
             if pixels.dim() != 3 or pixels.shape[2] != 3 or pixels.dtype != torch.uint8:
                 raise ImageError(f"expected resized RGB uint8 [H, W, 3] pixels, got {pixels.dtype} {list(pixels.shape)}")
-            if pixels.shape[0] % self.factor or pixels.shape[1] % self.factor:
-                raise ImageSizeError(f"resized pixels {list(pixels.shape)} are not multiples of {self.factor}")
+            self.check_multiple(pixels.shape[0], pixels.shape[1], "resized pixels")
             patches.append(self.patchify(self._normalized(pixels)))
             grids.append((1, pixels.shape[0] // self.patch_size, pixels.shape[1] // self.patch_size))
         return ProcessedImages(

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.processor import MAX_ASPECT_RATIO, ImageSizeError
+from models.processor import MAX_ASPECT_RATIO, ImageSizeError, PatchProcessor, as_pixel_tensor
 
 # transformers' Qwen3VLVideoProcessor class defaults, for keys a config file leaves out.
 _IMAGENET_STANDARD = (0.5, 0.5, 0.5)
@@ -88,7 +88,7 @@ class ProcessedVideos:
 
 
 @dataclass(frozen=True, slots=True)
-class VideoProcessor:
+class VideoProcessor(PatchProcessor):
     """Video preprocessing settings (video_preprocessor_config.json).
 
     Defaults are transformers' `Qwen3VLVideoProcessor` class attributes.
@@ -96,17 +96,10 @@ class VideoProcessor:
     transformers applies only when asked (off by default there too).
     """
 
-    patch_size: int = 16
-    merge_size: int = 2
-    temporal_patch_size: int = 2
     min_pixels: int = 128 * 32 * 32
     max_pixels: int = 32 * 32 * 768
     image_mean: tuple[float, ...] = _IMAGENET_STANDARD
     image_std: tuple[float, ...] = _IMAGENET_STANDARD
-    rescale_factor: float = 1 / 255
-    do_resize: bool = True
-    do_rescale: bool = True
-    do_normalize: bool = True
     resample: int = BICUBIC
     fps: float | None = 2.0
     num_frames: int | None = None
@@ -121,25 +114,13 @@ class VideoProcessor:
         """From a video processor config dict; missing keys take transformers' class defaults."""
         d = cls()
         size = dict(cfg.get("size") or {})
-        mean = cfg.get("image_mean", d.image_mean)
-        std = cfg.get("image_std", d.image_std)
-        resample = int(cfg.get("resample", d.resample))
-        if resample != BICUBIC:
-            raise ValueError(f"video resample {resample} is not supported (only bicubic, 3)")
+        shared = cls.shared_fields(cfg, d)
+        if shared["resample"] != BICUBIC:
+            raise ValueError(f"video resample {shared['resample']} is not supported (only bicubic, 3)")
         num_frames, fps = cfg.get("num_frames"), cfg.get("fps", d.fps)
         return cls(
-            patch_size=int(cfg.get("patch_size", d.patch_size)),
-            merge_size=int(cfg.get("merge_size", d.merge_size)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", d.temporal_patch_size)),
             min_pixels=int(size.get("shortest_edge", d.min_pixels)),
             max_pixels=int(size.get("longest_edge", d.max_pixels)),
-            image_mean=tuple(float(m) for m in (mean if isinstance(mean, (list, tuple)) else [mean] * 3)),
-            image_std=tuple(float(s) for s in (std if isinstance(std, (list, tuple)) else [std] * 3)),
-            rescale_factor=float(cfg.get("rescale_factor", d.rescale_factor)),
-            do_resize=bool(cfg.get("do_resize", True)),
-            do_rescale=bool(cfg.get("do_rescale", True)),
-            do_normalize=bool(cfg.get("do_normalize", True)),
-            resample=resample,
             fps=None if fps is None else float(fps),
             num_frames=None if num_frames is None else int(num_frames),
             min_frames=int(cfg.get("min_frames", d.min_frames)),
@@ -147,6 +128,7 @@ class VideoProcessor:
             do_sample_frames=bool(cfg.get("do_sample_frames", d.do_sample_frames)),
             cap_pixels_per_frame=bool(cfg.get("cap_pixels_per_frame") or False),
             max_video_tokens=int(cfg.get("max_video_tokens", d.max_video_tokens)),
+            **shared,
         )
 
     @classmethod
@@ -167,11 +149,6 @@ class VideoProcessor:
                 return cls.from_dict(json.loads((root / name).read_text()))
         raise FileNotFoundError(f"no video or image preprocessor config in {model_dir}")
 
-    @property
-    def factor(self) -> int:
-        """Pixels per LLM token along each side."""
-        return self.patch_size * self.merge_size
-
     def sample_indices(self, total_num_frames: int, video_fps: float) -> np.ndarray:
         """Indices of the frames the model sees, ascending. Shapes: -> [n] int64."""
         if total_num_frames < 1:
@@ -189,8 +166,7 @@ class VideoProcessor:
     def target_size(self, num_frames: int, height: int, width: int) -> tuple[int, int]:
         """(height, width) every frame of a `num_frames`-frame clip is resized to."""
         if not self.do_resize:
-            if height % self.factor or width % self.factor:
-                raise ImageSizeError(f"with do_resize off, {width}x{height} must be multiples of {self.factor}")
+            self.check_multiple(height, width, "with do_resize off,")
             return height, width
         max_pixels = self.max_pixels
         if self.cap_pixels_per_frame:
@@ -265,13 +241,10 @@ class VideoProcessor:
             raise VideoError("no videos to preprocess")
         patches, grids = [], []
         for frames in resized:
-            if isinstance(frames, np.ndarray) and not frames.flags.writeable:
-                frames = frames.copy()  # e.g. mapped read-only out of Ray's object store
-            video = torch.as_tensor(frames).to(device)
+            video = as_pixel_tensor(frames, device)
             if video.dim() != 4 or video.shape[-1] != 3 or video.dtype != torch.uint8:
                 raise VideoError(f"expected resized uint8 frames [T, h, w, 3], got {video.dtype} {list(video.shape)}")
-            if video.shape[1] % self.factor or video.shape[2] % self.factor:
-                raise ImageSizeError(f"resized frames {list(video.shape)} are not multiples of {self.factor}")
+            self.check_multiple(video.shape[1], video.shape[2], "resized frames")
             patches.append(self.patchify(self._normalized(video)))
             tp = self.temporal_patch_size
             grids.append((-(-video.shape[0] // tp), video.shape[1] // self.patch_size, video.shape[2] // self.patch_size))
