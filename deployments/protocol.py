@@ -12,53 +12,40 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from deployments.messages import ChoiceDelta, TextLogprob, Usage
 
 
-# Fields other OpenAI-compatible servers implement and this one does not, each
-# with the values that ask for nothing (the default behaviour). Anything else is
-# a 400: ignoring them would answer a different request than the one sent.
-UNSUPPORTED_NOOP: dict[str, tuple[Any, ...]] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
-    "functions": ([],),
-    "function_call": ("none",),
-    "response_format": ({"type": "text"},),
-    "logit_bias": ({},),
-    "modalities": (["text"],),
-    "audio": (),
-    "prediction": (),
-    "guided_json": (),
-    "guided_regex": (),
-    "guided_choice": (),
-    "guided_grammar": (),
-    "structured_outputs": (),
-    "best_of": (1,),
-    "suffix": ("",),
-    "tool_calls": ([],),
-}
-
-
-def reject_unsupported(value: Any, field: str) -> None:
-    """None, or a value in UNSUPPORTED_NOOP[field], passes; anything else is a ValueError."""
-    if value is None or any(value == noop for noop in UNSUPPORTED_NOOP[field]):
-        return None
-    raise ValueError(f"`{field}` is not supported by this server")
-
-
 class _Lenient(BaseModel):
-    """Unknown fields are ignored; the UNSUPPORTED_NOOP ones a model declares are checked."""
+    """Unknown fields are ignored, except those in `UNSUPPORTED`.
+
+    `UNSUPPORTED` maps fields other OpenAI-compatible servers implement and this
+    one does not to the values that ask for nothing (the default behaviour).
+    Anything else is a 400 naming the field: ignoring it would answer a different
+    request than the one sent.
+    """
 
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
-    @field_validator(*UNSUPPORTED_NOOP, mode="before", check_fields=False)
+    @model_validator(mode="before")
     @classmethod
-    def _unsupported(cls, value: Any, info: Any) -> None:
-        return reject_unsupported(value, info.field_name)
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        refused = [
+            InitErrorDetails(type=PydanticCustomError("value_error", f"`{name}` is not supported by this server"),
+                             loc=(name,), input=data[name])
+            for name, noops in cls.UNSUPPORTED.items()
+            if data.get(name) is not None and not any(data[name] == noop for noop in noops)
+        ]
+        if refused:
+            raise ValidationError.from_exception_data(cls.__name__, refused)
+        return data
 
 
 class _Strict(BaseModel):
@@ -104,7 +91,7 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: Any = None  # refused unless empty (_Lenient._unsupported)
+    UNSUPPORTED = {"tool_calls": ([],)}
 
     @field_validator("content", mode="before")
     @classmethod
@@ -155,14 +142,10 @@ class SamplingFields(_Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Refused unless they ask for nothing (UNSUPPORTED_NOOP), here and in the subclasses.
-    logit_bias: Any = None
-    response_format: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
-    structured_outputs: Any = None
+    UNSUPPORTED = {
+        "logit_bias": ({},), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
+        "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    }
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> SamplingFields:
@@ -199,13 +182,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's extension: extra variables for the chat template (e.g. {"enable_thinking": false}).
     chat_template_kwargs: dict[str, Any] | None = None
-    tools: Any = None
-    tool_choice: Any = None
-    functions: Any = None
-    function_call: Any = None
-    modalities: Any = None
-    audio: Any = None
-    prediction: Any = None
+    UNSUPPORTED = {
+        **SamplingFields.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],),
+        "function_call": ("none",), "modalities": (["text"],), "audio": (), "prediction": (),
+    }
 
     @field_validator("chat_template_kwargs")
     @classmethod
@@ -230,8 +210,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
-    best_of: Any = None
-    suffix: Any = None
+    UNSUPPORTED = {**SamplingFields.UNSUPPORTED, "best_of": (1,), "suffix": ("",)}
 
     @property
     def num_logprobs(self) -> int | None:
