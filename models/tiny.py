@@ -82,76 +82,67 @@ def _vision_config(deepstack: bool) -> dict[str, Any]:
     return cfg
 
 
-def _qwen3_vl_text(vocab_size: int, moe: bool, tied: bool) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
+def _text_config(vocab_size: int, tied: bool, **arch: Any) -> dict[str, Any]:
+    """The decoder sizes both tiny families share, then the family's own keys `arch`."""
+    return {
         "vocab_size": vocab_size,
         "hidden_size": 64,
         "intermediate_size": 128,
-        "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
-        "head_dim": 16,
         "hidden_act": "silu",
         "initializer_range": INIT_RANGE,
         "max_position_embeddings": 4096,
         "rms_norm_eps": 1e-6,
         "tie_word_embeddings": tied,
+        **arch,
+    }
+
+
+# Expert sizes both MoE families share; each adds its own routing keys.
+_MOE = {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 24}
+
+
+def _qwen3_vl_text(vocab_size: int, moe: bool, tied: bool) -> dict[str, Any]:
+    cfg = _text_config(
+        vocab_size, tied,
+        num_hidden_layers=3,
+        head_dim=16,
         # head_dim 16 -> 8 rotary frequencies; interleaved T/H/W like Qwen3-VL.
-        "rope_parameters": {
+        rope_parameters={
             "rope_type": "default",
             "rope_theta": 5_000_000.0,
             "mrope_section": [4, 2, 2],
             "mrope_interleaved": True,
         },
-    }
+    )
     if moe:
-        cfg.update(
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            moe_intermediate_size=24,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-        )
+        cfg.update(_MOE, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[])
     return cfg
 
 
 def _qwen3_5_text(vocab_size: int, moe: bool, tied: bool) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 32,
-        "hidden_act": "silu",
-        "initializer_range": INIT_RANGE,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": tied,
-        "linear_conv_kernel_dim": 4,
-        "linear_key_head_dim": 16,
-        "linear_value_head_dim": 16,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
+    cfg = _text_config(
+        vocab_size, tied,
+        num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        head_dim=32,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
         # head_dim 32 * 0.25 -> 8 rotary dims -> 4 frequencies.
-        "rope_parameters": {
+        rope_parameters={
             "rope_type": "default",
             "rope_theta": 10_000_000.0,
             "partial_rotary_factor": 0.25,
             "mrope_section": [2, 1, 1],
             "mrope_interleaved": True,
         },
-    }
+    )
     if moe:
-        cfg.update(
-            num_experts=8,
-            num_experts_per_tok=2,
-            moe_intermediate_size=24,
-            shared_expert_intermediate_size=40,
-        )
+        cfg.update(_MOE, shared_expert_intermediate_size=40)
     return cfg
 
 
