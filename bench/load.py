@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from deployments.metrics import prometheus_samples
+
 QUESTION = "Describe this image in one sentence."
 
 
@@ -205,22 +207,18 @@ class HistogramSample:
 def parse_histograms(text: str) -> dict[str, HistogramSample]:
     """Every histogram in a Prometheus text page, summed over label sets except `le`."""
     out: dict[str, HistogramSample] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
+    for name, labels, value in prometheus_samples(text):
         if name.endswith("_bucket"):
             le_text = labels.split('le="', 1)[1].split('"', 1)[0] if 'le="' in labels else None
             if le_text is None:
                 continue
             le = math.inf if le_text == "+Inf" else float(le_text)
             hist = out.setdefault(name[: -len("_bucket")], HistogramSample())
-            hist.buckets[le] = hist.buckets.get(le, 0.0) + float(value)
+            hist.buckets[le] = hist.buckets.get(le, 0.0) + value
         elif name.endswith("_sum"):
-            out.setdefault(name[: -len("_sum")], HistogramSample()).total += float(value)
+            out.setdefault(name[: -len("_sum")], HistogramSample()).total += value
         elif name.endswith("_count"):
-            out.setdefault(name[: -len("_count")], HistogramSample()).count += float(value)
+            out.setdefault(name[: -len("_count")], HistogramSample()).count += value
     return out
 
 

@@ -15,6 +15,7 @@ import bisect
 import logging
 import math
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,13 +244,19 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
     return "\n".join(text) + "\n"
 
 
-def parse_prometheus(text: str) -> dict[str, float]:
-    """Sum every sample of each series name (labels dropped): a test/ops helper."""
-    totals: dict[str, float] = {}
+def prometheus_samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """(series name, its label text between the braces, value) of every sample of a Prometheus text page."""
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
         series, _, value = line.rpartition(" ")
-        name = series.split("{", 1)[0]
-        totals[name] = totals.get(name, 0.0) + float(value)
+        name, _, labels = series.partition("{")
+        yield name, labels.removesuffix("}"), float(value)
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Sum every sample of each series name (labels dropped): a test/ops helper."""
+    totals: dict[str, float] = {}
+    for name, _, value in prometheus_samples(text):
+        totals[name] = totals.get(name, 0.0) + value
     return totals
