@@ -6,7 +6,7 @@ its answers to `models.interface.LanguageModel`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -21,11 +21,6 @@ from models.layers.moe import SparseMoeBlock
 from models.layers.parallel import SINGLE, ParallelContext
 from models.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 from models.loader import CheckpointReader, load_language_model
-
-# (layer, x, residual, cache) -> (block output, residual)
-RunLayer = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, LayerCache | None],
-                    tuple[torch.Tensor, torch.Tensor]]
-
 
 @contextmanager
 def default_dtype_and_device(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
@@ -62,19 +57,35 @@ def build_mlp(text: TextConfig, layer_idx: int, parallel: ParallelContext) -> nn
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: `input_layernorm` -> token mixer -> `post_attention_layernorm` -> `mlp`.
+    """Pre-norm block: `input_layernorm` -> token mixer (`mix`) -> `post_attention_layernorm` -> `mlp`.
 
     The residual stream is carried unnormalized beside the block output and
-    added inside the next fused add + norm. Subclasses build the norms, the
-    mixer and `mlp`.
+    added inside the next fused add + norm. Subclasses set `norm_class` (also
+    the decoder's final norm) and define `build_mixer` and `mix`.
     """
 
-    input_layernorm: nn.Module
-    post_attention_layernorm: nn.Module
-    mlp: nn.Module
+    norm_class: type[nn.Module]
 
-    def residual_block(
-        self, x: torch.Tensor, residual: torch.Tensor | None, mixer: Callable[[torch.Tensor], torch.Tensor]
+    def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
+        super().__init__()
+        self.build_mixer(text, layer_idx, rotary, parallel)
+        self.mlp = build_mlp(text, layer_idx, parallel)
+        self.input_layernorm = self.norm_class(text.hidden_size, text.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(text.hidden_size, text.rms_norm_eps)
+
+    def build_mixer(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
+        """Create layer `layer_idx`'s token mixer (its checkpoint name: `self_attn` or `linear_attn`)."""
+        raise NotImplementedError
+
+    def mix(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None
+    ) -> torch.Tensor:
+        """The token mixer (attention of either kind). Shapes: x [T, H] normalized -> [T, H]."""
+        raise NotImplementedError
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Shapes: x [T, H] -> (block output [T, H], residual [T, H]); the layer's output is their sum."""
         if residual is None:
@@ -82,35 +93,32 @@ class DecoderLayer(nn.Module):
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(mixer(x), residual)
+        x, residual = self.post_attention_layernorm(self.mix(x, positions, attn, cache), residual)
         return self.mlp(x), residual
 
 
 class DecoderModel(nn.Module):
     """`embed_tokens`, `layers`, `norm` (the checkpoint's `model.*`), one rotary module shared by the layers.
 
-    `layer_class(text, layer_idx, rotary, parallel)` builds layer i; `norm_class(hidden, eps)` the norms.
+    `layer_class(text, layer_idx, rotary, parallel)` builds layer i; its `norm_class` the final norm.
     """
 
-    def __init__(
-        self, text: TextConfig, parallel: ParallelContext, layer_class: type[DecoderLayer], norm_class: type[nn.Module]
-    ) -> None:
+    def __init__(self, text: TextConfig, parallel: ParallelContext, layer_class: type[DecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size, parallel)
         self.rotary_emb = build_rotary(text)
         self.layers = nn.ModuleList(
             [layer_class(text, i, self.rotary_emb, parallel) for i in range(text.num_hidden_layers)]
         )
-        self.norm = norm_class(text.hidden_size, text.rms_norm_eps)
+        self.norm = layer_class.norm_class(text.hidden_size, text.rms_norm_eps)
 
-    def run_layers(
-        self, input_ids: torch.Tensor, mm: MultimodalBatch | None, caches: list[LayerCache] | None,
-        run_layer: RunLayer,
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+        caches: list[LayerCache] | None, mm: MultimodalBatch | None,
     ) -> torch.Tensor:
         """Embed (image rows from `mm.embeds`), run every layer, add deepstack, final norm.
 
-        Shapes: input_ids [T] int64 -> hidden [T, H]. `run_layer` calls one layer
-        with the step's positions and metadata.
+        Shapes: input_ids [T] int64 -> hidden [T, H].
         """
         if caches is not None and len(caches) != len(self.layers):
             raise ValueError(f"got {len(caches)} layer caches for {len(self.layers)} layers")
@@ -122,7 +130,7 @@ class DecoderModel(nn.Module):
         deepstack = mm.deepstack if mm is not None else None
         residual = None
         for i, layer in enumerate(self.layers):
-            x, residual = run_layer(layer, x, residual, None if caches is None else caches[i])
+            x, residual = layer(x, residual, positions, attn, None if caches is None else caches[i])
             if deepstack is not None and i < deepstack.shape[0]:
                 # Added to the layer output (x + residual) at the image rows.
                 x.index_add_(0, rows, deepstack[i].to(x.dtype))
@@ -133,10 +141,10 @@ class DecoderModel(nn.Module):
 class CausalLM(nn.Module):
     """A decoder of one TP rank with its LM head: `forward` -> hidden, `compute_logits` -> fp32 logits.
 
-    Subclasses set `model_class` and check that `config` is theirs.
+    Subclasses set the decoder's `layer_class` and check that `config` is theirs.
     """
 
-    model_class: type[DecoderModel]
+    layer_class: type[DecoderLayer]
 
     def __init__(
         self, config: ModelConfig, parallel: ParallelContext | None = None,
@@ -148,7 +156,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.parallel = parallel or SINGLE
         with default_dtype_and_device(dtype, device):
-            self.model = self.model_class(text, self.parallel)
+            self.model = DecoderModel(text, self.parallel, self.layer_class)
             self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size, self.parallel)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, TextConfig
-from models.decoder import CausalLM, DecoderLayer, DecoderModel, build_mlp
-from models.interface import LayerCache, MultimodalBatch, StateShapes
+from models.decoder import CausalLM, DecoderLayer
+from models.interface import LayerCache, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.layernorm import RMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -56,33 +56,15 @@ class Qwen3Attention(nn.Module):
 
 
 class Qwen3DecoderLayer(DecoderLayer):
-    def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
-        super().__init__()
+    norm_class = RMSNorm
+
+    def build_mixer(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
         self.self_attn = Qwen3Attention(text, rotary, parallel)
-        self.mlp = build_mlp(text, layer_idx, parallel)
-        self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-        attn: AttentionMetadata, kv_cache: LayerCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (block output, residual); the layer's output is their sum."""
-        return self.residual_block(x, residual, lambda h: self.self_attn(h, positions, attn, kv_cache))
-
-
-class Qwen3Model(DecoderModel):
-    def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
-        super().__init__(text, parallel, Qwen3DecoderLayer, RMSNorm)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-        kv_caches: list[LayerCache] | None, mm: MultimodalBatch | None,
+    def mix(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None
     ) -> torch.Tensor:
-        return self.run_layers(
-            input_ids, mm, kv_caches,
-            lambda layer, x, residual, cache: layer(x, residual, positions, attn, cache),
-        )
+        return self.self_attn(x, positions, attn, cache)
 
 
 class Qwen3ForCausalLM(CausalLM):
@@ -92,7 +74,7 @@ class Qwen3ForCausalLM(CausalLM):
     `[num_blocks, block_size, Hkv_per_rank, D]`.
     """
 
-    model_class = Qwen3Model
+    layer_class = Qwen3DecoderLayer
 
     @staticmethod
     def _check_architecture(config: ModelConfig) -> None:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from models.config import ModelConfig, TextConfig
-from models.decoder import CausalLM, DecoderLayer, DecoderModel, build_mlp
-from models.interface import LayerCache, MultimodalBatch, StateShapes
+from models.decoder import CausalLM, DecoderLayer
+from models.interface import LayerCache, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
@@ -75,8 +75,9 @@ class Qwen3_5Attention(nn.Module):
 
 
 class Qwen3_5DecoderLayer(DecoderLayer):
-    def __init__(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
-        super().__init__()
+    norm_class = OffsetRMSNorm
+
+    def build_mixer(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
         self.layer_type = text.layer_type(layer_idx)
         if self.layer_type == "linear_attention":
             self.linear_attn = GatedDeltaNet(
@@ -86,35 +87,13 @@ class Qwen3_5DecoderLayer(DecoderLayer):
             )
         else:
             self.self_attn = Qwen3_5Attention(text, rotary, parallel)
-        self.mlp = build_mlp(text, layer_idx, parallel)
-        self.input_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.post_attention_layernorm = OffsetRMSNorm(text.hidden_size, text.rms_norm_eps)
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
-        attn: AttentionMetadata, cache: LayerCache | None, decode: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (block output, residual); the layer's output is their sum."""
-        if self.layer_type == "linear_attention":
-            return self.residual_block(x, residual, lambda h: self.linear_attn(h, attn, cache, decode))
-        return self.residual_block(x, residual, lambda h: self.self_attn(h, positions, attn, cache))
-
-
-class Qwen3_5Model(DecoderModel):
-    def __init__(self, text: TextConfig, parallel: ParallelContext) -> None:
-        super().__init__(text, parallel, Qwen3_5DecoderLayer, OffsetRMSNorm)
-
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-        caches: list[LayerCache] | None, mm: MultimodalBatch | None,
+    def mix(
+        self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None
     ) -> torch.Tensor:
-        # Single-token kernels when every sequence decodes one token continuing its slot; decided
-        # from host facts only (no device read), so the step can be captured in a CUDA graph.
-        decode = caches is not None and attn.decode_only and attn.has_initial_state is None
-        return self.run_layers(
-            input_ids, mm, caches,
-            lambda layer, x, residual, cache: layer(x, residual, positions, attn, cache, decode),
-        )
+        if self.layer_type == "linear_attention":
+            return self.linear_attn(x, attn, cache)
+        return self.self_attn(x, positions, attn, cache)
 
 
 class Qwen3_5ForCausalLM(CausalLM):
@@ -125,7 +104,7 @@ class Qwen3_5ForCausalLM(CausalLM):
     `attn.state_indices` set; None runs each sequence from scratch without any cache.
     """
 
-    model_class = Qwen3_5Model
+    layer_class = Qwen3_5DecoderLayer
 
     @staticmethod
     def _check_architecture(config: ModelConfig) -> None:

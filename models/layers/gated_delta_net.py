@@ -126,11 +126,11 @@ class GatedDeltaNet(nn.Module):
 
     # ---- forward -------------------------------------------------------------------
 
-    def forward(
-        self, x: torch.Tensor, attn: AttentionMetadata, pools: StatePools | None, decode: bool = False
-    ) -> torch.Tensor:
-        """`decode`: every sequence has one new token and continues its slot (the
-        caller decides once per step), so the single-step kernels run."""
+    def forward(self, x: torch.Tensor, attn: AttentionMetadata, pools: StatePools | None) -> torch.Tensor:
+        """Shapes: x [T, H] -> [T, H]; `pools` None runs each sequence from a zero state."""
+        # Single-token kernels when every sequence decodes one token continuing its slot; decided
+        # from host facts only (no device read), so the step can be captured in a CUDA graph.
+        decode = pools is not None and attn.decode_only and attn.has_initial_state is None
         tokens = x.shape[0]
         mixed = self.in_proj_qkv(x)
         z = self.in_proj_z(x).view(tokens, self.num_v_heads, self.head_v_dim)
