@@ -31,37 +31,41 @@ BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FINE_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
                         0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-HELP = {
-    "splitvl_requests_total": ("counter", "HTTP requests by route and status code."),
-    "splitvl_time_to_first_token_seconds": ("histogram", "Time from request to first token."),
-    "splitvl_inter_token_latency_seconds": ("histogram", "Time between streamed tokens."),
-    "splitvl_embedding_cache_hits_total": ("counter", "Images whose embeddings came from the cache."),
-    "splitvl_embedding_cache_misses_total": ("counter", "Images sent to the vision encoder."),
-    "splitvl_embedding_cache_bytes": ("gauge", "Bytes of embeddings referenced by the cache."),
+# Each metric's `# HELP` line; its `# TYPE` is how the replica records it (inc, set, observe).
+HELP: dict[str, str] = {
+    "splitvl_requests_total": "HTTP requests by route and status code.",
+    "splitvl_time_to_first_token_seconds": "Time from request to first token.",
+    "splitvl_inter_token_latency_seconds": "Time between streamed tokens.",
+    "splitvl_embedding_cache_hits_total": "Images whose embeddings came from the cache.",
+    "splitvl_embedding_cache_misses_total": "Images sent to the vision encoder.",
+    "splitvl_embedding_cache_bytes": "Bytes of embeddings referenced by the cache.",
     "splitvl_engine_time_to_first_token_seconds": (
-        "histogram", "LLM replica: engine.add_request to the first token (queueing + prefill)."),
-    "splitvl_llm_embedding_wait_seconds": (
-        "histogram", "LLM replica: waiting for a request's image embeddings (encode + transfer)."),
-    "splitvl_ingress_body_read_seconds": (
-        "histogram", "Ingress: reading a request's body (Serve fetches it from the proxy)."),
+        "LLM replica: engine.add_request to the first token (queueing + prefill)."
+    ),
+    "splitvl_llm_embedding_wait_seconds": "LLM replica: waiting for a request's image embeddings (encode + transfer).",
+    "splitvl_ingress_body_read_seconds": "Ingress: reading a request's body (Serve fetches it from the proxy).",
     "splitvl_ingress_time_to_first_chunk_seconds": (
-        "histogram", "Ingress: a streaming request's arrival in the replica to its first content chunk."),
+        "Ingress: a streaming request's arrival in the replica to its first content chunk."
+    ),
     "splitvl_router_preprocess_seconds": (
-        "histogram", "Router: a request's arrival to its LLM call (template, tokenize, images, encode calls)."),
+        "Router: a request's arrival to its LLM call (template, tokenize, images, encode calls)."
+    ),
     "splitvl_llm_call_overhead_seconds": (
-        "histogram", "Router: the LLM call to its first streamed item, less the LLM replica's own time."),
+        "Router: the LLM call to its first streamed item, less the LLM replica's own time."
+    ),
     "splitvl_vision_encode_retries_total": (
-        "counter", "Requests re-encoded and retried once because a vision replica died holding their images."),
-    "splitvl_vision_images_total": ("counter", "Images encoded by a vision replica."),
-    "splitvl_vision_ipc_images_total": ("counter", "Images whose embeddings left through the CUDA IPC pool."),
-    "splitvl_vision_batches_total": ("counter", "Vision tower calls."),
-    "splitvl_vision_batch_size": ("histogram", "Images per vision tower call."),
-    "splitvl_vision_encode_seconds": ("histogram", "Time of one vision tower call."),
-    "splitvl_kv_cache_usage": ("gauge", "Fraction of KV blocks in use."),
-    "splitvl_num_requests_running": ("gauge", "Sequences the engine is running."),
-    "splitvl_num_requests_waiting": ("gauge", "Sequences queued in the engine."),
-    "splitvl_generation_tokens_total": ("counter", "Tokens generated."),
-    "splitvl_prompt_tokens_total": ("counter", "Prompt tokens processed."),
+        "Requests re-encoded and retried once because a vision replica died holding their images."
+    ),
+    "splitvl_vision_images_total": "Images encoded by a vision replica.",
+    "splitvl_vision_ipc_images_total": "Images whose embeddings left through the CUDA IPC pool.",
+    "splitvl_vision_batches_total": "Vision tower calls.",
+    "splitvl_vision_batch_size": "Images per vision tower call.",
+    "splitvl_vision_encode_seconds": "Time of one vision tower call.",
+    "splitvl_kv_cache_usage": "Fraction of KV blocks in use.",
+    "splitvl_num_requests_running": "Sequences the engine is running.",
+    "splitvl_num_requests_waiting": "Sequences queued in the engine.",
+    "splitvl_generation_tokens_total": "Tokens generated.",
+    "splitvl_prompt_tokens_total": "Prompt tokens processed.",
 }
 
 
@@ -220,13 +224,15 @@ def _fmt_value(value: float) -> str:
 def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
     """Snapshots -> Prometheus text exposition format (version 0.0.4)."""
     lines: dict[str, list[str]] = {}
+    kinds: dict[str, str] = {}
     for snap in snapshots:
         base = snap["base"]
-        for name, labels, value in snap["counters"]:
-            lines.setdefault(name, []).append(f"{name}{_fmt_labels(base, labels)} {_fmt_value(value)}")
-        for name, labels, value in snap["gauges"]:
-            lines.setdefault(name, []).append(f"{name}{_fmt_labels(base, labels)} {_fmt_value(value)}")
+        for kind in ("counter", "gauge"):
+            for name, labels, value in snap[f"{kind}s"]:
+                kinds[name] = kind
+                lines.setdefault(name, []).append(f"{name}{_fmt_labels(base, labels)} {_fmt_value(value)}")
         for name, labels, buckets, counts, total, count in snap["histograms"]:
+            kinds[name] = "histogram"
             out = lines.setdefault(name, [])
             running = 0
             for bound, c in zip((*buckets, math.inf), counts, strict=True):
@@ -237,9 +243,8 @@ def render_prometheus(snapshots: list[dict[str, Any]]) -> str:
             out.append(f"{name}_count{_fmt_labels(base, labels)} {count}")
     text = []
     for name in sorted(lines):
-        kind, help_text = HELP.get(name, ("untyped", name))
-        text.append(f"# HELP {name} {help_text}")
-        text.append(f"# TYPE {name} {kind}")
+        text.append(f"# HELP {name} {HELP.get(name, name)}")
+        text.append(f"# TYPE {name} {kinds[name]}")
         text.extend(lines[name])
     return "\n".join(text) + "\n"
 
