@@ -197,10 +197,13 @@ def gated_delta_rule_recurrent(q, k, v, g, beta, states, state_indices, use_qk_l
 
 @_ops.op(reference_linear_attn)
 def gated_rms_norm(x, z, weight, eps):
-    # The kernel takes [N, D] rows with unit stride along D; outer strides fold into N.
+    # The kernel takes x as [N, D] rows and z as [N, D] or [N / H, H, D] (two outer strides: the
+    # model's z [T, Hv, Dv] is a head view of a wider projection's columns, read without a copy),
+    # both with unit stride along D.
     d = x.shape[-1]
     x2 = x.reshape(-1, d) if x.stride(-1) == 1 else x.contiguous().view(-1, d)
-    z2 = z.reshape(-1, d) if z.stride(-1) == 1 else z.contiguous().view(-1, d)
+    z = z if z.stride(-1) == 1 else z.contiguous()
+    z2 = z.flatten(0, -3) if z.dim() >= 3 else z.reshape(-1, d)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     torch.ops.splitvl.gated_rms_norm.default(out.view(-1, d), x2, z2, weight, eps)
     return out

@@ -190,15 +190,26 @@ inline LinearAttnCall check_gated_delta_rule_recurrent(const at::Tensor& out, co
                                     std::nullopt, op)};
 }
 
-inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x,
-                                      const at::Tensor& z, const at::Tensor& weight,
-                                      const char* op) {
+// Where gated_rms_norm's z row r starts: (r / heads) * group_stride + (r % heads) * head_stride.
+struct GatedNormZ {
+  int64_t heads, group_stride, head_stride;
+};
+
+// x [N, D]; z [N, D], or [N / H, H, D] with two outer strides (the model's head view of a wider
+// projection's columns, which no single row stride describes); both unit stride along D.
+inline GatedNormZ check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x,
+                                            const at::Tensor& z, const at::Tensor& weight,
+                                            const char* op) {
   SPLITVL_CHECK(x.dim() == 2 && x.stride(1) == 1, op,
               ": x must be [N, D] with unit stride along D, got ", x.sizes(), " strides ",
               x.strides());
   la_check_float_dtype(x, op, "x");
-  SPLITVL_CHECK(z.sizes() == x.sizes() && z.stride(1) == 1 && z.scalar_type() == x.scalar_type(),
-              op, ": z must match x's shape ", x.sizes(), " and dtype with unit stride along D");
+  const bool grouped = z.dim() == 3;
+  const bool z_shape = grouped ? z.size(0) * z.size(1) == x.size(0) && z.size(2) == x.size(1)
+                               : z.sizes() == x.sizes();
+  SPLITVL_CHECK(z_shape && z.stride(-1) == 1 && z.scalar_type() == x.scalar_type(), op,
+              ": z must be [N, D] = ", x.sizes(), " or [N / H, H, D] of x's dtype with unit stride "
+              "along D, got ", z.sizes(), " strides ", z.strides(), " ", z.scalar_type());
   SPLITVL_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1) && weight.is_contiguous(), op,
               ": weight must be contiguous [", x.size(1), "], got ", weight.sizes());
   SPLITVL_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat, op,
@@ -207,6 +218,7 @@ inline void check_gated_rms_norm_args(const at::Tensor& out, const at::Tensor& x
                   out.scalar_type() == x.scalar_type(),
               op, ": out must be contiguous ", x.sizes(), " of x's dtype");
   for (const at::Tensor* t : {&out, &z, &weight}) la_check_same_device(x, *t, op, "a tensor argument");
+  return grouped ? GatedNormZ{z.size(1), z.stride(0), z.stride(1)} : GatedNormZ{1, z.stride(0), 0};
 }
 
 inline void check_gdn_gating_args(const at::Tensor& g, const at::Tensor& beta, const at::Tensor& ba,

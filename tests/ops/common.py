@@ -16,6 +16,8 @@ DEVICE_DTYPES = [
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=GPU),
 ]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
+CUDA_DTYPES = [pytest.param(d, id=str(d).removeprefix("torch."), marks=GPU)
+               for d in (torch.float32, torch.bfloat16, torch.float16)]
 
 _TOL = {
     torch.float32: {"atol": 2e-5, "rtol": 2e-5},

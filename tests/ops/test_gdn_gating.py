@@ -13,7 +13,7 @@ from tests.ops.common import DEVICE_DTYPES, DEVICES, assert_close, raises, tol
 
 
 def _inputs(tokens: int, hv: int, dtype: torch.dtype, device: str, pad: int = 0):
-    """ba as the in_proj_ba output (or a column slice of a wider buffer when pad > 0),
+    """ba as a [T, 2 * Hv] buffer (or a column slice of a wider one when pad > 0, as in_proj's b, a),
     with a + dt_bias on both sides of softplus' threshold (20)."""
     buf = torch.randn(tokens, 2 * hv + 2 * pad, device=device) * 4
     buf[:, pad + hv : pad + hv + max(hv // 4, 1)] += 24  # a + dt_bias > 20: softplus is linear there

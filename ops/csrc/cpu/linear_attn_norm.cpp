@@ -16,16 +16,16 @@ namespace {
 
 template <typename scalar_t, typename weight_t>
 void gated_rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
-                         const at::Tensor& weight, float eps) {
+                         const at::Tensor& weight, float eps, GatedNormZ zl) {
   const int64_t rows = x.size(0), d = x.size(1);
-  const int64_t x_stride = x.stride(0), z_stride = z.stride(0);
+  const int64_t x_stride = x.stride(0);
   const scalar_t *x_p = x.data_ptr<scalar_t>(), *z_p = z.data_ptr<scalar_t>();
   const weight_t* w_p = weight.data_ptr<weight_t>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const scalar_t* xr = x_p + r * x_stride;
-      const scalar_t* zr = z_p + r * z_stride;
+      const scalar_t* zr = z_p + (r / zl.heads) * zl.group_stride + (r % zl.heads) * zl.head_stride;
       float sq = 0.f;
       for (int64_t i = 0; i < d; ++i) {
         const float v = static_cast<float>(xr[i]);
@@ -49,12 +49,12 @@ void gated_rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor&
 
 void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
                     const at::Tensor& weight, double eps) {
-  check_gated_rms_norm_args(out, x, z, weight, "gated_rms_norm");
+  const GatedNormZ zl = check_gated_rms_norm_args(out, x, z, weight, "gated_rms_norm");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gated_rms_norm", [&] {
     if (weight.scalar_type() == at::kFloat) {
-      gated_rms_norm_impl<scalar_t, float>(out, x, z, weight, static_cast<float>(eps));
+      gated_rms_norm_impl<scalar_t, float>(out, x, z, weight, static_cast<float>(eps), zl);
     } else {
-      gated_rms_norm_impl<scalar_t, scalar_t>(out, x, z, weight, static_cast<float>(eps));
+      gated_rms_norm_impl<scalar_t, scalar_t>(out, x, z, weight, static_cast<float>(eps), zl);
     }
   });
 }

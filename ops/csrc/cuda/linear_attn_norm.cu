@@ -34,14 +34,14 @@ template <typename scalar_t, typename weight_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gated_rms_norm_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                           const scalar_t* __restrict__ z, const weight_t* __restrict__ weight,
-                          int64_t rows, int64_t d, int64_t x_stride, int64_t z_stride, float eps) {
+                          int64_t rows, int64_t d, int64_t x_stride, GatedNormZ zl, float eps) {
   using VecT = Pack<scalar_t, kVec>;
   using VecW = Pack<weight_t, kVec>;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const scalar_t* xr = x + row * x_stride;
-  const scalar_t* zr = z + row * z_stride;
+  const scalar_t* zr = z + (row / zl.heads) * zl.group_stride + (row % zl.heads) * zl.head_stride;
   float sq = 0.f;
   for (int64_t i = lane * kVec; i < d; i += 32 * kVec) {
     const VecT xv = *reinterpret_cast<const VecT*>(xr + i);
@@ -66,13 +66,16 @@ __global__ void __launch_bounds__(kThreads)
 
 // The widest vector (<= 16 bytes of x, and of the weight) that d, the row strides and the
 // pointers allow; narrower when the wide one would leave lanes of the warp idle.
-int pick_vec(const at::Tensor& out, const at::Tensor& x, const at::Tensor& z, const at::Tensor& weight) {
+int pick_vec(const at::Tensor& out, const at::Tensor& x, const at::Tensor& z, GatedNormZ zl,
+             const at::Tensor& weight) {
   const int64_t d = x.size(1);
   const int64_t max_elem = std::max(x.element_size(), weight.element_size());
   for (int vec = static_cast<int>(16 / max_elem); vec > 1; vec /= 2) {
     const int64_t bytes = vec * x.element_size(), wbytes = vec * weight.element_size();
     const auto aligned = [](const void* p, int64_t n) { return reinterpret_cast<std::uintptr_t>(p) % n == 0; };
-    if (d % vec != 0 || x.stride(0) % vec != 0 || z.stride(0) % vec != 0) continue;
+    if (d % vec != 0 || x.stride(0) % vec != 0 || zl.group_stride % vec != 0 || zl.head_stride % vec != 0) {
+      continue;
+    }
     if (!aligned(x.data_ptr(), bytes) || !aligned(z.data_ptr(), bytes) || !aligned(out.data_ptr(), bytes) ||
         !aligned(weight.data_ptr(), wbytes)) {
       continue;
@@ -87,14 +90,14 @@ int pick_vec(const at::Tensor& out, const at::Tensor& x, const at::Tensor& z, co
 void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
                     const at::Tensor& weight, double eps) {
   const char* op = "gated_rms_norm";
-  check_gated_rms_norm_args(out, x, z, weight, op);
+  const GatedNormZ zl = check_gated_rms_norm_args(out, x, z, weight, op);
   check_cuda(x, op, "x");
   const int64_t rows = x.size(0), d = x.size(1);
   if (rows == 0 || d == 0) return;
   SPLITVL_CHECK(rows / kRowsPerBlock < 0x7fffffff, op, ": too many rows");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int vec = pick_vec(out, x, z, weight);
+  const int vec = pick_vec(out, x, z, zl, weight);
   const auto blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
   SPLITVL_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     auto* out_p = reinterpret_cast<scalar_t*>(out.data_ptr());
@@ -105,8 +108,8 @@ void gated_rms_norm(at::Tensor& out, const at::Tensor& x, const at::Tensor& z,
       constexpr int kVec = decltype(vec_tag)::value;
       if constexpr (kVec * sizeof(scalar_t) <= 16 && kVec * sizeof(weight_t) <= 16) {
         gated_rms_norm_kernel<scalar_t, weight_t, kVec><<<blocks, kThreads, 0, stream>>>(
-            out_p, x_p, z_p, reinterpret_cast<const weight_t*>(weight.data_ptr()), rows, d, x.stride(0),
-            z.stride(0), static_cast<float>(eps));
+            out_p, x_p, z_p, reinterpret_cast<const weight_t*>(weight.data_ptr()), rows, d, x.stride(0), zl,
+            static_cast<float>(eps));
       }
     };
     const auto by_vec = [&](auto w_tag) {
