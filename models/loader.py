@@ -8,9 +8,10 @@ driven by the module's parameters (so a parameter that got nothing is an
 error naming it and its checkpoint key):
 
 - a parameter in a module named like a key of `PACKED_MODULES_MAPPING`
-  (`qkv_proj`, `gate_up_proj`, `in_proj_ba`) is read from its unfused
+  (`qkv_proj`, `gate_up_proj`, `in_proj`) is read from its unfused
   checkpoint keys (`q_proj/k_proj/v_proj`, `gate_proj/up_proj`,
-  `in_proj_b/in_proj_a`) unless the checkpoint holds the fused key itself;
+  `in_proj_qkv/in_proj_z/in_proj_b/in_proj_a`) unless the checkpoint holds
+  the fused key itself;
 - a module with `load_checkpoint(reader, key_prefix)` loads its own
   parameters (the MoE experts, whose checkpoint layouts vary);
 - otherwise the parameter's own `shard_spec` / `weight_loader` (see
@@ -29,10 +30,14 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-PACKED_MODULES_MAPPING: dict[str, list[tuple[str, int | str]]] = {
+from models.layers.linear import ShardId
+
+PackedModules = dict[str, list[tuple[str, ShardId]]]
+PACKED_MODULES_MAPPING: PackedModules = {
     "qkv_proj": [("q_proj", "q"), ("k_proj", "k"), ("v_proj", "v")],
     "gate_up_proj": [("gate_proj", 0), ("up_proj", 1)],
-    "in_proj_ba": [("in_proj_b", 0), ("in_proj_a", 1)],  # Gated DeltaNet's b and a in one GEMM
+    # Gated DeltaNet's one input GEMM [q | k | v | z | b | a]; the checkpoint's in_proj_qkv holds three parts.
+    "in_proj": [("in_proj_qkv", (0, 1, 2)), ("in_proj_z", 3), ("in_proj_b", 4), ("in_proj_a", 5)],
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -118,7 +123,7 @@ def load_module(
     module: nn.Module,
     reader: CheckpointReader,
     key_of: Callable[[str], str],
-    packed: dict[str, list[tuple[str, int | str]]] = PACKED_MODULES_MAPPING,
+    packed: PackedModules = PACKED_MODULES_MAPPING,
 ) -> list[str]:
     """Load every parameter of `module`; returns the checkpoint keys read.
 
@@ -142,7 +147,7 @@ def load_module(
 
 def _load_param(
     name: str, param: nn.Parameter, reader: CheckpointReader,
-    key_of: Callable[[str], str], packed: dict[str, list[tuple[str, int | str]]],
+    key_of: Callable[[str], str], packed: PackedModules,
 ) -> list[str]:
     module_path, _, leaf_param = name.rpartition(".")
     parent, _, module_name = module_path.rpartition(".")
@@ -158,7 +163,7 @@ def _load_param(
     return [fused_key]
 
 
-def _load_tensor(param: nn.Parameter, reader: CheckpointReader, key: str, shard_id: int | str | None) -> None:
+def _load_tensor(param: nn.Parameter, reader: CheckpointReader, key: str, shard_id: ShardId) -> None:
     if not reader.has(key):
         raise CheckpointError(f"missing tensor {key} in checkpoint {reader.model_dir}")
     shape = reader.shape(key)

@@ -11,11 +11,12 @@ Per-sequence state lives in two pools owned by the engine, one pair per layer:
 says which slot each sequence uses and whether it continues it. Without pools
 (full-sequence runs) every sequence starts from zeros in scratch pools.
 
-The two per-head scalar projections run as one GEMM, `in_proj_ba` (b, a),
-filled from the checkpoint's `in_proj_b` / `in_proj_a`
+All input projections run as one GEMM, `in_proj` with output columns
+`[q | k | v | z | b | a]` (per rank: each part's own slice), filled from the
+checkpoint's `in_proj_qkv` / `in_proj_z` / `in_proj_b` / `in_proj_a`
 (`models.loader.PACKED_MODULES_MAPPING`): a small decode step is
-launch-bound. z stays its own GEMM: as a slice of a fused q/k/v/z output it
-would not be contiguous, and the gated norm would copy it.
+launch-bound. The conv, the gated norm and the gating read their columns of
+that output as strided views, without copies.
 
 Tensor parallelism splits the key and value heads (each rank keeps whole
 q/k/v head groups, so value head h still reads key head h // (Hv / Hk)).
@@ -28,12 +29,7 @@ from torch import nn
 
 import ops
 from models.layers.attention import AttentionMetadata
-from models.layers.linear import (
-    ColumnParallelLinear,
-    MergedColumnParallelLinear,
-    RowParallelLinear,
-    ShardSpec,
-)
+from models.layers.linear import MergedColumnParallelLinear, RowParallelLinear, ShardSpec
 from models.layers.parallel import SINGLE, ParallelContext, divide
 
 StatePools = tuple[torch.Tensor, torch.Tensor]
@@ -77,9 +73,9 @@ class GatedDeltaNet(nn.Module):
         self.value_dim = self.num_v_heads * head_v_dim
         self.conv_dim = 2 * self.key_dim + self.value_dim
 
-        self.in_proj_qkv = MergedColumnParallelLinear(hidden_size, self.part_sizes, parallel=self.parallel)
-        self.in_proj_z = ColumnParallelLinear(hidden_size, value_dim, parallel=self.parallel)
-        self.in_proj_ba = MergedColumnParallelLinear(hidden_size, [num_v_heads, num_v_heads], parallel=self.parallel)
+        self.in_proj = MergedColumnParallelLinear(
+            hidden_size, [*self.part_sizes, value_dim, num_v_heads, num_v_heads], parallel=self.parallel
+        )
         self.out_proj = RowParallelLinear(value_dim, hidden_size, parallel=self.parallel)
         # Depthwise conv weight as the op reads it, [conv_dim / tp, W] (HF: [conv_dim, 1, W]).
         self.conv1d = nn.Module()
@@ -132,9 +128,9 @@ class GatedDeltaNet(nn.Module):
         # from host facts only (no device read), so the step can be captured in a CUDA graph.
         decode = pools is not None and attn.decode_only and attn.has_initial_state is None
         tokens = x.shape[0]
-        mixed = self.in_proj_qkv(x)
-        z = self.in_proj_z(x).view(tokens, self.num_v_heads, self.head_v_dim)
-        g, beta = ops.gdn_gating(self.in_proj_ba(x), self.A_log, self.dt_bias)
+        mixed, z, ba = self.in_proj(x).split([self.conv_dim, self.value_dim, 2 * self.num_v_heads], dim=-1)
+        z = z.view(tokens, self.num_v_heads, self.head_v_dim)
+        g, beta = ops.gdn_gating(ba, self.A_log, self.dt_bias)
         conv_w = self.conv1d.weight
         if pools is None:
             pools, slots, has_state = self._scratch(x, attn), self._arange(attn), None

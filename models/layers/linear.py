@@ -9,9 +9,10 @@ Every parameter carries two attributes the checkpoint loader uses:
   the full checkpoint tensor or exactly the slice the spec names) into place.
 
 `shard_id` picks the part of a fused parameter: `0, 1, ...` for
-`MergedColumnParallelLinear` (gate, up), `"q" | "k" | "v"` for
-`QKVParallelLinear`; `None` means the checkpoint tensor is already fused
-(e.g. the ViT's `qkv.weight`). Weight loaders raise `ValueError` on a shape
+`MergedColumnParallelLinear` (gate, up), or a tuple of its consecutive parts
+held by one checkpoint tensor (Gated DeltaNet's `in_proj_qkv` is parts
+`(0, 1, 2)` of `in_proj`); `"q" | "k" | "v"` for `QKVParallelLinear`; `None`
+means the checkpoint tensor is already fused (e.g. the ViT's `qkv.weight`). Weight loaders raise `ValueError` on a shape
 mismatch; the loader turns that into a `CheckpointError` naming the key.
 """
 
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.layers.parallel import SINGLE, ParallelContext, all_gather, all_reduce, divide
+
+ShardId = int | str | tuple[int, ...] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +111,7 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def shard_spec(self, param: nn.Parameter, shard_id: int | str | None = None) -> ShardSpec:
+    def shard_spec(self, param: nn.Parameter, shard_id: ShardId = None) -> ShardSpec:
         """Which slice of the checkpoint tensor for `param` this rank needs."""
         if shard_id is not None:
             raise ValueError(f"{type(self).__name__} has no shard {shard_id!r}")
@@ -126,7 +129,7 @@ class LinearBase(nn.Module):
         return (self.output_size,)
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
     ) -> None:
         _copy_into(param.data, self.shard_spec(param, shard_id).take(loaded))
 
@@ -183,20 +186,31 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         sizes = [s // self.tp_size for s in self.output_sizes]
         return sum(sizes[:shard_id]), sizes[shard_id]
 
-    def shard_spec(self, param: nn.Parameter, shard_id: int | str | None = None) -> ShardSpec:
+    def _parts(self, shard_id: tuple[int, ...] | None) -> tuple[int, ...]:
+        """The parts a checkpoint tensor holds: all of them (None) or the given consecutive ones."""
         if shard_id is None:
-            # Already-fused checkpoint tensor: read it whole, split in weight_loader.
-            return ShardSpec(self._full_shape(param))
+            return tuple(range(len(self.output_sizes)))
+        if not shard_id or list(shard_id) != list(range(shard_id[0], shard_id[0] + len(shard_id))):
+            raise ValueError(f"{type(self).__name__}: shard {shard_id!r} is not a run of consecutive parts")
+        for i in shard_id:
+            self._part(i)
+        return shard_id
+
+    def shard_spec(self, param: nn.Parameter, shard_id: ShardId = None) -> ShardSpec:
+        if shard_id is None or isinstance(shard_id, tuple):
+            # A checkpoint tensor holding several parts: read it whole (each part gives this
+            # rank its own slice), split in weight_loader.
+            rows = sum(self.output_sizes[i] for i in self._parts(shard_id))
+            return ShardSpec((rows, *param.shape[1:]))
         _, length = self._part(shard_id)
         full = (self.output_sizes[shard_id], *param.shape[1:])
         return ShardSpec(full, 0, self.tp_rank * length, length)
 
-    def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
-    ) -> None:
-        if shard_id is None:
-            ShardSpec(self._full_shape(param)).take(loaded)
-            for i, part in enumerate(loaded.split(self.output_sizes, dim=0)):
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None) -> None:
+        if shard_id is None or isinstance(shard_id, tuple):
+            parts = self._parts(shard_id)
+            self.shard_spec(param, shard_id).take(loaded)
+            for i, part in zip(parts, loaded.split([self.output_sizes[i] for i in parts], dim=0)):
                 self.weight_loader(param, part, i)
             return
         offset, length = self._part(shard_id)
@@ -248,14 +262,14 @@ class QKVParallelLinear(ColumnParallelLinear):
             return offset, self.kv_size, start, self.total_num_kv_heads * d
         raise ValueError(f"{type(self).__name__} has no shard {shard_id!r}")
 
-    def shard_spec(self, param: nn.Parameter, shard_id: int | str | None = None) -> ShardSpec:
+    def shard_spec(self, param: nn.Parameter, shard_id: ShardId = None) -> ShardSpec:
         if shard_id is None:
             return ShardSpec(self._full_shape(param))
         _, length, start, rows = self._part(shard_id)
         return ShardSpec((rows, *param.shape[1:]), 0, start, length)
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: ShardId = None
     ) -> None:
         if shard_id is None:
             ShardSpec(self._full_shape(param)).take(loaded)

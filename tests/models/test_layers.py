@@ -65,6 +65,22 @@ def test_merged_column_gate_up(tp: int) -> None:
         torch.testing.assert_close(torch.cat([o[1] for o in outs], -1), F.linear(x, up))
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_merged_column_loads_a_run_of_parts_from_one_tensor(tp: int) -> None:
+    """A checkpoint tensor holding parts (0, 1) of three (Gated DeltaNet's in_proj_qkv) = loading them one by one."""
+    parts = [torch.randn(n, 6) for n in (4, 8, 2)]
+    for p in _ranks(tp):
+        together, apart = (MergedColumnParallelLinear(6, [4, 8, 2], parallel=p) for _ in range(2))
+        together.weight.weight_loader(together.weight, torch.cat(parts[:2]), (0, 1))
+        assert together.weight.shard_spec((0, 1)).full_shape == (12, 6)
+        for i, part in enumerate(parts):
+            apart.weight.weight_loader(apart.weight, part, i)
+        together.weight.weight_loader(together.weight, parts[2], 2)
+        torch.testing.assert_close(together.weight, apart.weight, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="consecutive"):
+            together.weight.shard_spec((0, 2))
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_qkv_heads_split_and_kv_replicated(tp: int) -> None:
     heads, kv_heads, d, hidden = 8, 2, 4, 16

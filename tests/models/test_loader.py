@@ -17,6 +17,7 @@ from models.config import load_model_config
 from models.layers.parallel import ParallelContext
 from models.loader import CheckpointError, CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
+from models.qwen3_5 import Qwen3_5ForCausalLM
 
 LM = "model.language_model."
 
@@ -212,3 +213,24 @@ def test_tp_rank_reads_only_its_slices(tiny_checkpoint, arch: str) -> None:
             model.model.layers[0].self_attn.qkv_proj.weight[:q_rows],
             whole.model.layers[0].self_attn.qkv_proj.weight[rank * q_rows : (rank + 1) * q_rows],
         )
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gated_delta_net_in_proj_is_the_checkpoint_parts(tiny_checkpoint, tp: int) -> None:
+    """Each rank's fused in_proj = its slice of each checkpoint part, in order q, k, v, z, b, a."""
+    src = tiny_checkpoint("qwen3_5")
+    config, reader = load_model_config(src), CheckpointReader(src)
+    text = config.text
+    key_dim = text.linear_num_key_heads * text.linear_key_head_dim
+    value_dim = text.linear_num_value_heads * text.linear_value_head_dim
+    linear = [i for i, kind in enumerate(text.layer_types) if kind == "linear_attention"]
+    assert linear
+    for rank in range(tp):
+        model = Qwen3_5ForCausalLM(config, ParallelContext(rank, tp))
+        model.load_weights(reader)
+        for i in linear:
+            prefix = f"{LM}layers.{i}.linear_attn.in_proj_"
+            q, k, v = reader.read(prefix + "qkv.weight").split([key_dim, key_dim, value_dim])
+            parts = [q, k, v, *(reader.read(prefix + p + ".weight") for p in "zba")]
+            expected = torch.cat([part.chunk(tp)[rank] for part in parts])
+            torch.testing.assert_close(model.model.layers[i].linear_attn.in_proj.weight, expected, rtol=0, atol=0)
