@@ -67,7 +67,7 @@ def test_merged_column_gate_up(tp: int) -> None:
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_merged_column_loads_a_run_of_parts_from_one_tensor(tp: int) -> None:
-    """A checkpoint tensor holding parts (0, 1) of three (Gated DeltaNet's in_proj_qkv) = loading them one by one."""
+    """A checkpoint tensor holding a run of parts (in_proj_qkv: parts 0-2 of in_proj) = the parts one by one."""
     parts = [torch.randn(n, 6) for n in (4, 8, 2)]
     for p in _ranks(tp):
         together, apart = (MergedColumnParallelLinear(6, [4, 8, 2], parallel=p) for _ in range(2))
