@@ -38,6 +38,9 @@ PROMPT_LEN = 512
 WARM_TOKENS = 4  # tokens every request has before the window (prefill and graph warmup done)
 STEPS = 8  # decode steps per window
 TOP = 15
+# The engine's own phases of a step, as its timeline records them (label, StepRecord field).
+STEP_PHASES = (("schedule", "schedule_s"), ("message", "message_s"),
+               ("execute (model step)", "execute_s"), ("process outputs", "process_s"))
 
 
 # ---- profiler tables ------------------------------------------------------------------
@@ -90,14 +93,17 @@ def print_kernels(title: str, rows: list[dict]) -> None:
 # ---- decode ---------------------------------------------------------------------------
 
 class PhaseTimer:
-    """Wraps methods to add up the wall time spent inside them (host phases of a step)."""
+    """Wraps runner methods to add up the wall time spent inside them (the runner's parts of a step).
+
+    The step's own phases (schedule, message, execute, process) come from the
+    engine's timeline (`Engine.timeline`), which records them for every step.
+    """
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = collections.defaultdict(float)
-        self.step_starts: list[float] = []
         self.on = False
 
-    def wrap(self, obj: Any, attr: str, key: str, step: bool = False) -> None:
+    def wrap(self, obj: Any, attr: str, key: str) -> None:
         fn = getattr(obj, attr)
 
         def timed(*args, **kwargs):
@@ -107,28 +113,21 @@ class PhaseTimer:
             finally:
                 if self.on:
                     self.totals[key] += time.perf_counter() - t0
-                    if step:
-                        self.step_starts.append(t0)
 
         setattr(obj, attr, timed)
 
     def reset(self, on: bool) -> None:
         self.totals.clear()
-        self.step_starts.clear()
         self.on = on
 
 
 def instrument(llm) -> PhaseTimer:
+    """Times the runner's parts of a step (TP 1: the runner lives in this process)."""
     import engine.runner as runner_mod
 
     timer = PhaseTimer()
-    eng = llm.engine
-    timer.wrap(eng.scheduler, "schedule", "schedule")
-    timer.wrap(eng, "_message", "message")
-    timer.wrap(eng, "_process", "process outputs")
-    timer.wrap(eng.executor, "execute", "execute (model step)", step=True)
-    runner = getattr(eng.executor, "runner", None)
-    if runner is not None:  # TP 1: inside the runner too
+    runner = getattr(llm.engine.executor, "runner", None)
+    if runner is not None:
         timer.wrap(runner.decode_inputs, "stage", "  stage decode inputs")
         if runner.graphs is not None:
             timer.wrap(runner.graphs, "replay", "  copy inputs + graph replay")
@@ -136,6 +135,33 @@ def instrument(llm) -> PhaseTimer:
         timer.wrap(runner_mod, "sample_greedy", "  argmax + D2H (waits for the GPU)")
         timer.wrap(runner_mod, "sample", "  sampler")
     return timer
+
+
+class StepWindow:
+    """The engine's step records whose step started between `start()` and `stop()`."""
+
+    def __init__(self, llm) -> None:
+        self.engine = llm.engine
+        self.t0 = self.t1 = 0.0
+        self.cursor = 0
+
+    def start(self) -> None:
+        self.cursor = self.engine.timeline(1 << 62).cursor  # a mark: records from here on
+        self.t0 = time.monotonic()
+
+    def stop(self) -> None:
+        self.t1 = time.monotonic()
+
+    def records(self) -> list:
+        return [r for r in self.engine.timeline(self.cursor).records if self.t0 <= r.start < self.t1]
+
+
+def host_phases(records: list, timer: PhaseTimer) -> dict[str, float]:
+    """ms per step: the engine's phases from its records, the runner's parts from `timer`."""
+    n = max(len(records), 1)
+    phases = {name: 1e3 * sum(getattr(r, field) for r in records) / n for name, field in STEP_PHASES}
+    phases.update({k: 1e3 * v / n for k, v in timer.totals.items()})
+    return phases
 
 
 async def _decode_window(llm, prompts: list[list[int]], start: Callable[[], None], stop: Callable[[], None]) -> None:
@@ -168,31 +194,38 @@ def profile_decode(llm, batch: int, vocab: int, device: torch.device, prompt_len
     run = lambda start, stop: llm._loop.run_until_complete(  # noqa: E731
         _decode_window(llm, batch_prompts, start, stop))
     run(lambda: None, lambda: None)  # warmup: graphs, allocator, first-call costs
-    run(lambda: timer.reset(True), lambda: setattr(timer, "on", False))
-    starts = timer.step_starts
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    timed = StepWindow(llm)
+
+    def start_timed() -> None:
+        timer.reset(True)
+        timed.start()
+
+    def stop_timed() -> None:
+        timed.stop()
+        timer.on = False
+
+    run(start_timed, stop_timed)
+    records = timed.records()
+    gaps = [b.start - a.start for a, b in zip(records, records[1:])]
     wall_ms = 1e3 * sorted(gaps)[len(gaps) // 2] if gaps else float("nan")
-    nsteps = max(len(starts), 1)
-    phases = {k: 1e3 * v / nsteps for k, v in timer.totals.items()}
+    phases = host_phases(records, timer)
     prof = make_profiler(device)
-    window: dict[str, float] = {}
+    profiled = StepWindow(llm)
 
     def start() -> None:
         synchronize(device)
-        timer.reset(True)
         prof.__enter__()
-        window["t0"] = time.perf_counter()
+        profiled.start()
 
     def stop() -> None:
         synchronize(device)
-        window["t1"] = time.perf_counter()
+        profiled.stop()
         prof.__exit__(None, None, None)
-        timer.on = False
 
     run(start, stop)
-    steps = max(len(timer.step_starts), 1)
+    steps = max(len(profiled.records()), 1)
     kernels, busy_us = kernel_table(prof, device, steps)
-    profiled_wall_ms = 1e3 * (window["t1"] - window["t0"]) / steps
+    profiled_wall_ms = 1e3 * (profiled.t1 - profiled.t0) / steps
     return dict(batch=batch, steps=steps, wall_ms_per_step=wall_ms, gpu_busy_ms_per_step=busy_us / 1e3,
                 busy_over_wall=busy_us / 1e3 / wall_ms, profiled_wall_ms_per_step=profiled_wall_ms,
                 host_phases_ms_per_step=phases, top_kernels=kernels)
