@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.config import AppConfig
@@ -230,10 +231,10 @@ class OpenAIIngress:
                         first = False
                         self.metrics.observe("splitvl_ingress_time_to_first_chunk_seconds",
                                              time.monotonic() - arrived, FINE_LATENCY_BUCKETS)
-        except (asyncio.CancelledError, GeneratorExit):
-            # The client left (the response task was cancelled, or the generator closed after a
-            # failed write); `aclosing` ends the router stream. Yielding here would turn a hang-up
-            # into a traceback.
+        except (asyncio.CancelledError, GeneratorExit, TaskCancelledError):
+            # The client left (the response task was cancelled, Serve cancelled the request's calls,
+            # or the generator closed after a failed write); `aclosing` ends the router stream.
+            # Yielding here would turn a hang-up into a traceback.
             raise
         except Exception as exc:  # headers are sent: report in-band
             yield sse(as_api_error(exc).body())
@@ -266,7 +267,8 @@ class RequestCounter:
         try:
             await self.app(scope, receive, send_counted)
         except Exception as exc:  # noqa: BLE001 - becomes the envelope
-            if isinstance(exc, (OSError, ClientDisconnect)):
+            # Serve cancels a request whose client left: its calls raise TaskCancelledError.
+            if isinstance(exc, (OSError, ClientDisconnect, TaskCancelledError)):
                 logger.info("client disconnected from %s", scope["path"])
             elif status:  # headers are out: nothing more can be said to this client
                 logger.warning("request %s failed after its response started: %s: %s", scope["path"],
