@@ -33,14 +33,15 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from bench.common import int_list, print_table, synchronize, write_json
+from engine.timeline import MARK, PHASE_FIELDS
 
 PROMPT_LEN = 512
 WARM_TOKENS = 4  # tokens every request has before the window (prefill and graph warmup done)
 STEPS = 8  # decode steps per window
 TOP = 15
-# The engine's own phases of a step, as its timeline records them (label, StepRecord field).
-STEP_PHASES = (("schedule", "schedule_s"), ("message", "message_s"),
-               ("execute (model step)", "execute_s"), ("process outputs", "process_s"))
+# The engine's own phases of a step (engine.timeline.PHASE_FIELDS) and their labels here.
+STEP_PHASES = {"schedule": "schedule", "message": "message", "execute": "execute (model step)",
+               "process": "process outputs"}
 
 
 # ---- profiler tables ------------------------------------------------------------------
@@ -146,7 +147,7 @@ class StepWindow:
         self.cursor = 0
 
     def start(self) -> None:
-        self.cursor = self.engine.timeline(1 << 62).cursor  # a mark: records from here on
+        self.cursor = self.engine.timeline(MARK).cursor  # records from here on
         self.t0 = time.monotonic()
 
     def stop(self) -> None:
@@ -159,7 +160,8 @@ class StepWindow:
 def host_phases(records: list, timer: PhaseTimer) -> dict[str, float]:
     """ms per step: the engine's phases from its records, the runner's parts from `timer`."""
     n = max(len(records), 1)
-    phases = {name: 1e3 * sum(getattr(r, field) for r in records) / n for name, field in STEP_PHASES}
+    phases = {label: 1e3 * sum(getattr(r, PHASE_FIELDS[name]) for r in records) / n
+              for name, label in STEP_PHASES.items()}
     phases.update({k: 1e3 * v / n for k, v in timer.totals.items()})
     return phases
 

@@ -28,10 +28,9 @@ from typing import Any
 
 from bench.common import print_table
 from bench.load import percentile
-from engine.timeline import EncodeRecord, StepRecord
+from engine.timeline import MARK, PHASE_FIELDS, EncodeRecord, StepRecord
 
-PHASES = ("step", "schedule", "message", "execute", "process", "lock")
-MARK = 1 << 62  # a cursor past any end: the read is a mark
+PHASES = ("step", *PHASE_FIELDS)
 
 
 class TimelineSource:
@@ -113,11 +112,8 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
     with_encode, without_encode = [], []
     for s in decode_only:
         (with_encode if _overlaps(merged, starts, s.start, s.end) else without_encode).append(s)
-    phases = {
-        "step": [s.duration_s for s in steps], "schedule": [s.schedule_s for s in steps],
-        "message": [s.message_s for s in steps], "execute": [s.execute_s for s in steps],
-        "process": [s.process_s for s in steps], "lock": [s.lock_s for s in steps],
-    }
+    phases = {"step": [s.duration_s for s in steps],
+              **{name: [getattr(s, field) for s in steps] for name, field in PHASE_FIELDS.items()}}
     return {
         "steps": n,
         "window_s": span,

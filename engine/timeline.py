@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 DEFAULT_CAPACITY = 4096
+MARK = 1 << 62  # a cursor past any end: reading from it returns nothing and the current cursor
+# The host phases a StepRecord holds: name -> field (seconds).
+PHASE_FIELDS = {"schedule": "schedule_s", "message": "message_s", "execute": "execute_s",
+                "process": "process_s", "lock": "lock_s"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,5 +15,4 @@ def test_profile_bench_smoke(tmp_path, capsys) -> None:
         assert r["steps"] >= 1 and r["top_kernels"]
         phases = r["host_phases_ms_per_step"]
         assert {"schedule", "message", "execute (model step)", "process outputs"} <= set(phases)
-        assert phases["execute (model step)"] > 0
     assert payload["vision"]["top_kernels"]
