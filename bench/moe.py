@@ -2,7 +2,8 @@
 
     python -m bench.moe --json $OUT/moe.json                  # Qwen3-VL-30B-A3B, all 48 layers
     python -m bench.moe --batches 1 --layers 12 --no-hf       # a quicker slice
-    python -m bench.moe --smoke                               # CPU, tiny MoE config
+    python -m bench.moe --model qwen3.5-35b-a3b --no-hf       # the hybrid Qwen3.5 MoE (40 layers)
+    python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
 weights as transformers initialises them (matrices ~ N(0, initializer_range),
@@ -11,7 +12,9 @@ A decode step is the model over `batch` sequences of `--context` cached tokens
 plus the LM head, timed eagerly and as a replayed CUDA graph (the engine
 captures MoE decode too). The floor is the bytes one step must read (attention,
 router, norms and LM head, plus for each MoE layer the experts this step's
-routing hit, counted on the device) over the copy bandwidth of this run.
+routing hit, counted on the device; for hybrid Qwen3.5 models also the
+linear-attention state each step reads and writes back) over the copy bandwidth
+of this run.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -68,16 +71,25 @@ def build_ours(data: dict, dtype: torch.dtype, device: torch.device):
     return config, model.eval()
 
 
-def decode_inputs(config, batch: int, context: int, dtype: torch.dtype, device: torch.device):
-    """(input_ids, positions, attention metadata, kv caches) of one decode step after `context` tokens."""
+def decode_inputs(config, batch: int, context: int, dtype: torch.dtype, device: torch.device, state_shapes=None):
+    """(input_ids, positions, attention metadata, per-layer caches) of one decode step after `context`
+    tokens. Hybrid models (`state_shapes` = the model's per-slot (conv, recurrent) shapes): the
+    linear-attention layers get one state slot per sequence instead of paged KV."""
     from models.layers.attention import AttentionMetadata
 
     text = config.text
     per_seq = context // BLOCK + 1
     tables = torch.arange(batch * per_seq, dtype=torch.int32, device=device).view(batch, per_seq)
     shape = (batch * per_seq, BLOCK, text.num_key_value_heads, text.head_dim)
-    caches = [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-              for _ in range(text.num_hidden_layers)]
+    caches = []
+    for i in range(text.num_hidden_layers):
+        if state_shapes is not None and text.layer_type(i) == "linear_attention":
+            conv, recurrent = state_shapes
+            caches.append((torch.zeros((batch, *conv), dtype=dtype, device=device),
+                           torch.zeros((batch, *recurrent), dtype=torch.float32, device=device)))
+        else:
+            caches.append((torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device)))
     seq_lens = torch.full((batch,), context + 1, dtype=torch.int32, device=device)
     attn = AttentionMetadata(
         cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=device),
@@ -85,10 +97,20 @@ def decode_inputs(config, batch: int, context: int, dtype: torch.dtype, device: 
         max_seqlen_q=1, max_seqlen_k=context + 1,
         slot_mapping=(tables[:, context // BLOCK].long() * BLOCK + context % BLOCK),
         block_tables=tables, seq_lens=seq_lens, decode_only=True,
+        state_indices=torch.arange(batch, dtype=torch.int32, device=device) if state_shapes else None,
     )
     ids = torch.randint(0, min(text.vocab_size, 100_000), (batch,), device=device)
     positions = torch.full((3, batch), context, dtype=torch.long, device=device)
     return ids, positions, attn, caches
+
+
+def state_bytes(config, caches) -> int:
+    """Bytes of linear-attention state one decode step reads and writes back (0 without any)."""
+    text = config.text
+    if text.layer_types is None:
+        return 0
+    return 2 * sum(conv.nbytes + recurrent.nbytes for i, (conv, recurrent) in enumerate(caches)
+                   if text.layer_type(i) == "linear_attention")
 
 
 def active_bytes(model, batch_step) -> tuple[int, float]:
@@ -112,15 +134,29 @@ def active_bytes(model, batch_step) -> tuple[int, float]:
     return dense + head + routed, sum(hits) / max(1, len(hits))
 
 
-def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device) -> StepResult:
+def profile_replays(replay, batch: int, steps: int = 5) -> None:
+    """Print the top kernels of `steps` replays of the captured step (torch.profiler, CUDA activities)."""
+    from bench.profile import kernel_table, make_profiler, print_kernels
+
+    with make_profiler(torch.device("cuda")) as prof:
+        for _ in range(steps):
+            replay()
+        torch.cuda.synchronize()
+    rows, busy = kernel_table(prof, torch.device("cuda"), steps, top=25)
+    print_kernels(f"batch {batch}: top kernels of a graph-replayed step (GPU busy {busy:.0f} us/step)", rows)
+
+
+def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
+              profile: bool = False) -> StepResult:
     dtype = next(model.parameters()).dtype
-    ids, positions, attn, caches = decode_inputs(config, batch, context, dtype, device)
+    ids, positions, attn, caches = decode_inputs(config, batch, context, dtype, device, model.state_shapes())
 
     def step() -> torch.Tensor:
         return model.compute_logits(model(ids, positions, attn, caches, None))
 
     with torch.no_grad():
         nbytes, hit = active_bytes(model, step)
+        nbytes += state_bytes(config, caches)
         if device.type != "cuda":
             start = time.perf_counter()
             step()
@@ -136,6 +172,8 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
             with torch.cuda.graph(graph):
                 step()
             graphed = cuda_time_fn(graph.replay, warmup=3, iters=20)
+            if profile:
+                profile_replays(graph.replay, batch)
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
     return StepResult(batch, eager, graphed, floor, nbytes / 1e9, hit)
@@ -195,14 +233,14 @@ def time_hf_batches(data: dict, batches: list[int], args, holder: list, ours_gb:
     return result
 
 
-def tiny_moe_config() -> dict:
+def tiny_moe_config(arch: str) -> dict:
     import tempfile
     from pathlib import Path
 
     from models.tiny import write_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        return json.loads((write_tiny_checkpoint("qwen3_vl_moe", Path(tmp)) / "config.json").read_text())
+        return json.loads((write_tiny_checkpoint(arch, Path(tmp)) / "config.json").read_text())
 
 
 def weight_bytes(model) -> int:
@@ -211,7 +249,9 @@ def weight_bytes(model) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen3-vl-30b-a3b")
+    parser.add_argument("--model", default=None,
+                        help="configs/models/<name>.json (default qwen3-vl-30b-a3b); --smoke: a tiny arch (default "
+                             "qwen3_vl_moe)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     parser.add_argument("--batches", nargs="+", default=["1,64"])
     parser.add_argument("--context", type=int, default=512)
@@ -219,20 +259,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hf-tokens", type=int, default=8, help="decode steps timed for transformers")
     parser.add_argument("--no-hf", dest="hf", action="store_false")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="also print each batch's top kernels (GPU)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
     if args.smoke:
-        data, device, dtype, hf_batches = tiny_moe_config(), torch.device("cpu"), torch.float32, []
-        args.model = "tiny qwen3_vl_moe"
+        arch = args.model or "qwen3_vl_moe"
+        data, device, dtype, hf_batches = tiny_moe_config(arch), torch.device("cpu"), torch.float32, []
+        args.model = f"tiny {arch}"
     else:
+        args.model = args.model or "qwen3-vl-30b-a3b"
         data, device, dtype = load_config(args.model, args.layers), torch.device("cuda"), torch.bfloat16
     peaks = measure_peaks(device)
     print(f"{peaks.device_name}: copy {peaks.copy_gbps:.0f} GB/s, bf16 matmul {peaks.matmul_tflops:.0f} TFLOP/s",
           flush=True)
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
-    results = [time_ours(model, config, b, args.context, peaks.copy_gbps, device) for b in batches]
+    results = [time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile) for b in batches]
     for r in results:
         print(f"batch {r.batch}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)

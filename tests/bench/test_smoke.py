@@ -1,5 +1,7 @@
 """The GPU benchmarks' CPU smoke modes: a bench that no longer imports or runs fails here."""
 
+import pytest
+
 from bench import decode, moe, vision
 
 
@@ -13,7 +15,9 @@ def test_decode_bench_smoke(capsys) -> None:
     assert "smoke ok" in capsys.readouterr().out
 
 
-def test_moe_bench_smoke(capsys) -> None:
-    """The in-memory MoE decode bench runs on the tiny MoE config: one table row per batch."""
-    moe.main(["--smoke", "--batches", "1,4", "--context", "20"])
-    assert capsys.readouterr().out.count("| tiny qwen3_vl_moe |") == 2
+@pytest.mark.parametrize("arch", [None, "qwen3_5_moe"])
+def test_moe_bench_smoke(capsys, arch: str | None) -> None:
+    """The in-memory MoE decode bench runs on a tiny MoE config (Qwen3.5's with its state slots):
+    one table row per batch."""
+    moe.main(["--smoke", "--batches", "1,4", "--context", "20", *(["--model", arch] if arch else [])])
+    assert capsys.readouterr().out.count(f"| tiny {arch or 'qwen3_vl_moe'} |") == 2
