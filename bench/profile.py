@@ -38,6 +38,9 @@ from engine.timeline import MARK, PHASE_FIELDS
 PROMPT_LEN = 512
 WARM_TOKENS = 4  # tokens every request has before the window (prefill and graph warmup done)
 STEPS = 8  # decode steps per window
+# Tokens each request may run past its window: the engine steps ahead of the consumer (a small batch
+# would otherwise finish before the window opens); the requests are aborted when the window closes.
+RUN_AHEAD = 256
 TOP = 15
 # The engine's own phases of a step (engine.timeline.PHASE_FIELDS) and their labels here.
 STEP_PHASES = {"schedule": "schedule", "message": "message", "execute": "execute (model step)",
@@ -169,7 +172,7 @@ def host_phases(records: list, timer: PhaseTimer) -> dict[str, float]:
 async def _decode_window(llm, prompts: list[list[int]], start: Callable[[], None], stop: Callable[[], None]) -> None:
     from engine import SamplingParams
 
-    sp = SamplingParams(max_tokens=WARM_TOKENS + 2 * STEPS + 4, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=WARM_TOKENS + 2 * STEPS + RUN_AHEAD, temperature=0.0, ignore_eos=True)
     streams = [llm.engine.add_request(f"profile-{i}-{time.monotonic_ns()}", p, None, sp)
                for i, p in enumerate(prompts)]
 
@@ -241,7 +244,7 @@ def decode_section(ckpt: Path, device: torch.device, dtype: str, batches: list[i
     from engine import LLM
 
     vocab = vocab or json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
-    tokens = prompt_len + WARM_TOKENS + 2 * STEPS + 8
+    tokens = prompt_len + WARM_TOKENS + 2 * STEPS + RUN_AHEAD + 8
     blocks = max(batches) * (-(-tokens // 16)) + 64
     llm = LLM(model=str(ckpt), device=device.type, dtype=dtype, max_num_seqs=max(batches),
               max_num_batched_tokens=max(4096, prompt_len), num_gpu_blocks=blocks, enable_prefix_caching=False,
