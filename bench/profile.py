@@ -314,7 +314,7 @@ def smoke(json_path: str | None = None) -> dict:
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
-        decode = decode_section(ckpt, cpu, "float32", [1, 4], 16, vocab=500, max_model_len=256)  # ids below the specials
+        decode = decode_section(ckpt, cpu, "float32", [1, 4], 16, vocab=500, max_model_len=512)  # ids below the specials
         vision = vision_section(ckpt, cpu, torch.float32, 64, 2, iters=1)
     report_decode(decode)
     report_vision(vision)
