@@ -28,6 +28,9 @@ class Architecture:
         (None: hidden_size // num_attention_heads).
     always_norm_topk: the MoE block renormalizes its top-k weights whatever
         `norm_topk_prob` says.
+    mrope_section: transformers' mRoPE section when config.json omits it; set
+        only for the VL decoders, whose rotary embedding always interleaves the
+        sections (transformers reads no `mrope_interleaved` flag for them).
     tiny: name of its tiny random checkpoint (`models/tiny.py`; also its HF
         `model_type`), None if it has none.
     """
@@ -39,6 +42,7 @@ class Architecture:
     moe: bool = False
     default_head_dim: int | None = None
     always_norm_topk: bool = False
+    mrope_section: tuple[int, ...] | None = None
     tiny: str | None = None
 
     @property
@@ -50,17 +54,20 @@ class Architecture:
 _QWEN3_LM = "models.qwen3:Qwen3ForCausalLM"
 _QWEN3_5_LM = "models.qwen3_5:Qwen3_5ForCausalLM"
 _VISION = "models.qwen3_vl.vision:Qwen3VLVisionModel"
+_QWEN3_VL_MROPE = (24, 20, 20)
+_QWEN3_5_MROPE = (11, 11, 10)
 
 ARCHITECTURES: MappingProxyType[str, Architecture] = MappingProxyType({
     arch.name: arch
     for arch in (
-        Architecture("Qwen3VLForConditionalGeneration", _QWEN3_LM, _VISION, default_head_dim=128, tiny="qwen3_vl"),
+        Architecture("Qwen3VLForConditionalGeneration", _QWEN3_LM, _VISION, default_head_dim=128,
+                     mrope_section=_QWEN3_VL_MROPE, tiny="qwen3_vl"),
         Architecture("Qwen3VLMoeForConditionalGeneration", _QWEN3_LM, _VISION, moe=True, always_norm_topk=True,
-                     tiny="qwen3_vl_moe"),
+                     mrope_section=_QWEN3_VL_MROPE, tiny="qwen3_vl_moe"),
         Architecture("Qwen3_5ForConditionalGeneration", _QWEN3_5_LM, _VISION, hybrid=True, default_head_dim=256,
-                     tiny="qwen3_5"),
+                     mrope_section=_QWEN3_5_MROPE, tiny="qwen3_5"),
         Architecture("Qwen3_5MoeForConditionalGeneration", _QWEN3_5_LM, _VISION, hybrid=True, moe=True,
-                     default_head_dim=256, always_norm_topk=True, tiny="qwen3_5_moe"),
+                     default_head_dim=256, always_norm_topk=True, mrope_section=_QWEN3_5_MROPE, tiny="qwen3_5_moe"),
         Architecture("Qwen3ForCausalLM", _QWEN3_LM, default_head_dim=128),
         Architecture("Qwen3MoeForCausalLM", _QWEN3_LM, moe=True),
     )

@@ -150,20 +150,24 @@ class ModelConfig:
         return tuple(t for t in (self.image_token_id, self.video_token_id) if t is not None)
 
 
-def _rope_settings(cfg: dict[str, Any]) -> dict[str, Any]:
-    """RoPE fields from `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x)."""
+def _rope_settings(cfg: dict[str, Any], arch: Architecture) -> dict[str, Any]:
+    """RoPE fields from `rope_parameters` (5.x) or `rope_theta`/`rope_scaling` (4.x).
+
+    The VL decoders read them as transformers does: the architecture's default
+    section when the file has none, and always interleaved.
+    """
     params = dict(cfg.get("rope_scaling") or {})
     params.update(cfg.get("rope_parameters") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", "mrope"):
         raise ConfigError(f"unsupported rope_type {rope_type!r} (only default RoPE / mRoPE)")
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    section = params.get("mrope_section")
+    section = params.get("mrope_section") or arch.mrope_section
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     return {
         "rope_theta": float(theta),
         "mrope_section": tuple(int(s) for s in section) if section else None,
-        "mrope_interleaved": bool(params.get("mrope_interleaved", False)),
+        "mrope_interleaved": arch.mrope_section is not None or bool(params.get("mrope_interleaved", False)),
         "partial_rotary_factor": float(partial),
     }
 
@@ -230,7 +234,7 @@ def text_config_from_hf(
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         tie_word_embeddings=bool(tie),
-        **_rope_settings(cfg),
+        **_rope_settings(cfg, arch),
         num_experts=num_experts,
         num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0) if num_experts else 0,
         norm_topk_prob=norm_topk,

@@ -28,6 +28,18 @@ def _hf_config(path: Path):
     return AutoConfig.from_pretrained(path)
 
 
+def _hf_text_rotary(hf):
+    """transformers' text rotary embedding module for the config `hf` (meta device)."""
+    import importlib
+
+    import torch
+
+    module = importlib.import_module(f"transformers.models.{hf.model_type}.modeling_{hf.model_type}")
+    name = hf.architectures[0].replace("ForConditionalGeneration", "TextRotaryEmbedding")
+    with torch.device("meta"):
+        return getattr(module, name)(hf.text_config)
+
+
 def _check_against_hf(cfg: ModelConfig, hf) -> None:
     """Our parse agrees with what transformers' config classes make of the file."""
     ht, hv = hf.text_config, hf.vision_config
@@ -48,7 +60,9 @@ def _check_against_hf(cfg: ModelConfig, hf) -> None:
         assert getattr(t, name) == getattr(ht, name), name
     rope = ht.rope_parameters
     assert t.rope_theta == rope["rope_theta"]
-    assert list(t.mrope_section) == list(rope["mrope_section"])
+    # The section transformers' rotary embedding uses (its own default when the file has none).
+    assert list(t.mrope_section) == list(_hf_text_rotary(hf).mrope_section)
+    assert t.mrope_interleaved
     assert t.partial_rotary_factor == rope.get("partial_rotary_factor", 1.0)
     assert t.tie_word_embeddings == hf.tie_word_embeddings
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -144,6 +158,22 @@ def test_legacy_rope_scaling_spelling():
     )
     assert cfg.text.rope_theta == 5e6
     assert cfg.text.mrope_section == (4, 2, 2) and cfg.text.mrope_interleaved
+
+
+@pytest.mark.parametrize("arch, section", [("Qwen3VLForConditionalGeneration", (24, 20, 20)),
+                                           ("Qwen3_5ForConditionalGeneration", (11, 11, 10))])
+def test_vl_rope_defaults_follow_transformers(arch, section):
+    """A VL file without mrope_section gets transformers' default section, and the sections are
+    interleaved whatever the file's mrope_interleaved says (transformers always interleaves them)."""
+    text = {
+        "vocab_size": 100, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 4,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2 * sum(section) * (4 if "3_5" in arch else 1),
+        "partial_rotary_factor": 0.25 if "3_5" in arch else 1.0,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "mrope_interleaved": False},
+    }  # fmt: skip
+    vision = {"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 64}
+    cfg = model_config_from_hf({"architectures": [arch], "text_config": text, "vision_config": vision})
+    assert cfg.text.mrope_section == section and cfg.text.mrope_interleaved
 
 
 def _write_text_only(tmp_path: Path, arch: str, **extra) -> Path:
