@@ -50,7 +50,7 @@ class Qwen3Attention(nn.Module):
         q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
         self.rotary_emb(positions, q, k)
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim)).contiguous()
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # strided view: the ops read rows by stride
         out = self.attn(q, k, v, attn, kv_cache)
         return self.o_proj(out.flatten(1))
 

@@ -69,7 +69,7 @@ class Qwen3_5Attention(nn.Module):
         q = self.q_norm(q_gate[..., :d])
         k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, d)))
         self.rotary_emb(positions, q, k)
-        v = v.unflatten(-1, (self.num_kv_heads, d)).contiguous()
+        v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
         out = self.attn(q, k, v, attn, kv_cache)
         return self.o_proj((out * gate).flatten(1))
 
