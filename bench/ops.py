@@ -142,6 +142,44 @@ def rotary_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                    2 * t * (hq + hkv) * rot * qkv.element_size() + t * rot * 4 + nbytes(positions))
 
 
+# (q heads, kv heads, head_dim, mrope_section) of configs/models/*.json; the 0.8B rotates a quarter.
+QK_NORM = {"8B": (32, 8, 128, [24, 20, 20]), "30B-A3B": (32, 4, 128, [24, 20, 20]), "0.8B": (8, 2, 256, [11, 11, 10])}
+
+
+def _qk_composed(module, positions, q, k, wq, wk, cache, section) -> None:
+    """The three kernels the attention layers ran before qk_norm_rope: q norm, k norm, rotary."""
+    q.copy_(module.rms_norm(q, wq, EPS))
+    k.copy_(module.rms_norm(k, wk, EPS))
+    module.rotary_embedding(positions, q, k, q.shape[-1], cache, True, section, True)
+
+
+def qk_norm_rope_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """The attention layers' q/k norm + RoPE: the one op next to the three it replaced (whose
+    norms write new tensors: the model copied nothing back, so the old path's bytes were the same)."""
+    configs = [("tiny", 3, (4, 2, 32, [8, 4, 4]))] if smoke else [
+        (m, t, QK_NORM[m]) for m in QK_NORM for t in (1, 64, 4096)]
+    for model, t, (hq, hkv, d, section) in configs:
+        cache = _cos_sin_cache(4096, 2 * sum(section), dev)
+        positions = torch.randint(0, 4096, (3, t), device=dev)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dtype)
+        q, k = qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+        w32 = dtype != torch.float32 and model == "0.8B"  # Qwen3.5's fp32 `1 + w`
+        wq, wk = (torch.randn(d, device=dev, dtype=torch.float32 if w32 else dtype) for _ in range(2))
+        moved = 2 * nbytes(q, k) + nbytes(wq, wk) + t * cache.shape[1] * 4 + nbytes(positions)
+
+        def fused(module, q, k, positions=positions, wq=wq, wk=wk, cache=cache, section=section):
+            module.qk_norm_rope(positions, q, k, wq, wk, EPS, cache, True, section, True)
+
+        def old(module, q, k, positions=positions, wq=wq, wk=wk, cache=cache, section=section):
+            _qk_composed(module, positions, q, k, wq, wk, cache, section)
+
+        shape = f"{model} T={t} {hq}/{hkv}x{d}"
+        yield Case("qk_norm_rope", shape, partial(fused, ops, q, k),
+                   partial(_in_place_check, partial(fused, ops), partial(fused, reference), q, k), moved)
+        yield Case("  norm, norm, rotary (old)", shape, partial(old, ops, q, k),
+                   partial(_in_place_check, partial(old, ops), partial(fused, reference), q, k), moved)
+
+
 def activation_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     sizes = [(3, 40)] if smoke else [(t, INTERMEDIATE[m]) for m in INTERMEDIATE for t in (1, 16, 256, 8192)]
     for t, inter in sizes:
@@ -425,7 +463,7 @@ FAMILIES = {
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
-    "qwen3_5_fusions": fusion_cases,
+    "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
 }
 
 

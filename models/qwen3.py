@@ -47,9 +47,9 @@ class Qwen3Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = self.q_norm(q.unflatten(-1, (self.num_heads, self.head_dim)))
-        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, self.head_dim)))
-        self.rotary_emb(positions, q, k)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # strided view: the ops read rows by stride
         out = self.attn(q, k, v, attn, kv_cache)
         return self.o_proj(out.flatten(1))

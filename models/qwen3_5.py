@@ -66,9 +66,8 @@ class Qwen3_5Attention(nn.Module):
         q_gate, k, v = qkv.split([2 * self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
         gate = torch.sigmoid(q_gate[..., d:])  # straight from the strided view: no copy first
-        q = self.q_norm(q_gate[..., :d])
-        k = self.k_norm(k.unflatten(-1, (self.num_kv_heads, d)))
-        self.rotary_emb(positions, q, k)
+        q, k = q_gate[..., :d], k.unflatten(-1, (self.num_kv_heads, d))
+        self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
         v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
         out = self.attn(q, k, v, attn, kv_cache)
         return self.o_proj((out * gate).flatten(1))

@@ -55,6 +55,16 @@ def rotary_embedding(
 
 
 @_ops.op(reference)
+def qk_norm_rope(
+    positions, query, key, q_weight, k_weight, eps, cos_sin_cache, is_neox, mrope_section, mrope_interleaved
+):
+    torch.ops.splitvl.qk_norm_rope.default(
+        positions, query, key, q_weight, k_weight, eps, cos_sin_cache, is_neox,
+        list(mrope_section) if mrope_section else [], mrope_interleaved,
+    )
+
+
+@_ops.op(reference)
 def silu_and_mul(x):
     out = torch.empty((*x.shape[:-1], x.shape[-1] // 2), dtype=x.dtype, device=x.device)
     torch.ops.splitvl.silu_and_mul.default(out, x)

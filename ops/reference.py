@@ -159,6 +159,37 @@ def rotary_embedding(
         _rotate_(heads, cos, sin, rot_dim, is_neox)
 
 
+def qk_norm_rope(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> None:
+    """In place: `query = rope(rms_norm(query, q_weight))`, `key = rope(rms_norm(key, k_weight))`.
+
+    The per-head q/k norm of Qwen3 / Qwen3.5 attention and the rotary embedding in one op:
+    the same numbers as `rms_norm` (each head's D values; weight in the input dtype or fp32)
+    then `rotary_embedding` on the rounded result.
+
+    Shapes: positions [T] or [S, T]; query [T, Hq, D], key [T, Hkv, D] (strided views of a
+    fused qkv output allowed; unit last stride); q_weight / k_weight [D];
+    cos_sin_cache [max_pos, rot_dim] fp32.
+    """
+    if query.dim() != 3 or key.dim() != 3 or key.shape[-1] != query.shape[-1]:
+        raise ValueError(f"qk_norm_rope: query {tuple(query.shape)} and key {tuple(key.shape)} must be "
+                         "[T, H, D] with the same D")
+    query.copy_(rms_norm(query, q_weight, eps))
+    key.copy_(rms_norm(key, k_weight, eps))
+    rotary_embedding(positions, query, key, query.shape[-1], cos_sin_cache, is_neox, mrope_section,
+                     mrope_interleaved)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """Shapes: x [..., 2d] -> [..., d] = silu(x[..., :d]) * x[..., d:] (fp32 math)."""
     d = x.shape[-1] // 2

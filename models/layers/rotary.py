@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import ops
+from models.layers.layernorm import RMSNorm
 
 
 def rope_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
@@ -77,10 +78,29 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """In place on query [T, Hq, D] / [T, Hq*D] and key (or None); returns them."""
         ops.rotary_embedding(
-            positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox,
+            self.op_positions(positions), query, key, self.head_size, self.cos_sin_cache, self.is_neox,
             self.mrope_section, self.mrope_interleaved,
         )
         return query, key
+
+    def with_qk_norm(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`q_norm` / `k_norm` over each head, then this rotation: in place, one op (`ops.qk_norm_rope`).
+
+        Shapes: query [T, Hq, D], key [T, Hkv, D] (views of a fused qkv output are fine).
+        """
+        if q_norm.eps != k_norm.eps:
+            raise ValueError(f"q_norm eps {q_norm.eps} != k_norm eps {k_norm.eps}")
+        ops.qk_norm_rope(
+            self.op_positions(positions), query, key, q_norm.weight, k_norm.weight, q_norm.eps,
+            self.cos_sin_cache, self.is_neox, self.mrope_section, self.mrope_interleaved,
+        )
+        return query, key
+
+    def op_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """The positions as the op reads them (`[T]`, or `[len(mrope_section), T]`)."""
+        return positions
 
     def extra_repr(self) -> str:
         return (
@@ -105,12 +125,10 @@ class MRotaryEmbedding(RotaryEmbedding):
             head_size, rotary_dim, max_position, base, True, mrope_section, interleaved
         )
 
-    def forward(
-        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def op_positions(self, positions: torch.Tensor) -> torch.Tensor:
         if positions.dim() == 1:
-            positions = positions.unsqueeze(0).expand(len(self.mrope_section), -1)
-        return super().forward(positions, query, key)
+            return positions.unsqueeze(0).expand(len(self.mrope_section), -1)
+        return positions
 
 
 def vision_rotary_embedding(

@@ -19,6 +19,13 @@ SPLITVL_OP(rotary_embedding,
            (const at::Tensor& positions, at::Tensor& query, const std::optional<at::Tensor>& key,
             int64_t head_size, const at::Tensor& cos_sin_cache, bool is_neox,
             at::IntArrayRef mrope_section, bool mrope_interleaved))
+// rms_norm of each q and k head, then rotary_embedding, in place (ops/reference.py qk_norm_rope).
+SPLITVL_OP(qk_norm_rope,
+           "Tensor positions, Tensor! query, Tensor! key, Tensor q_weight, Tensor k_weight, "
+           "float epsilon, Tensor cos_sin_cache, bool is_neox, int[] mrope_section, bool mrope_interleaved",
+           (const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& q_weight,
+            const at::Tensor& k_weight, double epsilon, const at::Tensor& cos_sin_cache, bool is_neox,
+            at::IntArrayRef mrope_section, bool mrope_interleaved))
 SPLITVL_OP(silu_and_mul, "Tensor! out, Tensor input",
            (at::Tensor& out, const at::Tensor& input))
 SPLITVL_OP(gelu_tanh, "Tensor! out, Tensor input", (at::Tensor& out, const at::Tensor& input))

@@ -1,7 +1,10 @@
 // Rotary position embedding (neox or GPT-J pairs), plain and sectioned (mRoPE,
-// ViT 2-D), in place on strided query/key views; partial rotary supported.
+// ViT 2-D), in place on strided query/key views; partial rotary supported. Also
+// qk_norm_rope: the per-head q/k RMSNorm followed by the rotation.
+#include <utility>
 #include <vector>
 
+#include "../qk_norm_rope_checks.h"
 #include "cpu_common.h"
 #include "ops_cpu.h"
 
@@ -131,6 +134,24 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
       }
     });
   });
+}
+
+}  // namespace splitvl::cpu
+
+namespace splitvl::cpu {
+
+// The two kernels in a row: each head normalized (rms_norm's numbers), then rotated.
+void qk_norm_rope(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& q_weight,
+                  const at::Tensor& k_weight, double epsilon, const at::Tensor& cos_sin_cache, bool is_neox,
+                  at::IntArrayRef mrope_section, bool mrope_interleaved) {
+  check_qk_norm_rope(positions, query, key, q_weight, k_weight, cos_sin_cache);
+  for (auto [x, w] : {std::pair<at::Tensor*, const at::Tensor*>{&query, &q_weight}, {&key, &k_weight}}) {
+    at::Tensor normed = at::empty(x->sizes(), x->options());
+    rms_norm(normed, *x, *w, epsilon);
+    x->copy_(normed);
+  }
+  const std::optional<at::Tensor> k(key);
+  rotary_embedding(positions, query, k, query.size(2), cos_sin_cache, is_neox, mrope_section, mrope_interleaved);
 }
 
 }  // namespace splitvl::cpu

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "norm_common.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
@@ -39,17 +40,6 @@ struct NormRows {
   RowLayout lo, li, lr;
   float eps;
 };
-
-// A weight in T: round x*inv to T first, then multiply (transformers' Qwen3RMSNorm order).
-// An fp32 weight: scale in fp32 and round once (Qwen3_5RMSNorm).
-template <typename T, typename W>
-__device__ __forceinline__ T scale_weight(float x, float inv, W w) {
-  if constexpr (std::is_same_v<T, W>) {
-    return from_float<T>(to_float(from_float<T>(x * inv)) * to_float(w));
-  } else {
-    return from_float<T>(x * inv * w);
-  }
-}
 
 template <typename T, int VEC>
 __device__ __forceinline__ float sum_squares(const Pack<T, VEC>& p) {

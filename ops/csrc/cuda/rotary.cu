@@ -5,37 +5,15 @@
 // row already resolved) is staged in shared memory once and reused by every head.
 #include "common.cuh"
 #include "ops.cuh"
+#include "rotary_common.cuh"
 
 namespace splitvl::cuda {
 namespace {
-
-constexpr int kMaxSections = 8;
-
-struct Sections {
-  int count;  // 0: plain positions [T]
-  int size[kMaxSections];
-  bool interleaved;
-};
 
 struct HeadsLayout {
   int64_t token_stride, head_stride;
   int heads;
 };
-
-// Which row of sectioned positions frequency i reads (reference: mrope_rows).
-__device__ __forceinline__ int section_row(const Sections& s, int i) {
-  if (s.interleaved) {
-    if (i % 3 == 1 && i < 3 * s.size[1]) return 1;
-    if (i % 3 == 2 && i < 3 * s.size[2]) return 2;
-    return 0;
-  }
-  int end = 0;
-  for (int r = 0; r < s.count; ++r) {
-    end += s.size[r];
-    if (i < end) return r;
-  }
-  return s.count - 1;
-}
 
 template <typename T>
 __device__ __forceinline__ void rotate_heads(T* __restrict__ base, const HeadsLayout& L, int rot_half,
@@ -59,14 +37,7 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, int64_t pos
                               int64_t max_pos, int rot_half, bool is_neox, Sections sec) {
   extern __shared__ float cs[];  // [2, rot_half]: cos then sin
   const int64_t t = blockIdx.x;
-  for (int i = threadIdx.x; i < rot_half; i += blockDim.x) {
-    const int row = sec.count ? section_row(sec, i) : 0;
-    const int64_t pos = positions[row * pos_row_stride + t * pos_col_stride];
-    CUDA_KERNEL_ASSERT(pos >= 0 && pos < max_pos && "rotary_embedding: position out of cache range");
-    const float* c = cache + pos * 2 * rot_half;
-    cs[i] = c[i];
-    cs[rot_half + i] = c[rot_half + i];
-  }
+  stage_cos_sin(cs, positions, pos_row_stride, pos_col_stride, t, cache, max_pos, rot_half, sec);
   __syncthreads();
   rotate_heads(query + t * Lq.token_stride, Lq, rot_half, is_neox, cs, cs + rot_half);
   if (key != nullptr)
@@ -91,22 +62,6 @@ HeadsLayout heads_layout(const at::Tensor& x, int64_t head_size, int64_t tokens,
   return {x.stride(0), x.stride(1), static_cast<int>(x.size(1))};
 }
 
-Sections make_sections(at::IntArrayRef mrope_section, bool interleaved, int rot_half) {
-  constexpr const char* op = "rotary_embedding";
-  Sections s{static_cast<int>(mrope_section.size()), {}, interleaved};
-  SPLITVL_CHECK(s.count <= kMaxSections, op, ": at most ", kMaxSections, " mrope sections");
-  int64_t total = 0;
-  for (int i = 0; i < s.count; ++i) {
-    SPLITVL_CHECK(mrope_section[i] >= 0, op, ": negative mrope section");
-    s.size[i] = static_cast<int>(mrope_section[i]);
-    total += mrope_section[i];
-  }
-  SPLITVL_CHECK(s.count == 0 || total == rot_half, op, ": sum(mrope_section)=", total,
-              " must equal rot_dim/2=", rot_half);
-  SPLITVL_CHECK(!interleaved || s.count == 3, op, ": interleaved mrope needs exactly 3 sections");
-  return s;
-}
-
 }  // namespace
 
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
@@ -123,15 +78,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query,
   SPLITVL_CHECK(rot_dim % 2 == 0 && rot_dim <= head_size && rot_dim > 0, op, ": rot_dim ", rot_dim,
               " must be even, positive and <= head_size ", head_size);
   const int rot_half = static_cast<int>(rot_dim / 2);
-  const Sections sec = make_sections(mrope_section, mrope_interleaved, rot_half);
-  SPLITVL_CHECK(positions.scalar_type() == at::kLong, op, ": positions must be int64");
-  if (sec.count == 0) {
-    SPLITVL_CHECK(positions.dim() == 1, op, ": plain RoPE needs positions [T], got ",
-                positions.sizes());
-  } else {
-    SPLITVL_CHECK(positions.dim() == 2 && positions.size(0) == sec.count, op,
-                ": sectioned RoPE needs positions [", sec.count, ", T], got ", positions.sizes());
-  }
+  const Sections sec = make_sections(mrope_section, mrope_interleaved, rot_half, op);
+  check_positions(positions, sec, op);
   const int64_t T = positions.size(-1);
   const HeadsLayout Lq = heads_layout(query, head_size, T, "query");
   HeadsLayout Lk{0, 0, 0};
