@@ -2,10 +2,12 @@
 (`ops/csrc/cuda/linear_attn_delta_chunked.cu`), in pure torch, proved equal to the token-by-token
 recurrence in fp64: odd lengths, several sequences, initial states, slot -1.
 
-The CUDA form has two phases. Phase 1, parallel over (chunk, value head): the cumulative gate, the
+The CUDA form has three phases. Phase 1, parallel over (chunk, value head): the cumulative gate, the
 UT system solved by forward substitution, w, u, q*exp(cum), k*exp(cum_last - cum), the masked
-intra-chunk scores P and exp(cum_last). Phase 2, sequential over the chunks of one (sequence, head):
-v_new = u - w S, o = (q*exp(cum)) S + P v_new, S = exp(cum_last) S + (k*exp(cum_last-cum))^T v_new.
+intra-chunk scores P and exp(cum_last). Phase 2, sequential over the chunks of one (sequence, head),
+only the recurrence: keep S_c (the state at the chunk's start), v_new = u - w S_c,
+S = exp(cum_last) S_c + (k*exp(cum_last-cum))^T v_new. Phase 3, parallel over (chunk, value head):
+o = (q*exp(cum)) S_c + P v_new.
 """
 
 from __future__ import annotations
@@ -48,19 +50,23 @@ def chunk_prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     system = (beta[:, None] * (k @ k.T) * diff.exp()).masked_fill(~lower, 0.0)
     rhs = torch.cat([beta[:, None] * k * cum.exp()[:, None], beta[:, None] * v], dim=1)
     x = rhs.clone()
-    for i in range(C):  # forward substitution, every column at once (a thread per column on CUDA)
-        x[i] = rhs[i] - system[i, :i] @ x[:i]
+    for j in range(C - 1):  # forward substitution column by column (a thread per right-hand side on CUDA)
+        x[j + 1 :] -= system[j + 1 :, j, None] * x[j]
     w, u = x[:, : k.shape[1]], x[:, k.shape[1] :]
     p = ((q @ k.T) * diff.exp()).masked_fill(~lower.logical_or(torch.eye(C, dtype=torch.bool)), 0.0)
     last = cum[n - 1] if n > 0 else cum.new_zeros(())
     return w, u, q * cum.exp()[:, None], k * (last - cum).exp()[:, None], p, last.exp()
 
 
-def chunk_state_pass(w, u, qg, kd, p, gl, state):
-    """Phase 2 for one chunk: (o [C, Dv], new state [Dk, Dv])."""
+def chunk_state_pass(w, u, kd, gl, state):
+    """Phase 2 for one chunk: (v_new [C, Dv], the next chunk's state [Dk, Dv])."""
     v_new = u - w @ state
-    out = qg @ state + p @ v_new
-    return out, state * gl + kd.T @ v_new
+    return v_new, state * gl + kd.T @ v_new
+
+
+def chunk_output(qg, p, chunk_state, v_new):
+    """Phase 3 for one chunk, from the state at its start: o [C, Dv]."""
+    return qg @ chunk_state + p @ v_new
 
 
 def gated_delta_rule_chunked_torch(q, k, v, g, beta, cu_seqlens, states, state_indices, has_initial_state=None,
@@ -77,12 +83,19 @@ def gated_delta_rule_chunked_torch(q, k, v, g, beta, cu_seqlens, states, state_i
                 state = states[slot, h].double().clone()
             else:
                 state = torch.zeros(k.shape[2], v.shape[2], dtype=torch.float64)
+            chunks = []  # phase 1 (parallel on CUDA)
             for c0 in range(0, end - start, C):
                 c1 = min(c0 + C, end - start)
-                parts = chunk_prepare(qs[c0:c1, h], ks[c0:c1, h], v[start + c0 : start + c1, h].double(),
-                                      g[start + c0 : start + c1, h].double(), beta[start + c0 : start + c1, h].double())
-                o, state = chunk_state_pass(*parts, state)
-                out[start + c0 : start + c1, h] = o[: c1 - c0].to(out.dtype)
+                chunks.append((c0, c1, chunk_prepare(qs[c0:c1, h], ks[c0:c1, h], v[start + c0 : start + c1, h].double(),
+                                                     g[start + c0 : start + c1, h].double(),
+                                                     beta[start + c0 : start + c1, h].double())))
+            kept = []  # phase 2 (sequential): S_c and v_new of every chunk
+            for _, _, (w, u, _, kd, _, gl) in chunks:
+                v_new, next_state = chunk_state_pass(w, u, kd, gl, state)
+                kept.append((state, v_new))
+                state = next_state
+            for (c0, c1, (_, _, qg, _, p, _)), (chunk_state, v_new) in zip(chunks, kept):  # phase 3 (parallel)
+                out[start + c0 : start + c1, h] = chunk_output(qg, p, chunk_state, v_new)[: c1 - c0].to(out.dtype)
             if slot >= 0:
                 states[slot, h] = state.to(states.dtype)
     return out

@@ -16,13 +16,17 @@ namespace splitvl {
 // B(k, n) = kBTrans ? B[n * ldb + k] : B[k * ldb + n]
 // 16-bit T: M, N, K multiples of 16, lda/ldb multiples of 8, ldc a multiple of 4 and
 // every base pointer 32-byte aligned; warps take 16x16 output tiles round robin.
-// Every thread of the block calls it; it does not sync: callers sync before reading C
-// (and between two calls that accumulate into the same C).
+// Warps [first_warp, first_warp + num_warps) call it (num_warps 0: every warp of the block),
+// so the other warps can do independent work meanwhile. It does not sync: callers sync
+// before reading C (and between two calls that accumulate into the same C).
 template <bool kATrans, bool kBTrans, typename T>
 __device__ __forceinline__ void block_mm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
-                                         int M, int N, int K, bool accumulate) {
+                                         int M, int N, int K, bool accumulate, int first_warp = 0,
+                                         int num_warps = 0) {
+  const int warps = num_warps > 0 ? num_warps : static_cast<int>(blockDim.x / 32);
   if constexpr (std::is_same_v<T, float>) {
-    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+    const int tid = static_cast<int>(threadIdx.x) - 32 * first_warp;
+    for (int idx = tid; idx < M * N; idx += 32 * warps) {
       const int m = idx / N, n = idx % N;
       float acc = accumulate ? C[m * ldc + n] : 0.f;
       for (int kk = 0; kk < K; ++kk) {
@@ -36,7 +40,7 @@ __device__ __forceinline__ void block_mm(float* C, int ldc, const T* A, int lda,
     namespace wmma = nvcuda::wmma;
     using ALayout = std::conditional_t<kATrans, wmma::col_major, wmma::row_major>;
     using BLayout = std::conditional_t<kBTrans, wmma::col_major, wmma::row_major>;
-    const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    const int warp = static_cast<int>(threadIdx.x / 32) - first_warp;
     const int tiles_n = N / 16, tiles = (M / 16) * tiles_n;
     for (int tile = warp; tile < tiles; tile += warps) {
       const int m0 = (tile / tiles_n) * 16, n0 = (tile % tiles_n) * 16;

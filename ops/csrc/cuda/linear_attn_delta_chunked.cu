@@ -3,14 +3,16 @@
 //  1. chunk_offsets: chunks per sequence, scanned (no host sync on cu_seqlens).
 //  2. prepare, one CTA per (chunk, value head), all chunks in parallel: cumulative gate,
 //     l2-normalized q/k, K K^T and Q K^T (tensor cores), the UT system solved by forward
-//     substitution in fp32 (a thread per right-hand-side column), giving
+//     substitution in fp32 (a thread per right-hand-side column, held in registers), giving
 //     w = A (beta k exp(cum)), u = A (beta v), qg = q exp(cum), kd = k exp(cum_last - cum),
 //     p = masked (q k^T exp(cum_i - cum_j)) and exp(cum_last), into a workspace.
-//  3. state pass, one CTA per (sequence, value head, 32 state columns), sequential over
-//     the sequence's chunks with the fp32 state in shared memory:
-//     v_new = u - w S; o = qg S + p v_new; S = exp(cum_last) S + kd^T v_new.
-// 16-bit inputs multiply on tensor cores (state rounded to the input type as a matmul
-// operand, kept in fp32); fp32 inputs use fp32 FMA throughout.
+//  3. state pass, one CTA per (sequence, value head, 16 state columns), sequential over
+//     the sequence's chunks with the fp32 state in shared memory: stores S_c (the state at
+//     the chunk's start), v_new = u - w S_c, then S = exp(cum_last) S + kd^T v_new.
+//  4. output, one CTA per (chunk, value head, 64 columns), all chunks in parallel:
+//     o = qg S_c + p v_new.
+// 16-bit inputs multiply on tensor cores (S_c rounded to the input type as a matmul
+// operand, the running state kept in fp32); fp32 inputs use fp32 FMA throughout.
 // Semantics: ops/reference_linear_attn.py (gated_delta_rule_chunked).
 #include <c10/cuda/CUDAException.h>
 
@@ -19,6 +21,7 @@
 #include "common.cuh"
 #include "linear_attn_common.cuh"
 #include "linear_attn_delta_chunked.cuh"
+#include "linear_attn_delta_chunk_output.cuh"
 #include "linear_attn_delta_chunked_layout.cuh"
 #include "linear_attn_delta_state_pass.cuh"
 
@@ -119,21 +122,30 @@ __device__ __forceinline__ void load_rows(const T* q, const T* k, const T* v, co
   }
 }
 
-// x <- (I + l)^-1 x for strictly lower l, rows < n (the rest are zero); a thread per column.
-__device__ __forceinline__ void forward_substitute(float* x, int ldx, int cols, const float* l, int ldl,
-                                                   int n) {
+// x <- (I + L)^-1 x for strictly lower L given transposed (lt[j * ldl + i] = L[i][j], zero for
+// i <= j); a thread per column, the column in registers, eliminated column by column
+// (x[i] -= L[i][j] x[j] for all i > j: independent FMAs, L read as broadcast float4). Rows
+// past the chunk's length have zero right-hand sides and zero L rows, so they stay zero.
+__device__ __forceinline__ void forward_substitute(float* x, int ldx, int cols, const float* lt, int ldl) {
   for (int col = threadIdx.x; col < cols; col += blockDim.x) {
-    for (int i = 1; i < n; ++i) {
-      const float* li = l + i * ldl;
-      float acc[4] = {x[i * ldx + col], 0.f, 0.f, 0.f};  // four chains: the FMA latency overlaps
-      int j = 0;
-      for (; j + 4 <= i; j += 4) {
+    float r[kChunk];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[e] -= li[j + e] * x[(j + e) * ldx + col];
+    for (int i = 0; i < kChunk; ++i) r[i] = x[i * ldx + col];
+#pragma unroll
+    for (int j = 0; j < kChunk - 1; ++j) {
+      const float xj = r[j];
+      const float* lj = lt + j * ldl;
+#pragma unroll
+      for (int i = (j + 1) / 4 * 4; i < kChunk; i += 4) {  // lt[j][i <= j] = 0: aligned groups stay exact
+        const float4 l4 = *reinterpret_cast<const float4*>(lj + i);
+        r[i] = fmaf(-l4.x, xj, r[i]);
+        r[i + 1] = fmaf(-l4.y, xj, r[i + 1]);
+        r[i + 2] = fmaf(-l4.z, xj, r[i + 2]);
+        r[i + 3] = fmaf(-l4.w, xj, r[i + 3]);
       }
-      for (; j < i; ++j) acc[0] -= li[j] * x[j * ldx + col];
-      x[i * ldx + col] = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     }
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) x[i * ldx + col] = r[i];
   }
 }
 
@@ -166,14 +178,19 @@ __global__ void __launch_bounds__(kPrepThreads)
   block_mm<false, true>(l, lay.ldl, ks, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
   block_mm<false, true>(p, lay.ldl, qs, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
   __syncthreads();
+  // k k^T is symmetric: l[j][i] becomes L[i][j] in place, the transposed system.
+  for (int idx = threadIdx.x; idx < kChunk * kChunk; idx += blockDim.x) {
+    const int j = idx / kChunk, i = idx % kChunk;
+    const float kk = l[j * lay.ldl + i];
+    l[j * lay.ldl + i] = j < i ? bet[i] * kk * expf(cum[i] - cum[j]) : 0.f;
+  }
   for (int idx = threadIdx.x; idx < kChunk * kChunk; idx += blockDim.x) {
     const int i = idx / kChunk, j = idx % kChunk;
     const float decay = j <= i ? expf(cum[i] - cum[j]) : 0.f;
-    l[i * lay.ldl + j] = j < i ? bet[i] * l[i * lay.ldl + j] * decay : 0.f;
     ws.p[(row0 + i) * kChunk + j] = from_float<T>(p[i * lay.ldl + j] * decay);
   }
   __syncthreads();
-  forward_substitute(x, lay.ldx, a.dkp + a.dvp, l, lay.ldl, n);
+  forward_substitute(x, lay.ldx, a.dkp + a.dvp, l, lay.ldl);
   __syncthreads();
   for (int idx = threadIdx.x; idx < kChunk * a.dkp; idx += blockDim.x) {
     const int r = idx / a.dkp, i = idx % a.dkp;
@@ -188,37 +205,51 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
+struct Smem {
+  size_t prep, out;
+  PassLayout pass;
+};
+
+template <typename K>
+void allow_smem(K kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
 template <typename T>
 void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
                     at::Tensor& states, const at::Tensor& state_indices, const bool* has_init,
-                    int batch, const ChunkArgs& a, size_t prep_smem, const PassLayout& pass) {
+                    int batch, const ChunkArgs& a, const Smem& smem) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t max_chunks = (q.size(0) + kChunk - 1) / kChunk + batch;  // each sequence adds <= 1 partial
   const int64_t rows = max_chunks * a.hv * kChunk;
-  at::Tensor work = at::empty({rows * (3 * a.dkp + a.dvp + kChunk)}, q.options());
+  const int64_t state_rows = max_chunks * a.hv * a.dkp;
+  at::Tensor work = at::empty({rows * (3 * a.dkp + a.dvp + kChunk) + state_rows * a.dvp}, q.options());
   at::Tensor gl = at::empty({max_chunks * a.hv}, q.options().dtype(at::kFloat));
   at::Tensor offsets = at::empty({batch + 1}, cu_seqlens.options());
   T* base = reinterpret_cast<T*>(work.data_ptr());
   const ChunkWork<T> ws{base, base + rows * a.dkp, base + 2 * rows * a.dkp, base + 3 * rows * a.dkp,
-                        base + rows * (3 * a.dkp + a.dvp), gl.data_ptr<float>()};
+                        base + rows * (3 * a.dkp + a.dvp), base + rows * (3 * a.dkp + a.dvp + kChunk),
+                        gl.data_ptr<float>()};
   const int32_t* cu = cu_seqlens.data_ptr<int32_t>();
   int32_t* off = offsets.data_ptr<int32_t>();
+  const auto chunks = static_cast<unsigned>(max_chunks);
   chunk_offsets_kernel<<<1, kScanThreads, 0, stream>>>(cu, batch, off);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gdn_prepare_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(prep_smem)));
-  gdn_prepare_kernel<T><<<dim3(static_cast<unsigned>(max_chunks), a.hv), kPrepThreads, prep_smem, stream>>>(
+  allow_smem(gdn_prepare_kernel<T>, smem.prep);
+  gdn_prepare_kernel<T><<<dim3(chunks, a.hv), kPrepThreads, smem.prep, stream>>>(
       reinterpret_cast<const T*>(q.data_ptr()), reinterpret_cast<const T*>(k.data_ptr()),
       reinterpret_cast<const T*>(v.data_ptr()), g.data_ptr<float>(), beta.data_ptr<float>(), cu, off,
       batch, a, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gdn_state_pass_kernel<T>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(pass.bytes)));
-  gdn_state_pass_kernel<T><<<dim3(batch, a.hv, a.dvp / kTileV), kPassThreads, pass.bytes, stream>>>(
-      reinterpret_cast<T*>(out.data_ptr()), cu, off, states.data_ptr<float>(),
-      state_indices.data_ptr<int32_t>(), has_init, a, ws, pass.stages);
+  allow_smem(gdn_state_pass_kernel<T>, smem.pass.bytes);
+  gdn_state_pass_kernel<T><<<dim3(batch, a.hv, a.dvp / kTileV), kPassThreads, smem.pass.bytes, stream>>>(
+      off, states.data_ptr<float>(), state_indices.data_ptr<int32_t>(), has_init, a, ws, smem.pass.stages);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  allow_smem(gdn_chunk_output_kernel<T>, smem.out);
+  const auto col_tiles = static_cast<unsigned>((a.dvp + kOutCols - 1) / kOutCols);
+  gdn_chunk_output_kernel<T><<<dim3(chunks, a.hv, col_tiles), kOutThreads, smem.out, stream>>>(
+      reinterpret_cast<T*>(out.data_ptr()), cu, off, batch, a, ws);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -237,17 +268,16 @@ bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const auto fits = [&](size_t bytes) { return bytes <= static_cast<size_t>(max_smem); };
-  const size_t prep_smem = PrepLayout(dkp, dvp, elem).bytes;
-  PassLayout pass(dkp, elem, 2);
-  if (!fits(pass.bytes)) pass = PassLayout(dkp, elem, 1);
-  if (!fits(prep_smem) || !fits(pass.bytes)) return false;
+  Smem smem{PrepLayout(dkp, dvp, elem).bytes, OutLayout(dkp, elem).bytes, PassLayout(dkp, elem, 2)};
+  if (!fits(smem.pass.bytes)) smem.pass = PassLayout(dkp, elem, 1);
+  if (!fits(smem.prep) || !fits(smem.pass.bytes) || !fits(smem.out)) return false;
   if (batch == 0) return true;
   const ChunkArgs a{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                     static_cast<int>(q.size(1)), static_cast<int>(v.size(1)), dk, dv, dkp, dvp,
                     static_cast<int>(states.size(0)), 1.f / sqrtf(static_cast<float>(dk)), l2norm};
   SPLITVL_DISPATCH_FLOAT(q.scalar_type(), "gated_delta_rule_chunked", [&] {
     launch_chunked<scalar_t>(out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_init,
-                             static_cast<int>(batch), a, prep_smem, pass);
+                             static_cast<int>(batch), a, smem);
   });
   return true;
 }

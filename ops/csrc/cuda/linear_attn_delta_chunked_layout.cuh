@@ -1,5 +1,6 @@
 // Shapes, workspace and shared-memory layouts of the chunk-parallel gated delta rule
-// kernels (linear_attn_delta_chunked.cu, linear_attn_delta_state_pass.cuh).
+// kernels (linear_attn_delta_chunked.cu, linear_attn_delta_state_pass.cuh,
+// linear_attn_delta_chunk_output.cuh).
 #pragma once
 
 #include <cstddef>
@@ -11,9 +12,12 @@ namespace {
 constexpr int kChunk = 64;
 constexpr int kMaxDk = 128;    // q/k row in registers: kMaxDk / 32 values per lane
 constexpr int kMaxDv = 256;
-constexpr int kTileV = 32;     // state columns per state-pass CTA
+constexpr int kTileV = 16;     // state columns per state-pass CTA: 128 CTAs at 16 heads x Dv 128
+constexpr int kOutCols = 64;   // output columns per output CTA
 constexpr int kPrepThreads = 256;
-constexpr int kPassThreads = 128;
+constexpr int kPassThreads = 256;  // 8 warps: 4 multiply w S while 4 store S_c and decay S
+constexpr int kPassMmWarps = 4;
+constexpr int kOutThreads = 256;
 constexpr int kScanThreads = 1024;
 constexpr float kL2Eps = 1e-6f;
 
@@ -24,14 +28,17 @@ struct ChunkArgs {
   bool l2norm;
 };
 
-// The workspace rows of (chunk c, head h) start at row (c * hv + h) * kChunk.
+// The workspace rows of (chunk c, head h) start at row (c * hv + h) * kChunk; its state
+// S_c (the state at the chunk's start, a matmul operand of the output kernel) at row
+// (c * hv + h) * dkp of sc.
 template <typename T>
 struct ChunkWork {
   T* w;    // [rows, dkp]
   T* qg;   // [rows, dkp]
   T* kd;   // [rows, dkp]
-  T* u;    // [rows, dvp]
+  T* u;    // [rows, dvp]: u from prepare, overwritten in place by v_new in the state pass
   T* p;    // [rows, kChunk]
+  T* sc;   // [chunks * hv * dkp, dvp]
   float* gl;  // [chunks * hv]
 };
 
@@ -59,26 +66,39 @@ struct PrepLayout {
   }
 };
 
-// Shared-memory carving of the state-pass kernel. The chunk tiles (w, qg, kd, u, p) have
+// Shared-memory carving of the state-pass kernel. The chunk tiles (w, kd, u) have
 // `stages` copies: with two, chunk i + 1 streams in while chunk i computes.
 struct PassLayout {
-  int ldk, ldt, ldp, lds, stages;
-  size_t w, qg, kd, u, p, stage_bytes, s, sb, cb, vb, bytes;
+  int ldk, ldt, lds, stages;
+  size_t w, kd, u, stage_bytes, s, sb, cb, vb, bytes;
   __host__ __device__ PassLayout(int dkp, int elem, int num_stages)
-      : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), ldp(kChunk + 16 / elem), lds(kTileV + 4),
-        stages(num_stages) {
+      : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), lds(kTileV + 4), stages(num_stages) {
     size_t o = 0;
     w = take(o, size_t(kChunk) * ldk * elem);
-    qg = take(o, size_t(kChunk) * ldk * elem);
     kd = take(o, size_t(kChunk) * ldk * elem);
     u = take(o, size_t(kChunk) * ldt * elem);
-    p = take(o, size_t(kChunk) * ldp * elem);
     stage_bytes = o;
     o *= stages;
     s = take(o, size_t(dkp) * lds * 4);
     sb = take(o, size_t(dkp) * ldt * elem);
     cb = take(o, size_t(kChunk) * lds * 4);
     vb = take(o, size_t(kChunk) * ldt * elem);
+    bytes = o;
+  }
+};
+
+// Shared-memory carving of the output kernel: qg, p, S_c and v_new tiles, fp32 output.
+struct OutLayout {
+  int ldk, ldp, ldo, ldc;
+  size_t qg, p, sc, vn, cb, bytes;
+  __host__ __device__ OutLayout(int dkp, int elem)
+      : ldk(dkp + 16 / elem), ldp(kChunk + 16 / elem), ldo(kOutCols + 16 / elem), ldc(kOutCols + 4) {
+    size_t o = 0;
+    qg = take(o, size_t(kChunk) * ldk * elem);
+    p = take(o, size_t(kChunk) * ldp * elem);
+    sc = take(o, size_t(dkp) * ldo * elem);
+    vn = take(o, size_t(kChunk) * ldo * elem);
+    cb = take(o, size_t(kChunk) * ldc * 4);
     bytes = o;
   }
 };

@@ -1,6 +1,10 @@
 // The state pass of the chunk-parallel gated delta rule: one CTA per (sequence, value
 // head, kTileV state columns), sequential over the sequence's chunks, fp32 state in shared
 // memory, chunk tiles streamed in with cp.async (two stages when shared memory allows).
+// It keeps only what the recurrence needs on the sequential path (v_new = u - w S and
+// S = exp(cum_last) S + kd^T v_new, two small matmuls a chunk) and stores v_new and each
+// chunk's starting state S_c; the output kernel then computes o = qg S_c + p v_new for
+// all chunks in parallel.
 #pragma once
 
 #include "block_mm.cuh"
@@ -36,17 +40,45 @@ __device__ __forceinline__ void load_chunk(unsigned char* smem, const PassLayout
   unsigned char* base = smem + stage * lay.stage_bytes;
   const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
   copy_tile_async(carve<T>(base, lay.w), lay.ldk, ws.w + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-  copy_tile_async(carve<T>(base, lay.qg), lay.ldk, ws.qg + row0 * a.dkp, a.dkp, kChunk, a.dkp);
   copy_tile_async(carve<T>(base, lay.kd), lay.ldk, ws.kd + row0 * a.dkp, a.dkp, kChunk, a.dkp);
   copy_tile_async(carve<T>(base, lay.u), lay.ldt, ws.u + row0 * a.dvp + v0, a.dvp, kChunk, kTileV);
-  copy_tile_async(carve<T>(base, lay.p), lay.ldp, ws.p + row0 * kChunk, kChunk, kChunk, kChunk);
   cp_async_commit();
+}
+
+// rows x kTileV of T from shared memory (leading dim lds) to global (leading dim ldd), 16 bytes a thread
+// among threads [first, first + count).
+template <typename T>
+__device__ __forceinline__ void store_tile16(T* dst, int64_t ldd, const T* src, int lds, int rows, int first,
+                                             int count) {
+  constexpr int kUnits = kTileV / kPack16<T>;
+  for (int idx = static_cast<int>(threadIdx.x) - first; idx < rows * kUnits; idx += count) {
+    const int r = idx / kUnits, e = (idx % kUnits) * kPack16<T>;
+    *reinterpret_cast<uint4*>(dst + r * ldd + e) = *reinterpret_cast<const uint4*>(src + r * lds + e);
+  }
+}
+
+// The state (kTileV columns from v0) from the slot, or zeros; a row per dkp.
+__device__ __forceinline__ void load_state(float* s, int lds, const float* slot_state, const ChunkArgs& a,
+                                           int v0) {
+  for (int idx = threadIdx.x; idx < a.dkp * kTileV; idx += blockDim.x) {
+    const int i = idx / kTileV, col = v0 + idx % kTileV;
+    const bool in = slot_state != nullptr && i < a.dk && col < a.dv;
+    s[i * lds + idx % kTileV] = in ? slot_state[static_cast<int64_t>(i) * a.dv + col] : 0.f;
+  }
+}
+
+// sb <- s rounded to T (the matmul operand).
+template <typename T>
+__device__ __forceinline__ void round_state(T* sb, int ldt, const float* s, int lds, int dkp) {
+  for (int idx = threadIdx.x; idx < dkp * kTileV; idx += blockDim.x) {
+    const int i = idx / kTileV, j = idx % kTileV;
+    sb[i * ldt + j] = from_float<T>(s[i * lds + j]);
+  }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kPassThreads)
-    gdn_state_pass_kernel(T* __restrict__ out, const int32_t* __restrict__ cu,
-                          const int32_t* __restrict__ offsets, float* __restrict__ states,
+    gdn_state_pass_kernel(const int32_t* __restrict__ offsets, float* __restrict__ states,
                           const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
                           ChunkArgs a, ChunkWork<T> ws, int stages) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -63,16 +95,13 @@ __global__ void __launch_bounds__(kPassThreads)
       slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
   const int first = offsets[b], count = offsets[b + 1] - first;
   if (count > 0) load_chunk(smem, lay, 0, ws, a, first, h, v0);
-  const int state_elems = a.dkp * kTileV;
-  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-    const int i = idx / kTileV, col = v0 + idx % kTileV;
-    const bool in = use_state && i < a.dk && col < a.dv;
-    s[i * lay.lds + idx % kTileV] = in ? slot_state[static_cast<int64_t>(i) * a.dv + col] : 0.f;
-  }
+  load_state(s, lay.lds, use_state ? slot_state : nullptr, a, v0);
+  __syncthreads();
+  round_state(sb, lay.ldt, s, lay.lds, a.dkp);
+  const int mm_threads = 32 * kPassMmWarps, other = kPassThreads - mm_threads;
   for (int ci = 0; ci < count; ++ci) {
     const int c = first + ci, stage = stages == 2 ? ci & 1 : 0;
-    const int64_t t0 = cu[b] + static_cast<int64_t>(ci) * kChunk;
-    const int n = static_cast<int>(min(static_cast<int64_t>(kChunk), cu[b + 1] - t0));
+    const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
     if (stages == 2 && ci + 1 < count) {  // the other stage was released by the last chunk's final sync
       load_chunk(smem, lay, stage ^ 1, ws, a, c + 1, h, v0);
       cp_async_wait<1>();
@@ -81,40 +110,34 @@ __global__ void __launch_bounds__(kPassThreads)
     }
     unsigned char* base = smem + stage * lay.stage_bytes;
     const T* w = carve<T>(base, lay.w);
-    const T* qg = carve<T>(base, lay.qg);
     const T* kd = carve<T>(base, lay.kd);
     const T* u = carve<T>(base, lay.u);
-    const T* p = carve<T>(base, lay.p);
-    const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
-    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-      const int i = idx / kTileV, j = idx % kTileV;
-      sb[i * lay.ldt + j] = from_float<T>(s[i * lay.lds + j]);
+    __syncthreads();  // the chunk's tiles and sb = S_c are complete
+    if (threadIdx.x < mm_threads) {
+      block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false, 0, kPassMmWarps);
+    } else {  // meanwhile: S_c to the workspace, and the decay of S
+      store_tile16(ws.sc + (static_cast<int64_t>(c) * a.hv + h) * a.dkp * a.dvp + v0, a.dvp, sb, lay.ldt,
+                   a.dkp, mm_threads, other);
+      const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
+      for (int idx = threadIdx.x - mm_threads; idx < a.dkp * kTileV; idx += other) {
+        s[(idx / kTileV) * lay.lds + idx % kTileV] *= gl;
+      }
     }
-    __syncthreads();
-    block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
       const int r = idx / kTileV, j = idx % kTileV;
       vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - cb[r * lay.lds + j]);
     }
     __syncthreads();
-    block_mm<false, false>(cb, lay.lds, qg, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false);
-    for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
-      s[(idx / kTileV) * lay.lds + idx % kTileV] *= gl;
-    }
-    __syncthreads();
-    block_mm<false, false>(cb, lay.lds, p, lay.ldp, vb, lay.ldt, kChunk, kTileV, kChunk, true);
+    store_tile16(ws.u + row0 * a.dvp + v0, a.dvp, vb, lay.ldt, kChunk, 0, kPassThreads);  // u is dead: v_new
     block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true);
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < n * kTileV; idx += blockDim.x) {
-      const int r = idx / kTileV, j = idx % kTileV;
-      if (v0 + j < a.dv) out[((t0 + r) * a.hv + h) * a.dv + v0 + j] = from_float<T>(cb[r * lay.lds + j]);
-    }
-    __syncthreads();  // this stage's tiles and cb are free again
+    __syncthreads();  // this stage's tiles are free again, s is the next chunk's state
+    round_state(sb, lay.ldt, s, lay.lds, a.dkp);
     if (stages == 1 && ci + 1 < count) load_chunk(smem, lay, 0, ws, a, c + 1, h, v0);
   }
   if (slot_state == nullptr) return;
-  for (int idx = threadIdx.x; idx < state_elems; idx += blockDim.x) {
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < a.dkp * kTileV; idx += blockDim.x) {
     const int i = idx / kTileV, col = v0 + idx % kTileV;
     if (i < a.dk && col < a.dv) slot_state[static_cast<int64_t>(i) * a.dv + col] = s[i * lay.lds + idx % kTileV];
   }
