@@ -371,7 +371,7 @@ def delta_rule_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
     c = reference_linear_attn.CHUNK_SIZE
     for model, heads in _linear_shapes(smoke):
         hk, hv, dk, dv = heads
-        for lens in [[5, 70]] if smoke else [[256], [4096], [1024] * 4]:
+        for lens in [[5, 70]] if smoke else [[256], [4096], [1024] * 4, [16384]]:
             q, k, v, g, beta = _gdr_inputs(sum(lens), heads, dev, dtype)
             states = torch.randn(len(lens) + 1, hv, dk, dv, device=dev) * 0.1
             cu, idx = _cu(lens, dev), torch.arange(1, len(lens) + 1, dtype=torch.int32, device=dev)

@@ -199,8 +199,10 @@ def test_gated_delta_rule_chunked_matches_reference(kernels, device, dtype, head
     assert_close(pool, expected_pool, state_dtype, scale=10)
 
 
-# Chunk-parallel kernels (Dk <= 128; Dv tiled by 32, padded), and Dk = 192 (the sequential fallback).
-CHUNK_HEADS = HEADS + [pytest.param((2, 2, 128, 128), id="0.8b-heads"), pytest.param((1, 2, 192, 64), id="dk192")]
+# Chunk-parallel kernels (Dk <= 128; Dv padded to 16: state tiles of 16 columns, output tiles of 64, the
+# last one partial at Dv 80), and Dk = 192 (the sequential fallback).
+CHUNK_HEADS = HEADS + [pytest.param((2, 2, 128, 128), id="0.8b-heads"), pytest.param((1, 2, 64, 80), id="dv80"),
+                       pytest.param((1, 2, 192, 64), id="dk192")]
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
