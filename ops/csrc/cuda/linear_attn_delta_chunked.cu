@@ -75,29 +75,55 @@ __device__ __forceinline__ void load_gates(const float* g, const float* beta, in
   bet[r1] = r1 < n ? beta[(t0 + r1) * hv + h] : 0.f;
 }
 
-// A warp per row: normalized q, k into shared memory (matmul operands), qg and kd into the
-// workspace, the right-hand sides beta k exp(cum) | beta v into x (fp32).
+constexpr int kRowsPerWarp = kChunk / (kPrepThreads / 32);
+
+// The q, k, v values of one warp's rows (warp, warp + 8, ...; zero past the chunk), all
+// loads issued before any is used: with one prepare CTA per SM little else hides them.
+struct RawRows {
+  float q[kRowsPerWarp][kMaxDk / 32], k[kRowsPerWarp][kMaxDk / 32], v[kRowsPerWarp][kMaxDv / 32];
+};
+
 template <typename T>
-__device__ __forceinline__ void load_rows(const T* q, const T* k, const T* v, const ChunkArgs& a,
-                                          int64_t t0, int n, int h, int64_t row0, const float* cum,
-                                          const float* bet, T* qs, T* ks, float* x, int ldk, int ldx,
-                                          const ChunkWork<T>& ws) {
+__device__ __forceinline__ void load_raw_rows(const T* q, const T* k, const T* v, const ChunkArgs& a, int64_t t0,
+                                              int n, int h, RawRows& raw) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int hq = h / (a.hv / a.hk);
-  const float last = cum[n - 1];
-  for (int r = warp; r < kChunk; r += kPrepThreads / 32) {
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int r = warp + rr * (kPrepThreads / 32);
     const bool live = r < n;
     const int64_t t = t0 + r;
-    float qv[kMaxDk / 32], kv[kMaxDk / 32];
-    float sq = 0.f, sk = 0.f;
 #pragma unroll
     for (int e = 0; e < kMaxDk / 32; ++e) {
       const int i = lane + 32 * e;
       const bool in = live && i < a.dk;
-      qv[e] = in ? to_float(q[t * a.q_tok + hq * a.q_head + i]) : 0.f;
-      kv[e] = in ? to_float(k[t * a.k_tok + hq * a.k_head + i]) : 0.f;
-      sq += qv[e] * qv[e];
-      sk += kv[e] * kv[e];
+      raw.q[rr][e] = in ? to_float(q[t * a.q_tok + hq * a.q_head + i]) : 0.f;
+      raw.k[rr][e] = in ? to_float(k[t * a.k_tok + hq * a.k_head + i]) : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < kMaxDv / 32; ++e) {
+      const int j = lane + 32 * e;
+      raw.v[rr][e] = live && j < a.dv ? to_float(v[t * a.v_tok + h * a.v_head + j]) : 0.f;
+    }
+  }
+}
+
+// A warp per row: normalized q, k into shared memory (matmul operands), qg and kd into the
+// workspace, the right-hand sides beta k exp(cum) | beta v into x (fp32).
+template <typename T>
+__device__ __forceinline__ void finish_rows(const RawRows& raw, const ChunkArgs& a, int n, int64_t row0,
+                                            const float* cum, const float* bet, T* qs, T* ks, float* x, int ldk,
+                                            int ldx, const ChunkWork<T>& ws) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const float last = cum[n - 1];
+#pragma unroll
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int r = warp + rr * (kPrepThreads / 32);
+    float sq = 0.f, sk = 0.f;
+#pragma unroll
+    for (int e = 0; e < kMaxDk / 32; ++e) {
+      sq += raw.q[rr][e] * raw.q[rr][e];
+      sk += raw.k[rr][e] * raw.k[rr][e];
     }
     float q_scale = a.scale, k_scale = 1.f;
     if (a.l2norm) {
@@ -109,15 +135,17 @@ __device__ __forceinline__ void load_rows(const T* q, const T* k, const T* v, co
     for (int e = 0; e < kMaxDk / 32; ++e) {
       const int i = lane + 32 * e;
       if (i >= a.dkp) break;
-      const float qn = qv[e] * q_scale, kn = kv[e] * k_scale;
+      const float qn = raw.q[rr][e] * q_scale, kn = raw.k[rr][e] * k_scale;
       qs[r * ldk + i] = from_float<T>(qn);
       ks[r * ldk + i] = from_float<T>(kn);
       x[r * ldx + i] = br * kn * up;
       ws.qg[(row0 + r) * a.dkp + i] = from_float<T>(qn * up);
       ws.kd[(row0 + r) * a.dkp + i] = from_float<T>(kn * down);
     }
-    for (int j = lane; j < a.dvp; j += 32) {
-      x[r * ldx + a.dkp + j] = live && j < a.dv ? br * to_float(v[t * a.v_tok + h * a.v_head + j]) : 0.f;
+#pragma unroll
+    for (int e = 0; e < kMaxDv / 32; ++e) {
+      const int j = lane + 32 * e;
+      if (j < a.dvp) x[r * ldx + a.dkp + j] = br * raw.v[rr][e];  // zero past dv and past n
     }
   }
 }
@@ -171,9 +199,11 @@ __global__ void __launch_bounds__(kPrepThreads)
   float* cum = carve<float>(smem, lay.cum);
   float* bet = carve<float>(smem, lay.bet);
 
+  RawRows raw;
+  load_raw_rows(q, k, v, a, t0, n, h, raw);
   load_gates(g, beta, t0, n, h, a.hv, cum, bet);
   __syncthreads();
-  load_rows(q, k, v, a, t0, n, h, row0, cum, bet, qs, ks, x, lay.ldk, lay.ldx, ws);
+  finish_rows(raw, a, n, row0, cum, bet, qs, ks, x, lay.ldk, lay.ldx, ws);
   __syncthreads();
   block_mm<false, true>(l, lay.ldl, ks, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
   block_mm<false, true>(p, lay.ldl, qs, lay.ldk, ks, lay.ldk, kChunk, kChunk, a.dkp, false);
