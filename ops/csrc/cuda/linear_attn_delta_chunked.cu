@@ -298,8 +298,8 @@ bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const auto fits = [&](size_t bytes) { return bytes <= static_cast<size_t>(max_smem); };
-  Smem smem{PrepLayout(dkp, dvp, elem).bytes, OutLayout(dkp, elem).bytes, PassLayout(dkp, elem, 2)};
-  if (!fits(smem.pass.bytes)) smem.pass = PassLayout(dkp, elem, 1);
+  Smem smem{PrepLayout(dkp, dvp, elem).bytes, OutLayout(dkp, elem).bytes, PassLayout(dkp, elem, kMaxPassStages)};
+  while (smem.pass.stages > 1 && !fits(smem.pass.bytes)) smem.pass = PassLayout(dkp, elem, smem.pass.stages - 1);
   if (!fits(smem.prep) || !fits(smem.pass.bytes) || !fits(smem.out)) return false;
   if (batch == 0) return true;
   const ChunkArgs a{q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),

@@ -18,6 +18,7 @@ constexpr int kPrepThreads = 256;
 constexpr int kPassThreads = 256;  // 8 warps: 4 multiply w S while 4 store S_c and decay S
 constexpr int kPassMmWarps = 4;
 constexpr int kOutThreads = 256;
+constexpr int kMaxPassStages = 3;  // chunks in flight in the state pass (one CTA per SM at the 0.8B shape)
 constexpr int kScanThreads = 1024;
 constexpr float kL2Eps = 1e-6f;
 

@@ -1,6 +1,7 @@
 // The state pass of the chunk-parallel gated delta rule: one CTA per (sequence, value
 // head, kTileV state columns), sequential over the sequence's chunks, fp32 state in shared
-// memory, chunk tiles streamed in with cp.async (two stages when shared memory allows).
+// memory, chunk tiles streamed in with cp.async (up to kMaxPassStages stages, as shared memory
+// allows).
 // It keeps only what the recurrence needs on the sequential path (v_new = u - w S and
 // S = exp(cum_last) S + kd^T v_new, two small matmuls a chunk) and stores v_new and each
 // chunk's starting state S_c; the output kernel then computes o = qg S_c + p v_new for
@@ -21,6 +22,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
+// Waits until at most `pending` (0..kMaxPassStages - 1) commit groups are in flight.
+__device__ __forceinline__ void cp_async_wait_at_most(int pending) {
+  if (pending >= 2) {
+    cp_async_wait<2>();
+  } else if (pending == 1) {
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
 
 // rows x cols of T, asynchronously; cols * sizeof(T) and both leading dims a multiple of 16 bytes.
 template <typename T>
@@ -94,20 +105,29 @@ __global__ void __launch_bounds__(kPassThreads)
   float* slot_state =
       slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
   const int first = offsets[b], count = offsets[b + 1] - first;
-  if (count > 0) load_chunk(smem, lay, 0, ws, a, first, h, v0);
+  // Chunk i streams into stage i % stages, stages - 1 chunks ahead of the one computing; every
+  // iteration commits one group (empty past the end) so the wait count stays stages - 1.
+  for (int ci = 0; ci < stages - 1; ++ci) {
+    if (ci < count) {
+      load_chunk(smem, lay, ci, ws, a, first + ci, h, v0);
+    } else {
+      cp_async_commit();
+    }
+  }
   load_state(s, lay.lds, use_state ? slot_state : nullptr, a, v0);
   __syncthreads();
   round_state(sb, lay.ldt, s, lay.lds, a.dkp);
   const int mm_threads = 32 * kPassMmWarps, other = kPassThreads - mm_threads;
   for (int ci = 0; ci < count; ++ci) {
-    const int c = first + ci, stage = stages == 2 ? ci & 1 : 0;
+    const int c = first + ci, stage = ci % stages, ahead = ci + stages - 1;
     const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
-    if (stages == 2 && ci + 1 < count) {  // the other stage was released by the last chunk's final sync
-      load_chunk(smem, lay, stage ^ 1, ws, a, c + 1, h, v0);
-      cp_async_wait<1>();
+    // The stage of chunk `ahead` was released by the last chunk's final sync.
+    if (ahead < count) {
+      load_chunk(smem, lay, ahead % stages, ws, a, first + ahead, h, v0);
     } else {
-      cp_async_wait<0>();
+      cp_async_commit();
     }
+    cp_async_wait_at_most(stages - 1);
     unsigned char* base = smem + stage * lay.stage_bytes;
     const T* w = carve<T>(base, lay.w);
     const T* kd = carve<T>(base, lay.kd);
@@ -133,8 +153,8 @@ __global__ void __launch_bounds__(kPassThreads)
     block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true);
     __syncthreads();  // this stage's tiles are free again, s is the next chunk's state
     round_state(sb, lay.ldt, s, lay.lds, a.dkp);
-    if (stages == 1 && ci + 1 < count) load_chunk(smem, lay, 0, ws, a, c + 1, h, v0);
   }
+  cp_async_wait<0>();  // only empty groups can be left
   if (slot_state == nullptr) return;
   __syncthreads();
   for (int idx = threadIdx.x; idx < a.dkp * kTileV; idx += blockDim.x) {
