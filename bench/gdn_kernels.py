@@ -1,0 +1,73 @@
+"""Per-kernel GPU time of the chunked Gated DeltaNet prefill (`ops.gated_delta_rule_chunked`).
+
+    python -m bench.gdn_kernels                           # H200: the 0.8B shape, 1x256 .. 1x16384 tokens
+    python -m bench.gdn_kernels --device cpu --lens 64,1x70 --heads 2,4,16,40   # a CPU check of the script
+
+Each case is warmed up, then `--iters` calls run under torch.profiler; the table lists every
+kernel's time per call (chunk offsets, prepare, state pass, output) and the call's wall time from
+CUDA events, so it says which of the phases holds the total.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import ops
+from bench.common import cuda_time_fn, print_table
+from bench.ops import LINEAR, _cu, _gdr_inputs
+from bench.profile import kernel_table, make_profiler
+
+
+def parse_lens(spec: str) -> list[list[int]]:
+    """'1x4096,4x1024,70' -> [[4096], [1024] * 4, [70]]."""
+    out = []
+    for part in spec.split(","):
+        count, _, length = part.rpartition("x")
+        out.append([int(length)] * int(count or 1))
+    return out
+
+
+def profile_case(lens: list[int], heads: tuple[int, int, int, int], device: str, dtype: torch.dtype,
+                 iters: int) -> tuple[list[dict], float]:
+    """(kernel rows per call, wall ms per call) of one packed batch of sequences."""
+    hk, hv, dk, dv = heads
+    q, k, v, g, beta = _gdr_inputs(sum(lens), heads, device, dtype)
+    states = torch.randn(len(lens) + 1, hv, dk, dv, device=device) * 0.1
+    cu = _cu(lens, device)
+    idx = torch.arange(1, len(lens) + 1, dtype=torch.int32, device=device)
+    init = torch.ones(len(lens), dtype=torch.bool, device=device)
+
+    def call() -> torch.Tensor:
+        return ops.gated_delta_rule_chunked(q, k, v, g, beta, cu, states, idx, init, True)
+
+    wall_ms = cuda_time_fn(call) if device == "cuda" else float("nan")
+    with make_profiler(torch.device(device)) as prof:
+        for _ in range(iters):
+            call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    rows, _ = kernel_table(prof, torch.device(device), iters)
+    return rows, wall_ms
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--lens", default="1x256,1x4096,4x1024,1x16384", help="COUNTxLEN,... sequences per case")
+    parser.add_argument("--heads", default=",".join(map(str, LINEAR["0.8B"])), help="Hk,Hv,Dk,Dv")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    heads = tuple(int(x) for x in args.heads.split(","))
+    dtype = getattr(torch, args.dtype)
+    for lens in parse_lens(args.lens):
+        rows, wall_ms = profile_case(lens, heads, args.device, dtype, args.iters)
+        print_table(f"gated_delta_rule_chunked {len(lens)}x{max(lens)} heads={heads}: {wall_ms * 1e3:.1f} us/call",
+                    ["kernel", "us/call", "calls", "share"],
+                    [[r["name"][:80], r["us_per_step"], r["calls"], f"{100 * r['share']:.1f}%"] for r in rows])
+
+
+if __name__ == "__main__":
+    main()
