@@ -11,7 +11,7 @@
 
 namespace splitvl {
 
-// C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]; C is fp32 in shared memory.
+// C[M, N] = (accumulate ? c_scale C : 0) + A[M, K] B[K, N]; C is fp32 in shared memory.
 // A(m, k) = kATrans ? A[k * lda + m] : A[m * lda + k]
 // B(k, n) = kBTrans ? B[n * ldb + k] : B[k * ldb + n]
 // 16-bit T: M, N, K multiples of 16, lda/ldb multiples of 8, ldc a multiple of 4 and
@@ -22,13 +22,13 @@ namespace splitvl {
 template <bool kATrans, bool kBTrans, typename T>
 __device__ __forceinline__ void block_mm(float* C, int ldc, const T* A, int lda, const T* B, int ldb,
                                          int M, int N, int K, bool accumulate, int first_warp = 0,
-                                         int num_warps = 0) {
+                                         int num_warps = 0, float c_scale = 1.f) {
   const int warps = num_warps > 0 ? num_warps : static_cast<int>(blockDim.x / 32);
   if constexpr (std::is_same_v<T, float>) {
     const int tid = static_cast<int>(threadIdx.x) - 32 * first_warp;
     for (int idx = tid; idx < M * N; idx += 32 * warps) {
       const int m = idx / N, n = idx % N;
-      float acc = accumulate ? C[m * ldc + n] : 0.f;
+      float acc = accumulate ? c_scale * C[m * ldc + n] : 0.f;
       for (int kk = 0; kk < K; ++kk) {
         const float a = kATrans ? A[kk * lda + m] : A[m * lda + kk];
         const float b = kBTrans ? B[n * ldb + kk] : B[kk * ldb + n];
@@ -47,6 +47,10 @@ __device__ __forceinline__ void block_mm(float* C, int ldc, const T* A, int lda,
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       if (accumulate) {
         wmma::load_matrix_sync(acc, C + m0 * ldc + n0, ldc, wmma::mem_row_major);
+        if (c_scale != 1.f) {
+#pragma unroll
+          for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= c_scale;
+        }
       } else {
         wmma::fill_fragment(acc, 0.f);
       }

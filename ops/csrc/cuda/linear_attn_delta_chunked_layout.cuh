@@ -15,7 +15,7 @@ constexpr int kMaxDv = 256;
 constexpr int kTileV = 16;     // state columns per state-pass CTA: 128 CTAs at 16 heads x Dv 128
 constexpr int kOutCols = 64;   // output columns per output CTA
 constexpr int kPrepThreads = 256;
-constexpr int kPassThreads = 256;  // 8 warps: 4 multiply w S while 4 store S_c and decay S
+constexpr int kPassThreads = 256;  // 8 warps: w S split in two halves of Dk, 4 warps each
 constexpr int kPassMmWarps = 4;
 constexpr int kOutThreads = 256;
 constexpr int kMaxPassStages = 3;  // chunks in flight in the state pass (one CTA per SM at the 0.8B shape)
@@ -71,7 +71,7 @@ struct PrepLayout {
 // `stages` copies: with two, chunk i + 1 streams in while chunk i computes.
 struct PassLayout {
   int ldk, ldt, lds, stages;
-  size_t w, kd, u, stage_bytes, s, sb, cb, vb, bytes;
+  size_t w, kd, u, stage_bytes, s, sb, cb, cb2, vb, bytes;
   __host__ __device__ PassLayout(int dkp, int elem, int num_stages)
       : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), lds(kTileV + 4), stages(num_stages) {
     size_t o = 0;
@@ -83,6 +83,7 @@ struct PassLayout {
     s = take(o, size_t(dkp) * lds * 4);
     sb = take(o, size_t(dkp) * ldt * elem);
     cb = take(o, size_t(kChunk) * lds * 4);
+    cb2 = take(o, size_t(kChunk) * lds * 4);
     vb = take(o, size_t(kChunk) * ldt * elem);
     bytes = o;
   }

@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kPassThreads)
   float* s = carve<float>(smem, lay.s);
   T* sb = carve<T>(smem, lay.sb);
   float* cb = carve<float>(smem, lay.cb);
+  float* cb2 = carve<float>(smem, lay.cb2);
   T* vb = carve<T>(smem, lay.vb);
   const int slot = slots[b];
   CUDA_KERNEL_ASSERT(slot < a.num_slots);
@@ -117,7 +118,8 @@ __global__ void __launch_bounds__(kPassThreads)
   load_state(s, lay.lds, use_state ? slot_state : nullptr, a, v0);
   __syncthreads();
   round_state(sb, lay.ldt, s, lay.lds, a.dkp);
-  const int mm_threads = 32 * kPassMmWarps, other = kPassThreads - mm_threads;
+  const int mm_threads = 32 * kPassMmWarps;
+  const int half = a.dkp / 32 * 16;  // a multiple of 16 (zero at Dk 16: the second half does it all)
   for (int ci = 0; ci < count; ++ci) {
     const int c = first + ci, stage = ci % stages, ahead = ci + stages - 1;
     const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
@@ -132,25 +134,27 @@ __global__ void __launch_bounds__(kPassThreads)
     const T* w = carve<T>(base, lay.w);
     const T* kd = carve<T>(base, lay.kd);
     const T* u = carve<T>(base, lay.u);
+    const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
     __syncthreads();  // the chunk's tiles and sb = S_c are complete
+    // w S in two halves of Dk on four warps each (half as many dependent tensor-core steps).
     if (threadIdx.x < mm_threads) {
-      block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, a.dkp, false, 0, kPassMmWarps);
-    } else {  // meanwhile: S_c to the workspace, and the decay of S
-      store_tile16(ws.sc + (static_cast<int64_t>(c) * a.hv + h) * a.dkp * a.dvp + v0, a.dvp, sb, lay.ldt,
-                   a.dkp, mm_threads, other);
-      const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
-      for (int idx = threadIdx.x - mm_threads; idx < a.dkp * kTileV; idx += other) {
-        s[(idx / kTileV) * lay.lds + idx % kTileV] *= gl;
-      }
+      block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, half, false, 0, kPassMmWarps);
+    } else {
+      block_mm<false, false>(cb2, lay.lds, w + half, lay.ldk, sb + half * lay.ldt, lay.ldt, kChunk, kTileV,
+                             a.dkp - half, false, kPassMmWarps, kPassMmWarps);
     }
     __syncthreads();
     for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
       const int r = idx / kTileV, j = idx % kTileV;
-      vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - cb[r * lay.lds + j]);
+      const float ws_rj = cb[r * lay.lds + j] + cb2[r * lay.lds + j];
+      vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - ws_rj);
     }
+    store_tile16(ws.sc + (static_cast<int64_t>(c) * a.hv + h) * a.dkp * a.dvp + v0, a.dvp, sb, lay.ldt, a.dkp, 0,
+                 kPassThreads);  // S_c for the output kernel
     __syncthreads();
     store_tile16(ws.u + row0 * a.dvp + v0, a.dvp, vb, lay.ldt, kChunk, 0, kPassThreads);  // u is dead: v_new
-    block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true);
+    // S = exp(cum_last) S + kd^T v_new
+    block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true, 0, 0, gl);
     __syncthreads();  // this stage's tiles are free again, s is the next chunk's state
     round_state(sb, lay.ldt, s, lay.lds, a.dkp);
   }
