@@ -294,11 +294,16 @@ bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const
   if (dk > kMaxDk || dv > kMaxDv || v.size(1) > 65535) return false;
   const int dkp = round_up(dk, 16), dvp = round_up(dv, kTileV);
   const int elem = static_cast<int>(q.element_size());
-  int device = 0, max_smem = 0;
+  int device = 0, max_smem = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const auto fits = [&](size_t bytes) { return bytes <= static_cast<size_t>(max_smem); };
-  Smem smem{PrepLayout(dkp, dvp, elem).bytes, OutLayout(dkp, elem).bytes, PassLayout(dkp, elem, kMaxPassStages)};
+  // Three stages leave room for one state-pass CTA per SM: right when the CTAs fit in one wave
+  // (one long sequence); with more, two stages let two CTAs share an SM and hide each other.
+  const int64_t pass_ctas = batch * v.size(1) * (dvp / kTileV);
+  const int stages = pass_ctas > sms ? 2 : kMaxPassStages;
+  Smem smem{PrepLayout(dkp, dvp, elem).bytes, OutLayout(dkp, elem).bytes, PassLayout(dkp, elem, stages)};
   while (smem.pass.stages > 1 && !fits(smem.pass.bytes)) smem.pass = PassLayout(dkp, elem, smem.pass.stages - 1);
   if (!fits(smem.prep) || !fits(smem.pass.bytes) || !fits(smem.out)) return false;
   if (batch == 0) return true;
