@@ -228,6 +228,18 @@ def gdn_gating(ba, A_log, dt_bias):
     return g, beta
 
 
+@_ops.op(reference_linear_attn)
+def gated_delta_net_decode(
+    proj, conv_weight, conv_states, A_log, dt_bias, recurrent_states, state_indices, norm_weight, eps,
+    use_qk_l2norm,
+):
+    out = torch.empty((proj.shape[0], A_log.shape[0], norm_weight.shape[0]), dtype=proj.dtype, device=proj.device)
+    torch.ops.splitvl.gated_delta_net_decode.default(
+        out, proj, conv_weight, conv_states, A_log, dt_bias, recurrent_states, state_indices, norm_weight, eps,
+        use_qk_l2norm,
+    )
+    return out
+
 # The declared ops, in declaration order (tests check them against the schemas and references).
 OPS = _ops.ops()
 

@@ -255,3 +255,43 @@ def gdn_gating(
     beta = b.sigmoid().float()
     g = -A_log.exp() * F.softplus(a.float() + dt_bias)
     return g.contiguous(), beta.contiguous()
+
+
+def gated_delta_net_decode(
+    proj: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_states: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    recurrent_states: torch.Tensor,
+    state_indices: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """One decode step of a Gated DeltaNet layer between its two projections: one token per
+    sequence, continuing its slot. Exactly the composition `gdn_gating` -> `causal_conv1d_update`
+    (no bias, SiLU) -> `gated_delta_rule_recurrent` -> `gated_rms_norm` over the columns of the
+    input projection, with each op's rounding.
+
+    The head counts follow from the shapes: Hv = len(A_log), Dv = len(norm_weight),
+    Dk = recurrent_states.shape[2], Hk = (conv_dim - Hv Dv) / (2 Dk).
+
+    Shapes: proj [B, conv_dim + Hv Dv + 2 Hv] (columns q | k | v | z | b | a, unit column
+    stride, any row stride), conv_weight [conv_dim, W], conv_states [num_slots, conv_dim, W-1]
+    (proj's dtype; updated in place), A_log, dt_bias [Hv] fp32, recurrent_states
+    [num_slots, Hv, Dk, Dv] fp32 (updated in place), state_indices [B] int32, norm_weight [Dv]
+    (proj's dtype or fp32) -> out [B, Hv, Dv] in proj's dtype.
+    """
+    batch, conv_dim = proj.shape[0], conv_weight.shape[0]
+    hv, dv, dk = A_log.shape[0], norm_weight.shape[0], recurrent_states.shape[2]
+    key_dim = (conv_dim - hv * dv) // 2
+    mixed, z, ba = proj.split([conv_dim, hv * dv, 2 * hv], dim=-1)
+    g, beta = gdn_gating(ba, A_log, dt_bias)
+    mixed = causal_conv1d_update(mixed, conv_weight, None, conv_states, state_indices, True)
+    q, k, v = mixed.split([key_dim, key_dim, hv * dv], dim=-1)
+    out = gated_delta_rule_recurrent(
+        q.reshape(batch, -1, dk), k.reshape(batch, -1, dk), v.reshape(batch, hv, dv),
+        g, beta, recurrent_states, state_indices, use_qk_l2norm,
+    )
+    return gated_rms_norm(out, z.reshape(batch, hv, dv), norm_weight, eps)

@@ -246,4 +246,64 @@ inline void check_gdn_gating_args(const at::Tensor& g, const at::Tensor& beta, c
   }
 }
 
+// gated_delta_net_decode: the layer's sizes, all derived from the argument shapes.
+struct GdnDecodeDims {
+  int64_t batch, hk, hv, dk, dv, conv_dim, width, key_dim;
+};
+
+inline GdnDecodeDims check_gated_delta_net_decode(
+    const at::Tensor& out, const at::Tensor& proj, const at::Tensor& conv_weight,
+    const at::Tensor& conv_states, const at::Tensor& A_log, const at::Tensor& dt_bias,
+    const at::Tensor& recurrent_states, const at::Tensor& state_indices,
+    const at::Tensor& norm_weight) {
+  constexpr const char* op = "gated_delta_net_decode";
+  la_check_float_dtype(proj, op, "proj");
+  SPLITVL_CHECK(conv_weight.dim() == 2 && conv_weight.size(1) >= 2 && conv_weight.is_contiguous() &&
+                    conv_weight.scalar_type() == proj.scalar_type(),
+                op, ": conv_weight must be contiguous [conv_dim, width >= 2] of proj's dtype, got ",
+                conv_weight.sizes(), " ", conv_weight.scalar_type());
+  SPLITVL_CHECK(recurrent_states.dim() == 4 && A_log.dim() == 1 && norm_weight.dim() == 1, op,
+                ": recurrent_states must be [num_slots, Hv, Dk, Dv], A_log [Hv], norm_weight [Dv]");
+  const int64_t conv_dim = conv_weight.size(0), width = conv_weight.size(1);
+  const int64_t hv = A_log.size(0), dv = norm_weight.size(0), dk = recurrent_states.size(2);
+  const int64_t key_dim2 = conv_dim - hv * dv;
+  SPLITVL_CHECK(hv > 0 && dv > 0 && dk > 0 && key_dim2 > 0 && key_dim2 % (2 * dk) == 0, op,
+                ": conv_dim ", conv_dim, " must be 2 Hk Dk + Hv Dv with Hv = ", hv, ", Dv = ", dv,
+                ", Dk = ", dk);
+  const int64_t key_dim = key_dim2 / 2, hk = key_dim / dk;
+  SPLITVL_CHECK(hv % hk == 0, op, ": value heads (", hv, ") must be a multiple of key heads (", hk, ")");
+  SPLITVL_CHECK(proj.dim() == 2 && proj.size(1) == conv_dim + hv * dv + 2 * hv && proj.stride(1) == 1,
+                op, ": proj must be [B, ", conv_dim + hv * dv + 2 * hv,
+                "] (q | k | v | z | b | a) with unit column stride, got ", proj.sizes(), " strides ",
+                proj.strides());
+  SPLITVL_CHECK(conv_states.dim() == 3 && conv_states.size(1) == conv_dim &&
+                    conv_states.size(2) == width - 1 && conv_states.is_contiguous() &&
+                    conv_states.scalar_type() == proj.scalar_type(),
+                op, ": conv_states must be contiguous [num_slots, ", conv_dim, ", ", width - 1,
+                "] of proj's dtype, got ", conv_states.sizes(), " ", conv_states.scalar_type());
+  SPLITVL_CHECK(recurrent_states.size(1) == hv && recurrent_states.size(3) == dv &&
+                    recurrent_states.is_contiguous() && recurrent_states.scalar_type() == at::kFloat,
+                op, ": recurrent_states must be contiguous float32 [num_slots, ", hv, ", Dk, ", dv,
+                "], got ", recurrent_states.sizes(), " ", recurrent_states.scalar_type());
+  for (const at::Tensor* t : {&A_log, &dt_bias}) {
+    SPLITVL_CHECK(t->dim() == 1 && t->size(0) == hv && t->is_contiguous() &&
+                      t->scalar_type() == at::kFloat,
+                  op, ": A_log and dt_bias must be contiguous float32 [", hv, "], got ", t->sizes(),
+                  " ", t->scalar_type());
+  }
+  SPLITVL_CHECK(norm_weight.is_contiguous() && (norm_weight.scalar_type() == proj.scalar_type() ||
+                                                norm_weight.scalar_type() == at::kFloat),
+                op, ": norm_weight must be contiguous, float32 or proj's dtype, got ",
+                norm_weight.scalar_type());
+  const int64_t batch = la_check_sequences(proj, proj.size(0), nullptr, state_indices, std::nullopt, op);
+  SPLITVL_CHECK(out.dim() == 3 && out.size(0) == batch && out.size(1) == hv && out.size(2) == dv &&
+                    out.is_contiguous() && out.scalar_type() == proj.scalar_type(),
+                op, ": out must be contiguous [", batch, ", ", hv, ", ", dv, "] of proj's dtype");
+  for (const at::Tensor* t : {&out, &conv_weight, &conv_states, &A_log, &dt_bias, &recurrent_states,
+                              &norm_weight}) {
+    la_check_same_device(proj, *t, op, "a tensor argument");
+  }
+  return {batch, hk, hv, dk, dv, conv_dim, width, key_dim};
+}
+
 }  // namespace splitvl

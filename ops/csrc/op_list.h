@@ -114,3 +114,14 @@ SPLITVL_OP(gated_rms_norm, "Tensor! out, Tensor x, Tensor z, Tensor weight, floa
 SPLITVL_OP(gdn_gating, "Tensor! g, Tensor! beta, Tensor ba, Tensor A_log, Tensor dt_bias",
            (at::Tensor& g, at::Tensor& beta, const at::Tensor& ba, const at::Tensor& A_log,
             const at::Tensor& dt_bias))
+// One Gated DeltaNet decode step between the projections (gating, conv update + SiLU, recurrent
+// step, gated norm): proj [B, conv_dim + Hv Dv + 2 Hv] = q | k | v | z | b | a columns;
+// conv_weight [conv_dim, W]; norm_weight [Dv]; out [B, Hv, Dv].
+SPLITVL_OP(gated_delta_net_decode,
+           "Tensor! out, Tensor proj, Tensor conv_weight, Tensor! conv_states, Tensor A_log, "
+           "Tensor dt_bias, Tensor! recurrent_states, Tensor state_indices, Tensor norm_weight, "
+           "float eps, bool use_qk_l2norm",
+           (at::Tensor& out, const at::Tensor& proj, const at::Tensor& conv_weight,
+            at::Tensor& conv_states, const at::Tensor& A_log, const at::Tensor& dt_bias,
+            at::Tensor& recurrent_states, const at::Tensor& state_indices,
+            const at::Tensor& norm_weight, double eps, bool use_qk_l2norm))
