@@ -16,7 +16,8 @@ All input projections run as one GEMM, `in_proj` with output columns
 checkpoint's `in_proj_qkv` / `in_proj_z` / `in_proj_b` / `in_proj_a`
 (`models.loader.PACKED_MODULES_MAPPING`): a small decode step is
 launch-bound. The conv, the gated norm and the gating read their columns of
-that output as strided views, without copies.
+that output as strided views, without copies. A decode step runs everything
+between the two projections as one op, `ops.gated_delta_net_decode`.
 
 Tensor parallelism splits the key and value heads (each rank keeps whole
 q/k/v head groups, so value head h still reads key head h // (Hv / Hk)).
@@ -124,37 +125,46 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, attn: AttentionMetadata, pools: StatePools | None) -> torch.Tensor:
         """Shapes: x [T, H] -> [T, H]; `pools` None runs each sequence from a zero state."""
-        # Single-token kernels when every sequence decodes one token continuing its slot; decided
-        # from host facts only (no device read), so the step can be captured in a CUDA graph.
+        # One fused op when every sequence decodes one token continuing its slot; decided from
+        # host facts only (no device read), so the step can be captured in a CUDA graph.
         decode = pools is not None and attn.decode_only and attn.has_initial_state is None
-        tokens = x.shape[0]
-        mixed, z, ba = self.in_proj(x).split([self.conv_dim, self.value_dim, 2 * self.num_v_heads], dim=-1)
+        proj = self.in_proj(x)
+        if decode:
+            conv_state, recurrent = pools
+            out = ops.gated_delta_net_decode(
+                proj, self.conv1d.weight, conv_state, self.A_log, self.dt_bias, recurrent,
+                self._slots(attn), self.norm.weight, self.eps, True,
+            )
+        else:
+            out = self._prefill(proj, attn, pools)
+        return self.out_proj(out.view(x.shape[0], self.value_dim))
+
+    def _prefill(self, proj: torch.Tensor, attn: AttentionMetadata, pools: StatePools | None) -> torch.Tensor:
+        """Packed sequences, each from its slot or from zeros. Shapes: proj [T, in_proj] -> [T, Hv, Dv]."""
+        tokens = proj.shape[0]
+        mixed, z, ba = proj.split([self.conv_dim, self.value_dim, 2 * self.num_v_heads], dim=-1)
         z = z.view(tokens, self.num_v_heads, self.head_v_dim)
         g, beta = ops.gdn_gating(ba, self.A_log, self.dt_bias)
-        conv_w = self.conv1d.weight
         if pools is None:
-            pools, slots, has_state = self._scratch(x, attn), self._arange(attn), None
+            pools, slots, has_state = self._scratch(proj, attn), self._arange(attn), None
         else:
-            slots, has_state = attn.state_indices, attn.has_initial_state
-            if slots is None:
-                raise ValueError("a hybrid model run with state pools needs attn.state_indices")
+            slots, has_state = self._slots(attn), attn.has_initial_state
         conv_state, recurrent = pools
-        if decode:
-            mixed = ops.causal_conv1d_update(mixed, conv_w, None, conv_state, slots, True)
-        else:
-            mixed = ops.causal_conv1d_fwd(mixed, conv_w, None, conv_state, attn.cu_seqlens_q, slots, has_state, True)
+        mixed = ops.causal_conv1d_fwd(
+            mixed, self.conv1d.weight, None, conv_state, attn.cu_seqlens_q, slots, has_state, True
+        )
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.view(tokens, self.num_k_heads, self.head_k_dim)
         k = k.view(tokens, self.num_k_heads, self.head_k_dim)
         v = v.view(tokens, self.num_v_heads, self.head_v_dim)
-        if decode:
-            out = ops.gated_delta_rule_recurrent(q, k, v, g, beta, recurrent, slots, True)
-        else:
-            out = ops.gated_delta_rule_chunked(
-                q, k, v, g, beta, attn.cu_seqlens_q, recurrent, slots, has_state, True
-            )
-        out = ops.gated_rms_norm(out, z, self.norm.weight, self.eps)
-        return self.out_proj(out.view(tokens, self.value_dim))
+        out = ops.gated_delta_rule_chunked(q, k, v, g, beta, attn.cu_seqlens_q, recurrent, slots, has_state, True)
+        return ops.gated_rms_norm(out, z, self.norm.weight, self.eps)
+
+    @staticmethod
+    def _slots(attn: AttentionMetadata) -> torch.Tensor:
+        if attn.state_indices is None:
+            raise ValueError("a hybrid model run with state pools needs attn.state_indices")
+        return attn.state_indices
 
     def _arange(self, attn: AttentionMetadata) -> torch.Tensor:
         batch = attn.cu_seqlens_q.shape[0] - 1
