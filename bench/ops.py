@@ -23,6 +23,8 @@ weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at large).
 `qwen3_5_fusions`: Qwen3.5-0.8B decode pieces (hidden 1024, 16 value heads, from
 configs/models/qwen3.5-0.8b.json), each op next to the composed torch kernels it
 replaced ("composed (old)" rows), timed the same way in the same run.
+`gated_delta_net_decode`: the fused Gated DeltaNet decode step at B=1 and 64 next to the
+four ops it replaced ("four ops (old)"); its % copy is nearly that of the state bytes.
 """
 
 from __future__ import annotations
@@ -458,12 +460,60 @@ def fusion_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                    partial(gating_err, _composed_gating), gate_bytes)
 
 
+def _gdn_layer(batch: int, heads: tuple[int, int, int, int], dev: str, dtype: torch.dtype):
+    """A decode step's in_proj output and one layer's weights; state pools with one slot per sequence."""
+    hk, hv, dk, dv = heads
+    conv_dim = 2 * hk * dk + hv * dv
+    proj = torch.randn(batch, conv_dim + hv * dv + 2 * hv, device=dev, dtype=dtype)
+    weights = (torch.randn(conv_dim, CONV_WIDTH, device=dev, dtype=dtype) * 0.5, torch.rand(hv, device=dev) * 2.7,
+               torch.randn(hv, device=dev), torch.randn(dv, device=dev, dtype=dtype))
+    states = (torch.randn(batch, conv_dim, CONV_WIDTH - 1, device=dev, dtype=dtype),
+              torch.randn(batch, hv, dk, dv, device=dev) * 0.1)
+    return proj, weights, states, torch.randperm(batch, device=dev).to(torch.int32)
+
+
+def _gdn_fused(module, conv_s, rec_s, proj, weights, idx):
+    conv_w, a_log, dt_bias, norm_w = weights
+    return module.gated_delta_net_decode(proj, conv_w, conv_s, a_log, dt_bias, rec_s, idx, norm_w, EPS, True)
+
+
+def _gdn_four_ops(conv_s, rec_s, proj, weights, idx):
+    """The decode step as four ops (gating, conv update, recurrent step, gated norm)."""
+    conv_w, a_log, dt_bias, norm_w = weights
+    batch, hv, dk, dv = proj.shape[0], rec_s.shape[1], rec_s.shape[2], rec_s.shape[3]
+    key_dim = (conv_w.shape[0] - hv * dv) // 2
+    mixed, z, ba = proj.split([conv_w.shape[0], hv * dv, 2 * hv], dim=-1)
+    g, beta = ops.gdn_gating(ba, a_log, dt_bias)
+    q, k, v = ops.causal_conv1d_update(mixed, conv_w, None, conv_s, idx, True).split([key_dim, key_dim, hv * dv], -1)
+    out = ops.gated_delta_rule_recurrent(q.view(batch, -1, dk), k.view(batch, -1, dk), v.view(batch, hv, dv),
+                                         g, beta, rec_s, idx, True)
+    return ops.gated_rms_norm(out, z.view(batch, hv, dv), norm_w, EPS)
+
+
+def gdn_decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """gated_delta_net_decode next to the four ops it replaces; bytes: the conv and recurrent states
+    read and written, the projection read and the output written (the states dominate)."""
+    for model, heads in _linear_shapes(smoke):
+        for batch in [3] if smoke else [1, 64]:
+            proj, weights, states, idx = _gdn_layer(batch, heads, dev, dtype)
+            args = dict(proj=proj, weights=weights, idx=idx)
+            moved = 2 * nbytes(*states) + nbytes(proj, weights[0]) + batch * heads[1] * heads[3] * proj.element_size()
+            expected = partial(_gdn_fused, reference_linear_attn, **args)
+            fused = partial(_gdn_fused, ops, **args)
+            yield Case("gated_delta_net_decode", f"{model} B={batch}", partial(fused, *states),
+                       partial(_state_check, fused, expected, *states), moved)
+            four = partial(_gdn_four_ops, **args)
+            yield Case("  four ops (old)", f"{model} B={batch}", partial(four, *states),
+                       partial(_state_check, four, expected, *states), moved)
+
+
 FAMILIES = {
     "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
     "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
+    "gated_delta_net_decode": gdn_decode_cases,
 }
 
 
