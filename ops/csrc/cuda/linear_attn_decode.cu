@@ -80,13 +80,14 @@ __device__ void conv_and_gating(float* xs, float* gb, const scalar_t* row, const
     else c = 2 * static_cast<int64_t>(a.key_dim) + static_cast<int64_t>(hq) * a.group * a.dv + (i - 2 * a.dk);
     xs[i] = conv_channel(row, weight, conv_slot, c, a.width);
   }
-  if (threadIdx.x < a.group) {
-    const int h = hq * a.group + threadIdx.x;
-    const scalar_t* ba = row + a.conv_dim + static_cast<int64_t>(a.hv) * a.dv;
-    gb[a.group + threadIdx.x] = to_float(from_float<scalar_t>(1.f / (1.f + expf(-to_float(ba[h])))));
+  const scalar_t* ba = row + a.conv_dim + static_cast<int64_t>(a.hv) * a.dv;
+  for (int i = threadIdx.x; i < a.group; i += kThreads) {
+    const int h = hq * a.group + i;
+    // As gdn_gating: beta is the fp32 sigmoid rounded to the dtype; g stays fp32.
+    gb[a.group + i] = to_float(from_float<scalar_t>(1.f / (1.f + expf(-to_float(ba[h])))));
     const float x = to_float(ba[a.hv + h]) + dt_bias[h];
     const float softplus = x > kSoftplusThreshold ? x : log1pf(expf(x));
-    gb[threadIdx.x] = -expf(a_log[h]) * softplus;
+    gb[i] = -expf(a_log[h]) * softplus;
   }
 }
 
