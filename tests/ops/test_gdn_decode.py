@@ -67,6 +67,13 @@ def shuffled_slots(batch: int, device: str) -> torch.Tensor:
     return slots.to(device)
 
 
+def state_dtype(device: str, dtype: torch.dtype) -> torch.dtype:
+    """Tolerance of the fp32 recurrent state: the CUDA conv (fused multiply-adds) may round a q/k
+    channel to the neighbouring half-precision value of the CPU reference's, and the state takes
+    that channel's difference; on CPU and in fp32 the state matches to fp32 accuracy."""
+    return torch.float32 if device == "cpu" or dtype == torch.float32 else dtype
+
+
 def run(fn, layer: Layer, proj: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return fn(proj, layer.conv_weight, layer.conv_states, layer.A_log, layer.dt_bias, layer.recurrent_states,
               slots, layer.norm_weight, EPS, True)
@@ -104,7 +111,7 @@ def test_matches_reference_over_steps(kernels, device, dtype, heads, batch):
         assert out.shape == (batch, heads[1], heads[3]) and out.dtype == dtype
         assert_close(out, expected, dtype, scale=10)
         assert_close(layer.conv_states, expected_layer.conv_states, dtype)
-        assert_close(layer.recurrent_states, expected_layer.recurrent_states, torch.float32, scale=10)
+        assert_close(layer.recurrent_states, expected_layer.recurrent_states, state_dtype(device, dtype), scale=10)
         if device == "cpu":  # the CPU op is the four CPU kernels composed: the same bits
             torch.testing.assert_close(out, composed, rtol=0, atol=0)
             torch.testing.assert_close(layer.recurrent_states, composed_layer.recurrent_states, rtol=0, atol=0)
@@ -140,7 +147,7 @@ def test_model_shapes_match_reference_on_gpu(kernels, dtype, heads, batch):
     expected = run(ref.gated_delta_net_decode, expected_layer, proj, slots)
     assert_close(run(kernels.gated_delta_net_decode, layer, proj, slots), expected, dtype, scale=10)
     assert_close(layer.conv_states, expected_layer.conv_states, dtype)
-    assert_close(layer.recurrent_states, expected_layer.recurrent_states, torch.float32, scale=10)
+    assert_close(layer.recurrent_states, expected_layer.recurrent_states, state_dtype("cuda", dtype), scale=10)
 
 
 @pytest.mark.parametrize("device", DEVICES)
