@@ -153,7 +153,7 @@ def test_model_shapes_match_reference_on_gpu(kernels, dtype, heads, batch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_raises(kernels, device):
     heads, batch = (2, 4, 16, 8), 3
-    layer = make_layer(heads, 4, 5, torch.float32, device)
+    layer = make_layer(heads, 4, batch + 3, torch.float32, device)
     proj, slots = make_proj(batch, heads, torch.float32, device), shuffled_slots(batch, device)
     with raises(device, "proj must be"):
         run(kernels.gated_delta_net_decode, layer, proj[:, 1:], slots)
@@ -181,7 +181,7 @@ def test_bad_slots_raise_on_cpu(kernels):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(kernels, device):
     heads, batch = (2, 4, 16, 8), 3
-    layer = make_layer(heads, 4, 5, torch.float32, device)
+    layer = make_layer(heads, 4, batch + 3, torch.float32, device)
     proj, slots = make_proj(batch, heads, torch.float32, device), shuffled_slots(batch, device)
     out = torch.empty(batch, heads[1], heads[3], device=device)
     torch.library.opcheck(
