@@ -21,9 +21,11 @@ SHAPES = [
 ]
 
 
-def _inputs(device, dtype, tokens, hq, hkv, d, rot_dim, section, wdtype, fused=True):
-    """Views of one fused qkv output ([T, (Hq + 2 Hkv) D]), as the attention layers pass them."""
-    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, dtype=dtype, device=device) * 3
+def _inputs(device, dtype, tokens, hq, hkv, d, rot_dim, section, wdtype, fused=True, offset=0):
+    """Views of one fused qkv output ([T, (Hq + 2 Hkv) D]), as the attention layers pass them;
+    `offset` elements before q (1: rows not 16-byte aligned, the kernels' scalar path)."""
+    width = (hq + 2 * hkv) * d
+    qkv = torch.randn(tokens, width + offset, dtype=dtype, device=device)[:, offset:] * 3
     q = qkv[:, : hq * d].view(tokens, hq, d)
     k = qkv[:, hq * d : (hq + hkv) * d].view(tokens, hkv, d)
     if not fused:
@@ -43,9 +45,12 @@ def _weight_dtypes(dtype):
 @pytest.mark.parametrize("hq,hkv,d,rot_dim,section,interleaved", SHAPES)
 @pytest.mark.parametrize("tokens", [0, 1, 37])
 @pytest.mark.parametrize("is_neox", [True, False])
-def test_matches_reference(kernels, device, dtype, hq, hkv, d, rot_dim, section, interleaved, tokens, is_neox):
+@pytest.mark.parametrize("offset", [0, 1])
+def test_matches_reference(kernels, device, dtype, hq, hkv, d, rot_dim, section, interleaved, tokens, is_neox,
+                           offset):
     for wdtype in _weight_dtypes(dtype):
-        qkv, q, k, pos, wq, wk, cache = _inputs(device, dtype, tokens, hq, hkv, d, rot_dim, section, wdtype)
+        qkv, q, k, pos, wq, wk, cache = _inputs(device, dtype, tokens, hq, hkv, d, rot_dim, section, wdtype,
+                                                offset=offset)
         v_before = qkv[:, (hq + hkv) * d :].clone()
         q_ref, k_ref = q.clone(), k.clone()
         reference.qk_norm_rope(pos, q_ref, k_ref, wq, wk, EPS, cache, is_neox, section, interleaved)
