@@ -387,7 +387,8 @@ constexpr int kCtasPerSm = 4;
 int pick_partition(int64_t ctas, int64_t max_ctx) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t fill = (kCtasPerSm * sms + ctas - 1) / ctas;
-  const int64_t splits = std::max<int64_t>(ceil_div(max_ctx, kMaxPartition), std::min<int64_t>(fill, max_ctx));
+  const int64_t splits =
+      std::max<int64_t>(ceil_div(max_ctx, kMaxPartition), std::min<int64_t>(fill, max_ctx));
   const int64_t part = (ceil_div(max_ctx, splits) + 15) / 16 * 16;
   return static_cast<int>(std::min<int64_t>(std::max<int64_t>(part, kMinPartition), kMaxPartition));
 }
