@@ -480,15 +480,9 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
       per_cpl(gt_c, std::integral_constant<int, 16>{});
       per_cpl(gt_c, std::integral_constant<int, 32>{});
     };
-    if constexpr (vec == 8) {
-      if (mma) {
-        const size_t smem = kMaxPartition * sizeof(int) +
-                            (kWarps * kMmaHeads * D + 2 * kWarps * kMmaHeads) * sizeof(float);
-        if (D == 128) paged_decode_mma_kernel<scalar_t, 128><<<grid, kThreads, smem, stream>>>(p);
-        else paged_decode_mma_kernel<scalar_t, 256><<<grid, kThreads, smem, stream>>>(p);
-      }
-    }
-    if (!mma) {
+    if (mma) {
+      launch_paged_decode_mma(p, grid, stream);
+    } else {
       per_lanes(std::integral_constant<int, 1>{});
       per_lanes(std::integral_constant<int, 2>{});
       per_lanes(std::integral_constant<int, 4>{});

@@ -163,4 +163,18 @@ __global__ void __launch_bounds__(kDecodeThreads, D >= 256 ? 2 : 3)
   finish_partition<T, H>(p, red_acc, red_m, red_w, b, h0, heads, split);
 }
 
+// Launches the kernel for head dim 128 or 256; 16-bit types only (no fp32 mma here).
+template <typename T>
+void launch_paged_decode_mma(const DecodeParams<T>& p, dim3 grid, cudaStream_t stream) {
+  if constexpr (kPack16<T> == 8) {
+    const size_t smem = kMaxPartition * sizeof(int) +
+                        (kDecodeWarps * kMmaHeads * p.head_dim + 2 * kDecodeWarps * kMmaHeads) * sizeof(float);
+    if (p.head_dim == 128) {
+      paged_decode_mma_kernel<T, 128><<<grid, kDecodeThreads, smem, stream>>>(p);
+    } else {
+      paged_decode_mma_kernel<T, 256><<<grid, kDecodeThreads, smem, stream>>>(p);
+    }
+  }
+}
+
 }  // namespace splitvl::cuda
