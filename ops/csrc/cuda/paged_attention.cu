@@ -105,12 +105,9 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
   float* red_m = red_acc + kWarps * GT * D;  // [kWarps, GT]
   float* red_w = red_m + kWarps * GT;        // [kWarps, GT]: sums, then merge weights
 
-  const int groups_per_kv = (p.group + GT - 1) / GT;
-  const int kv_head = blockIdx.x / groups_per_kv, hg = blockIdx.x % groups_per_kv;
-  const int b = blockIdx.y, split = blockIdx.z;
-  const int h0 = kv_head * p.group + hg * GT;
-  const int heads = min(GT, p.group - hg * GT);
-  const int start = split * p.part;
+  const DecodeCta cta = decode_cta(p, GT);
+  const int kv_head = cta.kv_head, b = cta.b, split = cta.split, h0 = cta.h0, heads = cta.heads;
+  const int start = cta.start;
   const int seq_len = max(p.seq_lens[b], 0);
   // Stage q and the rows of the whole partition (within the table) without waiting
   // for seq_len; the loads are unconditional (clamped) so that all are in flight at once.

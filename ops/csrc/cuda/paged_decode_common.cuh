@@ -30,6 +30,21 @@ struct DecodeParams {
   float scale;
 };
 
+// What a CTA of grid (Hkv * ceil(group / GT), B, splits) serves: query heads
+// [h0, h0 + heads) of KV head kv_head, sequence b, partition `split` starting at token `start`.
+struct DecodeCta {
+  int kv_head, b, split, h0, heads, start;
+};
+
+template <typename T>
+__device__ __forceinline__ DecodeCta decode_cta(const DecodeParams<T>& p, int gt) {
+  const int groups_per_kv = (p.group + gt - 1) / gt;
+  const int kv_head = blockIdx.x / groups_per_kv, hg = blockIdx.x % groups_per_kv;
+  const int split = blockIdx.z;
+  return {kv_head, int(blockIdx.y), split, kv_head * p.group + hg * gt, min(gt, p.group - hg * gt),
+          split * p.part};
+}
+
 constexpr int kRowsPerThread = kMaxPartition / kDecodeThreads;
 
 // Physical block of each of this thread's kMaxPartition / threads tokens of the partition

@@ -46,12 +46,9 @@ __global__ void __launch_bounds__(kDecodeThreads, D >= 256 ? 2 : 3)
   float* red_m = red_acc + kDecodeWarps * H * D;
   float* red_w = red_m + kDecodeWarps * H;
 
-  const int groups_per_kv = (p.group + H - 1) / H;
-  const int kv_head = blockIdx.x / groups_per_kv, hg = blockIdx.x % groups_per_kv;
-  const int b = blockIdx.y, split = blockIdx.z;
-  const int h0 = kv_head * p.group + hg * H;
-  const int heads = min(H, p.group - hg * H);
-  const int start = split * p.part;
+  const DecodeCta cta = decode_cta(p, H);
+  const int kv_head = cta.kv_head, b = cta.b, split = cta.split, h0 = cta.h0, heads = cta.heads;
+  const int start = cta.start;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   uint4 qa[KB];  // head h0 + g (rows past the group repeat the last head; not written)
