@@ -16,6 +16,8 @@ Shapes: Qwen3-VL-2B (hidden 2048, 16/8 heads, head_dim 128, intermediate 6144),
 8B (4096, 32/8, 128, 12288), the ViT (hidden 1024/1152, head_dim 64/72); the
 Qwen3.5 Gated DeltaNet ops (causal conv, delta rule prefill/decode, gated norm)
 at 0.8B (16/16 heads x 128) and 16/32 x 128 linear-attention shapes.
+paged_attention_decode also runs at the 30B-A3B (32/4 heads x 128) and
+Qwen3.5-0.8B (8/2 x 256) attention shapes of configs/models/*.json.
 Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
 MoE experts (align, gate_up, down, combine) at the Qwen3-VL-30B-A3B expert shape
 (E=128, top-8, hidden 2048, intermediate 768): bytes are the distinct experts'
@@ -220,10 +222,15 @@ def _paged(lengths: list[int], hkv: int, d: int, block: int, dev: str, dtype: to
     return kc, torch.randn_like(kc), tables
 
 
+# The MoE and Qwen3.5 attention shapes (GQA groups 8 and 4, D 128 and 256; QK_NORM's heads).
+DECODE_MODELS = {**LLM, "30B-A3B": QK_NORM["30B-A3B"][:3], "0.8B": QK_NORM["0.8B"][:3]}
+
+
 def decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    grid = [("2B", 2, 40)] if smoke else [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 4096, 8192)]
-    for model, batch, ctx in grid:
-        hq, hkv, d = (4, 2, 64) if smoke else LLM[model]
+    grid = [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 4096, 8192)]
+    grid += [(m, b, c) for m in ("30B-A3B", "0.8B") for b in (1, 64) for c in (512, 4096)]
+    for model, batch, ctx in [("2B", 2, 40)] if smoke else grid:
+        hq, hkv, d = (4, 2, 64) if smoke else DECODE_MODELS[model]
         kc, vc, tables = _paged([ctx] * batch, hkv, d, 4 if smoke else 16, dev, dtype)
         q = torch.randn(batch, hq, d, device=dev, dtype=dtype)
         lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)

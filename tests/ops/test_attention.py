@@ -128,6 +128,49 @@ def test_paged_decode(kernels, device, dtype, head_size, heads):
     assert_close(out, packed, dtype, 5)
 
 
+# (q heads, kv heads, head_dim) of configs/models/*.json: GQA group 8 at D 128 (30B-A3B), group 4 and 8
+# at D 256 (0.8B, 35B-A3B); group 8 at D 64 runs the CUDA-core kernel (the tensor-core one takes D 128/256).
+DECODE_SHAPES = [(32, 4, 128), (8, 2, 256), (16, 2, 256), (16, 2, 64)]
+# Contexts: shorter than one partition (odd, one token, a partial 16-token block), a large batch of
+# short contexts (several balanced partitions per sequence, mostly unused ones for the short
+# sequences), and a long one beside a short one (many partitions, the merge over them).
+DECODE_LENS = {
+    "short": [1, 15, 33, 7],
+    "batch64": torch.randint(1, 530, (64,), generator=torch.Generator().manual_seed(1)).tolist(),
+    "long": [2049, 17],
+}
+
+
+def _decode_case(lens, shape, dtype, device, q_offset=0):
+    """Caches, table, seq_lens and a query [B, Hq, D] that is a view of a wider (fused qkv) row
+    starting q_offset elements in."""
+    hq, hkv, d = shape
+    kc, vc, table, k, v = paged_kv(lens, hkv, d, dtype, device)
+    rows = torch.randn(len(lens), q_offset + (hq + 2 * hkv) * d, dtype=dtype, device=device)
+    q = rows[:, q_offset : q_offset + hq * d].view(len(lens), hq, d)
+    return q, kc, vc, table, torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: f"hq{s[0]}-hkv{s[1]}-d{s[2]}")
+@pytest.mark.parametrize("lens", list(DECODE_LENS.values()), ids=list(DECODE_LENS))
+def test_paged_decode_gqa_groups_and_partitions(kernels, device, dtype, shape, lens):
+    q, kc, vc, table, seq_lens = _decode_case(lens, shape, dtype, device)
+    scale = shape[2] ** -0.5
+    out = kernels.paged_attention_decode(q, kc, vc, table, seq_lens, scale)
+    assert_close(out, reference.paged_attention_decode(q, kc, vc, table, seq_lens, scale), dtype, 5)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("q_offset", [0, 1], ids=["aligned-view", "unaligned-view"])
+def test_paged_decode_query_views(kernels, device, dtype, q_offset):
+    """The tensor-core kernel loads q rows as 16-byte chunks; a query view that is not 16-byte
+    aligned takes the CUDA-core kernel, with the same result."""
+    q, kc, vc, table, seq_lens = _decode_case([40, 3, 600], (32, 4, 128), dtype, device, q_offset)
+    out = kernels.paged_attention_decode(q, kc, vc, table, seq_lens, 0.1)
+    assert_close(out, reference.paged_attention_decode(q, kc, vc, table, seq_lens, 0.1), dtype, 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_decode_zero_batch(kernels, device):
     kc = torch.zeros(2, BLOCK, 1, 64, device=device)

@@ -143,8 +143,10 @@ def test_causal_conv1d_fwd_matches_reference(kernels, device, dtype, use_bias):
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("width", [4, 3])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_causal_conv1d_vectorized_matches_reference(kernels, dtype, width, aligned):
-    """16-byte vectors (aligned, dim % 8 == 0) or scalars; token runs crossing sequence ends."""
+@pytest.mark.parametrize("update_bias", [False, True])
+def test_causal_conv1d_vectorized_matches_reference(kernels, dtype, width, aligned, update_bias):
+    """16-byte vectors (aligned, dim % 8 == 0) or scalars; token runs crossing sequence ends and
+    runs within one sequence; the decode step with and without a bias."""
     lens, dim = [1, 63, 64, 0, 65, 200, 1000, 2], 64
     cu = packed(lens, "cuda")
     offset = 0 if aligned else 1
@@ -160,8 +162,9 @@ def test_causal_conv1d_vectorized_matches_reference(kernels, dtype, width, align
     assert_close(out, expected, dtype)
     assert_close(pool, expected_pool, dtype)
     step = torch.randn(len(lens), dim + 8, dtype=dtype, device="cuda")[:, offset : offset + dim]
-    expected = ref.causal_conv1d_update(step, weight, None, expected_pool, slots, False)
-    assert_close(kernels.causal_conv1d_update(step, weight, None, pool, slots, False), expected, dtype)
+    step_bias = bias if update_bias else None
+    expected = ref.causal_conv1d_update(step, weight, step_bias, expected_pool, slots, False)
+    assert_close(kernels.causal_conv1d_update(step, weight, step_bias, pool, slots, False), expected, dtype)
     assert_close(pool, expected_pool, dtype)
 
 

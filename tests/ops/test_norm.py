@@ -29,7 +29,7 @@ NORM_DTYPES = (
 
 
 @pytest.mark.parametrize("device,dtype,wdtype", NORM_DTYPES)
-@pytest.mark.parametrize("shape", [(0, 64), (1, 8), (7, 769), (3, 5125), (2, 3, 128), (4, 1024), (2, 2048)])
+@pytest.mark.parametrize("shape", [(0, 64), (1, 8), (7, 769), (3, 5125), (2, 3, 128), (4, 1024), (2, 2048), (2049, 64)])
 def test_rms_norm_matches_reference(kernels, device, dtype, wdtype, shape):
     x = torch.randn(shape, dtype=dtype, device=device) * 3
     w = torch.randn(shape[-1], dtype=wdtype, device=device)

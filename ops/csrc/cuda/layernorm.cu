@@ -76,20 +76,22 @@ __global__ void rms_norm_kernel(NormRows<T, W> a) {
     }
     return p;
   };
-  const auto store = [&](int i, const P& p, float inv) {
-    const PW wp = w[i];
+  const auto store = [&](int i, const P& p, float inv, const PW& wp) {
     P o;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) o.v[j] = scale_weight<T, W>(to_float(p.v[j]), inv, wp.v[j]);
     y[i] = o;
   };
 
+  // The weight packs load with the row, not after the reduction: one memory round trip.
   P cache[kCache];
+  PW wcache[kCache];
   float ss = 0.f;
 #pragma unroll
   for (int k = 0; k < kCache; ++k) {
     const int i = tid + k * nthr;
     if (i < nvec) {
+      wcache[k] = w[i];
       cache[k] = load(i);
       ss += sum_squares(cache[k]);
     }
@@ -101,15 +103,15 @@ __global__ void rms_norm_kernel(NormRows<T, W> a) {
 #pragma unroll
   for (int k = 0; k < kCache; ++k) {
     const int i = tid + k * nthr;
-    if (i < nvec) store(i, cache[k], inv);
+    if (i < nvec) store(i, cache[k], inv, wcache[k]);
   }
   // Rows longer than the register cache re-read the values this thread normalized
   // (the residual it wrote, or the input).
   for (int i = tid + kCache * nthr; i < nvec; i += nthr) {
     if constexpr (ADD) {
-      store(i, r[i], inv);
+      store(i, r[i], inv, w[i]);
     } else {
-      store(i, x[i], inv);
+      store(i, x[i], inv, w[i]);
     }
   }
 }
@@ -147,7 +149,8 @@ void launch_rows(const NormRows<T, W>& a, cudaStream_t stream) {
                    reinterpret_cast<std::uintptr_t>(a.weight) % (sizeof(W) * V) == 0;
   const int nvec = vec ? a.li.dim / V : a.li.dim;
   if (nvec <= kWarpRowPacks) {
-    constexpr int warps = 8;
+    // Few rows (a decode step's tokens): small blocks spread them over more SMs.
+    const int warps = a.li.rows >= 2048 ? 8 : 2;
     const int grid = ceil_div(a.li.rows, warps);
     if (vec)
       rms_norm_kernel<T, W, V, true, ADD><<<grid, warps * 32, 0, stream>>>(a);

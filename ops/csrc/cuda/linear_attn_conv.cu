@@ -127,6 +127,25 @@ __global__ void conv_update_kernel(scalar_t* __restrict__ out, const scalar_t* _
   if (hist > 0) st[hist - 1] = xv;
 }
 
+// Channels c0 .. c0 + kVec - 1: their weights ([dim, kWidth], kVec * kWidth contiguous
+// values) as kWidth packs, and their bias as one; 16-byte loads when kVec packs 16 bytes.
+template <typename scalar_t, int kVec, int kWidth>
+__device__ __forceinline__ void load_taps(const scalar_t* __restrict__ weight,
+                                          const scalar_t* __restrict__ bias, int64_t c0,
+                                          float (&w)[kWidth][kVec], float (&acc0)[kVec]) {
+  using VecT = Pack<scalar_t, kVec>;
+  VecT raw[kWidth];
+#pragma unroll
+  for (int k = 0; k < kWidth; ++k) raw[k] = reinterpret_cast<const VecT*>(weight + c0 * kWidth)[k];
+  const VecT b = bias != nullptr ? *reinterpret_cast<const VecT*>(bias + c0) : VecT{};
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    acc0[e] = bias != nullptr ? to_float(b.v[e]) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kWidth; ++j) w[j][e] = to_float(raw[(e * kWidth + j) / kVec].v[(e * kWidth + j) % kVec]);
+  }
+}
+
 // A thread per (run of kRun tokens, kVec channels), for width kWidth: the previous
 // kWidth - 1 inputs stay in registers, each input row is read once with one vector load
 // (plus kWidth - 1 rows of history at the run start). Runs may cross sequence ends.
@@ -142,13 +161,15 @@ __global__ void __launch_bounds__(kThreads)
   if (c0 >= a.dim) return;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * kRun;
   const int64_t t_end = t_begin + kRun < a.tokens ? t_begin + kRun : a.tokens;
-  float w[kWidth][kVec], acc0[kVec];
+  // A whole run's inputs load first, before the sequence lookup: kRun loads in flight.
+  const bool full_run = t_begin + kRun <= a.tokens;
+  VecT buf[kRun];
+  if (full_run) {
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) {
-    acc0[e] = bias != nullptr ? to_float(bias[c0 + e]) : 0.f;
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) w[j][e] = to_float(weight[(c0 + e) * kWidth + j]);
+    for (int k = 0; k < kRun; ++k) buf[k] = *reinterpret_cast<const VecT*>(x + (t_begin + k) * a.x_stride + c0);
   }
+  float w[kWidth][kVec], acc0[kVec];
+  load_taps<scalar_t, kVec, kWidth>(weight, bias, c0, w, acc0);
   float win[kHist > 0 ? kHist : 1][kVec];  // win[0] is the oldest input
   int b = find_sequence(cu, a.batch, t_begin);
   int64_t seq_end = cu[b + 1];
@@ -173,14 +194,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   };
-  load_history(t_begin);
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    if (t >= seq_end) {  // t starts the next non-empty sequence
-      do { ++b; } while (cu[b + 1] <= t);
-      seq_end = cu[b + 1];
-      load_history(t);
-    }
-    const VecT in = *reinterpret_cast<const VecT*>(x + t * a.x_stride + c0);
+  const auto step = [&](int64_t t, const VecT& in) {
     VecT y;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
@@ -197,6 +211,20 @@ __global__ void __launch_bounds__(kThreads)
       if (kHist > 0) win[kHist - 1][e] = xe;
     }
     *reinterpret_cast<VecT*>(out + t * a.dim + c0) = y;
+  };
+  load_history(t_begin);
+  if (full_run && t_begin + kRun <= seq_end) {  // the run lies in one sequence
+#pragma unroll
+    for (int k = 0; k < kRun; ++k) step(t_begin + k, buf[k]);
+    return;
+  }
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    if (t >= seq_end) {  // t starts the next non-empty sequence
+      do { ++b; } while (cu[b + 1] <= t);
+      seq_end = cu[b + 1];
+      load_history(t);
+    }
+    step(t, *reinterpret_cast<const VecT*>(x + t * a.x_stride + c0));
   }
 }
 
@@ -229,14 +257,16 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const VecT in = *reinterpret_cast<const VecT*>(x + b * a.x_stride + c0);
+  float w[kWidth][kVec], acc0[kVec];
+  load_taps<scalar_t, kVec, kWidth>(weight, bias, c0, w, acc0);
   VecT y;
   scalar_t* flat = reinterpret_cast<scalar_t*>(st);
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
-    float acc = bias != nullptr ? to_float(bias[c0 + e]) : 0.f;
+    float acc = acc0[e];
 #pragma unroll
-    for (int j = 0; j < kHist; ++j) acc += to_float(weight[(c0 + e) * kWidth + j]) * to_float(flat[e * kHist + j]);
-    acc += to_float(weight[(c0 + e) * kWidth + kHist]) * to_float(in.v[e]);
+    for (int j = 0; j < kHist; ++j) acc += w[j][e] * to_float(flat[e * kHist + j]);
+    acc += w[kHist][e] * to_float(in.v[e]);
     float r = to_float(from_float<scalar_t>(acc));
     if (a.silu) r = silu_dev(r);
     y.v[e] = from_float<scalar_t>(r);
@@ -250,12 +280,15 @@ __global__ void __launch_bounds__(kThreads)
   for (int j = 0; j < kHist; ++j) st_mem[j] = st[j];
 }
 
-// 16-byte vectors when the channel count, the row stride and the pointers allow it.
+// 16-byte vectors when the channel count, the row stride and the pointers (the weight's
+// and bias's too: their packs load as vectors) allow it.
 template <typename scalar_t>
-bool vectorizable(const at::Tensor& x, const at::Tensor& out, const at::Tensor& states) {
+bool vectorizable(const at::Tensor& x, const at::Tensor& out, const at::Tensor& states,
+                  const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   constexpr int kVec = kPack16<scalar_t>;
   return x.size(1) % kVec == 0 && x.stride(0) % kVec == 0 && is_aligned16(x.data_ptr()) &&
-         is_aligned16(out.data_ptr()) && is_aligned16(states.data_ptr());
+         is_aligned16(out.data_ptr()) && is_aligned16(states.data_ptr()) && is_aligned16(weight.data_ptr()) &&
+         (!bias.has_value() || is_aligned16(bias->data_ptr()));
 }
 
 ConvArgs make_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& states,
@@ -297,7 +330,7 @@ void causal_conv1d_fwd(at::Tensor& out, const at::Tensor& x, const at::Tensor& w
         conv_fwd_vec_kernel<scalar_t, kVec, 4><<<grid, kThreads, 0, stream>>>(
             out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, cu, slots, has_init, a);
       };
-      if (vectorizable<scalar_t>(x, out, conv_states)) {
+      if (vectorizable<scalar_t>(x, out, conv_states, weight, bias)) {
         launch(std::integral_constant<int, kPack16<scalar_t>>{});
       } else {
         launch(std::integral_constant<int, 1>{});
@@ -337,7 +370,7 @@ void causal_conv1d_update(at::Tensor& out, const at::Tensor& x, const at::Tensor
             <<<ceil_div(call.batch * (a.dim / kVec), kThreads), kThreads, 0, stream>>>(
                 out_p, x_p, w_p, opt_ptr<scalar_t>(bias), states_p, slots, a);
       };
-      if (vectorizable<scalar_t>(x, out, conv_states)) {
+      if (vectorizable<scalar_t>(x, out, conv_states, weight, bias)) {
         launch(std::integral_constant<int, kPack16<scalar_t>>{});
       } else {
         launch(std::integral_constant<int, 1>{});

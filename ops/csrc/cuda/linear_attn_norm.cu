@@ -28,8 +28,30 @@ constexpr int kRowsPerBlock = kThreads / 32;
 
 __device__ __forceinline__ float silu_dev(float v) { return v / (1.f + expf(-v)); }
 
-// A warp per row, kVec elements per lane and load: one pass over x for the sum of
-// squares, a second (from L1) with z and the weight for the output.
+// A warp per row, kVec elements per lane and load. The first kCache chunks of the row
+// (all of it for head-sized rows) load x, z and the weight together and stay in
+// registers, so a row costs one memory round trip; longer rows re-read the rest.
+constexpr int kCache = 2;
+
+template <int kVec, typename T>
+__device__ __forceinline__ Pack<T, kVec> ld(const T* p, int64_t i) {
+  return *reinterpret_cast<const Pack<T, kVec>*>(p + i);
+}
+
+template <typename scalar_t, typename weight_t, int kVec>
+__device__ __forceinline__ Pack<scalar_t, kVec> gate_pack(const Pack<scalar_t, kVec>& xv,
+                                                          const Pack<scalar_t, kVec>& zv,
+                                                          const Pack<weight_t, kVec>& wv, float inv) {
+  Pack<scalar_t, kVec> o;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    float h = to_float(from_float<scalar_t>(to_float(xv.v[e]) * inv)) * to_float(wv.v[e]);
+    if constexpr (!std::is_same_v<weight_t, float>) h = to_float(from_float<weight_t>(h));
+    o.v[e] = from_float<scalar_t>(h * silu_dev(to_float(zv.v[e])));
+  }
+  return o;
+}
+
 template <typename scalar_t, typename weight_t, int kVec>
 __global__ void __launch_bounds__(kThreads)
     gated_rms_norm_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
@@ -42,26 +64,35 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x % 32;
   const scalar_t* xr = x + row * x_stride;
   const scalar_t* zr = z + (row / zl.heads) * zl.group_stride + (row % zl.heads) * zl.head_stride;
+  VecT xc[kCache], zc[kCache];
+  VecW wc[kCache];
   float sq = 0.f;
-  for (int64_t i = lane * kVec; i < d; i += 32 * kVec) {
-    const VecT xv = *reinterpret_cast<const VecT*>(xr + i);
+#pragma unroll
+  for (int k = 0; k < kCache; ++k) {
+    const int64_t i = (lane + 32 * k) * kVec;
+    if (i < d) {
+      xc[k] = ld<kVec>(xr, i);
+      zc[k] = ld<kVec>(zr, i);
+      wc[k] = ld<kVec>(weight, i);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) sq += to_float(xc[k].v[e]) * to_float(xc[k].v[e]);
+    }
+  }
+  for (int64_t i = (lane + 32 * kCache) * kVec; i < d; i += 32 * kVec) {
+    const VecT xv = ld<kVec>(xr, i);
 #pragma unroll
     for (int e = 0; e < kVec; ++e) sq += to_float(xv.v[e]) * to_float(xv.v[e]);
   }
   const float inv = rsqrtf(warp_sum(sq) / static_cast<float>(d) + eps);
-  for (int64_t i = lane * kVec; i < d; i += 32 * kVec) {
-    const VecT xv = *reinterpret_cast<const VecT*>(xr + i);
-    const VecT zv = *reinterpret_cast<const VecT*>(zr + i);
-    const VecW wv = *reinterpret_cast<const VecW*>(weight + i);
-    VecT o;
+  VecT* orow = reinterpret_cast<VecT*>(out + row * d);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      float h = to_float(from_float<scalar_t>(to_float(xv.v[e]) * inv)) * to_float(wv.v[e]);
-      if constexpr (!std::is_same_v<weight_t, float>) h = to_float(from_float<weight_t>(h));
-      o.v[e] = from_float<scalar_t>(h * silu_dev(to_float(zv.v[e])));
-    }
-    *reinterpret_cast<VecT*>(out + row * d + i) = o;
+  for (int k = 0; k < kCache; ++k) {
+    const int64_t i = (lane + 32 * k) * kVec;
+    if (i < d) orow[i / kVec] = gate_pack<scalar_t, weight_t, kVec>(xc[k], zc[k], wc[k], inv);
   }
+  for (int64_t i = (lane + 32 * kCache) * kVec; i < d; i += 32 * kVec)
+    orow[i / kVec] =
+        gate_pack<scalar_t, weight_t, kVec>(ld<kVec>(xr, i), ld<kVec>(zr, i), ld<kVec>(weight, i), inv);
 }
 
 // The widest vector (<= 16 bytes of x, and of the weight) that d, the row strides and the

@@ -14,37 +14,18 @@
 // never reads seq_lens.
 #include <climits>
 
-#include "common.cuh"
 #include "ops.cuh"
+#include "paged_decode_common.cuh"
+#include "paged_decode_mma.cuh"
 
 namespace splitvl::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
+constexpr int kWarps = kDecodeWarps;
+constexpr int kThreads = kDecodeThreads;
 constexpr int kMaxHeadDim = 256;
-constexpr int kMaxPartition = 512;
 constexpr int kMinPartition = 32;
 constexpr int kMergeThreads = 256;
-constexpr float kLog2e = 1.4426950408889634f;
-
-template <typename T>
-struct DecodeParams {
-  const T* q;
-  int64_t q_s0, q_s1;
-  const T* key_cache;  // [num_blocks, block_size, Hkv, D]
-  const T* value_cache;
-  const int* block_tables;
-  int64_t bt_s0, bt_s1;
-  int max_blocks;
-  const int* seq_lens;
-  T* out;           // [B, Hq, D]
-  float* part_out;  // [B, Hq, splits, D]
-  float* part_max;  // [B, Hq, splits], base 2
-  float* part_sum;
-  int num_q_heads, num_kv_heads, group, head_dim, block_size, part, splits;
-  float scale;
-};
 
 // Lanes per token row and 16-byte chunks per lane (a power of two) for GT heads and
 // `chunks` chunks per row: the fewest lanes (8, 16 or 32, no more than the row has
@@ -124,16 +105,13 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
   float* red_m = red_acc + kWarps * GT * D;  // [kWarps, GT]
   float* red_w = red_m + kWarps * GT;        // [kWarps, GT]: sums, then merge weights
 
-  const int groups_per_kv = (p.group + GT - 1) / GT;
-  const int kv_head = blockIdx.x / groups_per_kv, hg = blockIdx.x % groups_per_kv;
-  const int b = blockIdx.y, split = blockIdx.z;
-  const int h0 = kv_head * p.group + hg * GT;
-  const int heads = min(GT, p.group - hg * GT);
-  const int start = split * p.part;
+  const DecodeCta cta = decode_cta(p, GT);
+  const int kv_head = cta.kv_head, b = cta.b, split = cta.split, h0 = cta.h0, heads = cta.heads;
+  const int start = cta.start;
   const int seq_len = max(p.seq_lens[b], 0);
   // Stage q and the rows of the whole partition (within the table) without waiting
   // for seq_len; the loads are unconditional (clamped) so that all are in flight at once.
-  constexpr int QN = kMaxHeadDim / kThreads, TN = kMaxPartition / kThreads;
+  constexpr int QN = kMaxHeadDim / kThreads;
   float qx[GT][QN];
 #pragma unroll
   for (int g = 0; g < GT; ++g)
@@ -142,13 +120,8 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
       const int d = min(threadIdx.x + r * kThreads, D - 1);
       qx[g][r] = to_float(p.q[b * p.q_s0 + (h0 + min(g, heads - 1)) * p.q_s1 + d]);
     }
-  const int* table = p.block_tables + b * p.bt_s0;
-  int phys[TN];
-#pragma unroll
-  for (int r = 0; r < TN; ++r) {
-    const int blk = min((start + int(threadIdx.x) + r * kThreads) / p.block_size, p.max_blocks - 1);
-    phys[r] = table[blk * p.bt_s1];
-  }
+  int phys[kRowsPerThread];
+  load_phys(p, b, start, phys);
   const float qscale = p.scale * kLog2e;
 #pragma unroll
   for (int g = 0; g < GT; ++g)
@@ -157,11 +130,7 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
       const int d = threadIdx.x + r * kThreads;
       if (d < D) q_s[g * D + d] = g < heads ? qx[g][r] * qscale : 0.f;
     }
-#pragma unroll
-  for (int r = 0; r < TN; ++r) {  // all kMaxPartition: a condition would delay the loads
-    const int t = start + threadIdx.x + r * kThreads;
-    rows[threadIdx.x + r * kThreads] = (phys[r] * p.block_size + t % p.block_size) * p.num_kv_heads;
-  }
+  store_rows(p, start, phys, rows);
   __syncthreads();
   if (start >= seq_len && split > 0) return;  // unused partition: the merge skips it
   const int n = min(seq_len - start, p.part);
@@ -295,37 +264,7 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
     }
   }
   __syncthreads();
-  if (threadIdx.x < GT) {  // one thread per head: the warps' merge weights
-    const int g = threadIdx.x;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, red_m[w * GT + g]);
-    const float ms = mx == -INFINITY ? 0.f : mx;
-    float e[kWarps], sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      e[w] = exp2f(red_m[w * GT + g] - ms);
-      sum += red_w[w * GT + g] * e[w];
-    }
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) red_w[w * GT + g] = e[w] * inv;
-    if (p.splits > 1 && g < heads) {
-      const int64_t bhs = (int64_t(b) * p.num_q_heads + h0 + g) * p.splits + split;
-      p.part_max[bhs] = mx;
-      p.part_sum[bhs] = sum;
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < heads * D; i += kThreads) {
-    const int g = i / D, d = i - g * D;
-    float o = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += red_acc[(w * GT + g) * D + d] * red_w[w * GT + g];
-    const int64_t bh = int64_t(b) * p.num_q_heads + h0 + g;
-    if (p.splits == 1) p.out[bh * D + d] = from_float<T>(o);
-    else p.part_out[(bh * p.splits + split) * D + d] = o;
-  }
+  finish_partition<T, GT>(p, red_acc, red_m, red_w, b, h0, heads, split);
 }
 
 // grid (Hq, B): merge the used partitions of one (sequence, head). Thread (group,
@@ -435,13 +374,29 @@ void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at:
               " must be a multiple of ", vec, " and at most ", kMaxHeadDim);
 }
 
-// Partition length: 512 tokens, shorter (down to 32) while the grid has fewer than
-// 3 CTAs per SM, so that small batches still spread their loads over every SM.
+// Partition length from the table width (never seq_lens: CUDA graphs): the fewest
+// partitions of at most kMaxPartition tokens that give the grid kCtasPerSm CTAs per SM,
+// so that short contexts at large batch still keep many loads in flight on every SM;
+// then the length is balanced over the partitions (a multiple of 16 tokens, at least
+// kMinPartition) so that the last one is not nearly empty.
+constexpr int kCtasPerSm = 4;
+
 int pick_partition(int64_t ctas, int64_t max_ctx) {
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  int part = kMaxPartition;
-  while (part > kMinPartition && ctas * ceil_div(max_ctx, part) < 3 * sms) part /= 2;
-  return part;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t fill = (kCtasPerSm * sms + ctas - 1) / ctas;
+  const int64_t splits =
+      std::max<int64_t>(ceil_div(max_ctx, kMaxPartition), std::min<int64_t>(fill, max_ctx));
+  const int64_t part = (ceil_div(max_ctx, splits) + 15) / 16 * 16;
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(part, kMinPartition), kMaxPartition));
+}
+
+// Tensor cores for groups of 4 or more in 16-bit types at head dim 128 or 256, with
+// 16-byte aligned query rows (the q fragments are loaded as 16-byte chunks).
+bool use_mma(const at::Tensor& query, int group) {
+  const int64_t D = query.size(2);
+  return group >= 4 && query.element_size() == 2 && (D == 128 || D == 256) &&
+         reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 == 0 && query.stride(0) % 8 == 0 &&
+         query.stride(1) % 8 == 0;
 }
 
 }  // namespace
@@ -462,7 +417,8 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int group = static_cast<int>(Hq / Hkv);
-  const int gt = group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
+  const bool mma = use_mma(query, group);
+  const int gt = mma ? kMmaHeads : group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8;
   const int64_t groups_per_kv = (group + gt - 1) / gt;
   const int part = pick_partition(Hkv * groups_per_kv * B, max_ctx);
   const int splits = ceil_div(max_ctx, part);
@@ -521,10 +477,14 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
       per_cpl(gt_c, std::integral_constant<int, 16>{});
       per_cpl(gt_c, std::integral_constant<int, 32>{});
     };
-    per_lanes(std::integral_constant<int, 1>{});
-    per_lanes(std::integral_constant<int, 2>{});
-    per_lanes(std::integral_constant<int, 4>{});
-    per_lanes(std::integral_constant<int, 8>{});
+    if (mma) {
+      launch_paged_decode_mma(p, grid, stream);
+    } else {
+      per_lanes(std::integral_constant<int, 1>{});
+      per_lanes(std::integral_constant<int, 2>{});
+      per_lanes(std::integral_constant<int, 4>{});
+      per_lanes(std::integral_constant<int, 8>{});
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
       const dim3 mgrid(static_cast<unsigned>(Hq), static_cast<unsigned>(B));
