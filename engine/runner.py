@@ -305,7 +305,8 @@ class ModelRunner:
         hidden = self._run(msg.steps)
         if not sampled:
             return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        logits = self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows])
+        # Model-dtype logits: the greedy argmax reads them as they are, `sample` makes its own fp32 copy.
+        logits = self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows], None)
         if self.parallel.tp_rank != 0:
             return None
         states = [self.seqs[s.seq_id] for s in sampled]

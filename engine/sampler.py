@@ -127,7 +127,10 @@ def sample_greedy(logits: torch.Tensor) -> list[int]:
     """The whole of `sample` when every row is greedy without penalties or logprobs:
     one argmax on the device and one copy of N ints to the host.
 
-    Shapes: logits [N, V] -> N token ids.
+    The logits may be in the model's dtype: widening to fp32 is exact, so the
+    argmax (first maximum on ties, as `torch.argmax`) is the same index as over
+    an fp32 copy, without writing that copy.
+    Shapes: logits [N, V] (any float dtype) -> N token ids.
     """
     return logits.argmax(dim=-1).tolist()
 
@@ -135,7 +138,7 @@ def sample_greedy(logits: torch.Tensor) -> list[int]:
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:
     """Pick one token per row.
 
-    Shapes: logits [N, V] fp32 (full vocab), one `SampleRow` per row.
+    Shapes: logits [N, V] (full vocab; any float dtype, sampled in fp32), one `SampleRow` per row.
     """
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sample rows")

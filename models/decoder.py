@@ -139,7 +139,7 @@ class DecoderModel(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder of one TP rank with its LM head: `forward` -> hidden, `compute_logits` -> fp32 logits.
+    """A decoder of one TP rank with its LM head: `forward` -> hidden, `compute_logits` -> logits (fp32 by default).
 
     Subclasses set the decoder's `layer_class` and check that `config` is theirs.
     """
@@ -188,9 +188,9 @@ class CausalLM(nn.Module):
             positions = positions[0]
         return self.model(input_ids, positions, attn, kv_caches, mm)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shapes: hidden [N, H] -> logits [N, vocab] fp32 (full vocab on every rank)."""
-        return self.lm_head.compute_logits(hidden)
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Shapes: hidden [N, H] -> logits [N, vocab] in `dtype` (None: the model's; full vocab on every rank)."""
+        return self.lm_head.compute_logits(hidden, dtype)
 
     @torch.no_grad()
     def load_weights(self, reader: CheckpointReader) -> list[str]:

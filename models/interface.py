@@ -87,8 +87,8 @@ class LanguageModel(Protocol):
         """
         ...
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Shapes: hidden [N, H] -> logits [N, vocab] fp32 (full vocab on every rank)."""
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Shapes: hidden [N, H] -> logits [N, vocab] in `dtype` (None: the model's; full vocab on every rank)."""
         ...
 
     def load_weights(self, reader: CheckpointReader) -> list[str]:

@@ -53,13 +53,15 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocab-parallel output projection; tie it by sharing the embedding's weight.
 
-    Shapes: `compute_logits(hidden [N, H]) -> [N, vocab]` fp32, full vocab on every rank.
+    Shapes: `compute_logits(hidden [N, H]) -> [N, vocab]` in `dtype`, full vocab on every rank.
+    `dtype=None` keeps the weight's dtype: the engine's samplers take those logits as they
+    are (a greedy argmax needs no fp32 copy: the same values, so the same index).
     """
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         logits = F.linear(hidden, self.weight)
-        logits = all_gather(logits, self.parallel, dim=-1)
-        return logits[..., : self.num_embeddings].float()
+        logits = all_gather(logits, self.parallel, dim=-1)[..., : self.num_embeddings]
+        return logits if dtype is None else logits.to(dtype)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.compute_logits(hidden)

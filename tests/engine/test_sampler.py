@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampler import SampleRow, _filter, apply_penalties, sample
+from engine.sampler import SampleRow, _filter, apply_penalties, sample, sample_greedy
 from engine.sampling_params import SamplingParams
 
 V = 50
@@ -24,6 +24,19 @@ def test_greedy_and_top_k_1_equal_argmax():
     greedy = sample(logits, [_row(SamplingParams(temperature=0))] * 4)
     topk1 = sample(logits, [_row(SamplingParams(temperature=1.3, top_k=1), seed=i) for i in range(4)])
     assert greedy.token_ids == logits.argmax(-1).tolist() == topk1.token_ids
+
+
+def test_greedy_over_model_dtype_equals_fp32_argmax():
+    """bf16 / fp16 logits with many exact ties (coarse values): the argmax over them is the fp32 copy's,
+    first maximum included, and what `sample` picks for greedy rows."""
+    for dtype in (torch.bfloat16, torch.float16):
+        logits = (torch.randint(0, 6, (64, 997), generator=torch.Generator().manual_seed(1)) * 0.5).to(dtype)
+        logits[3] = 2.0  # one row of nothing but ties
+        want = logits.float().argmax(-1)
+        first = [int((row == row.max()).nonzero()[0]) for row in logits.float()]
+        assert want.tolist() == first
+        assert sample_greedy(logits) == want.tolist()
+        assert sample(logits, [_row(SamplingParams(temperature=0))] * 64).token_ids == want.tolist()
 
 
 def test_seeded_rows_independent_of_batch():
