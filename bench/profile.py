@@ -134,8 +134,8 @@ def instrument(llm) -> PhaseTimer:
     if runner is not None:
         timer.wrap(runner.decode_inputs, "stage", "  stage decode inputs")
         if runner.graphs is not None:
-            timer.wrap(runner.graphs, "replay", "  copy inputs + graph replay")
-        timer.wrap(runner.model, "compute_logits", "  LM head (launch)")
+            timer.wrap(runner.graphs, "replay", "  copy inputs + graph replay (with the LM head)")
+        timer.wrap(runner.model, "compute_logits", "  LM head (launch; eager steps)")
         timer.wrap(runner_mod, "sample_greedy", "  argmax + D2H (waits for the GPU)")
         timer.wrap(runner_mod, "sample", "  sampler")
     return timer

@@ -6,7 +6,10 @@ pool after an eager warmup run. The paged decode kernel sizes its grid by the
 block-table width (context splits), so a graph captured at the widest table
 would launch max_model_len / 512 splits per sequence at every step; width
 buckets (1,024 tokens, then x4 up to max_model_len) keep the grid close to the
-batch's context. A decode batch of B sequences replays the smallest bucket
+batch's context. The graph runs the LM head too: it ends with the
+step's logits (model dtype) and their argmax (the greedy tokens) in static
+buffers, so a greedy step launches nothing but the graph and reads B ids back.
+A decode batch of B sequences replays the smallest bucket
 >= B, the padding rows writing nowhere (KV slot -1) and attending to one cached
 token. Hybrid models' linear-attention states are pools addressed by the static
 `state_indices` (padding rows: slot -1, which the kernels neither read nor
@@ -29,7 +32,8 @@ import torch
 from engine.decode_inputs import HostDecodeBatch
 from models.layers.attention import AttentionMetadata
 
-# (input_ids [B], positions [3, B], attn) -> hidden [B, H]: the decoder over the runner's caches.
+# (input_ids [B], positions [3, B], attn) -> logits [B, V] in the model dtype: the decoder over the
+# runner's caches and its LM head.
 DecodeForward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
@@ -63,10 +67,11 @@ class StaticInputs:
     ints: torch.Tensor  # [2 * M] int32: a batch of S uses [:2S] as [2, S] (context length, state slot)
     block_tables: torch.Tensor  # [M, max_blocks] int32
     cu_seqlens: torch.Tensor  # [M + 1] int32 (0..M: one query, and one key as far as the graph knows)
-    hidden: torch.Tensor  # [M, H] model dtype
+    logits: torch.Tensor  # [M, V] model dtype (output)
+    token_ids: torch.Tensor  # [M] int64 (output): argmax of each logits row, first maximum on ties
 
     @classmethod
-    def allocate(cls, max_rows: int, max_model_len: int, block_size: int, hidden_size: int,
+    def allocate(cls, max_rows: int, max_model_len: int, block_size: int, vocab_size: int,
                  dtype: torch.dtype, device: torch.device) -> StaticInputs:
         max_blocks = -(-max_model_len // block_size)
         return cls(
@@ -75,7 +80,8 @@ class StaticInputs:
             ints=torch.ones(2 * max_rows, dtype=torch.int32, device=device),
             block_tables=torch.zeros(max_rows, max_blocks, dtype=torch.int32, device=device),
             cu_seqlens=torch.arange(max_rows + 1, dtype=torch.int32, device=device),
-            hidden=torch.zeros(max_rows, hidden_size, dtype=dtype, device=device),
+            logits=torch.zeros(max_rows, vocab_size, dtype=dtype, device=device),
+            token_ids=torch.zeros(max_rows, dtype=torch.int64, device=device),
         )
 
     @property
@@ -116,6 +122,12 @@ class StaticInputs:
         ints[0].fill_(1)
         ints[1].fill_(-1)
 
+    def run(self, forward: DecodeForward, size: int, width: int) -> None:
+        """One decode step over the leading views into the static outputs (what a graph captures)."""
+        view = self.longs_of(size)
+        self.logits[:size] = forward(view[0], view[1:4], self.metadata(size, width))
+        torch.argmax(self.logits[:size], dim=-1, out=self.token_ids[:size])
+
     def load(self, host: HostDecodeBatch) -> None:
         """Copy a staged decode step in (asynchronously from pinned memory)."""
         self.longs_of(host.size).copy_(host.longs, non_blocking=True)
@@ -154,12 +166,11 @@ class DecodeGraphs:
         for width in reversed(width_buckets(buf.max_blocks, buf.block_size)):
             for size in reversed(bucket_sizes(buf.max_rows)):
                 buf.fill_padding(size)
-                view, attn = buf.longs_of(size), buf.metadata(size, width)
-                buf.hidden[:size] = forward(view[0], view[1:4], attn)  # warmup (lazy inits, autotuning)
+                buf.run(forward, size, width)  # warmup (lazy inits, autotuning)
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    buf.hidden[:size] = forward(view[0], view[1:4], attn)
+                    buf.run(forward, size, width)
                 pool = graph.pool() if pool is None else pool
                 graphs[(size, width)] = graph
         torch.cuda.synchronize()
@@ -169,13 +180,14 @@ class DecodeGraphs:
         """The captured batch size a decode of `batch` sequences pads to (None: run eagerly)."""
         return next((s for s in self.sizes if s >= batch), None)
 
-    def replay(self, host: HostDecodeBatch, batch: int, on_copied: Callable[[], None]) -> torch.Tensor | None:
+    def replay(self, host: HostDecodeBatch, batch: int,
+               on_copied: Callable[[], None]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Copy a staged decode step (padded to a batch bucket) in and replay its graph.
 
         `on_copied` runs once the copies out of `host` are enqueued (the staging
-        arrays must outlive them). Returns hidden [batch, H] (a view of the static
-        output), or None when the context is wider than every captured width (the
-        caller runs eagerly).
+        arrays must outlive them). Returns (logits [batch, V], greedy token ids
+        [batch]), views of the static outputs valid until the next replay, or None
+        when the context is wider than every captured width (the caller runs eagerly).
         """
         width = next((w for w in self.widths if w >= host.width), None)
         if width is None or (host.size, width) not in self.graphs:
@@ -183,4 +195,4 @@ class DecodeGraphs:
         self.inputs.load(host)
         on_copied()
         self.graphs[(host.size, width)].replay()
-        return self.inputs.hidden[:batch]
+        return self.inputs.logits[:batch], self.inputs.token_ids[:batch]

@@ -7,7 +7,8 @@ batch tensors (`input_ids`, `positions [3, T]`, `AttentionMetadata`,
 samples the next token of every sequence that reached its end this step.
 Decode-only steps take a fast path: inputs staged in place from persistent
 per-sequence rows (`engine/decode_inputs.py`), a CUDA graph where one is
-captured, and a bare argmax when every row is plain greedy.
+captured (the decoder, the LM head and the greedy argmax in one replay), and
+a bare argmax when every row is plain greedy.
 """
 
 from __future__ import annotations
@@ -48,6 +49,18 @@ class SeqState:
     block_table: list[int] = field(default_factory=list)
     row: int = -1  # this sequence's row in `DecodeInputs`
     plain_greedy: bool = False  # greedy, no penalties, no logprobs: argmax is the whole sampler
+
+
+@dataclass(frozen=True, slots=True)
+class StepLogits:
+    """The LM head's output over one step's sampled rows.
+
+    Shapes: logits [N, V] model dtype; greedy [N] int64 on the device (their argmax,
+    computed inside a decode graph) or None (the sampler takes its own argmax).
+    """
+
+    logits: torch.Tensor
+    greedy: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,9 +132,9 @@ class ModelRunner:
         if self.captures_decode_graphs():
             inputs = StaticInputs.allocate(
                 self.config.max_num_seqs, max_model_len, self.config.block_size,
-                self.model_config.text.hidden_size, self.dtype, self.device,
+                self.model_config.text.vocab_size, self.dtype, self.device,
             )
-            self.graphs = DecodeGraphs.capture(self._decode_forward, inputs)
+            self.graphs = DecodeGraphs.capture(self._decode_logits, inputs)
 
     def captures_decode_graphs(self) -> bool:
         """Whether decode steps run as CUDA graphs: on CUDA, not `enforce_eager`, and a model
@@ -131,6 +144,10 @@ class ModelRunner:
     def _decode_forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         """A text-only step over the KV cache (what the decode graphs capture). Shapes: hidden [T, H]."""
         return self.model(input_ids, positions, attn, self.kv_caches, None)
+
+    def _decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """What the decode graphs capture: the decode step and the LM head. Shapes: logits [T, V] model dtype."""
+        return self.model.compute_logits(self._decode_forward(input_ids, positions, attn), None)
 
     def close(self) -> None:
         """Drop the KV cache, graphs and sequence state, and return the device memory."""
@@ -297,22 +314,16 @@ class ModelRunner:
     def execute(self, msg: StepMessage) -> StepResult | None:
         """Run one step. Every rank must call it with the same message; rank 0 returns the tokens."""
         self._update(msg)
-        sampled = [s for s in msg.steps if s.sample]
-        if not msg.steps:
-            return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        # Built before the forward is launched: a blocking host-to-device copy would wait for it.
-        sample_rows = self._sample_rows(msg.steps) if sampled else None
-        hidden = self._run(msg.steps)
-        if not sampled:
-            return StepResult((), (), ()) if self.parallel.tp_rank == 0 else None
-        # Model-dtype logits: the greedy argmax reads them as they are, `sample` makes its own fp32 copy.
-        logits = self.model.compute_logits(hidden if sample_rows is None else hidden[sample_rows], None)
+        head = self._run(msg.steps) if msg.steps else None
         if self.parallel.tp_rank != 0:
             return None
+        if head is None:
+            return StepResult((), (), ())
+        sampled = [s for s in msg.steps if s.sample]
         states = [self.seqs[s.seq_id] for s in sampled]
         seq_ids = tuple(s.seq_id for s in sampled)
         if all(st.plain_greedy for st in states):
-            return StepResult(seq_ids, tuple(sample_greedy(logits)), (None,) * len(states))
+            return StepResult(seq_ids, tuple(sample_greedy(head.logits, head.greedy)), (None,) * len(states))
         rows = []
         for st in states:
             # Only the penalties read the history: skip copying it for every other row.
@@ -321,7 +332,7 @@ class ModelRunner:
             else:
                 prompt, output = [], []
             rows.append(SampleRow(st.new.sampling, prompt, output, st.generator))
-        out = sample(logits, rows)
+        out = sample(head.logits, rows)
         return StepResult(seq_ids, tuple(out.token_ids), tuple(out.logprobs))
 
     def _sample_rows(self, steps: tuple[SeqStep, ...]) -> torch.Tensor | None:
@@ -333,21 +344,37 @@ class ModelRunner:
         picked = [end - 1 for s, end in zip(steps, ends) if s.sample]
         return torch.tensor(picked, dtype=torch.int64, device=self.device)
 
-    def _run(self, steps: tuple[SeqStep, ...]) -> torch.Tensor:
-        """The model over this step's tokens. Shapes: hidden [T, H] (T: the steps' new tokens)."""
+    def _run(self, steps: tuple[SeqStep, ...]) -> StepLogits | None:
+        """The model over this step's tokens and the LM head over its sampled rows; None when no
+        row samples (prompt chunks only). The logits stay in the model dtype: the greedy argmax
+        reads them as they are, `sample` makes its own fp32 copy."""
+        samples = any(s.sample for s in steps)
+        # Built before the forward is launched: a blocking host-to-device copy would wait for it.
+        rows = self._sample_rows(steps) if samples else None
         decode = self._decode_rows(steps)
         if decode is None:
             batch = self.build_batch(steps)
-            return self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)
-        rows, starts, token_ids = decode
+            hidden = self.model(batch.input_ids, batch.positions, batch.attn, self.kv_caches, batch.mm)
+        else:
+            hidden = self._decode(steps, *decode)
+            if isinstance(hidden, StepLogits):  # a graph ran the LM head over every row
+                return hidden if rows is None else StepLogits(hidden.logits[rows], hidden.greedy[rows])
+        if not samples:
+            return None
+        return StepLogits(self.model.compute_logits(hidden if rows is None else hidden[rows], None))
+
+    def _decode(self, steps: tuple[SeqStep, ...], rows: list[int], starts: list[int],
+                token_ids: list[int]) -> torch.Tensor | StepLogits:
+        """A decode step from the staged inputs: a graph replay (logits and greedy ids of every
+        row) where one is captured, else eagerly (hidden [B, H])."""
         b = len(rows)
         size = self.graphs.batch_bucket(b) if self.graphs is not None else None
         host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0,
                                         state_slots=self._state_slots(steps))
         if size is not None:
-            hidden = self.graphs.replay(host, b, self.decode_inputs.mark_copied)
-            if hidden is not None:
-                return hidden
+            out = self.graphs.replay(host, b, self.decode_inputs.mark_copied)
+            if out is not None:
+                return StepLogits(*out)
         batch = self._decode_batch(host, b, max(starts) + 1)
         return self._decode_forward(batch.input_ids, batch.positions, batch.attn)
 

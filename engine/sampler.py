@@ -123,16 +123,17 @@ def _logprobs(
     return out
 
 
-def sample_greedy(logits: torch.Tensor) -> list[int]:
+def sample_greedy(logits: torch.Tensor, argmax: torch.Tensor | None = None) -> list[int]:
     """The whole of `sample` when every row is greedy without penalties or logprobs:
-    one argmax on the device and one copy of N ints to the host.
+    one argmax on the device (`argmax`, when the caller has it already: a decode
+    graph computes it) and one copy of N ints to the host.
 
     The logits may be in the model's dtype: widening to fp32 is exact, so the
     argmax (first maximum on ties, as `torch.argmax`) is the same index as over
     an fp32 copy, without writing that copy.
-    Shapes: logits [N, V] (any float dtype) -> N token ids.
+    Shapes: logits [N, V] (any float dtype); argmax [N] -> N token ids.
     """
-    return logits.argmax(dim=-1).tolist()
+    return (logits.argmax(dim=-1) if argmax is None else argmax).tolist()
 
 
 def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SamplerOutput:

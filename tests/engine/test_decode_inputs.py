@@ -52,8 +52,7 @@ def test_decode_inputs_match_the_general_batch(tiny_checkpoint, arch):
     llm = LLM(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
     runner = llm.engine.executor.runner
     run, checked, seen_slots = runner._run, [], set()
-    hidden = runner.model_config.text.hidden_size
-    inputs = StaticInputs.allocate(4, 512, 4, hidden, runner.dtype, runner.device)
+    inputs = StaticInputs.allocate(4, 512, 4, runner.model_config.text.vocab_size, runner.dtype, runner.device)
 
     def checking_run(steps):
         decode = runner._decode_rows(steps)
@@ -97,16 +96,15 @@ class _EagerReplay:
         self.forward, self.inputs, self.size, self.width, self.sizes = forward, inputs, size, width, sizes
 
     def replay(self) -> None:
-        view = self.inputs.longs_of(self.size)
-        attn = self.inputs.metadata(self.size, self.width)
-        self.inputs.hidden[: self.size] = self.forward(view[0], view[1:4], attn)
+        self.inputs.run(self.forward, self.size, self.width)
         self.sizes.append(self.size)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_vl"])
 def test_decode_through_static_inputs_equals_general_path(tiny_checkpoint, arch):
     """What the graphs compute (static buffers, padded buckets, padding rows at KV/state slot -1),
-    run eagerly on CPU, generates the same tokens as the general path, with rows and slots reused."""
+    run eagerly on CPU, generates the same tokens as the general path, with rows and slots reused:
+    greedy rows from the graph's own argmax, sampled rows and logprobs from its logits."""
     tok_len, max_len, bs = (9, 3, 12, 6, 5), 512, 4
     with LLM(tiny_checkpoint(arch), max_model_len=max_len, num_gpu_blocks=128, block_size=bs, max_num_seqs=4) as llm:
         tok = llm.tokenizer
@@ -118,14 +116,24 @@ def test_decode_through_static_inputs_equals_general_path(tiny_checkpoint, arch)
             {"prompt_token_ids": prompt_ids(tok, TEXT, 0)[:5]},
         ]
         params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in tok_len]
+        sampled = [SamplingParams(max_tokens=n, temperature=0.8, top_k=20, seed=i, ignore_eos=True, logprobs=2)
+                   for i, n in enumerate(tok_len)]
         want = [o.token_ids for o in llm.generate(prompts, params)]
+        want_sampled = llm.generate(prompts, sampled)
         runner = llm.engine.executor.runner
-        inputs = StaticInputs.allocate(4, max_len, bs, runner.model_config.text.hidden_size, runner.dtype,
+        inputs = StaticInputs.allocate(4, max_len, bs, runner.model_config.text.vocab_size, runner.dtype,
                                        runner.device)
         sizes: list[int] = []
-        replays = {(size, width): _EagerReplay(runner._decode_forward, inputs, size, width, sizes)
+        replays = {(size, width): _EagerReplay(runner._decode_logits, inputs, size, width, sizes)
                    for size in bucket_sizes(4) for width in width_buckets(inputs.max_blocks, bs)}
         runner.graphs = DecodeGraphs(inputs, replays)
         got = [o.token_ids for o in llm.generate(prompts, params)]
+        graph_steps = len(sizes)
+        got_sampled = llm.generate(prompts, sampled)
     assert got == want
-    assert 4 in sizes and len(sizes) >= 10
+    assert 4 in sizes[:graph_steps] and graph_steps >= 10
+    assert [o.token_ids for o in got_sampled] == [o.token_ids for o in want_sampled]
+    for g, w in zip(got_sampled, want_sampled):
+        assert [lp.top_ids for lp in g.logprobs] == [lp.top_ids for lp in w.logprobs]
+        torch.testing.assert_close([lp.logprob for lp in g.logprobs], [lp.logprob for lp in w.logprobs],
+                                   rtol=1e-5, atol=1e-5)  # padded-batch GEMMs round differently

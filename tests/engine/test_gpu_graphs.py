@@ -52,7 +52,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None
 
 
 class StepChecker:
-    """Wraps the runner's `_run`: each graph-replayed decode step is redone eagerly and compared."""
+    """Wraps the runner's `_run`: each graph-replayed decode step (decoder, LM head, argmax) is redone
+    eagerly and compared."""
 
     def __init__(self, runner) -> None:
         self.runner, self.run, self.replay = runner, runner._run, runner.graphs.replay
@@ -62,9 +63,9 @@ class StepChecker:
         runner._run, runner.graphs.replay = self._checked_run, self._counting_replay
 
     def _counting_replay(self, host, batch, on_copied):
-        hidden = self.replay(host, batch, on_copied)
-        self._replayed = hidden is not None
-        return hidden
+        out = self.replay(host, batch, on_copied)
+        self._replayed = out is not None
+        return out
 
     def _caches(self) -> list[torch.Tensor]:
         return [t for pair in self.runner.kv_caches for t in pair]
@@ -72,9 +73,11 @@ class StepChecker:
     def _checked_run(self, steps):
         before = [t.clone() for t in self._caches()]
         self._replayed = False
-        hidden = self.run(steps).clone()
+        head = self.run(steps)
         if not self._replayed:
-            return hidden
+            return head
+        logits, greedy = head.logits.clone(), head.greedy.clone()
+        assert torch.equal(greedy, logits.argmax(-1)), "the graph's argmax is not its logits' argmax"
         after_graph = [t.clone() for t in self._caches()]
         for t, saved in zip(self._caches(), before):  # in place: the graphs hold these addresses
             t.copy_(saved)
@@ -83,13 +86,11 @@ class StepChecker:
         eager = self.runner.model(batch.input_ids, batch.positions, batch.attn, self.runner.kv_caches, None)
         for i, (t, g) in enumerate(zip(self._caches(), after_graph)):
             _close(g, t, 2e-2, f"cache tensor {i} after the step")
-        self._compare_logits(hidden, eager)
+        self._compare_logits(logits, self.runner.model.compute_logits(eager, None))
         self.sizes.append(len(steps))
-        return hidden
+        return head
 
-    def _compare_logits(self, hidden: torch.Tensor, eager: torch.Tensor) -> None:
-        model = self.runner.model
-        got, want = model.compute_logits(hidden), model.compute_logits(eager)
+    def _compare_logits(self, got: torch.Tensor, want: torch.Tensor) -> None:
         _close(got, want, 2e-2, "logits")
         self.tokens += want.shape[0]
         self.same_tokens += int((got.argmax(-1) == want.argmax(-1)).sum())
