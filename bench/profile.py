@@ -136,7 +136,9 @@ def instrument(llm) -> PhaseTimer:
         if runner.graphs is not None:
             timer.wrap(runner.graphs, "replay", "  copy inputs + graph replay (with the LM head)")
         timer.wrap(runner.model, "compute_logits", "  LM head (launch; eager steps)")
-        timer.wrap(runner_mod, "sample_greedy", "  argmax + D2H (waits for the GPU)")
+        timer.wrap(runner_mod, "sample_greedy", "  argmax + D2H (waits for the GPU; synchronous steps)")
+        timer.wrap(runner, "launch", "  launch (async scheduling: update, stage, replay)")
+        timer.wrap(runner, "collect", "  collect (async scheduling: waits for the step's ids)")
         timer.wrap(runner_mod, "sample", "  sampler")
     return timer
 

@@ -121,6 +121,9 @@ class LLMDeploymentConfig(_Scaled):
         None, ge=1, description="Fixed KV block count (overrides gpu_memory_utilization; CPU default 512)."
     )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    async_scheduling: bool = Field(
+        True, description="With one rank, launch the next decode step while the host reads this one's tokens."
+    )
 
 
     @model_validator(mode="after")

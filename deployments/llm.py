@@ -54,6 +54,7 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
         "gpu_memory_utilization": llm.gpu_memory_utilization,
         "num_gpu_blocks": llm.num_gpu_blocks,
         "enforce_eager": llm.enforce_eager,
+        "async_scheduling": llm.async_scheduling,
         "seed": config.seed,
     }
 

@@ -23,6 +23,9 @@ class EngineConfig:
     engine dead. tp_compiled_graph: with tensor_parallel_size > 1, send the
     steps to the ranks through a Ray compiled graph (False: one actor task per
     rank per step). seed: derives the generators of requests without a seed.
+    async_scheduling: with one rank, launch the next decode step before the
+    host has read this one's tokens (`engine/engine.py`: the host work of a
+    step overlaps the GPU work of the one before).
     """
 
     model: str
@@ -42,6 +45,7 @@ class EngineConfig:
     tp_compiled_graph: bool = True
     seed: int = 0
     timeline_capacity: int = DEFAULT_CAPACITY
+    async_scheduling: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.config import EngineConfig
-from engine.runner import ModelRunner
+from engine.runner import LaunchedStep, ModelRunner
 from engine.step import StepMessage, StepResult
 from models.config import ModelConfig
 from models.layers.parallel import ParallelContext
@@ -35,6 +35,13 @@ class InProcessExecutor:
 
     def execute(self, msg: StepMessage) -> StepResult | None:
         return self.runner.execute(msg)
+
+    def launch(self, msg: StepMessage) -> LaunchedStep:
+        """Run a step without waiting for its sampled ids (async scheduling; see `ModelRunner.launch`)."""
+        return self.runner.launch(msg)
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        return self.runner.collect(step)
 
     def is_alive(self) -> bool:
         return True

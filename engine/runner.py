@@ -49,6 +49,25 @@ class SeqState:
     block_table: list[int] = field(default_factory=list)
     row: int = -1  # this sequence's row in `DecodeInputs`
     plain_greedy: bool = False  # greedy, no penalties, no logprobs: argmax is the whole sampler
+    # (launch number, row of that launch's sampled ids): a token sampled on the device that the
+    # host has not read yet (`ModelRunner.launch`); the next decode step reads it there.
+    pending: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchedStep:
+    """A step whose sampled ids may still be on their way to the host (`ModelRunner.launch`).
+
+    Shapes: ids [N] int64 on the host (pinned on CUDA), valid once `ready` has
+    passed; or `result` when the step read its tokens already (any sampling but
+    plain greedy, or nothing sampled).
+    """
+
+    seq_ids: tuple[int, ...]
+    number: int
+    ids: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    result: StepResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +115,10 @@ class ModelRunner:
         self.kv_caches: list[LayerCache] = []
         self.num_blocks = 0
         self.graphs: DecodeGraphs | None = None
+        # Launched steps: how many, and the device ids the latest plain-greedy one sampled.
+        self._launches = 0
+        self._last: tuple[int, torch.Tensor] | None = None
+        self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=cuda) for _ in range(2)]
 
     # ---- setup -------------------------------------------------------------------
 
@@ -317,9 +340,10 @@ class ModelRunner:
         head = self._run(msg.steps) if msg.steps else None
         if self.parallel.tp_rank != 0:
             return None
-        if head is None:
-            return StepResult((), (), ())
-        sampled = [s for s in msg.steps if s.sample]
+        return StepResult((), (), ()) if head is None else self._sample(msg.steps, head)
+
+    def _sample(self, steps: tuple[SeqStep, ...], head: StepLogits) -> StepResult:
+        sampled = [s for s in steps if s.sample]
         states = [self.seqs[s.seq_id] for s in sampled]
         seq_ids = tuple(s.seq_id for s in sampled)
         if all(st.plain_greedy for st in states):
@@ -334,6 +358,72 @@ class ModelRunner:
             rows.append(SampleRow(st.new.sampling, prompt, output, st.generator))
         out = sample(head.logits, rows)
         return StepResult(seq_ids, tuple(out.token_ids), tuple(out.logprobs))
+
+    # ---- launched steps (TP 1, async scheduling) -------------------------------------
+
+    @torch.inference_mode()
+    def launch(self, msg: StepMessage) -> LaunchedStep:
+        """Run one step without waiting for a plain-greedy step's ids; `collect` reads them.
+
+        The runner keeps the tokens of launched steps itself (the engine sends none
+        back): a decode row whose input token is still on the device (sampled by the
+        previous launch, not collected yet) reads it there, so the next step can be
+        launched before this one's ids reached the host. Every other step samples
+        on the host as `execute` does.
+        """
+        self._update(msg)
+        number, self._launches = self._launches, self._launches + 1
+        head = self._run(msg.steps) if msg.steps else None
+        if head is None:
+            return LaunchedStep((), number, result=StepResult((), (), ()))
+        sampled = [s for s in msg.steps if s.sample]
+        seq_ids = tuple(s.seq_id for s in sampled)
+        states = [self.seqs[i] for i in seq_ids]
+        if not all(st.plain_greedy for st in states):
+            result = self._sample(msg.steps, head)
+            self._keep(seq_ids, result.token_ids, number)
+            return LaunchedStep(seq_ids, number, result=result)
+        ids = head.greedy if head.greedy is not None else head.logits.argmax(dim=-1)
+        self._last = (number, ids)
+        for i, st in enumerate(states):
+            st.pending = (number, i)
+        host = self._host_ids[number % 2][: len(seq_ids)]  # the other one may be read meanwhile
+        cuda = self.device.type == "cuda"
+        host.copy_(ids, non_blocking=cuda)
+        ready = torch.cuda.Event() if cuda else None
+        if ready is not None:
+            ready.record()
+        return LaunchedStep(seq_ids, number, host, ready)
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """The sampled tokens of a launched step (waits for its ids); steps are collected in launch order."""
+        if step.result is not None:
+            return step.result
+        if step.ready is not None:
+            step.ready.synchronize()
+        ids = step.ids.tolist()
+        self._keep(step.seq_ids, ids, step.number)
+        return StepResult(step.seq_ids, tuple(ids), (None,) * len(ids))
+
+    def _keep(self, seq_ids: tuple[int, ...], token_ids, number: int) -> None:
+        for seq_id, token in zip(seq_ids, token_ids):
+            st = self.seqs.get(seq_id)
+            if st is None:
+                continue  # freed meanwhile (finished one step early, or aborted)
+            st.token_ids.append(token)
+            if st.pending is not None and st.pending[0] == number:
+                st.pending = None
+
+    def _device_token(self, st: SeqState) -> int:
+        """-(1 + j) for a token that is row j of the previous launch's ids (still on the device)."""
+        if st.pending is None or self._last is None or st.pending[0] != self._last[0]:
+            raise RuntimeError("a decode step's input token is neither on the host nor from the previous step")
+        return -1 - st.pending[1]
+
+    def _resolve(self, ids: torch.Tensor) -> None:
+        """In place: entries -(1 + j) become row j of the previous launch's ids. Shapes: ids [B] int64."""
+        prev = self._last[1]
+        ids.copy_(torch.where(ids < 0, prev[(-1 - ids).clamp(min=0)], ids))
 
     def _sample_rows(self, steps: tuple[SeqStep, ...]) -> torch.Tensor | None:
         """Row of each sampled sequence's last token in the step's hidden [T, H]; None when
@@ -371,11 +461,19 @@ class ModelRunner:
         size = self.graphs.batch_bucket(b) if self.graphs is not None else None
         host = self.decode_inputs.stage(rows, starts, token_ids, pad_to=size or 0,
                                         state_slots=self._state_slots(steps))
+        on_device = min(token_ids) < 0  # input ids the previous launch sampled: resolved on the device
         if size is not None:
-            out = self.graphs.replay(host, b, self.decode_inputs.mark_copied)
+            def copied() -> None:
+                self.decode_inputs.mark_copied()
+                if on_device:
+                    self._resolve(self.graphs.inputs.longs_of(size)[0, :b])
+
+            out = self.graphs.replay(host, b, copied)
             if out is not None:
                 return StepLogits(*out)
         batch = self._decode_batch(host, b, max(starts) + 1)
+        if on_device:
+            self._resolve(batch.input_ids)
         return self._decode_forward(batch.input_ids, batch.positions, batch.attn)
 
     def _decode_rows(self, steps: tuple[SeqStep, ...]) -> tuple[list[int], list[int], list[int]] | None:
@@ -388,7 +486,7 @@ class ModelRunner:
                 return None  # prompt tokens may be image tokens or carry mRoPE image positions
             rows.append(st.row)
             starts.append(s.start)
-            token_ids.append(st.token_ids[s.start])
+            token_ids.append(st.token_ids[s.start] if s.start < len(st.token_ids) else self._device_token(st))
         return rows, starts, token_ids
 
     def _decode_batch(self, host: HostDecodeBatch, b: int, max_len: int) -> StepBatch:

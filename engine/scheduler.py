@@ -162,12 +162,20 @@ class Scheduler:
 
     def commit(self, out: SchedulerOutput) -> None:
         """Advance the computed-token counts after the step ran; register full blocks."""
+        self.advance(out)
+        self.register(out)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The computed-token counts of a step that ran or is running: what the next schedule reads."""
         for item in out.scheduled:
-            seq = item.seq
-            if seq.is_finished:
-                continue  # aborted while the step ran
-            seq.num_computed_tokens = item.start + item.num_new_tokens
-            self.blocks.commit(seq)
+            if not item.seq.is_finished:  # aborted while the step ran
+                item.seq.num_computed_tokens = item.start + item.num_new_tokens
+
+    def register(self, out: SchedulerOutput) -> None:
+        """Prefix-cache hashes of the blocks that became full (every token of them known on the host)."""
+        for item in out.scheduled:
+            if not item.seq.is_finished:
+                self.blocks.commit(item.seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """End `seq` (stop, length, abort, error) and return its blocks at once."""

@@ -49,7 +49,9 @@ def _assert_graph_inputs_match(inputs: StaticInputs, host, b: int, ref) -> None:
 def test_decode_inputs_match_the_general_batch(tiny_checkpoint, arch):
     # Small blocks and a varied batch: tables grow, rows (and state slots) free and get reused,
     # mRoPE offsets differ.
-    llm = LLM(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4)
+    # Synchronous steps: the general batch is built from the input tokens on the host.
+    llm = LLM(tiny_checkpoint(arch), max_model_len=512, num_gpu_blocks=128, block_size=4, max_num_seqs=4,
+              async_scheduling=False)
     runner = llm.engine.executor.runner
     run, checked, seen_slots = runner._run, [], set()
     inputs = StaticInputs.allocate(4, 512, 4, runner.model_config.text.vocab_size, runner.dtype, runner.device)

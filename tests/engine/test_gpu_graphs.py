@@ -37,8 +37,8 @@ def _requests(tok) -> tuple[list[dict], list[SamplingParams]]:
     return prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in MAX_TOKENS]
 
 
-def _graphed(path, dtype: str) -> LLM:
-    llm = LLM(path, dtype=dtype, **KWARGS)
+def _graphed(path, dtype: str, **kwargs) -> LLM:
+    llm = LLM(path, dtype=dtype, **KWARGS, **kwargs)
     runner = llm.engine.executor.runner
     assert runner.model.supports_cuda_graphs
     assert runner.graphs is not None, "CUDA graph capture failed (see the warning)"
@@ -98,7 +98,8 @@ class StepChecker:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_graph_decode_steps_equal_eager_bf16(tiny_checkpoint, arch):
-    with _graphed(tiny_checkpoint(arch), "bfloat16") as llm:
+    # Synchronous steps: the eager redo builds its batch from the tokens on the host.
+    with _graphed(tiny_checkpoint(arch), "bfloat16", async_scheduling=False) as llm:
         checker = StepChecker(llm.engine.executor.runner)
         prompts, params = _requests(llm.tokenizer)
         outs = llm.generate(prompts, params)
@@ -123,3 +124,24 @@ def test_graph_decode_equals_eager_fp32_end_to_end(tiny_checkpoint, arch):
         assert eager.engine.executor.runner.graphs is None
         want = [o.token_ids for o in eager.generate(prompts, params)]
     assert got == want
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_async_scheduling_equals_sync_with_graphs_fp32(tiny_checkpoint, arch):
+    """Graph-replayed decode steps launched before the previous step's ids reached the host
+    (input ids copied on the device into the graph's static buffer) == synchronous steps;
+    requests stop on a token mid-stream (the extra launched token is dropped)."""
+    path = tiny_checkpoint(arch)
+    with _graphed(path, "float32", async_scheduling=False) as llm:
+        prompts, params = _requests(llm.tokenizer)
+        plain = [o.token_ids for o in llm.generate(prompts, params)]
+    stops = [SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[t[len(t) * 2 // 3]])
+             for n, t in zip(MAX_TOKENS, plain)]
+    results = {}
+    for overlap in (False, True):
+        with _graphed(path, "float32", async_scheduling=overlap) as llm:
+            results[overlap] = [[o.token_ids for o in llm.generate(prompts, ps)] for ps in (params, stops)]
+            stats = llm.engine.stats()
+            assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    assert results[True] == results[False]
+    assert results[True][0] == plain

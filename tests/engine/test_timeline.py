@@ -73,10 +73,11 @@ async def _settled(engine: Engine, since: int):
     return engine.timeline(since)
 
 
-async def test_engine_records_each_step_as_scheduled(tiny_checkpoint) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_engine_records_each_step_as_scheduled(tiny_checkpoint, overlap: bool) -> None:
     engine = Engine(EngineConfig(model=str(tiny_checkpoint("qwen3_vl")), dtype="float32", device="cpu",
                                  max_model_len=128, num_gpu_blocks=64, max_num_batched_tokens=8,
-                                 enable_prefix_caching=False))
+                                 enable_prefix_caching=False, async_scheduling=overlap))
     sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     try:
         mark = engine.timeline(1 << 62).cursor
@@ -93,7 +94,12 @@ async def test_engine_records_each_step_as_scheduled(tiny_checkpoint) -> None:
         assert read.cursor == mark + len(EXPECTED) and read.dropped == 0
         assert [r.waiting for r in recs] == [2, 1, 0, 0, 0]
         for prev, rec in zip(recs, recs[1:]):
-            assert prev.end <= rec.start  # in order, one at a time
+            if overlap:  # a step launches while the one before runs, never earlier
+                assert prev.start <= rec.start and prev.end <= rec.end
+            else:
+                assert prev.end <= rec.start  # in order, one at a time
+        for prev, rec in zip(recs, recs[2:]):
+            assert prev.end <= rec.start
         for rec in recs:
             phases = rec.schedule_s + rec.message_s + rec.execute_s + rec.process_s
             assert min(rec.schedule_s, rec.message_s, rec.execute_s, rec.process_s, rec.idle_s, rec.lock_s) >= 0
