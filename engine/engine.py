@@ -6,25 +6,8 @@ deltas. The caller's event loop only adds and aborts requests and drains the
 streams, so a loop busy with other work (a Serve replica streaming over Ray)
 does not hold the next step back; its streams then receive several tokens at
 once. One lock guards the scheduler and the bookkeeping; the model step runs
-outside it.
-
-Async scheduling (`EngineConfig.async_scheduling`, one rank in process): a step
-is launched, and while the GPU runs it the host schedules and launches the
-next one, then reads the first one's tokens and streams them. The scheduler
-counts each launched sampled token at once (a placeholder in the sequence's
-output until it is read); the runner feeds it to the next decode step from the
-device. Stops are applied when the tokens are read, one step late: a sequence
-that stopped there computed one more token in the step already launched,
-which is discarded (never emitted, never counted). Its blocks and state slot
-are returned at once: every later step that could reuse them runs after the
-launched one on the same CUDA stream. The next step is launched early only
-when every running sequence decodes, samples plain greedy (no penalties,
-logprobs or temperature: the draw and the penalties read tokens on the
-host) and is not at its length limit (so the extra token never needs a
-block or position beyond it), and nothing waits for admission; every other
-step (prefills, chunked prefills, preemption recompute, sampling) first reads
-the launched step's tokens. Tensor parallelism (steps on worker actors) runs
-synchronously.
+outside it. Async scheduling (one rank) launches the next step before reading
+this one's tokens: `engine/overlap.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +23,7 @@ from engine.block_manager import BlockManager, StateSlotManager
 from engine.config import EngineConfig
 from engine.errors import EngineDeadError, EngineInputError
 from engine.executor import Executor, InProcessExecutor
-from engine.runner import LaunchedStep
+from engine.overlap import InFlightStep, OverlappedSteps
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
@@ -55,20 +38,6 @@ __all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineInputError"]
 log = logging.getLogger(__name__)
 
 
-PLACEHOLDER = -1  # a launched step's sampled token in a sequence's output until the host reads it
-
-
-@dataclass(frozen=True, slots=True)
-class _InFlight:
-    """A launched step whose tokens the host has not processed: where each placeholder sits
-    (seq id -> index in its output tokens) and the host times of its launch."""
-
-    out: SchedulerOutput
-    launched: LaunchedStep
-    placeholders: dict[int, int]
-    times: tuple[float, float, float, float, float, float, int]  # top, locked, start, scheduled, built, launched, waiting
-
-
 @dataclass(slots=True)
 class _Known:
     """What the runners know of a sequence (to send only deltas)."""
@@ -78,7 +47,7 @@ class _Known:
     preemptions: int
 
 
-class Engine:
+class Engine(OverlappedSteps):
     """Continuous-batching engine over an in-process runner (TP 1) or TP worker actors."""
 
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
@@ -108,7 +77,7 @@ class Engine:
         self._closed = False
         self._timeline: Timeline[StepRecord] = Timeline(config.timeline_capacity)
         self._launches = config.async_scheduling and hasattr(self.executor, "launch")
-        self._inflight: _InFlight | None = None
+        self._inflight: InFlightStep | None = None
 
     # ---- public API ----------------------------------------------------------------
 
@@ -264,119 +233,6 @@ class Engine:
             built - scheduled, executed - built, end - relocked, decode, prefill, prefill_tokens, outputs, waiting,
         ))
         return True
-
-    # ---- async scheduling: launch, then read the step before -------------------------
-
-    def _launch_step(self) -> bool:
-        """Launch the next step, then process the one launched before it. False: the loop ends."""
-        prev, self._inflight = self._inflight, None
-        if prev is not None:
-            with self._lock:
-                overlap = self._can_overlap()
-            if not overlap:
-                if not self._finish_launched(prev):
-                    return False
-                prev = None
-        clock = time.monotonic
-        top = clock()
-        with self._lock:
-            locked = clock()
-            while prev is None and not self._closed and self._dead is None and not self.scheduler.has_work():
-                self._work.wait()
-            if self._closed or self._dead is not None:
-                return False
-            start = clock()
-            out = self.scheduler.schedule() if self.scheduler.has_work() else SchedulerOutput([])
-            if out.is_empty and prev is None:
-                self._fail("the scheduler could not place any request (KV cache too small)")
-                return False
-            scheduled = clock()
-            msg = self._message(out) if not out.is_empty else None
-            built = clock()
-            waiting = len(self.scheduler.waiting)
-        if msg is not None:
-            try:
-                launched = self.executor.launch(msg)
-            except Exception as exc:
-                log.exception("engine step failed")
-                with self._lock:
-                    self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
-                return False
-            with self._lock:
-                placeholders = self._count_launched(out)
-            self._inflight = _InFlight(out, launched, placeholders,
-                                       (top, locked, start, scheduled, built, clock(), waiting))
-        return prev is None or self._finish_launched(prev)
-
-    def _can_overlap(self) -> bool:
-        """Whether the next step may launch before the step in flight is read (see the module doc)."""
-        if self.scheduler.waiting:
-            return False
-        for seq in self.scheduler.running:
-            p = seq.sampling
-            if (seq.remaining_prefill != 1 or not p.greedy or p.has_penalties or p.logprobs is not None
-                    or seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len):
-                return False
-        return True
-
-    def _count_launched(self, out: SchedulerOutput) -> dict[int, int]:
-        """Advance the scheduler past a launched step: each sampled token is a placeholder the
-        runner already knows (it keeps its own tokens). Returns seq id -> placeholder index."""
-        self.scheduler.advance(out)
-        placeholders = {}
-        for item in out.scheduled:
-            seq = item.seq
-            if item.samples and not seq.is_finished:
-                placeholders[seq.seq_id] = len(seq.output_token_ids)
-                seq.output_token_ids.append(PLACEHOLDER)
-                self._known[seq.seq_id].num_tokens += 1
-        return placeholders
-
-    def _finish_launched(self, item: _InFlight) -> bool:
-        """Read a launched step's tokens, then stream them and record the step. False: failed."""
-        top, locked, start, scheduled, built, launched, waiting = item.times
-        try:
-            result = self.executor.collect(item.launched)
-        except Exception as exc:
-            log.exception("engine step failed")
-            with self._lock:
-                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
-            return False
-        collected = time.monotonic()
-        with self._lock:
-            relocked = time.monotonic()
-            outputs = self._process_launched(item, result)
-        end = time.monotonic()
-        decode, prefill, prefill_tokens = count_rows(item.out.scheduled)
-        self._timeline.append(StepRecord(
-            start, end, start - locked, (locked - top) + (relocked - collected), scheduled - start,
-            built - scheduled, (launched - built) + (collected - launched), end - relocked,
-            decode, prefill, prefill_tokens, outputs, waiting,
-        ))
-        return True
-
-    def _process_launched(self, item: _InFlight, result: StepResult) -> int:
-        """Put the tokens in place of their placeholders, apply stops, deliver; how many delivered."""
-        by_id = {s.seq.seq_id: s.seq for s in item.out.scheduled}
-        outbox = []
-        try:
-            for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
-                seq = by_id[seq_id]
-                if seq.is_finished:
-                    continue  # aborted, or stopped a step earlier: this token is discarded
-                index = item.placeholders[seq_id]
-                seq.output_token_ids[index] = token
-                reason = self._stop_reason(seq, token, index + 1)
-                if reason is not None:
-                    del seq.output_token_ids[index + 1 :]  # the launched step's token past the stop
-                    self._finish(seq, reason)
-                got = self._output(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
-                if got is not None:
-                    outbox.append(got)
-            self.scheduler.register(item.out)
-        finally:
-            put_many(outbox)
-        return len(outbox)
 
     def _message(self, out: SchedulerOutput) -> StepMessage:
         new, steps = [], []

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from engine.config import EngineConfig
-from engine.runner import LaunchedStep, ModelRunner
+from engine.launch import LaunchedStep
+from engine.runner import ModelRunner
 from engine.step import StepMessage, StepResult
 from models.config import ModelConfig
 from models.layers.parallel import ParallelContext

@@ -183,3 +183,32 @@ def test_arrivals_finishes_and_abort_every_step(tiny_checkpoint, arch):
     assert got[1:] == alone[1:]
     assert 0 < len(got[0]) < 40 and got[0] == alone[0][: len(got[0])]
     assert counter.count > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_prefill_beside_decodes_equals_sync(tiny_checkpoint, arch):
+    """A prompt chunked so that its last chunk is one token, beside decoding rows: that step
+    is a prefill (its row reads no device token) and must not launch early."""
+    path = tiny_checkpoint(arch)
+    kw = dict(KW, max_num_batched_tokens=8)
+    # Step 1: 5 + 3 prompt tokens; step 2: a decode + 7 of the second prompt; step 3: a decode + its last one.
+    prompts = [list(range(20, 25)), list(range(30, 41))]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (12, 6)]
+    results = {}
+    for overlap in (False, True):
+        with LLM(path, async_scheduling=overlap, **kw) as llm:
+            counter = DeviceTokens(llm.engine.executor.runner)
+            async def read(stream) -> list[int]:
+                return [t async for out in stream for t in out.new_token_ids]
+
+            async def run(engine) -> list[list[int]]:
+                with engine._lock:  # both queued before the step thread schedules anything
+                    streams = [engine.add_request(f"r{i}", p, None, sp)
+                               for i, (p, sp) in enumerate(zip(prompts, params))]
+                return list(await asyncio.gather(*(read(s) for s in streams)))
+
+            results[overlap] = llm._loop.run_until_complete(run(llm.engine))
+            llm._loop.run_until_complete(asyncio.sleep(0.05))
+            _assert_nothing_held(llm)
+    assert results[True] == results[False]
+    assert [len(t) for t in results[True]] == [12, 6] and counter.count > 0

@@ -1,0 +1,166 @@
+"""Async scheduling: the host work of a step overlaps the GPU work of the step before.
+
+`EngineConfig.async_scheduling`, one rank in process: a step
+is launched, and while the GPU runs it the host schedules and launches the
+next one, then reads the first one's tokens and streams them. The scheduler
+counts each launched sampled token at once (a placeholder in the sequence's
+output until it is read); the runner feeds it to the next decode step from the
+device. Stops are applied when the tokens are read, one step late: a sequence
+that stopped there computed one more token in the step already launched,
+which is discarded (never emitted, never counted). Its blocks and state slot
+are returned at once: every later step that could reuse them runs after the
+launched one on the same CUDA stream. The next step is launched early only
+when every running sequence decodes, samples plain greedy (no penalties,
+logprobs or temperature: the draw and the penalties read tokens on the
+host) and is not at its length limit (so the extra token never needs a
+block or position beyond it), and nothing waits for admission; every other
+step (prefills, chunked prefills, preemption recompute, sampling) first reads
+the launched step's tokens. Tensor parallelism (steps on worker actors) runs
+synchronously.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from engine.launch import LaunchedStep
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
+from engine.step import StepResult
+from engine.stream import put_many
+from engine.timeline import StepRecord, count_rows
+
+log = logging.getLogger("engine.engine")
+
+PLACEHOLDER = -1  # a launched step's sampled token in a sequence's output until the host reads it
+
+
+@dataclass(frozen=True, slots=True)
+class InFlightStep:
+    """A launched step whose tokens the host has not processed: where each placeholder sits
+    (seq id -> index in its output tokens) and the host times of its launch."""
+
+    out: SchedulerOutput
+    launched: LaunchedStep
+    placeholders: dict[int, int]
+    times: tuple[float, float, float, float, float, float, int]  # top, locked, start, scheduled, built, launched, waiting
+
+
+class OverlappedSteps:
+    """The engine's step loop under async scheduling (a part of `Engine`, on its state:
+    lock, scheduler, executor, what the runner knows, streams, timeline)."""
+
+    def _launch_step(self) -> bool:
+        """Launch the next step, then process the one launched before it. False: the loop ends."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            with self._lock:
+                overlap = self._can_overlap()
+            if not overlap:
+                if not self._finish_launched(prev):
+                    return False
+                prev = None
+        clock = time.monotonic
+        top = clock()
+        with self._lock:
+            locked = clock()
+            while prev is None and not self._closed and self._dead is None and not self.scheduler.has_work():
+                self._work.wait()
+            if self._closed or self._dead is not None:
+                return False
+            start = clock()
+            out = self.scheduler.schedule() if self.scheduler.has_work() else SchedulerOutput([])
+            if out.is_empty and prev is None:
+                self._fail("the scheduler could not place any request (KV cache too small)")
+                return False
+            scheduled = clock()
+            msg = self._message(out) if not out.is_empty else None
+            built = clock()
+            waiting = len(self.scheduler.waiting)
+        if msg is not None:
+            try:
+                launched = self.executor.launch(msg)
+            except Exception as exc:
+                log.exception("engine step failed")
+                with self._lock:
+                    self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+                return False
+            with self._lock:
+                placeholders = self._count_launched(out)
+            self._inflight = InFlightStep(out, launched, placeholders,
+                                       (top, locked, start, scheduled, built, clock(), waiting))
+        return prev is None or self._finish_launched(prev)
+
+    def _can_overlap(self) -> bool:
+        """Whether the next step may launch before the step in flight is read (see the module doc)."""
+        return not self.scheduler.waiting and all(self._decodes_greedily(seq) for seq in self.scheduler.running)
+
+    def _decodes_greedily(self, seq: Sequence) -> bool:
+        """`seq`'s next step is one generated token (the last prompt token of a chunked prefill goes
+        through the general batch, which reads tokens on the host), sampled plain greedy, short of
+        its length limits."""
+        p = seq.sampling
+        return (seq.remaining_prefill == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
+                and p.greedy and not p.has_penalties and p.logprobs is None
+                and seq.num_output_tokens < seq.max_tokens and seq.num_tokens < self.max_model_len)
+
+    def _count_launched(self, out: SchedulerOutput) -> dict[int, int]:
+        """Advance the scheduler past a launched step: each sampled token is a placeholder the
+        runner already knows (it keeps its own tokens). Returns seq id -> placeholder index."""
+        self.scheduler.advance(out)
+        placeholders = {}
+        for item in out.scheduled:
+            seq = item.seq
+            if item.samples and not seq.is_finished:
+                placeholders[seq.seq_id] = len(seq.output_token_ids)
+                seq.output_token_ids.append(PLACEHOLDER)
+                self._known[seq.seq_id].num_tokens += 1
+        return placeholders
+
+    def _finish_launched(self, item: InFlightStep) -> bool:
+        """Read a launched step's tokens, then stream them and record the step. False: failed."""
+        top, locked, start, scheduled, built, launched, waiting = item.times
+        try:
+            result = self.executor.collect(item.launched)
+        except Exception as exc:
+            log.exception("engine step failed")
+            with self._lock:
+                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+            return False
+        collected = time.monotonic()
+        with self._lock:
+            relocked = time.monotonic()
+            outputs = self._process_launched(item, result)
+        end = time.monotonic()
+        decode, prefill, prefill_tokens = count_rows(item.out.scheduled)
+        self._timeline.append(StepRecord(
+            start, end, start - locked, (locked - top) + (relocked - collected), scheduled - start,
+            built - scheduled, (launched - built) + (collected - launched), end - relocked,
+            decode, prefill, prefill_tokens, outputs, waiting,
+        ))
+        return True
+
+    def _process_launched(self, item: InFlightStep, result: StepResult) -> int:
+        """Put the tokens in place of their placeholders, apply stops, deliver; how many delivered."""
+        by_id = {s.seq.seq_id: s.seq for s in item.out.scheduled}
+        outbox = []
+        try:
+            for seq_id, token, logprob in zip(result.seq_ids, result.token_ids, result.logprobs):
+                seq = by_id[seq_id]
+                if seq.is_finished:
+                    continue  # aborted, or stopped a step earlier: this token is discarded
+                index = item.placeholders[seq_id]
+                seq.output_token_ids[index] = token
+                reason = self._stop_reason(seq, token, index + 1)
+                if reason is not None:
+                    del seq.output_token_ids[index + 1 :]  # the launched step's token past the stop
+                    self._finish(seq, reason)
+                got = self._output(seq, [token], reason, [logprob] if seq.sampling.logprobs is not None else None)
+                if got is not None:
+                    outbox.append(got)
+            self.scheduler.register(item.out)
+        finally:
+            put_many(outbox)
+        return len(outbox)
