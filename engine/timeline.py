@@ -46,7 +46,8 @@ class StepRecord:
     Rows: `decode_rows` (one generated token each), `prefill_rows` and
     `prefill_tokens` (prompt chunks, or recomputation after a preemption);
     `outputs`: deltas handed to request streams; `waiting`: queued requests after
-    scheduling.
+    scheduling. Under async scheduling (`engine/overlap.py`) a step starts while the
+    one before it is still unread, so a record overlaps its neighbours (never more).
     """
 
     start: float
