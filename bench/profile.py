@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=8, help="vision section: images per call (0: skip)")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse the random checkpoint here")
+    parser.add_argument("--no-async", dest="async_scheduling", action="store_false",
+                        help="synchronous engine steps (EngineConfig.async_scheduling=False)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -349,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = prepare_checkpoint(args.model, args.ckpt_cache or tmp, torch.bfloat16, device, tokenizer=False)
         torch.cuda.empty_cache()
         print(f"checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), args.prompt_len)
+        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), args.prompt_len,
+                                async_scheduling=args.async_scheduling)
         torch.cuda.empty_cache()
         vision = vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images) if args.images else None
     name = torch.cuda.get_device_name(device)
