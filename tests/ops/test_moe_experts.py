@@ -94,6 +94,34 @@ def test_moe_experts_match_reference(kernels, device, dtype, tokens, k, experts,
     assert_close(out, reference_moe.moe_combine(y_ref, alignment), dtype)
 
 
+# Routings aligned in 16-row blocks (few pairs per expert: the CUDA decode path): one token,
+# odd token counts, E not a multiple of the block, k 1/2/8, and (64, 2, 16) with one expert
+# forced to 40 pairs (three blocks of one expert).
+SMALL_BLOCK_ROUTING = [(1, 8, 128), (1, 1, 7), (3, 2, 60), (64, 8, 128), (65, 8, 128), (64, 2, 16)]
+# (hidden, inter): the 30B-A3B expert at TP=4 (768 / 4), a K tail of 8 and an N tail (328, 88),
+# and I a multiple of 8 but not of 16 or 32 (TP-sharded odd intermediates).
+SMALL_BLOCK_SHAPES = [(2048, 192), (328, 88), (136, 40)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens,k,experts", SMALL_BLOCK_ROUTING)
+@pytest.mark.parametrize("hidden,inter", SMALL_BLOCK_SHAPES)
+def test_moe_experts_small_blocks_match_reference(kernels, device, dtype, tokens, k, experts, hidden, inter):
+    assert align_block_size(tokens * k, experts) == 16
+    weights, ids = _routing(tokens, k, experts, device)
+    if experts == 16:
+        ids[:40, 0] = 0
+        ids[:40, 1] = torch.where(ids[:40, 1] == 0, 1, ids[:40, 1])
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    alignment = kernels.moe_align(ids, experts)
+    rows = _real_rows(alignment).to(device)
+    h = kernels.moe_gate_up(x, gate_up, alignment)
+    assert_close(h[rows], reference_moe.moe_gate_up(x, gate_up, alignment)[rows], dtype, scale=2)
+    y = kernels.moe_down(h, down, weights, alignment)
+    assert_close(y[rows], reference_moe.moe_down(h, down, weights, alignment)[rows], dtype, scale=2)
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_moe_chain_matches_per_token_experts(kernels, device, dtype):
     """The ops chained == transformers' Qwen3-MoE expert loop, one token and expert at a time."""
