@@ -123,6 +123,18 @@ def test_moe_experts_small_blocks_match_reference(kernels, device, dtype, tokens
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("hidden", [2048, 72, 100])
+def test_moe_combine_more_than_eight_pairs_and_dropped(kernels, device, dtype, hidden):
+    """k = 10 (two groups of pair loads), dropped pairs, packed and scalar rows."""
+    _, ids = _routing(7, 10, 20, device)
+    ids[1, 3] = -1
+    ids[4, 9] = 20
+    alignment = kernels.moe_align(ids, 20)
+    y = torch.randn(alignment.capacity, hidden, device=device).to(dtype)
+    assert_close(kernels.moe_combine(y, alignment), reference_moe.moe_combine(y, alignment), dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_moe_chain_matches_per_token_experts(kernels, device, dtype):
     """The ops chained == transformers' Qwen3-MoE expert loop, one token and expert at a time."""
     tokens, k, experts, hidden, inter = 19, 4, 12, 72, 40
