@@ -65,8 +65,8 @@ def test_moe_align_drops_out_of_range_experts(kernels, device):
     assert got.block_experts.cpu().tolist()[:2] == [0, 2]
 
 
-# (tokens, experts, k): one launch (T <= 32 tokens, shared memory within 96 KB; E = 512 opts
-# in above 48 KB), and two launches (T = 33, 64; E = 1000); no tokens.
+# (tokens, experts, k): one launch (T <= 32 tokens and E <= 512; E = 512 opts in to more
+# than 48 KB of shared memory), and two launches (T = 33, 64; E = 1000); no tokens.
 ROUTE = [(1, 128, 8), (3, 60, 2), (32, 7, 1), (5, 512, 10), (33, 128, 8), (64, 128, 8), (20, 1000, 4), (0, 8, 2)]
 
 

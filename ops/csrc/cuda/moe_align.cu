@@ -272,7 +272,8 @@ void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorte
                                      topk_ids, experts, op);
   const int64_t tokens = gating_output.size(0), k = topk_weights.size(1);
   const size_t smem = sizeof(int) * size_t(tokens * k + experts * (2 + kRouteThreads / 32));
-  if (tokens == 0 || tokens > kRouteTokens || smem > 96 * 1024) {  // two launches
+  // Two launches beyond a warp per token, or for E > 512 (shared memory, and VPT 32 spills).
+  if (tokens == 0 || tokens > kRouteTokens || experts > 512) {
     topk_softmax(topk_weights, topk_ids, gating_output, renormalize);
     moe_align(sorted_pairs, pair_pos, block_experts, total_padded, topk_ids, experts);
     return;
