@@ -120,8 +120,9 @@ def active_bytes(model, batch_step) -> tuple[int, float]:
     hits: list[int] = []
     expert_bytes: list[int] = []
 
-    def count(module, args) -> None:  # args: (x, topk_weights, topk_ids)
-        hits.append(torch.unique(args[2]).numel())
+    def count(module, args) -> None:  # args: (x, topk_weights, alignment)
+        owners = args[2].block_experts
+        hits.append(torch.unique(owners[owners >= 0]).numel())
         expert_bytes.append(module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
 
     handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, FusedExperts)]

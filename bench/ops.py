@@ -314,6 +314,25 @@ def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
         weight_bytes = hit * 3 * hidden * inter * dtype.itemsize
         yield Case("moe_experts", f"T={t} E={experts} k={k} H={hidden} I={inter}", run, check,
                    weight_bytes + 2 * nbytes(x), flops=t * k * 6 * hidden * inter)
+        yield from _moe_gemm_cases(x, gate_up, down, logits, k, hit)
+
+
+def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
+    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights."""
+    weights, ids = ops.topk_softmax(logits, k, True)
+    alignment = ops.moe_align(ids, gate_up.shape[0])
+    h = ops.moe_gate_up(x, gate_up, alignment)
+    rows = alignment.pair_pos.flatten().long()
+    shape = f"T={x.shape[0]} E={gate_up.shape[0]} k={k} H={x.shape[1]} I={down.shape[2]}"
+    for name, run, ref in (
+        ("gate_up", partial(ops.moe_gate_up, x, gate_up, alignment),
+         partial(reference_moe.moe_gate_up, x, gate_up, alignment)),
+        ("down", partial(ops.moe_down, h, down, weights, alignment),
+         partial(reference_moe.moe_down, h, down, weights, alignment)),
+    ):
+        per_expert = (gate_up if name == "gate_up" else down)[0]
+        check = partial(lambda run, ref: rel_err(run()[rows], ref()[rows]), run, ref)
+        yield Case("moe_experts", f"{name} {shape}", run, check, hit * nbytes(per_expert))
 
 
 # Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head

@@ -117,20 +117,40 @@ def topk_softmax(gating_output, topk, renormalize):
 # MoE experts: pairs sorted by expert into blocks (ops/reference_moe.py); no host sync.
 
 
-@_ops.op(reference_moe)
-def moe_align(topk_ids, num_experts):
-    tokens, k = topk_ids.shape
+def _alignment_buffers(tokens: int, k: int, num_experts: int, device: torch.device) -> MoeAlignment:
+    """Uninitialised alignment tensors sized from (T, k, E) only (no host sync)."""
     block = align_block_size(tokens * k, num_experts)
     capacity = align_capacity(tokens * k, num_experts, block)
-    device = topk_ids.device
-    sorted_pairs = torch.empty(capacity, dtype=torch.int32, device=device)
-    pair_pos = torch.empty((tokens, k), dtype=torch.int32, device=device)
-    block_experts = torch.empty(capacity // block, dtype=torch.int32, device=device)
-    total_padded = torch.empty(1, dtype=torch.int32, device=device)
-    torch.ops.splitvl.moe_align.default(
-        sorted_pairs, pair_pos, block_experts, total_padded, topk_ids, num_experts
+    return MoeAlignment(
+        torch.empty(capacity, dtype=torch.int32, device=device),
+        torch.empty((tokens, k), dtype=torch.int32, device=device),
+        torch.empty(capacity // block, dtype=torch.int32, device=device),
+        torch.empty(1, dtype=torch.int32, device=device),
+        block,
     )
-    return MoeAlignment(sorted_pairs, pair_pos, block_experts, total_padded, block)
+
+
+@_ops.op(reference_moe)
+def moe_align(topk_ids, num_experts):
+    a = _alignment_buffers(*topk_ids.shape, num_experts, topk_ids.device)
+    torch.ops.splitvl.moe_align.default(
+        a.sorted_pairs, a.pair_pos, a.block_experts, a.total_padded, topk_ids, num_experts
+    )
+    return a
+
+
+@_ops.op(reference_moe)
+def moe_route(gating_output, topk, renormalize):
+    tokens, experts = gating_output.shape
+    device = gating_output.device
+    weights = torch.empty((tokens, topk), dtype=torch.float32, device=device)
+    ids = torch.empty((tokens, topk), dtype=torch.int32, device=device)
+    a = _alignment_buffers(tokens, topk, experts, device)
+    torch.ops.splitvl.moe_route.default(
+        weights, ids, a.sorted_pairs, a.pair_pos, a.block_experts, a.total_padded,
+        gating_output, renormalize,
+    )
+    return weights, ids, a
 
 
 @_ops.op(reference_moe)

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ops import reference
+
 
 @dataclass(frozen=True, slots=True)
 class MoeAlignment:
@@ -94,6 +96,17 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
         row += padded
     total = torch.tensor([row], dtype=torch.int32, device=device)
     return MoeAlignment(sorted_pairs, pair_pos.view(tokens, k), block_experts, total, block)
+
+
+def moe_route(
+    gating_output: torch.Tensor, topk: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, MoeAlignment]:
+    """The router's `topk_softmax`, then `moe_align` of its ids over E = gating_output's width.
+
+    Shapes: gating_output [T, E] -> (topk_weights fp32 [T, k], topk_ids int32 [T, k], MoeAlignment).
+    """
+    weights, ids = reference.topk_softmax(gating_output, topk, renormalize)
+    return weights, ids, moe_align(ids, gating_output.shape[1])
 
 
 def _expert_runs(alignment: MoeAlignment) -> list[tuple[int, torch.Tensor, torch.Tensor]]:

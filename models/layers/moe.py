@@ -1,6 +1,7 @@
 """Sparse MoE block: router, top-k softmax, experts run only on their tokens.
 
-The experts run as `ops.moe_align` -> `ops.moe_gate_up` -> `ops.moe_down` ->
+The router's top-k and the expert alignment run as `ops.moe_route` (one launch
+at decode), the experts as `ops.moe_gate_up` -> `ops.moe_down` ->
 `ops.moe_combine`: every size comes from the token count, never from the
 routing, so the block does not sync with the host (CUDA-graph capturable).
 
@@ -45,12 +46,11 @@ class FusedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.shard, hidden_size), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, alignment: ops.MoeAlignment) -> torch.Tensor:
         """Partial (this rank's) expert output, not yet reduced.
 
-        Shapes: x [T, H]; topk_weights fp32 [T, k]; topk_ids int32 [T, k] -> [T, H].
+        Shapes: x [T, H]; topk_weights fp32 [T, k]; alignment of the [T, k] routed pairs -> [T, H].
         """
-        alignment = ops.moe_align(topk_ids, self.num_experts)
         h = ops.moe_gate_up(x, self.gate_up_proj, alignment)
         return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, alignment), alignment)
 
@@ -118,7 +118,7 @@ def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) 
 
 
 class SparseMoeBlock(nn.Module):
-    """Router linear -> `ops.topk_softmax` -> selected experts (+ gated shared expert).
+    """Router linear -> `ops.moe_route` (top-k, alignment) -> selected experts (+ gated shared expert).
 
     Param names follow the checkpoints: `gate.weight [E, H]` (router),
     `experts.*`, and with `shared_expert_intermediate_size > 0`
@@ -157,8 +157,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)
-        weights, ids = ops.topk_softmax(router_logits, self.top_k, self.norm_topk_prob)
-        out = self.experts(x, weights, ids)
+        weights, _, alignment = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
+        out = self.experts(x, weights, alignment)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out, self.parallel)

@@ -62,6 +62,13 @@ SPLITVL_OP(moe_align,
            "Tensor topk_ids, int num_experts",
            (at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
             at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts))
+// topk_softmax then moe_align of its ids (E = gating_output's width), in one launch at decode.
+SPLITVL_OP(moe_route,
+           "Tensor! topk_weights, Tensor! topk_ids, Tensor! sorted_pairs, Tensor! pair_pos, "
+           "Tensor! block_experts, Tensor! total_padded, Tensor gating_output, bool renormalize",
+           (at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
+            at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
+            const at::Tensor& gating_output, bool renormalize))
 SPLITVL_OP(moe_gate_up,
            "Tensor! out, Tensor x, Tensor weight, Tensor sorted_pairs, Tensor block_experts, "
            "Tensor total_padded, int top_k",

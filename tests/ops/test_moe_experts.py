@@ -65,6 +65,25 @@ def test_moe_align_drops_out_of_range_experts(kernels, device):
     assert got.block_experts.cpu().tolist()[:2] == [0, 2]
 
 
+# (tokens, experts, k): one launch (T <= 32 tokens and E <= 512; E = 512 opts in to more
+# than 48 KB of shared memory), and two launches (T = 33, 64; E = 1000); no tokens.
+ROUTE = [(1, 128, 8), (3, 60, 2), (32, 7, 1), (5, 512, 10), (33, 128, 8), (64, 128, 8), (20, 1000, 4), (0, 8, 2)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens,experts,k", ROUTE)
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_moe_route_matches_topk_then_align(kernels, device, dtype, tokens, experts, k, renormalize):
+    gating = torch.randn(tokens, experts, device=device).to(dtype)
+    weights, ids, got = kernels.moe_route(gating, k, renormalize)
+    w_ref, ids_ref, ref = reference_moe.moe_route(gating, k, renormalize)
+    torch.testing.assert_close(ids.cpu(), ids_ref.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(weights.cpu(), w_ref.cpu(), rtol=1e-5, atol=1e-6)
+    assert got.block_size == ref.block_size and got.capacity == ref.capacity
+    for name in ("sorted_pairs", "pair_pos", "block_experts", "total_padded"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(ref, name).cpu(), rtol=0, atol=0)
+
+
 def _weights(experts: int, hidden: int, inter: int, device: str, dtype: torch.dtype):
     gate_up = (torch.randn(experts, 2 * inter, hidden) / hidden**0.5).to(device, dtype)
     down = (torch.randn(experts, hidden, inter) / inter**0.5).to(device, dtype)
@@ -92,6 +111,46 @@ def test_moe_experts_match_reference(kernels, device, dtype, tokens, k, experts,
     assert_close(y[rows], y_ref[rows], dtype, scale=2)
     out = kernels.moe_combine(y_ref, alignment)
     assert_close(out, reference_moe.moe_combine(y_ref, alignment), dtype)
+
+
+# Routings aligned in 16-row blocks (few pairs per expert: the CUDA decode path): one token,
+# odd token counts, E not a multiple of the block, k 1/2/8, and (64, 2, 16) with one expert
+# forced to 40 pairs (three blocks of one expert).
+SMALL_BLOCK_ROUTING = [(1, 8, 128), (1, 1, 7), (3, 2, 60), (64, 8, 128), (65, 8, 128), (64, 2, 16)]
+# (hidden, inter): the 30B-A3B expert at TP=4 (768 / 4), a K tail of 8 and an N tail (328, 88),
+# and I a multiple of 8 but not of 16 or 32 (TP-sharded odd intermediates).
+SMALL_BLOCK_SHAPES = [(2048, 192), (328, 88), (136, 40)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens,k,experts", SMALL_BLOCK_ROUTING)
+@pytest.mark.parametrize("hidden,inter", SMALL_BLOCK_SHAPES)
+def test_moe_experts_small_blocks_match_reference(kernels, device, dtype, tokens, k, experts, hidden, inter):
+    assert align_block_size(tokens * k, experts) == 16
+    weights, ids = _routing(tokens, k, experts, device)
+    if experts == 16:
+        ids[:40, 0] = 0
+        ids[:40, 1] = torch.where(ids[:40, 1] == 0, 1, ids[:40, 1])
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    alignment = kernels.moe_align(ids, experts)
+    rows = _real_rows(alignment).to(device)
+    h = kernels.moe_gate_up(x, gate_up, alignment)
+    assert_close(h[rows], reference_moe.moe_gate_up(x, gate_up, alignment)[rows], dtype, scale=2)
+    y = kernels.moe_down(h, down, weights, alignment)
+    assert_close(y[rows], reference_moe.moe_down(h, down, weights, alignment)[rows], dtype, scale=2)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("hidden", [2048, 72, 100])
+def test_moe_combine_more_than_eight_pairs_and_dropped(kernels, device, dtype, hidden):
+    """k = 10 (two groups of pair loads), dropped pairs, packed and scalar rows."""
+    _, ids = _routing(7, 10, 20, device)
+    ids[1, 3] = -1
+    ids[4, 9] = 20
+    alignment = kernels.moe_align(ids, 20)
+    y = torch.randn(alignment.capacity, hidden, device=device).to(dtype)
+    assert_close(kernels.moe_combine(y, alignment), reference_moe.moe_combine(y, alignment), dtype)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -131,16 +190,17 @@ def test_moe_experts_full_size_decode_and_batch(kernels, dtype):
 
 
 @GPU
-def test_moe_experts_capture_in_a_cuda_graph(kernels):
-    """No host sync: the whole chain records into a CUDA graph and replays == eager."""
-    tokens, k, experts, hidden, inter = 8, 8, 128, 256, 128
+@pytest.mark.parametrize("tokens", [8, 64])
+def test_moe_experts_capture_in_a_cuda_graph(kernels, tokens):
+    """No host sync: the whole chain (one-launch routing at 8 tokens, two at 64) records into
+    a CUDA graph and replays == eager."""
+    k, experts, hidden, inter = 8, 128, 256, 128
     gate_up, down = _weights(experts, hidden, inter, "cuda", torch.bfloat16)
     x = torch.randn(tokens, hidden, device="cuda").to(torch.bfloat16)
     logits = torch.randn(tokens, experts, device="cuda")
 
     def step() -> torch.Tensor:
-        weights, ids = kernels.topk_softmax(logits, k, True)
-        alignment = kernels.moe_align(ids, experts)
+        weights, _, alignment = kernels.moe_route(logits, k, True)
         h = kernels.moe_gate_up(x, gate_up, alignment)
         return kernels.moe_combine(kernels.moe_down(h, down, weights, alignment), alignment)
 
@@ -169,6 +229,9 @@ def test_moe_ops_opcheck(kernels, device):
     outs = (torch.empty_like(a.sorted_pairs), torch.empty_like(a.pair_pos),
             torch.empty_like(a.block_experts), torch.empty_like(a.total_padded))
     torch.library.opcheck(torch.ops.splitvl.moe_align.default, (*outs, ids, experts))
+    routed = (torch.empty_like(weights), torch.empty_like(ids))
+    logits = torch.randn(tokens, experts, device=device)
+    torch.library.opcheck(torch.ops.splitvl.moe_route.default, (*routed, *outs, logits, True))
     gate_up, down = _weights(experts, hidden, inter, device, torch.float32)
     x = torch.randn(tokens, hidden, device=device)
     h = torch.zeros(a.capacity, inter, device=device)

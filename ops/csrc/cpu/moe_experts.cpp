@@ -1,4 +1,5 @@
-// MoE expert ops on the CPU: pair alignment, grouped gate_up (SiLU-and-mul) and
+// MoE expert ops on the CPU: pair alignment (alone, or after the router's top-k:
+// moe_route), grouped gate_up (SiLU-and-mul) and
 // down GEMMs over expert runs, and the weighted combine. Semantics:
 // ops/reference_moe.py. The GEMMs are one at::matmul per expert run, which is
 // what CI's tiny models need.
@@ -89,6 +90,14 @@ void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block
     if (routed) sorted[pos[p]] = static_cast<int32_t>(p);
   }
   total_padded.fill_(row);
+}
+
+void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
+               at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
+               const at::Tensor& gating_output, bool renormalize) {
+  topk_softmax(topk_weights, topk_ids, gating_output, renormalize);
+  moe_align(sorted_pairs, pair_pos, block_experts, total_padded, topk_ids,
+            gating_output.size(1));
 }
 
 void moe_gate_up(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,

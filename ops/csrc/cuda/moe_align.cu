@@ -1,19 +1,24 @@
 // moe_align: sort routed pairs by expert and pad each expert's run to a block
 // multiple, on the device (semantics: ops/reference_moe.py); moe_combine: the
-// deterministic gather-sum of each token's k expert rows.
+// deterministic gather-sum of each token's k expert rows (fp32, in j order).
 //
 // Alignment is one CTA: pairs are few (T * k) and a single CTA needs no
 // cross-block sync. Within an expert, pairs keep ascending order: each chunk of
-// kAlignThreads pairs ranks its lanes per warp (__match_any_sync), then warps in
-// order, then chunks in order, so the result equals a stable sort.
-#include "common.cuh"
+// as many pairs as threads ranks its lanes per warp (__match_any_sync), then warps
+// in order, then chunks in order, so the result equals a stable sort.
+// moe_route runs the router's top-k and the alignment in that one CTA when the
+// tokens fit one warp each (decode), else the two kernels.
 #include "ops.cuh"
+#include "topk_common.cuh"
 
 namespace splitvl::cuda {
 namespace {
 
 constexpr int kAlignThreads = 256;
-constexpr int kAlignWarps = kAlignThreads / 32;
+// moe_route's single CTA: one warp per token ranks all tokens in one round, then the
+// same CTA aligns their pairs from shared memory (no second launch, no global round trip).
+constexpr int kRouteThreads = 1024;
+constexpr int kRouteTokens = kRouteThreads / 32;
 
 __device__ __forceinline__ int padded_count(int count, int block) {
   return (count + block - 1) / block * block;
@@ -38,22 +43,25 @@ __device__ int scan_padded_counts(const int* counts, int* start, int experts, in
   return running;
 }
 
-// Scatter one chunk of pairs to their sorted rows; cursor[e] is expert e's next free row.
+// Scatter one chunk of THREADS pairs to their sorted rows; cursor[e] is expert e's next
+// free row; warp_counts holds [THREADS / 32, E].
+template <int THREADS>
 __device__ void scatter_chunk(const int32_t* ids, int first, int pairs, int experts, int* cursor,
                               int* warp_counts, int32_t* sorted, int32_t* pos) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int p = first + threadIdx.x;
   const int e = p < pairs ? ids[p] : -1;
   const bool routed = e >= 0 && e < experts;
-  for (int i = threadIdx.x; i < kAlignWarps * experts; i += kAlignThreads) warp_counts[i] = 0;
+  constexpr int kWarps = THREADS / 32;
+  for (int i = threadIdx.x; i < kWarps * experts; i += THREADS) warp_counts[i] = 0;
   __syncthreads();
   const unsigned same = __match_any_sync(0xffffffffu, routed ? e : -1);
   const int rank = __popc(same & ((1u << lane) - 1));
   if (routed && rank == 0) warp_counts[warp * experts + e] = __popc(same);
   __syncthreads();
-  for (int x = threadIdx.x; x < experts; x += kAlignThreads) {
+  for (int x = threadIdx.x; x < experts; x += THREADS) {
     int run = cursor[x];
-    for (int w = 0; w < kAlignWarps; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       const int c = warp_counts[w * experts + x];
       warp_counts[w * experts + x] = run;
       run += c;
@@ -71,18 +79,19 @@ __device__ void scatter_chunk(const int32_t* ids, int first, int pairs, int expe
   __syncthreads();
 }
 
-__global__ void __launch_bounds__(kAlignThreads)
-    moe_align_kernel(const int32_t* __restrict__ ids, int pairs, int experts, int block,
-                     int blocks, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
-                     int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
-  extern __shared__ int smem[];
+// The alignment of `pairs` routed pairs by THREADS threads (the whole CTA); ids may live in
+// global or shared memory; smem holds [E * (2 + THREADS / 32)] ints.
+template <int THREADS>
+__device__ void align_pairs(const int32_t* ids, int pairs, int experts, int block, int blocks,
+                            int* smem, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
+                            int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
   int* counts = smem;             // [E], then the fill cursor of each expert
   int* start = counts + experts;  // [E] first padded row of each expert
   int* warp_counts = start + experts;  // [warps, E]
   __shared__ int total_rows;
-  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = 0;
+  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = 0;
   __syncthreads();
-  for (int p = threadIdx.x; p < pairs; p += kAlignThreads) {
+  for (int p = threadIdx.x; p < pairs; p += THREADS) {
     const int e = ids[p];
     if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
   }
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(kAlignThreads)
   }
   __syncthreads();
   if (threadIdx.x == 0) total[0] = total_rows;
-  for (int b = threadIdx.x; b < blocks; b += kAlignThreads) {
+  for (int b = threadIdx.x; b < blocks; b += THREADS) {
     const int row = b * block;
     int owner = -1;
     if (row < total_rows) {  // the last expert whose run starts at or before row
@@ -107,11 +116,45 @@ __global__ void __launch_bounds__(kAlignThreads)
     }
     block_experts[b] = owner;
   }
-  for (int r = threadIdx.x; r < blocks * block; r += kAlignThreads) sorted[r] = pairs;
-  for (int e = threadIdx.x; e < experts; e += kAlignThreads) counts[e] = start[e];
+  for (int r = threadIdx.x; r < blocks * block; r += THREADS) sorted[r] = pairs;
+  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = start[e];
   __syncthreads();
-  for (int first = 0; first < pairs; first += kAlignThreads)
-    scatter_chunk(ids, first, pairs, experts, counts, warp_counts, sorted, pos);
+  for (int first = 0; first < pairs; first += THREADS)
+    scatter_chunk<THREADS>(ids, first, pairs, experts, counts, warp_counts, sorted, pos);
+}
+
+__global__ void __launch_bounds__(kAlignThreads)
+    moe_align_kernel(const int32_t* __restrict__ ids, int pairs, int experts, int block,
+                     int blocks, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
+                     int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
+  extern __shared__ int smem[];
+  align_pairs<kAlignThreads>(ids, pairs, experts, block, blocks, smem, sorted, pos,
+                             block_experts, total);
+}
+
+// moe_route for T <= kRouteTokens: warp t ranks token t, its picks go to global memory and
+// to shared memory, and the CTA aligns them from there.
+template <typename T, int VPT>
+__global__ void __launch_bounds__(kRouteThreads)
+    moe_route_kernel(float* __restrict__ weights, int32_t* __restrict__ ids,
+                     const T* __restrict__ gating, int64_t row_stride, int tokens, int k,
+                     bool renormalize, int block, int blocks, int32_t* __restrict__ sorted,
+                     int32_t* __restrict__ pos, int32_t* __restrict__ block_experts,
+                     int32_t* __restrict__ total, int experts) {
+  extern __shared__ int smem[];
+  int* picked = smem;  // [T * k]
+  const int t = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (t < tokens) {
+    const TopkPick pick = topk_row<T, VPT>(gating + t * row_stride, experts, k, renormalize);
+    if (lane < k) {
+      weights[t * k + lane] = pick.weight;
+      ids[t * k + lane] = pick.id;
+      picked[t * k + lane] = pick.id;
+    }
+  }
+  __syncthreads();
+  align_pairs<kRouteThreads>(picked, tokens * k, experts, block, blocks, smem + tokens * k,
+                             sorted, pos, block_experts, total);
 }
 
 template <typename T>
@@ -129,11 +172,49 @@ __global__ void moe_combine_kernel(T* __restrict__ out, const T* __restrict__ y,
   }
 }
 
+// 16-byte rows (hidden % pack == 0, aligned): a thread owns one pack of columns (one CTA
+// covers H 2048) and reads the positions of kCombineGroup pairs at once, then their rows
+// (L2 hits: moe_down just wrote them), instead of k dependent loads per column. Sums stay
+// fp32 in j order.
+constexpr int kCombineGroup = 8;
+
+template <typename T>
+__global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* __restrict__ y,
+                                        const int32_t* __restrict__ pos, int k, int hidden) {
+  constexpr int N = kPack16<T>;
+  using P = Pack<T, N>;
+  const int64_t t = blockIdx.x;
+  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * N;
+  if (c >= hidden) return;
+  const int32_t* my_pos = pos + t * k;
+  float acc[N] = {};
+  for (int j0 = 0; j0 < k; j0 += kCombineGroup) {
+    int rows[kCombineGroup];
+#pragma unroll
+    for (int u = 0; u < kCombineGroup; ++u) rows[u] = j0 + u < k ? __ldg(my_pos + j0 + u) : -1;
+    P v[kCombineGroup];  // a dropped pair reads row 0 and adds nothing
+#pragma unroll
+    for (int u = 0; u < kCombineGroup; ++u)
+      v[u] = *reinterpret_cast<const P*>(y + int64_t(max(rows[u], 0)) * hidden + c);
+#pragma unroll
+    for (int u = 0; u < kCombineGroup; ++u)
+#pragma unroll
+      for (int i = 0; i < N; ++i) acc[i] += rows[u] >= 0 ? to_float(v[u].v[i]) : 0.f;
+  }
+  P o;
+#pragma unroll
+  for (int i = 0; i < N; ++i) o.v[i] = from_float<T>(acc[i]);
+  *reinterpret_cast<P*>(out + t * hidden + c) = o;
+}
+
 }  // namespace
 
-void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
-               at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts) {
-  constexpr const char* op = "moe_align";
+namespace {
+
+// The checks of moe_align's arguments; returns the block size.
+int check_align_args(const at::Tensor& sorted_pairs, const at::Tensor& pair_pos,
+                     const at::Tensor& block_experts, const at::Tensor& total_padded,
+                     const at::Tensor& topk_ids, int64_t num_experts, const char* op) {
   check_cuda(topk_ids, op, "topk_ids");
   for (const at::Tensor* t : {&sorted_pairs, &pair_pos, &block_experts, &total_padded}) {
     check_same_device(topk_ids, *t, op);
@@ -151,18 +232,67 @@ void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block
                 op, ": output sizes do not match (pairs ", pairs, ", capacity ", capacity,
                 ", blocks ", blocks, ")");
   SPLITVL_CHECK(pairs < (int64_t(1) << 30), op, ": too many pairs");
-  const int block = blocks > 0 ? static_cast<int>(capacity / blocks) : 16;
+  return blocks > 0 ? static_cast<int>(capacity / blocks) : 16;
+}
+
+// Dynamic shared memory of a kernel, opting in above the default 48 KB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, size_t smem) {
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(smem)));
+}
+
+}  // namespace
+
+void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block_experts,
+               at::Tensor& total_padded, const at::Tensor& topk_ids, int64_t num_experts) {
+  const int block = check_align_args(sorted_pairs, pair_pos, block_experts, total_padded,
+                                     topk_ids, num_experts, "moe_align");
   const c10::cuda::CUDAGuard guard(topk_ids.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int experts = static_cast<int>(num_experts);
-  const size_t smem = sizeof(int) * size_t(experts) * (2 + kAlignWarps);
-  if (smem > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(moe_align_kernel,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  const size_t smem = sizeof(int) * size_t(experts) * (2 + kAlignThreads / 32);
+  allow_smem(moe_align_kernel, smem);
   moe_align_kernel<<<1, kAlignThreads, smem, stream>>>(
-      topk_ids.data_ptr<int32_t>(), static_cast<int>(pairs), experts, block,
-      static_cast<int>(blocks), sorted_pairs.data_ptr<int32_t>(), pair_pos.data_ptr<int32_t>(),
-      block_experts.data_ptr<int32_t>(), total_padded.data_ptr<int32_t>());
+      topk_ids.data_ptr<int32_t>(), static_cast<int>(topk_ids.numel()), experts, block,
+      static_cast<int>(block_experts.numel()), sorted_pairs.data_ptr<int32_t>(),
+      pair_pos.data_ptr<int32_t>(), block_experts.data_ptr<int32_t>(),
+      total_padded.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
+               at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
+               const at::Tensor& gating_output, bool renormalize) {
+  constexpr const char* op = "moe_route";
+  check_topk_args(topk_weights, topk_ids, gating_output, op);
+  const int64_t experts = gating_output.size(1);
+  const int block = check_align_args(sorted_pairs, pair_pos, block_experts, total_padded,
+                                     topk_ids, experts, op);
+  const int64_t tokens = gating_output.size(0), k = topk_weights.size(1);
+  const size_t smem = sizeof(int) * size_t(tokens * k + experts * (2 + kRouteThreads / 32));
+  // Two launches beyond a warp per token, or for E > 512 (shared memory, and VPT 32 spills).
+  if (tokens == 0 || tokens > kRouteTokens || experts > 512) {
+    topk_softmax(topk_weights, topk_ids, gating_output, renormalize);
+    moe_align(sorted_pairs, pair_pos, block_experts, total_padded, topk_ids, experts);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(gating_output.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  SPLITVL_DISPATCH_FLOAT(gating_output.scalar_type(), op, [&] {
+    const auto* g = reinterpret_cast<const scalar_t*>(gating_output.data_ptr());
+    dispatch_topk_vpt(static_cast<int>(experts), [&](auto vpt) {
+      auto kernel = moe_route_kernel<scalar_t, decltype(vpt)::value>;
+      allow_smem(kernel, smem);
+      kernel<<<1, kRouteThreads, smem, stream>>>(
+          topk_weights.data_ptr<float>(), topk_ids.data_ptr<int32_t>(), g,
+          gating_output.stride(0), static_cast<int>(tokens), static_cast<int>(k), renormalize,
+          block, static_cast<int>(block_experts.numel()), sorted_pairs.data_ptr<int32_t>(),
+          pair_pos.data_ptr<int32_t>(), block_experts.data_ptr<int32_t>(),
+          total_padded.data_ptr<int32_t>(), static_cast<int>(experts));
+    });
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -183,12 +313,22 @@ void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_po
   const c10::cuda::CUDAGuard guard(y.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int hidden = static_cast<int>(y.size(1));
-  const int threads = std::min(512, (hidden + 31) / 32 * 32);
+  const int k = static_cast<int>(pair_pos.size(1));
   SPLITVL_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
-    moe_combine_kernel<scalar_t><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
-        reinterpret_cast<scalar_t*>(out.data_ptr()),
-        reinterpret_cast<const scalar_t*>(y.data_ptr()), pair_pos.data_ptr<int32_t>(),
-        static_cast<int>(pair_pos.size(1)), hidden);
+    auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
+    const auto* rows = reinterpret_cast<const scalar_t*>(y.data_ptr());
+    constexpr int pack = kPack16<scalar_t>;
+    if (hidden % pack == 0 && is_aligned16(o) && is_aligned16(rows)) {
+      const int packs = hidden / pack;
+      const int threads = std::min(256, (packs + 31) / 32 * 32);
+      const dim3 grid(static_cast<unsigned>(tokens), ceil_div(packs, threads));
+      moe_combine_pack_kernel<scalar_t><<<grid, threads, 0, stream>>>(
+          o, rows, pair_pos.data_ptr<int32_t>(), k, hidden);
+    } else {
+      const int threads = std::min(512, (hidden + 31) / 32 * 32);
+      moe_combine_kernel<scalar_t><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+          o, rows, pair_pos.data_ptr<int32_t>(), k, hidden);
+    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

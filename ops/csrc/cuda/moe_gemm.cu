@@ -3,13 +3,13 @@
 //   moe_down:    out[r] = (h[r] W_down[e]^T) * topk_weights.flat[pair]
 //
 // bf16/fp16 with K % 8 == 0 run on tensor cores (mma.sync m16n8k16, fp32
-// accumulate). One CTA owns one expert block (all BM rows) and 64 weight rows,
-// so every weight byte is read once per block however few of the BM rows are
-// real: at decode (one pair per block) the kernel streams each routed expert's
-// weights once, at memory speed. Weights and rows stream through a 4-stage
-// cp.async pipeline; blocks beyond the device-side total exit at once.
+// accumulate). Blocks of 16 rows (few pairs per expert: decode) take the
+// fragment-streaming path of moe_gemv.cu. Larger blocks: one CTA owns one expert
+// block (all BM rows) and 64 weight rows, so every weight byte is read once per
+// block; weights and rows stream through a 4-stage cp.async pipeline. Blocks
+// beyond the device-side total exit at once.
 // fp32, or K not a multiple of 8, takes a plain CUDA-core path.
-#include "common.cuh"
+#include "moe_gemm_common.cuh"
 #include "ops.cuh"
 
 namespace splitvl::cuda {
@@ -20,13 +20,6 @@ constexpr int kWeightRows = 64;  // per CTA; gated: 32 gate rows then the 32 mat
 constexpr int kBK = 64;
 constexpr int kStages = 4;
 constexpr int kPitch = kBK + 8;  // smem row pitch (elements): conflict-free fragment loads
-
-struct BlockArgs {
-  const int32_t* sorted;  // [capacity] pair per row (padding: pairs)
-  const int32_t* block_experts;
-  const int32_t* total;
-  int pairs, block;
-};
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -39,26 +32,6 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                         unsigned b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-__device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
-
 // Global weight row of smem row r (-1: beyond N). Gated: rows < 32 are gate rows
 // col0 + r, the rest up rows N + col0 + r - 32; else col0 + r.
 template <bool GATED>
@@ -69,25 +42,6 @@ __device__ __forceinline__ int weight_row(int r, int col0, int n) {
   } else {
     return col0 + r < n ? col0 + r : -1;
   }
-}
-
-// The CTA's block: its expert (-1 when the block is unused) and each row's A
-// source (nullptr for padding) and pair.
-template <typename T, int BM>
-__device__ int block_rows(const BlockArgs& args, const T* a, int top_k, int k_dim,
-                          const T** a_rows, int* row_pairs) {
-  const int blk = blockIdx.x;
-  if (blk * BM >= *args.total) return -1;
-  const int expert = args.block_experts[blk];
-  if (threadIdx.x < BM) {
-    const int row = blk * BM + threadIdx.x;
-    const int pair = args.sorted[row];
-    const bool real = pair < args.pairs;
-    const int64_t src = top_k > 0 ? pair / top_k : row;
-    a_rows[threadIdx.x] = real ? a + src * k_dim : nullptr;
-    row_pairs[threadIdx.x] = real ? pair : -1;
-  }
-  return expert;
 }
 
 template <typename T, int BM, bool GATED>
@@ -270,7 +224,7 @@ void run_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& weight,
     const auto* w = reinterpret_cast<const scalar_t*>(weight.data_ptr());
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (tensor_cores) {
-        if (block == 16) launch_mma<scalar_t, 16, GATED>(o, x, w, pair_weights, args, top_k, k_dim, n, blocks, stream);
+        if (block == 16) launch_moe_gemv<scalar_t, GATED>(o, x, w, pair_weights, args, top_k, k_dim, n, blocks, stream);
         else if (block == 32) launch_mma<scalar_t, 32, GATED>(o, x, w, pair_weights, args, top_k, k_dim, n, blocks, stream);
         else launch_mma<scalar_t, 64, GATED>(o, x, w, pair_weights, args, top_k, k_dim, n, blocks, stream);
         return;
