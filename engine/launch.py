@@ -11,14 +11,11 @@ the inputs are copied (into the CUDA graph's static buffer when one runs).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
+from engine.seq_state import SeqState
 from engine.step import StepMessage, StepResult
-
-if TYPE_CHECKING:
-    from engine.runner import SeqState
 
 
 @dataclass(frozen=True, slots=True)

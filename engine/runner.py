@@ -14,7 +14,7 @@ a bare argmax when every row is plain greedy.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +25,7 @@ from engine.launch import StepLauncher
 from engine.kv_cache import CacheLayout, LayerCache, cuda_kv_budget
 from engine.positions import text_positions
 from engine.sampler import SampleRow, sample, sample_greedy
+from engine.seq_state import SeqState
 from engine.sequence import MultimodalInputs
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from models.config import ModelConfig, load_model_config
@@ -33,26 +34,6 @@ from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import CheckpointReader
 from models.registry import build_language_model
-
-
-@dataclass(slots=True)
-class SeqState:
-    """A sequence as one runner knows it. Shapes: positions [3, P]; image_rows [P + 1]."""
-
-    token_ids: list[int]
-    num_prompt: int
-    positions: torch.Tensor
-    mrope_delta: int
-    new: NewSequence
-    generator: torch.Generator
-    mm: MultimodalInputs | None = None
-    image_rows: torch.Tensor | None = None  # image tokens before each prompt index
-    block_table: list[int] = field(default_factory=list)
-    row: int = -1  # this sequence's row in `DecodeInputs`
-    plain_greedy: bool = False  # greedy, no penalties, no logprobs: argmax is the whole sampler
-    # (launch number, row of that launch's sampled ids): a token sampled on the device that the
-    # host has not read yet (`ModelRunner.launch`); the next decode step reads it there.
-    pending: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
