@@ -12,6 +12,10 @@ real tokenizer's by a few tokens; the image's tokens are exact.
 `prepare_checkpoint(name, cache_dir)` writes weights + tokenizer once per cache
 directory (a `.complete` marker guards against half-written ones), so the
 serve and decode benchmarks of one device call share a multi-GB checkpoint.
+`prepare_checkpoint(name, cache_dir, weights=False)` writes the same directory
+without the weights (`<name>-dummy`; seconds) for replicas that run with
+`load_format: dummy`: the full MoE shapes' checkpoints (~60-70 GB) do not fit the
+GPU machine's disk.
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def write_padded_tokenizer(out_dir: Path, config: dict) -> None:
 def prepare_checkpoint(
     name: str, cache_dir: str | Path | None, dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu", tokenizer: bool = True, config_json: str | Path | None = None,
+    weights: bool = True,
 ) -> Path:
     """`cache_dir/<name>`: random weights of `configs/models/<name>.json` (+ tokenizer), written once.
 
@@ -81,18 +86,24 @@ def prepare_checkpoint(
         cache_dir: where checkpoints live between runs; None makes a fresh temporary directory
             (the caller removes it).
         config_json: another config.json instead of `configs/models/<name>.json` (smoke tests).
+        weights: False writes `cache_dir/<name>-dummy` with everything but the safetensors (for
+            `load_format: dummy`).
     """
-    from models.random_weights import write_random_checkpoint
+    from models.random_weights import write_config_files, write_random_checkpoint
 
     source = Path(config_json) if config_json is not None else config_path(name)
+    label = name if weights else f"{name}-dummy"
     if cache_dir is None:
-        out = Path(tempfile.mkdtemp(prefix=f"splitvl-bench-{name}-"))
+        out = Path(tempfile.mkdtemp(prefix=f"splitvl-bench-{label}-"))
     else:
-        out = Path(cache_dir) / name
+        out = Path(cache_dir) / label
         if (out / MARKER).is_file() and (not tokenizer or (out / "tokenizer.json").is_file()):
             return out
         shutil.rmtree(out, ignore_errors=True)
-    write_random_checkpoint(source, out, dtype, device)
+    if weights:
+        write_random_checkpoint(source, out, dtype, device)
+    else:
+        write_config_files(source, out)
     if tokenizer:
         write_padded_tokenizer(out, json.loads(source.read_text()))
     (out / MARKER).write_text("ok\n")

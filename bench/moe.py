@@ -6,8 +6,8 @@
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
-weights as transformers initialises them (matrices ~ N(0, initializer_range),
-norms 1), the init the random-checkpoint path (`models.random_weights`) saves.
+weights as transformers initialises them (`models.random_weights.init_random_weights`,
+what `load_format: dummy` serves), the init the random-checkpoint path saves.
 A decode step is the model over `batch` sequences of `--context` cached tokens
 plus the LM head, timed eagerly and as a replayed CUDA graph (the engine
 captures MoE decode too). The floor is the bytes one step must read (attention,
@@ -53,21 +53,16 @@ def load_config(name: str, layers: int | None) -> dict:
 
 
 def build_ours(data: dict, dtype: torch.dtype, device: torch.device):
-    """Our decoder for `data` (an HF config dict), random weights made in place on `device`."""
+    """Our decoder for `data` (an HF config dict), random weights made in place on `device`
+    (`load_format: dummy`'s init)."""
     from models.config import model_config_from_hf
     from models.layers.parallel import SINGLE
+    from models.random_weights import init_random_weights
     from models.registry import build_language_model
 
     config = model_config_from_hf(data)
-    std = float(data["text_config"].get("initializer_range", 0.02))
-    gen = torch.Generator(device=device).manual_seed(0)
     model = build_language_model(config, SINGLE, dtype, device)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, std, generator=gen)
-            else:  # RMSNorm weights (no biases in these decoders)
-                param.fill_(1.0)
+    init_random_weights(model, config.text.initializer_range)
     return config, model.eval()
 
 

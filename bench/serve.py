@@ -4,6 +4,8 @@
     python -m bench.serve --model qwen3-vl-8b --layout one-gpu split --json $OUT/serve.json
     # against a running server (`serve run configs/...yaml`):
     python -m bench.serve --url http://127.0.0.1:8000 --model-id Qwen/Qwen3-VL-8B-Instruct
+    # a shape whose checkpoint would not fit the disk: random weights made in the replicas
+    python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --no-hf
     # CPU smoke (tiny checkpoint, a few seconds):
     python -m bench.serve --tiny qwen3_vl --config configs/bench/serve-cpu-smoke.yaml \
         --concurrency 1 2 --image-size 64 --output-len 8 --no-hf --transfer-iters 2
@@ -70,14 +72,19 @@ LLM_CALL = "splitvl_llm_call_overhead_seconds"
 OVERHEAD_PARTS = (BODY_READ, INGRESS_FIRST_CHUNK, ROUTER_PREPROCESS, LLM_CALL)
 
 
-def layout_args(config_file: Path, ckpt: Path, model_id: str) -> dict:
-    """The app args of a layout YAML, pointed at `ckpt`."""
+def layout_args(config_file: Path, ckpt: Path, model_id: str, load_format: str = "auto") -> dict:
+    """The app args of a layout YAML, pointed at `ckpt`; `load_format` "dummy" goes into its
+    `llm` and `vision` sections (the YAML's own setting stays otherwise)."""
     import yaml
 
     from deployments.config import args_from_serve_yaml
 
-    args = args_from_serve_yaml(yaml.safe_load(config_file.read_text()) or {})
-    return {**args, "model": str(ckpt), "model_id": model_id}
+    args = {**args_from_serve_yaml(yaml.safe_load(config_file.read_text()) or {}), "model": str(ckpt),
+            "model_id": model_id}
+    if load_format != "auto":
+        for section in ("llm", "vision"):
+            args[section] = {**(args.get(section) or {}), "load_format": load_format}
+    return args
 
 
 def free_port() -> int:
@@ -249,21 +256,27 @@ def overhead_breakdown(http_ttft_ms: float, engine_ttft_ms: float, hists: dict) 
 
 
 def model_checkpoint(opts) -> tuple[Path, bool]:
-    """(checkpoint dir, whether this run owns it and removes it)."""
+    """(checkpoint dir, whether this run owns it and removes it). With `--load-format dummy`
+    the directory holds no weights: config, tokenizer and preprocessor files only."""
+    dummy = opts.load_format == "dummy"
     if opts.tiny:
         from bench.checkpoints import MARKER
         from models.tiny import write_tiny_checkpoint
 
         base = Path(opts.ckpt_cache) if opts.ckpt_cache else None
-        out = (base / f"tiny-{opts.tiny}") if base else Path(__import__("tempfile").mkdtemp(prefix="splitvl-tiny-"))
+        name = f"tiny-{opts.tiny}" + ("-dummy" if dummy else "")
+        out = (base / name) if base else Path(__import__("tempfile").mkdtemp(prefix="splitvl-tiny-"))
         if not (out / MARKER).is_file():
             write_tiny_checkpoint(opts.tiny, out)
+            if dummy:
+                for weights in out.glob("*.safetensors*"):
+                    weights.unlink()
             (out / MARKER).write_text("ok\n")
         return out, base is None
     from bench.checkpoints import prepare_checkpoint
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    ckpt = prepare_checkpoint(opts.model, opts.ckpt_cache, torch.bfloat16, device)
+    ckpt = prepare_checkpoint(opts.model, opts.ckpt_cache, torch.bfloat16, device, weights=not dummy)
     if device == "cuda":
         torch.cuda.empty_cache()  # the replicas size their KV cache from what this process leaves free
     return ckpt, opts.ckpt_cache is None
@@ -292,7 +305,7 @@ def wait_for_free_gpus(timeout_s: float = 30.0) -> None:
 
 
 def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
-    args = layout_args(config_file, ckpt, "bench")
+    args = layout_args(config_file, ckpt, "bench", opts.load_format)
     print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
           flush=True)
     owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None)
@@ -316,13 +329,15 @@ def baselines(ckpt: Path, opts) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     out: dict[str, float] = {}
-    if opts.hf:
+    if opts.hf and opts.load_format == "dummy":
+        print("transformers in-process TTFT: skipped (--load-format dummy writes no weights)", flush=True)
+    elif opts.hf:
         out["hf_ttft_ms"] = hf_ttft_ms(ckpt, opts.image_size, device, dtype, iters=opts.baseline_iters)
         print(f"transformers in-process TTFT: {out['hf_ttft_ms']:.1f} ms", flush=True)
     if opts.ours_inprocess:
         out["ours_inprocess_ttft_ms"] = ours_ttft_ms(
             ckpt, opts.image_size, device, str(dtype).removeprefix("torch."), iters=opts.baseline_iters,
-            max_model_len=4096, num_gpu_blocks=512)
+            max_model_len=4096, num_gpu_blocks=512, load_format=opts.load_format)
         print(f"ours in-process TTFT: {out['ours_inprocess_ttft_ms']:.1f} ms", flush=True)
     return out
 
@@ -372,6 +387,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", default=None, help="a models.tiny architecture instead (CPU smoke)")
     parser.add_argument("--ckpt", default=None, help="use this checkpoint directory (needs a tokenizer)")
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="dummy: write no weights (config, tokenizer, preprocessor files only); the replicas "
+                             "make random weights in place (`load_format: dummy` in the layout's llm and vision)")
     parser.add_argument("--layout", nargs="+", default=["one-gpu"], choices=sorted(LAYOUT_GPUS))
     parser.add_argument("--config", default=None, help="a Serve YAML to run instead of the layouts")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")

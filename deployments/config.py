@@ -17,6 +17,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.model_source import is_repo_id, resolve_repo
 from models.architectures import TINY
+from models.loader import LOAD_FORMATS
+
+LoadFormat = Literal[LOAD_FORMATS]  # "auto" | "dummy"
+LOAD_FORMAT_DESCRIPTION = (
+    "auto = read the checkpoint's safetensors; dummy = random weights made in place on the replica's "
+    "device (transformers' init; only config.json, tokenizer and preprocessor files are read), for "
+    "benchmarks and smoke tests of shapes whose checkpoint is not on disk."
+)
 
 TINY_CACHE_DIR = Path("~/.cache/splitvl").expanduser()
 
@@ -99,6 +107,7 @@ class VisionDeploymentConfig(_Scaled):
     embedding_lease_s: float = Field(
         60.0, gt=0, description="A pool slot no LLM replica has released after this long is reclaimed."
     )
+    load_format: LoadFormat = Field("auto", description="Vision tower weights: " + LOAD_FORMAT_DESCRIPTION)
 
 
 class LLMDeploymentConfig(_Scaled):
@@ -123,6 +132,10 @@ class LLMDeploymentConfig(_Scaled):
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
     async_scheduling: bool = Field(
         True, description="With one rank, launch the next decode step while the host reads this one's tokens."
+    )
+    load_format: LoadFormat = Field(
+        "auto", description="Language model weights: " + LOAD_FORMAT_DESCRIPTION + " Each TP rank draws its "
+        "own shard, so TP=2 differs numerically from TP=1."
     )
 
 

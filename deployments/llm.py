@@ -55,6 +55,7 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
         "num_gpu_blocks": llm.num_gpu_blocks,
         "enforce_eager": llm.enforce_eager,
         "async_scheduling": llm.async_scheduling,
+        "load_format": llm.load_format,
         "seed": config.seed,
     }
 

@@ -58,6 +58,7 @@ class VisionEncoder:
 
     def __init__(self, app_config: dict[str, Any]):
         from models.config import load_model_config
+        from models.loader import fill_weights
         from models.registry import build_vision_model
 
         config = AppConfig.model_validate(app_config)
@@ -67,7 +68,7 @@ class VisionEncoder:
         self.device = "cuda" if config.vision.num_gpus > 0 and config.device != "cpu" else "cpu"
         dtype = getattr(torch, resolve_dtype(config.dtype, self.device))
         self.model = build_vision_model(model_config, dtype, self.device)
-        self.model.load_weights(_checkpoint_reader(path))
+        fill_weights(self.model, path, config.vision.load_format, model_config.vision.initializer_range, config.seed)
         self.processor = ImageProcessor.from_pretrained(path)
         self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
@@ -149,8 +150,3 @@ def _make_pool(config: AppConfig, device: str) -> EmbeddingPool | None:
     return EmbeddingPool.on_device(vision.embedding_pool_mb * 2**20, torch.device("cuda", torch.cuda.current_device()),
                                    ray.get_runtime_context().get_node_id(), vision.embedding_lease_s)
 
-
-def _checkpoint_reader(path: Any) -> Any:
-    from models.loader import CheckpointReader
-
-    return CheckpointReader(path)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.timeline import DEFAULT_CAPACITY
+from models.loader import LOAD_FORMATS
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,7 +26,10 @@ class EngineConfig:
     rank per step). seed: derives the generators of requests without a seed.
     async_scheduling: with one rank, launch the next decode step before the
     host has read this one's tokens (`engine/engine.py`: the host work of a
-    step overlaps the GPU work of the one before).
+    step overlaps the GPU work of the one before). load_format: "auto" reads
+    the checkpoint's safetensors; "dummy" makes random weights in place on each
+    rank (only config.json is read; for benchmarks and smoke tests: TP ranks draw
+    their own shards, so TP=2 differs numerically from TP=1).
     """
 
     model: str
@@ -46,8 +50,11 @@ class EngineConfig:
     seed: int = 0
     timeline_capacity: int = DEFAULT_CAPACITY
     async_scheduling: bool = True
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):

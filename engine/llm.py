@@ -138,12 +138,13 @@ class LLM:
         from models.registry import build_vision_model, get_task
 
         if get_task(self.model_config).accepts_images:
-            from models.loader import CheckpointReader
+            from models.loader import fill_weights
             from models.processor import ImageProcessor
             from models.video_processor import VideoProcessor
 
             self.vision = build_vision_model(self.model_config, config.torch_dtype, self.engine.executor_device)
-            self.vision.load_weights(CheckpointReader(str(model)))
+            fill_weights(self.vision, str(model), config.load_format, self.model_config.vision.initializer_range,
+                         config.seed)
             self.vision.eval()
             self.processor = ImageProcessor.from_pretrained(str(model))
             self.video_processor = VideoProcessor.from_pretrained(str(model))

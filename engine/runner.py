@@ -32,7 +32,7 @@ from models.config import ModelConfig, load_model_config
 from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
-from models.loader import CheckpointReader
+from models.loader import fill_weights
 from models.registry import build_language_model
 
 
@@ -73,7 +73,8 @@ class ModelRunner(StepLauncher):
         # Qwen3.5: linear-attention layers keep per-sequence state slots beside the paged KV.
         self.hybrid = self.model_config.text.is_hybrid
         self.model = build_language_model(self.model_config, parallel, self.dtype, self.device)
-        self.model.load_weights(CheckpointReader(config.model))
+        fill_weights(self.model, config.model, config.load_format, self.model_config.text.initializer_range,
+                     config.seed, parallel.tp_rank)
         self.model.eval()
         self.seqs: dict[int, SeqState] = {}
         self.decode_inputs = DecodeInputs(config.block_size, self.device)

@@ -68,6 +68,8 @@ class TextConfig:
     linear_value_head_dim: int = 0
     linear_num_key_heads: int = 0
     linear_num_value_heads: int = 0
+    # Std of the random init (`load_format: dummy`, models/random_weights.py).
+    initializer_range: float = 0.02
 
     @property
     def rotary_dim(self) -> int:
@@ -111,6 +113,7 @@ class VisionConfig:
     num_position_embeddings: int = 2304
     deepstack_visual_indexes: tuple[int, ...] = ()
     hidden_act: str = "gelu_pytorch_tanh"
+    initializer_range: float = 0.02
 
     @property
     def head_dim(self) -> int:
@@ -251,6 +254,7 @@ def text_config_from_hf(
         linear_value_head_dim=int(cfg.get("linear_value_head_dim", 128)) if hybrid else 0,
         linear_num_key_heads=int(cfg.get("linear_num_key_heads", 16)) if hybrid else 0,
         linear_num_value_heads=int(cfg.get("linear_num_value_heads", 32)) if hybrid else 0,
+        initializer_range=float(cfg.get("initializer_range") or 0.02),
     )
 
 
@@ -269,6 +273,7 @@ def vision_config_from_hf(cfg: dict[str, Any]) -> VisionConfig:
         num_position_embeddings=int(cfg.get("num_position_embeddings", 2304)),
         deepstack_visual_indexes=tuple(int(i) for i in cfg.get("deepstack_visual_indexes") or ()),
         hidden_act=str(cfg.get("hidden_act", "gelu_pytorch_tanh")),
+        initializer_range=float(cfg.get("initializer_range") or 0.02),
     )
 
 

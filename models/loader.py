@@ -17,6 +17,12 @@ error naming it and its checkpoint key):
 - otherwise the parameter's own `shard_spec` / `weight_loader` (see
   `models.layers.linear`) say which slice to read and where to put it; a
   parameter without them is read whole and must match in shape.
+
+`fill_weights(module, model_dir, load_format, std)` is what replicas call: "auto"
+reads the safetensors as above, "dummy" makes random weights in place on the
+module's device (`models.random_weights.init_random_weights`) and needs no weight
+files at all, only config.json (benchmarks of shapes whose checkpoint would not
+fit the disk, smoke tests).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ PACKED_MODULES_MAPPING: PackedModules = {
     "in_proj": [("in_proj_qkv", (0, 1, 2)), ("in_proj_z", 3), ("in_proj_b", 4), ("in_proj_a", 5)],
 }
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class CheckpointError(ValueError):
@@ -207,3 +214,25 @@ def load_language_model(model: nn.Module, reader: CheckpointReader) -> list[str]
         return prefix + name[len("model."):] if name.startswith("model.") else name
 
     return load_module(model, reader, key_of)
+
+
+def fill_weights(
+    module: nn.Module, model_dir: str | Path, load_format: str, std: float, seed: int = 0, rank: int = 0,
+) -> None:
+    """Fill a decoder or vision tower (anything with `load_weights(reader)`).
+
+    Args:
+        load_format: "auto" reads the safetensors of `model_dir`; "dummy" draws random weights
+            in place (see `init_random_weights`; `seed`, `rank` pick the TP rank's values).
+        std: the config's `initializer_range` for "dummy".
+    Raises:
+        ValueError for an unknown `load_format`; CheckpointError for an unusable checkpoint.
+    """
+    if load_format == "dummy":
+        from models.random_weights import init_random_weights
+
+        init_random_weights(module, std, seed, rank)
+    elif load_format == "auto":
+        module.load_weights(CheckpointReader(model_dir))
+    else:
+        raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {load_format!r}")
