@@ -103,3 +103,44 @@ async def collect_aborting(engine, stream, after: int, abort: list[str]) -> list
             for request_id in abort:
                 engine.abort(request_id)
     return got
+
+
+def dummy_values_checkpoint(dummy_dir: Path, out: Path, seed: int) -> Path:
+    """`dummy_dir` (config, tokenizer, preprocessor; no weights) copied to `out` plus a
+    model.safetensors in transformers' key layout holding exactly what `load_format="dummy"`
+    makes at TP=1 with `seed`: a checkpoint both our loader and transformers read (Qwen3-VL dense)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from models.config import load_model_config
+    from models.layers.parallel import SINGLE
+    from models.random_weights import init_random_weights
+    from models.registry import build_language_model, build_vision_model
+
+    shutil.copytree(dummy_dir, out)
+    config = load_model_config(out)
+    decoder = build_language_model(config, SINGLE, torch.float32, "cpu")
+    tower = build_vision_model(config, torch.float32, "cpu")
+    init_random_weights(decoder, config.text.initializer_range, seed)
+    init_random_weights(tower, config.vision.initializer_range, seed)
+    text = config.text
+    q, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
+    tensors: dict[str, torch.Tensor] = {}
+    for name, p in decoder.named_parameters():
+        key = "model.language_model." + name.removeprefix("model.") if name.startswith("model.") else name
+        if name.endswith("qkv_proj.weight"):
+            parts = dict(zip(("q_proj", "k_proj", "v_proj"), p.split([q, kv, kv])))
+        elif name.endswith("gate_up_proj.weight"):
+            parts = dict(zip(("gate_proj", "up_proj"), p.chunk(2)))
+        else:
+            tensors[key] = p
+            continue
+        fused = key.split(".")[-2]
+        tensors.update({key.replace(fused, sub): t for sub, t in parts.items()})
+    for name, p in tower.named_parameters():
+        if name == "patch_embed.proj.weight":  # transformers' Conv3d weight
+            p = p.reshape(tower.patch_embed.conv_shape)
+        tensors["model.visual." + name] = p
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors")
+    return out
