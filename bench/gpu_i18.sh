@@ -12,12 +12,15 @@
 #   ops    bench/ops.py MoE rows (% copy bandwidth at small T, % matmul rate at large T)
 #   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64
 #          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
+#   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
+#          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
+#          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420)
 
 step_cmd() {
   case $1 in
@@ -26,6 +29,8 @@ step_cmd() {
             tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
     ops) python bench/ops.py --ops moe_experts topk_softmax --json "$OUT/ops_moe.json" ;;
     moe) python -m bench.moe --json "$OUT/moe.json" ;;
+    serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
+            --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;
   esac
 }

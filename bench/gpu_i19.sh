@@ -1,27 +1,34 @@
 #!/usr/bin/env bash
-# Issue 19 kernels on one GPU in one device call: build the extension, the GPU tests of the
-# linear-attention ops, then bench/ops.py's causal conv1d, gated delta rule (incl. one
-# 4,096-token sequence at the 0.8B shape), gated RMSNorm and fused decode-step rows with % of copy bandwidth.
-# Logs and JSON under $OUT. About 4-5 minutes on an H200 (most of it the build).
+# Issue 19 on one H200, in one device call; logs + JSON under $OUT.
 #
-#   bash bench/gpu_i19.sh
+#   bash bench/gpu_i19.sh                 # build test ops (about 4-5 minutes, most of it the build)
+#   bash bench/gpu_i19.sh serve           # any steps, in the order given
+#
+# Steps (each under `timeout`, cut to what is left of I19_TOTAL_S, default 540 s):
+#   build  JIT-build the splitvl extension (C++ + CUDA)
+#   test   GPU tests of the linear-attention ops
+#   ops    bench/ops.py: causal conv1d, gated delta rule (incl. one 4,096-token sequence at the 0.8B shape),
+#          gated RMSNorm and fused decode-step rows with % of copy bandwidth
+#   serve  bench/serve.py: Qwen3.5-0.8B image chat over HTTP on the one-gpu layout, c = 1 and 64, random
+#          weights made in the replicas (--load-format dummy); its own call:
+#          I19_TOTAL_S=560 bash bench/gpu_i19.sh build serve
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
-export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
-status=0
+source bench/steps.sh  # OUT, the build and run environment, run_steps
+TOTAL=${I19_TOTAL_S:-540}
+declare -A BUDGET=([build]=270 [test]=150 [ops]=120 [serve]=420)
 
-timeout 270 python -m ops.build > "$OUT/i19-build.log" 2>&1 || { status=1; tail -30 "$OUT/i19-build.log"; }
-tail -3 "$OUT/i19-build.log"
+step_cmd() {
+  case $1 in
+    build) python -m ops.build ;;
+    test) python -m pytest -m gpu -q tests/ops/test_linear_attn.py tests/ops/test_gdn_decode.py -p no:cacheprovider ;;
+    ops) python bench/ops.py --ops causal_conv1d gated_delta_rule gated_rms_norm gated_delta_net_decode \
+           --json "$OUT/i19-ops.json" ;;
+    serve) python -m bench.serve --model qwen3.5-0.8b --layout one-gpu --load-format dummy --concurrency 1,64 \
+             --no-hf --time-budget-s 240 --json "$OUT/serve-qwen3.5-0.8b.json" ;;
+    *) echo "unknown step $1" >&2; return 2 ;;
+  esac
+}
 
-timeout 150 python -m pytest -m gpu -q tests/ops/test_linear_attn.py tests/ops/test_gdn_decode.py -p no:cacheprovider \
-  > "$OUT/i19-tests.log" 2>&1 || status=1
-grep -E "passed|failed|error" "$OUT/i19-tests.log" | tail -25
-
-timeout 120 python bench/ops.py --ops causal_conv1d gated_delta_rule gated_rms_norm gated_delta_net_decode \
-  --json "$OUT/i19-ops.json" > "$OUT/i19-ops.log" 2>&1 || status=1
-tail -40 "$OUT/i19-ops.log"
-exit $status
+run_steps i19 "build test ops" "$@"

@@ -129,3 +129,24 @@ def test_run_gpu_script_parses_and_rejects_unknown_steps(tmp_path) -> None:
     bad = subprocess.run(["bash", str(script), "nosuchstep"], capture_output=True, text=True,
                          env={"OUT": str(tmp_path), "PATH": "/usr/bin:/bin", "BENCH_GPUS": "0"})
     assert bad.returncode == 2 and "unknown step" in bad.stderr
+
+
+def test_dummy_load_format_writes_no_weights_and_reaches_both_replicas(tmp_path) -> None:
+    """`--load-format dummy` on the full MoE shape: a weightless directory the app reads, and
+    `load_format: dummy` in the layout's llm and vision sections."""
+    from bench.checkpoints import prepare_checkpoint
+    from deployments.config import AppConfig
+    from models.config import load_model_config
+    from models.processor import ImageProcessor
+
+    ckpt = prepare_checkpoint("qwen3-vl-30b-a3b", tmp_path, weights=False)
+    assert not list(ckpt.glob("*.safetensors*")) and (ckpt / "tokenizer.json").is_file()
+    config_json = json.loads((REPO / "configs/models/qwen3-vl-30b-a3b.json").read_text())
+    assert load_model_config(ckpt).text.num_hidden_layers == config_json["text_config"]["num_hidden_layers"]
+    ImageProcessor.from_pretrained(ckpt)
+    layout = REPO / "configs/bench/serve-one-gpu.yaml"
+    config = AppConfig.model_validate(serve.layout_args(layout, ckpt, "bench", "dummy"))
+    plain = AppConfig.model_validate(serve.layout_args(layout, ckpt, "bench"))
+    assert config.llm.load_format == config.vision.load_format == "dummy"
+    assert plain.llm.load_format == plain.vision.load_format == "auto"
+    assert config.model_copy(update={"llm": plain.llm, "vision": plain.vision}) == plain  # nothing else changed
