@@ -36,3 +36,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def weightless_checkpoint(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: `weightless_checkpoint("qwen3_vl")` -> the tiny checkpoint's directory without its
+    safetensors (config, tokenizer, preprocessor files): what `load_format: dummy` serves."""
+    import shutil
+
+    cache: dict[str, Path] = {}
+
+    def make(arch: str) -> Path:
+        if arch not in cache:
+            out = tmp_path_factory.mktemp(f"weightless-{arch}") / arch
+            shutil.copytree(tiny_checkpoint(arch), out, ignore=shutil.ignore_patterns("*.safetensors*"))
+            cache[arch] = out
+        return cache[arch]
+
+    return make

@@ -246,3 +246,33 @@ def tiny_checkpoint_fixture(arch: str):
         return tiny_checkpoint(arch)
 
     return ckpt
+
+
+def transformers_image_chat(
+    ckpt: Path, content: list[dict[str, Any]], image: bytes, max_new_tokens: int, ignore_eos: bool = False,
+) -> tuple[int, list[int], str]:
+    """(prompt tokens, greedy new tokens, their text) of transformers' `generate` on `ckpt` with our
+    image preprocessing; `content`: the user message's chat-template parts (`{"type": "image"}`, text)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from models.processor import ImageProcessor, load_image
+
+    model = AutoModelForImageTextToText.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+    processor = ImageProcessor.from_pretrained(ckpt)
+    pad = model.config.image_token_id
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    processed = processor.preprocess([load_image(image)])
+    count = processor.num_image_tokens(processed.grid_thw[0])
+    ids = [x for t in tokenizer.encode(text, add_special_tokens=False) for x in ([t] * count if t == pad else [t])]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=processed.pixel_values,
+            image_grid_thw=processed.grid_thw, mm_token_type_ids=(input_ids == pad).int(),
+            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens if ignore_eos else 0, do_sample=False,
+        )
+    new = out[0, len(ids):].tolist()
+    return len(ids), new, tokenizer.decode(new, skip_special_tokens=True)

@@ -7,8 +7,6 @@ image requests alike.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from engine import LLM, SamplingParams
@@ -21,11 +19,8 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def dummy_dir(tiny_checkpoint, tmp_path_factory):
-    """The tiny Qwen3-VL directory (config, tokenizer, preprocessor) without its weights."""
-    out = tmp_path_factory.mktemp("dummy") / "qwen3_vl"
-    shutil.copytree(tiny_checkpoint("qwen3_vl"), out, ignore=shutil.ignore_patterns("*.safetensors*"))
-    return out
+def dummy_dir(weightless_checkpoint):
+    return weightless_checkpoint("qwen3_vl")
 
 
 def _requests(tokenizer) -> list[dict]:

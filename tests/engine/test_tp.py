@@ -55,14 +55,10 @@ def test_tp2_over_actor_tasks_equals_tp1(local_ray, tiny_checkpoint):
     _tp2_matches_tp1(tiny_checkpoint("qwen3_vl"), max_model_len=512, num_gpu_blocks=64, tp_compiled_graph=False)
 
 
-def test_tp2_dummy_weights_without_checkpoint_files(local_ray, tiny_checkpoint, tmp_path):
+def test_tp2_dummy_weights_without_checkpoint_files(local_ray, weightless_checkpoint):
     """load_format dummy in the worker actors: each rank draws its own shard, no safetensors read.
     Its numbers are not TP=1's (other random values), so only the run itself is checked."""
-    import shutil
-
-    path = tmp_path / "qwen3_5_moe"
-    shutil.copytree(tiny_checkpoint("qwen3_5_moe"), path, ignore=shutil.ignore_patterns("*.safetensors*"))
-    with LLM(path, tensor_parallel_size=2, load_format="dummy", max_model_len=512, num_gpu_blocks=64) as two:
+    with LLM(weightless_checkpoint("qwen3_5_moe"), tensor_parallel_size=2, load_format="dummy", max_model_len=512, num_gpu_blocks=64) as two:
         prompts = [{"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, 0)},
                    {"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, 1), "images": [image(64, 64, 3)]}]
         outs = two.generate(prompts, GREEDY)
