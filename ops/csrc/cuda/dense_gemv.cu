@@ -119,13 +119,13 @@ __global__ void __launch_bounds__(kWarps * 32, 4) dense_gemv_kernel(DenseArgs<T>
 }
 
 // K splits per slab: double while the grid is under two CTAs an SM (~4 MB of loads in
-// flight) and every CTA keeps at least one full round of kWarps * kUnroll chunks.
+// flight) and every warp keeps a chunk (0.8B's down, K = 3584 over 32 slabs: 8 splits).
 int choose_splits(int64_t ctas, int chunks, bool clusters) {
   if (!clusters) return 1;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   int splits = 1;
   while (splits < kMaxSplits && ctas * splits < 2 * sms &&
-         chunks >= 2 * splits * kWarps * kUnroll)
+         chunks >= 2 * splits * kWarps)
     splits *= 2;
   return splits;
 }
