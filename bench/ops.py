@@ -25,6 +25,9 @@ weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at large).
 `qwen3_5_fusions`: Qwen3.5-0.8B decode pieces (hidden 1024, 16 value heads, from
 configs/models/qwen3.5-0.8b.json), each op next to the composed torch kernels it
 replaced ("composed (old)" rows), timed the same way in the same run.
+`linear_small`: the decoders' dense linears at decode rows (M = 1, 4, 16) as one weight-streaming
+kernel next to F.linear (cuBLAS) in the same run (bench/ops_linear.py gives the shapes); their
+% copy is over the weight bytes, cycled through copies larger than L2 as a decode step reads them.
 `gated_delta_net_decode`: the fused Gated DeltaNet decode step at B=1 and 64 next to the
 four ops it replaced ("four ops (old)"); its % copy is nearly that of the state bytes.
 """
@@ -48,6 +51,8 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
 
 import ops  # noqa: E402
 from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
+from bench.op_case import Case, nbytes, rel_err  # noqa: E402
+from bench.ops_linear import linear_small_cases  # noqa: E402
 from ops import reference, reference_linear_attn, reference_moe  # noqa: E402
 
 EPS = 1e-6
@@ -55,16 +60,6 @@ LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
 HIDDEN = {"2B": 2048, "8B": 4096}
 INTERMEDIATE = {"2B": 6144, "8B": 12288}
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-@dataclass(frozen=True, slots=True)
-class Case:
-    op: str
-    shape: str
-    run: Callable[[], object]  # the timed call
-    check: Callable[[], float]  # relative max error vs the reference (runs once)
-    bytes: int  # bytes the op must move (read + write)
-    flops: int = 0  # attention prefill only
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +72,6 @@ class Row:
     tflops: float
     pct_mm: float
     rel_err: float
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    if expected.numel() == 0:
-        return 0.0
-    diff = (actual.float() - expected.float()).abs().max().item()
-    return diff / max(1.0, expected.float().abs().max().item())
-
-
-def nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _in_place_check(kernel: Callable, ref: Callable, *tensors: torch.Tensor) -> float:
@@ -539,7 +523,7 @@ FAMILIES = {
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
     "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
-    "gated_delta_net_decode": gdn_decode_cases,
+    "gated_delta_net_decode": gdn_decode_cases, "linear_small": linear_small_cases,
 }
 
 

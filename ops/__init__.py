@@ -79,6 +79,20 @@ def gelu_tanh(x):
 
 
 @_ops.op(reference)
+def linear_small(x, weight, bias):
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.linear_small.default(out, x, weight, bias)
+    return out
+
+
+@_ops.op(reference)
+def gate_up_silu_small(x, weight):
+    out = torch.empty((x.shape[0], weight.shape[0] // 2), dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.gate_up_silu_small.default(out, x, weight)
+    return out
+
+
+@_ops.op(reference)
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     torch.ops.splitvl.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
 

@@ -197,6 +197,25 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(xf[..., :d]) * xf[..., d:]).to(x.dtype)
 
 
+def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Shapes: x [M, K], weight [N, K], bias [N] | None -> [M, N] = x weight^T + bias (fp32 math).
+
+    Any M is correct; the CUDA kernel is built for M <= 16 (decode), where it reads the
+    weight once at near copy speed. Its fast path takes bf16/fp16 with K % 8 == 0, unit
+    column stride and 16-byte aligned rows of x and a contiguous weight; other inputs
+    (fp32 included) take an ATen matmul with the same result.
+    """
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+def gate_up_silu_small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Shapes: x [M, K], weight [2I, K] (I gate rows, then I up rows) -> [M, I]
+    = silu(x W_gate^T) * (x W_up^T) (fp32 math): a SwiGLU gate_up projection with its
+    activation; sizes and fast path as `linear_small`.
+    """
+    return silu_and_mul(F.linear(x.float(), weight.float())).to(x.dtype)
+
+
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """Shapes: x [...] -> same; gelu with the tanh approximation (fp32 math)."""
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ops
 from models.layers.parallel import SINGLE, ParallelContext, all_gather, all_reduce, divide
 
 ShardId = int | str | tuple[int, ...] | None
@@ -60,6 +61,23 @@ class ShardSpec:
             f"tensor of shape {list(shape)} does not match the expected checkpoint shape "
             f"{list(self.full_shape)} (or its slice {list(self.slice_shape)})"
         )
+
+
+# Up to this many rows (decode batches), a 16-bit CUDA linear runs as one weight-streaming
+# kernel (ops.linear_small) instead of cuBLAS, whose small-M GEMMs run well below copy speed
+# and often add a split-K reduce kernel.
+SMALL_ROWS = 16
+_STREAMED_DTYPES = (torch.bfloat16, torch.float16)
+_KERNELS = ops.extension_available()
+
+
+def streams_small_rows(x: torch.Tensor) -> bool:
+    """Whether `ops.linear_small` / `ops.gate_up_silu_small` take `x [M, K]` (M <= SMALL_ROWS).
+
+    Plain attribute tests only: this runs for every linear of every decode step, and the
+    batch-64 step is host-bound.
+    """
+    return x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in _STREAMED_DTYPES and x.is_cuda and _KERNELS
 
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -111,6 +129,12 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x @ weight^T (+ bias)` on this rank. Shapes: x [..., in_per_rank] -> [..., out_per_rank]."""
+        if streams_small_rows(x):
+            return ops.linear_small(x, self.weight, bias)
+        return F.linear(x, self.weight, bias)
+
     def shard_spec(self, param: nn.Parameter, shard_id: ShardId = None) -> ShardSpec:
         """Which slice of the checkpoint tensor for `param` this rank needs."""
         if shard_id is not None:
@@ -144,7 +168,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, output_size, bias, parallel, disable_tp=True, tp_dim=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -159,7 +183,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.bias)
         return all_gather(y, self.parallel, dim=-1) if self.gather_output else y
 
 
@@ -298,7 +322,7 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         if self.reduce_results:
             y = all_reduce(y, self.parallel)
         return y + self.bias if self.bias is not None else y

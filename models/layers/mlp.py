@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import ops
-from models.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from models.layers.linear import MergedColumnParallelLinear, RowParallelLinear, streams_small_rows
 from models.layers.parallel import ParallelContext
 
 
@@ -28,4 +28,6 @@ class SwiGLUMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if streams_small_rows(x):  # decode: the activation fused into the gate_up stream
+            return self.down_proj(ops.gate_up_silu_small(x, self.gate_up_proj.weight))
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))

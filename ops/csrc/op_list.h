@@ -54,6 +54,15 @@ SPLITVL_OP(topk_softmax,
            (at::Tensor& topk_weights, at::Tensor& topk_ids, const at::Tensor& gating_output,
             bool renormalize))
 
+// Dense linears at few rows (decode), streaming the weight once (ops/reference.py):
+// out [M, N] = x [M, K] weight [N, K]^T (+ bias [N]); gate_up_silu_small:
+// out [M, I] = silu(x W[:I]^T) * (x W[I:]^T) with weight [2I, K].
+SPLITVL_OP(linear_small, "Tensor! out, Tensor x, Tensor weight, Tensor? bias",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias))
+SPLITVL_OP(gate_up_silu_small, "Tensor! out, Tensor x, Tensor weight",
+           (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight))
+
 // MoE experts over pairs p = t * k + j sorted by expert and padded per expert to blocks
 // (ops/reference_moe.py): sorted_pairs [capacity], block_experts [capacity / block],
 // total_padded [1], pair_pos [T, k]; all int32.
