@@ -14,7 +14,8 @@ constexpr int kMaxDk = 128;    // q/k row in registers: kMaxDk / 32 values per l
 constexpr int kMaxDv = 256;
 constexpr int kTileV = 16;     // state columns per state-pass CTA: 128 CTAs at 16 heads x Dv 128
 constexpr int kOutCols = 64;   // output columns per output CTA
-constexpr int kPrepThreads = 256;
+constexpr int kPrepThreads = 128;
+constexpr int kPrepCtasPerSm = 3;  // prepare CTAs an SM holds at Dk = Dv = 128 in 16 bits (register cap 168)
 constexpr int kPassThreads = 256;  // 8 warps: w S split in two halves of Dk, 4 warps each
 constexpr int kPassMmWarps = 4;
 constexpr int kOutThreads = 256;
@@ -49,18 +50,20 @@ __host__ __device__ inline size_t take(size_t& offset, size_t bytes) {
   return at;
 }
 
-// Shared-memory carving of the prepare kernel (byte offsets); elem = sizeof(T).
+// Shared-memory carving of the prepare kernel (byte offsets); elem = sizeof(T). qs holds q, then v; f holds K K^T,
+// then L^T, then the products' fp32 staging tiles; a holds Q K^T in fp32, then A's high and low parts (a, a_lo).
 struct PrepLayout {
-  int ldk, ldl, ldx;
-  size_t qs, ks, l, p, x, cum, bet, bytes;
+  int ldq, ldk, ldf, lda;
+  size_t qs, ks, f, a, a_lo, cum, bet, bytes;
   __host__ __device__ PrepLayout(int dkp, int dvp, int elem)
-      : ldk(dkp + 16 / elem), ldl(kChunk + 4), ldx(dkp + dvp) {
+      : ldq((dkp > dvp ? dkp : dvp) + 16 / elem), ldk(dkp + 16 / elem), ldf(kChunk + 4), lda(kChunk + 16 / elem) {
     size_t o = 0;
-    qs = take(o, size_t(kChunk) * ldk * elem);
+    qs = take(o, size_t(kChunk) * ldq * elem);
     ks = take(o, size_t(kChunk) * ldk * elem);
-    l = take(o, size_t(kChunk) * ldl * 4);
-    p = take(o, size_t(kChunk) * ldl * 4);
-    x = take(o, size_t(kChunk) * ldx * 4);
+    f = take(o, size_t(kChunk) * ldf * 4);
+    const size_t part = size_t(kChunk) * lda * elem, qk = size_t(kChunk) * ldf * 4;
+    a = take(o, 2 * part > qk ? 2 * part : qk);
+    a_lo = a + part;
     cum = take(o, kChunk * 4);
     bet = take(o, kChunk * 4);
     bytes = o;
