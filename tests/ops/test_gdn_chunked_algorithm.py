@@ -3,8 +3,8 @@
 recurrence in fp64: odd lengths, several sequences, initial states, slot -1.
 
 The CUDA form has three phases. Phase 1, parallel over (chunk, value head): the cumulative gate, the
-UT system solved by forward substitution, w, u, q*exp(cum), k*exp(cum_last - cum), the masked
-intra-chunk scores P and exp(cum_last). Phase 2, sequential over the chunks of one (sequence, head),
+UT inverse A = (I + L)^-1 by forward substitution, w = A diag(beta exp(cum)) k, u = A diag(beta) v,
+q*exp(cum), k*exp(cum_last - cum), the masked intra-chunk scores P and exp(cum_last). Phase 2, sequential over the chunks of one (sequence, head),
 only the recurrence: keep S_c (the state at the chunk's start), v_new = u - w S_c,
 S = exp(cum_last) S_c + (k*exp(cum_last-cum))^T v_new. Phase 3, parallel over (chunk, value head):
 o = (q*exp(cum)) S_c + P v_new.
@@ -48,11 +48,12 @@ def chunk_prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Te
     lower = torch.ones(C, C, dtype=torch.bool).tril(-1)
     diff = (cum[:, None] - cum[None, :]).masked_fill(~lower.logical_or(torch.eye(C, dtype=torch.bool)), 0.0)
     system = (beta[:, None] * (k @ k.T) * diff.exp()).masked_fill(~lower, 0.0)
-    rhs = torch.cat([beta[:, None] * k * cum.exp()[:, None], beta[:, None] * v], dim=1)
-    x = rhs.clone()
-    for j in range(C - 1):  # forward substitution column by column (a thread per right-hand side on CUDA)
-        x[j + 1 :] -= system[j + 1 :, j, None] * x[j]
-    w, u = x[:, : k.shape[1]], x[:, k.shape[1] :]
+    inverse = torch.eye(C, dtype=system.dtype)
+    for j in range(C - 1):  # A = (I + L)^-1 by forward substitution on the identity (a thread per column on CUDA)
+        inverse[j + 1 :] -= system[j + 1 :, j, None] * inverse[j]
+    # The row scalings of the right-hand sides are folded into A's columns (k and v stay the matmul operands).
+    w = (inverse * (beta * cum.exp())[None, :]) @ k
+    u = (inverse * beta[None, :]) @ v
     p = ((q @ k.T) * diff.exp()).masked_fill(~lower.logical_or(torch.eye(C, dtype=torch.bool)), 0.0)
     last = cum[n - 1] if n > 0 else cum.new_zeros(())
     return w, u, q * cum.exp()[:, None], k * (last - cum).exp()[:, None], p, last.exp()

@@ -29,10 +29,11 @@ def slots_for(batch: int, device: str, none_at: int | None = 2) -> torch.Tensor:
     return slots.to(device)
 
 
-def gdr_inputs(tokens: int, heads: tuple[int, int, int, int], dtype, device: str):
-    """q, k, v as strided views of one fused projection (as the model splits it), g, beta."""
+def gdr_inputs(tokens: int, heads: tuple[int, int, int, int], dtype, device: str, pad: int = 3):
+    """q, k, v as strided views of one fused projection (as the model splits it), g, beta; `pad` extra columns
+    per token (3: odd row strides, 0: 16-byte rows when the head dims are multiples of 8)."""
     hk, hv, dk, dv = heads
-    fused = torch.randn(tokens, 2 * hk * dk + hv * dv + 3, dtype=dtype, device=device)
+    fused = torch.randn(tokens, 2 * hk * dk + hv * dv + pad, dtype=dtype, device=device)
     q = fused[:, : hk * dk].view(tokens, hk, dk)
     k = fused[:, hk * dk : 2 * hk * dk].view(tokens, hk, dk)
     v = fused[:, 2 * hk * dk : 2 * hk * dk + hv * dv].view(tokens, hv, dv)
@@ -211,11 +212,13 @@ CHUNK_HEADS = HEADS + [pytest.param((2, 2, 128, 128), id="0.8b-heads"), pytest.p
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("heads", CHUNK_HEADS)
 @pytest.mark.parametrize("l2norm", [True, False])
-def test_gated_delta_rule_chunked_chunk_edges_match_reference(kernels, dtype, heads, l2norm):
-    """Lengths around the chunk size, several sequences, initial state on/off, slot -1."""
+@pytest.mark.parametrize("pad", [pytest.param(3, id="odd-strides"), pytest.param(0, id="16-byte-rows")])
+def test_gated_delta_rule_chunked_chunk_edges_match_reference(kernels, dtype, heads, l2norm, pad):
+    """Lengths around the chunk size, several sequences, initial state on/off, slot -1; rows read element by
+    element (odd strides) and 16 bytes at a time."""
     lens = [1, 63, 64, 65, 200, 1000, 0]
     cu = packed(lens, "cuda")
-    q, k, v, g, beta = gdr_inputs(sum(lens), heads, dtype, "cuda")
+    q, k, v, g, beta = gdr_inputs(sum(lens), heads, dtype, "cuda", pad)
     if not l2norm:  # |k|^2 ~ 0.6 keeps the un-normalized recurrence stable
         q, k = q * 0.8 * heads[2] ** -0.5, k * 0.8 * heads[2] ** -0.5
     pool = state_pool(len(lens) + 2, heads, "cuda")
