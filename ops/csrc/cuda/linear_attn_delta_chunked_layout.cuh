@@ -70,17 +70,19 @@ struct PrepLayout {
   }
 };
 
-// Shared-memory carving of the state-pass kernel. The chunk tiles (w, kd, u) have
-// `stages` copies: with two, chunk i + 1 streams in while chunk i computes.
+// Shared-memory carving of the state-pass kernel. The chunk tiles (w, kd, u) and the chunk's
+// decay exp(cum_last) (gl) have `stages` copies: with two, chunk i + 1 streams in while chunk i
+// computes.
 struct PassLayout {
   int ldk, ldt, lds, stages;
-  size_t w, kd, u, stage_bytes, s, sb, cb, cb2, vb, bytes;
+  size_t w, kd, u, gl, stage_bytes, s, sb, cb, cb2, vb, bytes;
   __host__ __device__ PassLayout(int dkp, int elem, int num_stages)
       : ldk(dkp + 16 / elem), ldt(kTileV + 16 / elem), lds(kTileV + 4), stages(num_stages) {
     size_t o = 0;
     w = take(o, size_t(kChunk) * ldk * elem);
     kd = take(o, size_t(kChunk) * ldk * elem);
     u = take(o, size_t(kChunk) * ldt * elem);
+    gl = take(o, 4);
     stage_bytes = o;
     o *= stages;
     s = take(o, size_t(dkp) * lds * 4);

@@ -19,6 +19,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   const auto d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src));
 }
+// 4 bytes, through L1 (cp.async.cg takes 16-byte copies only).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src) {
+  const auto d = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(d), "l"(src));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending)); }
@@ -44,7 +49,7 @@ __device__ __forceinline__ void copy_tile_async(T* dst, int ldd, const T* src, i
   }
 }
 
-// Starts the copy of chunk c's tiles (columns v0.. of u) into stage `stage`; one commit group.
+// Starts the copy of chunk c's tiles (columns v0.. of u) and decay into stage `stage`; one commit group.
 template <typename T>
 __device__ __forceinline__ void load_chunk(unsigned char* smem, const PassLayout& lay, int stage,
                                            const ChunkWork<T>& ws, const ChunkArgs& a, int c, int h, int v0) {
@@ -53,6 +58,9 @@ __device__ __forceinline__ void load_chunk(unsigned char* smem, const PassLayout
   copy_tile_async(carve<T>(base, lay.w), lay.ldk, ws.w + row0 * a.dkp, a.dkp, kChunk, a.dkp);
   copy_tile_async(carve<T>(base, lay.kd), lay.ldk, ws.kd + row0 * a.dkp, a.dkp, kChunk, a.dkp);
   copy_tile_async(carve<T>(base, lay.u), lay.ldt, ws.u + row0 * a.dvp + v0, a.dvp, kChunk, kTileV);
+  // The decay streams in with the tiles: a plain load of it would be a memory round trip on the
+  // sequential path of every chunk.
+  if (threadIdx.x == 0) cp_async4(carve<float>(base, lay.gl), ws.gl + static_cast<int64_t>(c) * a.hv + h);
   cp_async_commit();
 }
 
@@ -134,8 +142,8 @@ __global__ void __launch_bounds__(kPassThreads)
     const T* w = carve<T>(base, lay.w);
     const T* kd = carve<T>(base, lay.kd);
     const T* u = carve<T>(base, lay.u);
-    const float gl = ws.gl[static_cast<int64_t>(c) * a.hv + h];
     __syncthreads();  // the chunk's tiles and sb = S_c are complete
+    const float gl = *carve<const float>(base, lay.gl);
     // w S in two halves of Dk on four warps each (half as many dependent tensor-core steps).
     if (threadIdx.x < mm_threads) {
       block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, half, false, 0, kPassMmWarps);
