@@ -49,15 +49,52 @@ __device__ __forceinline__ void copy_tile_async(T* dst, int ldd, const T* src, i
   }
 }
 
+// The 16-byte units this thread copies of every chunk's tiles, as element offsets (the same for every chunk):
+// computed once, so the chunk loop issues its copies without index divisions. w and kd share one geometry.
+template <typename T>
+struct PassCopyPlan {
+  static constexpr int kUnits = kChunk * kMaxDk / kPack16<T> / kPassThreads;
+  static constexpr int kUUnits = kTileV / kPack16<T>;  // units per row of the u tile
+  static_assert(kChunk * kUUnits <= kPassThreads, "a u unit per thread at most");
+  int src[kUnits];  // in the chunk's [kChunk, dkp] rows; -1: past the tile
+  int dst[kUnits];  // in the stage's [kChunk, ldk] tile
+  int u_src, u_dst;  // in the chunk's [kChunk, dvp] rows from column v0 / the [kChunk, ldt] tile; u_src -1: none
+
+  __device__ __forceinline__ PassCopyPlan(const PassLayout& lay, const ChunkArgs& a) {
+    constexpr int kVec = kPack16<T>;
+    const int units = a.dkp / kVec;
+#pragma unroll
+    for (int i = 0; i < kUnits; ++i) {
+      const int idx = static_cast<int>(threadIdx.x) + i * kPassThreads;
+      const int r = idx / units, e = idx % units * kVec;
+      src[i] = idx < kChunk * units ? r * a.dkp + e : -1;
+      dst[i] = r * lay.ldk + e;
+    }
+    const int r = static_cast<int>(threadIdx.x) / kUUnits, e = static_cast<int>(threadIdx.x) % kUUnits * kVec;
+    u_src = r < kChunk ? r * a.dvp + e : -1;
+    u_dst = r * lay.ldt + e;
+  }
+};
+
 // Starts the copy of chunk c's tiles (columns v0.. of u) and decay into stage `stage`; one commit group.
 template <typename T>
-__device__ __forceinline__ void load_chunk(unsigned char* smem, const PassLayout& lay, int stage,
-                                           const ChunkWork<T>& ws, const ChunkArgs& a, int c, int h, int v0) {
+__device__ __forceinline__ void load_chunk(unsigned char* smem, const PassLayout& lay, const PassCopyPlan<T>& plan,
+                                           int stage, const ChunkWork<T>& ws, const ChunkArgs& a, int c, int h,
+                                           int v0) {
   unsigned char* base = smem + stage * lay.stage_bytes;
   const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
-  copy_tile_async(carve<T>(base, lay.w), lay.ldk, ws.w + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-  copy_tile_async(carve<T>(base, lay.kd), lay.ldk, ws.kd + row0 * a.dkp, a.dkp, kChunk, a.dkp);
-  copy_tile_async(carve<T>(base, lay.u), lay.ldt, ws.u + row0 * a.dvp + v0, a.dvp, kChunk, kTileV);
+  const T* w = ws.w + row0 * a.dkp;
+  const T* kd = ws.kd + row0 * a.dkp;
+  T* w_tile = carve<T>(base, lay.w);
+  T* kd_tile = carve<T>(base, lay.kd);
+#pragma unroll
+  for (int i = 0; i < PassCopyPlan<T>::kUnits; ++i) {
+    if (plan.src[i] >= 0) {
+      cp_async16(w_tile + plan.dst[i], w + plan.src[i]);
+      cp_async16(kd_tile + plan.dst[i], kd + plan.src[i]);
+    }
+  }
+  if (plan.u_src >= 0) cp_async16(carve<T>(base, lay.u) + plan.u_dst, ws.u + row0 * a.dvp + v0 + plan.u_src);
   // The decay streams in with the tiles: a plain load of it would be a memory round trip on the
   // sequential path of every chunk.
   if (threadIdx.x == 0) cp_async4(carve<float>(base, lay.gl), ws.gl + static_cast<int64_t>(c) * a.hv + h);
@@ -114,11 +151,12 @@ __global__ void __launch_bounds__(kPassThreads)
   float* slot_state =
       slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
   const int first = offsets[b], count = offsets[b + 1] - first;
+  const PassCopyPlan<T> plan(lay, a);
   // Chunk i streams into stage i % stages, stages - 1 chunks ahead of the one computing; every
   // iteration commits one group (empty past the end) so the wait count stays stages - 1.
   for (int ci = 0; ci < stages - 1; ++ci) {
     if (ci < count) {
-      load_chunk(smem, lay, ci, ws, a, first + ci, h, v0);
+      load_chunk(smem, lay, plan, ci, ws, a, first + ci, h, v0);
     } else {
       cp_async_commit();
     }
@@ -133,7 +171,7 @@ __global__ void __launch_bounds__(kPassThreads)
     const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
     // The stage of chunk `ahead` was released by the last chunk's final sync.
     if (ahead < count) {
-      load_chunk(smem, lay, ahead % stages, ws, a, first + ahead, h, v0);
+      load_chunk(smem, lay, plan, ahead % stages, ws, a, first + ahead, h, v0);
     } else {
       cp_async_commit();
     }
