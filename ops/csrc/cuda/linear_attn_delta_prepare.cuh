@@ -33,6 +33,7 @@ constexpr int kStageLd = 20;                           // fp32 staging tile of 1
 static_assert(kRowLanes * 8 == kMaxDk, "a row group covers Dk");
 static_assert(kChunk % (kRowsPerPass * kRowBatch) == 0, "row passes cover the chunk");
 static_assert(kPrepThreads >= kChunk, "a thread per column of A");
+static_assert(kPrepThreads / 32 == kChunk / 16, "a warp per 16 rows of the w and u products");
 static_assert(kPrepThreads / 32 * 16 * kStageLd <= kChunk * (kChunk + 4), "staging tiles fit in f");
 
 // Cumulative gate (warp 0, two rows per lane) and beta of the chunk's rows; zero past n.
@@ -149,18 +150,20 @@ template <typename T>
 __device__ __forceinline__ void load_v(const T* v, const ChunkArgs& a, int64_t t0, int n, int h, bool vec, T* vs,
                                        int ldv) {
   constexpr int kP = kPack16<T>;
-  const int units = a.dvp / kP;
-  for (int idx = threadIdx.x; idx < kChunk * units; idx += blockDim.x) {
-    const int r = idx / units, c = idx % units * kP;
-    T* dst = vs + r * ldv + c;
-    const T* src = v + (t0 + r) * a.v_tok + h * a.v_head + c;  // read only for r < n
-    if (vec && r < n && c < a.dv) {
-      cp_async16(dst, src);
-    } else {
-      Pack<T, kP> pk;
+  const int units = a.dvp / kP, lane = threadIdx.x % 32;
+  for (int r = threadIdx.x / 32; r < kChunk; r += blockDim.x / 32) {  // a warp per row: no index division
+    for (int u = lane; u < units; u += 32) {
+      const int c = u * kP;
+      T* dst = vs + r * ldv + c;
+      const T* src = v + (t0 + r) * a.v_tok + h * a.v_head + c;  // read only for r < n
+      if (vec && r < n && c < a.dv) {
+        cp_async16(dst, src);
+      } else {
+        Pack<T, kP> pk;
 #pragma unroll
-      for (int e = 0; e < kP; ++e) pk.v[e] = r < n && c + e < a.dv ? src[e] : from_float<T>(0.f);
-      *reinterpret_cast<Pack<T, kP>*>(dst) = pk;
+        for (int e = 0; e < kP; ++e) pk.v[e] = r < n && c + e < a.dv ? src[e] : from_float<T>(0.f);
+        *reinterpret_cast<Pack<T, kP>*>(dst) = pk;
+      }
     }
   }
   cp_async_commit();
@@ -224,8 +227,8 @@ __device__ __forceinline__ void store_scaled_column(const float (&r)[kChunk], in
 }
 
 // out[kChunk, N] (global, leading dim ldo) = (a_hi + a_lo)[kChunk, kChunk] b[kChunk, N], N a multiple of 16.
-// 16-bit: a warp per 16x16 tile on tensor cores, staged in fp32 (`stage`: 16 x kStageLd floats per warp) and
-// written 16 bytes a lane; fp32: FMA, a thread per element.
+// 16-bit: a warp per 16 rows, 16x16 tiles on tensor cores staged in fp32 (`stage`: 16 x kStageLd floats per
+// warp) and written 16 bytes a lane; fp32: FMA, a thread per element.
 template <typename T>
 __device__ __forceinline__ void chunk_product(T* out, int64_t ldo, const T* a_hi, const T* a_lo, int lda,
                                               const T* b, int ldb, int N, float* stage) {
@@ -238,22 +241,24 @@ __device__ __forceinline__ void chunk_product(T* out, int64_t ldo, const T* a_hi
     }
   } else {
     namespace wmma = nvcuda::wmma;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    using AFrag = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, m0 = warp * 16;
     float* st = stage + warp * 16 * kStageLd;
-    const int tiles_n = N / 16;
-    for (int tile = warp; tile < (kChunk / 16) * tiles_n; tile += warps) {
-      const int m0 = tile / tiles_n * 16, n0 = tile % tiles_n * 16;
+    AFrag ah[kChunk / 16], al[kChunk / 16];  // the warp's 16 rows of A, loaded once for all column tiles
+#pragma unroll
+    for (int kk = 0; kk < kChunk / 16; ++kk) {
+      wmma::load_matrix_sync(ah[kk], a_hi + m0 * lda + kk * 16, lda);
+      wmma::load_matrix_sync(al[kk], a_lo + m0 * lda + kk * 16, lda);
+    }
+    for (int n0 = 0; n0 < N; n0 += 16) {
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
       wmma::fill_fragment(acc, 0.f);
 #pragma unroll
-      for (int k0 = 0; k0 < kChunk; k0 += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> ah, al;
+      for (int kk = 0; kk < kChunk / 16; ++kk) {
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-        wmma::load_matrix_sync(bf, b + k0 * ldb + n0, ldb);
-        wmma::load_matrix_sync(al, a_lo + m0 * lda + k0, lda);
-        wmma::load_matrix_sync(ah, a_hi + m0 * lda + k0, lda);
-        wmma::mma_sync(acc, al, bf, acc);  // the small part first
-        wmma::mma_sync(acc, ah, bf, acc);
+        wmma::load_matrix_sync(bf, b + kk * 16 * ldb + n0, ldb);
+        wmma::mma_sync(acc, al[kk], bf, acc);  // the small part first
+        wmma::mma_sync(acc, ah[kk], bf, acc);
       }
       wmma::store_matrix_sync(st, acc, kStageLd, wmma::mem_row_major);
       __syncwarp();
