@@ -49,6 +49,12 @@ __global__ void gelu_tanh_kernel(T* __restrict__ out, const T* __restrict__ in, 
     out[i] = from_float<T>(gelu_tanh_f(to_float(in[i])));
 }
 
+// Blocks of a grid-stride kernel over `work` items: enough to fill the device, no more.
+int grid_stride_blocks(int64_t work) {
+  const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
+  return static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), max_blocks));
+}
+
 // A [..., D] tensor as rows r = (a, h) of [A, heads, D] with outer strides (a_stride, h_stride):
 // a head view of a wider projection's columns, which no single row stride describes.
 struct HeadRows {
@@ -143,9 +149,7 @@ void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
     auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
     const auto* x = reinterpret_cast<const scalar_t*>(x_c.data_ptr());
     const bool vec = is_aligned16(o) && is_aligned16(x);
-    const int64_t work = vec ? (n + V - 1) / V : n;
-    const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), max_blocks));
+    const int blocks = grid_stride_blocks(vec ? (n + V - 1) / V : n);
     if (vec)
       gelu_tanh_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(o, x, n);
     else
@@ -176,9 +180,7 @@ void sigmoid_gate_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor
     const auto strides_ok = [](const HeadRows& l) { return l.a_stride % V == 0 && l.h_stride % V == 0; };
     const bool vec = d % V == 0 && strides_ok(xl) && strides_ok(gl) && is_aligned16(o) && is_aligned16(x) &&
                      is_aligned16(g);
-    const int64_t work = vec ? n / V : n;
-    const int max_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 16;
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), max_blocks));
+    const int blocks = grid_stride_blocks(vec ? n / V : n);
     if (vec)
       sigmoid_gate_mul_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(o, x, g, rows, d, xl, gl);
     else
