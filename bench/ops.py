@@ -426,6 +426,7 @@ def gated_norm_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
 
 
 QWEN3_5_HIDDEN = 1024  # configs/models/qwen3.5-0.8b.json text_config.hidden_size
+QWEN3_5_ATTN = (8, 256)  # the same file's num_attention_heads, head_dim
 
 
 def _composed_offset_norm(x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -442,7 +443,7 @@ def _composed_gating(ba: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tenso
 
 def fusion_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     """Qwen3.5-0.8B decode pieces, the composed torch path next to the one op: the offset
-    norm (fused add + norm, fp32 `1 + w`) and the Gated DeltaNet gating."""
+    norm (fused add + norm, fp32 `1 + w`), the Gated DeltaNet gating and the attention output gate."""
     hidden, hv = (64, 4) if smoke else (QWEN3_5_HIDDEN, LINEAR["0.8B"][1])
     for t in [3] if smoke else [1, 64]:
         x = torch.randn(t, hidden, device=dev, dtype=dtype)
@@ -468,6 +469,15 @@ def fusion_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                    partial(gating_err, ops.gdn_gating), gate_bytes)
         yield Case("  composed (old)", f"0.8B T={t} Hv={hv}", partial(_composed_gating, ba, a_log, dt_bias),
                    partial(gating_err, _composed_gating), gate_bytes)
+        # Full-attention output gate: attn [T, Hq, D] times sigmoid of the gate half of q_proj's heads.
+        hq, d = (2, 16) if smoke else QWEN3_5_ATTN
+        attn = torch.randn(t, hq, d, device=dev, dtype=dtype)
+        gate = torch.randn(t, hq * 2 * d + 2 * 2 * d, device=dev, dtype=dtype)[:, : hq * 2 * d].view(t, hq, 2 * d)[..., d:]
+        want = reference.sigmoid_gate_mul(attn, gate)
+        yield Case("sigmoid_gate_mul", f"0.8B T={t} [{hq},{d}]", partial(ops.sigmoid_gate_mul, attn, gate),
+                   lambda a=attn, g=gate, e=want: rel_err(ops.sigmoid_gate_mul(a, g), e), 3 * nbytes(attn))
+        yield Case("  composed (old)", f"0.8B T={t} [{hq},{d}]", lambda a=attn, g=gate: a * torch.sigmoid(g),
+                   lambda a=attn, g=gate, e=want: rel_err(a * torch.sigmoid(g), e), 3 * nbytes(attn))
 
 
 def _gdn_layer(batch: int, heads: tuple[int, int, int, int], dev: str, dtype: torch.dtype):

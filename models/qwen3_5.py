@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import ops
 from models.config import ModelConfig, TextConfig
 from models.decoder import CausalLM, DecoderLayer
 from models.interface import LayerCache, StateShapes
@@ -65,12 +66,12 @@ class Qwen3_5Attention(nn.Module):
         qkv = self.qkv_proj(x)
         q_gate, k, v = qkv.split([2 * self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
-        gate = torch.sigmoid(q_gate[..., d:])  # straight from the strided view: no copy first
+        gate = q_gate[..., d:]  # a strided view, read in place by the gate op
         q, k = q_gate[..., :d], k.unflatten(-1, (self.num_kv_heads, d))
         self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
         v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
         out = self.attn(q, k, v, attn, kv_cache)
-        return self.o_proj((out * gate).flatten(1))
+        return self.o_proj(ops.sigmoid_gate_mul(out, gate).flatten(1))
 
 
 class Qwen3_5DecoderLayer(DecoderLayer):

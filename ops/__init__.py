@@ -93,6 +93,13 @@ def gate_up_silu_small(x, weight):
 
 
 @_ops.op(reference)
+def sigmoid_gate_mul(x, gate):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.sigmoid_gate_mul.default(out, x, gate)
+    return out
+
+
+@_ops.op(reference)
 def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
     torch.ops.splitvl.reshape_and_cache.default(key, value, key_cache, value_cache, slot_mapping)
 

@@ -221,6 +221,21 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x.float(), approximate="tanh").to(x.dtype)
 
 
+def sigmoid_gate_mul(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """`x * sigmoid(gate)` in x's dtype, as transformers' Qwen3.5 attention computes it: the
+    sigmoid rounded to the dtype, then the product (fp32 math for each).
+
+    Shapes: x [..., D], gate [..., D] (same shape and dtype; unit last stride, any outer
+    strides: the gate is a view of the fused q projection) -> [..., D] contiguous.
+    """
+    if x.shape != gate.shape or x.dtype != gate.dtype:
+        raise ValueError(f"sigmoid_gate_mul: gate {tuple(gate.shape)} {gate.dtype} must match x "
+                         f"{tuple(x.shape)} {x.dtype}")
+    math = torch.promote_types(x.dtype, torch.float32)
+    s = torch.sigmoid(gate.to(math)).to(x.dtype)
+    return (x.to(math) * s.to(math)).to(x.dtype).contiguous()
+
+
 def reshape_and_cache(
     key: torch.Tensor,
     value: torch.Tensor,

@@ -29,6 +29,9 @@ SPLITVL_OP(qk_norm_rope,
 SPLITVL_OP(silu_and_mul, "Tensor! out, Tensor input",
            (at::Tensor& out, const at::Tensor& input))
 SPLITVL_OP(gelu_tanh, "Tensor! out, Tensor input", (at::Tensor& out, const at::Tensor& input))
+// out = input * sigmoid(gate), the sigmoid rounded to the dtype first (Qwen3.5's attention output gate).
+SPLITVL_OP(sigmoid_gate_mul, "Tensor! out, Tensor input, Tensor gate",
+           (at::Tensor& out, const at::Tensor& input, const at::Tensor& gate))
 SPLITVL_OP(reshape_and_cache,
            "Tensor key, Tensor value, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping",
            (const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,

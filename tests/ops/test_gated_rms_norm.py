@@ -57,11 +57,12 @@ def test_gated_rms_norm_z_head_view(kernels, device, dtype, t, h, d, lead, tail,
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
-@pytest.mark.parametrize("d", [128, 256, 96, 30])
+@pytest.mark.parametrize("d", [128, 256, 384, 96, 30])
 @pytest.mark.parametrize("weight_fp32", [False, True])
 @pytest.mark.parametrize("gap", [8, 1])  # z's columns start 16-byte aligned, or not (1-wide)
 def test_gated_rms_norm_vector_widths_match_reference(kernels, dtype, d, weight_fp32, gap):
-    """Head rows as the model has them (x and z [T, H, D] views of one projection): 8, 4, 2-wide vectors."""
+    """Head rows as the model has them (x and z [T, H, D] views of one projection): 8, 4, 2-wide vectors,
+    16 or 32 lanes a row, rows longer than one vector per lane (384), a partial last block of rows."""
     t, h = 37, 5
     fused = torch.randn(t, 2 * h * d + gap, dtype=dtype, device="cuda") * 2
     x = fused[:, : h * d].view(t, h, d)

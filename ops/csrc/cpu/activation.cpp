@@ -1,4 +1,5 @@
-// Activations: silu_and_mul (gated MLP) and gelu with the tanh approximation (ViT MLP).
+// Activations: silu_and_mul (gated MLP), gelu with the tanh approximation (ViT MLP) and
+// sigmoid_gate_mul (Qwen3.5 attention output gate).
 #include <cmath>
 
 #include "cpu_common.h"
@@ -67,6 +68,36 @@ void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
   if (out.numel() == 0) return;
   map_rows(out, input, input.size(-1), [](const auto* x, int64_t i) {
     return gelu_tanh_scalar(static_cast<float>(x[i]));
+  });
+}
+
+void sigmoid_gate_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor& gate) {
+  check_activation_args(out, input, "sigmoid_gate_mul");
+  SPLITVL_CHECK_CPU(gate);
+  SPLITVL_CHECK_LAST_CONTIG(gate);
+  SPLITVL_CHECK(gate.sizes() == input.sizes() && gate.scalar_type() == input.scalar_type(),
+                "sigmoid_gate_mul: gate ", gate.sizes(), " ", gate.scalar_type(), " must match input ",
+                input.sizes(), " ", input.scalar_type());
+  SPLITVL_CHECK(out.sizes() == input.sizes(), "sigmoid_gate_mul: out ", out.sizes(), " must match input ",
+                input.sizes());
+  if (out.numel() == 0) return;
+  const RowIndexer rows(input), gate_rows(gate);
+  const int64_t d = input.size(-1);
+  SPLITVL_DISPATCH_FLOATING(input.scalar_type(), "sigmoid_gate_mul", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    const scalar_t* g = gate.const_data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows.rows(), grain_for(d), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* x = in + rows.offset(r);
+        const scalar_t* gr = g + gate_rows.offset(r);
+        scalar_t* y = o + r * d;
+        for (int64_t i = 0; i < d; ++i) {
+          const auto s = static_cast<scalar_t>(1.f / (1.f + std::exp(-static_cast<float>(gr[i]))));
+          y[i] = static_cast<scalar_t>(static_cast<float>(x[i]) * static_cast<float>(s));
+        }
+      }
+    });
   });
 }
 

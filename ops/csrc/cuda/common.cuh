@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace splitvl {
@@ -82,6 +83,41 @@ struct alignas(sizeof(T) * N) Pack {
 
 template <typename T>
 constexpr int kPack16 = 16 / sizeof(T);
+
+// kVec values of T as loaded into registers: in 32-bit words (16-bit values two to a
+// register) when they fill whole words. A Pack of 16-bit structs takes a register per
+// value, which spills kernels that keep many vectors in flight.
+template <typename T, int kVec>
+using Words = std::conditional_t<(kVec * sizeof(T)) % 4 == 0, Pack<uint32_t, (kVec * sizeof(T) + 3) / 4>,
+                                 Pack<T, kVec>>;
+
+template <typename T, int kVec>
+__device__ __forceinline__ Words<T, kVec> load_words(const T* p) {
+  return *reinterpret_cast<const Words<T, kVec>*>(p);
+}
+
+template <typename T, int kVec>
+__device__ __forceinline__ Words<T, kVec> to_words(const Pack<T, kVec>& v) {
+  Words<T, kVec> r;
+  static_assert(sizeof(r) == sizeof(v), "words hold the values' bytes");
+  memcpy(&r, &v, sizeof(r));
+  return r;
+}
+
+// Value e of kVec values held as Words, widened to float.
+template <typename T, int kVec>
+__device__ __forceinline__ float word_value(const Words<T, kVec>& r, int e) {
+  if constexpr (std::is_same_v<Words<T, kVec>, Pack<T, kVec>>) {
+    return to_float(r.v[e]);
+  } else if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(r.v[e]);
+  } else {
+    const uint32_t word = r.v[e / 2];
+    const auto bits = static_cast<unsigned short>(e % 2 != 0 ? word >> 16 : word & 0xffffu);
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+    else return __half2float(__ushort_as_half(bits));
+  }
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -3,6 +3,7 @@
 // Semantics: ops/reference_linear_attn.py (causal_conv1d_fwd / _update).
 #include <c10/cuda/CUDAException.h>
 
+#include <cstdint>
 #include <type_traits>
 
 #include "../linear_attn_checks.h"
@@ -15,6 +16,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kRun = 16;  // tokens per thread of the vectorized prefill kernel
+constexpr int kConvMinBlocks = 3;  // CTAs per SM the prefill kernel keeps resident (<= 168 registers)
 
 __device__ __forceinline__ float silu_dev(float v) { return v / (1.f + __expf(-v)); }
 
@@ -128,29 +130,112 @@ __global__ void conv_update_kernel(scalar_t* __restrict__ out, const scalar_t* _
 }
 
 // Channels c0 .. c0 + kVec - 1: their weights ([dim, kWidth], kVec * kWidth contiguous
-// values) as kWidth packs, and their bias as one; 16-byte loads when kVec packs 16 bytes.
+// values) as kWidth rows, and their bias as one; 16-byte loads when kVec packs 16 bytes.
+// Kept as loaded (half the registers of floats for 16-bit types: the prefill kernel spends
+// its registers on input rows in flight) and widened at use.
 template <typename scalar_t, int kVec, int kWidth>
-__device__ __forceinline__ void load_taps(const scalar_t* __restrict__ weight,
-                                          const scalar_t* __restrict__ bias, int64_t c0,
-                                          float (&w)[kWidth][kVec], float (&acc0)[kVec]) {
-  using VecT = Pack<scalar_t, kVec>;
-  VecT raw[kWidth];
+struct ConvTaps {
+  Words<scalar_t, kVec> raw[kWidth], bias;
+
+  __device__ __forceinline__ ConvTaps(const scalar_t* __restrict__ weight, const scalar_t* __restrict__ b,
+                                      int64_t c0) {
 #pragma unroll
-  for (int k = 0; k < kWidth; ++k) raw[k] = reinterpret_cast<const VecT*>(weight + c0 * kWidth)[k];
-  const VecT b = bias != nullptr ? *reinterpret_cast<const VecT*>(bias + c0) : VecT{};
+    for (int k = 0; k < kWidth; ++k) raw[k] = load_words<scalar_t, kVec>(weight + (c0 * kWidth + k * kVec));
+    if (b != nullptr) {
+      bias = load_words<scalar_t, kVec>(b + c0);
+    } else {
+      Pack<scalar_t, kVec> zero;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) zero.v[e] = from_float<scalar_t>(0.f);
+      bias = to_words<scalar_t, kVec>(zero);
+    }
+  }
+  // Tap j of channel c0 + e.
+  __device__ __forceinline__ float w(int j, int e) const {
+    return word_value<scalar_t, kVec>(raw[(e * kWidth + j) / kVec], (e * kWidth + j) % kVec);
+  }
+  __device__ __forceinline__ float b(int e) const { return word_value<scalar_t, kVec>(bias, e); }
+};
+
+// One output vector of kVec channels from its kWidth inputs `in` (oldest first).
+template <typename scalar_t, int kVec, int kWidth>
+__device__ __forceinline__ Pack<scalar_t, kVec> conv_point(const ConvTaps<scalar_t, kVec, kWidth>& taps,
+                                                           const Words<scalar_t, kVec>* in, bool silu) {
+  Pack<scalar_t, kVec> y;
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
-    acc0[e] = bias != nullptr ? to_float(b.v[e]) : 0.f;
+    float acc = taps.b(e);
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) w[j][e] = to_float(raw[(e * kWidth + j) / kVec].v[(e * kWidth + j) % kVec]);
+    for (int j = 0; j < kWidth; ++j) acc += taps.w(j, e) * word_value<scalar_t, kVec>(in[j], e);
+    float r = to_float(from_float<scalar_t>(acc));  // rounded before SiLU, as the reference
+    if (silu) r = silu_dev(r);
+    y.v[e] = from_float<scalar_t>(r);
+  }
+  return y;
+}
+
+// The kHist = kWidth - 1 inputs before token t of sequence b (channels c0 ..): earlier tokens
+// of b, else b's initial conv state, else zeros.
+template <typename scalar_t, int kVec, int kHist>
+__device__ __forceinline__ void load_history(Words<scalar_t, kVec>* win, const scalar_t* __restrict__ x,
+                                             const scalar_t* states, const int32_t* __restrict__ cu,
+                                             const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
+                                             const ConvArgs& a, int b, int64_t t, int64_t c0) {
+  const int slot = slots[b];
+  CUDA_KERNEL_ASSERT(slot < a.num_slots);
+  const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
+  const int64_t rel = t - cu[b];
+#pragma unroll
+  for (int j = 0; j < kHist; ++j) {
+    const int64_t p = rel - kHist + j;
+    if (p >= 0) {
+      win[j] = load_words<scalar_t, kVec>(x + (t - kHist + j) * a.x_stride + c0);
+    } else {
+      Pack<scalar_t, kVec> v;
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        v.v[e] = use_state ? states[(static_cast<int64_t>(slot) * a.dim + c0 + e) * kHist + kHist + p]
+                           : from_float<scalar_t>(0.f);
+      }
+      win[j] = to_words<scalar_t, kVec>(v);
+    }
   }
 }
 
-// A thread per (run of kRun tokens, kVec channels), for width kWidth: the previous
-// kWidth - 1 inputs stay in registers, each input row is read once with one vector load
-// (plus kWidth - 1 rows of history at the run start). Runs may cross sequence ends.
+// Tokens [t, t_end) one at a time with a sliding window, crossing sequence ends (b holds t):
+// the path of runs that end a sequence or the input.
 template <typename scalar_t, int kVec, int kWidth>
-__global__ void __launch_bounds__(kThreads)
+__device__ __forceinline__ void conv_run_tokens(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
+                                                const scalar_t* states, const int32_t* __restrict__ cu,
+                                                const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
+                                                const ConvArgs& a, const ConvTaps<scalar_t, kVec, kWidth>& taps, int b,
+                                                int64_t t, int64_t t_end, int64_t c0) {
+  using VecT = Pack<scalar_t, kVec>;
+  constexpr int kHist = kWidth - 1;
+  Words<scalar_t, kVec> win[kWidth];  // win[0] is the oldest input, win[kHist] the current one
+  load_history<scalar_t, kVec, kHist>(win, x, states, cu, slots, has_init, a, b, t, c0);
+  int64_t seq_end = cu[b + 1];
+#pragma unroll 1
+  for (; t < t_end; ++t) {
+    if (t >= seq_end) {  // t starts the next non-empty sequence
+      do { ++b; } while (cu[b + 1] <= t);
+      seq_end = cu[b + 1];
+      load_history<scalar_t, kVec, kHist>(win, x, states, cu, slots, has_init, a, b, t, c0);
+    }
+    win[kHist] = load_words<scalar_t, kVec>(x + t * a.x_stride + c0);
+    *reinterpret_cast<VecT*>(out + t * a.dim + c0) = conv_point<scalar_t, kVec, kWidth>(taps, win, a.silu);
+#pragma unroll
+    for (int j = 0; j < kHist; ++j) win[j] = win[j + 1];
+  }
+}
+
+// A thread per (run of kRun tokens, kVec channels), for width kWidth. A run inside one
+// sequence loads its kRun input rows and the kWidth - 1 rows before it all at once (kRun +
+// kWidth - 1 vector loads in flight, issued before the sequence lookup) and computes from
+// registers; the window before a sequence start comes from the conv state instead.
+// kConvMinBlocks caps the registers so that several CTAs per SM keep loads in flight.
+template <typename scalar_t, int kVec, int kWidth>
+__global__ void __launch_bounds__(kThreads, kConvMinBlocks)
     conv_fwd_vec_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                         const scalar_t* __restrict__ weight, const scalar_t* __restrict__ bias,
                         const scalar_t* states, const int32_t* __restrict__ cu,
@@ -159,72 +244,29 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kHist = kWidth - 1;
   const int64_t c0 = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * kVec;
   if (c0 >= a.dim) return;
-  const int64_t t_begin = static_cast<int64_t>(blockIdx.x) * kRun;
-  const int64_t t_end = t_begin + kRun < a.tokens ? t_begin + kRun : a.tokens;
-  // A whole run's inputs load first, before the sequence lookup: kRun loads in flight.
-  const bool full_run = t_begin + kRun <= a.tokens;
-  VecT buf[kRun];
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * kRun;
+  const bool full_run = t0 + kRun <= a.tokens;
+  Words<scalar_t, kVec> buf[kHist + kRun];  // inputs of tokens t0 - kHist .. t0 + kRun - 1
   if (full_run) {
 #pragma unroll
-    for (int k = 0; k < kRun; ++k) buf[k] = *reinterpret_cast<const VecT*>(x + (t_begin + k) * a.x_stride + c0);
+    for (int k = 0; k < kRun; ++k) buf[kHist + k] = load_words<scalar_t, kVec>(x + (t0 + k) * a.x_stride + c0);
+    if (t0 >= kHist) {
+#pragma unroll
+      for (int j = 0; j < kHist; ++j) buf[j] = load_words<scalar_t, kVec>(x + (t0 - kHist + j) * a.x_stride + c0);
+    }
   }
-  float w[kWidth][kVec], acc0[kVec];
-  load_taps<scalar_t, kVec, kWidth>(weight, bias, c0, w, acc0);
-  float win[kHist > 0 ? kHist : 1][kVec];  // win[0] is the oldest input
-  int b = find_sequence(cu, a.batch, t_begin);
-  int64_t seq_end = cu[b + 1];
-  auto load_history = [&](int64_t t) {  // the kHist inputs before token t of sequence b
-    const int slot = slots[b];
-    CUDA_KERNEL_ASSERT(slot < a.num_slots);
-    const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
-    const int64_t rel = t - cu[b];
-#pragma unroll
-    for (int j = 0; j < kHist; ++j) {
-      const int64_t p = rel - kHist + j;
-      if (p >= 0) {
-        const VecT in = *reinterpret_cast<const VecT*>(x + (t - kHist + j) * a.x_stride + c0);
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) win[j][e] = to_float(in.v[e]);
-      } else {
-#pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          win[j][e] = use_state ? to_float(states[(static_cast<int64_t>(slot) * a.dim + c0 + e) * kHist + kHist + p])
-                                : 0.f;
-        }
-      }
-    }
-  };
-  const auto step = [&](int64_t t, const VecT& in) {
-    VecT y;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
-      const float xe = to_float(in.v[e]);
-      float acc = acc0[e];
-#pragma unroll
-      for (int j = 0; j < kHist; ++j) acc += w[j][e] * win[j][e];
-      acc += w[kHist][e] * xe;
-      float r = to_float(from_float<scalar_t>(acc));  // rounded before SiLU, as the reference
-      if (a.silu) r = silu_dev(r);
-      y.v[e] = from_float<scalar_t>(r);
-#pragma unroll
-      for (int j = 0; j + 1 < kHist; ++j) win[j][e] = win[j + 1][e];
-      if (kHist > 0) win[kHist - 1][e] = xe;
-    }
-    *reinterpret_cast<VecT*>(out + t * a.dim + c0) = y;
-  };
-  load_history(t_begin);
-  if (full_run && t_begin + kRun <= seq_end) {  // the run lies in one sequence
-#pragma unroll
-    for (int k = 0; k < kRun; ++k) step(t_begin + k, buf[k]);
+  const ConvTaps<scalar_t, kVec, kWidth> taps(weight, bias, c0);
+  const int b = find_sequence(cu, a.batch, t0);
+  if (!full_run || t0 + kRun > cu[b + 1]) {
+    const int64_t t_end = full_run ? t0 + kRun : a.tokens;
+    conv_run_tokens<scalar_t, kVec, kWidth>(out, x, states, cu, slots, has_init, a, taps, b, t0, t_end, c0);
     return;
   }
-  for (int64_t t = t_begin; t < t_end; ++t) {
-    if (t >= seq_end) {  // t starts the next non-empty sequence
-      do { ++b; } while (cu[b + 1] <= t);
-      seq_end = cu[b + 1];
-      load_history(t);
-    }
-    step(t, *reinterpret_cast<const VecT*>(x + t * a.x_stride + c0));
+  if (t0 - kHist < cu[b]) load_history<scalar_t, kVec, kHist>(buf, x, states, cu, slots, has_init, a, b, t0, c0);
+#pragma unroll
+  for (int k = 0; k < kRun; ++k) {
+    *reinterpret_cast<VecT*>(out + (t0 + k) * a.dim + c0) =
+        conv_point<scalar_t, kVec, kWidth>(taps, buf + k, a.silu);
   }
 }
 
@@ -257,16 +299,15 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const VecT in = *reinterpret_cast<const VecT*>(x + b * a.x_stride + c0);
-  float w[kWidth][kVec], acc0[kVec];
-  load_taps<scalar_t, kVec, kWidth>(weight, bias, c0, w, acc0);
+  const ConvTaps<scalar_t, kVec, kWidth> taps(weight, bias, c0);
   VecT y;
   scalar_t* flat = reinterpret_cast<scalar_t*>(st);
 #pragma unroll
   for (int e = 0; e < kVec; ++e) {
-    float acc = acc0[e];
+    float acc = taps.b(e);
 #pragma unroll
-    for (int j = 0; j < kHist; ++j) acc += w[j][e] * to_float(flat[e * kHist + j]);
-    acc += w[kHist][e] * to_float(in.v[e]);
+    for (int j = 0; j < kHist; ++j) acc += taps.w(j, e) * to_float(flat[e * kHist + j]);
+    acc += taps.w(kHist, e) * to_float(in.v[e]);
     float r = to_float(from_float<scalar_t>(acc));
     if (a.silu) r = silu_dev(r);
     y.v[e] = from_float<scalar_t>(r);
