@@ -63,9 +63,11 @@ class ShardSpec:
         )
 
 
-# Up to this many rows (decode batches), a 16-bit CUDA linear runs as one weight-streaming
-# kernel (ops.linear_small) instead of cuBLAS, whose small-M GEMMs run well below copy speed
-# and often add a split-K reduce kernel.
+# Up to this many rows (decode batches), a 16-bit CUDA linear whose output is no wider than
+# its input runs as one weight-streaming kernel (ops.linear_small) instead of cuBLAS. On the
+# H200 (BENCHMARKS.md section 9) the stream wins where cuBLAS splits K and adds a reduce kernel
+# (N <= K: 0.8B o_proj 5.0 vs 12.6 us, down 6.0 vs 8.0, 30B-A3B o_proj 8.5 vs 9.6, router 3.4
+# vs 4.7) and loses where N > K (0.8B qkv 5.9 vs 5.4, in_proj 7.7 vs 6.8, 30B-A3B qkv 8.9 vs 7.8).
 SMALL_ROWS = 16
 _STREAMED_DTYPES = (torch.bfloat16, torch.float16)
 _KERNELS = ops.extension_available()
@@ -111,6 +113,7 @@ class LinearBase(nn.Module):
         self.output_size = output_size
         self.input_size_per_partition = input_size // self.tp_size if tp_dim == 1 else input_size
         self.output_size_per_partition = output_size // self.tp_size if tp_dim == 0 else output_size
+        self.streams_small = self.output_size_per_partition <= self.input_size_per_partition
         if tp_dim == 0:
             divide(output_size, self.tp_size)
         elif tp_dim == 1:
@@ -131,7 +134,7 @@ class LinearBase(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ weight^T (+ bias)` on this rank. Shapes: x [..., in_per_rank] -> [..., out_per_rank]."""
-        if streams_small_rows(x):
+        if self.streams_small and streams_small_rows(x):
             return ops.linear_small(x, self.weight, bias)
         return F.linear(x, self.weight, bias)
 

@@ -10,6 +10,9 @@ from models.layers.linear import MergedColumnParallelLinear, RowParallelLinear, 
 from models.layers.parallel import ParallelContext
 
 
+FUSED_GATE_UP_MAX_NUMEL = 1 << 24
+
+
 class SwiGLUMLP(nn.Module):
     """`down_proj(silu(gate_proj(x)) * up_proj(x))`, gate/up fused into `gate_up_proj`.
 
@@ -26,8 +29,11 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = RowParallelLinear(
             intermediate_size, hidden_size, parallel=parallel, reduce_results=reduce_results
         )
+        # The fused stream beats cuBLAS + silu_and_mul for small weights (0.8B: 6.9 vs 7.6 us) and
+        # loses for large ones (8B: 56 vs 50 us, cuBLAS at 96% of copy): H200, BENCHMARKS.md section 9.
+        self.fuse_small = self.gate_up_proj.weight.numel() <= FUSED_GATE_UP_MAX_NUMEL
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if streams_small_rows(x):  # decode: the activation fused into the gate_up stream
+        if self.fuse_small and streams_small_rows(x):  # decode: the activation fused into the gate_up stream
             return self.down_proj(ops.gate_up_silu_small(x, self.gate_up_proj.weight))
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))

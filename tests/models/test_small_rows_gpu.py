@@ -41,6 +41,8 @@ def test_small_rows_equal_the_cublas_path(rows: int) -> None:
         width = layer.gate_up_proj.input_size if name == "mlp" else layer.input_size_per_partition
         batch = torch.randn(SMALL_ROWS + 7, width, device="cuda", dtype=torch.bfloat16)
         assert streams_small_rows(batch[:rows]) and not streams_small_rows(batch)
+        streams = layer.fuse_small if name == "mlp" else layer.streams_small
+        assert streams == (name not in ("qkv", "gdn_in_proj")), name  # the N <= K rule
         with torch.no_grad():
             small, large = layer(batch[:rows]), layer(batch)[:rows]
         assert_close(small.float(), large.float(), torch.bfloat16)
