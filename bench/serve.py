@@ -14,7 +14,9 @@ Workload (bench/load.py): one `--image-size`^2 JPEG per request (distinct, so
 the embedding cache never hits), a short question, `--output-len` tokens with
 `ignore_eos`, streamed; `max(--min-requests, 2 x concurrency)` requests per
 level. Reports output tok/s, requests/s, TTFT, TPOT and inter-chunk latency
-(p50/p99) and errors per level.
+(p50/p99) and errors per level. The clients run in `--client-procs` processes
+(bench/load_procs.py; default one per 16 streams), so that one client's event
+loop does not time its own lag as the server's.
 
 Serving overhead, from the app's `/metrics` (histogram deltas around each
 level; the LLM replica records `splitvl_engine_time_to_first_token_seconds`,
@@ -57,6 +59,7 @@ import torch
 
 from bench.common import int_list, print_table, write_json
 from bench.load import chat_body, make_image_url, run_level, scrape, summarize
+from bench.load_procs import default_procs, run_level_procs
 from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -216,9 +219,11 @@ async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | 
         image_seed += n
         if timeline is not None:
             await timeline.mark()
-        (res, wall), hists = await _metered(url, key, run_level(url, model_id, bodies, c, key),
+        procs = opts.client_procs or default_procs(c)
+        (res, wall), hists = await _metered(url, key, run_level_procs(url, model_id, bodies, c, procs, key),
                                             (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level = summarize(res, wall, c)
+        level["client_procs"] = min(procs, c)
         if timeline is not None:
             level["timeline"] = await timeline.pull()
         engine, wait, vision = (_hist_ms(hists, n_) for n_ in (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
@@ -397,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"))
     parser.add_argument("--concurrency", nargs="+", default=["1,8,32,64"])
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
+    parser.add_argument("--client-procs", type=int, default=0,
+                        help="load-generator processes per level (0: one per 16 streams, bench/load_procs.py)")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=4, help="image requests before measuring")

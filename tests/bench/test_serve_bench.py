@@ -39,10 +39,12 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
         "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-smoke.yaml"),
         "--concurrency", "1,2", "--image-size", "64", "--output-len", "6", "--min-requests", "2",
         "--warmup", "1", "--overhead-probes", "2", "--transfer-iters", "1", "--no-hf", "--json", str(out),
+        "--client-procs", "2",
     ])
     assert json.loads(out.read_text())["runs"][0]["layout"] == "serve-cpu-smoke"
     (run,) = payload["runs"]
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 2]
+    assert [lv["client_procs"] for lv in run["levels"]] == [1, 2]  # c=2: one stream in each of two processes
     for level in run["levels"]:
         assert level["errors"] == 0, level["first_error"]
         assert level["requests"] == max(2, 2 * level["concurrency"])
