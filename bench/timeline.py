@@ -7,7 +7,8 @@ through the deployment handles since a mark taken before the level, and
 
 - steps/s over the level's step window (first step start -> last step end);
 - mean decode rows and prefill tokens per step, outputs (deltas) per step;
-- host phases per step in ms (mean, p50, p99): the whole step, schedule, message
+- host phases per step in ms (mean, p50, p99): the whole step (its own wall time:
+  under async scheduling from the previous step's end, `own_times_s`), schedule, message
   (the ranks' step message), execute (the runner step with its GPU time as the
   host sees it; with TP the executor round trip), process (commit, stops, output
   delivery), lock (waits for the engine lock);
@@ -94,8 +95,18 @@ def _ms_stats(values_s: Sequence[float]) -> dict[str, float]:
     return {"mean": sum(ms) / len(ms) if ms else math.nan, "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
 
 
-def _mean_ms(steps: Sequence[StepRecord]) -> float:
-    return 1e3 * sum(s.duration_s for s in steps) / len(steps) if steps else math.nan
+def _mean_ms(values_s: Sequence[float]) -> float:
+    return 1e3 * sum(values_s) / len(values_s) if values_s else math.nan
+
+
+def own_times_s(steps: Sequence[StepRecord]) -> list[float]:
+    """Each step's own wall time (`StepRecord.own_s` against the records before it): under async
+    scheduling a record spans its launch to its outputs, over the next step's launch; these don't overlap."""
+    out, prev_end = [], -math.inf
+    for s in steps:
+        out.append(s.own_s(prev_end))
+        prev_end = max(prev_end, s.end)
+    return out
 
 
 def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> dict:
@@ -107,12 +118,14 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
     n = len(steps)
     merged = _union([(max(e.start, lo), min(e.end, hi)) for e in encodes if e.end > lo and e.start < hi])
     starts = [m[0] for m in merged]
-    decode_only = [s for s in steps if s.prefill_rows == 0]
-    mixed = [s for s in steps if s.prefill_rows and s.decode_rows]
+    own = own_times_s(steps)
+    decode_only = [t for s, t in zip(steps, own) if s.prefill_rows == 0]
+    mixed = [t for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]
     with_encode, without_encode = [], []
-    for s in decode_only:
-        (with_encode if _overlaps(merged, starts, s.start, s.end) else without_encode).append(s)
-    phases = {"step": [s.duration_s for s in steps],
+    for s, t in zip(steps, own):
+        if s.prefill_rows == 0:
+            (with_encode if _overlaps(merged, starts, s.end - t, s.end) else without_encode).append(t)
+    phases = {"step": own,
               **{name: [getattr(s, field) for s in steps] for name, field in PHASE_FIELDS.items()}}
     return {
         "steps": n,
@@ -122,6 +135,7 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
         "prefill_tokens_per_step": sum(s.prefill_tokens for s in steps) / n,
         "outputs_per_step": sum(s.outputs for s in steps) / n,
         "phases_ms": {k: _ms_stats(v) for k, v in phases.items()},
+        "busy_frac": sum(own) / span,
         "idle_frac": sum(s.idle_s for s in steps[1:]) / span,  # the first step's wait is before the window
         "vision_overlap_frac": sum(b - a for a, b in merged) / span,
         "mixed_steps": len(mixed),
@@ -150,7 +164,7 @@ def print_timeline(runs: list[dict]) -> None:
                      s["mixed_steps"], s["mixed_step_ms"], s["decode_steps"], s["decode_step_ms"],
                      s["decode_step_ms_with_encode"], s["decode_step_ms_without_encode"], s["encodes"],
                      s["encode_ms_mean"], tl["dropped_steps"]])
-    print_table("LLM replica step timeline per level (bench/timeline.py; ms are step wall times)",
+    print_table("LLM replica step timeline per level (bench/timeline.py; ms: each step's own wall time)",
                 ["layout", "conc", "steps", "steps/s", "decode rows", "prefill tok/step", "outputs/step",
                  "idle", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
                  "decode ms w/ encode", "decode ms w/o encode", "encodes", "encode ms", "dropped"], rows)
