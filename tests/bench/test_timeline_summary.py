@@ -34,3 +34,10 @@ def test_sync_records_keep_their_duration_and_gaps_are_idle() -> None:
     assert s["mixed_step_ms"] == pytest.approx(4.0) and s["decode_step_ms"] == pytest.approx(2.0)
     assert s["decode_step_ms_with_encode"] == pytest.approx(2.0) and s["decode_steps"] == 2
     assert s["busy_frac"] == pytest.approx(8 / 12) and s["idle_frac"] == pytest.approx(4 / 12)
+
+
+def test_idle_gaps_are_counted_and_the_longest_reported() -> None:
+    steps = [_rec(0.0, 0.002), _rec(0.003, 0.005, idle=0.001), _rec(0.015, 0.017, idle=0.010),
+             _rec(0.047, 0.049, idle=0.030)]
+    s = summarize(steps, [])
+    assert s["idle_gaps"] == 2 and s["idle_gap_max_ms"] == pytest.approx(30.0)
