@@ -17,7 +17,7 @@ import multiprocessing as mp
 import time
 from collections.abc import Sequence
 
-from bench.load import RequestResult, run_level
+from bench.load import Ramp, RequestResult, run_level
 
 STREAMS_PER_PROC = 16  # the default split: one client process per 16 concurrent streams
 
@@ -40,12 +40,18 @@ def split_level(bodies: Sequence[dict], concurrency: int, procs: int) -> list[tu
     return [(b, c) for b, c in out if b]
 
 
+def stream_ramps(shares: list[int], seconds: float) -> list[Ramp | None]:
+    """Each process's `Ramp` (its streams are `shares[i]` consecutive ones of all); None: no ramp."""
+    firsts = [sum(shares[:i]) for i in range(len(shares))]
+    return [Ramp(seconds, sum(shares), first) if seconds > 0 else None for first in firsts]
+
+
 def _child(conn, base_url: str, model: str, bodies: list[dict], concurrency: int, api_key: str | None,
-           timeout_s: float) -> None:
+           timeout_s: float, ramp: Ramp | None) -> None:
     conn.send("ready")
     conn.recv()  # go
     start = time.monotonic()
-    results, _ = asyncio.run(run_level(base_url, model, bodies, concurrency, api_key, timeout_s))
+    results, _ = asyncio.run(run_level(base_url, model, bodies, concurrency, api_key, timeout_s, ramp))
     conn.send((results, start, time.monotonic()))
     conn.close()
 
@@ -59,12 +65,14 @@ def _recv(pipe, proc) -> object:
 
 
 def _run(base_url: str, model: str, bodies: Sequence[dict], concurrency: int, procs: int, api_key: str | None,
-         timeout_s: float) -> tuple[list[RequestResult], float]:
+         timeout_s: float, ramp_s: float) -> tuple[list[RequestResult], float]:
     ctx = mp.get_context("spawn")  # the parent holds Ray's threads: never fork it
     pipes, children = [], []
-    for part, share in split_level(bodies, concurrency, procs):
+    parts = split_level(bodies, concurrency, procs)
+    for (part, share), ramp in zip(parts, stream_ramps([share for _, share in parts], ramp_s), strict=True):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_child, args=(child, base_url, model, part, share, api_key, timeout_s), daemon=True)
+        proc = ctx.Process(target=_child, args=(child, base_url, model, part, share, api_key, timeout_s, ramp),
+                           daemon=True)
         proc.start()
         pipes.append(parent)
         children.append(proc)
@@ -85,9 +93,11 @@ def _run(base_url: str, model: str, bodies: Sequence[dict], concurrency: int, pr
 
 async def run_level_procs(
     base_url: str, model: str, bodies: Sequence[dict], concurrency: int, procs: int, api_key: str | None = None,
-    timeout_s: float = 600.0,
+    timeout_s: float = 600.0, ramp_s: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
-    """`bench.load.run_level` over `procs` client processes (1: in this process). Returns (results, wall seconds)."""
+    """`bench.load.run_level` over `procs` client processes (1: in this process), the streams' first
+    requests spread over `ramp_s` (`bench.load.Ramp`). Returns (results, wall seconds)."""
     if procs <= 1 or concurrency <= 1:
-        return await run_level(base_url, model, bodies, concurrency, api_key, timeout_s)
-    return await asyncio.to_thread(_run, base_url, model, bodies, concurrency, procs, api_key, timeout_s)
+        ramp = Ramp(ramp_s, concurrency) if ramp_s > 0 else None
+        return await run_level(base_url, model, bodies, concurrency, api_key, timeout_s, ramp)
+    return await asyncio.to_thread(_run, base_url, model, bodies, concurrency, procs, api_key, timeout_s, ramp_s)

@@ -220,8 +220,8 @@ async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | 
         if timeline is not None:
             await timeline.mark()
         procs = opts.client_procs or default_procs(c)
-        (res, wall), hists = await _metered(url, key, run_level_procs(url, model_id, bodies, c, procs, key),
-                                            (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
+        load = run_level_procs(url, model_id, bodies, c, procs, key, ramp_s=opts.ramp_s)
+        (res, wall), hists = await _metered(url, key, load, (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level = summarize(res, wall, c)
         level["client_procs"] = min(procs, c)
         if timeline is not None:
@@ -404,6 +404,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
     parser.add_argument("--client-procs", type=int, default=0,
                         help="load-generator processes per level (0: one per 16 streams, bench/load_procs.py)")
+    parser.add_argument("--ramp-s", type=float, default=0.0,
+                        help="spread each level's first requests over this many seconds (bench.load.Ramp; 0: at once)")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=4, help="image requests before measuring")
