@@ -96,14 +96,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray(num_gpus: int | None) -> bool:
-    """Start a local Ray instance unless one is up (tests share theirs). Returns whether it did."""
+def start_ray(num_gpus: int | None, serve_env: dict[str, str] | None = None) -> bool:
+    """Start a local Ray instance unless one is up (tests share theirs). Returns whether it did.
+
+    `serve_env`: variables for every process of the cluster (e.g. Ray Serve's own switches,
+    `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), read when each process imports Serve.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    os.environ.update(serve_env or {})
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("SPLITVL_", "TORCH_CUDA_ARCH", "CUDA_HOME", "MAX_JOBS"))}
+    env.update(serve_env or {})
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
     if num_gpus:
@@ -313,7 +319,7 @@ def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
     args = layout_args(config_file, ckpt, "bench", opts.load_format)
     print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
           flush=True)
-    owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None)
+    owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None, opts.serve_env)
     try:
         # Before the app: its replicas hold every GPU share the transfer actors would need.
         transfer = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
@@ -404,6 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
     parser.add_argument("--client-procs", type=int, default=0,
                         help="load-generator processes per level (0: one per 16 streams, bench/load_procs.py)")
+    parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment of every Ray process started here (Ray Serve switches)")
     parser.add_argument("--ramp-s", type=float, default=0.0,
                         help="spread each level's first requests over this many seconds (bench.load.Ramp; 0: at once)")
     parser.add_argument("--output-len", type=int, default=256)
@@ -420,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     opts.deadline = time.monotonic() + opts.time_budget_s
     opts.concurrency = int_list(opts.concurrency)
+    if any("=" not in item for item in opts.serve_env):
+        parser.error("--serve-env takes KEY=VALUE items")
+    opts.serve_env = dict(item.split("=", 1) for item in opts.serve_env)
     if opts.tiny:
         opts.model = None
     return opts

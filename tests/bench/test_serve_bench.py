@@ -152,3 +152,13 @@ def test_dummy_load_format_writes_no_weights_and_reaches_both_replicas(tmp_path)
     assert config.llm.load_format == config.vision.load_format == "dummy"
     assert plain.llm.load_format == plain.vision.load_format == "auto"
     assert config.model_copy(update={"llm": plain.llm, "vision": plain.vision}) == plain  # nothing else changed
+
+
+def test_serve_env_and_client_arguments() -> None:
+    opts = serve.parse_args(["--serve-env", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "A=b=c", "--client-procs", "4",
+                             "--ramp-s", "2.5"])
+    assert opts.serve_env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "A": "b=c"}
+    assert (opts.client_procs, opts.ramp_s) == (4, 2.5)
+    assert serve.parse_args([]).serve_env == {} and serve.parse_args([]).client_procs == 0
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--serve-env", "NOVALUE"])
