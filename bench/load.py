@@ -75,13 +75,38 @@ class RequestResult:
         return (self.end - self.start - self.ttft_s) / (self.completion_tokens - 1)
 
 
-async def stream_chat(client, url: str, body: dict, headers: dict[str, str]) -> RequestResult:
-    """POST one streaming chat request and time its SSE chunks."""
+@dataclass(frozen=True, slots=True)
+class Ramp:
+    """Staggered first requests: stream `first + k` of `total` starts `(first + k) * seconds / total` in.
+
+    With one fixed output length, streams that start together finish together: the load
+    arrives in waves, each leaving the engine empty while the next one's images are
+    decoded and encoded. Spreading the first requests over about one request's duration
+    keeps the streams staggered (each stream's cycle is the same length), as a server's
+    steady traffic is; the wall time still counts the ramp.
+    """
+
+    seconds: float
+    total: int
+    first: int = 0
+
+    def delay_s(self, k: int) -> float:
+        return (self.first + k) * self.seconds / self.total
+
+
+async def stream_chat(client, url: str, body: dict, headers: dict[str, str], payload: bytes | None = None) -> RequestResult:
+    """POST one streaming chat request and time its SSE chunks.
+
+    `payload`: `body` already serialized (JSON); serializing a multi-hundred-KB image body
+    inside the timed window would charge the client's own CPU to the server's TTFT.
+    """
+    payload = json.dumps(body).encode() if payload is None else payload
+    headers = {**headers, "Content-Type": "application/json"}
     start = time.perf_counter()
     res = RequestResult(ok=False, start=start)
     last = None
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as resp:
+        async with client.stream("POST", url, content=payload, headers=headers) as resp:
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
@@ -114,26 +139,32 @@ async def stream_chat(client, url: str, body: dict, headers: dict[str, str]) -> 
 
 async def run_level(
     base_url: str, model: str, bodies: Sequence[dict], concurrency: int, api_key: str | None = None,
-    timeout_s: float = 600.0,
+    timeout_s: float = 600.0, ramp: Ramp | None = None,
 ) -> tuple[list[RequestResult], float]:
-    """Send `bodies` with at most `concurrency` in flight. Returns (results, wall seconds)."""
+    """Send `bodies` with at most `concurrency` in flight. Returns (results, wall seconds).
+
+    `ramp`: when each stream sends its first request (default: all at once).
+    """
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     url = base_url.rstrip("/") + "/v1/chat/completions"
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    queue: asyncio.Queue[dict] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[dict, bytes]] = asyncio.Queue()
     for body in bodies:
-        queue.put_nowait(body)
+        queue.put_nowait((body, json.dumps(body).encode()))
     results: list[RequestResult] = []
 
     async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as client:
-        async def worker() -> None:
+        async def worker(k: int) -> None:
+            if ramp is not None:
+                await asyncio.sleep(ramp.delay_s(k))
             while not queue.empty():
-                results.append(await stream_chat(client, url, queue.get_nowait(), headers))
+                body, payload = queue.get_nowait()
+                results.append(await stream_chat(client, url, body, headers, payload))
 
         start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - start
     return results, wall
 

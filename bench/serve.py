@@ -14,7 +14,9 @@ Workload (bench/load.py): one `--image-size`^2 JPEG per request (distinct, so
 the embedding cache never hits), a short question, `--output-len` tokens with
 `ignore_eos`, streamed; `max(--min-requests, 2 x concurrency)` requests per
 level. Reports output tok/s, requests/s, TTFT, TPOT and inter-chunk latency
-(p50/p99) and errors per level.
+(p50/p99) and errors per level. The clients run in `--client-procs` processes
+(bench/load_procs.py; default one per 16 streams), so that one client's event
+loop does not time its own lag as the server's.
 
 Serving overhead, from the app's `/metrics` (histogram deltas around each
 level; the LLM replica records `splitvl_engine_time_to_first_token_seconds`,
@@ -57,6 +59,7 @@ import torch
 
 from bench.common import int_list, print_table, write_json
 from bench.load import chat_body, make_image_url, run_level, scrape, summarize
+from bench.load_procs import default_procs, run_level_procs
 from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,14 +96,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ray(num_gpus: int | None) -> bool:
-    """Start a local Ray instance unless one is up (tests share theirs). Returns whether it did."""
+def start_ray(num_gpus: int | None, serve_env: dict[str, str] | None = None) -> bool:
+    """Start a local Ray instance unless one is up (tests share theirs). Returns whether it did.
+
+    `serve_env`: variables for every process of the cluster (e.g. Ray Serve's own switches,
+    `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`), read when each process imports Serve.
+    """
     import ray
 
     if ray.is_initialized():
         return False
+    os.environ.update(serve_env or {})
     env = {k: v for k, v in os.environ.items()
            if k.startswith(("SPLITVL_", "TORCH_CUDA_ARCH", "CUDA_HOME", "MAX_JOBS"))}
+    env.update(serve_env or {})
     env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                TOKENIZERS_PARALLELISM="false")
     if num_gpus:
@@ -216,9 +225,11 @@ async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | 
         image_seed += n
         if timeline is not None:
             await timeline.mark()
-        (res, wall), hists = await _metered(url, key, run_level(url, model_id, bodies, c, key),
-                                            (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
+        procs = opts.client_procs or default_procs(c)
+        load = run_level_procs(url, model_id, bodies, c, procs, key, ramp_s=opts.ramp_s)
+        (res, wall), hists = await _metered(url, key, load, (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level = summarize(res, wall, c)
+        level["client_procs"] = min(procs, c)
         if timeline is not None:
             level["timeline"] = await timeline.pull()
         engine, wait, vision = (_hist_ms(hists, n_) for n_ in (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
@@ -308,7 +319,7 @@ def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
     args = layout_args(config_file, ckpt, "bench", opts.load_format)
     print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
           flush=True)
-    owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None)
+    owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None, opts.serve_env)
     try:
         # Before the app: its replicas hold every GPU share the transfer actors would need.
         transfer = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
@@ -397,6 +408,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"))
     parser.add_argument("--concurrency", nargs="+", default=["1,8,32,64"])
     parser.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
+    parser.add_argument("--client-procs", type=int, default=0,
+                        help="load-generator processes per level (0: one per 16 streams, bench/load_procs.py)")
+    parser.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="environment of every Ray process started here (Ray Serve switches)")
+    parser.add_argument("--ramp-s", type=float, default=0.0,
+                        help="spread each level's first requests over this many seconds (bench.load.Ramp; 0: at once)")
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=4, help="image requests before measuring")
@@ -411,6 +428,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     opts = parser.parse_args(argv)
     opts.deadline = time.monotonic() + opts.time_budget_s
     opts.concurrency = int_list(opts.concurrency)
+    if any("=" not in item for item in opts.serve_env):
+        parser.error("--serve-env takes KEY=VALUE items")
+    opts.serve_env = dict(item.split("=", 1) for item in opts.serve_env)
     if opts.tiny:
         opts.model = None
     return opts

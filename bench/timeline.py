@@ -7,11 +7,14 @@ through the deployment handles since a mark taken before the level, and
 
 - steps/s over the level's step window (first step start -> last step end);
 - mean decode rows and prefill tokens per step, outputs (deltas) per step;
-- host phases per step in ms (mean, p50, p99): the whole step, schedule, message
+- host phases per step in ms (mean, p50, p99): the whole step (its own wall time:
+  under async scheduling from the previous step's end, `own_times_s`), schedule, message
   (the ranks' step message), execute (the runner step with its GPU time as the
   host sees it; with TP the executor round trip), process (commit, stops, output
   delivery), lock (waits for the engine lock);
-- idle %: the share of the window the step loop waited for work;
+- idle %: the share of the window the step loop waited for work; how many of
+  those waits were gaps over 5 ms and the longest (one long gap per level is a
+  closed-loop wave draining before the next one's prompts arrive);
 - vision %: the share of the window with a vision tower call running (same node:
   both replicas' clocks are the node's CLOCK_MONOTONIC);
 - mixed steps (a prefill chunk together with decodes) and their mean ms against
@@ -31,6 +34,7 @@ from bench.load import percentile
 from engine.timeline import MARK, PHASE_FIELDS, EncodeRecord, StepRecord
 
 PHASES = ("step", *PHASE_FIELDS)
+IDLE_GAP_S = 0.005  # an idle wait longer than this counts as a gap in the table
 
 
 class TimelineSource:
@@ -94,8 +98,18 @@ def _ms_stats(values_s: Sequence[float]) -> dict[str, float]:
     return {"mean": sum(ms) / len(ms) if ms else math.nan, "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
 
 
-def _mean_ms(steps: Sequence[StepRecord]) -> float:
-    return 1e3 * sum(s.duration_s for s in steps) / len(steps) if steps else math.nan
+def _mean_ms(values_s: Sequence[float]) -> float:
+    return 1e3 * sum(values_s) / len(values_s) if values_s else math.nan
+
+
+def own_times_s(steps: Sequence[StepRecord]) -> list[float]:
+    """Each step's own wall time (`StepRecord.own_s` against the records before it): under async
+    scheduling a record spans its launch to its outputs, over the next step's launch; these don't overlap."""
+    out, prev_end = [], -math.inf
+    for s in steps:
+        out.append(s.own_s(prev_end))
+        prev_end = max(prev_end, s.end)
+    return out
 
 
 def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> dict:
@@ -107,12 +121,14 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
     n = len(steps)
     merged = _union([(max(e.start, lo), min(e.end, hi)) for e in encodes if e.end > lo and e.start < hi])
     starts = [m[0] for m in merged]
-    decode_only = [s for s in steps if s.prefill_rows == 0]
-    mixed = [s for s in steps if s.prefill_rows and s.decode_rows]
+    own = own_times_s(steps)
+    decode_only = [t for s, t in zip(steps, own) if s.prefill_rows == 0]
+    mixed = [t for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]
     with_encode, without_encode = [], []
-    for s in decode_only:
-        (with_encode if _overlaps(merged, starts, s.start, s.end) else without_encode).append(s)
-    phases = {"step": [s.duration_s for s in steps],
+    for s, t in zip(steps, own):
+        if s.prefill_rows == 0:
+            (with_encode if _overlaps(merged, starts, s.end - t, s.end) else without_encode).append(t)
+    phases = {"step": own,
               **{name: [getattr(s, field) for s in steps] for name, field in PHASE_FIELDS.items()}}
     return {
         "steps": n,
@@ -122,6 +138,11 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
         "prefill_tokens_per_step": sum(s.prefill_tokens for s in steps) / n,
         "outputs_per_step": sum(s.outputs for s in steps) / n,
         "phases_ms": {k: _ms_stats(v) for k, v in phases.items()},
+        "busy_frac": sum(own) / span,
+        # One long gap (a closed-loop wave ending before the next one's prompts arrive) or
+        # many short ones (requests trickling in slower than the engine drains them).
+        "idle_gaps": sum(1 for s in steps[1:] if s.idle_s > IDLE_GAP_S),
+        "idle_gap_max_ms": 1e3 * max((s.idle_s for s in steps[1:]), default=0.0),
         "idle_frac": sum(s.idle_s for s in steps[1:]) / span,  # the first step's wait is before the window
         "vision_overlap_frac": sum(b - a for a, b in merged) / span,
         "mixed_steps": len(mixed),
@@ -146,13 +167,14 @@ def print_timeline(runs: list[dict]) -> None:
     for layout, c, tl in levels:
         s = tl["summary"]
         rows.append([layout, c, s["steps"], s["steps_per_s"], s["decode_rows_mean"], s["prefill_tokens_per_step"],
-                     s["outputs_per_step"], f"{100 * s['idle_frac']:.1f}%", f"{100 * s['vision_overlap_frac']:.1f}%",
+                     s["outputs_per_step"], f"{100 * s['idle_frac']:.1f}%", s["idle_gaps"], s["idle_gap_max_ms"],
+                     f"{100 * s['vision_overlap_frac']:.1f}%",
                      s["mixed_steps"], s["mixed_step_ms"], s["decode_steps"], s["decode_step_ms"],
                      s["decode_step_ms_with_encode"], s["decode_step_ms_without_encode"], s["encodes"],
                      s["encode_ms_mean"], tl["dropped_steps"]])
-    print_table("LLM replica step timeline per level (bench/timeline.py; ms are step wall times)",
+    print_table("LLM replica step timeline per level (bench/timeline.py; ms: each step's own wall time)",
                 ["layout", "conc", "steps", "steps/s", "decode rows", "prefill tok/step", "outputs/step",
-                 "idle", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
+                 "idle", "idle gaps > 5 ms", "longest idle ms", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
                  "decode ms w/ encode", "decode ms w/o encode", "encodes", "encode ms", "dropped"], rows)
     rows = [[layout, c, phase, *(tl["summary"]["phases_ms"][phase][k] for k in ("mean", "p50", "p99"))]
             for layout, c, tl in levels for phase in PHASES]

@@ -12,6 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import PIL.Image
 
 
@@ -71,4 +72,13 @@ def image_key(image: PIL.Image.Image, settings: str, model_id: str) -> str:
     h = hashlib.sha256()
     h.update(f"{model_id}\0{settings}\0{image.mode}\0{image.width}x{image.height}\0".encode())
     h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def pixels_key(pixels: np.ndarray, mode: str, settings: str, model_id: str) -> str:
+    """`image_key` of the image whose pixels are `pixels` ([H, W, C] uint8, `np.asarray` of it), hashed in place."""
+    h = hashlib.sha256()
+    height, width = pixels.shape[:2]
+    h.update(f"{model_id}\0{settings}\0{mode}\0{width}x{height}\0".encode())
+    h.update(np.ascontiguousarray(pixels).data)
     return h.hexdigest()

@@ -30,9 +30,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.detokenize import IncrementalDetokenizer
-from deployments.embedding_cache import EmbeddingCache, image_key, video_key
+from deployments.embedding_cache import EmbeddingCache, pixels_key, video_key
 from deployments.errors import (
     EncoderUnavailableError,
     InternalServerError,
@@ -261,13 +262,16 @@ class Router:
         """
         refs, keys = [], []
         for image, num_tokens in zip(images, counts, strict=True):
-            key = (video_key(image.resized, self._video_settings, self.model_id) if isinstance(image, PreparedVideo)
-                   else image_key(image, self._settings, self.model_id))
+            pixels = None
+            if isinstance(image, PreparedVideo):
+                key = video_key(image.resized, self._video_settings, self.model_id)
+            else:  # hashing megabytes of pixels: off the event loop
+                key, pixels = await asyncio.to_thread(self._image_key, image)
             ref = self.cache.get(key)
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
                 try:
-                    ref = await self._encode(image, transfer)
+                    ref = await self._encode(image, transfer, pixels)
                 except EncoderUnavailableError:
                     # The dead replica may hold this request's earlier encodes too: drop them
                     # so that the retry re-encodes instead of reusing their lost results.
@@ -282,11 +286,22 @@ class Router:
             keys.append(key)
         return refs, keys
 
-    async def _encode(self, image: Any, transfer: str) -> Any:
+    def _image_key(self, image: Any) -> tuple[str, np.ndarray | None]:
+        """The image's cache key, and its pixels when they need no resize (one copy out of PIL serves both).
+
+        Shapes: pixels [H, W, 3] uint8.
+        """
+        pixels = np.asarray(image)
+        key = pixels_key(pixels, image.mode, self._settings, self.model_id)
+        unchanged = self.processor.target_size(image.height, image.width) == (image.height, image.width)
+        return key, pixels if unchanged else None
+
+    async def _encode(self, image: Any, transfer: str, pixels: np.ndarray | None = None) -> Any:
+        """Send one image (`pixels`: already at the patch grid's size, else resized here) to the vision replica."""
         # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
         if isinstance(image, PreparedVideo):
             pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
-        else:
+        elif pixels is None:
             pixels = await asyncio.to_thread(self.processor.resize, image)
         response = self.vision.encode.remote(pixels, transfer)
         try:

@@ -122,6 +122,10 @@ class OverlappedSteps:
     def _finish_launched(self, item: InFlightStep) -> bool:
         """Read a launched step's tokens, then stream them and record the step. False: failed."""
         top, locked, start, scheduled, built, launched, waiting = item.times
+        # Between this step's launch and its collect the loop launched the next step: that
+        # host work is the next record's (schedule, message, execute), so this record's
+        # execute is its launch plus the wait for its own results, never the next one's launch.
+        collecting = time.monotonic()
         try:
             result = self.executor.collect(item.launched)
         except Exception as exc:
@@ -137,7 +141,7 @@ class OverlappedSteps:
         decode, prefill, prefill_tokens = count_rows(item.out.scheduled)
         self._timeline.append(StepRecord(
             start, end, start - locked, (locked - top) + (relocked - collected), scheduled - start,
-            built - scheduled, (launched - built) + (collected - launched), end - relocked,
+            built - scheduled, (launched - built) + (collected - collecting), end - relocked,
             decode, prefill, prefill_tokens, outputs, waiting,
         ))
         return True

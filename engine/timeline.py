@@ -47,7 +47,10 @@ class StepRecord:
     `prefill_tokens` (prompt chunks, or recomputation after a preemption);
     `outputs`: deltas handed to request streams; `waiting`: queued requests after
     scheduling. Under async scheduling (`engine/overlap.py`) a step starts while the
-    one before it is still unread, so a record overlaps its neighbours (never more).
+    one before it is still unread, so a record overlaps its neighbours (never more);
+    its phases are still its own (the step loop's host time on this step, disjoint
+    from every other record's), and `own_s` gives each record the loop's time spent
+    on it alone: consecutive records' `own_s` tile the loop's time, one step per TPOT.
     """
 
     start: float
@@ -67,6 +70,11 @@ class StepRecord:
     @property
     def duration_s(self) -> float:
         return self.end - self.start
+
+    def own_s(self, prev_end: float) -> float:
+        """This step's share of the loop's wall time: from the later of its start and the previous
+        record's end (`prev_end`) to its end; `duration_s` when steps do not overlap."""
+        return self.end - max(self.start, prev_end)
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,10 +39,12 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
         "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-smoke.yaml"),
         "--concurrency", "1,2", "--image-size", "64", "--output-len", "6", "--min-requests", "2",
         "--warmup", "1", "--overhead-probes", "2", "--transfer-iters", "1", "--no-hf", "--json", str(out),
+        "--client-procs", "2",
     ])
     assert json.loads(out.read_text())["runs"][0]["layout"] == "serve-cpu-smoke"
     (run,) = payload["runs"]
     assert [lv["concurrency"] for lv in run["levels"]] == [1, 2]
+    assert [lv["client_procs"] for lv in run["levels"]] == [1, 2]  # c=2: one stream in each of two processes
     for level in run["levels"]:
         assert level["errors"] == 0, level["first_error"]
         assert level["requests"] == max(2, 2 * level["concurrency"])
@@ -150,3 +152,13 @@ def test_dummy_load_format_writes_no_weights_and_reaches_both_replicas(tmp_path)
     assert config.llm.load_format == config.vision.load_format == "dummy"
     assert plain.llm.load_format == plain.vision.load_format == "auto"
     assert config.model_copy(update={"llm": plain.llm, "vision": plain.vision}) == plain  # nothing else changed
+
+
+def test_serve_env_and_client_arguments() -> None:
+    opts = serve.parse_args(["--serve-env", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1", "A=b=c", "--client-procs", "4",
+                             "--ramp-s", "2.5"])
+    assert opts.serve_env == {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "A": "b=c"}
+    assert (opts.client_procs, opts.ramp_s) == (4, 2.5)
+    assert serve.parse_args([]).serve_env == {} and serve.parse_args([]).client_procs == 0
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--serve-env", "NOVALUE"])

@@ -132,3 +132,40 @@ def test_recording_costs_microseconds_per_step(capsys) -> None:
     assert (last.decode_rows, last.prefill_rows, last.prefill_tokens) == (63, 1, 100)
     with capsys.disabled():
         print(f"\ntimeline recording: {per_step_us:.2f} us per step (64 rows)")
+
+
+async def test_async_records_do_not_count_the_next_launch(tiny_checkpoint) -> None:
+    """Under async scheduling the loop launches step n+1 before it collects step n: that launch is
+    n+1's host time. Every phase is a disjoint interval of the one loop thread, so the phases of all
+    records fit in the records' span, and the records' own times tile it (one step per TPOT)."""
+    engine = Engine(EngineConfig(model=str(tiny_checkpoint("qwen3_vl")), dtype="float32", device="cpu",
+                                 max_model_len=128, num_gpu_blocks=64, enable_prefix_caching=False,
+                                 async_scheduling=True))
+    launch = engine.executor.launch
+    host_s = 0.03
+
+    def slow_launch(msg):  # host work in the launch that the GPU would not see
+        time.sleep(host_s)
+        return launch(msg)
+
+    engine.executor.launch = slow_launch
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    try:
+        mark = engine.timeline(1 << 62).cursor
+        assert len([t async for out in engine.add_request("a", list(range(20, 30)), None, sp)
+                    for t in out.new_token_ids]) == 8
+        recs = (await _settled(engine, mark)).records
+        assert len(recs) == 8 and sum(r.prefill_rows for r in recs) == 1
+        overlapped = sum(1 for prev, rec in zip(recs, recs[1:]) if rec.start < prev.end)
+        assert overlapped >= 5  # the decodes after the first launch early
+        span = recs[-1].end - recs[0].start
+        phases = [r.schedule_s + r.message_s + r.execute_s + r.process_s for r in recs]
+        assert sum(phases) + sum(r.lock_s + r.idle_s for r in recs[1:]) <= span + 1e-6
+        assert all(host_s <= r.execute_s for r in recs)  # each its own launch, once
+        from bench.timeline import own_times_s
+
+        own = own_times_s(recs)
+        assert sum(own) == pytest.approx(span) and min(own) > 0
+        assert all(o <= r.duration_s + 1e-9 for o, r in zip(own, recs))
+    finally:
+        engine.shutdown()
