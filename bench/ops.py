@@ -302,7 +302,8 @@ def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
 
 
 def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
-    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights."""
+    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights,
+    % of the matmul rate over the routed pairs' FLOPs."""
     weights, ids = ops.topk_softmax(logits, k, True)
     alignment = ops.moe_align(ids, gate_up.shape[0])
     h = ops.moe_gate_up(x, gate_up, alignment)
@@ -316,7 +317,8 @@ def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case
     ):
         per_expert = (gate_up if name == "gate_up" else down)[0]
         check = partial(lambda run, ref: rel_err(run()[rows], ref()[rows]), run, ref)
-        yield Case("moe_experts", f"{name} {shape}", run, check, hit * nbytes(per_expert))
+        yield Case("moe_experts", f"{name} {shape}", run, check, hit * nbytes(per_expert),
+                   flops=2 * rows.numel() * per_expert.numel())
 
 
 # Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head

@@ -53,11 +53,18 @@ class MoeAlignment:
 
 
 def align_block_size(pairs: int, num_experts: int) -> int:
-    """Rows per expert block: 16 when experts see few pairs (decode), up to 64 for prefill."""
+    """Rows per expert block: 16 when experts see few pairs (decode), 64 or 128 for prefill.
+
+    Each block reads its expert's weights once, so rows per block are the weight
+    reuse of the tensor-core tile. Up to 64 pairs per expert the GEMMs are bound by
+    reading the weights: one 64-row block holds most experts whole (two 32-row
+    blocks would read their weights twice). Beyond, 128-row blocks halve the
+    weight traffic per row at the price of more padding.
+    """
     per_expert = pairs / max(1, num_experts)
     if per_expert <= 16:
         return 16
-    return 32 if per_expert <= 64 else 64
+    return 64 if per_expert <= 64 else 128
 
 
 def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
