@@ -288,7 +288,7 @@ def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
     gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
     down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
-    for t in [3] if smoke else [1, 8, 64, 512, 4096]:
+    for t in [3] if smoke else [1, 8, 64, 512, 1024, 4096]:
         x = torch.randn(t, hidden, device=dev, dtype=dtype)
         logits = torch.randn(t, experts, device=dev)
         hit = torch.unique(ops.topk_softmax(logits, k, True)[1]).numel()
