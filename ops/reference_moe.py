@@ -73,17 +73,20 @@ def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
     return (pairs + hit * (block_size - 1)) // block_size * block_size
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None
+) -> MoeAlignment:
     """Sort the routed pairs by expert and pad each expert's run to a block multiple.
 
-    The block size comes from T*k/E (`align_block_size`), the capacity from
+    The block size comes from T*k/E (`align_block_size`) unless `block_size` is
+    given (tests and benchmarks of one kernel tile), the capacity from
     `align_capacity`: sizes from T, k and E only, never from device data.
 
     Shapes: topk_ids int32 [T, k] -> MoeAlignment.
     """
     tokens, k = topk_ids.shape
     pairs = tokens * k
-    block = align_block_size(pairs, num_experts)
+    block = block_size or align_block_size(pairs, num_experts)
     capacity = align_capacity(pairs, num_experts, block)
     device = topk_ids.device
     sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=device)

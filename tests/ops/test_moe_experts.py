@@ -147,7 +147,7 @@ def test_moe_experts_small_blocks_match_reference(kernels, device, dtype, tokens
 # Routings aligned in 64- and 128-row blocks (the CUDA prefill tile), T a multiple of nothing:
 # (45, 2, 3) 30 pairs per expert (block 64), (203, 8, 11) and (130, 6, 8) more than 64 (block 128).
 LARGE_BLOCK_ROUTING = [(45, 2, 3), (203, 8, 11), (130, 6, 8)]
-# (hidden, inter): N and K tails of the 128-row weight tile and the 32-wide K step (328, 88),
+# (hidden, inter): N and K tails of the 128-row weight tile and the 64-wide K step (328, 88),
 # I a multiple of 8 but not of 16 (136, 40), and an odd I (72, 45: gate_up's single-column
 # stores; down's K = 45 takes the CUDA-core path).
 LARGE_BLOCK_SHAPES = [(328, 88), (136, 40), (72, 45)]
@@ -157,23 +157,49 @@ LARGE_BLOCK_SHAPES = [(328, 88), (136, 40), (72, 45)]
 @pytest.mark.parametrize("tokens,k,experts", LARGE_BLOCK_ROUTING)
 @pytest.mark.parametrize("hidden,inter", LARGE_BLOCK_SHAPES)
 def test_moe_experts_large_blocks_match_reference(kernels, device, dtype, tokens, k, experts, hidden, inter):
-    """Expert 1 gets no pair (its blocks never exist) and expert 0 runs over several blocks."""
     assert align_block_size(tokens * k, experts) in (64, 128)
+    weights, ids = _skewed_routing(tokens, k, experts, device)
+    alignment = kernels.moe_align(ids, experts)
+    assert alignment.block_size == align_block_size(tokens * k, experts)
+    _check_gemms(kernels, alignment, weights, experts, hidden, inter, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_moe_experts_every_block_size_match_reference(kernels, device, dtype, block_size):
+    """One skewed routing (T = 77) aligned in each block size the CUDA GEMMs have a tile for:
+    the alignment equals the reference's, the GEMMs match theirs over it."""
+    tokens, k, experts = 77, 4, 9
+    weights, ids = _skewed_routing(tokens, k, experts, device)
+    got = kernels.moe_align(ids, experts, block_size)
+    ref = reference_moe.moe_align(ids, experts, block_size)
+    assert got.block_size == ref.block_size == block_size and got.capacity == ref.capacity
+    for name in ("sorted_pairs", "pair_pos", "block_experts", "total_padded"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(ref, name).cpu(), rtol=0, atol=0)
+    _check_gemms(kernels, got, weights, experts, 328, 88, dtype)
+
+
+def _skewed_routing(tokens: int, k: int, experts: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert 1 gets no pair (its blocks never exist), expert 0 half the tokens (several blocks)."""
     logits = torch.randn(tokens, experts)
     logits[:, 1] = -math.inf
     logits[: tokens // 2, 0] = math.inf
     ids = torch.topk(logits, k, dim=-1).indices.to(device, torch.int32).contiguous()
-    weights = torch.rand(tokens, k, device=device)
-    gate_up, down = _weights(experts, hidden, inter, device, dtype)
-    x = torch.randn(tokens, hidden, device=device).to(dtype)
-    alignment = kernels.moe_align(ids, experts)
-    assert alignment.block_size == align_block_size(tokens * k, experts)
+    return torch.rand(tokens, k, device=device), ids
+
+
+def _check_gemms(kernels, alignment, topk_weights, experts: int, hidden: int, inter: int,
+                 dtype: torch.dtype) -> None:
+    """moe_gate_up then moe_down over `alignment` == the references, on the real rows."""
+    device = alignment.pair_pos.device
     assert 1 not in alignment.block_experts.tolist()
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(alignment.num_tokens, hidden, device=device).to(dtype)
     rows = _real_rows(alignment).to(device)
     h = kernels.moe_gate_up(x, gate_up, alignment)
     assert_close(h[rows], reference_moe.moe_gate_up(x, gate_up, alignment)[rows], dtype, scale=2)
-    y = kernels.moe_down(h, down, weights, alignment)
-    assert_close(y[rows], reference_moe.moe_down(h, down, weights, alignment)[rows], dtype, scale=2)
+    y = kernels.moe_down(h, down, topk_weights, alignment)
+    assert_close(y[rows], reference_moe.moe_down(h, down, topk_weights, alignment)[rows], dtype, scale=2)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
