@@ -54,6 +54,7 @@ from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  #
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
 from bench.ops_linear import linear_small_cases  # noqa: E402
 from ops import reference, reference_linear_attn, reference_moe  # noqa: E402
+from ops.reference_moe import align_block_size  # noqa: E402
 
 EPS = 1e-6
 LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
@@ -288,7 +289,7 @@ def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
     gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
     down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
-    for t in [3] if smoke else [1, 8, 64, 512, 4096]:
+    for t in [3] if smoke else [1, 8, 64, 512, 1024, 4096]:
         x = torch.randn(t, hidden, device=dev, dtype=dtype)
         logits = torch.randn(t, experts, device=dev)
         hit = torch.unique(ops.topk_softmax(logits, k, True)[1]).numel()
@@ -302,21 +303,28 @@ def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
 
 
 def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
-    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights."""
+    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights,
+    % of the matmul rate over the routed pairs' FLOPs. Prefill sizes run in both large block
+    sizes (64 and 128 rows, `b<rows>`; the default first) to show where the switch pays."""
     weights, ids = ops.topk_softmax(logits, k, True)
-    alignment = ops.moe_align(ids, gate_up.shape[0])
-    h = ops.moe_gate_up(x, gate_up, alignment)
-    rows = alignment.pair_pos.flatten().long()
-    shape = f"T={x.shape[0]} E={gate_up.shape[0]} k={k} H={x.shape[1]} I={down.shape[2]}"
-    for name, run, ref in (
-        ("gate_up", partial(ops.moe_gate_up, x, gate_up, alignment),
-         partial(reference_moe.moe_gate_up, x, gate_up, alignment)),
-        ("down", partial(ops.moe_down, h, down, weights, alignment),
-         partial(reference_moe.moe_down, h, down, weights, alignment)),
-    ):
-        per_expert = (gate_up if name == "gate_up" else down)[0]
-        check = partial(lambda run, ref: rel_err(run()[rows], ref()[rows]), run, ref)
-        yield Case("moe_experts", f"{name} {shape}", run, check, hit * nbytes(per_expert))
+    experts = gate_up.shape[0]
+    default = align_block_size(ids.numel(), experts)
+    blocks = [default] + ([b for b in (64, 128) if b != default] if default > 16 else [])
+    shape = f"T={x.shape[0]} E={experts} k={k} H={x.shape[1]} I={down.shape[2]}"
+    for block in blocks:
+        alignment = ops.moe_align(ids, experts, block)
+        h = ops.moe_gate_up(x, gate_up, alignment)
+        rows = alignment.pair_pos.flatten().long()
+        for name, run, ref in (
+            ("gate_up", partial(ops.moe_gate_up, x, gate_up, alignment),
+             partial(reference_moe.moe_gate_up, x, gate_up, alignment)),
+            ("down", partial(ops.moe_down, h, down, weights, alignment),
+             partial(reference_moe.moe_down, h, down, weights, alignment)),
+        ):
+            per_expert = (gate_up if name == "gate_up" else down)[0]
+            check = partial(lambda run, ref, rows=rows: rel_err(run()[rows], ref()[rows]), run, ref)
+            yield Case("moe_experts", f"{name} b{block} {shape}", run, check,
+                       hit * nbytes(per_expert), flops=2 * rows.numel() * per_expert.numel())
 
 
 # Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head

@@ -138,9 +138,11 @@ def topk_softmax(gating_output, topk, renormalize):
 # MoE experts: pairs sorted by expert into blocks (ops/reference_moe.py); no host sync.
 
 
-def _alignment_buffers(tokens: int, k: int, num_experts: int, device: torch.device) -> MoeAlignment:
-    """Uninitialised alignment tensors sized from (T, k, E) only (no host sync)."""
-    block = align_block_size(tokens * k, num_experts)
+def _alignment_buffers(
+    tokens: int, k: int, num_experts: int, device: torch.device, block: int | None = None
+) -> MoeAlignment:
+    """Uninitialised alignment tensors sized from (T, k, E) and the block only (no host sync)."""
+    block = block or align_block_size(tokens * k, num_experts)
     capacity = align_capacity(tokens * k, num_experts, block)
     return MoeAlignment(
         torch.empty(capacity, dtype=torch.int32, device=device),
@@ -152,8 +154,8 @@ def _alignment_buffers(tokens: int, k: int, num_experts: int, device: torch.devi
 
 
 @_ops.op(reference_moe)
-def moe_align(topk_ids, num_experts):
-    a = _alignment_buffers(*topk_ids.shape, num_experts, topk_ids.device)
+def moe_align(topk_ids, num_experts, block_size):
+    a = _alignment_buffers(*topk_ids.shape, num_experts, topk_ids.device, block_size)
     torch.ops.splitvl.moe_align.default(
         a.sorted_pairs, a.pair_pos, a.block_experts, a.total_padded, topk_ids, num_experts
     )

@@ -53,11 +53,18 @@ class MoeAlignment:
 
 
 def align_block_size(pairs: int, num_experts: int) -> int:
-    """Rows per expert block: 16 when experts see few pairs (decode), up to 64 for prefill."""
+    """Rows per expert block: 16 when experts see few pairs (decode), 64 or 128 for prefill.
+
+    Each block reads its expert's weights once, so rows per block are the weight
+    reuse of the tensor-core tile. Up to 64 pairs per expert the GEMMs are bound by
+    reading the weights: one 64-row block holds most experts whole (two 32-row
+    blocks would read their weights twice). Beyond, 128-row blocks halve the
+    weight traffic per row at the price of more padding.
+    """
     per_expert = pairs / max(1, num_experts)
     if per_expert <= 16:
         return 16
-    return 32 if per_expert <= 64 else 64
+    return 64 if per_expert <= 64 else 128
 
 
 def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
@@ -66,17 +73,20 @@ def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:
     return (pairs + hit * (block_size - 1)) // block_size * block_size
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int) -> MoeAlignment:
+def moe_align(
+    topk_ids: torch.Tensor, num_experts: int, block_size: int | None = None
+) -> MoeAlignment:
     """Sort the routed pairs by expert and pad each expert's run to a block multiple.
 
-    The block size comes from T*k/E (`align_block_size`), the capacity from
+    The block size comes from T*k/E (`align_block_size`) unless `block_size` is
+    given (tests and benchmarks of one kernel tile), the capacity from
     `align_capacity`: sizes from T, k and E only, never from device data.
 
     Shapes: topk_ids int32 [T, k] -> MoeAlignment.
     """
     tokens, k = topk_ids.shape
     pairs = tokens * k
-    block = align_block_size(pairs, num_experts)
+    block = block_size or align_block_size(pairs, num_experts)
     capacity = align_capacity(pairs, num_experts, block)
     device = topk_ids.device
     sorted_pairs = torch.full((capacity,), pairs, dtype=torch.int32, device=device)

@@ -3,6 +3,8 @@ the chain vs a per-token transformers-style expert loop; opcheck."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,7 @@ from ops import reference_moe
 from ops.reference_moe import align_block_size, align_capacity
 from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
 
-# (tokens, k, experts): decode, odd sizes, an expert-heavy prefill (block 32 and 64), empty.
+# (tokens, k, experts): decode, odd sizes, an expert-heavy prefill (block 64 and 128), empty.
 ROUTING = [(1, 8, 128), (5, 2, 7), (37, 4, 60), (64, 8, 16), (300, 4, 8), (0, 2, 4)]
 
 
@@ -27,8 +29,9 @@ def _real_rows(alignment) -> torch.Tensor:
 
 
 def test_block_size_grows_with_pairs_per_expert():
-    assert align_block_size(8, 128) == 16 and align_block_size(512, 128) == 16
-    assert align_block_size(4096, 128) == 32 and align_block_size(65536, 128) == 64
+    assert align_block_size(8, 128) == 16 and align_block_size(2048, 128) == 16
+    assert align_block_size(2049, 128) == 64 and align_block_size(8192, 128) == 64
+    assert align_block_size(8193, 128) == 128 and align_block_size(32768, 128) == 128
 
 
 @pytest.mark.parametrize("tokens,k,experts", [(1, 8, 128), (3, 2, 2), (100, 4, 7), (40, 2, 128)])
@@ -141,6 +144,64 @@ def test_moe_experts_small_blocks_match_reference(kernels, device, dtype, tokens
     assert_close(y[rows], reference_moe.moe_down(h, down, weights, alignment)[rows], dtype, scale=2)
 
 
+# Routings aligned in 64- and 128-row blocks (the CUDA prefill tile), T a multiple of nothing:
+# (45, 2, 3) 30 pairs per expert (block 64), (203, 8, 11) and (130, 6, 8) more than 64 (block 128).
+LARGE_BLOCK_ROUTING = [(45, 2, 3), (203, 8, 11), (130, 6, 8)]
+# (hidden, inter): N and K tails of the 128-row weight tile and the 64-wide K step (328, 88),
+# I a multiple of 8 but not of 16 (136, 40), and an odd I (72, 45: gate_up's single-column
+# stores; down's K = 45 takes the CUDA-core path).
+LARGE_BLOCK_SHAPES = [(328, 88), (136, 40), (72, 45)]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("tokens,k,experts", LARGE_BLOCK_ROUTING)
+@pytest.mark.parametrize("hidden,inter", LARGE_BLOCK_SHAPES)
+def test_moe_experts_large_blocks_match_reference(kernels, device, dtype, tokens, k, experts, hidden, inter):
+    assert align_block_size(tokens * k, experts) in (64, 128)
+    weights, ids = _skewed_routing(tokens, k, experts, device)
+    alignment = kernels.moe_align(ids, experts)
+    assert alignment.block_size == align_block_size(tokens * k, experts)
+    _check_gemms(kernels, alignment, weights, experts, hidden, inter, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("block_size", [16, 64, 128])
+def test_moe_experts_every_block_size_match_reference(kernels, device, dtype, block_size):
+    """One skewed routing (T = 77) aligned in each block size the CUDA GEMMs have a tile for:
+    the alignment equals the reference's, the GEMMs match theirs over it."""
+    tokens, k, experts = 77, 4, 9
+    weights, ids = _skewed_routing(tokens, k, experts, device)
+    got = kernels.moe_align(ids, experts, block_size)
+    ref = reference_moe.moe_align(ids, experts, block_size)
+    assert got.block_size == ref.block_size == block_size and got.capacity == ref.capacity
+    for name in ("sorted_pairs", "pair_pos", "block_experts", "total_padded"):
+        torch.testing.assert_close(getattr(got, name).cpu(), getattr(ref, name).cpu(), rtol=0, atol=0)
+    _check_gemms(kernels, got, weights, experts, 328, 88, dtype)
+
+
+def _skewed_routing(tokens: int, k: int, experts: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert 1 gets no pair (its blocks never exist), expert 0 half the tokens (several blocks)."""
+    logits = torch.randn(tokens, experts)
+    logits[:, 1] = -math.inf
+    logits[: tokens // 2, 0] = math.inf
+    ids = torch.topk(logits, k, dim=-1).indices.to(device, torch.int32).contiguous()
+    return torch.rand(tokens, k, device=device), ids
+
+
+def _check_gemms(kernels, alignment, topk_weights, experts: int, hidden: int, inter: int,
+                 dtype: torch.dtype) -> None:
+    """moe_gate_up then moe_down over `alignment` == the references, on the real rows."""
+    device = alignment.pair_pos.device
+    assert 1 not in alignment.block_experts.tolist()
+    gate_up, down = _weights(experts, hidden, inter, device, dtype)
+    x = torch.randn(alignment.num_tokens, hidden, device=device).to(dtype)
+    rows = _real_rows(alignment).to(device)
+    h = kernels.moe_gate_up(x, gate_up, alignment)
+    assert_close(h[rows], reference_moe.moe_gate_up(x, gate_up, alignment)[rows], dtype, scale=2)
+    y = kernels.moe_down(h, down, topk_weights, alignment)
+    assert_close(y[rows], reference_moe.moe_down(h, down, topk_weights, alignment)[rows], dtype, scale=2)
+
+
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("hidden", [2048, 72, 100])
 def test_moe_combine_more_than_eight_pairs_and_dropped(kernels, device, dtype, hidden):
@@ -175,10 +236,11 @@ def test_moe_chain_matches_per_token_experts(kernels, device, dtype):
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_moe_experts_full_size_decode_and_batch(kernels, dtype):
-    """Qwen3-VL-30B-A3B expert shapes (E=128, H=2048, I=768, top-8) at batch 1, 64 and 1000."""
+    """Qwen3-VL-30B-A3B expert shapes (E=128, H=2048, I=768, top-8) at batch 1, 64, 512 and
+    1000 (blocks of 16, 16, 64, 64) and a 4096-token prefill (blocks of 128)."""
     experts, hidden, inter = 128, 2048, 768
     gate_up, down = _weights(experts, hidden, inter, "cuda", dtype)
-    for tokens in (1, 64, 1000):
+    for tokens in (1, 64, 512, 1000, 4096):
         weights, ids = _routing(tokens, 8, experts, "cuda")
         x = torch.randn(tokens, hidden, device="cuda").to(dtype)
         alignment = kernels.moe_align(ids, experts)
