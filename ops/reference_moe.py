@@ -56,15 +56,16 @@ def align_block_size(pairs: int, num_experts: int) -> int:
     """Rows per expert block: 16 when experts see few pairs (decode), 64 or 128 for prefill.
 
     Each block reads its expert's weights once, so rows per block are the weight
-    reuse of the tensor-core tile. Up to 64 pairs per expert the GEMMs are bound by
+    reuse of the tensor-core tile. Below 64 pairs per expert the GEMMs are bound by
     reading the weights: one 64-row block holds most experts whole (two 32-row
-    blocks would read their weights twice). Beyond, 128-row blocks halve the
-    weight traffic per row at the price of more padding.
+    blocks would read their weights twice). From 64, 128-row blocks halve the
+    weight traffic per row at the price of more padding (H200, 30B-A3B experts:
+    T=512 b64 486 us vs b128 602; T=1,024 b128 648 us vs b64 703; BENCHMARKS.md 9.4).
     """
     per_expert = pairs / max(1, num_experts)
     if per_expert <= 16:
         return 16
-    return 64 if per_expert <= 64 else 128
+    return 64 if per_expert < 64 else 128
 
 
 def align_capacity(pairs: int, num_experts: int, block_size: int) -> int:

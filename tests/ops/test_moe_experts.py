@@ -30,8 +30,8 @@ def _real_rows(alignment) -> torch.Tensor:
 
 def test_block_size_grows_with_pairs_per_expert():
     assert align_block_size(8, 128) == 16 and align_block_size(2048, 128) == 16
-    assert align_block_size(2049, 128) == 64 and align_block_size(8192, 128) == 64
-    assert align_block_size(8193, 128) == 128 and align_block_size(32768, 128) == 128
+    assert align_block_size(2049, 128) == 64 and align_block_size(8191, 128) == 64
+    assert align_block_size(8192, 128) == 128 and align_block_size(32768, 128) == 128
 
 
 @pytest.mark.parametrize("tokens,k,experts", [(1, 8, 128), (3, 2, 2), (100, 4, 7), (40, 2, 128)])
