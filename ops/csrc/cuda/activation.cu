@@ -133,12 +133,17 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// An elementwise op's output: the input's dtype and shape, contiguous.
+static void check_elementwise_out(const char* op, const at::Tensor& out, const at::Tensor& input) {
+  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
+  SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
+                ": out must be contiguous with the input's shape");
+}
+
 void gelu_tanh(at::Tensor& out, const at::Tensor& input) {
   constexpr const char* op = "gelu_tanh";
   check_cuda_tensors(op, "input", input, out);
-  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
-  SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
-              ": out must be contiguous with the input's shape");
+  check_elementwise_out(op, out, input);
   const int64_t n = input.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(input.device());
@@ -163,9 +168,7 @@ void sigmoid_gate_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor
   check_cuda_tensors(op, "input", input, out, gate);
   SPLITVL_CHECK(gate.sizes() == input.sizes() && gate.scalar_type() == input.scalar_type(), op, ": gate ",
                 gate.sizes(), " must match input ", input.sizes(), " and its dtype");
-  SPLITVL_CHECK(out.scalar_type() == input.scalar_type(), op, ": out dtype must match input");
-  SPLITVL_CHECK(out.is_contiguous() && out.sizes() == input.sizes(), op,
-                ": out must be contiguous with the input's shape");
+  check_elementwise_out(op, out, input);
   const int64_t n = input.numel();
   if (n == 0) return;
   const HeadRows xl = head_rows(input, op, "input"), gl = head_rows(gate, op, "gate");
