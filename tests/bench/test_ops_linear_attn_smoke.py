@@ -8,6 +8,7 @@ def test_linear_attention_families_smoke(capsys) -> None:
     assert bench_ops.main(["--smoke", "--ops", *families]) == 0
     out = capsys.readouterr().out
     for op in ("causal_conv1d_fwd", "causal_conv1d_update", "gated_delta_rule_chunked",
-               "gated_delta_rule_recurrent", "gated_rms_norm", "gdn_gating"):
+               "gated_delta_rule_recurrent", "gated_rms_norm", "gdn_gating", "sigmoid_gate_mul"):
         assert f"| {op} |" in out
-    assert out.count("|   composed (old) |") == 2  # the old path of each fused piece, in the same table
+    # the old path of each fused piece (offset norm, gating, output gate), in the same table
+    assert out.count("|   composed (old) |") == 3
