@@ -41,6 +41,7 @@ STEPS = 8  # decode steps per window
 # Tokens each request may run past its window: the engine steps ahead of the consumer (a small batch
 # would otherwise finish before the window opens); the requests are aborted when the window closes.
 RUN_AHEAD = 256
+SLACK_STEPS = 64  # extra decode steps a window may take to see its first engine steps
 TOP = 15
 # The engine's own phases of a step (engine.timeline.PHASE_FIELDS) and their labels here.
 STEP_PHASES = {"schedule": "schedule", "message": "message", "execute": "execute (model step)",
@@ -161,6 +162,10 @@ class StepWindow:
     def records(self) -> list:
         return [r for r in self.engine.timeline(self.cursor).records if self.t0 <= r.start < self.t1]
 
+    def started(self) -> int:
+        """Steps started since `start()` (the window may still be open)."""
+        return sum(1 for r in self.engine.timeline(self.cursor).records if r.start >= self.t0)
+
 
 def host_phases(records: list, timer: PhaseTimer) -> dict[str, float]:
     """ms per step: the engine's phases from its records, the runner's parts from `timer`."""
@@ -171,21 +176,34 @@ def host_phases(records: list, timer: PhaseTimer) -> dict[str, float]:
     return phases
 
 
-async def _decode_window(llm, prompts: list[list[int]], start: Callable[[], None], stop: Callable[[], None]) -> None:
+async def _decode_window(llm, prompts: list[list[int]], window: StepWindow, start: Callable[[], None],
+                         stop: Callable[[], None], min_steps: int) -> None:
+    """Decode until every stream has STEPS tokens in the window and the window holds `min_steps` engine steps.
+
+    Tokens can arrive from steps that started before the window (async scheduling runs ahead, and a loaded
+    host delivers late), so the token count alone does not prove a step ran inside it.
+    """
     from engine import SamplingParams
 
-    sp = SamplingParams(max_tokens=WARM_TOKENS + 2 * STEPS + RUN_AHEAD, temperature=0.0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=WARM_TOKENS + 2 * STEPS + RUN_AHEAD + SLACK_STEPS, temperature=0.0, ignore_eos=True)
     streams = [llm.engine.add_request(f"profile-{i}-{time.monotonic_ns()}", p, None, sp)
                for i, p in enumerate(prompts)]
 
     async def take(stream, n: int) -> None:
         got = 0
         while got < n:
-            got += len((await stream.__anext__()).new_token_ids)
+            try:
+                got += len((await stream.__anext__()).new_token_ids)
+            except StopAsyncIteration:  # finished (ran ahead of this consumer): nothing more to wait for
+                return
 
     await asyncio.gather(*(take(s, WARM_TOKENS) for s in streams))
     start()
     await asyncio.gather(*(take(s, STEPS) for s in streams))
+    for _ in range(SLACK_STEPS):
+        if window.started() >= min_steps:
+            break
+        await asyncio.gather(*(take(s, 1) for s in streams))
     stop()
     for s in streams:
         await s.aclose()
@@ -198,9 +216,10 @@ def profile_decode(llm, batch: int, vocab: int, device: torch.device, prompt_len
     timer = instrument(llm) if not hasattr(llm, "_profile_timer") else llm._profile_timer
     llm._profile_timer = timer
     batch_prompts = make_prompts(batch, vocab, prompt_len)
-    run = lambda start, stop: llm._loop.run_until_complete(  # noqa: E731
-        _decode_window(llm, batch_prompts, start, stop))
-    run(lambda: None, lambda: None)  # warmup: graphs, allocator, first-call costs
+    run = lambda window, start, stop, min_steps: llm._loop.run_until_complete(  # noqa: E731
+        _decode_window(llm, batch_prompts, window, start, stop, min_steps))
+    warm = StepWindow(llm)
+    run(warm, warm.start, warm.stop, 0)  # warmup: graphs, allocator, first-call costs
     timed = StepWindow(llm)
 
     def start_timed() -> None:
@@ -211,7 +230,7 @@ def profile_decode(llm, batch: int, vocab: int, device: torch.device, prompt_len
         timed.stop()
         timer.on = False
 
-    run(start_timed, stop_timed)
+    run(timed, start_timed, stop_timed, 2)  # two steps at least: one gap
     records = timed.records()
     gaps = [b.start - a.start for a, b in zip(records, records[1:])]
     wall_ms = 1e3 * sorted(gaps)[len(gaps) // 2] if gaps else float("nan")
@@ -229,7 +248,7 @@ def profile_decode(llm, batch: int, vocab: int, device: torch.device, prompt_len
         profiled.stop()
         prof.__exit__(None, None, None)
 
-    run(start, stop)
+    run(profiled, start, stop, 1)
     steps = max(len(profiled.records()), 1)
     kernels, busy_us = kernel_table(prof, device, steps)
     profiled_wall_ms = 1e3 * (profiled.t1 - profiled.t0) / steps
@@ -246,7 +265,7 @@ def decode_section(ckpt: Path, device: torch.device, dtype: str, batches: list[i
     from engine import LLM
 
     vocab = vocab or json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
-    tokens = prompt_len + WARM_TOKENS + 2 * STEPS + RUN_AHEAD + 8
+    tokens = prompt_len + WARM_TOKENS + 2 * STEPS + RUN_AHEAD + SLACK_STEPS + 8
     blocks = max(batches) * (-(-tokens // 16)) + 64
     llm = LLM(model=str(ckpt), device=device.type, dtype=dtype, max_num_seqs=max(batches),
               max_num_batched_tokens=max(4096, prompt_len), num_gpu_blocks=blocks, enable_prefix_caching=False,
