@@ -112,6 +112,15 @@ def own_times_s(steps: Sequence[StepRecord]) -> list[float]:
     return out
 
 
+def _usage(steps: Sequence[StepRecord], own: Sequence[float]) -> dict[str, float]:
+    """Mean own wall ms, loop-thread CPU ms and context switches per step of `steps` (their `own` times)."""
+    n = max(len(steps), 1)
+    return {"steps": len(steps), "wall_ms": 1e3 * sum(own) / n if steps else math.nan,
+            "cpu_ms": 1e3 * sum(s.usage.cpu_s for s in steps) / n if steps else math.nan,
+            "voluntary_switches": sum(s.usage.voluntary_switches for s in steps) / n if steps else math.nan,
+            "involuntary_switches": sum(s.usage.involuntary_switches for s in steps) / n if steps else math.nan}
+
+
 def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> dict:
     """One level's timeline in numbers (ms, fractions of the step window)."""
     if not steps:
@@ -123,6 +132,9 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
     starts = [m[0] for m in merged]
     own = own_times_s(steps)
     decode_only = [t for s, t in zip(steps, own) if s.prefill_rows == 0]
+    kinds = {"decode": [(s, t) for s, t in zip(steps, own) if s.prefill_rows == 0],
+             "prefill": [(s, t) for s, t in zip(steps, own) if s.prefill_rows and not s.decode_rows],
+             "mixed": [(s, t) for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]}
     mixed = [t for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]
     with_encode, without_encode = [], []
     for s, t in zip(steps, own):
@@ -154,6 +166,9 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
         "encodes": len(encodes),
         "encode_images": sum(e.images for e in encodes),
         "encode_ms_mean": 1e3 * sum(e.end - e.start for e in encodes) / len(encodes) if encodes else math.nan,
+        # Wall against the loop thread's CPU time and context switches, per kind of step: a step
+        # much longer than its CPU time waited (GIL, GPU, lock); involuntary switches: the OS preempted it.
+        "thread_usage": {kind: _usage([s for s, _ in pairs], [t for _, t in pairs]) for kind, pairs in kinds.items()},
     }
 
 
@@ -176,6 +191,11 @@ def print_timeline(runs: list[dict]) -> None:
                 ["layout", "conc", "steps", "steps/s", "decode rows", "prefill tok/step", "outputs/step",
                  "idle", "idle gaps > 5 ms", "longest idle ms", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
                  "decode ms w/ encode", "decode ms w/o encode", "encodes", "encode ms", "dropped"], rows)
+    rows = [[layout, c, kind, *(u[k] for k in ("steps", "wall_ms", "cpu_ms", "voluntary_switches", "involuntary_switches"))]
+            for layout, c, tl in levels for kind, u in tl["summary"].get("thread_usage", {}).items() if u["steps"]]
+    print_table("LLM replica step loop thread per kind of step (means: own wall ms, CPU ms, context switches)",
+                ["layout", "conc", "steps", "count", "wall ms", "cpu ms", "voluntary switches", "involuntary switches"],
+                rows)
     rows = [[layout, c, phase, *(tl["summary"]["phases_ms"][phase][k] for k in ("mean", "p50", "p99"))]
             for layout, c, tl in levels for phase in PHASES]
     print_table("LLM replica host time per step by phase (ms)",

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -36,7 +37,8 @@ from engine.sequence import MultimodalInputs
 from engine.timeline import StepRecord, TimelineRead
 
 logger = logging.getLogger(__name__)
-GIL_SWITCH_INTERVAL_S = 0.0005
+# SPLITVL_GIL_SWITCH_INTERVAL_S overrides it (a measurement knob: bench.serve --serve-env).
+GIL_SWITCH_INTERVAL_S = float(os.environ.get("SPLITVL_GIL_SWITCH_INTERVAL_S", "0.0005"))
 
 
 def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:

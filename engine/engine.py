@@ -29,7 +29,7 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import MultimodalInputs, RequestOutput, Sequence
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from engine.stream import RequestStream, put_many
-from engine.timeline import StepRecord, Timeline, TimelineRead, count_rows
+from engine.timeline import StepRecord, ThreadUsage, Timeline, TimelineRead, count_rows
 from engine.validation import CheckedRequest, validate_request
 from models.config import ModelConfig, load_model_config
 
@@ -206,7 +206,7 @@ class Engine(OverlappedSteps):
                 self._work.wait()
             if self._closed or self._dead is not None:
                 return False
-            start = clock()
+            start, usage = clock(), ThreadUsage.now()
             out = self.scheduler.schedule()
             if out.is_empty:
                 self._fail("the scheduler could not place any request (KV cache too small)")
@@ -231,6 +231,7 @@ class Engine(OverlappedSteps):
         self._timeline.append(StepRecord(
             start, end, start - locked, (locked - top) + (relocked - executed), scheduled - start,
             built - scheduled, executed - built, end - relocked, decode, prefill, prefill_tokens, outputs, waiting,
+            ThreadUsage.now() - usage,
         ))
         return True
 

@@ -30,7 +30,7 @@ from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.step import StepResult
 from engine.stream import put_many
-from engine.timeline import StepRecord, count_rows
+from engine.timeline import StepRecord, ThreadUsage, count_rows
 
 log = logging.getLogger("engine.engine")
 
@@ -46,6 +46,7 @@ class InFlightStep:
     launched: LaunchedStep
     placeholders: dict[int, int]
     times: tuple[float, float, float, float, float, float, int]  # top, locked, start, scheduled, built, launched, waiting
+    usage: ThreadUsage  # the loop thread's, from schedule to launched
 
 
 class OverlappedSteps:
@@ -70,7 +71,7 @@ class OverlappedSteps:
                 self._work.wait()
             if self._closed or self._dead is not None:
                 return False
-            start = clock()
+            start, usage = clock(), ThreadUsage.now()
             out = self.scheduler.schedule() if self.scheduler.has_work() else SchedulerOutput([])
             if out.is_empty and prev is None:
                 self._fail("the scheduler could not place any request (KV cache too small)")
@@ -90,7 +91,8 @@ class OverlappedSteps:
             with self._lock:
                 placeholders = self._count_launched(out)
             self._inflight = InFlightStep(out, launched, placeholders,
-                                       (top, locked, start, scheduled, built, clock(), waiting))
+                                       (top, locked, start, scheduled, built, clock(), waiting),
+                                       ThreadUsage.now() - usage)
         return prev is None or self._finish_launched(prev)
 
     def _can_overlap(self) -> bool:
@@ -125,7 +127,7 @@ class OverlappedSteps:
         # Between this step's launch and its collect the loop launched the next step: that
         # host work is the next record's (schedule, message, execute), so this record's
         # execute is its launch plus the wait for its own results, never the next one's launch.
-        collecting = time.monotonic()
+        collecting, usage = time.monotonic(), ThreadUsage.now()
         try:
             result = self.executor.collect(item.launched)
         except Exception as exc:
@@ -142,7 +144,7 @@ class OverlappedSteps:
         self._timeline.append(StepRecord(
             start, end, start - locked, (locked - top) + (relocked - collected), scheduled - start,
             built - scheduled, (launched - built) + (collected - collecting), end - relocked,
-            decode, prefill, prefill_tokens, outputs, waiting,
+            decode, prefill, prefill_tokens, outputs, waiting, item.usage + (ThreadUsage.now() - usage),
         ))
         return True
 

@@ -5,7 +5,8 @@ buffer; the vision replica appends one `EncodeRecord` per tower call to one of
 its own. A reader takes the records since a cursor (`Timeline.read`), so a
 benchmark reads the records of one load level without resetting anything.
 
-Recording is always on: a step costs a few `time.monotonic()` calls and one
+Recording is always on: a step costs a few `time.monotonic()` calls, two
+`getrusage` calls (the step loop thread's CPU time and context switches) and one
 small record (about a microsecond, `tests/engine/test_timeline.py` prints it),
 against steps of milliseconds; a switch would only double the step loop's
 code. Times are `time.monotonic()` seconds, which on Linux is CLOCK_MONOTONIC,
@@ -15,6 +16,7 @@ node can be laid on one time axis.
 
 from __future__ import annotations
 
+import resource
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,10 +28,35 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 DEFAULT_CAPACITY = 4096
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
 MARK = 1 << 62  # a cursor past any end: reading from it returns nothing and the current cursor
 # The host phases a StepRecord holds: name -> field (seconds).
 PHASE_FIELDS = {"schedule": "schedule_s", "message": "message_s", "execute": "execute_s",
                 "process": "process_s", "lock": "lock_s"}
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadUsage:
+    """The calling thread's CPU seconds and context switches (Linux `RUSAGE_THREAD`; zeros elsewhere)."""
+
+    cpu_s: float = 0.0
+    voluntary_switches: int = 0
+    involuntary_switches: int = 0
+
+    @classmethod
+    def now(cls) -> ThreadUsage:
+        if _RUSAGE_THREAD is None:
+            return cls()
+        ru = resource.getrusage(_RUSAGE_THREAD)
+        return cls(ru.ru_utime + ru.ru_stime, ru.ru_nvcsw, ru.ru_nivcsw)
+
+    def __sub__(self, other: ThreadUsage) -> ThreadUsage:
+        return ThreadUsage(self.cpu_s - other.cpu_s, self.voluntary_switches - other.voluntary_switches,
+                           self.involuntary_switches - other.involuntary_switches)
+
+    def __add__(self, other: ThreadUsage) -> ThreadUsage:
+        return ThreadUsage(self.cpu_s + other.cpu_s, self.voluntary_switches + other.voluntary_switches,
+                           self.involuntary_switches + other.involuntary_switches)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +73,10 @@ class StepRecord:
     Rows: `decode_rows` (one generated token each), `prefill_rows` and
     `prefill_tokens` (prompt chunks, or recomputation after a preemption);
     `outputs`: deltas handed to request streams; `waiting`: queued requests after
-    scheduling. Under async scheduling (`engine/overlap.py`) a step starts while the
+    scheduling. `usage`: the step loop thread's own CPU time and context switches
+    over the step's phases (`ThreadUsage`): a step whose wall time far exceeds its
+    CPU time waited, and voluntary switches count the waits (the GIL, a lock, the
+    GPU), involuntary ones the times the OS took the core away. Under async scheduling (`engine/overlap.py`) a step starts while the
     one before it is still unread, so a record overlaps its neighbours (never more);
     its phases are still its own (the step loop's host time on this step, disjoint
     from every other record's), and `own_s` gives each record the loop's time spent
@@ -66,6 +96,7 @@ class StepRecord:
     prefill_tokens: int
     outputs: int
     waiting: int
+    usage: ThreadUsage = ThreadUsage()
 
     @property
     def duration_s(self) -> float:

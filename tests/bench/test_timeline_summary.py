@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.timeline import own_times_s, summarize
-from engine.timeline import EncodeRecord, StepRecord
+from engine.timeline import EncodeRecord, StepRecord, ThreadUsage
 
 
 def _rec(start: float, end: float, decode: int = 4, prefill: int = 0, idle: float = 0.0) -> StepRecord:
@@ -41,3 +41,16 @@ def test_idle_gaps_are_counted_and_the_longest_reported() -> None:
              _rec(0.047, 0.049, idle=0.030)]
     s = summarize(steps, [])
     assert s["idle_gaps"] == 2 and s["idle_gap_max_ms"] == pytest.approx(30.0)
+
+
+def test_thread_usage_is_split_by_kind_of_step() -> None:
+    """A mixed step that waited (wall >> CPU, many voluntary switches) is told from decode steps that computed."""
+    mixed = StepRecord(0.0, 0.020, 0.0, 0.0, 1e-4, 1e-4, 0.019, 1e-4, 8, 1, 100, 9, 0, ThreadUsage(0.004, 40, 1))
+    decodes = [StepRecord(0.020 + 0.002 * i, 0.022 + 0.002 * i, 0.0, 0.0, 1e-4, 1e-4, 0.0018, 1e-4, 9, 0, 0, 9, 0,
+                          ThreadUsage(0.0019, 1, 0)) for i in range(4)]
+    usage = summarize([mixed, *decodes], [])["thread_usage"]
+    assert usage["mixed"] == pytest.approx({"steps": 1, "wall_ms": 20.0, "cpu_ms": 4.0, "voluntary_switches": 40,
+                                            "involuntary_switches": 1})
+    assert usage["decode"] == pytest.approx({"steps": 4, "wall_ms": 2.0, "cpu_ms": 1.9, "voluntary_switches": 1,
+                                             "involuntary_switches": 0})
+    assert usage["prefill"]["steps"] == 0

@@ -12,7 +12,7 @@ from engine import SamplingParams
 from engine.engine import Engine, EngineConfig
 from engine.scheduler import ScheduledSeq
 from engine.sequence import Sequence
-from engine.timeline import StepRecord, Timeline, count_rows
+from engine.timeline import StepRecord, ThreadUsage, Timeline, count_rows
 
 
 def test_ring_buffer_keeps_the_last_records_in_order() -> None:
@@ -52,6 +52,23 @@ def test_count_rows_tells_decodes_from_prompt_chunks() -> None:
 
 # Three requests, prompts of 10, 7 and 4 tokens, 3 output tokens each, a budget of 8 tokens
 # per step, all queued before the first step. The scheduler's policy (running sequences first,
+@pytest.mark.skipif(ThreadUsage.now() == ThreadUsage(), reason="no per-thread rusage on this OS")
+def test_thread_usage_tells_computing_from_waiting() -> None:
+    """CPU time grows while the thread computes, not while it sleeps; sleeping is a voluntary switch."""
+    a = ThreadUsage.now()
+    end = time.perf_counter() + 0.05
+    while time.perf_counter() < end:
+        pass
+    b = ThreadUsage.now()
+    for _ in range(5):
+        time.sleep(0.01)
+    c = ThreadUsage.now()
+    busy, slept = b - a, c - b
+    assert busy.cpu_s >= 0.03 and slept.cpu_s < 0.02
+    assert slept.voluntary_switches >= 5
+    assert (busy + slept).cpu_s == pytest.approx(busy.cpu_s + slept.cpu_s)
+
+
 # decodes before prompt chunks, then the waiting queue in order, each taking what the budget
 # leaves) gives, per step, (decode rows, prefill rows, prefill tokens, outputs):
 #   1: A 8 of 10                      -> (0, 1, 8, 0)
@@ -104,6 +121,8 @@ async def test_engine_records_each_step_as_scheduled(tiny_checkpoint, overlap: b
             phases = rec.schedule_s + rec.message_s + rec.execute_s + rec.process_s
             assert min(rec.schedule_s, rec.message_s, rec.execute_s, rec.process_s, rec.idle_s, rec.lock_s) >= 0
             assert phases <= rec.duration_s + 1e-9 and rec.execute_s > 0
+            # The loop thread computed the model step on CPU: it used CPU time, within the step's span.
+            assert 0 < rec.usage.cpu_s <= rec.duration_s + 0.02
 
         # The loop then waits for work: the next step's record holds that wait as idle time.
         await asyncio.sleep(0.3)
