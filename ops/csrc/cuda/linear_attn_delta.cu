@@ -5,8 +5,9 @@
 // 32-column tile of Dv) keeps its Dk x 32 slice of the state in shared memory
 // and steps through the tokens. Columns of the state evolve independently
 // (S[:, j] only meets v[j]), so tiling Dv needs no communication between CTAs.
-// It runs the decode step, and the prefill only for head dims the chunk-parallel
-// kernels (linear_attn_delta_chunked.cu) do not take.
+// It runs the decode step, the prefill's short sequences (a mixed step's decode rows,
+// kChunkedShortLen tokens at most: max_len skips the others) and the whole prefill only for
+// head dims the chunk-parallel kernels (linear_attn_delta_chunked.cu) do not take.
 // Semantics: ops/reference_linear_attn.py (gated_delta_rule_chunked / _recurrent).
 #include <c10/cuda/CUDAException.h>
 
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kThreads)
                       const float* __restrict__ g, const float* __restrict__ beta,
                       const int32_t* __restrict__ cu, float* __restrict__ states,
                       const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
-                      DeltaArgs a) {
+                      DeltaArgs a, int64_t max_len) {
   extern __shared__ float smem[];
   float* S = smem;                 // [dk][kTile]
   float* qs = S + a.dk * kTile;    // [dk]
@@ -50,6 +51,9 @@ __global__ void __launch_bounds__(kThreads)
   const int col = blockIdx.z * kTile + lane;
   const bool valid = col < a.dv;
   const int hq = h / (a.hv / a.hk);
+  const int64_t begin = cu != nullptr ? cu[b] : b;
+  const int64_t end = cu != nullptr ? cu[b + 1] : b + 1;
+  if (max_len >= 0 && end - begin > max_len) return;  // the chunked kernels run it
   const int slot = slots[b];
   CUDA_KERNEL_ASSERT(slot < a.num_slots);
   const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
@@ -58,8 +62,6 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = grp; i < a.dk; i += kGroups) {
     S[i * kTile + lane] = use_state && valid ? slot_state[static_cast<int64_t>(i) * a.dv + col] : 0.f;
   }
-  const int64_t begin = cu != nullptr ? cu[b] : b;
-  const int64_t end = cu != nullptr ? cu[b + 1] : b + 1;
   for (int64_t t = begin; t < end; ++t) {
     float sq = 0.f, sk = 0.f;
     for (int i = threadIdx.x; i < a.dk; i += kThreads) {
@@ -120,7 +122,8 @@ __global__ void __launch_bounds__(kThreads)
 void launch_delta_rule(at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
                        const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
                        const int32_t* cu, at::Tensor& states, const at::Tensor& state_indices,
-                       const bool* has_init, int64_t batch, bool l2norm, const char* op) {
+                       const bool* has_init, int64_t batch, bool l2norm, const char* op,
+                       int64_t max_len = -1) {
   check_cuda(q, op, "q");
   const int dk = static_cast<int>(q.size(2)), dv = static_cast<int>(v.size(2));
   SPLITVL_CHECK(dk <= kMaxHeadDim, op, ": key head dim ", dk, " > ", kMaxHeadDim, " is not supported");
@@ -140,7 +143,7 @@ void launch_delta_rule(at::Tensor& out, const at::Tensor& q, const at::Tensor& k
         reinterpret_cast<const scalar_t*>(k.data_ptr()),
         reinterpret_cast<const scalar_t*>(v.data_ptr()), g.data_ptr<float>(),
         beta.data_ptr<float>(), cu, states.data_ptr<float>(), state_indices.data_ptr<int32_t>(),
-        has_init, a);
+        has_init, a, max_len);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -159,7 +162,12 @@ void gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const at::Te
   check_cuda(q, call.op, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   if (launch_gated_delta_rule_chunked(out, q, k, v, g, beta, cu_seqlens, states, state_indices,
-                                      has_init, call.batch, use_qk_l2norm)) {
+                                      has_init, call.batch, use_qk_l2norm, kChunkedShortLen)) {
+    // Short sequences (decode rows) can only be absent when one sequence holds more tokens.
+    if (call.batch > 1 || q.size(0) <= kChunkedShortLen) {
+      launch_delta_rule(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states, state_indices,
+                        has_init, call.batch, use_qk_l2norm, call.op, kChunkedShortLen);
+    }
     return;
   }
   launch_delta_rule(out, q, k, v, g, beta, cu_seqlens.data_ptr<int32_t>(), states, state_indices,

@@ -1,4 +1,4 @@
-// The state pass of the chunk-parallel gated delta rule: one CTA per (sequence, value
+// The state pass of the chunk-parallel gated delta rule: one CTA per (long sequence, value
 // head, kTileV state columns), sequential over the sequence's chunks, fp32 state in shared
 // memory, chunk tiles streamed in with cp.async (up to kMaxPassStages stages, as shared memory
 // allows).
@@ -132,25 +132,68 @@ __device__ __forceinline__ void round_state(T* sb, int ldt, const float* s, int 
   }
 }
 
+// The state pass's shared-memory tiles besides the chunk stages.
 template <typename T>
-__global__ void __launch_bounds__(kPassThreads)
-    gdn_state_pass_kernel(const int32_t* __restrict__ offsets, float* __restrict__ states,
-                          const int32_t* __restrict__ slots, const bool* __restrict__ has_init,
-                          ChunkArgs a, ChunkWork<T> ws, int stages) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  const int b = blockIdx.x, h = blockIdx.y, v0 = blockIdx.z * kTileV;
-  const PassLayout lay(a.dkp, sizeof(T), stages);
-  float* s = carve<float>(smem, lay.s);
-  T* sb = carve<T>(smem, lay.sb);
-  float* cb = carve<float>(smem, lay.cb);
-  float* cb2 = carve<float>(smem, lay.cb2);
-  T* vb = carve<T>(smem, lay.vb);
+struct PassTiles {
+  float* s;    // [dkp, lds] the running state (fp32)
+  T* sb;       // [dkp, ldt] s rounded to T: S_c, the matmul operand
+  float* cb;   // [kChunk, lds] w S over the first half of Dk
+  float* cb2;  // [kChunk, lds] w S over the second half
+  T* vb;       // [kChunk, ldt] v_new
+  __device__ __forceinline__ PassTiles(unsigned char* smem, const PassLayout& lay)
+      : s(carve<float>(smem, lay.s)),
+        sb(carve<T>(smem, lay.sb)),
+        cb(carve<float>(smem, lay.cb)),
+        cb2(carve<float>(smem, lay.cb2)),
+        vb(carve<T>(smem, lay.vb)) {}
+};
+
+// One chunk's step on tiles complete in `stage` (sb = S_c): stores S_c and v_new = u - w S_c,
+// then S = exp(cum_last) S + kd^T v_new. Ends with the block synced and sb = the next S_c.
+template <typename T>
+__device__ __forceinline__ void pass_chunk(unsigned char* stage, const PassLayout& lay, const PassTiles<T>& t,
+                                           const ChunkWork<T>& ws, const ChunkArgs& a, int c, int h, int v0) {
+  const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
+  const T* w = carve<T>(stage, lay.w);
+  const T* kd = carve<T>(stage, lay.kd);
+  const T* u = carve<T>(stage, lay.u);
+  const float gl = *carve<const float>(stage, lay.gl);
+  const int half = a.dkp / 32 * 16;  // a multiple of 16 (zero at Dk 16: the second half does it all)
+  // w S in two halves of Dk on four warps each (half as many dependent tensor-core steps).
+  if (threadIdx.x < 32 * kPassMmWarps) {
+    block_mm<false, false>(t.cb, lay.lds, w, lay.ldk, t.sb, lay.ldt, kChunk, kTileV, half, false, 0, kPassMmWarps);
+  } else {
+    block_mm<false, false>(t.cb2, lay.lds, w + half, lay.ldk, t.sb + half * lay.ldt, lay.ldt, kChunk, kTileV,
+                           a.dkp - half, false, kPassMmWarps, kPassMmWarps);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
+    const int r = idx / kTileV, j = idx % kTileV;
+    const float ws_rj = t.cb[r * lay.lds + j] + t.cb2[r * lay.lds + j];
+    t.vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - ws_rj);
+  }
+  store_tile16(ws.sc + (static_cast<int64_t>(c) * a.hv + h) * a.dkp * a.dvp + v0, a.dvp, t.sb, lay.ldt, a.dkp, 0,
+               kPassThreads);  // S_c for the output kernel
+  __syncthreads();
+  store_tile16(ws.u + row0 * a.dvp + v0, a.dvp, t.vb, lay.ldt, kChunk, 0, kPassThreads);  // u is dead: v_new
+  block_mm<true, false>(t.s, lay.lds, kd, lay.ldk, t.vb, lay.ldt, a.dkp, kTileV, kChunk, true, 0, 0, gl);
+  __syncthreads();  // this stage's tiles are free again, s is the next chunk's state
+  round_state(t.sb, lay.ldt, t.s, lay.lds, a.dkp);
+}
+
+// Sequence b's pass over its chunks for value head h, columns v0 .. v0 + kTileV: state from the
+// slot (or zeros), final state back to it.
+template <typename T>
+__device__ __forceinline__ void pass_sequence(unsigned char* smem, const PassLayout& lay, const PassTiles<T>& t,
+                                              int b, int h, int v0, const int32_t* offsets, float* states,
+                                              const int32_t* slots, const bool* has_init, const ChunkArgs& a,
+                                              const ChunkWork<T>& ws) {
   const int slot = slots[b];
   CUDA_KERNEL_ASSERT(slot < a.num_slots);
   const bool use_state = slot >= 0 && (has_init == nullptr || has_init[b]);
   float* slot_state =
       slot >= 0 ? states + (static_cast<int64_t>(slot) * a.hv + h) * a.dk * a.dv : nullptr;
-  const int first = offsets[b], count = offsets[b + 1] - first;
+  const int first = offsets[b], count = offsets[b + 1] - first, stages = lay.stages;
   const PassCopyPlan<T> plan(lay, a);
   // Chunk i streams into stage i % stages, stages - 1 chunks ahead of the one computing; every
   // iteration commits one group (empty past the end) so the wait count stays stages - 1.
@@ -161,14 +204,11 @@ __global__ void __launch_bounds__(kPassThreads)
       cp_async_commit();
     }
   }
-  load_state(s, lay.lds, use_state ? slot_state : nullptr, a, v0);
+  load_state(t.s, lay.lds, use_state ? slot_state : nullptr, a, v0);
   __syncthreads();
-  round_state(sb, lay.ldt, s, lay.lds, a.dkp);
-  const int mm_threads = 32 * kPassMmWarps;
-  const int half = a.dkp / 32 * 16;  // a multiple of 16 (zero at Dk 16: the second half does it all)
+  round_state(t.sb, lay.ldt, t.s, lay.lds, a.dkp);
   for (int ci = 0; ci < count; ++ci) {
-    const int c = first + ci, stage = ci % stages, ahead = ci + stages - 1;
-    const int64_t row0 = (static_cast<int64_t>(c) * a.hv + h) * kChunk;
+    const int ahead = ci + stages - 1;
     // The stage of chunk `ahead` was released by the last chunk's final sync.
     if (ahead < count) {
       load_chunk(smem, lay, plan, ahead % stages, ws, a, first + ahead, h, v0);
@@ -176,40 +216,34 @@ __global__ void __launch_bounds__(kPassThreads)
       cp_async_commit();
     }
     cp_async_wait_at_most(stages - 1);
-    unsigned char* base = smem + stage * lay.stage_bytes;
-    const T* w = carve<T>(base, lay.w);
-    const T* kd = carve<T>(base, lay.kd);
-    const T* u = carve<T>(base, lay.u);
     __syncthreads();  // the chunk's tiles and sb = S_c are complete
-    const float gl = *carve<const float>(base, lay.gl);
-    // w S in two halves of Dk on four warps each (half as many dependent tensor-core steps).
-    if (threadIdx.x < mm_threads) {
-      block_mm<false, false>(cb, lay.lds, w, lay.ldk, sb, lay.ldt, kChunk, kTileV, half, false, 0, kPassMmWarps);
-    } else {
-      block_mm<false, false>(cb2, lay.lds, w + half, lay.ldk, sb + half * lay.ldt, lay.ldt, kChunk, kTileV,
-                             a.dkp - half, false, kPassMmWarps, kPassMmWarps);
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < kChunk * kTileV; idx += blockDim.x) {  // v_new = u - w S
-      const int r = idx / kTileV, j = idx % kTileV;
-      const float ws_rj = cb[r * lay.lds + j] + cb2[r * lay.lds + j];
-      vb[r * lay.ldt + j] = from_float<T>(to_float(u[r * lay.ldt + j]) - ws_rj);
-    }
-    store_tile16(ws.sc + (static_cast<int64_t>(c) * a.hv + h) * a.dkp * a.dvp + v0, a.dvp, sb, lay.ldt, a.dkp, 0,
-                 kPassThreads);  // S_c for the output kernel
-    __syncthreads();
-    store_tile16(ws.u + row0 * a.dvp + v0, a.dvp, vb, lay.ldt, kChunk, 0, kPassThreads);  // u is dead: v_new
-    // S = exp(cum_last) S + kd^T v_new
-    block_mm<true, false>(s, lay.lds, kd, lay.ldk, vb, lay.ldt, a.dkp, kTileV, kChunk, true, 0, 0, gl);
-    __syncthreads();  // this stage's tiles are free again, s is the next chunk's state
-    round_state(sb, lay.ldt, s, lay.lds, a.dkp);
+    pass_chunk(smem + ci % stages * lay.stage_bytes, lay, t, ws, a, first + ci, h, v0);
   }
   cp_async_wait<0>();  // only empty groups can be left
-  if (slot_state == nullptr) return;
   __syncthreads();
+  if (slot_state == nullptr) return;
   for (int idx = threadIdx.x; idx < a.dkp * kTileV; idx += blockDim.x) {
     const int i = idx / kTileV, col = v0 + idx % kTileV;
-    if (i < a.dk && col < a.dv) slot_state[static_cast<int64_t>(i) * a.dv + col] = s[i * lay.lds + idx % kTileV];
+    if (i < a.dk && col < a.dv) slot_state[static_cast<int64_t>(i) * a.dv + col] = t.s[i * lay.lds + idx % kTileV];
+  }
+}
+
+// Grid: x = value head * state tiles + tile, y strides over the ranks of the long sequences
+// (longs[0 .. longs[batch]), chunk_offsets_kernel).
+template <typename T>
+__global__ void __launch_bounds__(kPassThreads)
+    gdn_state_pass_kernel(const int32_t* __restrict__ offsets, const int32_t* __restrict__ longs, int batch,
+                          float* __restrict__ states, const int32_t* __restrict__ slots,
+                          const bool* __restrict__ has_init, ChunkArgs a, ChunkWork<T> ws, int stages) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int tiles = a.dvp / kTileV;
+  const int h = static_cast<int>(blockIdx.x) / tiles, v0 = static_cast<int>(blockIdx.x) % tiles * kTileV;
+  const PassLayout lay(a.dkp, sizeof(T), stages);
+  const PassTiles<T> t(smem, lay);
+  const int count = longs[batch];
+  for (int rank = blockIdx.y; rank < count; rank += gridDim.y) {
+    pass_sequence(smem, lay, t, longs[rank], h, v0, offsets, states, slots, has_init, a, ws);
+    __syncthreads();  // the next sequence overwrites s
   }
 }
 
