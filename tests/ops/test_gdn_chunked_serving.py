@@ -20,6 +20,8 @@ SERVING_BATCHES = [
     pytest.param([1047] * 2 + [1] * 32, 5, id="2x1047+32x1"),
     pytest.param([1] * 16 + [1047], None, id="16x1+1x1047"),
     pytest.param([700] * 3, 1, id="3x700"),
+    # more long sequences than the state pass's grid rows (4 CTAs per SM): CTAs take several in turn
+    pytest.param([1, 200, 1] + [200] * 5 + [3], 0, id="6x200+3-short"),
 ]
 
 

@@ -84,6 +84,9 @@ struct Smem {
 // Launch sizes known on the host without reading cu_seqlens: at most `longs` sequences are longer
 // than short_len tokens (each holds short_len + 1 of the tokens), so the chunk count is at most
 // ceil(tokens / kChunk) + longs (each adds <= 1 partial chunk).
+// The state pass's grid rows (long sequences in flight, each CTA striding over the ranks) stop at
+// four CTAs per SM: two fit at once, so more would only queue, and a loose bound (decode rows)
+// would launch thousands of CTAs that exit at once.
 struct ChunkGrid {
   int short_len;
   int64_t longs, max_chunks;
@@ -91,6 +94,10 @@ struct ChunkGrid {
       : short_len(short_len_),
         longs(std::min<int64_t>(batch, tokens / (short_len_ + 1))),
         max_chunks((tokens + kChunk - 1) / kChunk + longs) {}
+  unsigned pass_rows(int64_t ctas_per_sequence, int sms) const {
+    const int64_t cap = std::max<int64_t>(1, 4 * static_cast<int64_t>(sms) / ctas_per_sequence);
+    return static_cast<unsigned>(std::min<int64_t>({longs, cap, 65535}));
+  }
 };
 
 template <typename K>
@@ -111,7 +118,7 @@ template <typename T>
 void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& g, const at::Tensor& beta, const at::Tensor& cu_seqlens,
                     at::Tensor& states, const at::Tensor& state_indices, const bool* has_init,
-                    int batch, const ChunkArgs& a, const Smem& smem, const ChunkGrid& grid) {
+                    int batch, const ChunkArgs& a, const Smem& smem, const ChunkGrid& grid, int sms) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t rows = grid.max_chunks * a.hv * kChunk;
   const int64_t state_rows = grid.max_chunks * a.hv * a.dkp;
@@ -136,10 +143,10 @@ void launch_chunked(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   // A CTA per (value head, state tile) and long sequence, the tiles of one head next to each other
   // (they read the same w and kd) and the sequences' ranks slowest, so the CTAs of the long sequences
-  // start first and those past the actual count (the bound is loose with decode rows) exit at once.
+  // start first and those past the actual count exit at once.
   allow_smem(gdn_state_pass_kernel<T>, smem.pass.bytes);
-  const dim3 pass_grid(static_cast<unsigned>(a.hv * (a.dvp / kTileV)),
-                       static_cast<unsigned>(std::min<int64_t>(grid.longs, 65535)));
+  const int64_t pass_ctas = static_cast<int64_t>(a.hv) * (a.dvp / kTileV);
+  const dim3 pass_grid(static_cast<unsigned>(pass_ctas), grid.pass_rows(pass_ctas, sms));
   gdn_state_pass_kernel<T><<<pass_grid, kPassThreads, smem.pass.bytes, stream>>>(
       off, longs, batch, states.data_ptr<float>(), state_indices.data_ptr<int32_t>(), has_init, a, ws,
       smem.pass.stages);
@@ -181,7 +188,7 @@ bool launch_gated_delta_rule_chunked(at::Tensor& out, const at::Tensor& q, const
                     static_cast<int>(states.size(0)), 1.f / sqrtf(static_cast<float>(dk)), l2norm};
   SPLITVL_DISPATCH_FLOAT(q.scalar_type(), "gated_delta_rule_chunked", [&] {
     launch_chunked<scalar_t>(out, q, k, v, g, beta, cu_seqlens, states, state_indices, has_init,
-                             static_cast<int>(batch), a, smem, grid);
+                             static_cast<int>(batch), a, smem, grid, sms);
   });
   return true;
 }
