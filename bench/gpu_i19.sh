@@ -19,13 +19,13 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I19_TOTAL_S:-540}
-declare -A BUDGET=([build]=270 [test]=150 [ops]=150 [decode]=120 [serve]=420)
+declare -A BUDGET=([build]=270 [test]=180 [ops]=150 [decode]=120 [serve]=420)
 
 step_cmd() {
   case $1 in
     build) python -m ops.build ;;
     test) python -m pytest -m gpu -q tests/ops/test_linear_attn.py tests/ops/test_gdn_chunked_algorithm.py \
-            tests/ops/test_gdn_decode.py tests/ops/test_gated_rms_norm.py tests/ops/test_activation.py -p no:cacheprovider ;;
+            tests/ops/test_gdn_chunked_serving.py tests/ops/test_gdn_decode.py tests/ops/test_gated_rms_norm.py tests/ops/test_activation.py -p no:cacheprovider ;;
     ops) python bench/ops.py --ops causal_conv1d gated_delta_rule gated_rms_norm gated_delta_net_decode \
            qwen3_5_fusions --json "$OUT/i19-ops.json" && python -m bench.gdn_kernels ;;
     decode) python -m bench.decode --models qwen3.5-0.8b --batches 1,64 --ckpt-cache /tmp/ckpt --json "$OUT/decode-0.8b.json" ;;
