@@ -19,6 +19,24 @@ def int_list(values: Sequence[str]) -> list[int]:
     return [int(v) for item in values for v in str(item).split(",") if v.strip()]
 
 
+def pdl_settings(values: Sequence[str]) -> list[bool]:
+    """`--pdl on,off` -> [True, False] (programmatic dependent launch settings to time, in order);
+    nothing given: the process's current setting only.
+
+    Raises:
+        ValueError: a value other than on / off.
+    """
+    import ops
+
+    names = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+    if any(v not in ("on", "off") for v in names):
+        raise ValueError(f"--pdl takes on and/or off, got {list(values)}")
+    return [v == "on" for v in names] or [ops.programmatic_launch_enabled()]
+
+
+PDL_HELP = "programmatic dependent launch settings to time: on,off (default: the process's, SPLITVL_PDL)"
+
+
 def config_path(name: str) -> Path:
     """`configs/models/<name>.json`, the published config.json of a real architecture."""
     path = CONFIG_DIR / f"{name}.json"

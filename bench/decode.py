@@ -2,6 +2,7 @@
 
     python -m bench.decode --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
     python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1   # TP=2 vs TP=1 (two GPUs)
+    python -m bench.decode --models qwen3.5-0.8b --batches 1 --pdl on,off   # PDL on vs off, same run
     python -m bench.decode --smoke      # CPU, tiny checkpoint
     python -m bench.decode --smoke --tp 2   # CPU, tiny checkpoint, TP=2 over gloo (two Ray actors)
 
@@ -15,6 +16,9 @@ TP > 1 runs our engine's TP workers as Ray actors (NCCL), one GPU each, started
 by the engine in a local Ray instance; each TP size loads the same checkpoint
 in turn, and `vs TP1` is its ITL over the TP=1 ITL at the same batch.
 `--ckpt-cache DIR` keeps the random checkpoint for the next script (bench/serve.py).
+`--pdl on,off` builds our engine once per setting of programmatic dependent launch
+(ops.programmatic_launch; the decode graphs are captured with it) and reports a row each;
+TP > 1 workers take SPLITVL_PDL from the environment instead (one setting per run).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import int_list, load_hf_model, measure_peaks, print_table, synchronize, write_json
+import ops
+from bench.common import (
+    PDL_HELP, int_list, load_hf_model, measure_peaks, pdl_settings, print_table, synchronize, write_json,
+)
 
 PROMPT_LEN = 512
 OUTPUT_LEN = 256
@@ -109,21 +116,13 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
         torch.cuda.empty_cache()
-        ours_itl: dict[tuple[int, int], float] = {}
+        ours_itl: dict[tuple[int, bool, int], float] = {}
         graphed: dict[int, bool | None] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for tp in args.tp:
-            llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(args.batches), PROMPT_LEN)
-            # Whether decode steps replay CUDA graphs (TP > 1: the runners live in the worker actors).
-            graphed[tp] = llm.engine.executor.runner.graphs is not None if tp == 1 else None
-            print(f"{name} tp={tp}: CUDA-graph decode {graphed[tp]}", flush=True)
-            for batch in args.batches:
-                ours_itl[(tp, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
-                print(f"{name} tp={tp} batch={batch}: ours {ours_itl[(tp, batch)]:.2f} ms/token", flush=True)
-            llm.shutdown()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
+            for pdl in args.pdl:
+                with ops.programmatic_launch(pdl):
+                    graphed[tp] = time_ours(name, ckpt, tp, pdl, args.batches, vocab, ours_itl)
         weight_bytes = decode_weight_bytes(ckpt)
         hf_model = load_hf_model(ckpt, torch.bfloat16, device) if args.hf else None
     floor_ms = weight_bytes / (peaks.copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic
@@ -132,19 +131,40 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         hf_ms = (itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device, repeats=1)
                  if args.hf else float("nan"))
         print(f"{name} batch={batch}: transformers {hf_ms:.2f} ms/token", flush=True)
-        for tp in args.tp:
-            ms = ours_itl[(tp, batch)]
-            vs_tp1 = ms / ours_itl[(1, batch)] if (1, batch) in ours_itl else float("nan")
-            rec = dict(model=name, tp=tp, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
+        for tp, pdl in ((tp, pdl) for tp in args.tp for pdl in args.pdl):
+            ms = ours_itl[(tp, pdl, batch)]
+            vs_tp1 = ms / ours_itl[(1, pdl, batch)] if (1, pdl, batch) in ours_itl else float("nan")
+            rec = dict(model=name, tp=tp, pdl=pdl, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
                        ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3, vs_floor=ms / floor_ms,
                        speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1, weight_gb=weight_bytes / 1e9,
                        cuda_graphs=graphed[tp])
             records.append(rec)
-            rows.append([name, tp, batch, ms, hf_ms, floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"],
-                         rec["speedup_vs_hf"], vs_tp1])
+            rows.append([name, tp, "on" if pdl else "off", batch, ms, hf_ms, floor_ms, rec["ours_tok_s"],
+                         rec["hf_tok_s"], rec["vs_floor"], rec["speedup_vs_hf"], vs_tp1])
     del hf_model
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def time_ours(name: str, ckpt: Path, tp: int, pdl: bool, batches: list[int], vocab: int,
+              ours_itl: dict[tuple[int, bool, int], float]) -> bool | None:
+    """Our ITL at each batch into `ours_itl[(tp, pdl, batch)]`, one engine built for the lot.
+
+    Returns whether decode steps replay CUDA graphs (None for TP > 1: the runners live in the workers).
+    """
+    device = torch.device("cuda")
+    llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(batches), PROMPT_LEN)
+    graphed = llm.engine.executor.runner.graphs is not None if tp == 1 else None
+    label = f"{name} tp={tp} pdl={'on' if pdl else 'off'}"
+    print(f"{label}: CUDA-graph decode {graphed}", flush=True)
+    for batch in batches:
+        ours_itl[(tp, pdl, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
+        print(f"{label} batch={batch}: ours {ours_itl[(tp, pdl, batch)]:.2f} ms/token", flush=True)
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return graphed
 
 
 def start_ray_for_tp(tp_sizes: list[int], device: str) -> bool:
@@ -197,11 +217,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tmp", default=None, help="where to write the random checkpoint")
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     args.batches, args.tp = int_list(args.batches), int_list(args.tp)
+    try:
+        args.pdl = pdl_settings(args.pdl)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.smoke and len(args.tp) > 1:
         parser.error("--smoke takes one --tp size")
+    if len(args.pdl) > 1 and max(args.tp) > 1:
+        parser.error("--pdl with two settings needs --tp 1 (TP workers read SPLITVL_PDL at start)")
     return args
 
 
@@ -219,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_model(name, args, peaks, rows, records)
         write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Decode, bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens, {peaks.device_name}",
-                ["model", "TP", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
+                ["model", "TP", "PDL", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
                  "ours/floor", "HF/ours", "vs TP1"], rows)
 
 

@@ -11,7 +11,8 @@
 #          every op has a CUDA kernel, engine decode with CUDA graphs == eager == transformers (MoE too)
 #   ops    bench/ops.py MoE rows (% copy bandwidth at small T, % matmul rate at large T, 64/128-row
 #          blocks at prefill sizes) and the small-row dense linears next to cuBLAS
-#   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64
+#   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64, programmatic
+#          dependent launch on and off
 #          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
@@ -29,7 +30,7 @@ step_cmd() {
     test) python -m pytest -m gpu -x -q tests/ops/test_moe_experts.py tests/ops/test_moe.py tests/models/test_moe_gpu.py \
             tests/ops/test_linear_small.py tests/models/test_small_rows_gpu.py tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
     ops) python bench/ops.py --ops moe_experts topk_softmax linear_small --json "$OUT/ops_moe.json" ;;
-    moe) python -m bench.moe --json "$OUT/moe.json" ;;
+    moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;

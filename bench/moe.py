@@ -3,6 +3,7 @@
     python -m bench.moe --json $OUT/moe.json                  # Qwen3-VL-30B-A3B, all 48 layers
     python -m bench.moe --batches 1 --layers 12 --no-hf       # a quicker slice
     python -m bench.moe --model qwen3.5-35b-a3b --no-hf       # the hybrid Qwen3.5 MoE (40 layers)
+    python -m bench.moe --batches 1 --no-hf --pdl on,off      # programmatic dependent launch on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -14,7 +15,8 @@ captures MoE decode too). The floor is the bytes one step must read (attention,
 router, norms and LM head, plus for each MoE layer the experts this step's
 routing hit, counted on the device; for hybrid Qwen3.5 models also the
 linear-attention state each step reads and writes back) over the copy bandwidth
-of this run.
+of this run. `--pdl on,off` times each batch with programmatic dependent launch
+on and off (ops.programmatic_launch; the graph is captured under each setting).
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -30,7 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bench.common import config_path, cuda_time_fn, int_list, measure_peaks, print_table, write_json
+import ops
+from bench.common import (
+    PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, pdl_settings, print_table, write_json,
+)
 
 BLOCK = 16  # KV block size, as the engine's default
 
@@ -38,6 +43,7 @@ BLOCK = 16  # KV block size, as the engine's default
 @dataclass(frozen=True, slots=True)
 class StepResult:
     batch: int
+    pdl: bool  # whether the step's kernels used programmatic dependent launch
     eager_ms: float
     graph_ms: float
     floor_ms: float
@@ -172,7 +178,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
                 profile_replays(graph.replay, batch)
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
-    return StepResult(batch, eager, graphed, floor, nbytes / 1e9, hit)
+    return StepResult(batch, ops.programmatic_launch_enabled(), eager, graphed, floor, nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -256,8 +262,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-hf", dest="hf", action="store_false")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="also print each batch's top kernels (GPU)")
+    parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
+    try:
+        pdl = pdl_settings(args.pdl)
+    except ValueError as exc:
+        parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
     if args.smoke:
         arch = args.model or "qwen3_vl_moe"
@@ -271,9 +282,13 @@ def main(argv: list[str] | None = None) -> None:
           flush=True)
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
-    results = [time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile) for b in batches]
+    results = []
+    for b, on in ((b, on) for b in batches for on in pdl):
+        with ops.programmatic_launch(on):
+            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile))
     for r in results:
-        print(f"batch {r.batch}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, floor {r.floor_ms:.2f} ms "
+        print(f"batch {r.batch} pdl {'on' if r.pdl else 'off'}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
+              f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
     holder = [model]
     del model
@@ -286,11 +301,11 @@ def main(argv: list[str] | None = None) -> None:
         records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
-        rows.append([args.model, layers, r.batch, r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms,
+        rows.append([args.model, layers, r.batch, "on" if r.pdl else "off", r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms,
                      r.batch / best * 1e3, hf, r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

@@ -27,6 +27,7 @@ import torch
 
 from ops import reference, reference_linear_attn, reference_moe
 from ops._extension import STATE, OpTable, extension_available, fallback_reason
+from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
 from ops.reference_moe import MoeAlignment, align_block_size, align_capacity
 
 _ops = OpTable(STATE)
@@ -287,5 +288,6 @@ def gated_delta_net_decode(
 OPS = _ops.ops()
 
 __all__ = [
-    "extension_available", "fallback_reason", "MoeAlignment", *(bound.name for bound in OPS)
+    "extension_available", "fallback_reason", "MoeAlignment", "programmatic_launch",
+    "programmatic_launch_enabled", "set_programmatic_launch", *(bound.name for bound in OPS)
 ]

@@ -8,6 +8,9 @@ rows are reused) and decode batches fall between captured sizes (padding rows):
   logits and every cache / state pool after the step must agree (bf16 rounding:
   the graph's GEMMs run at the padded batch size) and the greedy tokens match;
 - fp32, end to end: greedy tokens of a graphed run equal an `enforce_eager` run.
+Both run with programmatic dependent launch (PDL) on, the default, and a third check
+captures the graphs with PDL on and off: the bf16 tokens must be identical (PDL changes
+when kernels start, never what they compute).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import ops
 from engine import LLM, SamplingParams
 from tests.engine.helpers import TEXT, image, prompt_ids
 
@@ -99,6 +103,7 @@ class StepChecker:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_graph_decode_steps_equal_eager_bf16(tiny_checkpoint, arch):
     # Synchronous steps: the eager redo builds its batch from the tokens on the host.
+    assert ops.programmatic_launch_enabled(), "PDL is on by default: these checks run with it"
     with _graphed(tiny_checkpoint(arch), "bfloat16", async_scheduling=False) as llm:
         checker = StepChecker(llm.engine.executor.runner)
         prompts, params = _requests(llm.tokenizer)
@@ -145,3 +150,14 @@ def test_async_scheduling_equals_sync_with_graphs_fp32(tiny_checkpoint, arch):
             assert stats["num_free_blocks"] == stats["num_total_blocks"]
     assert results[True] == results[False]
     assert results[True][0] == plain
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_graph_decode_with_and_without_pdl_identical_bf16(tiny_checkpoint, arch):
+    path = tiny_checkpoint(arch)
+    tokens = {}
+    for pdl in (True, False):
+        with ops.programmatic_launch(pdl), _graphed(path, "bfloat16") as llm:
+            prompts, params = _requests(llm.tokenizer)
+            tokens[pdl] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert tokens[True] == tokens[False]

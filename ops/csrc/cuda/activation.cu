@@ -2,6 +2,7 @@
 // dtype, 16-byte packs.
 #include "common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 namespace {
@@ -21,6 +22,8 @@ template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in,
                                     int64_t in_row_stride, int d) {
   using P = Pack<T, VEC>;
+  pdl_wait();  // the input comes from the previous kernel (pdl.cuh)
+  pdl_launch_dependents();
   const int i = blockIdx.y * blockDim.x + threadIdx.x;
   if (i >= d / VEC) return;
   const T* row = in + blockIdx.x * in_row_stride;
@@ -70,6 +73,8 @@ template <typename T, int VEC>
 __global__ void sigmoid_gate_mul_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ gate,
                                         int64_t rows, int64_t d, HeadRows xl, HeadRows gl) {
   using P = Pack<T, VEC>;
+  pdl_wait();  // x and the gate come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   const int64_t row_packs = d / VEC, packs = rows * row_packs;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
@@ -126,9 +131,9 @@ void silu_and_mul(at::Tensor& out, const at::Tensor& input) {
     const int packs = static_cast<int>(vec ? d / V : d);
     const dim3 grid(static_cast<unsigned>(rows), ceil_div(packs, kThreads));
     if (vec)
-      silu_and_mul_kernel<scalar_t, V><<<grid, kThreads, 0, stream>>>(o, x, row_stride, d);
+      launch_pdl(silu_and_mul_kernel<scalar_t, V>, grid, kThreads, 0, stream, o, x, row_stride, d);
     else
-      silu_and_mul_kernel<scalar_t, 1><<<grid, kThreads, 0, stream>>>(o, x, row_stride, d);
+      launch_pdl(silu_and_mul_kernel<scalar_t, 1>, grid, kThreads, 0, stream, o, x, row_stride, d);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -185,9 +190,9 @@ void sigmoid_gate_mul(at::Tensor& out, const at::Tensor& input, const at::Tensor
                      is_aligned16(g);
     const int blocks = grid_stride_blocks(vec ? n / V : n);
     if (vec)
-      sigmoid_gate_mul_kernel<scalar_t, V><<<blocks, kThreads, 0, stream>>>(o, x, g, rows, d, xl, gl);
+      launch_pdl(sigmoid_gate_mul_kernel<scalar_t, V>, blocks, kThreads, 0, stream, o, x, g, rows, d, xl, gl);
     else
-      sigmoid_gate_mul_kernel<scalar_t, 1><<<blocks, kThreads, 0, stream>>>(o, x, g, rows, d, xl, gl);
+      launch_pdl(sigmoid_gate_mul_kernel<scalar_t, 1>, blocks, kThreads, 0, stream, o, x, g, rows, d, xl, gl);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

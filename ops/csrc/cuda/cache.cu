@@ -1,6 +1,7 @@
 // reshape_and_cache: scatter new K/V tokens into the paged caches by slot.
 #include "common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 namespace {
@@ -17,6 +18,8 @@ __global__ void reshape_and_cache_kernel(const T* __restrict__ key, const T* __r
                                          TokenLayout Lv, int heads, int head_dim, int block_size) {
   using P = Pack<T, VEC>;
   const int64_t t = blockIdx.x;
+  pdl_wait();  // k, v, the slots and the cache are written by earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   const int64_t slot = slot_mapping[t];
   if (slot < 0) return;  // padding token: nothing to write
   const int64_t block = slot / block_size, offset = slot % block_size;
@@ -83,11 +86,11 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
     const int threads = std::min(512, std::max(32, ((work + 31) / 32) * 32));
     const int block_size = static_cast<int>(key_cache.size(1));
     if (vec)
-      reshape_and_cache_kernel<scalar_t, V><<<static_cast<unsigned>(T), threads, 0, stream>>>(
-          k, v, kc, vc, slots.data_ptr<int64_t>(), Lk, Lv, heads, head_dim, block_size);
+      launch_pdl(reshape_and_cache_kernel<scalar_t, V>, static_cast<unsigned>(T), threads, 0, stream, k, v, kc, vc,
+                 slots.data_ptr<int64_t>(), Lk, Lv, heads, head_dim, block_size);
     else
-      reshape_and_cache_kernel<scalar_t, 1><<<static_cast<unsigned>(T), threads, 0, stream>>>(
-          k, v, kc, vc, slots.data_ptr<int64_t>(), Lk, Lv, heads, head_dim, block_size);
+      launch_pdl(reshape_and_cache_kernel<scalar_t, 1>, static_cast<unsigned>(T), threads, 0, stream, k, v, kc, vc,
+                 slots.data_ptr<int64_t>(), Lk, Lv, heads, head_dim, block_size);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -9,7 +9,8 @@
 // CTA sums its warps' partials in its own shared memory, then the cluster's CTAs
 // reduce the slab's 16 x 32 outputs together through distributed shared memory and
 // write them (bias or SiLU gate fused). One launch, no workspace, no atomics, so it
-// records into CUDA graphs like any kernel.
+// records into CUDA graphs like any kernel. Launched with PDL (pdl.cuh): the first weight
+// loads overlap the previous kernel.
 //
 // fp32, K % 8 != 0 and unaligned rows take the ATen path (linear_small.h).
 #include <cooperative_groups.h>
@@ -110,7 +111,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) dense_gemv_kernel(DenseArgs<T>
   const int per_split = (chunks + p.splits - 1) / p.splits;
   const int begin = rank * per_split, end = min(chunks, begin + per_split);
   float acc[kTiles][4] = {};
-  stream_k<T>(acc, w_rows, a0, a1, p.k_dim, begin, end);
+  stream_k<T, true>(acc, w_rows, a0, a1, p.k_dim, begin, end);  // waits (PDL)
 #pragma unroll
   for (int nt = 0; nt < kTiles; ++nt)
 #pragma unroll
@@ -134,23 +135,8 @@ template <typename T, bool GATED>
 void launch_dense_gemv(const DenseArgs<T>& args, int64_t slabs, int64_t row_blocks,
                        cudaStream_t stream) {
   const dim3 grid(args.splits, static_cast<unsigned>(slabs), static_cast<unsigned>(row_blocks));
-  if (args.splits == 1) {
-    dense_gemv_kernel<T, GATED><<<grid, kWarps * 32, 0, stream>>>(args);
-    return;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kWarps * 32);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = args.splits;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, dense_gemv_kernel<T, GATED>, args));
+  launch_pdl_cluster(static_cast<unsigned>(args.splits), dense_gemv_kernel<T, GATED>, grid, kWarps * 32, 0,
+                     stream, args);
 }
 
 bool streams(const at::Tensor& x, const at::Tensor& weight) {

@@ -20,6 +20,7 @@
 #pragma once
 
 #include "mma_common.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda::gemv {
 
@@ -83,11 +84,15 @@ __device__ __forceinline__ void mma_chunk(float (&acc)[kTiles][4], const Chunk& 
 // begin + w, begin + w + kWarps, ... so the CTA reads kWarps * kUnroll consecutive
 // chunks of every row per round. Null rows (beyond n, or padding A rows) read as 0.
 // Needs K % 8 == 0 (a lane's 8 elements are all in or all out) and 16-byte aligned rows.
-template <typename T>
+// PDL: the weights are read-only, so the first round's weight loads are issued before
+// pdl_wait() (pdl.cuh) and overlap the previous kernel's tail; A (an activation) is read
+// after it. Every thread has waited when this returns.
+template <typename T, bool PDL = false>
 __device__ __forceinline__ void stream_k(float (&acc)[kTiles][4], const T* const (&w_rows)[kTiles],
                                          const T* a0, const T* a1, int k_dim, int begin, int end) {
   const int warp = threadIdx.x >> 5, t4 = threadIdx.x & 3;
   const uint4 zero = make_uint4(0, 0, 0, 0);
+  bool waited = !PDL;
   for (int first = begin + warp; first < end; first += kWarps * kUnroll) {
     Chunk c[kUnroll];
 #pragma unroll
@@ -98,11 +103,26 @@ __device__ __forceinline__ void stream_k(float (&acc)[kTiles][4], const T* const
 #pragma unroll
       for (int nt = 0; nt < kTiles; ++nt)
         c[u].w[nt] = in && w_rows[nt] != nullptr ? load_stream(w_rows[nt] + k) : zero;
+    }
+    if (!waited) {
+      pdl_wait();
+      pdl_launch_dependents();
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int chunk = first + u * kWarps;
+      const int k = chunk * kChunk + 8 * t4;
+      const bool in = chunk < end && k < k_dim;
       c[u].a[0] = in && a0 != nullptr ? load_cached(a0 + k) : zero;
       c[u].a[1] = in && a1 != nullptr ? load_cached(a1 + k) : zero;
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) mma_chunk<T>(acc, c[u]);
+  }
+  if (!waited) {  // a warp with no chunk still writes outputs afterwards
+    pdl_wait();
+    pdl_launch_dependents();
   }
 }
 

@@ -12,6 +12,7 @@
 #include "common.cuh"
 #include "norm_common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 namespace {
@@ -63,6 +64,8 @@ __global__ void rms_norm_kernel(NormRows<T, W> a) {
   P* r = ADD ? reinterpret_cast<P*>(a.res + row_offset(a.lr, row)) : nullptr;
   P* y = reinterpret_cast<P*>(a.out + row_offset(a.lo, row));
   const PW* w = reinterpret_cast<const PW*>(a.weight);
+  pdl_wait();  // the input and residual come from the previous kernel
+  pdl_launch_dependents();
 
   // Pack i of the row to normalize: the input, or input + residual rounded to T,
   // which is the new residual.
@@ -153,16 +156,16 @@ void launch_rows(const NormRows<T, W>& a, cudaStream_t stream) {
     const int warps = a.li.rows >= 2048 ? 8 : 2;
     const int grid = ceil_div(a.li.rows, warps);
     if (vec)
-      rms_norm_kernel<T, W, V, true, ADD><<<grid, warps * 32, 0, stream>>>(a);
+      launch_pdl(rms_norm_kernel<T, W, V, true, ADD>, grid, warps * 32, 0, stream, a);
     else
-      rms_norm_kernel<T, W, 1, true, ADD><<<grid, warps * 32, 0, stream>>>(a);
+      launch_pdl(rms_norm_kernel<T, W, 1, true, ADD>, grid, warps * 32, 0, stream, a);
   } else {
     const int threads = std::min(1024, ((nvec + 31) / 32) * 32);
     const int grid = static_cast<int>(a.li.rows);
     if (vec)
-      rms_norm_kernel<T, W, V, false, ADD><<<grid, threads, 0, stream>>>(a);
+      launch_pdl(rms_norm_kernel<T, W, V, false, ADD>, grid, threads, 0, stream, a);
     else
-      rms_norm_kernel<T, W, 1, false, ADD><<<grid, threads, 0, stream>>>(a);
+      launch_pdl(rms_norm_kernel<T, W, 1, false, ADD>, grid, threads, 0, stream, a);
   }
 }
 

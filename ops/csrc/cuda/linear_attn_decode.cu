@@ -18,6 +18,7 @@
 #include "../linear_attn_checks.h"
 #include "common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 namespace {
@@ -228,6 +229,8 @@ __global__ void __launch_bounds__(kThreads)
   float* obuf = red + kWarps * kMaxCols;           // [dv]
   float* gb = obuf + a.dv;                         // [2 group]
   const int b = blockIdx.x, hq = blockIdx.y;
+  pdl_wait();  // the projection, slots and states come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   const int slot = slots[b];
   CUDA_KERNEL_ASSERT(slot < a.num_slots);
   const scalar_t* row = proj + b * a.proj_stride;
@@ -282,7 +285,7 @@ void gated_delta_net_decode(at::Tensor& out, const at::Tensor& proj, const at::T
   const dim3 grid(static_cast<unsigned>(d.batch), static_cast<unsigned>(d.hk));
   SPLITVL_DISPATCH_FLOAT(proj.scalar_type(), op, [&] {
     const auto launch = [&](auto vec, auto rows) {
-      gdn_decode_kernel<scalar_t, decltype(vec)::value, decltype(rows)::value><<<grid, kThreads, smem, stream>>>(
+      launch_pdl(gdn_decode_kernel<scalar_t, decltype(vec)::value, decltype(rows)::value>, grid, kThreads, smem, stream,
           reinterpret_cast<scalar_t*>(out.data_ptr()), reinterpret_cast<const scalar_t*>(proj.data_ptr()),
           reinterpret_cast<const scalar_t*>(conv_weight.data_ptr()),
           reinterpret_cast<scalar_t*>(conv_states.data_ptr()), A_log.data_ptr<float>(), dt_bias.data_ptr<float>(),

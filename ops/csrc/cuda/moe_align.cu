@@ -9,6 +9,7 @@
 // moe_route runs the router's top-k and the alignment in that one CTA when the
 // tokens fit one warp each (decode), else the two kernels.
 #include "ops.cuh"
+#include "pdl.cuh"
 #include "topk_common.cuh"
 
 namespace splitvl::cuda {
@@ -128,6 +129,8 @@ __global__ void __launch_bounds__(kAlignThreads)
                      int blocks, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
                      int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
   extern __shared__ int smem[];
+  pdl_wait();  // the ids come from the previous kernel (pdl.cuh)
+  pdl_launch_dependents();
   align_pairs<kAlignThreads>(ids, pairs, experts, block, blocks, smem, sorted, pos,
                              block_experts, total);
 }
@@ -143,6 +146,8 @@ __global__ void __launch_bounds__(kRouteThreads)
                      int32_t* __restrict__ total, int experts) {
   extern __shared__ int smem[];
   int* picked = smem;  // [T * k]
+  pdl_wait();  // the router logits come from the previous kernel (pdl.cuh)
+  pdl_launch_dependents();
   const int t = threadIdx.x >> 5, lane = threadIdx.x & 31;
   if (t < tokens) {
     const TopkPick pick = topk_row<T, VPT>(gating + t * row_stride, experts, k, renormalize);
@@ -161,6 +166,8 @@ template <typename T>
 __global__ void moe_combine_kernel(T* __restrict__ out, const T* __restrict__ y,
                                    const int32_t* __restrict__ pos, int k, int hidden) {
   const int64_t t = blockIdx.x;
+  pdl_wait();  // the expert rows and positions come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   const int32_t* my_pos = pos + t * k;
   for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
     float acc = 0.f;
@@ -184,6 +191,8 @@ __global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* __restrict
   constexpr int N = kPack16<T>;
   using P = Pack<T, N>;
   const int64_t t = blockIdx.x;
+  pdl_wait();  // the expert rows and positions come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   const int c = (blockIdx.y * blockDim.x + threadIdx.x) * N;
   if (c >= hidden) return;
   const int32_t* my_pos = pos + t * k;
@@ -254,7 +263,7 @@ void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block
   const int experts = static_cast<int>(num_experts);
   const size_t smem = sizeof(int) * size_t(experts) * (2 + kAlignThreads / 32);
   allow_smem(moe_align_kernel, smem);
-  moe_align_kernel<<<1, kAlignThreads, smem, stream>>>(
+  launch_pdl(moe_align_kernel, 1, kAlignThreads, smem, stream,
       topk_ids.data_ptr<int32_t>(), static_cast<int>(topk_ids.numel()), experts, block,
       static_cast<int>(block_experts.numel()), sorted_pairs.data_ptr<int32_t>(),
       pair_pos.data_ptr<int32_t>(), block_experts.data_ptr<int32_t>(),
@@ -285,7 +294,7 @@ void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorte
     dispatch_topk_vpt(static_cast<int>(experts), [&](auto vpt) {
       auto kernel = moe_route_kernel<scalar_t, decltype(vpt)::value>;
       allow_smem(kernel, smem);
-      kernel<<<1, kRouteThreads, smem, stream>>>(
+      launch_pdl(kernel, 1, kRouteThreads, smem, stream,
           topk_weights.data_ptr<float>(), topk_ids.data_ptr<int32_t>(), g,
           gating_output.stride(0), static_cast<int>(tokens), static_cast<int>(k), renormalize,
           block, static_cast<int>(block_experts.numel()), sorted_pairs.data_ptr<int32_t>(),
@@ -322,12 +331,12 @@ void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_po
       const int packs = hidden / pack;
       const int threads = std::min(256, (packs + 31) / 32 * 32);
       const dim3 grid(static_cast<unsigned>(tokens), ceil_div(packs, threads));
-      moe_combine_pack_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-          o, rows, pair_pos.data_ptr<int32_t>(), k, hidden);
+      launch_pdl(moe_combine_pack_kernel<scalar_t>, grid, threads, 0, stream, o, rows,
+                 pair_pos.data_ptr<int32_t>(), k, hidden);
     } else {
       const int threads = std::min(512, (hidden + 31) / 32 * 32);
-      moe_combine_kernel<scalar_t><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
-          o, rows, pair_pos.data_ptr<int32_t>(), k, hidden);
+      launch_pdl(moe_combine_kernel<scalar_t>, static_cast<unsigned>(tokens), threads, 0, stream, o, rows,
+                 pair_pos.data_ptr<int32_t>(), k, hidden);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -10,6 +10,7 @@
 #include "gemv_stream.cuh"
 #include "moe_gemm_common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 namespace {
@@ -54,6 +55,9 @@ __global__ void __launch_bounds__(kWarps * 32, 4)
   __shared__ const T* a_rows[16];
   __shared__ int row_pairs[16];
   __shared__ float partial[kWarps - 1][kTiles][4][32];
+  // Which expert's weights to read depends on the routing: wait before anything (pdl.cuh).
+  pdl_wait();
+  pdl_launch_dependents();
   const int expert = block_rows<T, 16>(args, a, top_k, k_dim, a_rows, row_pairs);
   if (expert < 0) return;  // uniform over the CTA
   __syncthreads();
@@ -94,8 +98,8 @@ void launch_moe_gemv(T* out, const T* a, const T* w, const float* pair_weights,
                      cudaStream_t stream) {
   const int cols = kSlabCols<GATED>;
   const dim3 grid(blocks, (n + cols - 1) / cols);
-  moe_gemv_kernel<T, GATED><<<grid, kWarps * 32, 0, stream>>>(out, a, w, pair_weights, args,
-                                                              top_k, k_dim, n);
+  launch_pdl(moe_gemv_kernel<T, GATED>, grid, kWarps * 32, 0, stream, out, a, w, pair_weights, args, top_k,
+             k_dim, n);
 }
 
 template void launch_moe_gemv<__half, true>(__half*, const __half*, const __half*, const float*,

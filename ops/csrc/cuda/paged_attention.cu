@@ -15,6 +15,7 @@
 #include <climits>
 
 #include "ops.cuh"
+#include "pdl.cuh"
 #include "paged_decode_common.cuh"
 #include "paged_decode_mma.cuh"
 
@@ -104,6 +105,8 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
   float* red_acc = q_s + GT * D;             // [kWarps, GT, D]
   float* red_m = red_acc + kWarps * GT * D;  // [kWarps, GT]
   float* red_w = red_m + kWarps * GT;        // [kWarps, GT]: sums, then merge weights
+  pdl_wait();  // q, the cache, block tables and lengths come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
 
   const DecodeCta cta = decode_cta(p, GT);
   const int kv_head = cta.kv_head, b = cta.b, split = cta.split, h0 = cta.h0, heads = cta.heads;
@@ -277,6 +280,8 @@ __global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(Decod
   __shared__ float red_m[kMergeThreads], red_l[kMergeThreads];
   constexpr int S = 8;  // partitions loaded at once
   const int h = blockIdx.x, b = blockIdx.y, D4 = p.head_dim / 4;
+  pdl_wait();  // the partitions come from the decode kernel (pdl.cuh)
+  pdl_launch_dependents();
   const int groups = kMergeThreads / D4, group = threadIdx.x / D4, d4 = threadIdx.x - group * D4;
   const int used = (max(p.seq_lens[b], 0) + p.part - 1) / p.part;
   const int64_t bh = int64_t(b) * p.num_q_heads + h;
@@ -463,7 +468,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
         if (gt != GT || tiling.lanes != L || tiling.cpl != CPL) return;
         const size_t smem = kMaxPartition * sizeof(int) +
                             ((kWarps + 1) * GT * D + 2 * kWarps * GT) * sizeof(float);
-        paged_decode_kernel<scalar_t, GT, L, CPL><<<grid, kThreads, smem, stream>>>(p);
+        launch_pdl(paged_decode_kernel<scalar_t, GT, L, CPL>, grid, kThreads, smem, stream, p);
       }
     };
     auto per_cpl = [&](auto gt_c, auto lanes_c) {
@@ -488,7 +493,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (splits > 1) {
       const dim3 mgrid(static_cast<unsigned>(Hq), static_cast<unsigned>(B));
-      paged_decode_merge_kernel<scalar_t><<<mgrid, kMergeThreads, 0, stream>>>(p);
+      launch_pdl(paged_decode_merge_kernel<scalar_t>, mgrid, kMergeThreads, 0, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

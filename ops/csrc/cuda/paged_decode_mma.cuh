@@ -19,6 +19,7 @@
 
 #include "attention_common.cuh"
 #include "paged_decode_common.cuh"
+#include "pdl.cuh"
 
 namespace splitvl::cuda {
 
@@ -43,6 +44,8 @@ __global__ void __launch_bounds__(kDecodeThreads, D >= 256 ? 2 : 3)
   extern __shared__ float smem[];
   int* rows = reinterpret_cast<int*>(smem);  // [kMaxPartition]
   float* red_acc = smem + kMaxPartition;     // [warps, H, D]
+  pdl_wait();  // q, the cache, block tables and lengths come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   float* red_m = red_acc + kDecodeWarps * H * D;
   float* red_w = red_m + kDecodeWarps * H;
 
@@ -167,9 +170,9 @@ void launch_paged_decode_mma(const DecodeParams<T>& p, dim3 grid, cudaStream_t s
     const size_t smem = kMaxPartition * sizeof(int) +
                         (kDecodeWarps * kMmaHeads * p.head_dim + 2 * kDecodeWarps * kMmaHeads) * sizeof(float);
     if (p.head_dim == 128) {
-      paged_decode_mma_kernel<T, 128><<<grid, kDecodeThreads, smem, stream>>>(p);
+      launch_pdl(paged_decode_mma_kernel<T, 128>, grid, kDecodeThreads, smem, stream, p);
     } else {
-      paged_decode_mma_kernel<T, 256><<<grid, kDecodeThreads, smem, stream>>>(p);
+      launch_pdl(paged_decode_mma_kernel<T, 256>, grid, kDecodeThreads, smem, stream, p);
     }
   }
 }

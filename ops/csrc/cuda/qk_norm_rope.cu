@@ -15,6 +15,7 @@
 #include "common.cuh"
 #include "norm_common.cuh"
 #include "ops.cuh"
+#include "pdl.cuh"
 #include "rotary_common.cuh"
 
 namespace splitvl::cuda {
@@ -66,6 +67,8 @@ __global__ void qk_norm_rope_kernel(QKArgs<T, W> a) {
   const int h = blockIdx.y * kWarpsPerCta + warp;
   float* cs = smem;
   float* row = smem + 2 * a.rot_half + warp * a.dim;
+  pdl_wait();  // positions, q and k come from earlier kernels (pdl.cuh)
+  pdl_launch_dependents();
   stage_cos_sin(cs, a.positions, a.pos_row_stride, a.pos_col_stride, t, a.cache, a.max_pos, a.rot_half, a.sec);
   __syncthreads();
   if (h >= a.hq + a.hk) return;  // no block barrier below
@@ -189,9 +192,9 @@ void qk_norm_rope(const at::Tensor& positions, at::Tensor& query, at::Tensor& ke
       a.is_neox = is_neox;
       a.sec = sec;
       if (vectorizable(a)) {
-        qk_norm_rope_kernel<scalar_t, W, true><<<grid, warps * 32, smem, stream>>>(a);
+        launch_pdl(qk_norm_rope_kernel<scalar_t, W, true>, grid, warps * 32, smem, stream, a);
       } else {
-        qk_norm_rope_kernel<scalar_t, W, false><<<grid, warps * 32, smem, stream>>>(a);
+        launch_pdl(qk_norm_rope_kernel<scalar_t, W, false>, grid, warps * 32, smem, stream, a);
       }
     };
     if (q_weight.scalar_type() == query.scalar_type()) {
