@@ -21,3 +21,19 @@ def test_moe_bench_smoke(capsys, arch: str | None) -> None:
     one table row per batch."""
     moe.main(["--smoke", "--batches", "1,4", "--context", "20", *(["--model", arch] if arch else [])])
     assert capsys.readouterr().out.count(f"| tiny {arch or 'qwen3_vl_moe'} |") == 2
+
+
+def test_moe_bench_times_each_pdl_setting(capsys) -> None:
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--pdl", "on,off"])
+    out = capsys.readouterr().out
+    assert "batch 1 pdl on:" in out and "batch 1 pdl off:" in out
+    assert out.count("| tiny qwen3_vl_moe |") == 2
+
+
+def test_decode_bench_pdl_settings_parse() -> None:
+    assert decode.parse_args(["--pdl", "on,off"]).pdl == [True, False]
+    assert decode.parse_args(["--pdl", "off"]).pdl == [False]
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--pdl", "maybe"])
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--pdl", "on,off", "--tp", "2"])
