@@ -12,6 +12,7 @@ it writes nothing and loads no weights.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from ray import serve
@@ -20,6 +21,36 @@ from deployments.config import AppConfig
 from deployments.llm import LLMServer
 from deployments.openai_api import IngressDeployment
 from deployments.vision import VisionEncoder
+
+
+# Ray Serve switches read by each replica process when it imports Serve. Serve's defaults run
+# a replica's code on a second event loop in its own thread and a handle's router on a third:
+# every request and every streamed item then crosses threads (and the GIL) in the caller and
+# in the callee. On one loop, the text-only Ray overhead (HTTP TTFT - engine TTFT, c=1, HAProxy)
+# measured 13.4-16.0 -> 9.7-11.7 ms p50 on the 2-core CPU box (tiny Qwen3-VL, 3 runs each;
+# BENCHMARKS.md). Safe here: every replica's blocking work runs off its loop (the engine's step
+# thread, the vision tower in `asyncio.to_thread`, image decode and resize in worker threads),
+# and replicas call handles only from async code (a handle whose router runs on the current
+# loop cannot be used outside one, hence per replica and not in `ray start`'s environment).
+REPLICA_SERVE_ENV = {
+    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
+}
+
+
+def replica_env() -> dict[str, str]:
+    """`REPLICA_SERVE_ENV`, where a value set in the environment that builds the app wins
+    (the Serve app's `runtime_env`, the shell of `serve run`): `=1` restores Serve's default."""
+    return {key: os.environ.get(key, value) for key, value in REPLICA_SERVE_ENV.items()}
+
+
+def with_replica_env(options: dict[str, Any]) -> dict[str, Any]:
+    """Deployment options with `replica_env()` added to the replica actor's `runtime_env`
+    (Serve merges it with the app's; these keys win)."""
+    actor = dict(options.get("ray_actor_options") or {})
+    runtime_env = dict(actor.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **replica_env()}
+    return {**options, "ray_actor_options": {**actor, "runtime_env": runtime_env}}
 
 
 def needs_vision(config: AppConfig) -> bool:
@@ -87,11 +118,14 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     """
     # Plain JSON dict: every replica re-validates it, and it pickles anywhere.
     raw = json.loads(config.model_dump_json(by_alias=False))
-    llm = serve.deployment(LLMServer, name="LLMServer").options(**LLMServer.deployment_options(config))
+    llm_options = with_replica_env(LLMServer.deployment_options(config))
+    llm = serve.deployment(LLMServer, name="LLMServer").options(**llm_options)
     llm_app = llm.bind(raw, engine_cls) if engine_cls is not None else llm.bind(raw)
     vision_app = None
     if needs_vision(config):
-        vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_options(config))
+        vision_opts = with_replica_env(vision_options(config))
+        vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_opts)
         vision_app = vision.bind(raw)
-    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(**ingress_options(config))
+    ingress_opts = with_replica_env(ingress_options(config))
+    ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(**ingress_opts)
     return ingress.bind(raw, vision_app, llm_app)

@@ -118,6 +118,26 @@ def template_message(text, n_images):
     return [{"role": "user", "content": [{"type": "text", "text": text}] + [{"type": "image"}] * n_images}]
 
 
+def test_every_replica_runs_serve_on_one_event_loop(base_url):
+    """Each replica process of the app started with deployments.app.REPLICA_SERVE_ENV (Linux /proc)."""
+    from deployments.app import REPLICA_SERVE_ENV
+
+    prefix = f"ray::ServeReplica:{APP}:"
+    envs: dict[str, dict[str, str]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            if title.startswith(prefix):
+                raw = (proc / "environ").read_bytes().split(b"\0")
+                envs[title.removeprefix(prefix).split(".")[0]] = dict(
+                    item.decode().split("=", 1) for item in raw if b"=" in item)
+        except OSError:  # a process that ended meanwhile
+            continue
+    assert set(envs) == {"OpenAIIngress", "VisionEncoder", "LLMServer"}
+    for name, env in envs.items():
+        assert {k: env.get(k) for k in REPLICA_SERVE_ENV} == REPLICA_SERVE_ENV, name
+
+
 def test_chat_with_data_url_image(client, reference):
     image = png_bytes(64, 96, (10, 200, 30))
     resp = client.chat.completions.create(

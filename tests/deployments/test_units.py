@@ -305,6 +305,44 @@ def test_cluster_files_carry_a_valid_serve_config():
     assert "--dashboard-host=127.0.0.1" in " ".join(launcher["head_start_ray_commands"])
 
 
+def test_cluster_files_start_every_node_with_haproxy():
+    """HAProxy ingress is read by Serve's controller at `ray start`: every node and pod carries it.
+    The replicas' own switches (deployments.app.REPLICA_SERVE_ENV) come with the app, not from here."""
+    import yaml
+
+    from deployments.app import REPLICA_SERVE_ENV
+
+    launcher = yaml.safe_load((CONFIGS / "cluster" / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in launcher[key] if "ray start" in c]
+        assert starts and all("RAY_SERVE_ENABLE_HA_PROXY=1 ray start" in c for c in starts), key
+    ray_cluster = yaml.safe_load((CONFIGS / "cluster" / "rayservice.yaml").read_text())["spec"]["rayClusterConfig"]
+    groups = [ray_cluster["headGroupSpec"], *ray_cluster["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container.get("env", [])}
+            assert env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", container["name"]
+            # Process-wide, a handle router on the caller's loop breaks handles used from sync code.
+            assert not set(env) & set(REPLICA_SERVE_ENV), container["name"]
+
+
+def test_replica_env_is_added_to_every_deployment_and_the_build_env_wins(monkeypatch):
+    from deployments.app import REPLICA_SERVE_ENV, with_replica_env
+
+    for key in REPLICA_SERVE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    opts = {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"A": "b"}}}}
+    out = with_replica_env(opts)
+    assert out["ray_actor_options"]["runtime_env"]["env_vars"] == {"A": "b", **REPLICA_SERVE_ENV}
+    assert out["ray_actor_options"]["num_cpus"] == 1 and out["num_replicas"] == 2
+    assert opts["ray_actor_options"]["runtime_env"]["env_vars"] == {"A": "b"}  # not modified in place
+    assert REPLICA_SERVE_ENV == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
+                                 "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+    monkeypatch.setenv("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "1")
+    env = with_replica_env({})["ray_actor_options"]["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
 def test_llm_placement_bundles(tmp_path):
     from deployments.llm import LLMServer
 
