@@ -26,10 +26,11 @@ from deployments.vision import VisionEncoder
 # Ray Serve switches read by each replica process when it imports Serve. Serve's defaults run
 # a replica's code on a second event loop in its own thread and a handle's router on a third:
 # every request and every streamed item then crosses threads (and the GIL) in the caller and
-# in the callee. On one loop, the text-only Ray overhead (HTTP TTFT - engine TTFT, c=1, HAProxy)
-# measured 13.4-16.0 -> 9.7-11.7 ms p50 on the 2-core CPU box (tiny Qwen3-VL, 3 runs each;
-# BENCHMARKS.md). Safe here: every replica's blocking work runs off its loop (the engine's step
-# thread, the vision tower in `asyncio.to_thread`, image decode and resize in worker threads),
+# in the callee. On one loop, the text-only Ray overhead (HTTP TTFT - engine TTFT, c=1, HAProxy;
+# medians of 12 vs 9 runs, tiny Qwen3-VL on the 2-core CPU box) went 13.2 -> 10.1 ms p50: outside
+# the ingress 4.9 -> 3.3 ms (HAProxy's direct ingress serves HTTP on the replica's main loop), the
+# LLM call's hops 7.1 -> 5.9 ms. Safe here: every replica's blocking work runs off its loop (the
+# engine's step thread, the vision tower in `asyncio.to_thread`, image decode and resize in worker threads),
 # and replicas call handles only from async code (a handle whose router runs on the current
 # loop cannot be used outside one, hence per replica and not in `ray start`'s environment).
 REPLICA_SERVE_ENV = {
