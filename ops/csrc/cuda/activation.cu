@@ -19,7 +19,7 @@ __device__ __forceinline__ float gelu_tanh_f(float x) {
 
 // grid (rows, packs / kThreads): rows of `2d` inputs -> rows of `d` outputs.
 template <typename T, int VEC>
-__global__ void silu_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in,
+__global__ void silu_and_mul_kernel(T* __restrict__ out, const T* in,
                                     int64_t in_row_stride, int d) {
   using P = Pack<T, VEC>;
   pdl_wait();  // the input comes from the previous kernel (pdl.cuh)
@@ -70,7 +70,7 @@ __device__ __forceinline__ int64_t row_offset(const HeadRows& l, int64_t r) {
 
 // Grid-stride over packs of VEC: out row r (contiguous) = x row r * sigmoid(gate row r).
 template <typename T, int VEC>
-__global__ void sigmoid_gate_mul_kernel(T* __restrict__ out, const T* __restrict__ x, const T* __restrict__ gate,
+__global__ void sigmoid_gate_mul_kernel(T* __restrict__ out, const T* x, const T* gate,
                                         int64_t rows, int64_t d, HeadRows xl, HeadRows gl) {
   using P = Pack<T, VEC>;
   pdl_wait();  // x and the gate come from earlier kernels (pdl.cuh)

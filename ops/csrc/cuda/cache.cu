@@ -12,9 +12,9 @@ struct TokenLayout {
 
 // One block per token; threads walk the token's Hkv * D elements in packs of VEC.
 template <typename T, int VEC>
-__global__ void reshape_and_cache_kernel(const T* __restrict__ key, const T* __restrict__ value,
+__global__ void reshape_and_cache_kernel(const T* key, const T* value,
                                          T* __restrict__ key_cache, T* __restrict__ value_cache,
-                                         const int64_t* __restrict__ slot_mapping, TokenLayout Lk,
+                                         const int64_t* slot_mapping, TokenLayout Lk,
                                          TokenLayout Lv, int heads, int head_dim, int block_size) {
   using P = Pack<T, VEC>;
   const int64_t t = blockIdx.x;

@@ -44,9 +44,12 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   return v;
 }
 
-// A rows are small and shared by the CTAs of one slab row: read through L1.
+// A rows (activations) are small and shared by the CTAs of one slab row: read from L2 with a
+// coherent load. Not ld.global.nc (__ldg): the non-coherent path is defined only for data that
+// is read-only for the kernel's whole lifetime, and under PDL that lifetime starts while the
+// previous kernel is still writing A; not L1 either, which no other SM's writes invalidate.
 __device__ __forceinline__ uint4 load_cached(const void* p) {
-  return __ldg(reinterpret_cast<const uint4*>(p));
+  return __ldcg(reinterpret_cast<const uint4*>(p));
 }
 
 // Weight row of n-tile nt for fragment row g (-1 beyond n). Gated (w [2n, K]): tiles

@@ -217,10 +217,10 @@ __device__ void gated_norm_row(scalar_t* out_row, const float* obuf, const scala
 
 template <typename scalar_t, int kVec, int kRows>
 __global__ void __launch_bounds__(kThreads)
-    gdn_decode_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ proj,
+    gdn_decode_kernel(scalar_t* __restrict__ out, const scalar_t* proj,
                       const scalar_t* __restrict__ conv_weight, scalar_t* __restrict__ conv_states,
                       const float* __restrict__ a_log, const float* __restrict__ dt_bias,
-                      float* __restrict__ rec_states, const int32_t* __restrict__ slots,
+                      float* __restrict__ rec_states, const int32_t* slots,
                       const void* __restrict__ norm_weight, GdnArgs a) {
   extern __shared__ float smem[];
   __shared__ float scratch[32];

@@ -125,7 +125,7 @@ __device__ void align_pairs(const int32_t* ids, int pairs, int experts, int bloc
 }
 
 __global__ void __launch_bounds__(kAlignThreads)
-    moe_align_kernel(const int32_t* __restrict__ ids, int pairs, int experts, int block,
+    moe_align_kernel(const int32_t* ids, int pairs, int experts, int block,
                      int blocks, int32_t* __restrict__ sorted, int32_t* __restrict__ pos,
                      int32_t* __restrict__ block_experts, int32_t* __restrict__ total) {
   extern __shared__ int smem[];
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kAlignThreads)
 template <typename T, int VPT>
 __global__ void __launch_bounds__(kRouteThreads)
     moe_route_kernel(float* __restrict__ weights, int32_t* __restrict__ ids,
-                     const T* __restrict__ gating, int64_t row_stride, int tokens, int k,
+                     const T* gating, int64_t row_stride, int tokens, int k,
                      bool renormalize, int block, int blocks, int32_t* __restrict__ sorted,
                      int32_t* __restrict__ pos, int32_t* __restrict__ block_experts,
                      int32_t* __restrict__ total, int experts) {
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kRouteThreads)
 }
 
 template <typename T>
-__global__ void moe_combine_kernel(T* __restrict__ out, const T* __restrict__ y,
-                                   const int32_t* __restrict__ pos, int k, int hidden) {
+__global__ void moe_combine_kernel(T* __restrict__ out, const T* y,
+                                   const int32_t* pos, int k, int hidden) {
   const int64_t t = blockIdx.x;
   pdl_wait();  // the expert rows and positions come from earlier kernels (pdl.cuh)
   pdl_launch_dependents();
@@ -186,8 +186,8 @@ __global__ void moe_combine_kernel(T* __restrict__ out, const T* __restrict__ y,
 constexpr int kCombineGroup = 8;
 
 template <typename T>
-__global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* __restrict__ y,
-                                        const int32_t* __restrict__ pos, int k, int hidden) {
+__global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* y,
+                                        const int32_t* pos, int k, int hidden) {
   constexpr int N = kPack16<T>;
   using P = Pack<T, N>;
   const int64_t t = blockIdx.x;
@@ -200,7 +200,7 @@ __global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* __restrict
   for (int j0 = 0; j0 < k; j0 += kCombineGroup) {
     int rows[kCombineGroup];
 #pragma unroll
-    for (int u = 0; u < kCombineGroup; ++u) rows[u] = j0 + u < k ? __ldg(my_pos + j0 + u) : -1;
+    for (int u = 0; u < kCombineGroup; ++u) rows[u] = j0 + u < k ? my_pos[j0 + u] : -1;
     P v[kCombineGroup];  // a dropped pair reads row 0 and adds nothing
 #pragma unroll
     for (int u = 0; u < kCombineGroup; ++u)

@@ -49,8 +49,8 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[kTiles][4]
 
 template <typename T, bool GATED>
 __global__ void __launch_bounds__(kWarps * 32, 4)
-    moe_gemv_kernel(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ w,
-                    const float* __restrict__ pair_weights, BlockArgs args, int top_k, int k_dim,
+    moe_gemv_kernel(T* __restrict__ out, const T* a, const T* __restrict__ w,
+                    const float* pair_weights, BlockArgs args, int top_k, int k_dim,
                     int n) {
   __shared__ const T* a_rows[16];
   __shared__ int row_pairs[16];
