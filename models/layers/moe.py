@@ -104,16 +104,9 @@ class FusedExperts(nn.Module):
     ) -> torch.Tensor:
         """The experts as two grouped GEMMs over the pairs sorted without padding.
 
-        The weights are read in place, column-major through `transpose` views; the router
-        weights apply once, in the fp32 combine. Rows past the last offset (dropped pairs)
-        hold whatever the GEMMs leave there, and the combine never reads them.
         Shapes: x [T, H]; topk_weights fp32 [T, k] -> [T, H].
         """
-        offsets = permutation.expert_offsets
-        rows = x.index_select(0, permutation.row_tokens)
-        gate_up = torch._grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)
-        y = torch._grouped_mm(ops.silu_and_mul(gate_up), self.down_proj.transpose(1, 2), offs=offsets)
-        return ops.moe_combine(y, permutation, topk_weights)
+        return grouped_experts(x, self.gate_up_proj, self.down_proj, topk_weights, permutation)
 
     def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
         """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).
@@ -170,6 +163,24 @@ class FusedExperts(nn.Module):
             self.down_proj.data[e].copy_(reader.read(key, 1, rank * n, n))
             keys.append(key)
         return keys
+
+
+def grouped_experts(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor,
+    permutation: ops.MoePermutation,
+) -> torch.Tensor:
+    """SwiGLU experts as gather -> grouped GEMM -> SiLU-and-mul -> grouped GEMM -> weighted combine.
+
+    The weights are read in place, column-major through `transpose` views (what the grouped
+    GEMM takes for B); the router weights apply once, in the fp32 combine. Rows past the last
+    offset (dropped pairs) hold whatever the GEMMs leave there, and the combine never reads them.
+    Shapes: x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_weights fp32 [T, k] -> [T, H].
+    """
+    offsets = permutation.expert_offsets
+    rows = x.index_select(0, permutation.row_tokens)
+    gate_up = torch._grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offsets)
+    y = torch._grouped_mm(ops.silu_and_mul(gate_up), down_proj.transpose(1, 2), offs=offsets)
+    return ops.moe_combine(y, permutation, topk_weights)
 
 
 def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) -> None:
