@@ -28,8 +28,23 @@ import torch.nn.functional as F
 from ops import reference
 
 
+class _RoutedPairs:
+    """The [T, k] shape of the routed pairs, read from `pair_pos` (a field of each subclass)."""
+
+    __slots__ = ()
+    pair_pos: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.pair_pos.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pair_pos.shape[0]
+
+
 @dataclass(frozen=True, slots=True)
-class MoeAlignment:
+class MoeAlignment(_RoutedPairs):
     """Pairs sorted by expert (stable: ascending pair index within an expert), padded per expert.
 
     Shapes: sorted_pairs int32 [capacity] (pair index, or T*k for padding);
@@ -43,14 +58,6 @@ class MoeAlignment:
     block_experts: torch.Tensor
     total_padded: torch.Tensor
     block_size: int
-
-    @property
-    def top_k(self) -> int:
-        return self.pair_pos.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.pair_pos.shape[0]
 
     @property
     def capacity(self) -> int:
@@ -115,7 +122,7 @@ def moe_align(
 
 
 @dataclass(frozen=True, slots=True)
-class MoePermutation:
+class MoePermutation(_RoutedPairs):
     """Pairs sorted by expert (stable: ascending pair index within an expert), no padding.
 
     Expert e owns rows [expert_offsets[e - 1], expert_offsets[e]) (from 0 for e = 0);
@@ -129,14 +136,6 @@ class MoePermutation:
     row_tokens: torch.Tensor
     pair_pos: torch.Tensor
     expert_offsets: torch.Tensor
-
-    @property
-    def top_k(self) -> int:
-        return self.pair_pos.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.pair_pos.shape[0]
 
 
 def moe_permute(topk_ids: torch.Tensor, num_experts: int) -> MoePermutation:

@@ -93,9 +93,11 @@ def test_dispatch_picks_the_grouped_gemm_only_for_large_eager_half_steps():
     assert isinstance(module.route(logits[:-1], 8, True)[1], ops.MoeAlignment)
     assert not _experts(8, 2048, 768, "cuda", torch.float32).uses_grouped_gemm(4096)
     assert not _experts(8, 100, 768, "cuda", torch.bfloat16).uses_grouped_gemm(4096)  # rows not 16-byte
-    graph = torch.cuda.CUDAGraph()
+    graph, captured = torch.cuda.CUDAGraph(), []
     with torch.cuda.graph(graph):
-        assert not module.uses_grouped_gemm(4096)
+        captured.append(module.uses_grouped_gemm(4096))
+        torch.zeros(1, device="cuda").add_(1)  # the graph is not empty
+    assert captured == [False]
 
 
 @GPU

@@ -10,8 +10,9 @@ from ops import reference_moe
 from tests.ops.common import DEVICE_DTYPES, DEVICES, assert_close, raises
 
 # (tokens, k, experts): one token, odd sizes, more experts than pairs (empty experts), one
-# expert, a prefill-sized routing (many chunks of the CUDA CTA), no tokens.
-ROUTING = [(1, 8, 128), (1, 1, 1), (5, 2, 7), (37, 4, 60), (300, 3, 5), (4096, 8, 128), (0, 2, 4)]
+# expert, a prefill-sized routing (many chunks of the CUDA CTA), E = 1000 (over 48 KB of
+# shared memory), no tokens.
+ROUTING = [(1, 8, 128), (1, 1, 1), (5, 2, 7), (37, 4, 60), (300, 3, 5), (4096, 8, 128), (20, 4, 1000), (0, 2, 4)]
 
 
 def _ids(tokens: int, k: int, experts: int, device: str) -> torch.Tensor:

@@ -43,6 +43,27 @@ __device__ int scan_padded_counts(const int* counts, int* start, int experts, in
   return running;
 }
 
+// Each expert's routed pairs counted into counts[E], their padded runs scanned into start[E];
+// returns the rows in use (every thread gets it).
+template <int THREADS>
+__device__ int count_and_scan(const int32_t* ids, int pairs, int experts, int block, int* counts,
+                              int* start) {
+  __shared__ int total_rows;
+  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += THREADS) {
+    const int e = ids[p];
+    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int rows = scan_padded_counts(counts, start, experts, block);
+    if (threadIdx.x == 0) total_rows = rows;
+  }
+  __syncthreads();
+  return total_rows;
+}
+
 // Scatter one chunk of THREADS pairs to their sorted rows, each row holding p / divisor
 // (the pair, or its token); cursor[e] is expert e's next free row; warp_counts holds
 // [THREADS / 32, E].
@@ -89,19 +110,7 @@ __device__ void align_pairs(const int32_t* ids, int pairs, int experts, int bloc
   int* counts = smem;             // [E], then the fill cursor of each expert
   int* start = counts + experts;  // [E] first padded row of each expert
   int* warp_counts = start + experts;  // [warps, E]
-  __shared__ int total_rows;
-  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = 0;
-  __syncthreads();
-  for (int p = threadIdx.x; p < pairs; p += THREADS) {
-    const int e = ids[p];
-    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int rows = scan_padded_counts(counts, start, experts, block);
-    if (threadIdx.x == 0) total_rows = rows;
-  }
-  __syncthreads();
+  const int total_rows = count_and_scan<THREADS>(ids, pairs, experts, block, counts, start);
   if (threadIdx.x == 0) total[0] = total_rows;
   for (int b = threadIdx.x; b < blocks; b += THREADS) {
     const int row = b * block;
@@ -145,19 +154,7 @@ __global__ void __launch_bounds__(kPermuteThreads)
   int* counts = smem;                  // [E], then the fill cursor of each expert
   int* start = counts + experts;       // [E] first row of each expert
   int* warp_counts = start + experts;  // [warps, E]
-  __shared__ int total_rows;
-  for (int e = threadIdx.x; e < experts; e += kPermuteThreads) counts[e] = 0;
-  __syncthreads();
-  for (int p = threadIdx.x; p < pairs; p += kPermuteThreads) {
-    const int e = ids[p];
-    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int rows = scan_padded_counts(counts, start, experts, 1);
-    if (threadIdx.x == 0) total_rows = rows;
-  }
-  __syncthreads();
+  const int total_rows = count_and_scan<kPermuteThreads>(ids, pairs, experts, 1, counts, start);
   for (int e = threadIdx.x; e < experts; e += kPermuteThreads) {
     offsets[e] = start[e] + counts[e];
     counts[e] = start[e];
