@@ -35,8 +35,8 @@ from models.loader import CheckpointError, CheckpointReader
 
 # Tokens from which an eager CUDA step runs the experts as torch._grouped_mm (CUTLASS's sm90
 # grouped GEMM) instead of moe_gemm.cu's kernels. H200, 30B-A3B experts (E=128, H=2048, I=768,
-# top-8), gate_up + down: T=512 422 us vs 486, T=1,024 408 vs 648, T=4,096 690 vs 1,634; below
-# 512 tokens each expert holds under 32 rows and the weight-streaming kernels are not beaten.
+# top-8), gate_up + down: T=512 422 us vs 486, T=1,024 408 vs 648, T=4,096 690 vs 1,634. Smaller
+# steps (under 32 rows per expert) were not measured against it and keep the kernels.
 GROUPED_GEMM_MIN_TOKENS = 512
 _GROUPED_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -95,18 +95,9 @@ class FusedExperts(nn.Module):
         Shapes: x [T, H]; topk_weights fp32 [T, k]; routing of the [T, k] routed pairs -> [T, H].
         """
         if isinstance(routing, ops.MoePermutation):
-            return self.grouped_forward(x, topk_weights, routing)
+            return grouped_experts(x, self.gate_up_proj, self.down_proj, topk_weights, routing)
         h = ops.moe_gate_up(x, self.gate_up_proj, routing)
         return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, routing), routing)
-
-    def grouped_forward(
-        self, x: torch.Tensor, topk_weights: torch.Tensor, permutation: ops.MoePermutation
-    ) -> torch.Tensor:
-        """The experts as two grouped GEMMs over the pairs sorted without padding.
-
-        Shapes: x [T, H]; topk_weights fp32 [T, k] -> [T, H].
-        """
-        return grouped_experts(x, self.gate_up_proj, self.down_proj, topk_weights, permutation)
 
     def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
         """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).

@@ -1,4 +1,4 @@
-"""The experts as two grouped GEMMs over pairs sorted without padding (`FusedExperts.grouped_forward`)
+"""The experts as two grouped GEMMs over pairs sorted without padding (`grouped_experts`)
 == the moe_gemm kernels' chain == an fp32 per-token expert loop; which path a step takes; no host
 sync on the GPU path. CPU tests run `torch._grouped_mm`'s CPU implementation directly."""
 
@@ -45,7 +45,7 @@ def _per_token(module: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids
 
 
 def _both_paths(module: FusedExperts, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor):
-    grouped = module.grouped_forward(x, weights, ops.moe_permute(ids, module.num_experts))
+    grouped = module(x, weights, ops.moe_permute(ids, module.num_experts))  # grouped_experts
     kernels = module(x, weights, ops.moe_align(ids, module.num_experts))
     return grouped, kernels
 
@@ -53,7 +53,7 @@ def _both_paths(module: FusedExperts, x: torch.Tensor, weights: torch.Tensor, id
 @needs_grouped_mm
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens,k,experts,hidden,inter", [(1, 1, 3, 16, 8), (37, 4, 9, 72, 40), (300, 8, 60, 64, 24)])
-def test_grouped_forward_matches_kernels_and_fp32_loop_on_cpu(dtype, tokens, k, experts, hidden, inter):
+def test_grouped_experts_match_kernels_and_fp32_loop_on_cpu(dtype, tokens, k, experts, hidden, inter):
     module = _experts(experts, hidden, inter, "cpu", dtype)
     weights, ids = _routing(tokens, k, experts, "cpu")
     x = torch.randn(tokens, hidden).to(dtype)
