@@ -4,7 +4,7 @@ The router's top-k and the expert alignment run as `ops.moe_route` (one launch
 at decode), the experts as `ops.moe_gate_up` -> `ops.moe_down` ->
 `ops.moe_combine`: every size comes from the token count, never from the
 routing, so the block does not sync with the host (CUDA-graph capturable).
-Large eager steps on CUDA (`GROUPED_GEMM_MIN_TOKENS`) sort the pairs without
+Large eager bf16 steps on Hopper (`GROUPED_GEMM_MIN_TOKENS`) sort the pairs without
 padding instead (`ops.moe_permute`) and run the two expert GEMMs as
 `torch._grouped_mm` over the experts' row offsets, still without a host sync.
 
@@ -38,7 +38,9 @@ from models.loader import CheckpointError, CheckpointReader
 # top-8), gate_up + down: T=512 422 us vs 486, T=1,024 408 vs 648, T=4,096 690 vs 1,634. Smaller
 # steps (under 32 rows per expert) were not measured against it and keep the kernels.
 GROUPED_GEMM_MIN_TOKENS = 512
-_GROUPED_DTYPES = (torch.bfloat16, torch.float16)
+# torch runs its CUTLASS kernel for bf16 on sm90/sm100 only; elsewhere (fp16 too) it falls back
+# to a loop over the groups that reads the offsets on the host (a sync every layer).
+_GROUPED_GEMM_ARCHS = (9, 10)
 
 
 class FusedExperts(nn.Module):
@@ -61,14 +63,16 @@ class FusedExperts(nn.Module):
         """Whether a step of `tokens` tokens runs the experts as `torch._grouped_mm`.
 
         Only eager CUDA steps (a graph capture keeps the kernels every decode replay uses) in
-        bf16/fp16, from `GROUPED_GEMM_MIN_TOKENS`, with 16-byte rows (H and I/tp multiples of 8).
+        bf16 on sm90/sm100, from `GROUPED_GEMM_MIN_TOKENS`, with 16-byte rows (H and I/tp
+        multiples of 8).
         """
         weight = self.gate_up_proj
         return (
             tokens >= GROUPED_GEMM_MIN_TOKENS
             and weight.is_cuda
-            and weight.dtype in _GROUPED_DTYPES
+            and weight.dtype == torch.bfloat16
             and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(weight.device)[0] in _GROUPED_GEMM_ARCHS
             and self.hidden_size % 8 == 0
             and self.shard % 8 == 0
             and not torch.cuda.is_current_stream_capturing()

@@ -72,9 +72,9 @@ def test_cpu_and_small_steps_keep_the_kernels():
 
 # The 30B-A3B expert shape (E=128, H=2048, I=768, top-8) at the threshold, an odd count, a prefill.
 @GPU
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [512, 1000, 4096])
-def test_grouped_path_matches_kernels_and_fp32_on_gpu(dtype, tokens):
+def test_grouped_path_matches_kernels_and_fp32_on_gpu(tokens):
+    dtype = torch.bfloat16
     module = _experts(128, 2048, 768, "cuda", dtype)
     weights, ids = _routing(tokens, 8, 128, "cuda")
     x = torch.randn(tokens, 2048, device="cuda").to(dtype)
@@ -86,12 +86,13 @@ def test_grouped_path_matches_kernels_and_fp32_on_gpu(dtype, tokens):
 
 
 @GPU
-def test_dispatch_picks_the_grouped_gemm_only_for_large_eager_half_steps():
+def test_dispatch_picks_the_grouped_gemm_only_for_large_eager_bf16_steps():
     module = _experts(128, 2048, 768, "cuda", torch.bfloat16)
     logits = torch.randn(GROUPED_GEMM_MIN_TOKENS, 128, device="cuda")
     assert isinstance(module.route(logits, 8, True)[1], ops.MoePermutation)
     assert isinstance(module.route(logits[:-1], 8, True)[1], ops.MoeAlignment)
-    assert not _experts(8, 2048, 768, "cuda", torch.float32).uses_grouped_gemm(4096)
+    for dtype in (torch.float32, torch.float16):  # fp16 would take torch's host-syncing fallback
+        assert not _experts(8, 2048, 768, "cuda", dtype).uses_grouped_gemm(4096)
     assert not _experts(8, 100, 768, "cuda", torch.bfloat16).uses_grouped_gemm(4096)  # rows not 16-byte
     graph, captured = torch.cuda.CUDAGraph(), []
     with torch.cuda.graph(graph):
