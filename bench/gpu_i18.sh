@@ -6,11 +6,12 @@
 #
 # Steps (each under `timeout`, cut to what is left of I18_TOTAL_S, default 330 s):
 #   build  JIT-build the splitvl extension (C++ + CUDA)
-#   test   GPU tests: MoE ops (kernels vs references, full-size shapes, CUDA-graph capture), the
+#   test   GPU tests: MoE ops (kernels vs references, full-size shapes, CUDA-graph capture), the grouped-GEMM
+#          prefill path (== the kernels == fp32 at T 512/1000/4096, its dispatch, no host sync), the
 #          bf16 MoE block (30B-A3B and Qwen3.5-MoE shapes) vs transformers and graph == eager,
 #          every op has a CUDA kernel, engine decode with CUDA graphs == eager == transformers (MoE too)
 #   ops    bench/ops.py MoE rows (% copy bandwidth at small T, % matmul rate at large T, 64/128-row
-#          blocks at prefill sizes) and the small-row dense linears next to cuBLAS
+#          blocks and the grouped-GEMM path at prefill sizes) and the small-row dense linears next to cuBLAS
 #   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64, programmatic
 #          dependent launch on and off
 #          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
@@ -27,7 +28,8 @@ declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420)
 step_cmd() {
   case $1 in
     build) python -c "import ops; assert ops.extension_available(), ops.fallback_reason(); print('ops built')" ;;
-    test) python -m pytest -m gpu -x -q tests/ops/test_moe_experts.py tests/ops/test_moe.py tests/models/test_moe_gpu.py \
+    test) python -m pytest -m gpu -x -q tests/ops/test_moe_experts.py tests/ops/test_moe.py tests/ops/test_moe_permute.py \
+            tests/models/test_moe_gpu.py tests/models/test_moe_grouped.py \
             tests/ops/test_linear_small.py tests/models/test_small_rows_gpu.py tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
     ops) python bench/ops.py --ops moe_experts topk_softmax linear_small --json "$OUT/ops_moe.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;

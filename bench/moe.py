@@ -117,13 +117,19 @@ def state_bytes(config, caches) -> int:
 def active_bytes(model, batch_step) -> tuple[int, float]:
     """(bytes one step reads, mean distinct experts per MoE layer), routing counted in one eager step."""
     from models.layers.moe import FusedExperts
+    from ops import MoePermutation
 
     hits: list[int] = []
     expert_bytes: list[int] = []
 
-    def count(module, args) -> None:  # args: (x, topk_weights, alignment)
-        owners = args[2].block_experts
-        hits.append(torch.unique(owners[owners >= 0]).numel())
+    def count(module, args) -> None:  # args: (x, topk_weights, alignment or permutation)
+        routing = args[2]
+        if isinstance(routing, MoePermutation):  # expert e's rows end at expert_offsets[e]
+            offsets = routing.expert_offsets
+            hits.append(int((torch.diff(offsets, prepend=offsets.new_zeros(1)) > 0).sum()))
+        else:
+            owners = routing.block_experts
+            hits.append(torch.unique(owners[owners >= 0]).numel())
         expert_bytes.append(module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
 
     handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, FusedExperts)]

@@ -19,9 +19,10 @@ at 0.8B (16/16 heads x 128) and 16/32 x 128 linear-attention shapes.
 paged_attention_decode also runs at the 30B-A3B (32/4 heads x 128) and
 Qwen3.5-0.8B (8/2 x 256) attention shapes of configs/models/*.json.
 Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
-MoE experts (align, gate_up, down, combine) at the Qwen3-VL-30B-A3B expert shape
-(E=128, top-8, hidden 2048, intermediate 768): bytes are the distinct experts'
-weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at large).
+MoE experts (align, gate_up, down, combine; from 512 tokens also the grouped-GEMM path,
+bench/ops_moe.py) at the Qwen3-VL-30B-A3B expert shape (E=128, top-8, hidden 2048,
+intermediate 768): bytes are the distinct experts' weights read, FLOPs the routed pairs'
+GEMMs (% copy at small T, % mm at large).
 `qwen3_5_fusions`: Qwen3.5-0.8B decode pieces (hidden 1024, 16 value heads, from
 configs/models/qwen3.5-0.8b.json), each op next to the composed torch kernels it
 replaced ("composed (old)" rows), timed the same way in the same run.
@@ -53,8 +54,8 @@ import ops  # noqa: E402
 from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
 from bench.ops_linear import linear_small_cases  # noqa: E402
-from ops import reference, reference_linear_attn, reference_moe  # noqa: E402
-from ops.reference_moe import align_block_size  # noqa: E402
+from bench.ops_moe import moe_cases  # noqa: E402
+from ops import reference, reference_linear_attn  # noqa: E402
 
 EPS = 1e-6
 LLM = {"2B": (16, 8, 128), "8B": (32, 8, 128)}  # (q heads, kv heads, head_dim)
@@ -276,55 +277,6 @@ def topk_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
 
         yield Case("topk_softmax", f"T={t} E={experts} k={k}", partial(ops.topk_softmax, gating, k, True),
                    check, nbytes(gating) + t * k * 8)
-
-
-def _moe_chain(module, x, gate_up, down, logits, k: int) -> torch.Tensor:
-    weights, ids = ops.topk_softmax(logits, k, True)
-    alignment = module.moe_align(ids, gate_up.shape[0])
-    h = module.moe_gate_up(x, gate_up, alignment)
-    return module.moe_combine(module.moe_down(h, down, weights, alignment), alignment)
-
-
-def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
-    experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
-    gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
-    down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
-    for t in [3] if smoke else [1, 8, 64, 512, 1024, 4096]:
-        x = torch.randn(t, hidden, device=dev, dtype=dtype)
-        logits = torch.randn(t, experts, device=dev)
-        hit = torch.unique(ops.topk_softmax(logits, k, True)[1]).numel()
-        run = partial(_moe_chain, ops, x, gate_up, down, logits, k)
-        check = partial(lambda run, ref: rel_err(run(), ref()), run,
-                        partial(_moe_chain, reference_moe, x, gate_up, down, logits, k))
-        weight_bytes = hit * 3 * hidden * inter * dtype.itemsize
-        yield Case("moe_experts", f"T={t} E={experts} k={k} H={hidden} I={inter}", run, check,
-                   weight_bytes + 2 * nbytes(x), flops=t * k * 6 * hidden * inter)
-        yield from _moe_gemm_cases(x, gate_up, down, logits, k, hit)
-
-
-def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
-    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights,
-    % of the matmul rate over the routed pairs' FLOPs. Prefill sizes run in both large block
-    sizes (64 and 128 rows, `b<rows>`; the default first) to show where the switch pays."""
-    weights, ids = ops.topk_softmax(logits, k, True)
-    experts = gate_up.shape[0]
-    default = align_block_size(ids.numel(), experts)
-    blocks = [default] + ([b for b in (64, 128) if b != default] if default > 16 else [])
-    shape = f"T={x.shape[0]} E={experts} k={k} H={x.shape[1]} I={down.shape[2]}"
-    for block in blocks:
-        alignment = ops.moe_align(ids, experts, block)
-        h = ops.moe_gate_up(x, gate_up, alignment)
-        rows = alignment.pair_pos.flatten().long()
-        for name, run, ref in (
-            ("gate_up", partial(ops.moe_gate_up, x, gate_up, alignment),
-             partial(reference_moe.moe_gate_up, x, gate_up, alignment)),
-            ("down", partial(ops.moe_down, h, down, weights, alignment),
-             partial(reference_moe.moe_down, h, down, weights, alignment)),
-        ):
-            per_expert = (gate_up if name == "gate_up" else down)[0]
-            check = partial(lambda run, ref, rows=rows: rel_err(run()[rows], ref()[rows]), run, ref)
-            yield Case("moe_experts", f"{name} b{block} {shape}", run, check,
-                       hit * nbytes(per_expert), flops=2 * rows.numel() * per_expert.numel())
 
 
 # Qwen3.5 Gated DeltaNet (k heads, v heads, head_k_dim, head_v_dim): 0.8B, and the 16/32-head

@@ -28,7 +28,7 @@ import torch
 from ops import reference, reference_linear_attn, reference_moe
 from ops._extension import STATE, OpTable, extension_available, fallback_reason
 from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
-from ops.reference_moe import MoeAlignment, align_block_size, align_capacity
+from ops.reference_moe import MoeAlignment, MoePermutation, align_block_size, align_capacity
 
 _ops = OpTable(STATE)
 
@@ -136,7 +136,8 @@ def topk_softmax(gating_output, topk, renormalize):
     return weights, ids
 
 
-# MoE experts: pairs sorted by expert into blocks (ops/reference_moe.py); no host sync.
+# MoE experts: pairs sorted by expert into blocks, or unpadded for a grouped GEMM
+# (ops/reference_moe.py); no host sync.
 
 
 def _alignment_buffers(
@@ -198,9 +199,22 @@ def moe_down(h, weight, topk_weights, alignment):
 
 
 @_ops.op(reference_moe)
-def moe_combine(y, alignment):
+def moe_permute(topk_ids, num_experts):
+    tokens, k = topk_ids.shape
+    device = topk_ids.device
+    p = MoePermutation(
+        torch.empty(tokens * k, dtype=torch.int32, device=device),
+        torch.empty((tokens, k), dtype=torch.int32, device=device),
+        torch.empty(num_experts, dtype=torch.int32, device=device),
+    )
+    torch.ops.splitvl.moe_permute.default(p.row_tokens, p.pair_pos, p.expert_offsets, topk_ids, num_experts)
+    return p
+
+
+@_ops.op(reference_moe)
+def moe_combine(y, alignment, topk_weights):
     out = torch.empty((alignment.num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
-    torch.ops.splitvl.moe_combine.default(out, y, alignment.pair_pos)
+    torch.ops.splitvl.moe_combine.default(out, y, alignment.pair_pos, topk_weights)
     return out
 
 
@@ -288,6 +302,6 @@ def gated_delta_net_decode(
 OPS = _ops.ops()
 
 __all__ = [
-    "extension_available", "fallback_reason", "MoeAlignment", "programmatic_launch",
+    "extension_available", "fallback_reason", "MoeAlignment", "MoePermutation", "programmatic_launch",
     "programmatic_launch_enabled", "set_programmatic_launch", *(bound.name for bound in OPS)
 ]

@@ -11,6 +11,11 @@ Rows of the aligned buffers that hold padding (or lie beyond
 `total_padded`) are unspecified; only real pairs are read back by
 `moe_combine`. Expert ids outside [0, E) are dropped (their pair has no
 position and adds nothing).
+
+Large prefills take the unpadded order instead (`MoePermutation`, `moe_permute`):
+each expert's rows are one contiguous run ending at `expert_offsets[e]`, the
+layout of a grouped GEMM over offsets (`torch._grouped_mm`), and the combine
+applies the router weights.
 """
 
 from __future__ import annotations
@@ -23,8 +28,23 @@ import torch.nn.functional as F
 from ops import reference
 
 
+class _RoutedPairs:
+    """The [T, k] shape of the routed pairs, read from `pair_pos` (a field of each subclass)."""
+
+    __slots__ = ()
+    pair_pos: torch.Tensor
+
+    @property
+    def top_k(self) -> int:
+        return self.pair_pos.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pair_pos.shape[0]
+
+
 @dataclass(frozen=True, slots=True)
-class MoeAlignment:
+class MoeAlignment(_RoutedPairs):
     """Pairs sorted by expert (stable: ascending pair index within an expert), padded per expert.
 
     Shapes: sorted_pairs int32 [capacity] (pair index, or T*k for padding);
@@ -38,14 +58,6 @@ class MoeAlignment:
     block_experts: torch.Tensor
     total_padded: torch.Tensor
     block_size: int
-
-    @property
-    def top_k(self) -> int:
-        return self.pair_pos.shape[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.pair_pos.shape[0]
 
     @property
     def capacity(self) -> int:
@@ -109,6 +121,45 @@ def moe_align(
     return MoeAlignment(sorted_pairs, pair_pos.view(tokens, k), block_experts, total, block)
 
 
+@dataclass(frozen=True, slots=True)
+class MoePermutation(_RoutedPairs):
+    """Pairs sorted by expert (stable: ascending pair index within an expert), no padding.
+
+    Expert e owns rows [expert_offsets[e - 1], expert_offsets[e]) (from 0 for e = 0);
+    rows past expert_offsets[-1] (one per dropped pair) are unused.
+
+    Shapes: row_tokens int32 [T*k] (token of each row's pair; 0 in unused rows, a valid
+    row to gather); pair_pos int32 [T, k] (row of each pair, -1 when dropped);
+    expert_offsets int32 [E] (cumulative row ends).
+    """
+
+    row_tokens: torch.Tensor
+    pair_pos: torch.Tensor
+    expert_offsets: torch.Tensor
+
+
+def moe_permute(topk_ids: torch.Tensor, num_experts: int) -> MoePermutation:
+    """Sort the routed pairs by expert without padding (the rows of a grouped GEMM).
+
+    Sizes come from T, k and E only, never from device data.
+
+    Shapes: topk_ids int32 [T, k] -> MoePermutation.
+    """
+    tokens, k = topk_ids.shape
+    device = topk_ids.device
+    ids = topk_ids.reshape(-1).long().cpu()
+    routed = (ids >= 0) & (ids < num_experts)
+    order = torch.nonzero(routed).flatten()
+    order = order[torch.sort(ids[order], stable=True).indices]  # by expert, then pair index
+    row_tokens = torch.zeros(tokens * k, dtype=torch.int32)
+    row_tokens[: order.numel()] = (order // k).to(torch.int32)
+    pair_pos = torch.full((tokens * k,), -1, dtype=torch.int32)
+    pair_pos[order] = torch.arange(order.numel(), dtype=torch.int32)
+    counts = torch.bincount(ids[routed], minlength=num_experts)
+    offsets = torch.cumsum(counts, 0).to(torch.int32)
+    return MoePermutation(row_tokens.to(device), pair_pos.view(tokens, k).to(device), offsets.to(device))
+
+
 def moe_route(
     gating_output: torch.Tensor, topk: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, MoeAlignment]:
@@ -165,11 +216,17 @@ def moe_down(
     return out
 
 
-def moe_combine(y: torch.Tensor, alignment: MoeAlignment) -> torch.Tensor:
-    """out[t] = sum over j of y[pair_pos[t, j]] (fp32 sum in j order; dropped pairs add nothing).
+def moe_combine(
+    y: torch.Tensor, alignment: MoeAlignment | MoePermutation, topk_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[t] = sum over j of w[t, j] * y[pair_pos[t, j]] (fp32 sum in j order; dropped pairs add
+    nothing); w = topk_weights, or 1 when None (`moe_down` already applied them).
 
-    Shapes: y [capacity, H] -> [T, H].
+    Shapes: y [rows, H]; topk_weights fp32 [T, k] or None -> [T, H].
     """
     pos = alignment.pair_pos.long()
-    rows = y.float()[pos.clamp(min=0)] * (pos >= 0)[..., None]
+    rows = y.float()[pos.clamp(min=0)]
+    if topk_weights is not None:
+        rows = rows * topk_weights.float()[..., None]
+    rows = torch.where((pos >= 0)[..., None], rows, 0.0)  # a dropped pair's row 0 may be unused
     return rows.sum(dim=1).to(y.dtype)

@@ -4,6 +4,9 @@ The router's top-k and the expert alignment run as `ops.moe_route` (one launch
 at decode), the experts as `ops.moe_gate_up` -> `ops.moe_down` ->
 `ops.moe_combine`: every size comes from the token count, never from the
 routing, so the block does not sync with the host (CUDA-graph capturable).
+Large eager bf16 steps on Hopper (`GROUPED_GEMM_MIN_TOKENS`) sort the pairs without
+padding instead (`ops.moe_permute`) and run the two expert GEMMs as
+`torch._grouped_mm` over the experts' row offsets, still without a host sync.
 
 Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
 `experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
@@ -30,6 +33,16 @@ from models.layers.parallel import SINGLE, ParallelContext, all_reduce, divide
 from models.loader import CheckpointError, CheckpointReader
 
 
+# Tokens from which an eager CUDA step runs the experts as torch._grouped_mm (CUTLASS's sm90
+# grouped GEMM) instead of moe_gemm.cu's kernels. H200, 30B-A3B experts (E=128, H=2048, I=768,
+# top-8), gate_up + down: T=512 422 us vs 486, T=1,024 408 vs 648, T=4,096 690 vs 1,634. Smaller
+# steps (under 32 rows per expert) were not measured against it and keep the kernels.
+GROUPED_GEMM_MIN_TOKENS = 512
+# torch runs its CUTLASS kernel for bf16 on sm90/sm100 only; elsewhere (fp16 too) it falls back
+# to a loop over the groups that reads the offsets on the host (a sync every layer).
+_GROUPED_GEMM_ARCHS = (9, 10)
+
+
 class FusedExperts(nn.Module):
     """`num_experts` SwiGLU experts; only the (token, expert) pairs routed are computed."""
 
@@ -46,13 +59,49 @@ class FusedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * self.shard, hidden_size), requires_grad=False)
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, self.shard), requires_grad=False)
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, alignment: ops.MoeAlignment) -> torch.Tensor:
+    def uses_grouped_gemm(self, tokens: int) -> bool:
+        """Whether a step of `tokens` tokens runs the experts as `torch._grouped_mm`.
+
+        Only eager CUDA steps (a graph capture keeps the kernels every decode replay uses) in
+        bf16 on sm90/sm100, from `GROUPED_GEMM_MIN_TOKENS`, with 16-byte rows (H and I/tp
+        multiples of 8).
+        """
+        weight = self.gate_up_proj
+        return (
+            tokens >= GROUPED_GEMM_MIN_TOKENS
+            and weight.is_cuda
+            and weight.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(weight.device)[0] in _GROUPED_GEMM_ARCHS
+            and self.hidden_size % 8 == 0
+            and self.shard % 8 == 0
+            and not torch.cuda.is_current_stream_capturing()
+        )
+
+    def route(
+        self, router_logits: torch.Tensor, top_k: int, renormalize: bool
+    ) -> tuple[torch.Tensor, ops.MoeAlignment | ops.MoePermutation]:
+        """The router's top-k weights and the routed pairs in the order `forward` runs them.
+
+        Shapes: router_logits [T, E] -> (topk_weights fp32 [T, k], alignment or permutation).
+        """
+        if self.uses_grouped_gemm(router_logits.shape[0]):
+            weights, ids = ops.topk_softmax(router_logits, top_k, renormalize)
+            return weights, ops.moe_permute(ids, self.num_experts)
+        weights, _, alignment = ops.moe_route(router_logits, top_k, renormalize)
+        return weights, alignment
+
+    def forward(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, routing: ops.MoeAlignment | ops.MoePermutation
+    ) -> torch.Tensor:
         """Partial (this rank's) expert output, not yet reduced.
 
-        Shapes: x [T, H]; topk_weights fp32 [T, k]; alignment of the [T, k] routed pairs -> [T, H].
+        Shapes: x [T, H]; topk_weights fp32 [T, k]; routing of the [T, k] routed pairs -> [T, H].
         """
-        h = ops.moe_gate_up(x, self.gate_up_proj, alignment)
-        return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, alignment), alignment)
+        if isinstance(routing, ops.MoePermutation):
+            return grouped_experts(x, self.gate_up_proj, self.down_proj, topk_weights, routing)
+        h = ops.moe_gate_up(x, self.gate_up_proj, routing)
+        return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, routing), routing)
 
     def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
         """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).
@@ -111,6 +160,24 @@ class FusedExperts(nn.Module):
         return keys
 
 
+def grouped_experts(
+    x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, topk_weights: torch.Tensor,
+    permutation: ops.MoePermutation,
+) -> torch.Tensor:
+    """SwiGLU experts as gather -> grouped GEMM -> SiLU-and-mul -> grouped GEMM -> weighted combine.
+
+    The weights are read in place, column-major through `transpose` views (what the grouped
+    GEMM takes for B); the router weights apply once, in the fp32 combine. Rows past the last
+    offset (dropped pairs) hold whatever the GEMMs leave there, and the combine never reads them.
+    Shapes: x [T, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I]; topk_weights fp32 [T, k] -> [T, H].
+    """
+    offsets = permutation.expert_offsets
+    rows = x.index_select(0, permutation.row_tokens)
+    gate_up = torch._grouped_mm(rows, gate_up_proj.transpose(1, 2), offs=offsets)
+    y = torch._grouped_mm(ops.silu_and_mul(gate_up), down_proj.transpose(1, 2), offs=offsets)
+    return ops.moe_combine(y, permutation, topk_weights)
+
+
 def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) -> None:
     shape = tuple(reader.shape(key))
     if shape != expected:
@@ -118,7 +185,8 @@ def _check_shape(reader: CheckpointReader, key: str, expected: tuple[int, ...]) 
 
 
 class SparseMoeBlock(nn.Module):
-    """Router linear -> `ops.moe_route` (top-k, alignment) -> selected experts (+ gated shared expert).
+    """Router linear -> top-k and the pairs' order (`FusedExperts.route`) -> selected experts
+    (+ gated shared expert).
 
     Param names follow the checkpoints: `gate.weight [E, H]` (router),
     `experts.*`, and with `shared_expert_intermediate_size > 0`
@@ -157,8 +225,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)
-        weights, _, alignment = ops.moe_route(router_logits, self.top_k, self.norm_topk_prob)
-        out = self.experts(x, weights, alignment)
+        weights, routing = self.experts.route(router_logits, self.top_k, self.norm_topk_prob)
+        out = self.experts(x, weights, routing)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out, self.parallel)

@@ -93,8 +93,17 @@ SPLITVL_OP(moe_down,
            (at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
             const at::Tensor& topk_weights, const at::Tensor& sorted_pairs,
             const at::Tensor& block_experts, const at::Tensor& total_padded))
-SPLITVL_OP(moe_combine, "Tensor! out, Tensor y, Tensor pair_pos",
-           (at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos))
+// Pairs sorted by expert without padding: expert e's rows end at expert_offsets[e] (the
+// offsets of a grouped GEMM); row_tokens [T*k] is each row's token (0 in unused rows).
+SPLITVL_OP(moe_permute,
+           "Tensor! row_tokens, Tensor! pair_pos, Tensor! expert_offsets, Tensor topk_ids, "
+           "int num_experts",
+           (at::Tensor& row_tokens, at::Tensor& pair_pos, at::Tensor& expert_offsets,
+            const at::Tensor& topk_ids, int64_t num_experts))
+// topk_weights [T, k] fp32 or None (moe_down already weighted the rows).
+SPLITVL_OP(moe_combine, "Tensor! out, Tensor y, Tensor pair_pos, Tensor? topk_weights",
+           (at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos,
+            const std::optional<at::Tensor>& topk_weights))
 
 // Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in linear_attn_checks.h.
 // x [T, dim] token-major; conv_states [num_slots, dim, width-1]; sequence b uses slot

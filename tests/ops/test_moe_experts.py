@@ -301,4 +301,4 @@ def test_moe_ops_opcheck(kernels, device):
     y = torch.zeros(a.capacity, hidden, device=device)
     torch.library.opcheck(torch.ops.splitvl.moe_down.default, (y, h, down, weights, *alignment_args))
     out = torch.empty(tokens, hidden, device=device)
-    torch.library.opcheck(torch.ops.splitvl.moe_combine.default, (out, y, a.pair_pos))
+    torch.library.opcheck(torch.ops.splitvl.moe_combine.default, (out, y, a.pair_pos, None))

@@ -1,10 +1,11 @@
 // MoE expert ops on the CPU: pair alignment (alone, or after the router's top-k:
-// moe_route), grouped gate_up (SiLU-and-mul) and
+// moe_route), the unpadded permutation of a grouped GEMM (moe_permute), grouped gate_up (SiLU-and-mul) and
 // down GEMMs over expert runs, and the weighted combine. Semantics:
 // ops/reference_moe.py. The GEMMs are one at::matmul per expert run, which is
 // what CI's tiny models need.
 #include <ATen/ops/matmul.h>
 
+#include <utility>
 #include <vector>
 
 #include "cpu_common.h"
@@ -92,6 +93,43 @@ void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block
   total_padded.fill_(row);
 }
 
+void moe_permute(at::Tensor& row_tokens, at::Tensor& pair_pos, at::Tensor& expert_offsets,
+                 const at::Tensor& topk_ids, int64_t num_experts) {
+  const std::pair<const at::Tensor*, const char*> ints[] = {
+      {&row_tokens, "row_tokens"}, {&pair_pos, "pair_pos"}, {&expert_offsets, "expert_offsets"},
+      {&topk_ids, "topk_ids"}};
+  for (const auto& [t, name] : ints)
+    SPLITVL_CHECK(t->device().is_cpu() && t->scalar_type() == at::kInt && t->is_contiguous(),
+                  "moe_permute: ", name, " must be a contiguous int32 CPU tensor");
+  SPLITVL_CHECK(topk_ids.dim() == 2, "moe_permute: topk_ids must be [T, k], got ", topk_ids.sizes());
+  const int64_t pairs = topk_ids.numel(), k = topk_ids.size(1);
+  SPLITVL_CHECK(num_experts >= 1 && row_tokens.numel() == pairs && pair_pos.numel() == pairs &&
+                    expert_offsets.numel() == num_experts,
+                "moe_permute: row_tokens and pair_pos must have ", pairs,
+                " elements and expert_offsets E=", num_experts, ", got ", row_tokens.numel(), ", ",
+                pair_pos.numel(), ", ", expert_offsets.numel());
+  const int32_t* ids = topk_ids.const_data_ptr<int32_t>();
+  std::vector<int64_t> cursor(num_experts, 0);
+  for (int64_t p = 0; p < pairs; ++p)
+    if (ids[p] >= 0 && ids[p] < num_experts) ++cursor[ids[p]];
+  int32_t* offsets = expert_offsets.data_ptr<int32_t>();
+  int64_t row = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {  // cursor: counts -> first row of each expert
+    const int64_t count = cursor[e];
+    cursor[e] = row;
+    row += count;
+    offsets[e] = static_cast<int32_t>(row);
+  }
+  int32_t* tokens = row_tokens.data_ptr<int32_t>();
+  int32_t* pos = pair_pos.data_ptr<int32_t>();
+  std::fill(tokens + row, tokens + pairs, 0);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bool routed = ids[p] >= 0 && ids[p] < num_experts;
+    pos[p] = routed ? static_cast<int32_t>(cursor[ids[p]]++) : -1;
+    if (routed) tokens[pos[p]] = static_cast<int32_t>(p / k);
+  }
+}
+
 void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
                at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
                const at::Tensor& gating_output, bool renormalize) {
@@ -150,7 +188,8 @@ void moe_down(at::Tensor& out, const at::Tensor& h, const at::Tensor& weight,
   }
 }
 
-void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos) {
+void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos,
+                 const std::optional<at::Tensor>& topk_weights) {
   SPLITVL_CHECK_CPU(out);
   SPLITVL_CHECK_CPU(y);
   SPLITVL_CHECK_CPU(pair_pos);
@@ -162,8 +201,15 @@ void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_po
                 out.sizes(), ", ", y.sizes(), ", ", pair_pos.sizes());
   const at::Tensor pos = pair_pos.to(at::kLong);
   const at::Tensor rows = y.index_select(0, pos.clamp_min(0).flatten()).to(at::kFloat);
-  const at::Tensor routed = pos.ge(0).unsqueeze(-1).to(at::kFloat);
-  out.copy_((rows.view({pos.size(0), pos.size(1), y.size(1)}) * routed).sum(1));
+  at::Tensor scale = pos.ge(0).to(at::kFloat);
+  if (topk_weights.has_value()) {
+    SPLITVL_CHECK_CPU((*topk_weights));
+    SPLITVL_CHECK(topk_weights->sizes() == pair_pos.sizes() && topk_weights->scalar_type() == at::kFloat,
+                  "moe_combine: topk_weights must be fp32 ", pair_pos.sizes(), ", got ",
+                  topk_weights->sizes());
+    scale = scale * *topk_weights;
+  }
+  out.copy_((rows.view({pos.size(0), pos.size(1), y.size(1)}) * scale.unsqueeze(-1)).sum(1));
 }
 
 }  // namespace splitvl::cpu

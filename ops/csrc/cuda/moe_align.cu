@@ -1,6 +1,6 @@
 // moe_align: sort routed pairs by expert and pad each expert's run to a block
-// multiple, on the device (semantics: ops/reference_moe.py); moe_combine: the
-// deterministic gather-sum of each token's k expert rows (fp32, in j order).
+// multiple, on the device (semantics: ops/reference_moe.py); moe_permute: the same
+// sort without padding, for a grouped GEMM over per-expert row offsets.
 //
 // Alignment is one CTA: pairs are few (T * k) and a single CTA needs no
 // cross-block sync. Within an expert, pairs keep ascending order: each chunk of
@@ -44,11 +44,33 @@ __device__ int scan_padded_counts(const int* counts, int* start, int experts, in
   return running;
 }
 
-// Scatter one chunk of THREADS pairs to their sorted rows; cursor[e] is expert e's next
-// free row; warp_counts holds [THREADS / 32, E].
+// Each expert's routed pairs counted into counts[E], their padded runs scanned into start[E];
+// returns the rows in use (every thread gets it).
+template <int THREADS>
+__device__ int count_and_scan(const int32_t* ids, int pairs, int experts, int block, int* counts,
+                              int* start) {
+  __shared__ int total_rows;
+  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = 0;
+  __syncthreads();
+  for (int p = threadIdx.x; p < pairs; p += THREADS) {
+    const int e = ids[p];
+    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const int rows = scan_padded_counts(counts, start, experts, block);
+    if (threadIdx.x == 0) total_rows = rows;
+  }
+  __syncthreads();
+  return total_rows;
+}
+
+// Scatter one chunk of THREADS pairs to their sorted rows, each row holding p / divisor
+// (the pair, or its token); cursor[e] is expert e's next free row; warp_counts holds
+// [THREADS / 32, E].
 template <int THREADS>
 __device__ void scatter_chunk(const int32_t* ids, int first, int pairs, int experts, int* cursor,
-                              int* warp_counts, int32_t* sorted, int32_t* pos) {
+                              int* warp_counts, int32_t* sorted, int32_t* pos, int divisor) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int p = first + threadIdx.x;
   const int e = p < pairs ? ids[p] : -1;
@@ -72,7 +94,7 @@ __device__ void scatter_chunk(const int32_t* ids, int first, int pairs, int expe
   __syncthreads();
   if (routed) {
     const int row = warp_counts[warp * experts + e] + rank;
-    sorted[row] = p;
+    sorted[row] = p / divisor;
     pos[p] = row;
   } else if (p < pairs) {
     pos[p] = -1;
@@ -89,19 +111,7 @@ __device__ void align_pairs(const int32_t* ids, int pairs, int experts, int bloc
   int* counts = smem;             // [E], then the fill cursor of each expert
   int* start = counts + experts;  // [E] first padded row of each expert
   int* warp_counts = start + experts;  // [warps, E]
-  __shared__ int total_rows;
-  for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = 0;
-  __syncthreads();
-  for (int p = threadIdx.x; p < pairs; p += THREADS) {
-    const int e = ids[p];
-    if (e >= 0 && e < experts) atomicAdd(&counts[e], 1);
-  }
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    const int rows = scan_padded_counts(counts, start, experts, block);
-    if (threadIdx.x == 0) total_rows = rows;
-  }
-  __syncthreads();
+  const int total_rows = count_and_scan<THREADS>(ids, pairs, experts, block, counts, start);
   if (threadIdx.x == 0) total[0] = total_rows;
   for (int b = threadIdx.x; b < blocks; b += THREADS) {
     const int row = b * block;
@@ -121,7 +131,7 @@ __device__ void align_pairs(const int32_t* ids, int pairs, int experts, int bloc
   for (int e = threadIdx.x; e < experts; e += THREADS) counts[e] = start[e];
   __syncthreads();
   for (int first = 0; first < pairs; first += THREADS)
-    scatter_chunk<THREADS>(ids, first, pairs, experts, counts, warp_counts, sorted, pos);
+    scatter_chunk<THREADS>(ids, first, pairs, experts, counts, warp_counts, sorted, pos, 1);
 }
 
 __global__ void __launch_bounds__(kAlignThreads)
@@ -133,6 +143,31 @@ __global__ void __launch_bounds__(kAlignThreads)
   pdl_launch_dependents();
   align_pairs<kAlignThreads>(ids, pairs, experts, block, blocks, smem, sorted, pos,
                              block_experts, total);
+}
+
+// moe_permute: one CTA as moe_align, block size 1 (no padding). Prefill sizes (T * k in the
+// tens of thousands) take 1,024 threads: a quarter of the chunks, and so of the barriers.
+constexpr int kPermuteThreads = 1024;
+
+__global__ void __launch_bounds__(kPermuteThreads)
+    moe_permute_kernel(const int32_t* __restrict__ ids, int pairs, int k, int experts,
+                       int32_t* __restrict__ row_tokens, int32_t* __restrict__ pos,
+                       int32_t* __restrict__ offsets) {
+  extern __shared__ int smem[];
+  int* counts = smem;                  // [E], then the fill cursor of each expert
+  int* start = counts + experts;       // [E] first row of each expert
+  int* warp_counts = start + experts;  // [warps, E]
+  const int total_rows = count_and_scan<kPermuteThreads>(ids, pairs, experts, 1, counts, start);
+  for (int e = threadIdx.x; e < experts; e += kPermuteThreads) {
+    offsets[e] = start[e] + counts[e];
+    counts[e] = start[e];
+  }
+  // Rows of dropped pairs gather token 0: a valid row whose result nothing reads.
+  for (int r = total_rows + threadIdx.x; r < pairs; r += kPermuteThreads) row_tokens[r] = 0;
+  __syncthreads();
+  for (int first = 0; first < pairs; first += kPermuteThreads)
+    scatter_chunk<kPermuteThreads>(ids, first, pairs, experts, counts, warp_counts, row_tokens,
+                                   pos, k);
 }
 
 // moe_route for T <= kRouteTokens: warp t ranks token t, its picks go to global memory and
@@ -160,60 +195,6 @@ __global__ void __launch_bounds__(kRouteThreads)
   __syncthreads();
   align_pairs<kRouteThreads>(picked, tokens * k, experts, block, blocks, smem + tokens * k,
                              sorted, pos, block_experts, total);
-}
-
-template <typename T>
-__global__ void moe_combine_kernel(T* __restrict__ out, const T* y,
-                                   const int32_t* pos, int k, int hidden) {
-  const int64_t t = blockIdx.x;
-  pdl_wait();  // the expert rows and positions come from earlier kernels (pdl.cuh)
-  pdl_launch_dependents();
-  const int32_t* my_pos = pos + t * k;
-  for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
-    float acc = 0.f;
-    for (int j = 0; j < k; ++j) {
-      const int row = my_pos[j];
-      if (row >= 0) acc += to_float(y[int64_t(row) * hidden + c]);
-    }
-    out[t * hidden + c] = from_float<T>(acc);
-  }
-}
-
-// 16-byte rows (hidden % pack == 0, aligned): a thread owns one pack of columns (one CTA
-// covers H 2048) and reads the positions of kCombineGroup pairs at once, then their rows
-// (L2 hits: moe_down just wrote them), instead of k dependent loads per column. Sums stay
-// fp32 in j order.
-constexpr int kCombineGroup = 8;
-
-template <typename T>
-__global__ void moe_combine_pack_kernel(T* __restrict__ out, const T* y,
-                                        const int32_t* pos, int k, int hidden) {
-  constexpr int N = kPack16<T>;
-  using P = Pack<T, N>;
-  const int64_t t = blockIdx.x;
-  pdl_wait();  // the expert rows and positions come from earlier kernels (pdl.cuh)
-  pdl_launch_dependents();
-  const int c = (blockIdx.y * blockDim.x + threadIdx.x) * N;
-  if (c >= hidden) return;
-  const int32_t* my_pos = pos + t * k;
-  float acc[N] = {};
-  for (int j0 = 0; j0 < k; j0 += kCombineGroup) {
-    int rows[kCombineGroup];
-#pragma unroll
-    for (int u = 0; u < kCombineGroup; ++u) rows[u] = j0 + u < k ? my_pos[j0 + u] : -1;
-    P v[kCombineGroup];  // a dropped pair reads row 0 and adds nothing
-#pragma unroll
-    for (int u = 0; u < kCombineGroup; ++u)
-      v[u] = *reinterpret_cast<const P*>(y + int64_t(max(rows[u], 0)) * hidden + c);
-#pragma unroll
-    for (int u = 0; u < kCombineGroup; ++u)
-#pragma unroll
-      for (int i = 0; i < N; ++i) acc[i] += rows[u] >= 0 ? to_float(v[u].v[i]) : 0.f;
-  }
-  P o;
-#pragma unroll
-  for (int i = 0; i < N; ++i) o.v[i] = from_float<T>(acc[i]);
-  *reinterpret_cast<P*>(out + t * hidden + c) = o;
 }
 
 }  // namespace
@@ -271,6 +252,37 @@ void moe_align(at::Tensor& sorted_pairs, at::Tensor& pair_pos, at::Tensor& block
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void moe_permute(at::Tensor& row_tokens, at::Tensor& pair_pos, at::Tensor& expert_offsets,
+                 const at::Tensor& topk_ids, int64_t num_experts) {
+  constexpr const char* op = "moe_permute";
+  check_cuda(topk_ids, op, "topk_ids");
+  for (const at::Tensor* t :
+       std::initializer_list<const at::Tensor*>{&row_tokens, &pair_pos, &expert_offsets, &topk_ids}) {
+    check_same_device(topk_ids, *t, op);
+    SPLITVL_CHECK(t->scalar_type() == at::kInt && t->is_contiguous(), op,
+                  ": topk_ids and the outputs must be contiguous int32");
+  }
+  SPLITVL_CHECK(topk_ids.dim() == 2, op, ": topk_ids must be [T, k]");
+  SPLITVL_CHECK(num_experts >= 1 && num_experts <= 1024, op, ": 1..1024 experts, got ",
+                num_experts);
+  const int64_t pairs = topk_ids.numel();
+  SPLITVL_CHECK(row_tokens.numel() == pairs && pair_pos.numel() == pairs &&
+                    expert_offsets.numel() == num_experts && pairs < (int64_t(1) << 30),
+                op, ": row_tokens and pair_pos must hold T*k=", pairs,
+                " values, expert_offsets E=", num_experts);
+  const c10::cuda::CUDAGuard guard(topk_ids.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int experts = static_cast<int>(num_experts);
+  const size_t smem = sizeof(int) * size_t(experts) * (2 + kPermuteThreads / 32);
+  allow_smem(moe_permute_kernel, smem);
+  moe_permute_kernel<<<1, kPermuteThreads, smem, stream>>>(
+      topk_ids.data_ptr<int32_t>(), static_cast<int>(pairs),
+      static_cast<int>(std::max<int64_t>(topk_ids.size(1), 1)), experts,
+      row_tokens.data_ptr<int32_t>(), pair_pos.data_ptr<int32_t>(),
+      expert_offsets.data_ptr<int32_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
                at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
                const at::Tensor& gating_output, bool renormalize) {
@@ -301,43 +313,6 @@ void moe_route(at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorte
           pair_pos.data_ptr<int32_t>(), block_experts.data_ptr<int32_t>(),
           total_padded.data_ptr<int32_t>(), static_cast<int>(experts));
     });
-  });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-void moe_combine(at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos) {
-  constexpr const char* op = "moe_combine";
-  check_cuda(y, op, "y");
-  check_same_device(y, out, op);
-  check_same_device(y, pair_pos, op);
-  SPLITVL_CHECK(pair_pos.dim() == 2 && pair_pos.scalar_type() == at::kInt &&
-                    pair_pos.is_contiguous(),
-                op, ": pair_pos must be contiguous int32 [T, k]");
-  SPLITVL_CHECK(y.dim() == 2 && y.is_contiguous() && out.is_contiguous() &&
-                    out.scalar_type() == y.scalar_type() &&
-                    out.sizes() == at::IntArrayRef({pair_pos.size(0), y.size(1)}),
-                op, ": out [T, H] and y [capacity, H] must be contiguous, same dtype");
-  const int64_t tokens = pair_pos.size(0);
-  if (tokens == 0 || y.size(1) == 0) return;
-  const c10::cuda::CUDAGuard guard(y.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int hidden = static_cast<int>(y.size(1));
-  const int k = static_cast<int>(pair_pos.size(1));
-  SPLITVL_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
-    auto* o = reinterpret_cast<scalar_t*>(out.data_ptr());
-    const auto* rows = reinterpret_cast<const scalar_t*>(y.data_ptr());
-    constexpr int pack = kPack16<scalar_t>;
-    if (hidden % pack == 0 && is_aligned16(o) && is_aligned16(rows)) {
-      const int packs = hidden / pack;
-      const int threads = std::min(256, (packs + 31) / 32 * 32);
-      const dim3 grid(static_cast<unsigned>(tokens), ceil_div(packs, threads));
-      launch_pdl(moe_combine_pack_kernel<scalar_t>, grid, threads, 0, stream, o, rows,
-                 pair_pos.data_ptr<int32_t>(), k, hidden);
-    } else {
-      const int threads = std::min(512, (hidden + 31) / 32 * 32);
-      launch_pdl(moe_combine_kernel<scalar_t>, static_cast<unsigned>(tokens), threads, 0, stream, o, rows,
-                 pair_pos.data_ptr<int32_t>(), k, hidden);
-    }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

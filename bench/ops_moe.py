@@ -1,0 +1,123 @@
+"""bench/ops.py family `moe_experts`: the MoE expert ops at the Qwen3-VL-30B-A3B expert shape
+(E=128, top-8, hidden 2048, intermediate 768).
+
+Each token count runs today's chain (routing, `moe_align`, `moe_gate_up`, `moe_down`,
+`moe_combine`) and its two GEMMs alone in the 64- and 128-row block tiles; from
+`GROUPED_GEMM_MIN_TOKENS` also the path `FusedExperts` takes there, in the same run:
+`moe_permute` alone, the two `torch._grouped_mm` GEMMs alone over the unpadded rows, and the
+grouped chain (routing, permutation, gather, GEMMs, SiLU-and-mul, weighted combine). Bytes are
+the distinct experts' weights read, FLOPs the routed pairs' GEMMs (% copy at small T, % mm at
+large).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import ops
+from bench.op_case import Case, nbytes, rel_err
+from models.layers.moe import GROUPED_GEMM_MIN_TOKENS, grouped_experts
+from ops import reference_moe
+from ops.reference_moe import align_block_size
+
+
+def _moe_chain(module, x, gate_up, down, logits, k: int) -> torch.Tensor:
+    weights, ids = ops.topk_softmax(logits, k, True)
+    alignment = module.moe_align(ids, gate_up.shape[0])
+    h = module.moe_gate_up(x, gate_up, alignment)
+    return module.moe_combine(module.moe_down(h, down, weights, alignment), alignment)
+
+
+def _grouped_chain(x, gate_up, down, logits, k: int) -> torch.Tensor:
+    weights, ids = ops.topk_softmax(logits, k, True)
+    return grouped_experts(x, gate_up, down, weights, ops.moe_permute(ids, gate_up.shape[0]))
+
+
+def moe_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
+    gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
+    for t in [3] if smoke else [1, 8, 64, 512, 1024, 4096]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        logits = torch.randn(t, experts, device=dev)
+        hit = torch.unique(ops.topk_softmax(logits, k, True)[1]).numel()
+        run = partial(_moe_chain, ops, x, gate_up, down, logits, k)
+        reference_chain = partial(_moe_chain, reference_moe, x, gate_up, down, logits, k)
+        check = partial(lambda run, ref: rel_err(run(), ref()), run, reference_chain)
+        weight_bytes = hit * 3 * hidden * inter * dtype.itemsize
+        shape = f"T={t} E={experts} k={k} H={hidden} I={inter}"
+        yield Case("moe_experts", shape, run, check, weight_bytes + 2 * nbytes(x), flops=t * k * 6 * hidden * inter)
+        yield from _moe_gemm_cases(x, gate_up, down, logits, k, hit)
+        # torch's grouped GEMM kernel is bf16 only (fp16 loops over the groups on the host).
+        if hasattr(torch, "_grouped_mm") and (smoke or (dtype == torch.bfloat16 and t >= GROUPED_GEMM_MIN_TOKENS)):
+            grouped = partial(_grouped_chain, x, gate_up, down, logits, k)
+            check = partial(lambda run, ref: rel_err(run(), ref()), grouped, reference_chain)
+            yield Case("moe_experts", f"grouped chain {shape}", grouped, check,
+                       weight_bytes + 2 * nbytes(x), flops=t * k * 6 * hidden * inter)
+            yield from _grouped_gemm_cases(x, gate_up, down, logits, k, hit)
+
+
+def _moe_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
+    """The two expert GEMMs alone (alignment precomputed): % of copy over their routed weights,
+    % of the matmul rate over the routed pairs' FLOPs. Prefill sizes run in both large block
+    sizes (64 and 128 rows, `b<rows>`; the default first) to show where the switch pays."""
+    weights, ids = ops.topk_softmax(logits, k, True)
+    experts = gate_up.shape[0]
+    default = align_block_size(ids.numel(), experts)
+    blocks = [default] + ([b for b in (64, 128) if b != default] if default > 16 else [])
+    shape = f"T={x.shape[0]} E={experts} k={k} H={x.shape[1]} I={down.shape[2]}"
+    for block in blocks:
+        alignment = ops.moe_align(ids, experts, block)
+        h = ops.moe_gate_up(x, gate_up, alignment)
+        rows = alignment.pair_pos.flatten().long()
+        for name, run, ref in (
+            ("gate_up", partial(ops.moe_gate_up, x, gate_up, alignment),
+             partial(reference_moe.moe_gate_up, x, gate_up, alignment)),
+            ("down", partial(ops.moe_down, h, down, weights, alignment),
+             partial(reference_moe.moe_down, h, down, weights, alignment)),
+        ):
+            per_expert = (gate_up if name == "gate_up" else down)[0]
+            check = partial(lambda run, ref, rows=rows: rel_err(run()[rows], ref()[rows]), run, ref)
+            yield Case("moe_experts", f"{name} b{block} {shape}", run, check,
+                       hit * nbytes(per_expert), flops=2 * rows.numel() * per_expert.numel())
+
+
+def _per_expert_mm(a: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """fp32 a[rows of e] @ weight[e]^T, one expert at a time (the grouped GEMM's reference)."""
+    out = torch.zeros(a.shape[0], weight.shape[1], device=a.device)
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        out[start:end] = F.linear(a[start:end].float(), weight[e].float())
+        start = end
+    return out
+
+
+def _grouped_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[Case]:
+    """`moe_permute` and the two `torch._grouped_mm` GEMMs alone, over the unpadded rows."""
+    _, ids = ops.topk_softmax(logits, k, True)
+    experts = gate_up.shape[0]
+    shape = f"T={x.shape[0]} E={experts} k={k} H={x.shape[1]} I={down.shape[2]}"
+    permute = partial(ops.moe_permute, ids, experts)
+
+    def permute_check() -> float:
+        got, ref = permute(), reference_moe.moe_permute(ids, experts)
+        same = all(torch.equal(getattr(got, n).cpu(), getattr(ref, n).cpu())
+                   for n in ("row_tokens", "pair_pos", "expert_offsets"))
+        return 0.0 if same else float("inf")
+
+    yield Case("moe_experts", f"moe_permute {shape}", permute, permute_check, 4 * ids.numel() * 3 + 4 * experts)
+    permutation = permute()
+    offsets = permutation.expert_offsets
+    rows = x.index_select(0, permutation.row_tokens)
+    h = ops.silu_and_mul(torch._grouped_mm(rows, gate_up.transpose(1, 2), offs=offsets))
+    used = int(offsets[-1])  # rows past the last offset are unspecified
+    for name, a, weight in (("gate_up", rows, gate_up), ("down", h, down)):
+        run = partial(torch._grouped_mm, a, weight.transpose(1, 2), offs=offsets)
+        check = partial(lambda run, a=a, weight=weight: rel_err(
+            run()[:used], _per_expert_mm(a, weight, offsets)[:used]), run)
+        yield Case("moe_experts", f"grouped {name} {shape}", run, check,
+                   hit * nbytes(weight[0]), flops=2 * used * weight[0].numel())
