@@ -9,7 +9,7 @@ next iteration where the dims allow, else a fresh input). Attention part: the at
 with each subset of its kernels after the QKV projection, at a context that runs the
 split-partition merge and at one that does not.
 
-Usage: python bench/pdl_bisect.py [--iters N]
+Usage: python -m bench.pdl_bisect [--iters N]   (as a module: bench/ops.py would shadow the ops package)
 """
 
 from __future__ import annotations
