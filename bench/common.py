@@ -14,9 +14,14 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
+def comma_items(values: Sequence[str]) -> list[str]:
+    """Command-line items given as `a,b c` (commas and/or spaces) -> ["a", "b", "c"]."""
+    return [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+
+
 def int_list(values: Sequence[str]) -> list[int]:
     """Command-line integers given as `1,8 32` (commas and/or spaces) -> [1, 8, 32]."""
-    return [int(v) for item in values for v in str(item).split(",") if v.strip()]
+    return [int(v) for v in comma_items(values)]
 
 
 def pdl_settings(values: Sequence[str]) -> list[bool]:
@@ -28,7 +33,7 @@ def pdl_settings(values: Sequence[str]) -> list[bool]:
     """
     import ops
 
-    names = [v.strip() for item in values for v in str(item).split(",") if v.strip()]
+    names = comma_items(values)
     if any(v not in ("on", "off") for v in names):
         raise ValueError(f"--pdl takes on and/or off, got {list(values)}")
     return [v == "on" for v in names] or [ops.programmatic_launch_enabled()]

@@ -139,54 +139,89 @@ def bisect_dense(iters: int) -> list[str]:
     return report
 
 
+def split_qkv(a: AttentionSetup, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The projection's q, output gate, k, v. Shapes: qkv [B, (2 hq + 2 hkv) d] -> [B, hq, d] x 2, [B, hkv, d] x 2."""
+    q_gate, k, v = qkv.split([2 * a.hq * a.d, a.hkv * a.d, a.hkv * a.d], dim=-1)
+    q_gate = q_gate.view(a.batch, a.hq, 2 * a.d)
+    return q_gate[..., :a.d], q_gate[..., a.d:], k.unflatten(-1, (a.hkv, a.d)), v.unflatten(-1, (a.hkv, a.d))
+
+
 ATTN_KERNELS = ("qk_norm_rope", "reshape_and_cache", "paged_decode", "sigmoid_gate_mul", "linear_o")
 
 
-def attention_link(use: frozenset[str], context: int, iters: int):
-    """tests/ops/test_pdl.py's attention link with only the kernels in `use` after the QKV projection."""
+@dataclass(frozen=True, slots=True)
+class AttentionSetup:
+    """The attention link's weights, paged KV cache and per-link positions / slots / lengths
+    (2 sequences, 8 query and 2 KV heads of 256, hidden 1,024, 16-token blocks); shared with
+    tests/ops/test_pdl.py. Made before any capture: every link's inputs exist up front."""
+
+    batch: int
+    hq: int
+    hkv: int
+    d: int
+    h: int
+    w_qkv: torch.Tensor
+    w_o: torch.Tensor
+    qw: torch.Tensor
+    kw: torch.Tensor
+    cos_sin: torch.Tensor
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    tables: torch.Tensor
+    positions: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    lens: list[torch.Tensor]
+
+
+def attention_setup(context: int, links: int, second_start: int) -> AttentionSetup:
+    """Sequence 0 starts at `context` tokens, sequence 1 at `second_start`; one new token per link."""
     batch, hq, hkv, d, h, block = 2, 8, 2, 256, 1024, 16
-    blocks_per_seq = (context + iters) // block + 1
+    blocks_per_seq = (context + links) // block + 1
     w_qkv = _randn((2 * hq + 2 * hkv) * d, h, scale=h**-0.5)
     w_o = _randn(h, hq * d, scale=(hq * d) ** -0.5)
     qw, kw = torch.rand(d, device="cuda") + 0.5, torch.rand(d, device="cuda") + 0.5
     rot = d // 4
     inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
-    freqs = torch.outer(torch.arange(context + iters, device="cuda").float(), inv)
+    freqs = torch.outer(torch.arange(context + links, device="cuda").float(), inv)
     cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
     key_cache = _randn(batch * blocks_per_seq, block, hkv, d)
     value_cache = _randn(batch * blocks_per_seq, block, hkv, d)
     tables = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    starts = torch.tensor([context, context - context // 3], device="cuda")
-    positions = [starts + i for i in range(iters)]
+    starts = torch.tensor([context, second_start], device="cuda")
+    positions = [starts + i for i in range(links)]
     rows = torch.arange(batch, device="cuda")
     slots = [(tables[rows, (p // block)].long() * block + p % block) for p in positions]
     lens = [(p + 1).int() for p in positions]
-    inputs = [_randn(batch, h) for _ in range(iters)]
+    return AttentionSetup(batch, hq, hkv, d, h, w_qkv, w_o, qw, kw, cos_sin, key_cache, value_cache, tables,
+                          positions, slots, lens)
+
+
+def attention_link(use: frozenset[str], context: int, iters: int):
+    """tests/ops/test_pdl.py's attention link with only the kernels in `use` after the QKV projection."""
+    a = attention_setup(context, iters, context - context // 3)
+    d = a.d
+    inputs = [_randn(a.batch, a.h) for _ in range(iters)]
     state: dict[str, torch.Tensor] = {}
 
     def link(i: int) -> torch.Tensor:
         x = state["x"] if i > 0 and state["x"].shape == inputs[i].shape else inputs[i]
-        qkv = ops.linear_small(x, w_qkv, None)
-        q_gate, k, v = qkv.split([2 * hq * d, hkv * d, hkv * d], dim=-1)
-        q_gate = q_gate.view(batch, hq, 2 * d)
-        q, gate = q_gate[..., :d], q_gate[..., d:]
-        k, v = k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
+        q, gate, k, v = split_qkv(a, ops.linear_small(x, a.w_qkv, None))
         if "qk_norm_rope" in use:
-            ops.qk_norm_rope(positions[i], q, k, qw, kw, 1e-6, cos_sin, True, None, False)
+            ops.qk_norm_rope(a.positions[i], q, k, a.qw, a.kw, 1e-6, a.cos_sin, True, None, False)
         if "reshape_and_cache" in use:
-            ops.reshape_and_cache(k, v, key_cache, value_cache, slots[i])
+            ops.reshape_and_cache(k, v, a.key_cache, a.value_cache, a.slots[i])
         out = q
         if "paged_decode" in use:
-            out = ops.paged_attention_decode(q, key_cache, value_cache, tables, lens[i], d**-0.5)
+            out = ops.paged_attention_decode(q, a.key_cache, a.value_cache, a.tables, a.lens[i], d**-0.5)
         if "sigmoid_gate_mul" in use:
             out = ops.sigmoid_gate_mul(out, gate)
         out = out.flatten(1)
         if "linear_o" in use:
-            out = ops.linear_small(out, w_o, None)
+            out = ops.linear_small(out, a.w_o, None)
         state["x"] = out
         return out
 
-    return link, [key_cache, value_cache]
+    return link, [a.key_cache, a.value_cache]
 
 
 def bisect_attention(iters: int) -> list[str]:

@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.common import print_table
 from bench.load import percentile
-from engine.timeline import MARK, PHASE_FIELDS, EncodeRecord, StepRecord
+from engine.timeline import MARK, PHASE_FIELDS, EncodeRecord, StepRecord, ThreadUsage
 
 PHASES = ("step", *PHASE_FIELDS)
 IDLE_GAP_S = 0.005  # an idle wait longer than this counts as a gap in the table
@@ -112,13 +112,12 @@ def own_times_s(steps: Sequence[StepRecord]) -> list[float]:
     return out
 
 
-def _usage(steps: Sequence[StepRecord], own: Sequence[float]) -> dict[str, float]:
-    """Mean own wall ms, loop-thread CPU ms and context switches per step of `steps` (their `own` times)."""
-    n = max(len(steps), 1)
-    return {"steps": len(steps), "wall_ms": 1e3 * sum(own) / n if steps else math.nan,
-            "cpu_ms": 1e3 * sum(s.usage.cpu_s for s in steps) / n if steps else math.nan,
-            "voluntary_switches": sum(s.usage.voluntary_switches for s in steps) / n if steps else math.nan,
-            "involuntary_switches": sum(s.usage.involuntary_switches for s in steps) / n if steps else math.nan}
+def _usage(pairs: Sequence[tuple[StepRecord, float]]) -> dict[str, float]:
+    """Mean own wall ms, loop-thread CPU ms and context switches per step of (record, own time) pairs."""
+    n = len(pairs) or math.nan  # no steps: every mean is nan
+    usage = sum((s.usage for s, _ in pairs), ThreadUsage())
+    return {"steps": len(pairs), "wall_ms": 1e3 * sum(t for _, t in pairs) / n, "cpu_ms": 1e3 * usage.cpu_s / n,
+            "voluntary_switches": usage.voluntary_switches / n, "involuntary_switches": usage.involuntary_switches / n}
 
 
 def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> dict:
@@ -131,15 +130,14 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
     merged = _union([(max(e.start, lo), min(e.end, hi)) for e in encodes if e.end > lo and e.start < hi])
     starts = [m[0] for m in merged]
     own = own_times_s(steps)
-    decode_only = [t for s, t in zip(steps, own) if s.prefill_rows == 0]
     kinds = {"decode": [(s, t) for s, t in zip(steps, own) if s.prefill_rows == 0],
              "prefill": [(s, t) for s, t in zip(steps, own) if s.prefill_rows and not s.decode_rows],
              "mixed": [(s, t) for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]}
-    mixed = [t for s, t in zip(steps, own) if s.prefill_rows and s.decode_rows]
+    decode_only = [t for _, t in kinds["decode"]]
+    mixed = [t for _, t in kinds["mixed"]]
     with_encode, without_encode = [], []
-    for s, t in zip(steps, own):
-        if s.prefill_rows == 0:
-            (with_encode if _overlaps(merged, starts, s.end - t, s.end) else without_encode).append(t)
+    for s, t in kinds["decode"]:
+        (with_encode if _overlaps(merged, starts, s.end - t, s.end) else without_encode).append(t)
     phases = {"step": own,
               **{name: [getattr(s, field) for s in steps] for name, field in PHASE_FIELDS.items()}}
     return {
@@ -168,7 +166,7 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
         "encode_ms_mean": 1e3 * sum(e.end - e.start for e in encodes) / len(encodes) if encodes else math.nan,
         # Wall against the loop thread's CPU time and context switches, per kind of step: a step
         # much longer than its CPU time waited (GIL, GPU, lock); involuntary switches: the OS preempted it.
-        "thread_usage": {kind: _usage([s for s, _ in pairs], [t for _, t in pairs]) for kind, pairs in kinds.items()},
+        "thread_usage": {kind: _usage(pairs) for kind, pairs in kinds.items()},
     }
 
 

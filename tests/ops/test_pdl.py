@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ops
+from bench.pdl_bisect import attention_setup, split_qkv
 from tests.ops.common import GPU
 
 Chain = Callable[[torch.Tensor, int], torch.Tensor]  # (link input, link index) -> link output
@@ -101,36 +102,17 @@ def test_attention_chain():
     # linear_small -> qk_norm_rope -> reshape_and_cache -> paged decode (+ merge at long context)
     # -> sigmoid_gate_mul -> linear_small, one new cached token per sequence and link.
     torch.manual_seed(1)
-    batch, hq, hkv, d, h, block, context = 2, 8, 2, 256, 1024, 16, 2000
-    blocks_per_seq = (context + LINKS) // block + 1
-    w_qkv = _randn((2 * hq + 2 * hkv) * d, h, scale=h**-0.5)
-    w_o = _randn(h, hq * d, scale=(hq * d) ** -0.5)
-    qw, kw = torch.rand(d, device="cuda") + 0.5, torch.rand(d, device="cuda") + 0.5
-    rot = d // 4
-    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
-    freqs = torch.outer(torch.arange(context + LINKS, device="cuda").float(), inv)
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
-    key_cache = _randn(batch * blocks_per_seq, block, hkv, d)
-    value_cache = _randn(batch * blocks_per_seq, block, hkv, d)
-    tables = torch.arange(batch * blocks_per_seq, device="cuda", dtype=torch.int32).view(batch, blocks_per_seq)
-    starts = torch.tensor([context, context - 700], device="cuda")
-    # Per link, made before any capture: positions, slots and lengths change every link.
-    positions = [starts + i for i in range(LINKS)]
-    slots = [(tables[torch.arange(batch, device="cuda"), (p // block)].long() * block + p % block) for p in positions]
-    lens = [(p + 1).int() for p in positions]
+    context = 2000
+    a = attention_setup(context, LINKS, context - 700)
 
     def link(x: torch.Tensor, i: int) -> torch.Tensor:
-        qkv = ops.linear_small(x, w_qkv, None)
-        q_gate, k, v = qkv.split([2 * hq * d, hkv * d, hkv * d], dim=-1)
-        q_gate = q_gate.view(batch, hq, 2 * d)
-        q, gate = q_gate[..., :d], q_gate[..., d:]
-        k, v = k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
-        ops.qk_norm_rope(positions[i], q, k, qw, kw, 1e-6, cos_sin, True, None, False)
-        ops.reshape_and_cache(k, v, key_cache, value_cache, slots[i])
-        out = ops.paged_attention_decode(q, key_cache, value_cache, tables, lens[i], d**-0.5)
-        return ops.linear_small(ops.sigmoid_gate_mul(out, gate).flatten(1), w_o, None)
+        q, gate, k, v = split_qkv(a, ops.linear_small(x, a.w_qkv, None))
+        ops.qk_norm_rope(a.positions[i], q, k, a.qw, a.kw, 1e-6, a.cos_sin, True, None, False)
+        ops.reshape_and_cache(k, v, a.key_cache, a.value_cache, a.slots[i])
+        out = ops.paged_attention_decode(q, a.key_cache, a.value_cache, a.tables, a.lens[i], a.d**-0.5)
+        return ops.linear_small(ops.sigmoid_gate_mul(out, gate).flatten(1), a.w_o, None)
 
-    _check(link, _randn(batch, h), [key_cache, value_cache])
+    _check(link, _randn(a.batch, a.h), [a.key_cache, a.value_cache])
 
 
 @GPU
