@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import ops
-from bench.pdl_bisect import attention_setup, split_qkv
+from bench.pdl_bisect import attention_setup, run, split_qkv
 from tests.ops.common import GPU
 
 Chain = Callable[[torch.Tensor, int], torch.Tensor]  # (link input, link index) -> link output
@@ -37,31 +37,15 @@ def test_switch_sets_and_restores():
 
 
 def _run(link: Chain, x0: torch.Tensor, buffers: list[torch.Tensor], pdl: bool, graph: bool) -> list[torch.Tensor]:
-    """Every link's output and the in-place `buffers` after LINKS links from their initial values."""
-    initial = [b.clone() for b in buffers]
-    outs: list[torch.Tensor] = []
+    """Every link's output and the in-place `buffers` after LINKS links from their initial values
+    (each link takes the previous one's output)."""
+    state = {"x": x0}
 
-    def chain() -> None:
-        x = x0
-        for i in range(LINKS):
-            x = link(x, i)
-            outs.append(x)
+    def step(i: int) -> torch.Tensor:
+        state["x"] = link(state["x"], i)
+        return state["x"]
 
-    with ops.programmatic_launch(pdl):
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                chain()
-            for b, init in zip(buffers, initial):  # capture ran nothing; start from the same values
-                b.copy_(init)
-            g.replay()
-        else:
-            chain()
-    torch.cuda.synchronize()
-    result = [o.clone() for o in outs] + [b.clone() for b in buffers]
-    for b, init in zip(buffers, initial):
-        b.copy_(init)
-    return result
+    return run(step, buffers, LINKS, pdl, graph)
 
 
 def _check(link: Chain, x0: torch.Tensor, buffers: list[torch.Tensor]) -> None:
