@@ -95,21 +95,35 @@ class Engine(OverlappedSteps):
             EngineInputError: invalid request (nothing is queued).
             EngineDeadError: the engine has failed or is shut down.
         """
+        return self.add_requests([(request_id, prompt_token_ids, mm_inputs, sampling)])[0]
+
+    def add_requests(
+        self, requests: list[tuple[str, list[int], MultimodalInputs | None, SamplingParams]],
+    ) -> list[RequestStream]:
+        """Queue requests `(request_id, prompt_token_ids, mm_inputs, sampling)` at once: the step
+        thread sees all of them or none, so the batches of an offline run do not depend on thread
+        timing (greedy bf16 tokens are then repeatable run to run).
+
+        Same contract as `add_request`; a bad request or a repeated id queues none of them.
+        """
         if self._dead is not None or self._closed:
             raise EngineDeadError(self._dead or "the engine is shut down")
-        checked = validate_request(
-            self.model_config, self.max_model_len, self.executor.num_blocks * self.config.block_size,
-            prompt_token_ids, mm_inputs, sampling,
-        )
+        checked = [
+            validate_request(self.model_config, self.max_model_len, self.executor.num_blocks * self.config.block_size,
+                             ids, mm, sampling)
+            for _, ids, mm, sampling in requests
+        ]
+        ids = [r[0] for r in requests]
         with self._lock:
             if self._dead is not None or self._closed:
                 raise EngineDeadError(self._dead or "the engine is shut down")
-            if request_id in self._seqs:
-                raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
-            stream = self._add(request_id, checked, mm_inputs, sampling)
+            for k, request_id in enumerate(ids):
+                if request_id in self._seqs or request_id in ids[:k]:
+                    raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
+            streams = [self._add(rid, c, mm, sampling) for (rid, _, mm, sampling), c in zip(requests, checked)]
             self._ensure_thread()
             self._work.notify()
-        return stream
+        return streams
 
     def _add(self, request_id: str, checked: CheckedRequest, mm_inputs: MultimodalInputs | None,
              sampling: SamplingParams) -> RequestStream:

@@ -264,14 +264,8 @@ class LLM:
                 seed = None if sp.seed is None else sp.seed + j
                 one = dataclasses.replace(sp, n=1, seed=seed)
                 jobs.append((f"llm-{next(self._ids)}", ids, mm, one))
-        streams = []
-        try:
-            for request_id, ids, mm, sp in jobs:
-                streams.append(self.engine.add_request(request_id, ids, mm, sp))
-        except Exception:
-            for s in streams:
-                await s.aclose()
-            raise
+        # All at once: the engine's first batches then do not depend on when its step thread wakes.
+        streams = self.engine.add_requests(jobs)
         results = await asyncio.gather(*(self._collect(s) for s in streams))
         outs, k = [], 0
         for (ids, _), sp in zip(prepared, params):

@@ -241,3 +241,24 @@ async def test_step_outputs_reach_their_streams_in_order_with_one_wakeup():
         loop.call_soon_threadsafe = original
     assert len(wakeups) == len(steps)
     assert got == [[i, 10 + i, 20 + i, 99] for i in range(3)]
+
+
+async def test_add_requests_queues_all_or_none_and_batches_them_together(path):
+    """`add_requests`: a bad request (or a repeated id) queues none of the batch; a good batch reaches
+    the step thread whole, so the first step prefills every request (no dependence on thread timing)."""
+    engine = Engine(EngineConfig(model=str(path), dtype="float32", device="cpu", max_model_len=512,
+                                 num_gpu_blocks=64, max_num_seqs=4))
+    try:
+        sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+        with pytest.raises(EngineInputError):
+            engine.add_requests([("a", [5, 6, 7], None, sp), ("b", [10**7], None, sp)])
+        with pytest.raises(EngineInputError):
+            engine.add_requests([("a", [5, 6, 7], None, sp), ("a", [8, 9], None, sp)])
+        assert engine.timeline().records == () and engine.stats()["num_waiting"] == 0
+        streams = engine.add_requests([(f"r{i}", list(range(10 + i, 30 + i)), None, sp) for i in range(3)])
+        outs = [[o async for o in s] for s in streams]
+        assert [sum(len(o.new_token_ids) for o in got) for got in outs] == [3, 3, 3]
+        first = engine.timeline().records[0]
+        assert first.prefill_rows == 3, first
+    finally:
+        engine.shutdown()
