@@ -1,7 +1,6 @@
 """The process's programmatic-dependent-launch (PDL) switch of the CUDA kernels.
 
-With PDL on (`SPLITVL_PDL=1` starts a process with it on; off by default until the GPU chain
-and graph tests pass with it), the decode-path
+With PDL on (the default; `SPLITVL_PDL=0` starts a process with it off), the decode-path
 kernels launch with Hopper's programmatic stream serialization: a kernel's blocks start
 while the kernel before it drains and wait in `griddepcontrol.wait` before touching
 anything that kernel may write (ops/csrc/cuda/pdl.cuh states the rule). Results are the

@@ -151,14 +151,7 @@ def test_async_scheduling_equals_sync_with_graphs_fp32(tiny_checkpoint, arch):
     assert results[True][0] == plain
 
 
-# qwen3_vl_moe: on the H200 (session 9, after the coherent-load fix) its greedy tokens still differ with
-# PDL on; the op chains of tests/ops/test_pdl.py and the other archs match. Why is open: PDL stays off
-# by default (ops/csrc/pdl.cpp) until this passes.
-PDL_OPEN = pytest.mark.xfail(reason="PDL on changes qwen3_vl_moe graph tokens (open; PDL is off by default)",
-                             strict=False)
-
-
-@pytest.mark.parametrize("arch", [a if a != "qwen3_vl_moe" else pytest.param(a, marks=PDL_OPEN) for a in ARCHS])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_graph_decode_with_and_without_pdl_identical_bf16(tiny_checkpoint, arch):
     path = tiny_checkpoint(arch)
     tokens = {}
