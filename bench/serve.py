@@ -40,8 +40,9 @@ Baselines in the same run: transformers `generate(max_new_tokens=1)` on the same
 image request in this process (bench/ttft.py), and optionally our engine.LLM.
 
 Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for another YAML);
-Ray is started with 1 GPU for one-gpu (so fractional shares land on one card)
-and 2 for split.
+Ray is started with 1 GPU for one-gpu and one-gpu-colocated (so fractional shares
+land on one card) and 2 for split; one-gpu-colocated is one-gpu with
+`llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ from bench.load_procs import default_procs, run_level_procs
 from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT_GPUS = {"one-gpu": 1, "split": 2}
-TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "split": (1.0, 1.0)}
+LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "split": 2}
+TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "split": (1.0, 1.0)}
 ENGINE_TTFT = "splitvl_engine_time_to_first_token_seconds"
 EMBED_WAIT = "splitvl_llm_embedding_wait_seconds"
 VISION_ENCODE = "splitvl_vision_encode_seconds"

@@ -171,7 +171,9 @@ def end_state(app: str, settle_s: float = 30.0) -> dict[str, Any]:
     """Once idle: the LLM engine's KV blocks and queues, the router's embedding cache."""
     from ray import serve
 
-    llm = serve.get_deployment_handle("LLMServer", app)
+    from deployments.app import engine_deployment
+
+    llm = serve.get_deployment_handle(engine_deployment(app), app)
     deadline = time.monotonic() + settle_s
     while True:  # aborts of the last streams land a moment after the clients return
         stats = llm.stats.remote().result(timeout_s=30)

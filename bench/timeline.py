@@ -52,9 +52,11 @@ class TimelineSource:
     def for_app(cls, app_name: str) -> TimelineSource:
         from ray import serve
 
+        from deployments.app import engine_deployment
+
         names = serve.status().applications[app_name].deployments
         vision = serve.get_deployment_handle("VisionEncoder", app_name) if "VisionEncoder" in names else None
-        return cls(serve.get_deployment_handle("LLMServer", app_name), vision)
+        return cls(serve.get_deployment_handle(engine_deployment(app_name), app_name), vision)
 
     async def _read(self, since: tuple[int, int]) -> tuple[Any, Any | None]:
         steps = await self.llm.timeline.remote(since[0])

@@ -2,6 +2,9 @@
 
 The one graph: each ingress replica holds its own router (deployments/router.py),
 which calls the VisionEncoder and LLMServer deployments through their handles.
+With `llm.colocate_ingress` there is no LLMServer deployment: each ingress
+replica owns an engine (an `LLMServer` body) and takes the LLM's replica count,
+resources and queue bounds, so tokens reach the HTTP stream without a Serve hop.
 
 Usable as `import_path: deployments.app:build_app` in a Serve config, whose
 `args:` is an `AppConfig` dict. Building validates the config and decides the
@@ -101,6 +104,19 @@ def ingress_options(config: AppConfig) -> dict[str, Any]:
     }
 
 
+# Requests a colocated ingress replica takes beyond the LLM's max_ongoing_requests: /metrics, /v1/models
+# and health probes must not wait behind a full engine.
+CONTROL_REQUESTS = 8
+
+
+def colocated_ingress_options(config: AppConfig) -> dict[str, Any]:
+    """The ingress of `llm.colocate_ingress`: the LLM replicas' count, resources, health checks and
+    queue bounds (the LLM's Serve queue becomes the ingress'; over it Serve answers 503)."""
+    opts = LLMServer.deployment_options(config)
+    opts["max_ongoing_requests"] = config.llm.max_ongoing_requests + CONTROL_REQUESTS
+    return opts
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Validate `args` (an AppConfig dict) and bind the deployment graph.
 
@@ -119,14 +135,25 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     """
     # Plain JSON dict: every replica re-validates it, and it pickles anywhere.
     raw = json.loads(config.model_dump_json(by_alias=False))
-    llm_options = with_replica_env(LLMServer.deployment_options(config))
-    llm = serve.deployment(LLMServer, name="LLMServer").options(**llm_options)
-    llm_app = llm.bind(raw, engine_cls) if engine_cls is not None else llm.bind(raw)
     vision_app = None
     if needs_vision(config):
         vision_opts = with_replica_env(vision_options(config))
         vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_opts)
         vision_app = vision.bind(raw)
+    if config.llm.colocate_ingress:
+        ingress_opts = with_replica_env(colocated_ingress_options(config))
+        ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(**ingress_opts)
+        return ingress.bind(raw, vision_app, None, engine_cls)
+    llm_options = with_replica_env(LLMServer.deployment_options(config))
+    llm = serve.deployment(LLMServer, name="LLMServer").options(**llm_options)
+    llm_app = llm.bind(raw, engine_cls) if engine_cls is not None else llm.bind(raw)
     ingress_opts = with_replica_env(ingress_options(config))
     ingress = serve.deployment(IngressDeployment, name="OpenAIIngress").options(**ingress_opts)
     return ingress.bind(raw, vision_app, llm_app)
+
+
+def engine_deployment(app_name: str) -> str:
+    """The deployment of a running app whose replicas own the engines (stats, timeline):
+    LLMServer, or the ingress when `llm.colocate_ingress` built none."""
+    names = serve.status().applications[app_name].deployments
+    return "LLMServer" if "LLMServer" in names else "OpenAIIngress"

@@ -137,6 +137,11 @@ class LLMDeploymentConfig(_Scaled):
         "auto", description="Language model weights: " + LOAD_FORMAT_DESCRIPTION + " Each TP rank draws its "
         "own shard, so TP=2 differs numerically from TP=1."
     )
+    colocate_ingress: bool = Field(
+        False, description="Run each LLM replica's engine inside an OpenAI ingress replica (no LLMServer "
+        "deployment): tokens reach the HTTP stream without a Serve hop. The ingress then has the LLM's replicas, "
+        "resources and queue bounds; vision stays its own deployment."
+    )
 
 
     @model_validator(mode="after")
@@ -230,6 +235,13 @@ class AppConfig(_Strict):
         256 * 2**20, ge=0, description="Embedding-cache budget in bytes (0 disables)."
     )
     seed: int = Field(0, description="Engine seed for requests without one.")
+
+    @model_validator(mode="after")
+    def _ingress_replicas_with_colocation(self) -> AppConfig:
+        if self.llm.colocate_ingress and "ingress_replicas" in self.model_fields_set and self.ingress_replicas != 1:
+            raise ValueError("ingress_replicas does not apply with llm.colocate_ingress: each LLM replica is an "
+                             "ingress replica (set llm.num_replicas or llm.autoscaling_config instead)")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -84,9 +84,14 @@ def merge_images(embeddings: list[ImageEmbedding], hashes: tuple[str, ...] | Non
 
 
 class LLMServer:
-    """Serve deployment body; `engine_cls` is injectable (tests)."""
+    """Serve deployment body, or an ingress replica's own engine (`llm.colocate_ingress`).
 
-    def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None):
+    `engine_cls` is injectable (tests); `metrics`: the recorder of the replica that owns this
+    body when that is not an LLMServer replica (default: this replica's own).
+    """
+
+    def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None,
+                 metrics: MetricsRecorder | None = None):
         self.config = AppConfig.model_validate(app_config)
         # The engine's step thread takes the GIL back after every wait on the GPU while
         # this process streams tokens over Ray; CPython hands the GIL over after 5 ms by
@@ -99,7 +104,7 @@ class LLMServer:
         if config_cls is None:
             from engine import EngineConfig as config_cls
         self.engine = engine_cls(make_engine_config(config_cls, engine_config_values(self.config, str(path))))
-        self.metrics = MetricsRecorder.for_replica("LLMServer")
+        self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("LLMServer")
         self.embedding_reader = PoolReader(_node_id(), self._ipc_device())
         self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
 

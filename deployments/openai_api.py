@@ -48,6 +48,8 @@ from deployments.protocol import (
     models_response,
     new_id,
 )
+from deployments.llm import LLMServer
+from deployments.llm_client import HandleLLM, LLMClient, LocalLLM
 from deployments.router import Router
 
 logger = logging.getLogger(__name__)
@@ -87,15 +89,44 @@ Events = AsyncIterator[RouterEvent]
 class OpenAIIngress:
     """Serve deployment body (wrapped with `serve.ingress()` below); holds this replica's Router."""
 
-    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any):
-        """`vision` (None: no vision deployment), `llm`: the deployments' handles, for the router."""
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any | None,
+                 engine_cls: type | None = None):
+        """`vision` (None: no vision deployment), `llm`: the deployments' handles, for the router.
+
+        `llm` None (`llm.colocate_ingress`): this replica owns the engine, an `LLMServer` body built
+        here (`engine_cls` as `LLMServer` takes it), and the router streams from it in-process.
+        """
         self.config = AppConfig.model_validate(app_config)
         self.model_id = self.config.served_model_id
         self.api_key = self.config.resolved_api_key()
         self.limits = self.config.limits
         self.created = int(time.time())
         self.metrics = MetricsRecorder.for_replica("OpenAIIngress")
-        self.router = Router(app_config, vision, llm, self.metrics)
+        self.llm_server: LLMServer | None = None
+        if llm is None:
+            self.llm_server = LLMServer(app_config, engine_cls, metrics=self.metrics)
+            client: LLMClient = LocalLLM(self.llm_server)
+        else:
+            client = HandleLLM(llm)
+        self.router = Router(app_config, vision, client, self.metrics)
+
+    async def check_health(self) -> None:
+        """Serve calls this periodically; with the engine in this replica, a dead engine restarts it."""
+        if self.llm_server is not None:
+            await self.llm_server.check_health()
+
+    def stats(self) -> dict[str, Any]:
+        """The in-process engine's `LLMServer.stats` (colocated only)."""
+        return self._own_llm().stats()
+
+    def timeline(self, since: int = 0) -> Any:
+        """The in-process engine's step records, as `LLMServer.timeline` (colocated only)."""
+        return self._own_llm().timeline(since)
+
+    def _own_llm(self) -> LLMServer:
+        if self.llm_server is None:
+            raise RuntimeError("this ingress has no engine of its own (llm.colocate_ingress is off)")
+        return self.llm_server
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_fastapi(self)

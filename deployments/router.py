@@ -34,6 +34,7 @@ import numpy as np
 from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.detokenize import IncrementalDetokenizer
 from deployments.embedding_cache import EmbeddingCache, pixels_key, video_key
+from deployments.llm_client import LLMClient
 from deployments.errors import (
     EncoderUnavailableError,
     InternalServerError,
@@ -74,8 +75,10 @@ class _ChoiceDone:
 class Router:
     """One ingress replica's router; see the module docstring."""
 
-    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: Any, metrics: MetricsRecorder):
-        """`vision`, `llm`: the deployments' handles; `metrics`: the ingress replica's recorder."""
+    def __init__(self, app_config: dict[str, Any], vision: Any | None, llm: LLMClient | None,
+                 metrics: MetricsRecorder):
+        """`vision`: the vision deployment's handle; `llm`: the LLM (`deployments.llm_client`: over its
+        deployment's handle, or in this process); `metrics`: the ingress replica's recorder."""
         from transformers import AutoTokenizer
 
         from models.config import load_model_config
@@ -375,7 +378,7 @@ class Router:
         """Stream one choice from the LLM into `queue`: `ChoiceDelta`s, then `_ChoiceDone` (or an error)."""
         detok = IncrementalDetokenizer(self.tokenizer, stop, prompt_tail=ids[-8:])
         sent = time.monotonic()
-        stream = self.llm.generate.options(stream=True).remote(request_id, ids, sampling, refs or None, keys or None)
+        stream = self.llm.stream(request_id, ids, sampling, refs or None, keys or None)
         finished = engine_done = False
         try:
             out: TokenDelta

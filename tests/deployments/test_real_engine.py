@@ -1,8 +1,9 @@
 """The Serve app with the real `engine.Engine` on a tiny Qwen3-VL, against transformers.
 
-Two apps on one Serve instance: "real" (vision + LLM, API key on) and "text"
+Three apps on one Serve instance: "real" (vision + LLM, API key on), "colo" (the same
+with `llm.colocate_ingress`: the ingress replica owns the engine) and "text"
 (`disable_vision_encoder`). Greedy answers over HTTP must equal transformers'
-own `generate` on the same checkpoint, image included.
+own `generate` on the same checkpoint, image included, in both layouts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def urls(serve_instance, ckpt):
     llm = {"max_model_len": 512, "num_gpu_blocks": 96, "max_num_seqs": 8}
     return {
         "real": run_tiny_app(serve_instance, ckpt, "real", llm, api_key=KEY),
+        "colo": run_tiny_app(serve_instance, ckpt, "colo", {**llm, "colocate_ingress": True}, api_key=KEY),
         "text": run_tiny_app(serve_instance, ckpt, "text", llm, disable_vision_encoder=True),
     }
 
@@ -95,11 +97,12 @@ def test_greedy_image_chat_matches_offline_engine(urls, ckpt):
     assert resp.usage.completion_tokens == len(out.token_ids)
 
 
-def test_greedy_image_chat_matches_transformers(urls, hf):
+@pytest.mark.parametrize("app", ["real", "colo"])
+def test_greedy_image_chat_matches_transformers(urls, hf, app):
     image = IMAGE
-    client = openai.OpenAI(base_url=f"{urls['real']}/v1", api_key=KEY, max_retries=0)
+    client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
     resp = client.chat.completions.create(
-        model="real", max_tokens=8, temperature=0,
+        model=app, max_tokens=8, temperature=0,
         messages=[{"role": "user", "content": [{"type": "text", "text": "What is in this picture?"},
                                                {"type": "image_url", "image_url": {"url": data_url(image)}}]}],
     )
@@ -110,11 +113,12 @@ def test_greedy_image_chat_matches_transformers(urls, hf):
     assert resp.choices[0].message.content == text
 
 
-def test_greedy_text_stream_matches_transformers(urls, hf):
-    client = openai.OpenAI(base_url=f"{urls['text']}/v1", api_key="unused", max_retries=0)
+@pytest.mark.parametrize("app", ["text", "colo"])
+def test_greedy_text_stream_matches_transformers(urls, hf, app):
+    client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "Describe the weather tomorrow."}]
-    chunks = list(client.chat.completions.create(model="text", max_tokens=10, temperature=0, messages=messages,
+    chunks = list(client.chat.completions.create(model=app, max_tokens=10, temperature=0, messages=messages,
                                                  stream=True, stream_options={"include_usage": True}))
     _, text, new = hf(messages, [], 10)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
@@ -151,21 +155,23 @@ def test_text_only_rejects_images(urls):
     assert resp.usage.completion_tokens >= 1
 
 
-def test_timeline_through_the_handles(urls, ckpt):
-    """`LLMServer.timeline` and `VisionEncoder.timeline` over Serve's handles: one image chat's steps
-    (its output count, decode rows) and its one tower call (images, patches)."""
+@pytest.mark.parametrize("app", ["real", "colo"])
+def test_timeline_through_the_handles(urls, ckpt, app):
+    """`LLMServer.timeline` (the ingress' own with colocation) and `VisionEncoder.timeline` over Serve's
+    handles: one image chat's steps (its output count, decode rows) and its one tower call (images, patches)."""
     from ray import serve
 
+    from deployments.app import engine_deployment
     from models.processor import ImageProcessor, load_image
     from tests.deployments.conftest import wait_until
 
-    llm = serve.get_deployment_handle("LLMServer", "real")
-    vision = serve.get_deployment_handle("VisionEncoder", "real")
+    llm = serve.get_deployment_handle(engine_deployment(app), app)
+    vision = serve.get_deployment_handle("VisionEncoder", app)
     mark, vision_mark = (h.timeline.remote(1 << 62).result().cursor for h in (llm, vision))
     image = png_bytes(96, 64, (11, 22, 33))  # not seen before: no embedding or prefix-cache hit
-    client = openai.OpenAI(base_url=f"{urls['real']}/v1", api_key=KEY, max_retries=0)
+    client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
     resp = client.chat.completions.create(
-        model="real", max_tokens=5, temperature=0, extra_body={"ignore_eos": True},
+        model=app, max_tokens=5, temperature=0, extra_body={"ignore_eos": True},
         messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                                {"type": "text", "text": "What is this?"}]}])
     assert resp.usage.completion_tokens == 5
@@ -185,3 +191,33 @@ def test_timeline_through_the_handles(urls, ckpt):
     assert encode.images == 1 and encode.patches == int(grid.prod())
     # One node: the tower call ran before the request's first step.
     assert encode.end <= steps.records[0].start
+
+
+def test_colocated_ingress_owns_the_engine_and_aborts_closed_streams(urls):
+    """"colo" has no LLMServer deployment; a client that leaves a stream early aborts its engine request
+    (the in-process stream's close), and the engine's blocks all come back."""
+    from ray import serve
+
+    from deployments.app import engine_deployment
+    from tests.deployments.conftest import wait_until
+
+    assert set(serve.status().applications["colo"].deployments) == {"OpenAIIngress", "VisionEncoder"}
+    assert engine_deployment("colo") == "OpenAIIngress" and engine_deployment("real") == "LLMServer"
+    ingress = serve.get_deployment_handle("OpenAIIngress", "colo")
+    client = openai.OpenAI(base_url=f"{urls['colo']}/v1", api_key=KEY, max_retries=0)
+    stream = client.chat.completions.create(
+        model="colo", max_tokens=400, temperature=0, extra_body={"ignore_eos": True}, stream=True,
+        messages=[{"role": "user", "content": "Count slowly."}])
+    got = 0
+    for chunk in stream:
+        got += bool(chunk.choices and chunk.choices[0].delta.content)
+        if got == 2:
+            break
+    assert ingress.stats.remote().result()["num_running"] == 1
+    stream.close()
+
+    def idle():
+        stats = ingress.stats.remote().result()
+        return stats if stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"] else None
+
+    assert wait_until(idle, timeout_s=20)

@@ -98,13 +98,12 @@ class _Stream:
 
 
 class _LLM:
+    """`deployments.llm_client.HandleLLM`'s behaviour: each stream in its own task, as over Serve."""
+
     def __init__(self, server: LLMServer):
-        self.server, self.generate, self.calls = server, self, 0
+        self.server, self.calls = server, 0
 
-    def options(self, **_: object) -> _LLM:
-        return self
-
-    def remote(self, *args: object) -> _Stream:
+    def stream(self, *args: object) -> _Stream:
         self.calls += 1
         return _Stream(self.server.generate(*args))
 

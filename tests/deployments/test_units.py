@@ -448,3 +448,24 @@ def test_logprobs_take_the_openai_shapes_in_one_place():
                       "top_logprobs": [{"Hi": -0.5, "Yo": -1.5}, {" é": -0.25}], "text_offset": [5, 7]}
     assert choice_dict(True, True, ChoiceDelta(1, "x")) == {"index": 1, "delta": {"content": "x"},
                                                            "logprobs": None, "finish_reason": None}
+
+
+def test_colocated_ingress_takes_the_llm_options(tmp_path):
+    """`llm.colocate_ingress`: the ingress gets the LLM's replicas, GPU resources, placement group, health
+    checks and queue bound (plus room for control requests); `ingress_replicas` conflicts with it."""
+    from deployments.app import CONTROL_REQUESTS, colocated_ingress_options
+    from deployments.llm import LLMServer
+
+    cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda", "llm": {
+        "colocate_ingress": True, "tensor_parallel_size": 2, "num_replicas": 3, "max_ongoing_requests": 40,
+        "max_queued_requests": 7}})
+    opts, llm = colocated_ingress_options(cfg), LLMServer.deployment_options(cfg)
+    assert opts["placement_group_bundles"] == llm["placement_group_bundles"] == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}]
+    assert (opts["num_replicas"], opts["max_queued_requests"], opts["max_ongoing_requests"]) == (3, 7, 40 + CONTROL_REQUESTS)
+    assert opts["health_check_period_s"] == llm["health_check_period_s"]
+    one = colocated_ingress_options(AppConfig.model_validate(
+        {"model": str(tmp_path), "device": "cuda", "llm": {"colocate_ingress": True, "gpus_per_worker": 0.8}}))
+    assert one["ray_actor_options"]["num_gpus"] == 0.8
+    with pytest.raises(ValidationError, match="ingress_replicas does not apply"):
+        AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 2, "llm": {"colocate_ingress": True}})
+    assert AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 2}).ingress_replicas == 2
