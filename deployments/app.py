@@ -110,10 +110,18 @@ CONTROL_REQUESTS = 8
 
 
 def colocated_ingress_options(config: AppConfig) -> dict[str, Any]:
-    """The ingress of `llm.colocate_ingress`: the LLM replicas' count, resources, health checks and
-    queue bounds (the LLM's Serve queue becomes the ingress'; over it Serve answers 503)."""
+    """The ingress of `llm.colocate_ingress`: the LLM replicas' count, resources and health checks.
+
+    The LLM's bounds (`max_ongoing_requests` in the engine, `max_queued_requests` waiting, then the
+    router's 503 envelope) are applied in the replica (`deployments.llm_client.LocalLLM`), so Serve
+    lets that many in, plus room for control requests. Serve's own queue in front is generous, as
+    `ingress_options`' (a request waits there briefly even when the replica has room): the last resort.
+    """
+    llm = config.llm
     opts = LLMServer.deployment_options(config)
-    opts["max_ongoing_requests"] = config.llm.max_ongoing_requests + CONTROL_REQUESTS
+    ongoing = llm.max_ongoing_requests + max(llm.max_queued_requests, 0) + CONTROL_REQUESTS
+    opts["max_ongoing_requests"] = ongoing
+    opts["max_queued_requests"] = ongoing if llm.max_queued_requests >= 0 else -1
     return opts
 
 

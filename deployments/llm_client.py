@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, Protocol
 
+from deployments.errors import ServiceUnavailableError
 from deployments.messages import TokenDelta
 from engine.sampling_params import SamplingParams
 
@@ -55,12 +57,35 @@ class LocalStream:
 
 
 class LocalLLM:
-    """An `LLMServer` body owned by this replica."""
+    """An `LLMServer` body owned by this replica, behind the bounds a Serve handle would apply:
+    `max_ongoing` streams in the engine at once, `max_queued` more waiting (-1: unbounded), and
+    the next one refused with the router's overload 503 (`ServiceUnavailableError`, code overloaded).
+    """
 
-    def __init__(self, server: Any):
-        self.server = server
+    def __init__(self, server: Any, max_ongoing: int, max_queued: int):
+        self.server, self.max_queued = server, max_queued
+        self._slots = asyncio.Semaphore(max_ongoing)
+        self._waiting = 0
         self._closing: set[asyncio.Task] = set()
 
     def stream(self, request_id: str, ids: list[int], sampling: SamplingParams, refs: list[Any] | None,
                keys: list[str] | None) -> TokenStream:
-        return LocalStream(self.server.generate(request_id, ids, sampling, refs, keys), self._closing)
+        return LocalStream(self._admitted(request_id, ids, sampling, refs, keys), self._closing)
+
+    async def _admitted(self, *args: Any) -> AsyncIterator[TokenDelta]:
+        if self._slots.locked():
+            if 0 <= self.max_queued <= self._waiting:
+                raise ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
+            self._waiting += 1
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting -= 1
+        else:
+            await self._slots.acquire()
+        try:
+            async with aclosing(self.server.generate(*args)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            self._slots.release()

@@ -105,7 +105,9 @@ class OpenAIIngress:
         self.llm_server: LLMServer | None = None
         if llm is None:
             self.llm_server = LLMServer(app_config, engine_cls, metrics=self.metrics)
-            client: LLMClient = LocalLLM(self.llm_server)
+            llm_config = self.config.llm
+            client: LLMClient = LocalLLM(self.llm_server, llm_config.max_ongoing_requests,
+                                         llm_config.max_queued_requests)
         else:
             client = HandleLLM(llm)
         self.router = Router(app_config, vision, client, self.metrics)

@@ -96,11 +96,16 @@ def running_replicas(app: str, deployment: str) -> int:
 # ---------------------------------------------------------------- backpressure and time
 
 
-def test_overload_is_refused_with_503_and_retry_after(deploy):
-    """1 ongoing + 1 queued fit the LLM deployment; the rest of a burst gets 503, none waits."""
+@pytest.mark.parametrize("colocate", [False, True], ids=["llm-deployment", "colocated"])
+def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
+    """1 ongoing + 1 queued fit the LLM (its deployment's Serve queue, or the colocated ingress' own
+    bound); the rest of a burst gets the 503 envelope, none waits."""
     from ray import serve
 
-    url = deploy("bp", text_app(max_ongoing_requests=1, max_queued_requests=1), SlowScriptedEngine)
+    from deployments.app import engine_deployment
+
+    url = deploy("bp", text_app(max_ongoing_requests=1, max_queued_requests=1, colocate_ingress=colocate),
+                 SlowScriptedEngine)
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
 
     async def one(stream: bool):
@@ -125,11 +130,15 @@ def test_overload_is_refused_with_503_and_retry_after(deploy):
     assert len(refused) >= 6
     assert {i % 2 for i, _ in refused} == {0, 1}  # streaming and non-streaming requests alike
     for _, (status, response) in refused:
+        assert response.headers.get("content-type", "").startswith("application/json"), (response.status_code, response.text[:300])
         error = assert_envelope(response.json(), 503, response)
         assert error["code"] == "overloaded" and error["type"] == "service_unavailable_error"
         assert int(response.headers["retry-after"]) >= 1
-    stats = serve.get_deployment_handle("LLMServer", "bp").stats.remote().result()
-    assert stats["max_running"] == 1  # the engine never held more than max_ongoing_requests
+    stats = serve.get_deployment_handle(engine_deployment("bp"), "bp").stats.remote().result()
+    # The engine never held more than max_ongoing_requests. Colocated, the next request is admitted the
+    # moment the last one's final delta reaches its stream, which can be one step (async scheduling)
+    # before the engine retires that sequence: one more may overlap it there.
+    assert stats["max_running"] <= (2 if colocate else 1)
     # Still serving once the burst is over.
     resp = httpx.post(f"{url}/v1/chat/completions", json={"model": "bp", **hello(2)}, timeout=HANG_GUARD_S)
     assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "length"

@@ -139,3 +139,18 @@ async def test_retry_reencodes_images_lost_with_the_replica_that_refused_the_nex
     assert isinstance(events[-2], ChoiceDelta) and events[-2].finish_reason == "length"
     assert vision.calls == 4  # 2 on the failed attempt, 2 on the retry
     assert len(server.engine.requests) == 1 and not server.engine.aborted  # one engine request, finished
+
+
+async def test_colocated_ingress_health_is_its_engines(tiny_checkpoint):
+    """`llm.colocate_ingress`: the ingress owns the engine, so Serve's health check of the ingress
+    fails once the engine is unhealthy (Serve then restarts the replica)."""
+    from deployments.openai_api import OpenAIIngress
+
+    config = {"model": str(tiny_checkpoint("qwen3_vl")), "model_id": "m", "device": "cpu", "dtype": "float32",
+              "llm": {"max_model_len": 512, "colocate_ingress": True}}
+    ingress = OpenAIIngress(config, None, None, engine_cls=ScriptedEngine)
+    await ingress.check_health()
+    assert ingress.stats()["num_running"] == 0
+    ingress.llm_server.engine.is_healthy = lambda: False
+    with pytest.raises(RuntimeError, match="unhealthy"):
+        await ingress.check_health()

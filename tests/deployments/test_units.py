@@ -461,7 +461,8 @@ def test_colocated_ingress_takes_the_llm_options(tmp_path):
         "max_queued_requests": 7}})
     opts, llm = colocated_ingress_options(cfg), LLMServer.deployment_options(cfg)
     assert opts["placement_group_bundles"] == llm["placement_group_bundles"] == [{"GPU": 1.0, "CPU": 1.0}, {"GPU": 1.0}]
-    assert (opts["num_replicas"], opts["max_queued_requests"], opts["max_ongoing_requests"]) == (3, 7, 40 + CONTROL_REQUESTS)
+    ongoing = 40 + 7 + CONTROL_REQUESTS
+    assert (opts["num_replicas"], opts["max_queued_requests"], opts["max_ongoing_requests"]) == (3, ongoing, ongoing)
     assert opts["health_check_period_s"] == llm["health_check_period_s"]
     one = colocated_ingress_options(AppConfig.model_validate(
         {"model": str(tmp_path), "device": "cuda", "llm": {"colocate_ingress": True, "gpus_per_worker": 0.8}}))
