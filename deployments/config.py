@@ -238,9 +238,16 @@ class AppConfig(_Strict):
 
     @model_validator(mode="after")
     def _ingress_replicas_with_colocation(self) -> AppConfig:
-        if self.llm.colocate_ingress and "ingress_replicas" in self.model_fields_set and self.ingress_replicas != 1:
-            raise ValueError("ingress_replicas does not apply with llm.colocate_ingress: each LLM replica is an "
-                             "ingress replica (set llm.num_replicas or llm.autoscaling_config instead)")
+        """Colocated, each LLM replica is an ingress replica: an explicit `ingress_replicas` must say so."""
+        llm = self.llm
+        if not llm.colocate_ingress or "ingress_replicas" not in self.model_fields_set:
+            return self
+        if llm.autoscaling_config is not None or self.ingress_replicas != (llm.num_replicas or 1):
+            llm_replicas = "autoscaled" if llm.autoscaling_config is not None else str(llm.num_replicas or 1)
+            raise ValueError(
+                f"ingress_replicas={self.ingress_replicas} does not match the LLM's replicas ({llm_replicas}): with "
+                "llm.colocate_ingress each LLM replica is an ingress replica; leave ingress_replicas out and set "
+                "llm.num_replicas or llm.autoscaling_config")
         return self
 
     @model_validator(mode="before")

@@ -467,6 +467,11 @@ def test_colocated_ingress_takes_the_llm_options(tmp_path):
     one = colocated_ingress_options(AppConfig.model_validate(
         {"model": str(tmp_path), "device": "cuda", "llm": {"colocate_ingress": True, "gpus_per_worker": 0.8}}))
     assert one["ray_actor_options"]["num_gpus"] == 0.8
-    with pytest.raises(ValidationError, match="ingress_replicas does not apply"):
+    with pytest.raises(ValidationError, match=r"ingress_replicas=2 does not match the LLM's replicas \(1\)"):
         AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 2, "llm": {"colocate_ingress": True}})
+    with pytest.raises(ValidationError, match=r"ingress_replicas=3 does not match the LLM's replicas \(autoscaled\)"):
+        AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 3, "llm": {
+            "colocate_ingress": True, "autoscaling_config": {"min_replicas": 1, "max_replicas": 3}}})
+    same = {"model": str(tmp_path), "ingress_replicas": 3, "llm": {"colocate_ingress": True, "num_replicas": 3}}
+    assert AppConfig.model_validate(same).ingress_replicas == 3  # says what colocation does anyway
     assert AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 2}).ingress_replicas == 2
