@@ -2,8 +2,10 @@
 
 Three apps on one Serve instance: "real" (vision + LLM, API key on), "colo" (the same
 with `llm.colocate_ingress`: the ingress replica owns the engine) and "text"
-(`disable_vision_encoder`). Greedy answers over HTTP must equal transformers'
-own `generate` on the same checkpoint, image included, in both layouts.
+(`disable_vision_encoder`, colocated too: the text-only layout of one process).
+Greedy answers over HTTP must equal transformers' own `generate` on the same
+checkpoint, image included, in both layouts, and the colocated layout must answer
+what the LLM deployment's does: tokens, logprobs, error envelopes, batch lines.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def urls(serve_instance, ckpt):
     return {
         "real": run_tiny_app(serve_instance, ckpt, "real", llm, api_key=KEY),
         "colo": run_tiny_app(serve_instance, ckpt, "colo", {**llm, "colocate_ingress": True}, api_key=KEY),
-        "text": run_tiny_app(serve_instance, ckpt, "text", llm, disable_vision_encoder=True),
+        "text": run_tiny_app(serve_instance, ckpt, "text", {**llm, "colocate_ingress": True},
+                             disable_vision_encoder=True),
     }
 
 
@@ -113,7 +116,7 @@ def test_greedy_image_chat_matches_transformers(urls, hf, app):
     assert resp.choices[0].message.content == text
 
 
-@pytest.mark.parametrize("app", ["text", "colo"])
+@pytest.mark.parametrize("app", ["real", "text", "colo"])
 def test_greedy_text_stream_matches_transformers(urls, hf, app):
     client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
     messages = [{"role": "system", "content": "You are a helpful assistant."},
@@ -150,7 +153,7 @@ def test_text_only_rejects_images(urls):
         )
     assert "vision encoder" in str(info.value) or "language_model_only" in str(info.value)
     assert info.value.body["code"] == "vision_encoder_disabled"
-    assert "VisionEncoder" not in serve.status().applications["text"].deployments
+    assert set(serve.status().applications["text"].deployments) == {"OpenAIIngress"}  # colocated, no vision
     resp = client.chat.completions.create(model="text", max_tokens=2, messages=[{"role": "user", "content": "hi"}])
     assert resp.usage.completion_tokens >= 1
 
@@ -221,3 +224,94 @@ def test_colocated_ingress_owns_the_engine_and_aborts_closed_streams(urls):
         return stats if stats["num_running"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"] else None
 
     assert wait_until(idle, timeout_s=20)
+
+
+def _chat(urls: dict[str, str], app: str, stream: bool, **body) -> tuple[str, list[tuple[str, float]], int]:
+    """(text, (token, logprob) per generated token, completion tokens) of one greedy chat on `app`."""
+    client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
+    resp = client.chat.completions.create(model=app, temperature=0, logprobs=True, stream=stream, **body,
+                                          **({"stream_options": {"include_usage": True}} if stream else {}))
+    if not stream:
+        choice = resp.choices[0]
+        return choice.message.content, [(t.token, t.logprob) for t in choice.logprobs.content], \
+            resp.usage.completion_tokens
+    chunks = list(resp)
+    parts = [c.choices[0] for c in chunks if c.choices]
+    tokens = [(t.token, t.logprob) for p in parts if p.logprobs for t in p.logprobs.content]
+    return "".join(p.delta.content or "" for p in parts), tokens, chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_colocated_image_chat_is_the_llm_deployments(urls, stream):
+    """Greedy image chat on "colo" (engine in the ingress) == on "real" (the LLMServer deployment): the same
+    tokens, text and logprobs, streamed or not."""
+    image = png_bytes(80, 56, (200, 120, 10))
+    body = {"max_tokens": 12, "extra_body": {"ignore_eos": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                                      {"type": "text", "text": "Describe it."}]}]}
+    text, tokens, count = _chat(urls, "colo", stream, **body)
+    ref_text, ref_tokens, ref_count = _chat(urls, "real", stream, **body)
+    assert count == ref_count == 12 and len(tokens) == 12
+    assert text == ref_text
+    assert [t for t, _ in tokens] == [t for t, _ in ref_tokens]
+    assert [lp for _, lp in tokens] == pytest.approx([lp for _, lp in ref_tokens], abs=1e-5)
+
+
+BAD_BODIES = {
+    # refused by the engine (in the colocated process, or the LLM replica): context_length_exceeded
+    "prompt-too-long": {"max_tokens": 4, "messages": [{"role": "user", "content": "lorem ipsum " * 400}]},
+    "no-messages": {"max_tokens": 4, "messages": []},  # refused by the router
+    "bad-image": {"max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"}}]}]},
+    "bad-temperature": {"max_tokens": 4, "temperature": -1, "messages": [{"role": "user", "content": "hi"}]},
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_BODIES))
+def test_colocated_bad_input_gets_the_llm_deployments_envelope(urls, name):
+    """The 4xx envelopes of the colocated layout are the LLM deployment layout's, byte for byte but the model."""
+    answers = {}
+    for app in ("real", "colo"):
+        resp = httpx.post(f"{urls[app]}/v1/chat/completions", json={"model": app, **BAD_BODIES[name]},
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        assert 400 <= resp.status_code < 500 and "Traceback" not in resp.text, resp.text
+        answers[app] = (resp.status_code, resp.text.replace(app, "APP"))
+    assert answers["colo"] == answers["real"]
+    if name == "prompt-too-long":
+        assert '"context_length_exceeded"' in answers["colo"][1]
+
+
+def test_batch_lines_on_the_colocated_app(urls):
+    """`deployments.batch.run_one` over the colocated ingress' handle answers what HTTP does (a success,
+    an engine refusal, an unknown model), and the engine is left empty."""
+    import asyncio
+    import json
+
+    from ray import serve
+
+    from deployments.batch import run_one
+    from deployments.batch_format import parse_line
+
+    ingress = serve.get_deployment_handle("OpenAIIngress", "colo")
+    chat = {"model": "colo", "max_tokens": 5, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"},
+                                                      {"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]}]}
+    cases = [chat, BAD_BODIES["prompt-too-long"] | {"model": "colo"}, {**chat, "model": "other"}]
+    for i, body in enumerate(cases):
+        http = httpx.post(f"{urls['colo']}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        line = parse_line(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": body}), i + 1)
+        record = asyncio.run(run_one(ingress, line))
+        expected, response = http.json(), record["response"]
+        assert response["status_code"] == http.status_code, (record, expected)
+        assert (http.status_code == 200) == (i == 0) and (http.status_code == 400) == (i == 1), expected
+        if http.status_code == 200:
+            assert record["error"] is None
+            for key in ("id", "created"):
+                response["body"].pop(key), expected.pop(key)
+        else:
+            assert record["error"] == expected["error"]
+        assert response["body"] == expected
+    stats = ingress.stats.remote().result()
+    assert stats["num_running"] == stats["num_waiting"] == 0
