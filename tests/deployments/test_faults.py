@@ -260,11 +260,18 @@ def _metric(text: str, name: str) -> float:
 
 
 @pytest.mark.slow  # in the default run (and CI); deselect with -m 'not slow'
-def test_tp_worker_killed_replica_restarts(deploy):
-    """SIGKILL one TP rank of the LLM replica: 503s, check_health fails, Serve restarts it, requests succeed."""
+@pytest.mark.parametrize("colocate", [False, True], ids=["llm-deployment", "colocated"])
+def test_tp_worker_killed_replica_restarts(deploy, colocate):
+    """SIGKILL one TP rank of the LLM replica (colocated: of the ingress replica that owns the engine): 503s,
+    check_health fails, Serve restarts the replica, requests succeed."""
     from ray.util.state import list_actors
 
-    url = deploy("tp", text_app(tensor_parallel_size=2, max_model_len=256, num_gpu_blocks=64, max_num_seqs=4))
+    from deployments.app import engine_deployment
+
+    url = deploy("tp", text_app(tensor_parallel_size=2, max_model_len=256, num_gpu_blocks=64, max_num_seqs=4,
+                                colocate_ingress=colocate))
+    owner = engine_deployment("tp")
+    assert owner == ("OpenAIIngress" if colocate else "LLMServer")
     body = {"model": "tp", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Hi"}]}
     first = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=HANG_GUARD_S)
     assert first.status_code == 200, first.text
@@ -277,7 +284,7 @@ def test_tp_worker_killed_replica_restarts(deploy):
         alive = list_actors(address=gcs, filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
         return sorted(a.pid for a in alive)
 
-    before_workers, before_replica = workers(), replica_names("tp", "LLMServer")
+    before_workers, before_replica = workers(), replica_names("tp", owner)
     assert len(before_workers) == 2 and len(before_replica) == 1
 
     # A stream in flight when the rank dies ends with an in-band error event and [DONE].
@@ -319,7 +326,7 @@ def test_tp_worker_killed_replica_restarts(deploy):
         time.sleep(0.25)
     recovery = time.monotonic() - t_kill
     assert resp.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
-    after_replica = replica_names("tp", "LLMServer")
+    after_replica = replica_names("tp", owner)
     assert len(after_replica) == 1 and after_replica != before_replica  # a new replica, not the old one
     after_workers = wait_until(lambda: len(w := workers()) == 2 and w)
     assert not set(after_workers) & set(before_workers)
