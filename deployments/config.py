@@ -140,7 +140,8 @@ class LLMDeploymentConfig(_Scaled):
     colocate_ingress: bool = Field(
         False, description="Run each LLM replica's engine inside an OpenAI ingress replica (no LLMServer "
         "deployment): tokens reach the HTTP stream without a Serve hop. The ingress then has the LLM's replicas, "
-        "resources and queue bounds; vision stays its own deployment."
+        "resources and queue bounds (an explicit ingress_replicas must equal num_replicas); vision stays its own "
+        "deployment. For one LLM replica per ingress; HTTP work then shares the engine's process and GIL."
     )
 
 
