@@ -1,10 +1,12 @@
-"""GPU-only: `serve run configs/qwen3-vl-2b.yaml` on two GPUs answers streaming image chat over HTTP.
+"""GPU-only: shipped Serve YAMLs, run with `serve run`, answer streaming image chat over HTTP.
 
-The shipped YAML is used as is, with `model` pointed at a random-weight checkpoint of the
-Qwen3-VL-2B architecture (bench.checkpoints writes one with a tokenizer whose special
-tokens carry the real ids) and the HTTP port moved to a free one. The vision encoder and
-the LLM replica each ask for a whole GPU, so they must land on different cards; the test
-checks that both cards run a process of ours.
+Each YAML is used as is, with `model` pointed at a random-weight checkpoint of its
+architecture (bench.checkpoints writes one with a tokenizer whose special tokens carry
+the real ids) and the HTTP port moved to a free one.
+- `configs/qwen3-vl-2b.yaml`: the vision encoder and the LLM replica each ask for a whole
+  GPU, so they must land on different cards; both cards run a process of ours.
+- `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine in the ingress replica
+  (`llm.colocate_ingress`): no LLMServer deployment; the engine's metrics come from the ingress.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -35,19 +41,18 @@ def _gpu_pids() -> dict[str, set[int]]:
     return by_gpu
 
 
-@pytest.mark.timeout(900)
-def test_qwen3_vl_2b_yaml_streams_image_chat_on_two_gpus(tmp_path):
-    if torch.cuda.device_count() < 2:
-        pytest.skip("needs two CUDA devices")
+@contextmanager
+def _serve_yaml(tmp_path: Path, name: str, arch: str) -> Iterator[tuple[str, str, float]]:
+    """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint: (base URL, model id, ready s)."""
     from bench.checkpoints import prepare_checkpoint
 
-    ckpt = prepare_checkpoint("qwen3-vl-2b", os.environ.get("BENCH_CKPT_CACHE"), torch.bfloat16, "cuda")
+    ckpt = prepare_checkpoint(arch, os.environ.get("BENCH_CKPT_CACHE"), torch.bfloat16, "cuda")
     port = free_port()
-    data = yaml.safe_load((REPO / "configs" / "qwen3-vl-2b.yaml").read_text())
+    data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     data["http_options"]["port"] = port
     app = data["applications"][0]
     app["args"]["model"] = str(ckpt)
-    config = tmp_path / "qwen3-vl-2b.yaml"
+    config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(HOME=str(tmp_path), PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
@@ -59,37 +64,82 @@ def test_qwen3_vl_2b_yaml_streams_image_chat_on_two_gpus(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until(serve_healthy(proc, log_path, port), timeout_s=600, interval_s=2.0)
-        ready_s = time.monotonic() - t0
-        # Plain httpx SSE here: the GPU machine has no `openai` package (the CPU tests use it).
-        base = f"http://127.0.0.1:{port}/v1"
-        model = app["args"]["model_id"]
-        assert [m["id"] for m in httpx.get(f"{base}/models", timeout=10).json()["data"]] == [model]
-        for size in ((1024, 1024), (640, 480)):
-            body = {"model": model, "max_tokens": 32, "temperature": 0, "stream": True, "ignore_eos": True,
-                    "stream_options": {"include_usage": True},
-                    "messages": [{"role": "user", "content": [
-                        {"type": "image_url", "image_url": {"url": data_url(png_bytes(*size, (200, 40, 90)))}},
-                        {"type": "text", "text": "Describe this image."}]}]}
-            t1 = time.monotonic()
-            first, pieces, usage = None, [], None
-            with httpx.stream("POST", f"{base}/chat/completions", json=body, timeout=120) as resp:
-                assert resp.status_code == 200, resp.read()
-                for line in resp.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
-                        first = first or time.monotonic()
-                        pieces.append(chunk["choices"][0]["delta"]["content"])
-                    usage = chunk.get("usage") or usage
-            image_tokens = (size[0] // 32) * (size[1] // 32)
-            print(f"{size[0]}x{size[1]}: ttft {1e3 * (first - t1):.1f} ms, {len(pieces)} content chunks, "
-                  f"usage {usage['prompt_tokens']}+{usage['completion_tokens']} tokens, text {''.join(pieces)[:60]!r}")
-            assert usage["completion_tokens"] == 32 and len(pieces) >= 2
-            assert usage["prompt_tokens"] > image_tokens  # the image's tokens reached the LLM
-        busy = {uuid for uuid, pids in _gpu_pids().items() if pids}
-        print(f"ready after {ready_s:.0f} s; GPUs with our processes: {len(busy)}")
-        assert len(busy) >= 2, "vision and LLM replicas should sit on different GPUs"
+        yield f"http://127.0.0.1:{port}", app["args"]["model_id"], time.monotonic() - t0
     finally:
         stop_process(proc)
         log.close()
+
+
+def _stream_image_chat(base: str, model: str, size: tuple[int, int], max_tokens: int = 32
+                       ) -> tuple[float, list[str], dict]:
+    """One streamed greedy image chat: (TTFT s, content chunks, usage). Plain httpx SSE: the GPU
+    machine has no `openai` package (the CPU tests use it)."""
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url(png_bytes(*size, (200, 40, 90)))}},
+                {"type": "text", "text": "Describe this image."}]}]}
+    t1 = time.monotonic()
+    first, pieces, usage = None, [], None
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as resp:
+        assert resp.status_code == 200, resp.read()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.monotonic()
+                pieces.append(chunk["choices"][0]["delta"]["content"])
+            usage = chunk.get("usage") or usage
+    return first - t1, pieces, usage
+
+
+def _check_image_chats(base: str, model: str) -> None:
+    assert [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=10).json()["data"]] == [model]
+    for size in ((1024, 1024), (640, 480)):
+        ttft, pieces, usage = _stream_image_chat(base, model, size)
+        image_tokens = (size[0] // 32) * (size[1] // 32)
+        print(f"{size[0]}x{size[1]}: ttft {1e3 * ttft:.1f} ms, {len(pieces)} content chunks, "
+              f"usage {usage['prompt_tokens']}+{usage['completion_tokens']} tokens, text {''.join(pieces)[:60]!r}")
+        assert usage["completion_tokens"] == 32 and len(pieces) >= 2
+        assert usage["prompt_tokens"] > image_tokens  # the image's tokens reached the LLM
+
+
+@pytest.mark.timeout(900)
+def test_qwen3_vl_2b_yaml_streams_image_chat_on_two_gpus(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with _serve_yaml(tmp_path, "qwen3-vl-2b", "qwen3-vl-2b") as (base, model, ready_s):
+        _check_image_chats(base, model)
+        busy = {uuid for uuid, pids in _gpu_pids().items() if pids}
+        print(f"ready after {ready_s:.0f} s; GPUs with our processes: {len(busy)}")
+        assert len(busy) >= 2, "vision and LLM replicas should sit on different GPUs"
+
+
+@pytest.mark.timeout(900)
+def test_qwen3_5_0_8b_yaml_colocated_streams_image_chat_on_one_gpu(tmp_path):
+    """The shipped colocated YAML: image chats, then 16 concurrent streams, all complete; the engine's
+    metrics are the ingress replica's (no LLMServer deployment exists)."""
+    from deployments.metrics import parse_prometheus
+
+    with _serve_yaml(tmp_path, "qwen3.5-0.8b", "qwen3.5-0.8b") as (base, model, ready_s):
+        _check_image_chats(base, model)
+        sizes = [(448 + 32 * (i % 8), 448) for i in range(16)]
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(len(sizes)) as pool:
+            runs = list(pool.map(lambda size: _stream_image_chat(base, model, size, 128), sizes))
+        wall = time.monotonic() - t0
+        assert all(usage["completion_tokens"] == 128 and len(pieces) >= 2 for _, pieces, usage in runs)
+        chunks = sum(len(pieces) for _, pieces, _ in runs)
+        print(f"ready after {ready_s:.0f} s; 16 streams x 128 tokens in {wall:.2f} s "
+              f"({16 * 128 / wall:.0f} tok/s), {16 * 128 / chunks:.2f} tokens per content chunk")
+        name = "splitvl_engine_time_to_first_token_seconds_count"
+
+        def metrics() -> str | None:  # replicas push their metrics every few seconds
+            text = httpx.get(f"{base}/metrics", timeout=10).text
+            return text if parse_prometheus(text).get(name, 0.0) >= 2 + len(sizes) else None
+
+        text = wait_until(metrics, timeout_s=30)
+        engine = [line for line in text.splitlines() if line.startswith(name)]
+        assert engine and all('deployment="OpenAIIngress"' in line for line in engine), engine
+        assert 'deployment="LLMServer"' not in text
