@@ -73,16 +73,14 @@ class LocalLLM:
         return LocalStream(self._admitted(request_id, ids, sampling, refs, keys), self._closing)
 
     async def _admitted(self, *args: Any) -> AsyncIterator[TokenDelta]:
-        if self._slots.locked():
-            if 0 <= self.max_queued <= self._waiting:
-                raise ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
-            self._waiting += 1
-            try:
-                await self._slots.acquire()
-            finally:
-                self._waiting -= 1
-        else:
+        queued = self._slots.locked()
+        if queued and 0 <= self.max_queued <= self._waiting:
+            raise ServiceUnavailableError("the server is overloaded; retry later", code="overloaded")
+        self._waiting += queued
+        try:
             await self._slots.acquire()
+        finally:
+            self._waiting -= queued
         try:
             async with aclosing(self.server.generate(*args)) as deltas:
                 async for delta in deltas:

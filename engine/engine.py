@@ -113,13 +113,14 @@ class Engine(OverlappedSteps):
                              ids, mm, sampling)
             for _, ids, mm, sampling in requests
         ]
-        ids = [r[0] for r in requests]
         with self._lock:
             if self._dead is not None or self._closed:
                 raise EngineDeadError(self._dead or "the engine is shut down")
-            for k, request_id in enumerate(ids):
-                if request_id in self._seqs or request_id in ids[:k]:
+            seen: set[str] = set()
+            for request_id, *_ in requests:  # one pass: an offline batch may hold thousands
+                if request_id in self._seqs or request_id in seen:
                     raise EngineInputError(f"request id {request_id!r} is already running", param="request_id")
+                seen.add(request_id)
             streams = [self._add(rid, c, mm, sampling) for (rid, _, mm, sampling), c in zip(requests, checked)]
             self._ensure_thread()
             self._work.notify()
