@@ -104,7 +104,8 @@ def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
 
     from deployments.app import engine_deployment
 
-    url = deploy("bp", text_app(max_ongoing_requests=1, max_queued_requests=1, colocate_ingress=colocate),
+    app = "bp-colo" if colocate else "bp"  # a fresh route each: HAProxy may still hold the last app's
+    url = deploy(app, text_app(max_ongoing_requests=1, max_queued_requests=1, colocate_ingress=colocate),
                  SlowScriptedEngine)
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
 
@@ -112,9 +113,9 @@ def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
         try:
             if stream:
                 chunks = [c async for c in await client.chat.completions.create(
-                    model="bp", stream=True, **hello(20))]
+                    model=app, stream=True, **hello(20))]
                 return "ok", [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-            resp = await client.chat.completions.create(model="bp", **hello(20))
+            resp = await client.chat.completions.create(model=app, **hello(20))
             return "ok", resp.choices[0].finish_reason
         except openai.APIStatusError as exc:
             return exc.status_code, exc.response
@@ -134,13 +135,13 @@ def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
         error = assert_envelope(response.json(), 503, response)
         assert error["code"] == "overloaded" and error["type"] == "service_unavailable_error"
         assert int(response.headers["retry-after"]) >= 1
-    stats = serve.get_deployment_handle(engine_deployment("bp"), "bp").stats.remote().result()
+    stats = serve.get_deployment_handle(engine_deployment(app), app).stats.remote().result()
     # The engine never held more than max_ongoing_requests. Colocated, the next request is admitted the
     # moment the last one's final delta reaches its stream, which can be one step (async scheduling)
     # before the engine retires that sequence: one more may overlap it there.
     assert stats["max_running"] <= (2 if colocate else 1)
     # Still serving once the burst is over.
-    resp = httpx.post(f"{url}/v1/chat/completions", json={"model": "bp", **hello(2)}, timeout=HANG_GUARD_S)
+    resp = httpx.post(f"{url}/v1/chat/completions", json={"model": app, **hello(2)}, timeout=HANG_GUARD_S)
     assert resp.status_code == 200 and resp.json()["choices"][0]["finish_reason"] == "length"
 
 
