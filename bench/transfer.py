@@ -6,16 +6,21 @@ output: either `deployments.vision.split_outputs` (device -> CPU copy) returning
 `EmbeddingPool` returning an `IpcEmbedding` handle. The sink actor does what an
 LLMServer does: awaits the ObjectRef, then makes the embeddings its own device tensors
 (`PoolReader.fetch`: a CPU -> device copy, or the pool opened once and a device ->
-device copy, slot marked done). Timed separately on the sink:
+device copy, slot marked done); or this process is the sink, as the ingress replica of
+`llm.colocate_ingress` is: it owns the vision call's result and runs the engine, so
+the result comes back to it with no third process to tell. Timed separately on the sink:
 - `get`: the object store hop alone (the object is already sealed; `ray.wait`
   with `fetch_local=False` waits for that without pulling it);
 - `end to end`: from the driver's `make()` call to the sink holding device
-  tensors: two actor calls, the source's copy, the hop and the sink's copy.
+  tensors: two actor calls, the source's copy, the hop and the sink's copy;
+- `from output`: from the source holding the tower output (its `make()` starting)
+  to the sink holding device tensors: the transfer proper, without the driver's
+  call that stands in for the request to encode (same node, one clock).
 Payload: one image's embeds + deepstack, `N_tok x hidden x (1 + L)` values,
 N_tok = (size / patch / merge)^2, in the serving dtype.
 
-`python -m bench.transfer` prints both rows for a model's shapes on this machine
-(IPC needs both actors on one GPU).
+`python -m bench.transfer` prints a row per way and sink for a model's shapes on this
+machine (IPC needs a GPU: both ends on one GPU).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ class EmbeddingSource:
     def make(self, transfer: str = "object_store") -> Any:
         from deployments.vision import split_outputs
 
+        self.started_at = time.time()
         if transfer == "ipc":
             handle = self.pool.store(self.embeds, self.deepstack, self.grid)
             if handle is None:
@@ -65,6 +71,10 @@ class EmbeddingSource:
 
     def values(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.embeds.cpu(), self.deepstack.cpu()
+
+    def last_start(self) -> float:
+        """When the last `make()` started (`time.time()`)."""
+        return self.started_at
 
     def reclaim(self) -> int:
         """Slots freed now (released by the sink); the pool is empty afterwards when all were released."""
@@ -115,13 +125,16 @@ class EmbeddingSink:
 
 def measure_transfer(
     tokens: int, hidden: int, levels: int, dtype: str, gpus: tuple[float, float] = (0.0, 0.0),
-    iters: int = 10, transfer: str = "object_store",
+    iters: int = 10, transfer: str = "object_store", sink_owns: bool = False,
 ) -> dict[str, float]:
     """Median transfer times and rates for one image's embeddings. Needs `ray.init` done.
 
     Args:
         gpus: GPU shares of the source and sink actors (0: CPU tensors).
         transfer: "object_store" or "ipc" (both actors on one GPU).
+        sink_owns: the sink is this process, which owns the source's result (as the ingress
+            replica of `llm.colocate_ingress` owns the vision call's result and runs the engine),
+            instead of a third actor that is handed the reference.
     """
     import ray
 
@@ -130,29 +143,38 @@ def measure_transfer(
     pool_mb = 4 * tokens * hidden * (1 + levels) * getattr(torch, dtype).itemsize // 2**20 + 1
     source = ray.remote(EmbeddingSource).options(num_cpus=0, num_gpus=gpus[0]).remote(
         tokens, hidden, levels, dtype, src_dev, pool_mb if transfer == "ipc" else 0)
-    sink = ray.remote(EmbeddingSink).options(num_cpus=0, num_gpus=gpus[1]).remote(dst_dev)
-    gets, ends, nbytes = [], [], 0
+    if sink_owns:
+        sink, fetch = None, EmbeddingSink(dst_dev).fetch
+    else:
+        sink = ray.remote(EmbeddingSink).options(num_cpus=0, num_gpus=gpus[1]).remote(dst_dev)
+        fetch = lambda refs: ray.get(sink.fetch.remote(refs))  # noqa: E731
+    gets, ends, froms, nbytes = [], [], [], 0
     try:
         for i in range(iters + 2):
             start = time.time()
             ref = source.make.remote(transfer)
-            out = ray.get(sink.fetch.remote([ref]))
+            out = fetch([ref])
             del ref
             if i >= 2:  # the first calls pay for actor start, lazy CUDA init and the IPC open
                 gets.append(out["get_s"])
                 ends.append(out["done_at"] - start)
+                froms.append(out["done_at"] - ray.get(source.last_start.remote()))
                 nbytes = out["bytes"]
     finally:
         ray.kill(source)
-        ray.kill(sink)
-    get_s, end_s = statistics.median(gets), statistics.median(ends)
+        if sink is not None:
+            ray.kill(sink)
+    get_s, end_s, from_s = statistics.median(gets), statistics.median(ends), statistics.median(froms)
     return {
         "transfer": transfer,
+        "sink": "owner" if sink_owns else "actor",
         "bytes": nbytes,
         "get_ms": get_s * 1e3,
         "get_gb_s": nbytes / get_s / 1e9,
         "end_to_end_ms": end_s * 1e3,
         "end_to_end_gb_s": nbytes / end_s / 1e9,
+        "from_output_ms": from_s * 1e3,
+        "from_output_gb_s": nbytes / from_s / 1e9,
         "source_device": src_dev,
         "sink_device": dst_dev,
     }
@@ -181,16 +203,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gpus, dtype = ((0.5, 0.5), "bfloat16") if cuda else ((0.0, 0.0), "float32")
     ray.init(num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False)
     try:
-        rows = [measure_transfer(tokens, hidden, levels, dtype, gpus, opts.iters, "object_store")]
-        if cuda:
-            rows.append(measure_transfer(tokens, hidden, levels, dtype, gpus, opts.iters, "ipc"))
+        rows = [measure_transfer(tokens, hidden, levels, dtype, gpus, opts.iters, transfer, owns)
+                for transfer in (("object_store", "ipc") if cuda else ("object_store",))
+                for owns in (False, True)]
     finally:
         ray.shutdown()
     print_table(f"Embedding transfer, one {opts.image_size}px image of {opts.model} "
                 f"({tokens} tokens x {hidden} x {1 + levels}, {dtype})",
-                ["transfer", "devices", "MB", "get ms", "end to end ms", "end to end GB/s"],
-                [[r["transfer"], f"{r['source_device']} -> {r['sink_device']}", r["bytes"] / 1e6, r["get_ms"],
-                  r["end_to_end_ms"], r["end_to_end_gb_s"]] for r in rows])
+                ["transfer", "sink", "devices", "MB", "get ms", "end to end ms", "end to end GB/s", "from output ms",
+                 "from output GB/s"],
+                [[r["transfer"], r["sink"], f"{r['source_device']} -> {r['sink_device']}", r["bytes"] / 1e6, r["get_ms"],
+                  r["end_to_end_ms"], r["end_to_end_gb_s"], r["from_output_ms"], r["from_output_gb_s"]]
+                 for r in rows])
     return rows
 
 
