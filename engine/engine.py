@@ -140,7 +140,7 @@ class Engine(OverlappedSteps):
             seq.seq_id, tuple(prompt), checked.positions, checked.mrope_delta,
             sampling, seed, mm_inputs,
         )
-        stream = RequestStream(request_id, self.abort)
+        stream = self._open_stream(request_id)
         self._seqs[request_id] = seq
         self._streams[request_id] = stream
         self.scheduler.add(seq)
@@ -290,8 +290,16 @@ class Engine(OverlappedSteps):
                 if item is not None:
                     outbox.append(item)
         finally:
-            put_many(outbox)
+            self._deliver(outbox)
         return len(outbox)
+
+    def _open_stream(self, request_id: str) -> RequestStream:
+        """Where `request_id`'s outputs go (`engine/core_process.py` forwards them to another process)."""
+        return RequestStream(request_id, self.abort)
+
+    def _deliver(self, outbox: list[tuple[RequestStream, RequestOutput]]) -> None:
+        """Hand one step's outputs (or one abort or error) to their streams, from under the lock."""
+        put_many(outbox)
 
     def _stop_reason(self, seq: Sequence, token: int, num_output: int) -> str | None:
         """Why `seq` ends with `token` as its `num_output`-th output token (None: it goes on)."""
@@ -325,7 +333,7 @@ class Engine(OverlappedSteps):
     def _emit(self, seq: Sequence, tokens: list[int], reason: str | None, logprobs, error: str | None = None) -> None:
         item = self._output(seq, tokens, reason, logprobs, error)
         if item is not None:
-            item[0].put(item[1])
+            self._deliver([item])
 
     def _fail(self, message: str) -> None:
         """Mark the engine dead and end every pending request with an error."""

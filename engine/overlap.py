@@ -29,7 +29,6 @@ from engine.launch import LaunchedStep
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from engine.step import StepResult
-from engine.stream import put_many
 from engine.timeline import StepRecord, ThreadUsage, count_rows
 
 log = logging.getLogger("engine.engine")
@@ -168,5 +167,5 @@ class OverlappedSteps:
                     outbox.append(got)
             self.scheduler.register(item.out)
         finally:
-            put_many(outbox)
+            self._deliver(outbox)
         return len(outbox)

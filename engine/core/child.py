@@ -1,0 +1,139 @@
+"""The engine process: a real `Engine` whose step outputs go to the front end, one message per step.
+
+Its main thread reads the pipe (requests, aborts, queries, stop); the engine's own step
+thread runs the steps and sends each step's deltas. Both send through one lock. The pipe
+closing (the front end's process died) ends the process too.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core.messages import Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop
+from engine.engine import Engine
+from engine.sequence import MultimodalInputs, RequestOutput
+
+log = logging.getLogger(__name__)
+
+QUERIES = ("stats", "timeline")
+
+
+class _Sender:
+    """The child's end of the pipe, shared by the main thread (replies) and the step thread (outputs)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, msg: Any) -> None:
+        with self._lock:
+            try:
+                self.conn.send(msg)
+            except OSError:  # the front end is gone; the main thread's recv ends the process
+                pass
+
+
+class ChildEngine(Engine):
+    """An `Engine` whose streams are the front end's: deltas are sent, not queued here."""
+
+    def __init__(self, config: EngineConfig, sender: _Sender):
+        self._sender = sender
+        super().__init__(config)
+
+    def _open_stream(self, request_id: str) -> Any:
+        return request_id  # a marker: the stream itself lives in the front end
+
+    def _deliver(self, outbox: list[tuple[Any, RequestOutput]]) -> None:
+        if outbox:
+            self._sender.send(StepOutputs(tuple(out for _, out in outbox)))
+
+    def _fail(self, message: str) -> None:
+        dead = self._dead is not None
+        super()._fail(message)
+        if not dead:
+            self._sender.send(Died(message))
+
+
+def run(config: EngineConfig, conn: Connection, open_inputs: Callable[[Any], MultimodalInputs] | None,
+        switch_interval_s: float) -> None:
+    """The engine process' entry point (spawned by `EngineProcess`)."""
+    sys.setswitchinterval(switch_interval_s)
+    sender = _Sender(conn)
+    try:
+        engine = ChildEngine(config, sender)
+    except BaseException as exc:  # bad checkpoint, out of memory: re-raised by the front end
+        sender.send(Failed(_picklable(exc), traceback.format_exc()))
+        return
+    sender.send(Ready(engine.executor.num_blocks))
+    try:
+        _serve(engine, conn, sender, open_inputs)
+    finally:
+        engine.shutdown()
+
+
+def _serve(engine: ChildEngine, conn: Connection, sender: _Sender,
+           open_inputs: Callable[[Any], MultimodalInputs] | None) -> None:
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return  # the front end is gone
+        if isinstance(msg, Add):
+            _add(engine, sender, msg.requests, open_inputs)
+        elif isinstance(msg, Abort):
+            engine.abort(msg.request_id)
+        elif isinstance(msg, Query):
+            value = getattr(engine, msg.name)(*msg.args) if msg.name in QUERIES else None
+            sender.send(Reply(msg.query_id, value))
+        elif isinstance(msg, Stop):
+            return
+
+
+def _add(engine: ChildEngine, sender: _Sender, requests: tuple[NewRequest, ...],
+         open_inputs: Callable[[Any], MultimodalInputs] | None) -> None:
+    """Queue requests the front end validated; one whose inputs cannot be opened ends with "error"."""
+    ready, failed = [], []
+    for req in requests:
+        try:
+            mm = _open(req.mm, open_inputs)
+        except Exception as exc:  # e.g. an IPC slot reused before it was read
+            failed.append(_error(req, f"{type(exc).__name__}: {exc}"))
+            continue
+        ready.append((req.request_id, req.prompt_token_ids, mm, req.sampling))
+    try:
+        engine.add_requests(ready)
+    except Exception as exc:  # the engine died meanwhile, or it disagrees with the front end's checks
+        by_id = {r.request_id: r for r in requests}
+        failed += [_error(by_id[rid], f"{type(exc).__name__}: {exc}") for rid, *_ in ready]
+    if failed:
+        sender.send(StepOutputs(tuple(failed)))
+
+
+def _open(mm: Any, open_inputs: Callable[[Any], MultimodalInputs] | None) -> MultimodalInputs | None:
+    if mm is None or isinstance(mm, MultimodalInputs):
+        return mm
+    if isinstance(mm, SharedInputs):
+        return mm.open()
+    if open_inputs is None:
+        raise TypeError(f"no opener for {type(mm).__name__} inputs was given to the engine process")
+    return open_inputs(mm)
+
+
+def _error(req: NewRequest, message: str) -> RequestOutput:
+    return RequestOutput(req.request_id, [], "error", None, len(req.prompt_token_ids), 0, message)
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
