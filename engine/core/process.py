@@ -137,6 +137,11 @@ class EngineProcess:
     def executor_device(self) -> str:
         return self.config.device
 
+    @property
+    def pid(self) -> int | None:
+        """The engine process' id."""
+        return self._process.pid
+
     def is_healthy(self) -> bool:
         if self._dead is None and not self._closed and not self._process.is_alive():
             self._fail(f"the engine process exited (exit code {self._process.exitcode})")
