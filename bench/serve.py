@@ -39,10 +39,11 @@ actors placed as the layout places the encoder and the LLM.
 Baselines in the same run: transformers `generate(max_new_tokens=1)` on the same
 image request in this process (bench/ttft.py), and optionally our engine.LLM.
 
-Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for another YAML);
-Ray is started with 1 GPU for one-gpu and one-gpu-colocated (so fractional shares
+Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for other YAMLs);
+Ray is started with 1 GPU for the one-gpu layouts (so fractional shares
 land on one card) and 2 for split; one-gpu-colocated is one-gpu with
-`llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token).
+`llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token);
+the `-process` layouts add `llm.engine_process` (the engine in a process of its own).
 """
 
 from __future__ import annotations
@@ -64,8 +65,10 @@ from bench.load_procs import default_procs, run_level_procs
 from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "split": 2}
-TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "split": (1.0, 1.0)}
+LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "one-gpu-process": 1, "one-gpu-colocated-process": 1,
+               "split": 2}
+TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "one-gpu-process": (0.5, 0.5),
+                 "one-gpu-colocated-process": (0.5, 0.5), "split": (1.0, 1.0)}
 ENGINE_TTFT = "splitvl_engine_time_to_first_token_seconds"
 EMBED_WAIT = "splitvl_llm_embedding_wait_seconds"
 VISION_ENCODE = "splitvl_vision_encode_seconds"
@@ -403,7 +406,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="dummy: write no weights (config, tokenizer, preprocessor files only); the replicas "
                              "make random weights in place (`load_format: dummy` in the layout's llm and vision)")
     parser.add_argument("--layout", nargs="+", default=["one-gpu"], choices=sorted(LAYOUT_GPUS))
-    parser.add_argument("--config", default=None, help="a Serve YAML to run instead of the layouts")
+    parser.add_argument("--config", nargs="+", default=None,
+                        help="Serve YAMLs to run instead of the layouts, one after the other in this run")
     parser.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     parser.add_argument("--model-id", default=None, help="served model name (with --url)")
     parser.add_argument("--api-key", default=os.environ.get("SPLITVL_API_KEY"))
@@ -454,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
             result = asyncio.run(sweep(opts.url, model_id, opts, image_seed=int(time.time())))
             runs.append({**result, "layout": "url", "config": opts.url})
         else:
-            configs = ([(Path(opts.config).stem, Path(opts.config))] if opts.config else
+            configs = ([(Path(c).stem, Path(c)) for c in opts.config] if opts.config else
                        [(name, REPO / "configs" / "bench" / f"serve-{name}.yaml") for name in opts.layout])
             for name, config_file in configs:
                 if time.monotonic() > opts.deadline:

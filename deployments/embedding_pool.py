@@ -3,6 +3,8 @@
 `EmbeddingPool` lives in a vision replica on a GPU; `PoolReader` in an LLM replica,
 which opens each pool once and keeps it; `fetch_embeddings` is the LLM replica's whole
 fetch step, including the release of slots it will never read (request aborted or failed).
+With the engine in its own process (`llm.engine_process`) the replica only awaits the
+handles and the engine process reads them (`deployments/image_inputs.py`).
 """
 
 from __future__ import annotations
@@ -181,19 +183,30 @@ class PoolReader:
 
 async def fetch_embeddings(refs: list[Awaitable[Any]], reader: PoolReader,
                            background: set[asyncio.Task]) -> list[ImageEmbedding]:
-    """Await a request's embedding refs and make them this replica's tensors, in order.
+    """Await a request's embedding refs and make them this replica's tensors, in order
+    (`await_embeddings`, then `read_embeddings`)."""
+    return read_embeddings(await await_embeddings(refs, reader, background), reader)
+
+
+async def await_embeddings(refs: list[Awaitable[Any]], reader: PoolReader,
+                           background: set[asyncio.Task]) -> list[ImageEmbedding | IpcEmbedding]:
+    """Await a request's embedding refs: what the encoder returned, in order, nothing opened.
 
     If the wait fails or is cancelled (request aborted mid-transfer), the refs are
     awaited in a background task (kept in `background`) and their slots released
-    without a copy; slots of handles not read after a failed read are released too.
+    without a copy.
     """
     try:
-        items = await asyncio.gather(*refs)
+        return list(await asyncio.gather(*refs))
     except BaseException:
         task = asyncio.get_running_loop().create_task(_release_when_ready(refs, reader))
         background.add(task)
         task.add_done_callback(background.discard)
         raise
+
+
+def read_embeddings(items: list[ImageEmbedding | IpcEmbedding], reader: PoolReader) -> list[ImageEmbedding]:
+    """`reader.fetch` each item in order; after a failed read, the slots of the rest are released."""
     out: list[ImageEmbedding] = []
     try:
         for item in items:

@@ -29,8 +29,9 @@ from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.errors import APIError, EncoderUnavailableError, InvalidRequestError, ServiceUnavailableError
 from deployments.messages import TokenDelta
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
-from deployments.embedding_pool import PoolReader, fetch_embeddings
-from deployments.embedding_transfer import ImageEmbedding
+from deployments.embedding_pool import PoolReader, await_embeddings, read_embeddings
+from deployments.embedding_transfer import IpcEmbedding
+from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs
@@ -68,21 +69,6 @@ def make_engine_config(config_cls: type, values: dict[str, Any]) -> Any:
     return config_cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
 
-def merge_images(embeddings: list[ImageEmbedding], hashes: tuple[str, ...] | None = None) -> MultimodalInputs:
-    """Per-image and per-video encoder outputs (in prompt order) -> one request's multimodal inputs.
-
-    A video of grid (t, h, w) becomes its t frame groups, one per placeholder span
-    (`engine/multimodal.py`). Shapes: image_embeds [sum N_tok, H];
-    deepstack_embeds [L, sum N_tok, H] or None.
-    """
-    from engine.multimodal import VisionItem, frame_groups, multimodal_inputs
-
-    keys = hashes if hashes is not None else (None,) * len(embeddings)
-    items = [g for e, key in zip(embeddings, keys, strict=True)
-             for g in frame_groups(VisionItem(e.embeds, e.deepstack, tuple(e.grid_thw), key))]
-    return multimodal_inputs(items)
-
-
 class LLMServer:
     """Serve deployment body, or an ingress replica's own engine (`llm.colocate_ingress`).
 
@@ -98,15 +84,27 @@ class LLMServer:
         # default, which would stretch each step by up to that much per wait.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         path = ensure_checkpoint(self.config)
+        self.engine_process = self.config.llm.engine_process
+        self.engine = self._make_engine(engine_cls, engine_config_values(self.config, str(path)))
+        self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("LLMServer")
+        # With the engine in its own process this replica holds no CUDA context: it only
+        # releases slots of handles it forwards no more; the engine process reads the rest.
+        self.embedding_reader = PoolReader(_node_id(), None if self.engine_process else self._ipc_device())
+        self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
+
+    def _make_engine(self, engine_cls: type | None, values: dict[str, Any]) -> Any:
+        """`engine_cls` (tests), else `engine.Engine`, or `EngineProcess` under `llm.engine_process`."""
+        if engine_cls is None and self.engine_process:
+            from engine.core import EngineProcess
+
+            opener = EmbeddingOpener(_node_id(), self.config.resolved_device())
+            return EngineProcess(make_engine_config(EngineProcess.config_class, values), open_inputs=opener)
         if engine_cls is None:
             from engine import Engine as engine_cls
         config_cls = getattr(engine_cls, "config_class", None)
         if config_cls is None:
             from engine import EngineConfig as config_cls
-        self.engine = engine_cls(make_engine_config(config_cls, engine_config_values(self.config, str(path))))
-        self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("LLMServer")
-        self.embedding_reader = PoolReader(_node_id(), self._ipc_device())
-        self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
+        return engine_cls(make_engine_config(config_cls, values))
 
     def _ipc_device(self) -> torch.device | None:
         """Where IPC embeddings are copied: this replica's GPU when it runs the model itself (TP 1).
@@ -194,7 +192,11 @@ class LLMServer:
         if not mm:
             return None
         try:
-            embeddings = await fetch_embeddings(mm, self.embedding_reader, self._releases)
+            items = await await_embeddings(mm, self.embedding_reader, self._releases)
+            if self.engine_process and self.config.resolved_device() == "cuda" and any(
+                    isinstance(i, IpcEmbedding) and i.pool.node_id == self.embedding_reader.node_id for i in items):
+                return PendingImages(tuple(items), image_hashes)  # the engine process reads them
+            embeddings = read_embeddings(items, self.embedding_reader)
         except APIError:
             raise
         except Exception as exc:
