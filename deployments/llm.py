@@ -1,5 +1,9 @@
 """The LLMServer deployment: one `engine.Engine` (a TP group) behind a streaming method.
 
+With `llm.engine_process` the engine is an `engine.core.EngineProcess` (the same API, the
+engine in a process of its own); this replica then opens no CUDA context: image
+embeddings that arrive as CUDA IPC handles are forwarded to the engine process unread.
+
 `generate` takes prompt ids (image placeholders already expanded), the engine's
 `SamplingParams` and the ObjectRefs of the images' embeddings; it fetches those
 straight from the encoder (a CUDA IPC slot or the object store; the router never

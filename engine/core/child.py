@@ -109,7 +109,8 @@ def _add(engine: ChildEngine, sender: _Sender, requests: tuple[NewRequest, ...],
             continue
         ready.append((req.request_id, req.prompt_token_ids, mm, req.sampling))
     try:
-        engine.add_requests(ready)
+        if ready:
+            engine.add_requests(ready)
     except Exception as exc:  # the engine died meanwhile, or it disagrees with the front end's checks
         by_id = {r.request_id: r for r in requests}
         failed += [_error(by_id[rid], f"{type(exc).__name__}: {exc}") for rid, *_ in ready]

@@ -88,7 +88,11 @@ class EngineProcess:
         with _main_not_reimported():
             self._process.start()
         theirs.close()  # the child's death then closes the pipe for the reader
-        self.num_blocks = self._wait_ready()
+        try:
+            self.num_blocks = self._wait_ready()
+        except BaseException:
+            self._conn.close()
+            raise
         self._reader = threading.Thread(target=self._read_loop, name="splitvl-engine-reader", daemon=True)
         self._reader.start()
 

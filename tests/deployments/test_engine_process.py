@@ -195,3 +195,14 @@ def test_pending_images_are_read_in_the_engine_process(ckpt):
         assert process.stats()["num_waiting"] == 0
     finally:
         process.shutdown()
+
+
+def test_engine_process_needs_one_rank(ckpt):
+    from pydantic import ValidationError
+
+    from deployments.config import AppConfig
+
+    base = {"model": str(ckpt), "device": "cpu"}
+    assert AppConfig.model_validate({**base, "llm": {"engine_process": True}}).llm.engine_process
+    with pytest.raises(ValidationError, match="engine_process .*tensor_parallel_size 1"):
+        AppConfig.model_validate({**base, "llm": {"engine_process": True, "tensor_parallel_size": 2}})
