@@ -38,7 +38,6 @@ from deployments.embedding_transfer import IpcEmbedding
 from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
-from engine.sequence import MultimodalInputs
 from engine.timeline import StepRecord, TimelineRead
 
 logger = logging.getLogger(__name__)
@@ -170,6 +169,10 @@ class LLMServer:
                 if out.finish_reason == "error" and not self.engine.is_healthy():
                     # A TP worker died: a replica problem (503, check_health restarts us), not the request's.
                     raise ServiceUnavailableError(f"the LLM replica failed ({out.error}); retry the request")
+                if out.finish_reason == "error" and not first and isinstance(mm_inputs, PendingImages):
+                    # The engine process could not read the IPC handles (slot reused, GPU not visible
+                    # there): as when this replica cannot, the router re-encodes through the object store.
+                    raise EncoderUnavailableError(f"image embeddings unavailable ({out.error}); retry")
                 if not first and out.new_token_ids:
                     first = True
                     self.metrics.observe("splitvl_engine_time_to_first_token_seconds", time.monotonic() - added,

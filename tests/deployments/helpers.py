@@ -276,3 +276,26 @@ def transformers_image_chat(
         )
     new = out[0, len(ids):].tolist()
     return len(ids), new, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def stream_in_background(url: str, body: dict[str, Any], timeout_s: float,
+                         started_after: int = 3) -> tuple[threading.Thread, threading.Event, list[str]]:
+    """POST a streamed chat to `url` (/v1/chat/completions) from a daemon thread: (thread, started,
+    lines); `lines` fills with its non-empty SSE lines, `started` is set once `started_after` came
+    or the stream ended."""
+    import httpx
+
+    started, lines = threading.Event(), []
+
+    def stream() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=timeout_s) as resp:
+            for line in resp.iter_lines():
+                if line:
+                    lines.append(line)
+                if len(lines) >= started_after:
+                    started.set()
+        started.set()
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    return reader, started, lines

@@ -14,17 +14,15 @@ import asyncio
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
 from tests.deployments.conftest import wait_until
-from tests.deployments.helpers import data_url, png_bytes, run_tiny_app, tiny_checkpoint_fixture
+from tests.deployments.helpers import data_url, png_bytes, run_tiny_app, stream_in_background, tiny_checkpoint_fixture
 
 HANG_GUARD_S = 120.0
 ckpt = tiny_checkpoint_fixture("qwen3_vl")
@@ -106,19 +104,7 @@ def test_killed_engine_process_restarts_the_replica(urls):
     assert first.status_code == 200, first.text
     victim = wait_until(lambda: _engine_process("proc"))
     streaming = {**body, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    started, lines = threading.Event(), []
-
-    def stream() -> None:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=streaming, timeout=HANG_GUARD_S) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) >= 3:
-                    started.set()
-        started.set()
-
-    reader = threading.Thread(target=stream, daemon=True)
-    reader.start()
+    reader, started, lines = stream_in_background(url, streaming, HANG_GUARD_S)
     assert started.wait(HANG_GUARD_S)
     t_kill = time.monotonic()
     os.kill(victim, signal.SIGKILL)
@@ -150,7 +136,7 @@ def test_pending_images_are_read_in_the_engine_process(ckpt):
 
     import torch.multiprocessing  # noqa: F401  (the tensor reductions)
 
-    from deployments.embedding_transfer import ImageEmbedding
+    from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding, PoolAddress
     from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
     from engine import EngineInputError, SamplingParams
     from engine.core import EngineProcess
@@ -173,10 +159,13 @@ def test_pending_images_are_read_in_the_engine_process(ckpt):
     config = EngineConfig(model=str(ckpt), dtype="float32", device="cpu", max_model_len=512, num_gpu_blocks=64)
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
-    async def tokens(engine, mm) -> list[int]:
+    async def outputs(engine, mm) -> list:
         async def run():
-            return [t async for out in engine.add_request("img", ids, mm, sp) for t in out.new_token_ids]
+            return [out async for out in engine.add_request("img", ids, mm, sp)]
         return await asyncio.wait_for(run(), HANG_GUARD_S)
+
+    async def tokens(engine, mm) -> list[int]:
+        return [t for out in await outputs(engine, mm) for t in out.new_token_ids]
 
     engine = Engine(config)
     try:
@@ -193,6 +182,14 @@ def test_pending_images_are_read_in_the_engine_process(ckpt):
         with pytest.raises(EngineInputError, match="image_embeds"):
             process.add_request("bad", ids[:ids.index(start + 1) + 1], PendingImages((wide,), None), sp)
         assert process.stats()["num_waiting"] == 0
+        # A handle the engine process cannot open ends that request with an error, the engine healthy
+        # (LLMServer then raises EncoderUnavailableError: the router re-encodes via the object store).
+        unreadable = IpcEmbedding(PoolAddress("splitvl-no-such-pool", "", "GPU-none", ()), 0, 1, 0,
+                                  tuple(images[0].embeds.shape), tuple(images[0].deepstack.shape), "float32",
+                                  grids[0])
+        outs = asyncio.run(outputs(process, PendingImages((unreadable, images[1]), None)))
+        assert [o.finish_reason for o in outs] == ["error"] and "another device" in outs[0].error
+        assert process.is_healthy() and asyncio.run(tokens(process, pending)) == want
     finally:
         process.shutdown()
 

@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from tests.deployments.conftest import local_serve, wait_until
-from tests.deployments.helpers import data_url, png_bytes
+from tests.deployments.helpers import data_url, png_bytes, stream_in_background
 from tests.deployments.scripted_engine import ScriptedEngine, SlowScriptedEngine
 
 HANG_GUARD_S = 120.0  # no single wait in this module may take longer
@@ -290,19 +290,7 @@ def test_tp_worker_killed_replica_restarts(deploy, colocate):
 
     # A stream in flight when the rank dies ends with an in-band error event and [DONE].
     streaming = {**body, "max_tokens": 200, "ignore_eos": True, "stream": True}
-    started, lines = threading.Event(), []
-
-    def stream() -> None:
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=streaming, timeout=HANG_GUARD_S) as resp:
-            for line in resp.iter_lines():
-                if line:
-                    lines.append(line)
-                if len(lines) >= 3:
-                    started.set()
-        started.set()
-
-    reader = threading.Thread(target=stream, daemon=True)
-    reader.start()
+    reader, started, lines = stream_in_background(url, streaming, HANG_GUARD_S)
     assert started.wait(HANG_GUARD_S)
     t_kill = time.monotonic()
     os.kill(before_workers[1], signal.SIGKILL)  # a worker process this test's app started

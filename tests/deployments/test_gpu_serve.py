@@ -7,6 +7,8 @@ the real ids) and the HTTP port moved to a free one.
   GPU, so they must land on different cards; both cards run a process of ours.
 - `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine in the ingress replica
   (`llm.colocate_ingress`): no LLMServer deployment; the engine's metrics come from the ingress.
+  With `llm.engine_process` added, the engine runs in a process of its own and opens the
+  vision replica's CUDA IPC handles there: its greedy image chats equal the in-process engine's.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def _gpu_pids() -> dict[str, set[int]]:
 
 
 @contextmanager
-def _serve_yaml(tmp_path: Path, name: str, arch: str) -> Iterator[tuple[str, str, float]]:
-    """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint: (base URL, model id, ready s)."""
+def _serve_yaml(tmp_path: Path, name: str, arch: str, llm: dict | None = None) -> Iterator[tuple[str, str, float]]:
+    """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint, `llm` added to its llm
+    section: (base URL, model id, ready s)."""
     from bench.checkpoints import prepare_checkpoint
 
     ckpt = prepare_checkpoint(arch, os.environ.get("BENCH_CKPT_CACHE"), torch.bfloat16, "cuda")
@@ -52,6 +55,7 @@ def _serve_yaml(tmp_path: Path, name: str, arch: str) -> Iterator[tuple[str, str
     data["http_options"]["port"] = port
     app = data["applications"][0]
     app["args"]["model"] = str(ckpt)
+    app["args"]["llm"] = {**app["args"].get("llm", {}), **(llm or {})}
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -143,3 +147,19 @@ def test_qwen3_5_0_8b_yaml_colocated_streams_image_chat_on_one_gpu(tmp_path):
         engine = [line for line in text.splitlines() if line.startswith(name)]
         assert engine and all('deployment="OpenAIIngress"' in line for line in engine), engine
         assert 'deployment="LLMServer"' not in text
+
+
+@pytest.mark.timeout(1200)
+def test_qwen3_5_0_8b_yaml_engine_process_equals_in_process(tmp_path):
+    """configs/qwen3.5-0.8b.yaml with and without `llm.engine_process`: the same greedy image chats
+    (the embeddings reach the engine process as CUDA IPC handles it opens itself)."""
+    answers = {}
+    for name, llm in (("in-process", {}), ("engine-process", {"engine_process": True})):
+        (tmp_path / name).mkdir()
+        with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", llm) as (base, model, ready_s):
+            runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
+            answers[name] = [("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"])
+                             for _, pieces, usage in runs]
+            print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
+    assert answers["engine-process"] == answers["in-process"]
+    assert all(completion == 32 for _, _, completion in answers["in-process"])
