@@ -44,8 +44,9 @@ class PendingImages:
 
     def placeholder(self) -> MultimodalInputs:
         """The merged inputs' shapes as meta tensors: what the replica validates."""
-        meta = [ImageEmbedding(torch.empty(i.embeds_shape, device="meta"), torch.empty(i.deepstack_shape, device="meta"),
-                               tuple(i.grid_thw)) if isinstance(i, IpcEmbedding) else
+        meta = [ImageEmbedding(torch.empty(i.embeds_shape, device="meta"),
+                               torch.empty(i.deepstack_shape, device="meta"), tuple(i.grid_thw))
+                if isinstance(i, IpcEmbedding) else
                 ImageEmbedding(i.embeds.to("meta"), i.deepstack.to("meta"), tuple(i.grid_thw)) for i in self.items]
         # Content ids only key the prefix cache; the engine process derives the real ones.
         return merge_images(meta, self.hashes or tuple(f"unhashed-{k}" for k in range(len(meta))))

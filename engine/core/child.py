@@ -17,7 +17,9 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.core.messages import Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop
+from engine.core.messages import (
+    Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop,
+)
 from engine.engine import Engine
 from engine.sequence import MultimodalInputs, RequestOutput
 
@@ -53,7 +55,7 @@ class ChildEngine(Engine):
 
     def _deliver(self, outbox: list[tuple[Any, RequestOutput]]) -> None:
         if outbox:
-            self._sender.send(StepOutputs(tuple(out for _, out in outbox)))
+            self._sender.send(StepOutputs.of(out for _, out in outbox))
 
     def _fail(self, message: str) -> None:
         dead = self._dead is not None
@@ -115,7 +117,7 @@ def _add(engine: ChildEngine, sender: _Sender, requests: tuple[NewRequest, ...],
         by_id = {r.request_id: r for r in requests}
         failed += [_error(by_id[rid], f"{type(exc).__name__}: {exc}") for rid, *_ in ready]
     if failed:
-        sender.send(StepOutputs(tuple(failed)))
+        sender.send(StepOutputs.of(failed))
 
 
 def _open(mm: Any, open_inputs: Callable[[Any], MultimodalInputs] | None) -> MultimodalInputs | None:

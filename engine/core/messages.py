@@ -9,6 +9,7 @@ token deltas once per step; image tensors go through shared memory (`SharedInput
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -102,9 +103,21 @@ class Failed:
 
 @dataclass(frozen=True, slots=True)
 class StepOutputs:
-    """Every delta one engine step (or one abort or failure) produced, in delivery order."""
+    """Every delta one engine step (or one abort or failure) produced, in delivery order.
 
-    outputs: tuple[RequestOutput, ...]
+    Each as a plain tuple of `RequestOutput`'s fields, in order: 64 frozen dataclasses pickle in
+    ~120 us on the engine's step thread, their tuples in ~7 us.
+    """
+
+    rows: tuple[tuple, ...]
+
+    @classmethod
+    def of(cls, outputs: Iterable[RequestOutput]) -> StepOutputs:
+        return cls(tuple((o.request_id, o.new_token_ids, o.finish_reason, o.logprobs, o.num_prompt_tokens,
+                          o.num_cached_tokens, o.error) for o in outputs))
+
+    def outputs(self) -> list[RequestOutput]:
+        return [RequestOutput(*row) for row in self.rows]
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,7 +247,7 @@ class EngineProcess:
                 self._fail(f"the engine process exited (exit code {code})")
                 return
             if isinstance(msg, StepOutputs):
-                self._deliver(msg.outputs)
+                self._deliver(msg.outputs())
             elif isinstance(msg, Reply):
                 with self._lock:
                     future = self._queries.get(msg.query_id)
@@ -256,7 +256,7 @@ class EngineProcess:
             elif isinstance(msg, Died):
                 self._fail(msg.message)
 
-    def _deliver(self, outputs: tuple[RequestOutput, ...]) -> None:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         """One step's deltas to their streams, in one `put_many`."""
         items = []
         with self._lock:

@@ -189,3 +189,12 @@ def test_start_up_errors_are_raised_with_the_childs_message(config, tmp_path):
 
 def _fields(config: EngineConfig) -> dict:
     return {name: getattr(config, name) for name in config.__dataclass_fields__}
+
+
+def test_step_outputs_carry_every_field():
+    from engine.core.messages import StepOutputs
+    from engine.sequence import RequestOutput, TokenLogprobs
+
+    outs = [RequestOutput("a", [1, 2], None, [TokenLogprobs(1, -0.5, (1, 3), (-0.5, -1.0))] * 2, 7, 3),
+            RequestOutput("b", [], "error", None, 4, 0, "boom")]
+    assert StepOutputs.of(outs).outputs() == outs
