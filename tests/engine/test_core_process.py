@@ -9,6 +9,8 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -173,6 +175,37 @@ async def test_shutdown_aborts_streams_and_joins_the_process(config):
     assert not engine.is_healthy()
     with pytest.raises(EngineDeadError):
         engine.add_request("t", [5, 6], None, GREEDY)
+
+
+def test_engine_process_exits_with_its_parent(config):
+    """A replica killed outright (SIGKILL) must not leave its engine process holding the device."""
+    script = (
+        "import time\n"
+        "from engine.core import EngineProcess\n"
+        "from engine.engine import EngineConfig\n"
+        f"engine = EngineProcess(EngineConfig(**{_fields(config)!r}))\n"
+        "print(engine.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        pid = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while _running(pid):
+        assert time.monotonic() < deadline, "the engine process outlived its parent"
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # exited, not yet reaped by whoever adopted it
 
 
 def test_start_up_errors_are_raised_with_the_childs_message(config, tmp_path):
