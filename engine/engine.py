@@ -294,7 +294,7 @@ class Engine(OverlappedSteps):
         return len(outbox)
 
     def _open_stream(self, request_id: str) -> RequestStream:
-        """Where `request_id`'s outputs go (`engine/core_process.py` forwards them to another process)."""
+        """Where `request_id`'s outputs go (`engine/core/child.py` sends them to another process)."""
         return RequestStream(request_id, self.abort)
 
     def _deliver(self, outbox: list[tuple[RequestStream, RequestOutput]]) -> None:
