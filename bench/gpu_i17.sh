@@ -12,6 +12,10 @@
 #   timeline-2b, timeline-8b  python -m bench.serve, one-gpu layout, concurrency 1,8,32,64: the serve tables
 #             with the LLM replica's step timeline per level; JSON (raw step records) to $OUT/timeline-<model>.json.
 #             One per device call: I17_TOTAL_S=560 bash bench/gpu_i17.sh build timeline-8b
+#   serve-test  tests/deployments/test_gpu_serve.py -k qwen3_5: configs/qwen3.5-0.8b.yaml served (colocated), and
+#             the same with llm.engine_process == in process (needs Ray Serve: the device Ray bundle)
+#   process-08b, process-8b  python -m bench.serve, image chat c=64 (8b: c=1,64): the colocated ingress with the
+#             engine in the replica vs in its own process (llm.engine_process), one command, same checkpoint
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +26,8 @@ export MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
-declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400)
+declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
+                   [process-08b]=300 [process-8b]=450)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
@@ -33,6 +38,13 @@ step_cmd() {
     timeline-2b|timeline-8b) python -m bench.serve --model "qwen3-vl-${1#timeline-}" --layout one-gpu \
         --concurrency 1,8,32,64 --no-hf --ckpt-cache "$CKPT" --time-budget-s $(( $2 * 7 / 10 )) \
         --json "$OUT/$1.json" ;;
+    serve-test) python -m pytest -m gpu -q -s -p no:warnings tests/deployments/test_gpu_serve.py -k qwen3_5 ;;
+    process-08b) python -m bench.serve --model qwen3.5-0.8b --layout one-gpu-colocated one-gpu-colocated-process \
+        --load-format dummy --no-hf --transfer-iters 3 --overhead-probes 30 --concurrency 64 --ramp-s 4 \
+        --min-requests 256 --json "$OUT/$1.json" ;;
+    process-8b) python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated one-gpu-colocated-process \
+        --load-format dummy --no-hf --transfer-iters 3 --overhead-probes 30 --concurrency 1,64 --ramp-s 4 \
+        --min-requests 128 --json "$OUT/$1.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
