@@ -179,6 +179,21 @@ def moe_route(gating_output, topk, renormalize):
 
 
 @_ops.op(reference_moe)
+def moe_gate_route(x, gate_weight, topk, renormalize, arrivals):
+    tokens, experts = x.shape[0], gate_weight.shape[0]
+    device = x.device
+    weights = torch.empty((tokens, topk), dtype=torch.float32, device=device)
+    ids = torch.empty((tokens, topk), dtype=torch.int32, device=device)
+    logits = torch.empty((tokens, experts), dtype=torch.float32, device=device)
+    a = _alignment_buffers(tokens, topk, experts, device)
+    torch.ops.splitvl.moe_gate_route.default(
+        weights, ids, a.sorted_pairs, a.pair_pos, a.block_experts, a.total_padded, logits, arrivals,
+        x, gate_weight, renormalize,
+    )
+    return weights, ids, a
+
+
+@_ops.op(reference_moe)
 def moe_gate_up(x, weight, alignment):
     out = torch.empty((alignment.capacity, weight.shape[1] // 2), dtype=x.dtype, device=x.device)
     torch.ops.splitvl.moe_gate_up.default(
@@ -216,6 +231,16 @@ def moe_combine(y, alignment, topk_weights):
     out = torch.empty((alignment.num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
     torch.ops.splitvl.moe_combine.default(out, y, alignment.pair_pos, topk_weights)
     return out
+
+
+
+@_ops.op(reference_moe)
+def moe_combine_add_rms_norm(y, alignment, topk_weights, residual, norm_weight, eps):
+    out = torch.empty((alignment.num_tokens, y.shape[1]), dtype=y.dtype, device=y.device)
+    torch.ops.splitvl.moe_combine_add_rms_norm.default(
+        out, residual, y, alignment.pair_pos, topk_weights, norm_weight, eps
+    )
+    return out, residual
 
 
 # Qwen3.5 linear attention (Gated DeltaNet); state pools as in the module docstring.

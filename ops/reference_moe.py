@@ -230,3 +230,37 @@ def moe_combine(
         rows = rows * topk_weights.float()[..., None]
     rows = torch.where((pos >= 0)[..., None], rows, 0.0)  # a dropped pair's row 0 may be unused
     return rows.sum(dim=1).to(y.dtype)
+
+
+def moe_gate_route(
+    x: torch.Tensor, gate_weight: torch.Tensor, topk: int, renormalize: bool, arrivals: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, MoeAlignment]:
+    """The router linear and `moe_route` in one op: `moe_route(x gate_weight^T, topk, renormalize)`
+    with the logits summed and kept in fp32 (never rounded to x's dtype).
+
+    `arrivals` is a persistent int32 [1] counter, zero between calls, that the CUDA kernel's
+    blocks count themselves on (the last one routes and resets it, so a CUDA graph can replay
+    the op without a memset); the references leave it alone.
+
+    Shapes: x [T, H]; gate_weight [E, H]; arrivals int32 [1] ->
+    (topk_weights fp32 [T, k], topk_ids int32 [T, k], MoeAlignment).
+    """
+    logits = F.linear(x.float(), gate_weight.float())
+    return moe_route(logits, topk, renormalize)
+
+
+def moe_combine_add_rms_norm(
+    y: torch.Tensor, alignment: MoeAlignment | MoePermutation, topk_weights: torch.Tensor | None,
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor, eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moe_combine`, then `fused_add_rms_norm` of its result into `residual` (in place).
+
+    The combine is rounded to y's dtype before the add, as the two ops round, so the result
+    is theirs: `residual = combine(y) + residual` (rounded), `normed = rms_norm(residual)`.
+    Shapes: y [rows, H]; topk_weights fp32 [T, k] or None; residual [T, H] (y's dtype,
+    unit last stride); norm_weight [H] -> (normed [T, H], residual).
+    """
+    normed = moe_combine(y, alignment, topk_weights)
+    reference.fused_add_rms_norm(normed, residual, norm_weight, eps)
+    return normed, residual

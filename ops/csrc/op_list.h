@@ -81,6 +81,16 @@ SPLITVL_OP(moe_route,
            (at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
             at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
             const at::Tensor& gating_output, bool renormalize))
+// The router linear (fp32 logits [T, E], kept in `logits`) then moe_route, one launch at
+// decode; arrivals int32 [1] is a persistent zero counter the CUDA blocks use and reset.
+SPLITVL_OP(moe_gate_route,
+           "Tensor! topk_weights, Tensor! topk_ids, Tensor! sorted_pairs, Tensor! pair_pos, "
+           "Tensor! block_experts, Tensor! total_padded, Tensor! logits, Tensor! arrivals, "
+           "Tensor x, Tensor gate_weight, bool renormalize",
+           (at::Tensor& topk_weights, at::Tensor& topk_ids, at::Tensor& sorted_pairs,
+            at::Tensor& pair_pos, at::Tensor& block_experts, at::Tensor& total_padded,
+            at::Tensor& logits, at::Tensor& arrivals, const at::Tensor& x,
+            const at::Tensor& gate_weight, bool renormalize))
 SPLITVL_OP(moe_gate_up,
            "Tensor! out, Tensor x, Tensor weight, Tensor sorted_pairs, Tensor block_experts, "
            "Tensor total_padded, int top_k",
@@ -104,6 +114,15 @@ SPLITVL_OP(moe_permute,
 SPLITVL_OP(moe_combine, "Tensor! out, Tensor y, Tensor pair_pos, Tensor? topk_weights",
            (at::Tensor& out, const at::Tensor& y, const at::Tensor& pair_pos,
             const std::optional<at::Tensor>& topk_weights))
+
+// moe_combine into out, then fused_add_rms_norm(out, residual, weight, epsilon): residual +=
+// the combine (both rounded as the two ops round), out = rms_norm(residual) * weight.
+SPLITVL_OP(moe_combine_add_rms_norm,
+           "Tensor! out, Tensor! residual, Tensor y, Tensor pair_pos, Tensor? topk_weights, "
+           "Tensor weight, float epsilon",
+           (at::Tensor& out, at::Tensor& residual, const at::Tensor& y, const at::Tensor& pair_pos,
+            const std::optional<at::Tensor>& topk_weights, const at::Tensor& weight,
+            double epsilon))
 
 // Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in linear_attn_checks.h.
 // x [T, dim] token-major; conv_states [num_slots, dim, width-1]; sequence b uses slot
