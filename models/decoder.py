@@ -17,7 +17,7 @@ from models.interface import LayerCache, MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from models.layers.mlp import SwiGLUMLP
-from models.layers.moe import SparseMoeBlock
+from models.layers.moe import PendingCombine, SparseMoeBlock, materialize
 from models.layers.parallel import SINGLE, ParallelContext
 from models.layers.rotary import MRotaryEmbedding, RotaryEmbedding
 from models.loader import CheckpointReader, load_language_model
@@ -86,14 +86,17 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
         attn: AttentionMetadata, cache: LayerCache | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shapes: x [T, H] -> (block output [T, H], residual [T, H]); the layer's output is their sum."""
+    ) -> tuple[torch.Tensor | PendingCombine, torch.Tensor]:
+        """Shapes: x [T, H] (or the previous MoE block's pending combine) -> (block output [T, H]
+        or pending combine, residual [T, H]); the layer's output is their sum."""
         if residual is None:
             residual = x
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x, residual = self.post_attention_layernorm(self.mix(x, positions, attn, cache), residual)
+        if isinstance(self.mlp, SparseMoeBlock):
+            return self.mlp.forward_deferred(x), residual  # the next norm may take the combine
         return self.mlp(x), residual
 
 
@@ -133,6 +136,7 @@ class DecoderModel(nn.Module):
             x, residual = layer(x, residual, positions, attn, None if caches is None else caches[i])
             if deepstack is not None and i < deepstack.shape[0]:
                 # Added to the layer output (x + residual) at the image rows.
+                x = materialize(x)
                 x.index_add_(0, rows, deepstack[i].to(x.dtype))
         x, _ = self.norm(x, residual)
         return x

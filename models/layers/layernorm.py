@@ -6,13 +6,16 @@ import torch
 from torch import nn
 
 import ops
+from models.layers.moe import PendingCombine
 
 
 class RMSNorm(nn.Module):
     """`forward(x)` -> rms_norm(x); `forward(x, residual)` -> (rms_norm(x + residual), x + residual).
 
     The residual form runs `ops.fused_add_rms_norm` in place on `x` and
-    `residual` (both must be tensors the caller owns). Shapes: x [..., D].
+    `residual` (both must be tensors the caller owns); with a MoE block's pending
+    combine for `x`, `ops.moe_combine_add_rms_norm` sums it into `residual` in the
+    same kernel. Shapes: x [..., D].
     """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -21,10 +24,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
+        if isinstance(x, PendingCombine):
+            return ops.moe_combine_add_rms_norm(x.rows, x.alignment, None, residual, self.weight, self.eps)
         ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         return x, residual
 

@@ -8,6 +8,13 @@ Large eager bf16 steps on Hopper (`GROUPED_GEMM_MIN_TOKENS`) sort the pairs with
 padding instead (`ops.moe_permute`) and run the two expert GEMMs as
 `torch._grouped_mm` over the experts' row offsets, still without a host sync.
 
+Decode steps (up to `FUSED_DECODE_MAX_TOKENS` tokens) of a block without a shared
+expert at TP=1 fuse both ends: `ops.moe_gate_route` runs the router linear with
+the routing in one launch, and the block hands back its weighted expert rows
+uncombined (`PendingCombine`); the next layer's input norm, or the final norm,
+sums them into the residual inside its add + norm (`ops.moe_combine_add_rms_norm`).
+Anything else that reads the block output `materialize`s it first.
+
 Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
 `experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
 rows) and `experts.down_proj [E, H, I / tp]`. The block's partial sums are
@@ -22,6 +29,9 @@ Checkpoint layouts read by `FusedExperts.load_checkpoint`:
 """
 
 from __future__ import annotations
+
+import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,6 +51,44 @@ GROUPED_GEMM_MIN_TOKENS = 512
 # torch runs its CUTLASS kernel for bf16 on sm90/sm100 only; elsewhere (fp16 too) it falls back
 # to a loop over the groups that reads the offsets on the host (a sync every layer).
 _GROUPED_GEMM_ARCHS = (9, 10)
+# Tokens up to which a step takes the fused decode path: the CUDA router keeps one fp32
+# accumulator per token in registers (ops/csrc/cuda/moe_gate_route.cu).
+FUSED_DECODE_MAX_TOKENS = 16
+
+
+def _fused_decode_on_cuda() -> bool:
+    """Whether CUDA steps take the fused decode path: only with `SPLITVL_MOE_FUSED_DECODE=1`.
+
+    Read once, at import. The fused kernels' CUDA sources compile in CI but have not yet
+    passed their GPU tests, so CUDA keeps the unfused path unless asked; CPU always fuses,
+    so the CPU parity tests against transformers run the fused plumbing.
+    """
+    return os.environ.get("SPLITVL_MOE_FUSED_DECODE", "") == "1"
+
+
+FUSED_DECODE_ON_CUDA = _fused_decode_on_cuda()
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCombine:
+    """A MoE block's output before its combine: each routed pair's weighted expert row.
+
+    Shapes: rows [capacity, H] (`ops.moe_down`'s, router weights applied); alignment of the
+    [T, k] pairs.
+    """
+
+    rows: torch.Tensor
+    alignment: ops.MoeAlignment
+
+
+def materialize(x: torch.Tensor | PendingCombine) -> torch.Tensor:
+    """The block output as a tensor: a pending combine summed (`ops.moe_combine`).
+
+    Shapes: x [T, H] or pending rows of T tokens -> [T, H].
+    """
+    if isinstance(x, PendingCombine):
+        return ops.moe_combine(x.rows, x.alignment, None)
+    return x
 
 
 class FusedExperts(nn.Module):
@@ -191,6 +239,8 @@ class SparseMoeBlock(nn.Module):
     Param names follow the checkpoints: `gate.weight [E, H]` (router),
     `experts.*`, and with `shared_expert_intermediate_size > 0`
     `shared_expert.*` plus `shared_expert_gate.weight [1, H]` (sigmoid gate).
+    `fused_decode` picks the decode path: None (the device's default: CPU fused, CUDA
+    as `SPLITVL_MOE_FUSED_DECODE` says), True or False (tests and benchmarks compare them).
     Shapes: x [T, H] -> [T, H].
     """
 
@@ -222,11 +272,42 @@ class SparseMoeBlock(nn.Module):
         else:
             self.shared_expert = None
             self.shared_expert_gate = None
+        self.fused_decode: bool | None = None
+        # moe_gate_route's arrival counter: persistent, so no step launches a memset for it.
+        self.register_buffer("route_arrivals", torch.zeros(1, dtype=torch.int32), persistent=False)
+
+    def defers_combine(self, x: torch.Tensor) -> bool:
+        """Whether `forward_deferred(x)` takes the fused decode path (and leaves the combine pending)."""
+        fused = self.fused_decode if self.fused_decode is not None else (not x.is_cuda or FUSED_DECODE_ON_CUDA)
+        return (
+            fused and self.shared_expert is None and self.parallel.tp_size == 1
+            and 0 < x.shape[0] <= FUSED_DECODE_MAX_TOKENS
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return materialize(self.forward_deferred(x))
+
+    def forward_deferred(self, x: torch.Tensor) -> torch.Tensor | PendingCombine:
+        """The block output, or at decode its expert rows with the combine left to the next norm.
+
+        Shapes: x [T, H] -> [T, H] or PendingCombine of T tokens.
+        """
+        if self.defers_combine(x):
+            weights, _, alignment = ops.moe_gate_route(
+                x, self.gate.weight, self.top_k, self.norm_topk_prob, self.route_arrivals
+            )
+            h = ops.moe_gate_up(x, self.experts.gate_up_proj, alignment)
+            return PendingCombine(ops.moe_down(h, self.experts.down_proj, weights, alignment), alignment)
         router_logits = self.gate(x)
         weights, routing = self.experts.route(router_logits, self.top_k, self.norm_topk_prob)
         out = self.experts(x, weights, routing)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return all_reduce(out, self.parallel)
+
+
+def set_fused_decode(model: nn.Module, enabled: bool | None) -> None:
+    """Set `fused_decode` on every MoE block of `model` (None: each device's default)."""
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.fused_decode = enabled
