@@ -42,6 +42,25 @@ def pdl_settings(values: Sequence[str]) -> list[bool]:
 PDL_HELP = "programmatic dependent launch settings to time: on,off (default: the process's, SPLITVL_PDL)"
 
 
+def moe_fused_settings(values: Sequence[str], device: torch.device) -> list[bool]:
+    """`--moe-fused on,off` -> [True, False] (the MoE blocks' fused decode path, in order);
+    nothing given: the default on `device` (CPU on, CUDA as SPLITVL_MOE_FUSED_DECODE says).
+
+    Raises:
+        ValueError: a value other than on / off.
+    """
+    from models.layers.moe import fused_decode_default
+
+    names = comma_items(values)
+    if any(v not in ("on", "off") for v in names):
+        raise ValueError(f"--moe-fused takes on and/or off, got {list(values)}")
+    return [v == "on" for v in names] or [fused_decode_default(device)]
+
+
+MOE_FUSED_HELP = ("MoE fused decode path (router + routing, combine + next norm) settings to time: on,off "
+                  "(default: the device's, SPLITVL_MOE_FUSED_DECODE on CUDA)")
+
+
 def config_path(name: str) -> Path:
     """`configs/models/<name>.json`, the published config.json of a real architecture."""
     path = CONFIG_DIR / f"{name}.json"

@@ -4,6 +4,7 @@
     python -m bench.moe --batches 1 --layers 12 --no-hf       # a quicker slice
     python -m bench.moe --model qwen3.5-35b-a3b --no-hf       # the hybrid Qwen3.5 MoE (40 layers)
     python -m bench.moe --batches 1 --no-hf --pdl on,off      # programmatic dependent launch on vs off
+    python -m bench.moe --batches 1 --no-hf --moe-fused on,off  # fused MoE decode ops on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -16,7 +17,9 @@ router, norms and LM head, plus for each MoE layer the experts this step's
 routing hit, counted on the device; for hybrid Qwen3.5 models also the
 linear-attention state each step reads and writes back) over the copy bandwidth
 of this run. `--pdl on,off` times each batch with programmatic dependent launch
-on and off (ops.programmatic_launch; the graph is captured under each setting).
+on and off (ops.programmatic_launch; the graph is captured under each setting), and
+`--moe-fused on,off` with the MoE blocks' fused decode path (router + routing in one op,
+the combine folded into the next norm; steps of up to 16 tokens) on and off.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -34,7 +37,8 @@ import torch
 
 import ops
 from bench.common import (
-    PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, pdl_settings, print_table, write_json,
+    MOE_FUSED_HELP, PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, moe_fused_settings, pdl_settings,
+    print_table, write_json,
 )
 
 BLOCK = 16  # KV block size, as the engine's default
@@ -44,6 +48,7 @@ BLOCK = 16  # KV block size, as the engine's default
 class StepResult:
     batch: int
     pdl: bool  # whether the step's kernels used programmatic dependent launch
+    moe_fused: bool  # whether the MoE blocks took the fused decode path
     eager_ms: float
     graph_ms: float
     floor_ms: float
@@ -115,8 +120,12 @@ def state_bytes(config, caches) -> int:
 
 
 def active_bytes(model, batch_step) -> tuple[int, float]:
-    """(bytes one step reads, mean distinct experts per MoE layer), routing counted in one eager step."""
-    from models.layers.moe import FusedExperts
+    """(bytes one step reads, mean distinct experts per MoE layer), routing counted in one eager step.
+
+    The step runs unfused (`FusedExperts.forward` is where the routing is seen); the fused
+    path routes the same pairs.
+    """
+    from models.layers.moe import FusedExperts, set_fused_decode
     from ops import MoePermutation
 
     hits: list[int] = []
@@ -133,6 +142,7 @@ def active_bytes(model, batch_step) -> tuple[int, float]:
         expert_bytes.append(module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
 
     handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, FusedExperts)]
+    set_fused_decode(model, False)  # the caller then sets the path it times
     batch_step()
     for handle in handles:
         handle.remove()
@@ -155,7 +165,9 @@ def profile_replays(replay, batch: int, steps: int = 5) -> None:
 
 
 def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
-              profile: bool = False) -> StepResult:
+              profile: bool = False, moe_fused: bool = True) -> StepResult:
+    from models.layers.moe import set_fused_decode
+
     dtype = next(model.parameters()).dtype
     ids, positions, attn, caches = decode_inputs(config, batch, context, dtype, device, model.state_shapes())
 
@@ -165,6 +177,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
     with torch.no_grad():
         nbytes, hit = active_bytes(model, step)
         nbytes += state_bytes(config, caches)
+        set_fused_decode(model, moe_fused)
         if device.type != "cuda":
             start = time.perf_counter()
             step()
@@ -184,7 +197,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
                 profile_replays(graph.replay, batch)
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
-    return StepResult(batch, ops.programmatic_launch_enabled(), eager, graphed, floor, nbytes / 1e9, hit)
+    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, eager, graphed, floor, nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -269,10 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", action="store_true", help="also print each batch's top kernels (GPU)")
     parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
+    parser.add_argument("--moe-fused", nargs="*", default=[], help=MOE_FUSED_HELP)
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     try:
         pdl = pdl_settings(args.pdl)
+        fused = moe_fused_settings(args.moe_fused, torch.device("cpu" if args.smoke else "cuda"))
     except ValueError as exc:
         parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
@@ -289,11 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    for b, on in ((b, on) for b in batches for on in pdl):
+    for b, on, fuse in ((b, on, fuse) for b in batches for on in pdl for fuse in fused):
         with ops.programmatic_launch(on):
-            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile))
+            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse))
     for r in results:
-        print(f"batch {r.batch} pdl {'on' if r.pdl else 'off'}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
+        print(f"batch {r.batch} pdl {'on' if r.pdl else 'off'} moe-fused {'on' if r.moe_fused else 'off'}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
     holder = [model]
@@ -307,11 +322,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
-        rows.append([args.model, layers, r.batch, "on" if r.pdl else "off", r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms,
-                     r.batch / best * 1e3, hf, r.batch / hf * 1e3, r.experts_hit])
+        rows.append([args.model, layers, r.batch, "on" if r.pdl else "off", "on" if r.moe_fused else "off",
+                     r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
+                     r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "PDL", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "MoE fused", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

@@ -54,7 +54,7 @@ import ops  # noqa: E402
 from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
 from bench.ops_linear import linear_small_cases  # noqa: E402
-from bench.ops_moe import moe_cases  # noqa: E402
+from bench.ops_moe import moe_cases, moe_decode_cases  # noqa: E402
 from ops import reference, reference_linear_attn  # noqa: E402
 
 EPS = 1e-6
@@ -491,6 +491,7 @@ FAMILIES = {
     "rms_norm": norm_cases, "rotary_embedding": rotary_cases, "activation": activation_cases,
     "reshape_and_cache": cache_cases, "paged_attention_decode": decode_cases,
     "varlen_attention": varlen_cases, "topk_softmax": topk_cases, "moe_experts": moe_cases,
+    "moe_decode": moe_decode_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
     "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
     "gated_delta_net_decode": gdn_decode_cases, "linear_small": linear_small_cases,

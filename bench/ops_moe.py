@@ -1,5 +1,9 @@
-"""bench/ops.py family `moe_experts`: the MoE expert ops at the Qwen3-VL-30B-A3B expert shape
-(E=128, top-8, hidden 2048, intermediate 768).
+"""bench/ops.py families `moe_experts` and `moe_decode`: the MoE expert ops at the
+Qwen3-VL-30B-A3B expert shape (E=128, top-8, hidden 2048, intermediate 768).
+
+`moe_decode` times the two fused decode ops against the two-op chains they replace, at
+T = 1, 4, 16: `moe_gate_route` vs the router linear (as `ReplicatedLinear` runs it) then
+`moe_route`, and `moe_combine_add_rms_norm` vs `moe_combine` then `fused_add_rms_norm`.
 
 Each token count runs today's chain (routing, `moe_align`, `moe_gate_up`, `moe_down`,
 `moe_combine`) and its two GEMMs alone in the 64- and 128-row block tiles; from
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 
 import ops
 from bench.op_case import Case, nbytes, rel_err
+from models.layers.linear import streams_small_rows
 from models.layers.moe import GROUPED_GEMM_MIN_TOKENS, grouped_experts
 from ops import reference_moe
 from ops.reference_moe import align_block_size
@@ -121,3 +126,59 @@ def _grouped_gemm_cases(x, gate_up, down, logits, k: int, hit: int) -> Iterator[
             run()[:used], _per_expert_mm(a, weight, offsets)[:used]), run)
         yield Case("moe_experts", f"grouped {name} {shape}", run, check,
                    hit * nbytes(weight[0]), flops=2 * used * weight[0].numel())
+
+
+def _router_then_route(x: torch.Tensor, gate: torch.Tensor, k: int):
+    """The unfused router: `ReplicatedLinear`'s matmul, then `moe_route`."""
+    logits = ops.linear_small(x, gate, None) if streams_small_rows(x) else F.linear(x, gate)
+    return ops.moe_route(logits, k, True)
+
+
+def _combine_then_norm(y, alignment, residual, norm_weight, eps: float) -> torch.Tensor:
+    out = ops.moe_combine(y, alignment, None)
+    ops.fused_add_rms_norm(out, residual, norm_weight, eps)
+    return out
+
+
+def moe_decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    experts, k, hidden = (8, 2, 64) if smoke else (128, 8, 2048)
+    gate = torch.randn(experts, hidden, device=dev, dtype=dtype) / hidden**0.5
+    norm_weight = torch.ones(hidden, device=dev, dtype=dtype)
+    arrivals = torch.zeros(1, dtype=torch.int32, device=dev)
+    for t in [3] if smoke else [1, 4, 16]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        shape = f"T={t} E={experts} k={k} H={hidden}"
+        ref = partial(reference_moe.moe_gate_route, x, gate, k, True, arrivals)
+        fused = partial(ops.moe_gate_route, x, gate, k, True, arrivals)
+        chain = partial(_router_then_route, x, gate, k)
+        moved = nbytes(gate, x) + t * k * 8
+        for name, run in (("moe_gate_route", fused), ("  linear + moe_route", chain)):
+            check = partial(lambda run: rel_err(run()[0], ref()[0]), run)
+            yield Case("moe_decode", f"{name} {shape}", run, check, moved)
+        _, _, alignment = ops.moe_gate_route(x, gate, k, True, arrivals)
+        y = torch.randn(alignment.capacity, hidden, device=dev, dtype=dtype)
+        residual = torch.randn(t, hidden, device=dev, dtype=dtype)
+        eps = 1e-6
+        def ref_norm(y=y, alignment=alignment, residual=residual) -> torch.Tensor:
+            return reference_moe.moe_combine_add_rms_norm(y, alignment, None, residual.clone(), norm_weight, eps)[0]
+
+        moved = nbytes(norm_weight) + (k + 3) * t * hidden * dtype.itemsize
+        for name, run in (
+            ("moe_combine_add_rms_norm", partial(ops.moe_combine_add_rms_norm, y, alignment, None, residual,
+                                                 norm_weight, eps)),
+            ("  moe_combine + add_rms_norm", partial(_combine_then_norm, y, alignment, residual, norm_weight, eps)),
+        ):
+            # Each timed call adds into the residual in place; the check runs from a saved copy.
+            check = partial(_restored_check, run, ref_norm, residual, residual.clone())
+            yield Case("moe_decode", f"{name} {shape}", run, check, moved)
+
+
+def _restored_check(run, ref, residual: torch.Tensor, saved: torch.Tensor) -> float:
+    """rel_err of `run()` vs `ref()`, both from `saved` as the residual they add into."""
+    residual.copy_(saved)
+    expected = ref()
+    residual.copy_(saved)
+    out = run()
+    got = out[0] if isinstance(out, tuple) else out
+    residual.copy_(saved)
+    return rel_err(got, expected)

@@ -69,6 +69,11 @@ def _fused_decode_on_cuda() -> bool:
 FUSED_DECODE_ON_CUDA = _fused_decode_on_cuda()
 
 
+def fused_decode_default(device: torch.device) -> bool:
+    """Whether a MoE block on `device` takes the fused decode path unless told (`fused_decode`)."""
+    return device.type != "cuda" or FUSED_DECODE_ON_CUDA
+
+
 @dataclass(frozen=True, slots=True)
 class PendingCombine:
     """A MoE block's output before its combine: each routed pair's weighted expert row.
@@ -278,7 +283,7 @@ class SparseMoeBlock(nn.Module):
 
     def defers_combine(self, x: torch.Tensor) -> bool:
         """Whether `forward_deferred(x)` takes the fused decode path (and leaves the combine pending)."""
-        fused = self.fused_decode if self.fused_decode is not None else (not x.is_cuda or FUSED_DECODE_ON_CUDA)
+        fused = self.fused_decode if self.fused_decode is not None else fused_decode_default(x.device)
         return (
             fused and self.shared_expert is None and self.parallel.tp_size == 1
             and 0 < x.shape[0] <= FUSED_DECODE_MAX_TOKENS
