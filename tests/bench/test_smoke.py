@@ -26,7 +26,7 @@ def test_moe_bench_smoke(capsys, arch: str | None) -> None:
 def test_moe_bench_times_each_pdl_setting(capsys) -> None:
     moe.main(["--smoke", "--batches", "1", "--context", "20", "--pdl", "on,off"])
     out = capsys.readouterr().out
-    assert "batch 1 pdl on:" in out and "batch 1 pdl off:" in out
+    assert "batch 1 pdl on moe-fused" in out and "batch 1 pdl off moe-fused" in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 
@@ -37,3 +37,10 @@ def test_decode_bench_pdl_settings_parse() -> None:
         decode.parse_args(["--pdl", "maybe"])
     with pytest.raises(SystemExit):
         decode.parse_args(["--pdl", "on,off", "--tp", "2"])
+
+
+def test_moe_bench_times_fused_decode_on_and_off(capsys) -> None:
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-fused", "on,off"])
+    out = capsys.readouterr().out
+    assert "moe-fused on:" in out and "moe-fused off:" in out
+    assert out.count("| tiny qwen3_vl_moe |") == 2
