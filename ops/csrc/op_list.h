@@ -172,3 +172,17 @@ SPLITVL_OP(gated_delta_net_decode,
             at::Tensor& conv_states, const at::Tensor& A_log, const at::Tensor& dt_bias,
             at::Tensor& recurrent_states, const at::Tensor& state_indices,
             const at::Tensor& norm_weight, double eps, bool use_qk_l2norm))
+
+// One-shot all-reduce over CUDA IPC for small rows (CUDA only; the CPU kernels raise).
+// buffer: this rank's registered uint8 [4096 + 2 * slot bytes] CUDA buffer (layout:
+// cuda/custom_allreduce.cu); handle: uint8 [72] (IPC handle + offset), handles [world, 72];
+// rank_ptrs [world, 2] int64: each rank's buffer address here, and the mapping to close (0: own).
+SPLITVL_OP(custom_ar_export, "Tensor! handle, Tensor buffer",
+           (at::Tensor& handle, const at::Tensor& buffer))
+SPLITVL_OP(custom_ar_open, "Tensor! rank_ptrs, Tensor handles, Tensor buffer, int rank",
+           (at::Tensor& rank_ptrs, const at::Tensor& handles, const at::Tensor& buffer, int64_t rank))
+SPLITVL_OP(custom_ar_close, "Tensor rank_ptrs, Tensor buffer",
+           (const at::Tensor& rank_ptrs, const at::Tensor& buffer))
+// x [...] bf16/fp16, contiguous, at most slot bytes: summed over the ranks in place, in rank order.
+SPLITVL_OP(custom_all_reduce, "Tensor! x, Tensor buffer, int[] rank_ptrs, int rank",
+           (at::Tensor& x, const at::Tensor& buffer, at::IntArrayRef rank_ptrs, int64_t rank))
