@@ -130,6 +130,10 @@ class LLMDeploymentConfig(_Scaled):
         None, ge=1, description="Fixed KV block count (overrides gpu_memory_utilization; CPU default 512)."
     )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs.")
+    custom_all_reduce: bool = Field(
+        False, description="With tensor_parallel_size > 1 on GPUs with P2P access, sum the small rows of decode "
+        "with a one-shot CUDA IPC all-reduce instead of NCCL (larger ones still go through NCCL)."
+    )
     async_scheduling: bool = Field(
         True, description="With one rank, launch the next decode step while the host reads this one's tokens."
     )

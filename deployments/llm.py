@@ -60,6 +60,7 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
         "gpu_memory_utilization": llm.gpu_memory_utilization,
         "num_gpu_blocks": llm.num_gpu_blocks,
         "enforce_eager": llm.enforce_eager,
+        "custom_all_reduce": llm.custom_all_reduce,
         "async_scheduling": llm.async_scheduling,
         "load_format": llm.load_format,
         "seed": config.seed,

@@ -30,6 +30,11 @@ class EngineConfig:
     the checkpoint's safetensors; "dummy" makes random weights in place on each
     rank (only config.json is read; for benchmarks and smoke tests: TP ranks draw
     their own shards, so TP=2 differs numerically from TP=1).
+    custom_all_reduce: with tensor_parallel_size > 1 on CUDA, sum the small
+    bf16/fp16 rows of decode with the one-shot CUDA IPC kernel
+    (`models/layers/custom_allreduce.py`) instead of NCCL; the TP ranks then
+    see every GPU of the node (each picks its own), which CUDA IPC needs.
+    Ignored on CPU and with one rank.
     """
 
     model: str
@@ -51,6 +56,7 @@ class EngineConfig:
     timeline_capacity: int = DEFAULT_CAPACITY
     async_scheduling: bool = True
     load_format: str = "auto"
+    custom_all_reduce: bool = False
 
     def __post_init__(self) -> None:
         if self.load_format not in LOAD_FORMATS:
@@ -68,6 +74,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.num_gpu_blocks is not None and self.num_gpu_blocks < 1:
             raise ValueError("num_gpu_blocks must be >= 1")
+        if not isinstance(self.custom_all_reduce, bool):
+            raise ValueError(f"custom_all_reduce must be a bool, got {self.custom_all_reduce!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
 

@@ -27,6 +27,7 @@ import datetime
 import logging
 import pickle
 import socket
+import os
 import threading
 import time
 
@@ -43,8 +44,25 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from engine.config import EngineConfig
 from engine.step import StepMessage, StepResult
+from models.layers.custom_allreduce import CustomAllReduce
 
 log = logging.getLogger(__name__)
+
+
+def uses_custom_all_reduce(config: EngineConfig) -> bool:
+    """The one-shot CUDA IPC all-reduce is asked for and can apply (CUDA, several ranks)."""
+    return config.custom_all_reduce and config.device == "cuda" and config.tensor_parallel_size > 1
+
+
+def visible_index(gpu_id: str, visible: str | None) -> int:
+    """The CUDA device index of the GPU Ray calls `gpu_id` in a process that sees
+    `visible` (its CUDA_VISIBLE_DEVICES; None: every GPU, in their own order)."""
+    if visible is None:
+        return int(gpu_id)
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    if gpu_id not in ids:
+        raise RuntimeError(f"GPU {gpu_id} assigned by Ray is not in CUDA_VISIBLE_DEVICES={visible!r}")
+    return ids.index(gpu_id)
 
 
 class WorkerDiedError(RuntimeError):
@@ -58,6 +76,7 @@ class TPWorker:
         self.config = config
         self.rank = rank
         self.runner = None
+        self.custom_ar = None
         self._stop = threading.Event()
         if config.device == "cpu":
             torch.set_num_threads(1)
@@ -75,15 +94,27 @@ class TPWorker:
         from models.layers.parallel import ParallelContext
 
         size = self.config.tensor_parallel_size
-        backend = "nccl" if self.config.device == "cuda" else "gloo"
-        if self.config.device == "cuda":
-            torch.cuda.set_device(0)  # Ray exposes this actor's GPU as device 0
+        cuda = self.config.device == "cuda"
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            torch.cuda.set_device(self._device_index())
         dist.init_process_group(
             backend, init_method=f"tcp://{address}:{port}", rank=self.rank, world_size=size,
             timeout=datetime.timedelta(seconds=max(60.0, self.config.step_timeout_s)),
         )
-        self.runner = ModelRunner(self.config, ParallelContext(self.rank, size, dist.group.WORLD))
+        self.custom_ar = None
+        if uses_custom_all_reduce(self.config):
+            self.custom_ar = CustomAllReduce.create(dist.group.WORLD, torch.device("cuda", torch.cuda.current_device()))
+        parallel = ParallelContext(self.rank, size, dist.group.WORLD, self.custom_ar)
+        self.runner = ModelRunner(self.config, parallel)
         return self.runner.profile_num_blocks(max_model_len)
+
+    def _device_index(self) -> int:
+        """This actor's GPU: device 0 (Ray shows it only that one), or with the custom
+        all-reduce (every GPU of the node visible) the one Ray assigned it."""
+        if not uses_custom_all_reduce(self.config):
+            return 0
+        return visible_index(str(ray.get_gpu_ids()[0]), os.environ.get("CUDA_VISIBLE_DEVICES"))
 
     def init_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.runner.init_kv_cache(num_blocks, max_model_len)
@@ -104,6 +135,9 @@ class TPWorker:
         if self.runner is not None:
             self.runner.close()
             self.runner = None
+        if self.custom_ar is not None:
+            self.custom_ar.close()
+            self.custom_ar = None
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -154,6 +188,9 @@ class RayTPExecutor:
     def _start_workers(self, config: EngineConfig) -> list:
         gpu = config.device == "cuda"
         actor = ray.remote(TPWorker)
+        # CUDA IPC maps a peer's memory only where its GPU is visible: Ray leaves every GPU
+        # visible and each rank picks its own (`TPWorker._device_index`).
+        env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"} if uses_custom_all_reduce(config) else None
         return [
             actor.options(
                 num_cpus=0 if gpu else 1,
@@ -161,6 +198,7 @@ class RayTPExecutor:
                 # watch() parks one thread, the compiled graph's loop (or the step tasks) another,
                 # and shutdown() needs a third while the loop still runs.
                 max_concurrency=3,
+                runtime_env={"env_vars": env} if env else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank,
                 ),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ops import reference, reference_linear_attn, reference_moe
+from ops import reference, reference_comm, reference_linear_attn, reference_moe
 from ops._extension import STATE, OpTable, extension_available, fallback_reason
 from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
 from ops.reference_moe import MoeAlignment, MoePermutation, align_block_size, align_capacity
@@ -322,6 +322,34 @@ def gated_delta_net_decode(
         use_qk_l2norm,
     )
     return out
+
+
+# The custom all-reduce (models/layers/custom_allreduce.py): buffers shared through CUDA IPC.
+
+
+@_ops.op(reference_comm)
+def custom_ar_export(buffer):
+    handle = torch.empty(reference_comm.HANDLE_BYTES, dtype=torch.uint8)
+    torch.ops.splitvl.custom_ar_export.default(handle, buffer)
+    return handle
+
+
+@_ops.op(reference_comm)
+def custom_ar_open(handles, buffer, rank):
+    rank_ptrs = torch.zeros((handles.shape[0], 2), dtype=torch.int64)
+    torch.ops.splitvl.custom_ar_open.default(rank_ptrs, handles, buffer, rank)
+    return rank_ptrs
+
+
+@_ops.op(reference_comm)
+def custom_ar_close(rank_ptrs, buffer):
+    torch.ops.splitvl.custom_ar_close.default(rank_ptrs, buffer)
+
+
+@_ops.op(reference_comm)
+def custom_all_reduce(x, buffer, rank_ptrs, rank):
+    torch.ops.splitvl.custom_all_reduce.default(x, buffer, list(rank_ptrs), rank)
+
 
 # The declared ops, in declaration order (tests check them against the schemas and references).
 OPS = _ops.ops()

@@ -19,11 +19,14 @@ class ParallelContext:
 
     `group` is the torch.distributed process group of the TP ranks
     (None = the default group). With `tp_size == 1` no collective is called.
+    `custom_ar`: a `models.layers.custom_allreduce.CustomAllReduce` over the
+    same ranks, used by `all_reduce` for the rows it fits (None: NCCL/gloo only).
     """
 
     tp_rank: int = 0
     tp_size: int = 1
     group: Any = None
+    custom_ar: Any = None
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
@@ -39,6 +42,8 @@ def all_reduce(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
     """Sum `x` over the TP ranks (in place when distributed). Returns `x`."""
     if ctx.tp_size == 1:
         return x
+    if ctx.custom_ar is not None and ctx.custom_ar.fits(x):
+        return ctx.custom_ar.all_reduce_(x)
     dist.all_reduce(x, op=dist.ReduceOp.SUM, group=ctx.group)
     return x
 
