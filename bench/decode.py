@@ -3,6 +3,7 @@
     python -m bench.decode --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
     python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1   # TP=2 vs TP=1 (two GPUs)
     python -m bench.decode --models qwen3.5-0.8b --batches 1 --pdl on,off   # PDL on vs off, same run
+    python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1,64 --custom-ar both   # NCCL vs one-shot
     python -m bench.decode --smoke      # CPU, tiny checkpoint
     python -m bench.decode --smoke --tp 2   # CPU, tiny checkpoint, TP=2 over gloo (two Ray actors)
 
@@ -15,6 +16,8 @@ embedding rows are negligible) over the copy bandwidth measured in this run.
 TP > 1 runs our engine's TP workers as Ray actors (NCCL), one GPU each, started
 by the engine in a local Ray instance; each TP size loads the same checkpoint
 in turn, and `vs TP1` is its ITL over the TP=1 ITL at the same batch.
+`--custom-ar off|on|both` runs TP > 1 with NCCL all-reduces, with the one-shot
+CUDA IPC all-reduce for small rows (`EngineConfig.custom_all_reduce`), or both.
 `--ckpt-cache DIR` keeps the random checkpoint for the next script (bench/serve.py).
 `--pdl on,off` builds our engine once per setting of programmatic dependent launch
 (ops.programmatic_launch; the decode graphs are captured with it) and reports a row each;
@@ -31,6 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -81,13 +85,14 @@ def itl_ms(run, device: torch.device, repeats: int = 2) -> float:
     return best
 
 
-def ours_runner(ckpt: Path, device: str, dtype: str, tp: int, max_batch: int, prompt_len: int):
+def ours_runner(ckpt: Path, device: str, dtype: str, tp: int, max_batch: int, prompt_len: int,
+                custom_ar: bool = False):
     from engine import LLM, SamplingParams
 
     blocks = (max_batch * (prompt_len + OUTPUT_LEN)) // 16 + 64
     llm = LLM(model=str(ckpt), tensor_parallel_size=tp, device=device, dtype=dtype, max_num_seqs=max_batch,
               max_num_batched_tokens=max(4096, prompt_len), num_gpu_blocks=blocks, enable_prefix_caching=False,
-              skip_tokenizer_init=True)
+              skip_tokenizer_init=True, custom_all_reduce=custom_ar)
 
     def run_for(batch_prompts):
         def run(max_tokens: int):
@@ -113,16 +118,16 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
     from bench.checkpoints import prepare_checkpoint
 
     device = torch.device("cuda")
+    runs = variants(args.tp, args.custom_ar, args.pdl)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
         torch.cuda.empty_cache()
-        ours_itl: dict[tuple[int, bool, int], float] = {}
-        graphed: dict[int, bool | None] = {}
+        ours_itl: dict[tuple[Variant, int], float] = {}
+        graphed: dict[Variant, bool | None] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
-        for tp in args.tp:
-            for pdl in args.pdl:
-                with ops.programmatic_launch(pdl):
-                    graphed[tp] = time_ours(name, ckpt, tp, pdl, args.batches, vocab, ours_itl)
+        for v in runs:
+            with ops.programmatic_launch(v.pdl):
+                graphed[v] = time_ours(name, ckpt, v, args.batches, vocab, ours_itl)
         weight_bytes = decode_weight_bytes(ckpt)
         hf_model = load_hf_model(ckpt, torch.bfloat16, device) if args.hf else None
     floor_ms = weight_bytes / (peaks.copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic
@@ -131,35 +136,50 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         hf_ms = (itl_ms(hf_run_for(hf_model, prompts(batch, vocab, PROMPT_LEN), device), device, repeats=1)
                  if args.hf else float("nan"))
         print(f"{name} batch={batch}: transformers {hf_ms:.2f} ms/token", flush=True)
-        for tp, pdl in ((tp, pdl) for tp in args.tp for pdl in args.pdl):
-            ms = ours_itl[(tp, pdl, batch)]
-            vs_tp1 = ms / ours_itl[(1, pdl, batch)] if (1, pdl, batch) in ours_itl else float("nan")
-            rec = dict(model=name, tp=tp, pdl=pdl, batch=batch, ours_itl_ms=ms, hf_itl_ms=hf_ms, floor_ms=floor_ms,
-                       ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3, vs_floor=ms / floor_ms,
-                       speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1, weight_gb=weight_bytes / 1e9,
-                       cuda_graphs=graphed[tp])
+        for v in runs:
+            ms = ours_itl[(v, batch)]
+            tp1 = (Variant(1, False, v.pdl), batch)
+            vs_tp1 = ms / ours_itl[tp1] if tp1 in ours_itl else float("nan")
+            rec = dict(model=name, tp=v.tp, custom_ar=v.custom_ar, pdl=v.pdl, batch=batch, ours_itl_ms=ms,
+                       hf_itl_ms=hf_ms, floor_ms=floor_ms, ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3,
+                       vs_floor=ms / floor_ms, speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1,
+                       weight_gb=weight_bytes / 1e9, cuda_graphs=graphed[v])
             records.append(rec)
-            rows.append([name, tp, "on" if pdl else "off", batch, ms, hf_ms, floor_ms, rec["ours_tok_s"],
-                         rec["hf_tok_s"], rec["vs_floor"], rec["speedup_vs_hf"], vs_tp1])
+            rows.append([name, v.tp, "on" if v.custom_ar else "off", "on" if v.pdl else "off", batch, ms, hf_ms,
+                         floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"], rec["speedup_vs_hf"], vs_tp1])
     del hf_model
     gc.collect()
     torch.cuda.empty_cache()
 
 
-def time_ours(name: str, ckpt: Path, tp: int, pdl: bool, batches: list[int], vocab: int,
-              ours_itl: dict[tuple[int, bool, int], float]) -> bool | None:
-    """Our ITL at each batch into `ours_itl[(tp, pdl, batch)]`, one engine built for the lot.
+class Variant(NamedTuple):
+    """One build of our engine: TP size, the one-shot all-reduce (TP > 1), PDL."""
+
+    tp: int
+    custom_ar: bool
+    pdl: bool
+
+
+def variants(tp_sizes: list[int], custom_ar: str, pdl: list[bool]) -> list[Variant]:
+    """The builds to time, in order; TP=1 has no all-reduce to switch."""
+    modes = {"off": [False], "on": [True], "both": [False, True]}[custom_ar]
+    return [Variant(tp, car, p) for tp in tp_sizes for car in (modes if tp > 1 else [False]) for p in pdl]
+
+
+def time_ours(name: str, ckpt: Path, v: Variant, batches: list[int], vocab: int,
+              ours_itl: dict[tuple[Variant, int], float]) -> bool | None:
+    """Our ITL at each batch into `ours_itl[(v, batch)]`, one engine built for the lot.
 
     Returns whether decode steps replay CUDA graphs (None for TP > 1: the runners live in the workers).
     """
     device = torch.device("cuda")
-    llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", tp, max(batches), PROMPT_LEN)
-    graphed = llm.engine.executor.runner.graphs is not None if tp == 1 else None
-    label = f"{name} tp={tp} pdl={'on' if pdl else 'off'}"
+    llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", v.tp, max(batches), PROMPT_LEN, v.custom_ar)
+    graphed = llm.engine.executor.runner.graphs is not None if v.tp == 1 else None
+    label = f"{name} tp={v.tp} custom_ar={'on' if v.custom_ar else 'off'} pdl={'on' if v.pdl else 'off'}"
     print(f"{label}: CUDA-graph decode {graphed}", flush=True)
     for batch in batches:
-        ours_itl[(tp, pdl, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
-        print(f"{label} batch={batch}: ours {ours_itl[(tp, pdl, batch)]:.2f} ms/token", flush=True)
+        ours_itl[(v, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
+        print(f"{label} batch={batch}: ours {ours_itl[(v, batch)]:.2f} ms/token", flush=True)
     llm.shutdown()
     del llm
     gc.collect()
@@ -218,6 +238,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
+    parser.add_argument("--custom-ar", choices=("off", "on", "both"), default="off",
+                        help="TP > 1: NCCL all-reduces (off), the one-shot CUDA IPC all-reduce for small rows "
+                        "(on), or both")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     args.batches, args.tp = int_list(args.batches), int_list(args.tp)
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_model(name, args, peaks, rows, records)
         write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Decode, bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens, {peaks.device_name}",
-                ["model", "TP", "PDL", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
+                ["model", "TP", "custom AR", "PDL", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
                  "ours/floor", "HF/ours", "vs TP1"], rows)
 
 

@@ -83,6 +83,19 @@ def test_decode_tp_arguments() -> None:
         decode.parse_args(["--smoke", "--tp", "1,2"])
 
 
+def test_decode_custom_all_reduce_variants() -> None:
+    """`--custom-ar both` runs each TP > 1 size over NCCL then with the one-shot all-reduce; TP=1 once;
+    each build once per PDL setting."""
+    assert decode.parse_args(["--tp", "1,2"]).custom_ar == "off"
+    args = decode.parse_args(["--tp", "1,2", "--custom-ar", "both", "--pdl", "on"])
+    assert decode.variants(args.tp, args.custom_ar, args.pdl) == [(1, False, True), (2, False, True), (2, True, True)]
+    assert decode.variants([1, 2, 4], "on", [False]) == [(1, False, False), (2, True, False), (4, True, False)]
+    assert decode.variants([2], "off", [True]) == [(2, False, True)]
+    assert decode.variants([1], "off", [True, False]) == [(1, False, True), (1, False, False)]
+    with pytest.raises(SystemExit):
+        decode.parse_args(["--custom-ar", "sometimes"])
+
+
 def test_decode_tp2_smoke(local_ray, monkeypatch, capsys) -> None:
     monkeypatch.setenv("SPLITVL_REFERENCE_OPS", "1")
     decode.smoke(tp=2)

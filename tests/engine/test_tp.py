@@ -117,3 +117,27 @@ def test_tp2_nccl_equals_tp1_on_two_gpus(local_ray, tiny_checkpoint, arch):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two CUDA devices")
     _tp2_matches_tp1(tiny_checkpoint(arch), device="cuda", dtype="float32", max_model_len=512, num_gpu_blocks=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen3_5"])
+def test_tp2_custom_all_reduce_equals_nccl_on_two_gpus(local_ray, tiny_checkpoint, arch):
+    """bf16 TP=2 (CUDA graphs on): the one-shot CUDA IPC all-reduce gives NCCL's greedy tokens
+    (two ranks: both round a + b once), and it is really in use on every rank."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    path = tiny_checkpoint(arch)
+    kw = dict(device="cuda", dtype="bfloat16", tensor_parallel_size=2, max_model_len=512, num_gpu_blocks=64)
+    results = {}
+    for custom in (False, True):
+        with LLM(path, custom_all_reduce=custom, **kw) as two:
+            prompts = [{"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, i)} for i in range(3)]
+            prompts.append({"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, 3), "images": [image(96, 64, 1)]})
+            active = ray.get([w.__ray_call__.remote(lambda self: self.custom_ar is not None)
+                              for w in two.engine.executor.workers])
+            assert active == [custom, custom]
+            results[custom] = [o.token_ids for o in two.generate(prompts, GREEDY)]
+            assert two.engine.is_healthy()
+    assert results[True] == results[False]
