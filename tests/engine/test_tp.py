@@ -130,14 +130,18 @@ def test_tp2_custom_all_reduce_equals_nccl_on_two_gpus(local_ray, tiny_checkpoin
         pytest.skip("needs two CUDA devices")
     path = tiny_checkpoint(arch)
     kw = dict(device="cuda", dtype="bfloat16", tensor_parallel_size=2, max_model_len=512, num_gpu_blocks=64)
-    results = {}
+    results, graphed = {}, {}
     for custom in (False, True):
         with LLM(path, custom_all_reduce=custom, **kw) as two:
             prompts = [{"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, i)} for i in range(3)]
             prompts.append({"prompt_token_ids": prompt_ids(two.tokenizer, TEXT, 3), "images": [image(96, 64, 1)]})
-            active = ray.get([w.__ray_call__.remote(lambda self: self.custom_ar is not None)
-                              for w in two.engine.executor.workers])
-            assert active == [custom, custom]
+            state = ray.get([w.__ray_call__.remote(lambda self: (self.custom_ar is not None,
+                                                                 self.runner.graphs is not None))
+                             for w in two.engine.executor.workers])
+            assert [active for active, _ in state] == [custom, custom]
+            graphed[custom] = [g for _, g in state]
             results[custom] = [o.token_ids for o in two.generate(prompts, GREEDY)]
             assert two.engine.is_healthy()
     assert results[True] == results[False]
+    # The decode steps replayed CUDA graphs with the kernel captured in them (dense model: always).
+    assert graphed[True] == graphed[False] and (arch != "qwen3_vl" or all(graphed[True]))

@@ -124,3 +124,48 @@ def test_all_reduce_routes_by_fit(monkeypatch):
     parallel.all_reduce(torch.zeros(4), ParallelContext(0, 2))
     parallel.all_reduce(torch.zeros(4), ParallelContext(0, 1, None, custom))
     assert sent == [9, 4] and custom.calls == 1
+
+
+def _gloo_rank(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from models.layers.custom_allreduce import CustomAllReduce
+    from ops import reference_comm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        # Collective and unanimous: off on every rank (no CUDA here), so all_reduce stays on gloo.
+        assert CustomAllReduce.create(dist.group.WORLD, torch.device("cpu")) is None
+        x = torch.arange(8, dtype=torch.float32) * (rank + 1)
+        reference_comm.custom_all_reduce(x, torch.empty(0), [0] * world, rank)
+        assert torch.equal(x, torch.arange(8, dtype=torch.float32) * sum(range(1, world + 1)))
+        with pytest.raises(RuntimeError, match="CUDA IPC"):
+            reference_comm.custom_ar_export(torch.empty(0))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_create_is_off_on_every_cpu_rank_and_the_reference_sums():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank, args=(2, port), nprocs=2, join=True)
+
+
+def test_buffer_and_reduce_ops_refuse_cpu_tensors():
+    """The CPU kernels (or, without the extension, the references) raise rather than pretend."""
+    import ops
+
+    buffer = torch.zeros(4096 + 2 * 1024, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.custom_ar_export(buffer)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        ops.custom_ar_open(torch.zeros(2, 72, dtype=torch.uint8), buffer, 0)
+    if ops.extension_available():  # the reference is torch.distributed's all-reduce (no group here)
+        with pytest.raises(RuntimeError, match="CUDA only"):
+            ops.custom_all_reduce(torch.zeros(8, dtype=torch.bfloat16), buffer, [0, 0], 0)
