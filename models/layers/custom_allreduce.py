@@ -20,6 +20,7 @@ the ranks reduce the same shapes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -53,7 +54,7 @@ def peer_device_indices(local_uuids: list[str], rank_uuids: list[str]) -> list[i
 
 
 def unusable_reason(device: torch.device, world: int, rank_uuids: list[str], local_uuids: list[str],
-                    can_access: Any, extension: bool = True) -> str | None:
+                    can_access: Callable[[int, int], bool], extension: bool = True) -> str | None:
     """Why this rank cannot use the one-shot path (None: it can). `can_access(a, b)` is
     `torch.cuda.can_device_access_peer` and `extension` whether the splitvl kernels are
     loaded, passed in so the decision is testable without GPUs."""
@@ -123,7 +124,7 @@ class CustomAllReduce:
                              self.max_bytes)
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over the ranks in place (the caller checked `fits`). Returns `x`."""
+        """Sum `x` over the ranks in place (the caller checked `fits`). Shapes: x [...] -> x."""
         ops.custom_all_reduce(x, self.buffer, self.ptrs, self.rank)
         return x
 
