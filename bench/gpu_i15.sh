@@ -25,7 +25,7 @@ step_cmd() {
   case $1 in
     build) python -c "import ops; assert ops.extension_available(), ops.fallback_reason(); print('ops built')" ;;
     test) python -c "import torch; n = torch.cuda.device_count(); assert n >= 2, f'{n} GPU(s): needs nvidia-h200-x2'" &&
-          python -m pytest -m gpu -x -q -rs tests/models/test_custom_allreduce_gpu.py tests/ops/test_op_table.py \
+          python -m pytest -m gpu -q -rs tests/models/test_custom_allreduce_gpu.py tests/ops/test_op_table.py \
             tests/engine/test_tp.py ;;
     tp) python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1,64 --custom-ar both --no-hf \
           --ckpt-cache /tmp/ckpt --json "$OUT/decode-tp2.json" ;;
