@@ -168,6 +168,35 @@ def test_detokenizer_matches_full_decode_and_stops(tokenizer):
     assert stopped and out == "The quick brown fox jumps over the "
 
 
+class _GenericTokenizer:
+    """The tokenizer behind transformers' own `decode` only (the detokenizer's generic path)."""
+
+    def __init__(self, tokenizer):
+        self.decode = tokenizer.decode
+
+
+def test_detokenizer_backend_decode_equals_transformers_decode(tokenizer):
+    """The Rust-backend fast path gives the same deltas as `tokenizer.decode`, over random ids
+    (special tokens, split multi-byte characters) and stop strings."""
+    import random
+
+    from deployments.detokenize import window_decoder
+
+    assert window_decoder(tokenizer).__code__ is not window_decoder(_GenericTokenizer(tokenizer)).__code__
+    rng = random.Random(0)
+    text = "naïve café — 東京 🙂 "
+    for trial in range(40):
+        ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 24))]
+        ids[rng.randrange(len(ids)):rng.randrange(len(ids) + 1)] = tokenizer.encode(text, add_special_tokens=False)
+        stop = [text[3:7]] if trial % 2 else None
+        runs = []
+        for tok in (tokenizer, _GenericTokenizer(tokenizer)):
+            detok = IncrementalDetokenizer(tok, stop, prompt_tail=ids[:2])
+            runs.append([(d.text, d.stopped) for d in (detok.add([t]) for t in ids[2:])]
+                        + [(detok.add([], final=True).text, False)])
+        assert runs[0] == runs[1]
+
+
 def test_embedding_cache_is_lru_in_bytes():
     cache = EmbeddingCache(100)
     cache.put("a", "ref-a", 40)
