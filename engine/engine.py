@@ -17,7 +17,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine.block_manager import BlockManager, StateSlotManager
 from engine.config import EngineConfig
@@ -32,6 +32,9 @@ from engine.stream import RequestStream, put_many
 from engine.timeline import StepRecord, ThreadUsage, Timeline, TimelineRead, count_rows
 from engine.validation import CheckedRequest, validate_request
 from models.config import ModelConfig, load_model_config
+
+if TYPE_CHECKING:  # Ray is imported only where TP > 1 needs it
+    from ray.util.placement_group import PlacementGroup
 
 __all__ = ["Engine", "EngineConfig", "EngineDeadError", "EngineInputError"]
 
@@ -50,12 +53,14 @@ class _Known:
 class Engine(OverlappedSteps):
     """Continuous-batching engine over an in-process runner (TP 1) or TP worker actors."""
 
-    def __init__(self, config: EngineConfig, executor: Executor | None = None):
+    def __init__(self, config: EngineConfig, executor: Executor | None = None,
+                 placement_group: PlacementGroup | None = None):
+        """`placement_group`: where TP > 1 puts its worker actors (`RayTPExecutor`'s default: the current one)."""
         self.config = config
         self.model_config: ModelConfig = load_model_config(config.model)
         text = self.model_config.text
         self.max_model_len = config.max_model_len or text.max_position_embeddings
-        self.executor = executor or _make_executor(config, self.model_config, self.max_model_len)
+        self.executor = executor or _make_executor(config, self.model_config, self.max_model_len, placement_group)
         hybrid = text.is_hybrid
         blocks = BlockManager(
             self.executor.num_blocks, config.block_size,
@@ -347,9 +352,10 @@ class Engine(OverlappedSteps):
         self.executor.on_failure()
 
 
-def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> Executor:
+def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int,
+                   placement_group: PlacementGroup | None) -> Executor:
     if config.tensor_parallel_size == 1:
         return InProcessExecutor(config, model_config, max_model_len)
     from engine.worker import RayTPExecutor
 
-    return RayTPExecutor(config, max_model_len)
+    return RayTPExecutor(config, max_model_len, placement_group)

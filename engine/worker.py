@@ -12,8 +12,9 @@ still go as tasks over the object store: the ranks keep a sequence's
 embeddings across steps, and there they map them without a copy, with the
 ObjectRef keeping them alive (a channel's buffer is reused by the next step).
 `EngineConfig.tp_compiled_graph=False` sends every step as tasks. All ranks sit in one
-placement group (STRICT_PACK, one bundle per rank); inside a Serve replica
-that already has a placement group with enough bundles, that group is used.
+placement group (STRICT_PACK, one bundle per rank): the one given (the Serve
+replica's, passed to an engine process), else inside a Serve replica that
+already has a placement group with enough bundles that group, else a new one.
 
 A dead rank is noticed through a `watch()` call parked on every actor (it
 returns only by failing when the actor dies), both during a step and from
@@ -143,16 +144,21 @@ class TPWorker:
 
 
 class RayTPExecutor:
-    """Drives `tensor_parallel_size` TPWorker actors; rank 0's result is the step's result."""
+    """Drives `tensor_parallel_size` TPWorker actors; rank 0's result is the step's result.
 
-    def __init__(self, config: EngineConfig, max_model_len: int):
+    Args:
+        placement_group: where the ranks go (bundle i holds rank i); None: the current
+            task's group if it has enough bundles, else a new STRICT_PACK group owned here.
+    """
+
+    def __init__(self, config: EngineConfig, max_model_len: int, placement_group: PlacementGroup | None = None):
         if not ray.is_initialized():
             ray.init()
         self.config = config
         self.timeout = config.step_timeout_s
         self._own_pg = False
         self._dag = None
-        self.pg = self._placement_group(config)
+        self.pg = self._placement_group(config, placement_group)
         self.workers = self._start_workers(config)
         self._watch = [w.watch.remote() for w in self.workers]
         try:
@@ -170,7 +176,12 @@ class RayTPExecutor:
 
     # ---- setup -------------------------------------------------------------------
 
-    def _placement_group(self, config: EngineConfig) -> PlacementGroup:
+    def _placement_group(self, config: EngineConfig, given: PlacementGroup | None) -> PlacementGroup:
+        if given is not None:
+            if len(given.bundle_specs) < config.tensor_parallel_size:
+                raise ValueError(f"the placement group has {len(given.bundle_specs)} bundles, "
+                                 f"{config.tensor_parallel_size} TP ranks need one each")
+            return given
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) >= config.tensor_parallel_size:
             return current

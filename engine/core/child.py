@@ -2,7 +2,9 @@
 
 Its main thread reads the pipe (requests, aborts, queries, stop); the engine's own step
 thread runs the steps and sends each step's deltas. Both send through one lock. The pipe
-closing (the front end's process died) ends the process too.
+closing (the front end's process died) ends the process too. With TP > 1 it first joins
+the replica's Ray cluster (`RayLink`) and drives the TP worker actors from here; TP 1
+never touches Ray.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from engine.config import EngineConfig
 from engine.core.messages import (
     Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop,
 )
+from engine.core.ray_link import RayLink
 from engine.engine import Engine
 from engine.sequence import MultimodalInputs, RequestOutput
 
@@ -46,9 +49,11 @@ class _Sender:
 class ChildEngine(Engine):
     """An `Engine` whose streams are the front end's: deltas are sent, not queued here."""
 
-    def __init__(self, config: EngineConfig, sender: _Sender):
+    def __init__(self, config: EngineConfig, sender: _Sender, link: RayLink | None):
         self._sender = sender
-        super().__init__(config)
+        if link is not None:
+            link.connect()
+        super().__init__(config, placement_group=link.placement_group if link is not None else None)
 
     def _open_stream(self, request_id: str) -> Any:
         return request_id  # a marker: the stream itself lives in the front end
@@ -65,16 +70,17 @@ class ChildEngine(Engine):
 
 
 def run(config: EngineConfig, conn: Connection, open_inputs: Callable[[Any], MultimodalInputs] | None,
-        switch_interval_s: float) -> None:
-    """The engine process' entry point (spawned by `EngineProcess`)."""
+        switch_interval_s: float, link: RayLink | None = None) -> None:
+    """The engine process' entry point (spawned by `EngineProcess`); `link`: given for TP > 1."""
     sys.setswitchinterval(switch_interval_s)
     sender = _Sender(conn)
     try:
-        engine = ChildEngine(config, sender)
-    except BaseException as exc:  # bad checkpoint, out of memory: re-raised by the front end
+        engine = ChildEngine(config, sender, link)
+    except BaseException as exc:  # bad checkpoint, out of memory, no resources, a worker died
         sender.send(Failed(_picklable(exc), traceback.format_exc()))
         return
-    sender.send(Ready(engine.executor.num_blocks))
+    workers = getattr(engine.executor, "workers", ())
+    sender.send(Ready(engine.executor.num_blocks, tuple(w._actor_id.hex() for w in workers)))
     try:
         _serve(engine, conn, sender, open_inputs)
     finally:

@@ -88,9 +88,11 @@ class Stop:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """The engine is up: the KV cache size the front end validates against."""
+    """The engine is up: the KV cache size the front end validates against, and the TP
+    worker actors' ids (hex; none for TP 1)."""
 
     num_blocks: int
+    worker_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

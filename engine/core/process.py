@@ -12,7 +12,10 @@ wake-up per event loop per step, as in process.
 The front end never touches CUDA: the child inherits the replica's CUDA_VISIBLE_DEVICES,
 embeddings on the host reach it through shared memory (`SharedInputs`), and inputs only
 the child can open (`DeferredInputs`, e.g. CUDA IPC handles) are opened there by the
-`open_inputs` callable given at start-up. One rank only (the child runs the model itself).
+`open_inputs` callable given at start-up. With TP 1 the child runs the model itself; with
+TP > 1 it joins this process' Ray cluster (`RayLink`: GCS address, namespace, runtime env
+and this replica's placement group) and drives the TP worker actors, which it owns: they
+die with it. Steps, scheduling and output streaming then all leave this process' GIL.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from engine.core import child
 from engine.core.messages import (
     Abort, Add, DeferredInputs, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop,
 )
+from engine.core.ray_link import RayLink
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, RequestOutput
@@ -51,23 +55,28 @@ STOP_TIMEOUT_S = 30.0  # shutdown waits this long for the process to exit, then 
 
 
 class EngineProcess:
-    """Drop-in for `engine.Engine` (TP 1) with the engine in its own process.
+    """Drop-in for `engine.Engine` with the engine in its own process.
 
     Args:
-        config: the engine's config; tensor_parallel_size must be 1.
+        config: the engine's config.
         open_inputs: turns a `DeferredInputs` into `MultimodalInputs` in the engine process
             (picklable; called there). None: only `MultimodalInputs` are accepted.
+        ray_link: TP > 1 only: the Ray cluster and placement group the engine process uses;
+            None: this process' (`RayLink.current()`, which connects to Ray if needed).
     Raises:
-        ValueError: tensor_parallel_size > 1.
+        ValueError: a `ray_link` with tensor_parallel_size 1 (TP 1 never connects to Ray).
         Exception: whatever the engine raised while starting in its process (bad checkpoint,
-            out of memory), with its message.
+            out of memory, no resources for the TP workers), with its message.
     """
 
     config_class = EngineConfig
 
-    def __init__(self, config: EngineConfig, open_inputs: Callable[[Any], MultimodalInputs] | None = None):
-        if config.tensor_parallel_size != 1:
-            raise ValueError("the engine process runs one rank: tensor_parallel_size must be 1")
+    def __init__(self, config: EngineConfig, open_inputs: Callable[[Any], MultimodalInputs] | None = None,
+                 ray_link: RayLink | None = None):
+        if config.tensor_parallel_size == 1 and ray_link is not None:
+            raise ValueError("a TP 1 engine process runs the model itself: it takes no Ray link")
+        if config.tensor_parallel_size > 1 and ray_link is None:
+            ray_link = RayLink.current()
         self.config = config
         self.model_config: ModelConfig = load_model_config(config.model)
         self.max_model_len = config.max_model_len or self.model_config.text.max_position_embeddings
@@ -84,15 +93,17 @@ class EngineProcess:
         ctx = torch_mp.get_context("spawn")  # never fork a process holding CUDA or Ray state
         self._conn, theirs = ctx.Pipe()
         self._process = ctx.Process(target=child.run, name="splitvl-engine", daemon=True,
-                                    args=(config, theirs, open_inputs, sys.getswitchinterval()))
+                                    args=(config, theirs, open_inputs, sys.getswitchinterval(), ray_link))
         with _main_not_reimported():
             self._process.start()
         theirs.close()  # the child's death then closes the pipe for the reader
         try:
-            self.num_blocks = self._wait_ready()
+            ready = self._wait_ready()
         except BaseException:
             self._conn.close()
             raise
+        self.num_blocks = ready.num_blocks
+        self.worker_ids = ready.worker_ids  # the TP worker actors (hex ids), for diagnostics
         self._reader = threading.Thread(target=self._read_loop, name="splitvl-engine-reader", daemon=True)
         self._reader.start()
 
@@ -186,7 +197,7 @@ class EngineProcess:
 
     # ---- internals --------------------------------------------------------------------
 
-    def _wait_ready(self) -> int:
+    def _wait_ready(self) -> Ready:
         while not self._conn.poll(0.5):
             if not self._process.is_alive():
                 raise RuntimeError(f"the engine process exited while starting (exit code {self._process.exitcode})")
@@ -195,7 +206,7 @@ class EngineProcess:
         except EOFError:
             msg = None
         if isinstance(msg, Ready):
-            return msg.num_blocks
+            return msg
         self._process.join(STOP_TIMEOUT_S)
         if isinstance(msg, Failed):
             log.error("the engine process failed to start:\n%s", msg.traceback)

@@ -216,8 +216,6 @@ def test_start_up_errors_are_raised_with_the_childs_message(config, tmp_path):
     with pytest.raises(Exception, match="(?i)safetensors|header|deserializ") as info:
         EngineProcess(EngineConfig(**{**_fields(config), "model": str(broken)}))
     assert not isinstance(info.value, EngineDeadError)
-    with pytest.raises(ValueError, match="tensor_parallel_size"):
-        EngineProcess(EngineConfig(**{**_fields(config), "tensor_parallel_size": 2}))
 
 
 def _fields(config: EngineConfig) -> dict:
