@@ -151,8 +151,9 @@ class LLMDeploymentConfig(_Scaled):
         False, description="Run the engine in a process of its own, spawned by the replica (its own GIL and "
         "busy step loop; the replica only validates, streams and forwards each step's deltas). For one GPU "
         "serving many concurrent streams, where the replica's per-token work (Serve streaming, a colocated "
-        "ingress' HTTP work) otherwise delays the engine's steps. Costs one more process and its start-up. "
-        "Needs tensor_parallel_size 1."
+        "ingress' HTTP work) otherwise delays the engine's steps. With tensor_parallel_size > 1 that process "
+        "joins the replica's Ray cluster and drives the TP workers (in the replica's placement group) from there. "
+        "Costs one more process and its start-up."
     )
 
 
@@ -160,13 +161,6 @@ class LLMDeploymentConfig(_Scaled):
     def _fractional_gpu_only_without_tp(self) -> LLMDeploymentConfig:
         if self.gpus_per_worker < 1 and self.tensor_parallel_size > 1:
             raise ValueError("gpus_per_worker < 1 needs tensor_parallel_size 1 (TP ranks own whole GPUs)")
-        return self
-
-    @model_validator(mode="after")
-    def _engine_process_runs_one_rank(self) -> LLMDeploymentConfig:
-        if self.engine_process and self.tensor_parallel_size > 1:
-            raise ValueError("engine_process runs one rank in its process: it needs tensor_parallel_size 1 "
-                             f"(got {self.tensor_parallel_size})")
         return self
 
 

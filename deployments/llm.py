@@ -1,8 +1,10 @@
 """The LLMServer deployment: one `engine.Engine` (a TP group) behind a streaming method.
 
 With `llm.engine_process` the engine is an `engine.core.EngineProcess` (the same API, the
-engine in a process of its own); this replica then opens no CUDA context: image
-embeddings that arrive as CUDA IPC handles are forwarded to the engine process unread.
+engine in a process of its own, which with TP > 1 drives the TP workers from there, in this
+replica's placement group); this replica then opens no CUDA context: with TP 1, image
+embeddings that arrive as CUDA IPC handles are forwarded to the engine process unread;
+TP ranks take them through the object store, as without the engine process.
 
 `generate` takes prompt ids (image placeholders already expanded), the engine's
 `SamplingParams` and the ObjectRefs of the images' embeddings; it fetches those
@@ -89,6 +91,9 @@ class LLMServer:
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         path = ensure_checkpoint(self.config)
         self.engine_process = self.config.llm.engine_process
+        # The engine process opens IPC handles only where it runs the model itself (TP 1, GPU).
+        self._engine_opens_ipc = (self.engine_process and self.config.llm.tensor_parallel_size == 1
+                                  and self.config.resolved_device() == "cuda")
         self.engine = self._make_engine(engine_cls, engine_config_values(self.config, str(path)))
         self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("LLMServer")
         # With the engine in its own process this replica holds no CUDA context: it only
@@ -101,7 +106,9 @@ class LLMServer:
         if engine_cls is None and self.engine_process:
             from engine.core import EngineProcess
 
-            opener = EmbeddingOpener(_node_id(), self.config.resolved_device())
+            # TP > 1: the engine process joins this replica's Ray cluster and puts the ranks in its group.
+            one_rank = self.config.llm.tensor_parallel_size == 1
+            opener = EmbeddingOpener(_node_id(), self.config.resolved_device()) if one_rank else None
             return EngineProcess(make_engine_config(EngineProcess.config_class, values), open_inputs=opener)
         if engine_cls is None:
             from engine import Engine as engine_cls
@@ -201,7 +208,7 @@ class LLMServer:
             return None
         try:
             items = await await_embeddings(mm, self.embedding_reader, self._releases)
-            if self.engine_process and self.config.resolved_device() == "cuda" and any(
+            if self._engine_opens_ipc and any(
                     isinstance(i, IpcEmbedding) and i.pool.node_id == self.embedding_reader.node_id for i in items):
                 return PendingImages(tuple(items), image_hashes)  # the engine process reads them
             embeddings = read_embeddings(items, self.embedding_reader)

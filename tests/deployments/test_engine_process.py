@@ -1,9 +1,10 @@
 """`llm.engine_process`: the engine in a process of its own, behind the same Serve app.
 
 Apps on one Serve instance, real engine on the tiny Qwen3-VL: "inproc" (colocated ingress,
-engine in the replica), "proc" (colocated, engine process) and "proc-llm" (the LLMServer
-deployment, engine process). Greedy chats over HTTP with the official client must be the
-in-process app's, images included; killing the engine process restarts the replica that
+engine in the replica), "proc" (colocated, engine process), "proc-llm" (the LLMServer
+deployment, engine process) and "proc-tp" (the LLMServer deployment, engine process driving
+two TP worker actors over gloo in the replica's placement group). Greedy chats over HTTP with
+the official client must be the in-process app's, images included; killing the engine process restarts the replica that
 spawned it. A unit test runs the engine process' deferred image path without Ray.
 Every wait is bounded.
 """
@@ -40,6 +41,8 @@ def urls(serve_instance, ckpt):
         "inproc": run_tiny_app(serve_instance, ckpt, "inproc", {**llm, "colocate_ingress": True}),
         "proc": run_tiny_app(serve_instance, ckpt, "proc", {**llm, "colocate_ingress": True, "engine_process": True}),
         "proc-llm": run_tiny_app(serve_instance, ckpt, "proc-llm", {**llm, "engine_process": True}),
+        "proc-tp": run_tiny_app(serve_instance, ckpt, "proc-tp", {**llm, "engine_process": True,
+                                                                  "tensor_parallel_size": 2}),
     }
 
 
@@ -71,6 +74,17 @@ def test_chat_equals_the_in_process_engine(urls, app, body):
         assert [lp for _, lp in got[1]] == pytest.approx([lp for _, lp in want[1]], abs=1e-5)
     if body is IMAGE_BODY:
         assert got[3] == 12
+
+
+@pytest.mark.parametrize("body", [IMAGE_BODY, TEXT_BODY], ids=["image", "text"])
+def test_tp2_engine_process_chat_equals_the_tp1_app(urls, body):
+    """Streamed greedy chats of the TP=2 engine-process app == the TP=1 in-process app's tokens
+    (logprobs to fp32 TP rounding: the ranks sum partial products in another order)."""
+    got = _chat(urls["proc-tp"], "proc-tp", True, **body)
+    want = _chat(urls["inproc"], "inproc", True, **body)
+    assert got[0] == want[0] and got[2:] == want[2:]
+    assert [t for t, _ in got[1]] == [t for t, _ in want[1]]
+    assert [lp for _, lp in got[1]] == pytest.approx([lp for _, lp in want[1]], abs=1e-3)
 
 
 def _pids_whose_cmdline_has(text: str, parent: int | None = None) -> list[int]:
@@ -194,12 +208,15 @@ def test_pending_images_are_read_in_the_engine_process(ckpt):
         process.shutdown()
 
 
-def test_engine_process_needs_one_rank(ckpt):
-    from pydantic import ValidationError
-
+def test_engine_process_takes_any_tp_size(ckpt):
+    """The config accepts TP 2 with the engine process; its replica still gets one bundle per rank."""
     from deployments.config import AppConfig
+    from deployments.llm import LLMServer
 
     base = {"model": str(ckpt), "device": "cpu"}
     assert AppConfig.model_validate({**base, "llm": {"engine_process": True}}).llm.engine_process
-    with pytest.raises(ValidationError, match="engine_process .*tensor_parallel_size 1"):
-        AppConfig.model_validate({**base, "llm": {"engine_process": True, "tensor_parallel_size": 2}})
+    tp2 = AppConfig.model_validate({**base, "llm": {"engine_process": True, "tensor_parallel_size": 2,
+                                                    "num_cpus": 0.5}})
+    opts = LLMServer.deployment_options(tp2)
+    assert opts["placement_group_bundles"] == [{"CPU": 1.5}, {"CPU": 1.0}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK"
