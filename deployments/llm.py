@@ -45,6 +45,7 @@ from engine.timeline import StepRecord, TimelineRead
 logger = logging.getLogger(__name__)
 # SPLITVL_GIL_SWITCH_INTERVAL_S overrides it (a measurement knob: bench.serve --serve-env).
 GIL_SWITCH_INTERVAL_S = float(os.environ.get("SPLITVL_GIL_SWITCH_INTERVAL_S", "0.0005"))
+STATS_SETTLE_S = 0.2  # an engine process's gauges are set again this long after a request ends
 
 
 def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
@@ -100,6 +101,7 @@ class LLMServer:
         # releases slots of handles it forwards no more; the engine process reads the rest.
         self.embedding_reader = PoolReader(_node_id(), None if self.engine_process else self._ipc_device())
         self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
+        self._stats_settle: asyncio.TimerHandle | None = None
 
     def _make_engine(self, engine_cls: type | None, values: dict[str, Any]) -> Any:
         """`engine_cls` (tests), else `engine.Engine`, or `EngineProcess` under `llm.engine_process`."""
@@ -223,10 +225,27 @@ class LLMServer:
         return merge_images(list(embeddings), image_hashes)
 
     def _record_stats(self) -> None:
-        try:
-            stats = self.engine.stats()
-        except Exception:  # stats are best effort; health is check_health's job
-            return
+        """Set the engine gauges. An engine process' are read from its last step message's
+        snapshot (a blocking query here would stall this event loop and take the engine
+        process' GIL from its steps), and once more a moment later: the snapshot it sends on
+        going idle (the last finish, an abort just sent) then lands in the gauges too."""
+        latest = getattr(self.engine, "latest_stats", None)
+        if latest is None:
+            try:
+                stats = self.engine.stats()
+            except Exception:  # stats are best effort; health is check_health's job
+                return
+        else:
+            stats = latest()
+            if self._stats_settle is None:
+                self._stats_settle = asyncio.get_running_loop().call_later(STATS_SETTLE_S, self._settle_stats)
+        self._set_gauges(stats)
+
+    def _settle_stats(self) -> None:
+        self._stats_settle = None
+        self._set_gauges(self.engine.latest_stats())
+
+    def _set_gauges(self, stats: Any) -> None:
         total, free = _stat(stats, "num_total_blocks"), _stat(stats, "num_free_blocks")
         if total and free is not None:
             self.metrics.set("splitvl_kv_cache_usage", 1.0 - free / total)

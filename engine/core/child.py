@@ -13,6 +13,7 @@ import logging
 import pickle
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -29,6 +30,7 @@ from engine.sequence import MultimodalInputs, RequestOutput
 log = logging.getLogger(__name__)
 
 QUERIES = ("stats", "timeline")
+STATS_EVERY_S = 0.05  # how stale the stats snapshot on the step messages may get while requests run
 
 
 class _Sender:
@@ -51,6 +53,7 @@ class ChildEngine(Engine):
 
     def __init__(self, config: EngineConfig, sender: _Sender, link: RayLink | None):
         self._sender = sender
+        self._stats_at = 0.0  # monotonic time of the last stats snapshot sent
         if link is not None:
             link.connect()
         super().__init__(config, placement_group=link.placement_group if link is not None else None)
@@ -59,8 +62,17 @@ class ChildEngine(Engine):
         return request_id  # a marker: the stream itself lives in the front end
 
     def _deliver(self, outbox: list[tuple[Any, RequestOutput]]) -> None:
+        """Called under the engine's lock, after the step's finished requests freed their blocks."""
         if outbox:
-            self._sender.send(StepOutputs.of(out for _, out in outbox))
+            self._sender.send(StepOutputs.of((out for _, out in outbox), self._stats_due()))
+
+    def _stats_due(self) -> dict[str, Any] | None:
+        """A stats snapshot every `STATS_EVERY_S`, and always once the engine is idle (the final values)."""
+        now = time.monotonic()
+        if self._seqs and now - self._stats_at < STATS_EVERY_S:
+            return None
+        self._stats_at = now
+        return self.stats()
 
     def _fail(self, message: str) -> None:
         dead = self._dead is not None

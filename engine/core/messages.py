@@ -108,15 +108,18 @@ class StepOutputs:
     """Every delta one engine step (or one abort or failure) produced, in delivery order.
 
     Each as a plain tuple of `RequestOutput`'s fields, in order: 64 frozen dataclasses pickle in
-    ~120 us on the engine's step thread, their tuples in ~7 us.
+    ~120 us on the engine's step thread, their tuples in ~7 us. `stats`: the engine's `stats()`
+    just after this step, attached at most every `STATS_EVERY_S` and whenever the engine has no
+    request left (what metrics read without a round trip), else None.
     """
 
     rows: tuple[tuple, ...]
+    stats: dict[str, Any] | None = None
 
     @classmethod
-    def of(cls, outputs: Iterable[RequestOutput]) -> StepOutputs:
+    def of(cls, outputs: Iterable[RequestOutput], stats: dict[str, Any] | None = None) -> StepOutputs:
         return cls(tuple((o.request_id, o.new_token_ids, o.finish_reason, o.logprobs, o.num_prompt_tokens,
-                          o.num_cached_tokens, o.error) for o in outputs))
+                          o.num_cached_tokens, o.error) for o in outputs), stats)
 
     def outputs(self) -> list[RequestOutput]:
         return [RequestOutput(*row) for row in self.rows]

@@ -220,3 +220,42 @@ def test_engine_process_takes_any_tp_size(ckpt):
     opts = LLMServer.deployment_options(tp2)
     assert opts["placement_group_bundles"] == [{"CPU": 1.5}, {"CPU": 1.0}]
     assert opts["placement_group_strategy"] == "STRICT_PACK"
+
+
+def test_gauges_reach_their_final_values_without_querying_the_engine_process(ckpt):
+    """`_record_stats` reads the engine process' snapshot (no blocking `stats()` round trip on the
+    event loop): after one finished and one aborted request the gauges still settle to idle."""
+    from deployments.llm import STATS_SETTLE_S, LLMServer
+    from engine import SamplingParams
+
+    server = LLMServer({"model": str(ckpt), "device": "cpu", "dtype": "float32",
+                        "llm": {"engine_process": True, "max_model_len": 512, "num_gpu_blocks": 64}})
+    engine = server.engine
+
+    def refuse():
+        raise AssertionError("the metrics path asked the engine process for its stats")
+
+    async def run() -> dict[str, float]:
+        long = server.generate("long", list(range(10, 40)), SamplingParams(max_tokens=300, temperature=0,
+                                                                           ignore_eos=True))
+        first = await long.__anext__()  # running now; closing the stream below aborts it
+        short = [d async for d in server.generate("short", list(range(20, 45)),
+                                                  SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))]
+        assert first.finish_reason is None and short[-1].finish_reason == "length"
+        await long.aclose()
+        deadline = time.monotonic() + HANG_GUARD_S
+        while True:
+            gauges = {name: value for name, _, value in server.metrics.snapshot()["gauges"]}
+            if gauges.get("splitvl_num_requests_running") == 0 and gauges.get("splitvl_kv_cache_usage") == 0:
+                return gauges
+            assert time.monotonic() < deadline, gauges
+            await asyncio.sleep(STATS_SETTLE_S / 4)
+
+    try:
+        engine.stats = refuse
+        gauges = asyncio.run(run())
+        assert gauges["splitvl_num_requests_waiting"] == 0
+        del engine.stats
+        assert engine.latest_stats() == engine.stats()  # idle: the snapshot is the exact answer
+    finally:
+        engine.shutdown()

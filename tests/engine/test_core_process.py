@@ -229,3 +229,13 @@ def test_step_outputs_carry_every_field():
     outs = [RequestOutput("a", [1, 2], None, [TokenLogprobs(1, -0.5, (1, 3), (-0.5, -1.0))] * 2, 7, 3),
             RequestOutput("b", [], "error", None, 4, 0, "boom")]
     assert StepOutputs.of(outs).outputs() == outs
+
+
+async def test_latest_stats_equal_stats_once_idle(config, process):
+    """The snapshot on the step messages: the final one arrives with the last output, before its stream ends."""
+    streams = process.add_requests([(f"l{i}", list(range(10 + i, 30 + i)), None, GREEDY) for i in range(3)])
+    for stream in streams:
+        await _drain(stream)
+    latest = process.latest_stats()
+    assert latest == process.stats() and latest["num_running"] == 0
+    assert latest["num_free_blocks"] == latest["num_total_blocks"]
