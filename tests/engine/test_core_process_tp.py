@@ -126,3 +126,29 @@ def test_tp2_start_up_failure_is_raised_here(local_ray, config):
         remove_placement_group(pg)
     with pytest.raises(ValueError, match="no Ray link"):
         EngineProcess(config, ray_link=link)
+
+
+@pytest.mark.gpu
+def test_tp2_process_nccl_equals_tp1_on_two_gpus(local_ray, tiny_checkpoint):
+    """On CUDA: the engine process drives two TPWorker actors (one GPU each, NCCL), fp32 greedy
+    tokens == the in-process TP=1 engine's."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    config = EngineConfig(model=str(tiny_checkpoint("qwen3_vl")), dtype="float32", device="cuda",
+                          max_model_len=512, num_gpu_blocks=64, max_num_seqs=8)
+
+    async def tokens(engine) -> list[list[int]]:
+        return [[t for o in await _drain(s) for t in o.new_token_ids] for s in engine.add_requests(_requests(config))]
+
+    one = Engine(config)
+    try:
+        want = asyncio.run(tokens(one))
+    finally:
+        one.shutdown()
+    two = EngineProcess(dataclasses.replace(config, tensor_parallel_size=2))
+    try:
+        assert asyncio.run(tokens(two)) == want and two.is_healthy() and len(two.worker_ids) == 2
+    finally:
+        two.shutdown()
