@@ -69,6 +69,20 @@ async def _drain(stream) -> list:
     return await asyncio.wait_for(run(), WAIT_S)
 
 
+async def _abort_after(engine, stream, n: int) -> list:
+    """Every output of `stream`, its request aborted once `n` have arrived."""
+    got = []
+
+    async def read():
+        async for out in stream:
+            got.append(out)
+            if len(got) == n:
+                engine.abort(stream.request_id)
+
+    await asyncio.wait_for(read(), WAIT_S)
+    return got
+
+
 def _summary(outs: list) -> tuple:
     """A stream's tokens, logprob count, finish reason and prompt size (deltas may merge differently)."""
     tokens = [t for o in outs for t in o.new_token_ids]
@@ -98,15 +112,7 @@ async def test_abort_mid_stream_and_reuse_the_id(config, process):
     a = process.add_request("a", list(range(10, 40)), None, long)
     b = process.add_request("b", list(range(20, 45)), None, SamplingParams(max_tokens=5, temperature=0,
                                                                              ignore_eos=True))
-    got = []
-
-    async def read_a():
-        async for out in a:
-            got.append(out)
-            if len(got) == 3:
-                process.abort("a")
-
-    await asyncio.wait_for(read_a(), WAIT_S)
+    got = await _abort_after(process, a, 3)
     # Deltas that queued before the abort may come merged into the final one.
     assert got[-1].finish_reason == "abort" and all(o.finish_reason is None for o in got[:-1])
     assert 3 <= sum(len(o.new_token_ids) for o in got) < 200

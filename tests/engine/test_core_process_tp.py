@@ -21,18 +21,10 @@ ray = pytest.importorskip("ray")
 from engine import EngineDeadError, SamplingParams  # noqa: E402
 from engine.core import EngineProcess, RayLink  # noqa: E402
 from engine.engine import Engine, EngineConfig  # noqa: E402
-from tests.engine.test_core_process import WAIT_S, _drain, _image_request  # noqa: E402
+from tests.engine.test_core_process import WAIT_S, _abort_after, _drain, _image_request  # noqa: E402
+from tests.engine.test_tp import local_ray  # noqa: E402, F401  (a fixture: this module's own Ray)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    env = {k: v for k, v in os.environ.items() if k.startswith("SPLITVL_")}
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env} if env else None)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +65,7 @@ async def test_tp2_process_equals_the_tp1_engine(config, tp2):
 async def test_tp2_abort_mid_stream(tp2):
     a = tp2.add_request("a", list(range(10, 40)), None, SamplingParams(max_tokens=300, temperature=0,
                                                                         ignore_eos=True))
-    got = []
-
-    async def read():
-        async for out in a:
-            got.append(out)
-            if len(got) == 2:
-                tp2.abort("a")
-
-    await asyncio.wait_for(read(), WAIT_S)
+    got = await _abort_after(tp2, a, 2)
     assert got[-1].finish_reason == "abort" and 2 <= sum(len(o.new_token_ids) for o in got) < 300
     deadline = time.monotonic() + WAIT_S
     while (stats := tp2.stats())["num_running"] or stats["num_free_blocks"] != stats["num_total_blocks"]:
