@@ -30,6 +30,7 @@ from engine.sequence import MultimodalInputs, RequestOutput
 log = logging.getLogger(__name__)
 
 QUERIES = ("stats", "timeline")
+HEALTH_EVERY_S = 1.0  # an idle engine checks its executor this often (a TP worker may die between steps)
 STATS_EVERY_S = 0.05  # how stale the stats snapshot on the step messages may get while requests run
 
 
@@ -103,6 +104,9 @@ def _serve(engine: ChildEngine, conn: Connection, sender: _Sender,
            open_inputs: Callable[[Any], MultimodalInputs] | None) -> None:
     while True:
         try:
+            if not conn.poll(HEALTH_EVERY_S):
+                engine.is_healthy()  # a dead TP worker fails the engine: `Died` tells the front end
+                continue
             msg = conn.recv()
         except (EOFError, OSError):
             return  # the front end is gone

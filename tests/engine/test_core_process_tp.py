@@ -96,6 +96,22 @@ async def test_killed_tp2_process_fails_streams_and_its_workers_die(local_ray, c
         await asyncio.sleep(0.2)
 
 
+async def test_killed_idle_tp_worker_is_noticed(local_ray, config):
+    """A rank dying between steps: the engine process notices it (it checks its workers while idle)."""
+    engine = EngineProcess(dataclasses.replace(config, tensor_parallel_size=2))
+    try:
+        assert engine.is_healthy()
+        os.kill(ray._private.state.actors(actor_id=engine.worker_ids[1])["Pid"], signal.SIGKILL)
+        deadline = time.monotonic() + WAIT_S
+        while engine.is_healthy():
+            assert time.monotonic() < deadline, "the dead TP worker was not noticed"
+            await asyncio.sleep(0.2)
+        with pytest.raises(EngineDeadError):
+            engine.add_request("late", [5, 6], None, GREEDY)
+    finally:
+        engine.shutdown()
+
+
 def test_tp2_start_up_failure_is_raised_here(local_ray, config):
     """A placement group with too few bundles: the engine process' error, raised by the constructor."""
     from ray.util.placement_group import placement_group, remove_placement_group
