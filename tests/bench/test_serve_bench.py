@@ -175,3 +175,21 @@ def test_serve_env_and_client_arguments() -> None:
     assert serve.parse_args([]).serve_env == {} and serve.parse_args([]).client_procs == 0
     with pytest.raises(SystemExit):
         serve.parse_args(["--serve-env", "NOVALUE"])
+
+
+def test_every_layout_validates_and_fits_its_gpus() -> None:
+    """Each `--layout` YAML is a valid app whose replicas' GPU shares fit the GPUs Ray gets for it."""
+    from deployments.config import AppConfig
+    from deployments.llm import LLMServer
+
+    for name, gpus in serve.LAYOUT_GPUS.items():
+        config = AppConfig.model_validate(serve.layout_args(REPO / f"configs/bench/serve-{name}.yaml",
+                                                            REPO / "configs", "bench"))
+        opts = LLMServer.deployment_options(config)
+        per_replica = sum(b.get("GPU", 0.0) for b in opts.get("placement_group_bundles", [])) or \
+            opts["ray_actor_options"]["num_gpus"]
+        needed = config.vision.num_replicas * config.vision.num_gpus + config.llm.num_replicas * per_replica
+        assert 0 < needed <= gpus, (name, needed, gpus)
+        assert name in serve.TRANSFER_GPUS
+        assert config.llm.engine_process == name.endswith("-process")
+    assert serve.LAYOUT_GPUS["tp2-process"] == 3
