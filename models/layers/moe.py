@@ -153,8 +153,15 @@ class FusedExperts(nn.Module):
         """
         if isinstance(routing, ops.MoePermutation):
             return grouped_experts(x, self.gate_up_proj, self.down_proj, topk_weights, routing)
-        h = ops.moe_gate_up(x, self.gate_up_proj, routing)
-        return ops.moe_combine(ops.moe_down(h, self.down_proj, topk_weights, routing), routing)
+        return ops.moe_combine(self.weighted_rows(x, topk_weights, routing), routing)
+
+    def weighted_rows(self, x: torch.Tensor, topk_weights: torch.Tensor, alignment: ops.MoeAlignment) -> torch.Tensor:
+        """Each routed pair's expert output times its router weight, before the combine.
+
+        Shapes: x [T, H]; topk_weights fp32 [T, k] -> [alignment.capacity, H].
+        """
+        h = ops.moe_gate_up(x, self.gate_up_proj, alignment)
+        return ops.moe_down(h, self.down_proj, topk_weights, alignment)
 
     def load_checkpoint(self, reader: CheckpointReader, prefix: str) -> list[str]:
         """Fill both stacked params from `prefix` (e.g. `...layers.0.mlp.experts.`).
@@ -301,8 +308,7 @@ class SparseMoeBlock(nn.Module):
             weights, _, alignment = ops.moe_gate_route(
                 x, self.gate.weight, self.top_k, self.norm_topk_prob, self.route_arrivals
             )
-            h = ops.moe_gate_up(x, self.experts.gate_up_proj, alignment)
-            return PendingCombine(ops.moe_down(h, self.experts.down_proj, weights, alignment), alignment)
+            return PendingCombine(self.experts.weighted_rows(x, weights, alignment), alignment)
         router_logits = self.gate(x)
         weights, routing = self.experts.route(router_logits, self.top_k, self.norm_topk_prob)
         out = self.experts(x, weights, routing)
