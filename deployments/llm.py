@@ -109,8 +109,7 @@ class LLMServer:
             from engine.core import EngineProcess
 
             # TP > 1: the engine process joins this replica's Ray cluster and puts the ranks in its group.
-            one_rank = self.config.llm.tensor_parallel_size == 1
-            opener = EmbeddingOpener(_node_id(), self.config.resolved_device()) if one_rank else None
+            opener = EmbeddingOpener(_node_id(), "cuda") if self._engine_opens_ipc else None
             return EngineProcess(make_engine_config(EngineProcess.config_class, values), open_inputs=opener)
         if engine_cls is None:
             from engine import Engine as engine_cls
