@@ -33,10 +33,19 @@ def pdl_settings(values: Sequence[str]) -> list[bool]:
     """
     import ops
 
+    return on_off_settings(values, "--pdl") or [ops.programmatic_launch_enabled()]
+
+
+def on_off_settings(values: Sequence[str], flag: str) -> list[bool]:
+    """`on,off` (commas and/or spaces) -> [True, False], in order; nothing given -> [].
+
+    Raises:
+        ValueError: a value other than on / off.
+    """
     names = comma_items(values)
     if any(v not in ("on", "off") for v in names):
-        raise ValueError(f"--pdl takes on and/or off, got {list(values)}")
-    return [v == "on" for v in names] or [ops.programmatic_launch_enabled()]
+        raise ValueError(f"{flag} takes on and/or off, got {list(values)}")
+    return [v == "on" for v in names]
 
 
 PDL_HELP = "programmatic dependent launch settings to time: on,off (default: the process's, SPLITVL_PDL)"
@@ -51,10 +60,7 @@ def moe_fused_settings(values: Sequence[str], device: torch.device) -> list[bool
     """
     from models.layers.moe import fused_decode_default
 
-    names = comma_items(values)
-    if any(v not in ("on", "off") for v in names):
-        raise ValueError(f"--moe-fused takes on and/or off, got {list(values)}")
-    return [v == "on" for v in names] or [fused_decode_default(device)]
+    return on_off_settings(values, "--moe-fused") or [fused_decode_default(device)]
 
 
 MOE_FUSED_HELP = ("MoE fused decode path (router + routing, combine + next norm) settings to time: on,off "
