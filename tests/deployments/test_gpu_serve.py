@@ -5,10 +5,11 @@ architecture (bench.checkpoints writes one with a tokenizer whose special tokens
 the real ids) and the HTTP port moved to a free one.
 - `configs/qwen3-vl-2b.yaml`: the vision encoder and the LLM replica each ask for a whole
   GPU, so they must land on different cards; both cards run a process of ours.
-- `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine in the ingress replica
+- `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine owned by the ingress replica
   (`llm.colocate_ingress`): no LLMServer deployment; the engine's metrics come from the ingress.
-  With `llm.engine_process` added, the engine runs in a process of its own and opens the
-  vision replica's CUDA IPC handles there: its greedy image chats equal the in-process engine's.
+  It runs in a process of its own (`llm.engine_process`) and opens the vision replica's CUDA
+  IPC handles there: its greedy image chats equal those of the engine in the replica
+  (`engine_process: false`).
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def test_qwen3_5_0_8b_yaml_engine_process_equals_in_process(tmp_path):
     """configs/qwen3.5-0.8b.yaml with and without `llm.engine_process`: the same greedy image chats
     (the embeddings reach the engine process as CUDA IPC handles it opens itself)."""
     answers = {}
-    for name, llm in (("in-process", {}), ("engine-process", {"engine_process": True})):
+    for name, llm in (("in-process", {"engine_process": False}), ("engine-process", {})):
         (tmp_path / name).mkdir()
         with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", llm) as (base, model, ready_s):
             runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
