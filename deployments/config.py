@@ -92,7 +92,8 @@ class VisionDeploymentConfig(_Scaled):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per vision replica; fractions share a GPU.")
     max_batch_size: int = Field(16, ge=1, description="Most images encoded in one tower call.")
     batch_wait_timeout_s: float = Field(
-        0.01, ge=0, description="How long the first image waits for others to batch with."
+        0.0, ge=0, description="How long an image that finds the tower idle waits for others to batch with "
+        "(images that arrive during a tower call join the next one without waiting)."
     )
     embedding_transfer: Literal["auto", "object_store"] = Field(
         "auto",

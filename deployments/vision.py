@@ -2,8 +2,9 @@
 
 Loads only `model.visual.*`. `encode` takes one image as the router resized it
 (uint8 pixels: the router decodes and resizes, this replica rescales, normalizes
-and patchifies on its device), or one video as its sampled, resized frames; `@serve.batch` gathers images from concurrent
-requests into one tower call and splits the outputs back by each image's grid. On a GPU with
+and patchifies on its device), or one video as its sampled, resized frames; an `EncodeBatcher` gathers the images of concurrent
+requests into one tower call (at once when the tower is idle, else every image queued during the
+call before) and splits the outputs back by each image's grid. On a GPU with
 `embedding_transfer: auto` each image's outputs go into a slot of this replica's `EmbeddingPool`
 and the call returns an `IpcEmbedding` handle (LLM replicas on this node copy GPU -> GPU);
 otherwise, on a retry that asked for the object store, or when the pool is full, the result is an
@@ -19,12 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from ray import serve
-
 from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool
 from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
+from deployments.encode_batcher import EncodeBatcher
 from engine.timeline import EncodeRecord, Timeline, TimelineRead
 from models.processor import ImageProcessor
 from models.video_processor import VideoProcessor
@@ -72,18 +72,21 @@ class VisionEncoder:
         self.processor = ImageProcessor.from_pretrained(path)
         self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
-        self.encode.set_max_batch_size(config.vision.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(config.vision.batch_wait_timeout_s)
+        self._batcher: EncodeBatcher[tuple[np.ndarray, str], ImageEmbedding | IpcEmbedding] = EncodeBatcher(
+            self._encode_batch, config.vision.max_batch_size, config.vision.batch_wait_timeout_s)
         self.metrics = MetricsRecorder.for_replica("VisionEncoder")
         self.images_processed = 0
         self.pool = _make_pool(config, self.device)
         self._timeline: Timeline[EncodeRecord] = Timeline()
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def encode(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
-        """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3]) and how its result should
-        travel ("auto" or "object_store"); Serve hands this method a batch of calls."""
+    async def encode(self, image: np.ndarray, transfer: str) -> ImageEmbedding | IpcEmbedding:
+        """One image per call (`ImageProcessor.resize`'s uint8 [H, W, 3], or a video's frames [T, h, w, 3])
+        and how its result should travel ("auto" or "object_store"); batched with concurrent calls."""
+        return await self._batcher((image, transfer))
+
+    async def _encode_batch(self, calls: list[tuple[np.ndarray, str]]) -> list[ImageEmbedding | IpcEmbedding]:
         self.metrics.start_pushing()
+        images, transfers = [image for image, _ in calls], [transfer for _, transfer in calls]
         start = time.monotonic()
         results = await asyncio.to_thread(self._run, images, transfers)
         self.images_processed += len(images)
