@@ -4,18 +4,20 @@
 is launched, and while the GPU runs it the host schedules and launches the
 next one, then reads the first one's tokens and streams them. The scheduler
 counts each launched sampled token at once (a placeholder in the sequence's
-output until it is read); the runner feeds it to the next decode step from the
-device. Stops are applied when the tokens are read, one step late: a sequence
+output until it is read); the runner feeds it to the sequence's next step from the
+device (a decode step, or the decode row of a step that also runs prompt chunks,
+whose inputs it uploads without waiting for the GPU). Stops are applied when the tokens are read, one step late: a sequence
 that stopped there computed one more token in the step already launched,
 which is discarded (never emitted, never counted). Its blocks and state slot
 are returned at once: every later step that could reuse them runs after the
 launched one on the same CUDA stream. The next step is launched early only
-when every running sequence decodes, samples plain greedy (no penalties,
-logprobs or temperature: the draw and the penalties read tokens on the
-host) and is not at its length limit (so the extra token never needs a
-block or position beyond it), and nothing waits for admission; every other
-step (prefills, chunked prefills, preemption recompute, sampling) first reads
-the launched step's tokens. Tensor parallelism (steps on worker actors) runs
+when every running sequence (decoding, or in the middle of its prompt) samples
+plain greedy (no penalties, logprobs or temperature: the draw and the
+penalties read tokens on the host) and is not at its length limit (so the
+extra token never needs a block or position beyond it), and no waiting
+sequence was preempted holding an unread token (its recompute needs it);
+new requests are admitted meanwhile. Every other step (sampling, preemption
+recompute) first reads the launched step's tokens. Tensor parallelism (steps on worker actors) runs
 synchronously.
 """
 
@@ -96,16 +98,20 @@ class OverlappedSteps:
 
     def _can_overlap(self) -> bool:
         """Whether the next step may launch before the step in flight is read (see the module doc)."""
-        return not self.scheduler.waiting and all(self._decodes_greedily(seq) for seq in self.scheduler.running)
+        s = self.scheduler
+        return all(map(self._steps_greedily, s.running)) and not any(map(self._holds_placeholder, s.waiting))
 
-    def _decodes_greedily(self, seq: Sequence) -> bool:
-        """`seq`'s next step is one generated token (the last prompt token of a chunked prefill goes
-        through the general batch, which reads tokens on the host), sampled plain greedy, short of
-        its length limits."""
+    def _steps_greedily(self, seq: Sequence) -> bool:
+        """`seq`'s next step needs no token on the host: a decode (its input, if still on the device,
+        is read there) or a prompt chunk (known), sampled plain greedy, short of its length limits."""
         p = seq.sampling
-        return (seq.remaining_prefill == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens
-                and p.greedy and not p.has_penalties and p.logprobs is None
+        return (p.greedy and not p.has_penalties and p.logprobs is None
                 and seq.num_output_tokens < seq.max_tokens and seq.num_tokens < self.max_model_len)
+
+    @staticmethod
+    def _holds_placeholder(seq: Sequence) -> bool:
+        """A waiting `seq` preempted with a token of the launched step unread: its recompute needs it."""
+        return bool(seq.output_token_ids) and seq.output_token_ids[-1] == PLACEHOLDER
 
     def _count_launched(self, out: SchedulerOutput) -> dict[int, int]:
         """Advance the scheduler past a launched step: each sampled token is a placeholder the

@@ -217,9 +217,12 @@ class ModelRunner(StepLauncher):
         for s in steps:
             state = self.seqs[s.seq_id]
             end = s.start + s.num_new_tokens
-            if end > len(state.token_ids):  # a launched step's token not read yet: only decode rows take it
-                raise RuntimeError(f"sequence {s.seq_id}: tokens up to {end} are not on the host")
-            ids.extend(state.token_ids[s.start : end])
+            if end > len(state.token_ids):  # a launched step's token not read yet: only a decode row takes it
+                if s.num_new_tokens != 1 or end != len(state.token_ids) + 1:
+                    raise RuntimeError(f"sequence {s.seq_id}: tokens up to {end} are not on the host")
+                ids.append(self._device_token(state))
+            else:
+                ids.extend(state.token_ids[s.start : end])
             pos.append(self._positions(state, s.start, end))
             idx = torch.arange(s.start, end)
             table = torch.tensor(state.block_table, dtype=torch.int64)
@@ -239,7 +242,7 @@ class ModelRunner(StepLauncher):
         return self._assemble(steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables)
 
     def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables) -> StepBatch:
-        dev = self.device
+        up = self._upload
         cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         cu_q[1:] = torch.cumsum(torch.tensor(q_lens), 0)
         cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
@@ -249,29 +252,29 @@ class ModelRunner(StepLauncher):
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
         attn = AttentionMetadata(
-            cu_seqlens_q=cu_q.to(dev),
-            cu_seqlens_k=cu_k.to(dev),
+            cu_seqlens_q=up(cu_q),
+            cu_seqlens_k=up(cu_k),
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(k_lens),
-            slot_mapping=torch.cat(slots).to(dev),
-            block_tables=block_tables.to(dev),
-            seq_lens=torch.tensor(k_lens, dtype=torch.int32, device=dev),
+            slot_mapping=up(torch.cat(slots)),
+            block_tables=up(block_tables),
+            seq_lens=up(torch.tensor(k_lens, dtype=torch.int32)),
             decode_only=all(q == 1 for q in q_lens),
             **self._state_metadata(steps),
         )
         mm = None
         if embeds:
+            host_mask = torch.cat(mask)
             mm = MultimodalBatch(
                 embeds=torch.cat(embeds),
                 deepstack=torch.cat(deep, dim=1) if deep and len(deep) == len(embeds) else None,
-                mask=torch.cat(mask).to(dev),
+                mask=up(host_mask),
+                index=up(host_mask.nonzero().squeeze(1)),
             )
-        return StepBatch(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
-            positions=torch.cat(pos, dim=1).to(dev),
-            attn=attn,
-            mm=mm,
-        )
+        input_ids = up(torch.tensor(ids, dtype=torch.int64))
+        if min(ids) < 0:  # decode rows whose input token the launched step sampled: read on the device
+            self._resolve(input_ids)
+        return StepBatch(input_ids=input_ids, positions=up(torch.cat(pos, dim=1)), attn=attn, mm=mm)
 
     def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:
         """Hybrid models: each sequence's state slot, and whether it continues it.
@@ -287,8 +290,8 @@ class ModelRunner(StepLauncher):
             return {}
         continues = [s.start > 0 for s in steps]
         return {
-            "state_indices": torch.tensor(self._state_slots(steps), dtype=torch.int32, device=self.device),
-            "has_initial_state": None if all(continues) else torch.tensor(continues, device=self.device),
+            "state_indices": self._upload(torch.tensor(self._state_slots(steps), dtype=torch.int32)),
+            "has_initial_state": None if all(continues) else self._upload(torch.tensor(continues)),
         }
 
     def _state_slots(self, steps: tuple[SeqStep, ...]) -> list[int] | None:
@@ -335,7 +338,7 @@ class ModelRunner(StepLauncher):
             return None
         ends = itertools.accumulate(s.num_new_tokens for s in steps)
         picked = [end - 1 for s, end in zip(steps, ends) if s.sample]
-        return torch.tensor(picked, dtype=torch.int64, device=self.device)
+        return self._upload(torch.tensor(picked, dtype=torch.int64))
 
     def _run(self, steps: tuple[SeqStep, ...]) -> StepLogits | None:
         """The model over this step's tokens and the LM head over its sampled rows; None when no

@@ -37,13 +37,15 @@ class MultimodalBatch:
     embeds: torch.Tensor
     deepstack: torch.Tensor | None
     mask: torch.Tensor
+    index: torch.Tensor | None = None  # [N] int64: `mask`'s True positions, when the caller has them
 
     def rows(self, num_tokens: int, hidden: int) -> torch.Tensor:
         """Indices [N] of the masked (image) tokens, after checking the shapes against
-        a step of `num_tokens` tokens and hidden size `hidden`."""
+        a step of `num_tokens` tokens and hidden size `hidden`. `index`, when given, saves the
+        device `nonzero` (a host sync: it would wait for the step still running on the GPU)."""
         if self.mask.shape != (num_tokens,) or self.mask.dtype != torch.bool:
             raise ValueError(f"mm.mask must be bool [{num_tokens}], got {self.mask.dtype} {list(self.mask.shape)}")
-        rows = self.mask.nonzero().squeeze(1)
+        rows = self.index if self.index is not None else self.mask.nonzero().squeeze(1)
         if self.embeds.shape != (rows.numel(), hidden):
             raise ValueError(f"mm.embeds must be [{rows.numel()}, {hidden}] (one row per masked token), "
                              f"got {list(self.embeds.shape)}")

@@ -187,8 +187,8 @@ def test_arrivals_finishes_and_abort_every_step(tiny_checkpoint, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_chunked_prefill_beside_decodes_equals_sync(tiny_checkpoint, arch):
-    """A prompt chunked so that its last chunk is one token, beside decoding rows: that step
-    is a prefill (its row reads no device token) and must not launch early."""
+    """A prompt chunked so that its last chunk is one token, beside decoding rows: that step's
+    prompt row reads no device token, its decode rows do."""
     path = tiny_checkpoint(arch)
     kw = dict(KW, max_num_batched_tokens=8)
     # Step 1: 5 + 3 prompt tokens; step 2: a decode + 7 of the second prompt; step 3: a decode + its last one.
@@ -212,3 +212,35 @@ def test_chunked_prefill_beside_decodes_equals_sync(tiny_checkpoint, arch):
             _assert_nothing_held(llm)
     assert results[True] == results[False]
     assert [len(t) for t in results[True]] == [12, 6] and counter.count > 0
+
+
+class MixedLaunches:
+    """Counts general batches (prompt chunks in the step) whose decode rows read their input on the device."""
+
+    def __init__(self, runner) -> None:
+        self.count, assemble = 0, runner._assemble
+
+        def counting(steps, ids, *rest):
+            self.count += min(ids) < 0 and any(s.num_new_tokens > 1 for s in steps)
+            return assemble(steps, ids, *rest)
+
+        runner._assemble = counting
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompt_chunks_launch_early_beside_device_decodes(tiny_checkpoint, arch):
+    """A small step budget: image and text prompts are chunked beside running decodes, and those
+    mixed steps launch before the step in flight is read (its tokens taken on the device, image rows
+    placed from a host-built index): token for token the synchronous engine's."""
+    path = tiny_checkpoint(arch)
+    kw = dict(KW, max_num_batched_tokens=6)
+    results, mixed = {}, {}
+    for overlap in (False, True):
+        with LLM(path, async_scheduling=overlap, **kw) as llm:
+            counter = MixedLaunches(llm.engine.executor.runner)
+            outs = llm.generate(_prompts(llm.tokenizer), _greedy(llm.tokenizer))
+            _assert_nothing_held(llm)
+        results[overlap] = [o.token_ids for o in outs]
+        mixed[overlap] = counter.count
+    assert results[True] == results[False]
+    assert mixed[False] == 0 and mixed[True] >= 3
