@@ -244,3 +244,26 @@ def test_prompt_chunks_launch_early_beside_device_decodes(tiny_checkpoint, arch)
         mixed[overlap] = counter.count
     assert results[True] == results[False]
     assert mixed[False] == 0 and mixed[True] >= 3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_preemption_under_early_mixed_launches_equals_sync(tiny_checkpoint, arch):
+    """KV blocks for about two sequences, prompts chunked beside decodes: sequences are preempted
+    while mixed steps launch early; the tokens equal the synchronous engine's, and every block and
+    slot comes back."""
+    path = tiny_checkpoint(arch)
+    kw = dict(KW, max_num_batched_tokens=6, num_gpu_blocks=24)
+    results, preempted, mixed = {}, {}, {}
+    for overlap in (False, True):
+        with LLM(path, async_scheduling=overlap, **kw) as llm:
+            counter = MixedLaunches(llm.engine.executor.runner)
+            tok = llm.tokenizer
+            prompts = [p for i, p in enumerate(_prompts(tok)) if i != 4]  # the longest would not fit alone
+            params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (20, 14, 24, 18, 9)]
+            outs = llm.generate(prompts, params)
+            preempted[overlap] = llm.engine.stats()["num_preemptions"]
+            _assert_nothing_held(llm)
+        results[overlap] = [o.token_ids for o in outs]
+        mixed[overlap] = counter.count
+    assert results[True] == results[False]
+    assert preempted[True] > 0 and mixed[True] > 0
