@@ -43,7 +43,7 @@ Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for other YAMLs);
 Ray is started with 1 GPU for the one-gpu layouts (so fractional shares
 land on one card) and 2 for split; one-gpu-colocated is one-gpu with
 `llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token);
-tp2 puts the vision encoder on one GPU and the LLM at tensor_parallel_size 2 on two more (3 GPUs);
+tp2 runs the LLM at tensor_parallel_size 2 on 0.8 of each of 2 GPUs, the vision encoder on 0.2 of one;
 the `-process` layouts add `llm.engine_process` (the engine in a process of its own).
 """
 
@@ -67,7 +67,7 @@ from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "one-gpu-process": 1, "one-gpu-colocated-process": 1,
-               "split": 2, "tp2": 3, "tp2-process": 3}
+               "split": 2, "tp2": 2, "tp2-process": 2}
 TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "one-gpu-process": (0.5, 0.5),
                  "one-gpu-colocated-process": (0.5, 0.5), "split": (1.0, 1.0), "tp2": (1.0, 1.0),
                  "tp2-process": (1.0, 1.0)}

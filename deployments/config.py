@@ -117,7 +117,8 @@ class LLMDeploymentConfig(_Scaled):
     tensor_parallel_size: int = Field(1, ge=1, description="TP ranks (GPUs) per LLM replica.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs of the replica actor itself.")
     gpus_per_worker: float = Field(
-        1.0, gt=0, le=1, description="GPU share of each TP rank (below 1 to share a GPU with vision)."
+        1.0, gt=0, le=1, description="GPU share of each TP rank (below 1 to share a GPU with vision; over 0.5 "
+        "with tensor_parallel_size > 1, so that every rank has a GPU of its own)."
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one engine step.")
     max_model_len: int = Field(4096, ge=16, description="Prompt + completion tokens per sequence.")
@@ -159,9 +160,11 @@ class LLMDeploymentConfig(_Scaled):
 
 
     @model_validator(mode="after")
-    def _fractional_gpu_only_without_tp(self) -> LLMDeploymentConfig:
-        if self.gpus_per_worker < 1 and self.tensor_parallel_size > 1:
-            raise ValueError("gpus_per_worker < 1 needs tensor_parallel_size 1 (TP ranks own whole GPUs)")
+    def _one_gpu_per_rank(self) -> LLMDeploymentConfig:
+        if self.gpus_per_worker <= 0.5 and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker} with tensor_parallel_size {self.tensor_parallel_size}: "
+                "two ranks could land on one GPU; give each TP rank more than 0.5 of a GPU")
         return self
 
 

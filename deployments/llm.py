@@ -64,6 +64,7 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
         "num_gpu_blocks": llm.num_gpu_blocks,
         "enforce_eager": llm.enforce_eager,
         "custom_all_reduce": llm.custom_all_reduce,
+        "gpus_per_rank": llm.gpus_per_worker if llm.tensor_parallel_size > 1 else 1.0,
         "async_scheduling": llm.async_scheduling,
         "load_format": llm.load_format,
         "seed": config.seed,
@@ -133,8 +134,10 @@ class LLMServer:
 
         TP 1 runs the model in the replica process, which then holds the GPU
         itself. TP > 1 runs one TPWorker actor per rank in the replica's
-        placement group: one bundle per rank, the replica's own CPUs merged
-        into bundle 0 (where Serve schedules the replica actor).
+        placement group: one bundle per rank (`gpus_per_worker` of a GPU: over
+        0.5, so each rank has a GPU of its own and the rest may take a vision
+        replica), the replica's own CPUs merged into bundle 0 (where Serve
+        schedules the replica actor).
         """
         llm = config.llm
         opts = llm.scaling_options()
@@ -144,7 +147,7 @@ class LLMServer:
         if llm.tensor_parallel_size == 1:
             opts["ray_actor_options"] = {"num_cpus": llm.num_cpus, "num_gpus": llm.gpus_per_worker if gpu else 0}
             return opts
-        worker = {"GPU": 1.0} if gpu else {"CPU": 1.0}
+        worker = {"GPU": llm.gpus_per_worker} if gpu else {"CPU": 1.0}
         bundles = [dict(worker) for _ in range(llm.tensor_parallel_size)]
         bundles[0]["CPU"] = bundles[0].get("CPU", 0.0) + llm.num_cpus
         opts["ray_actor_options"] = {"num_cpus": llm.num_cpus}

@@ -35,6 +35,10 @@ class EngineConfig:
     (`models/layers/custom_allreduce.py`) instead of NCCL; the TP ranks then
     see every GPU of the node (each picks its own), which CUDA IPC needs.
     Ignored on CPU and with one rank.
+    gpus_per_rank: the GPU share each TP worker actor asks Ray for (with
+    tensor_parallel_size > 1 on CUDA): 1 gives each rank a whole GPU; a share
+    over 0.5 leaves the rest of each rank's GPU to other actors (a vision
+    replica) while no two ranks can land on one GPU.
     """
 
     model: str
@@ -57,8 +61,11 @@ class EngineConfig:
     async_scheduling: bool = True
     load_format: str = "auto"
     custom_all_reduce: bool = False
+    gpus_per_rank: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.5 < self.gpus_per_rank <= 1.0:
+            raise ValueError(f"gpus_per_rank must be in (0.5, 1] (two ranks never share a GPU), got {self.gpus_per_rank}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.dtype not in _DTYPES:

@@ -185,7 +185,7 @@ class RayTPExecutor:
         current = get_current_placement_group()
         if current is not None and len(current.bundle_specs) >= config.tensor_parallel_size:
             return current
-        bundle = {"GPU": 1} if config.device == "cuda" else {"CPU": 1}
+        bundle = {"GPU": config.gpus_per_rank} if config.device == "cuda" else {"CPU": 1}
         pg = placement_group([dict(bundle) for _ in range(config.tensor_parallel_size)], strategy="STRICT_PACK")
         ready, _ = ray.wait([pg.ready()], timeout=120)
         if not ready:
@@ -205,7 +205,7 @@ class RayTPExecutor:
         return [
             actor.options(
                 num_cpus=0 if gpu else 1,
-                num_gpus=1 if gpu else 0,
+                num_gpus=config.gpus_per_rank if gpu else 0,  # its bundle's share
                 # watch() parks one thread, the compiled graph's loop (or the step tasks) another,
                 # and shutdown() needs a third while the loop still runs.
                 max_concurrency=3,

@@ -192,4 +192,4 @@ def test_every_layout_validates_and_fits_its_gpus() -> None:
         assert 0 < needed <= gpus, (name, needed, gpus)
         assert name in serve.TRANSFER_GPUS
         assert config.llm.engine_process == name.endswith("-process")
-    assert serve.LAYOUT_GPUS["tp2-process"] == 3
+    assert serve.LAYOUT_GPUS["tp2-process"] == 2

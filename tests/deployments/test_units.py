@@ -373,7 +373,7 @@ def test_replica_env_is_added_to_every_deployment_and_the_build_env_wins(monkeyp
 
 
 def test_llm_placement_bundles(tmp_path):
-    from deployments.llm import LLMServer
+    from deployments.llm import LLMServer, engine_config_values
 
     cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda",
                                     "llm": {"tensor_parallel_size": 2, "num_cpus": 2}})
@@ -382,8 +382,12 @@ def test_llm_placement_bundles(tmp_path):
     assert opts["placement_group_strategy"] == "STRICT_PACK"
     cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda", "llm": {"gpus_per_worker": 0.5}})
     assert LLMServer.deployment_options(cfg)["ray_actor_options"]["num_gpus"] == 0.5
-    with pytest.raises(ValidationError, match="gpus_per_worker"):
+    with pytest.raises(ValidationError, match="two ranks could land on one GPU"):
         AppConfig.model_validate({"model": str(tmp_path), "llm": {"gpus_per_worker": 0.5, "tensor_parallel_size": 2}})
+    cfg = AppConfig.model_validate({"model": str(tmp_path), "device": "cuda",
+                                    "llm": {"tensor_parallel_size": 2, "gpus_per_worker": 0.8}})
+    assert LLMServer.deployment_options(cfg)["placement_group_bundles"] == [{"GPU": 0.8, "CPU": 1.0}, {"GPU": 0.8}]
+    assert engine_config_values(cfg, "m")["gpus_per_rank"] == 0.8
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
