@@ -12,6 +12,8 @@
 #          NCCL greedy tokens (bf16, CUDA graphs)
 #   tp     bench/decode.py: Qwen3-VL-8B (random weights) decode at batch 1 and 64, TP=1, TP=2 over NCCL
 #          and TP=2 with the custom all-reduce (vs TP1 column)
+#   serve  (needs the Ray bundle) `serve run configs/qwen3-vl-8b-tp2.yaml` on the two GPUs: image chats, a TP
+#          worker killed under load, the replica replaced (tests/deployments/test_gpu_serve.py -k tp2)
 # NVLink multicast stays off (NCCL_NVLS_ENABLE=0 etc., set on the device machine; exported here too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ cd "$(dirname "$0")/.."
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 TOTAL=${I15_TOTAL_S:-570}
-declare -A BUDGET=([build]=240 [test]=240 [tp]=480)
+declare -A BUDGET=([build]=240 [test]=240 [tp]=480 [serve]=560)
 
 step_cmd() {
   case $1 in
@@ -29,6 +31,7 @@ step_cmd() {
             tests/engine/test_tp.py ;;
     tp) python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1,64 --custom-ar both --no-hf \
           --ckpt-cache /tmp/ckpt --json "$OUT/decode-tp2.json" ;;
+    serve) python -m pytest -m gpu -q -s -rs tests/deployments/test_gpu_serve.py -k tp2 ;;
     *) echo "unknown step $1" >&2; return 2 ;;
   esac
 }

@@ -5,6 +5,9 @@ architecture (bench.checkpoints writes one with a tokenizer whose special tokens
 the real ids) and the HTTP port moved to a free one.
 - `configs/qwen3-vl-2b.yaml`: the vision encoder and the LLM replica each ask for a whole
   GPU, so they must land on different cards; both cards run a process of ours.
+- `configs/qwen3-vl-8b-tp2.yaml`: TP=2 ranks on 0.8 of each of two GPUs, vision replicas on 0.2
+  beside them (both cards hold a rank); a TP worker killed under load: the streams end, the LLM
+  replica is replaced and new requests succeed.
 - `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine owned by the ingress replica
   (`llm.colocate_ingress`): no LLMServer deployment; the engine's metrics come from the ingress.
   It runs in a process of its own (`llm.engine_process`) and opens the vision replica's CUDA
@@ -45,18 +48,23 @@ def _gpu_pids() -> dict[str, set[int]]:
 
 
 @contextmanager
-def _serve_yaml(tmp_path: Path, name: str, arch: str, llm: dict | None = None) -> Iterator[tuple[str, str, float]]:
+def _serve_yaml(tmp_path: Path, name: str, arch: str, llm: dict | None = None,
+                dummy: bool = False) -> Iterator[tuple[str, str, float]]:
     """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint, `llm` added to its llm
-    section: (base URL, model id, ready s)."""
+    section: (base URL, model id, ready s). `dummy`: no safetensors written; both deployments make
+    random weights in place (`load_format: dummy`)."""
     from bench.checkpoints import prepare_checkpoint
 
-    ckpt = prepare_checkpoint(arch, os.environ.get("BENCH_CKPT_CACHE"), torch.bfloat16, "cuda")
+    ckpt = prepare_checkpoint(arch, os.environ.get("BENCH_CKPT_CACHE"), torch.bfloat16, "cuda", weights=not dummy)
     port = free_port()
     data = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
     data["http_options"]["port"] = port
     app = data["applications"][0]
     app["args"]["model"] = str(ckpt)
     app["args"]["llm"] = {**app["args"].get("llm", {}), **(llm or {})}
+    if dummy:
+        app["args"]["llm"]["load_format"] = "dummy"
+        app["args"]["vision"] = {**app["args"].get("vision", {}), "load_format": "dummy"}
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -164,3 +172,53 @@ def test_qwen3_5_0_8b_yaml_engine_process_equals_in_process(tmp_path):
             print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
     assert answers["engine-process"] == answers["in-process"]
     assert all(completion == 32 for _, _, completion in answers["in-process"])
+
+
+def _tp_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::TPWorker"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+@pytest.mark.timeout(1500)
+def test_qwen3_vl_8b_tp2_yaml_on_two_gpus_survives_a_killed_tp_worker(tmp_path):
+    """The shipped TP2 YAML on two GPUs: image chats stream, each card holds a TP rank and the vision
+    replicas fit beside them; one TP worker killed under 16 concurrent streams: every stream ends (an
+    error or a full answer, no hang), Serve replaces the LLM replica, and new image chats succeed."""
+    import signal
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    with _serve_yaml(tmp_path, "qwen3-vl-8b-tp2", "qwen3-vl-8b", dummy=True) as (base, model, ready_s):
+        _check_image_chats(base, model)
+        busy = {uuid for uuid, pids in _gpu_pids().items() if pids}
+        workers = _tp_worker_pids()
+        print(f"ready after {ready_s:.0f} s; GPUs with our processes: {len(busy)}; TP worker pids {workers}")
+        assert len(busy) == 2 and len(workers) == 2
+
+        def stream(size):  # 2,048 tokens: still decoding when the worker dies
+            try:
+                _, pieces, usage = _stream_image_chat(base, model, size, 2048)
+                return "complete" if usage and usage["completion_tokens"] == 2048 else "cut short"
+            except (AssertionError, httpx.HTTPError, json.JSONDecodeError, TypeError) as exc:
+                return type(exc).__name__
+
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(stream, (448 + 32 * (i % 8), 448)) for i in range(16)]
+            time.sleep(3.0)  # the streams are decoding
+            os.kill(workers[-1], signal.SIGKILL)
+            outcomes = [f.result(timeout=300) for f in futures]
+        print(f"outcomes after the kill: {outcomes}")
+        assert any(o != "complete" for o in outcomes)  # every stream ended (no hang); the kill cut some
+
+        def recovered() -> bool:
+            try:
+                _, pieces, usage = _stream_image_chat(base, model, (640, 480))
+            except (AssertionError, httpx.HTTPError, json.JSONDecodeError, TypeError):
+                return False
+            return usage["completion_tokens"] == 32 and len(pieces) >= 2
+
+        t0 = time.monotonic()
+        wait_until(recovered, timeout_s=600, interval_s=5.0)
+        fresh = _tp_worker_pids()
+        print(f"new image chats after {time.monotonic() - t0:.0f} s; TP worker pids {fresh}")
+        assert len(fresh) == 2 and not set(fresh) & set(workers)
