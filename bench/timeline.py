@@ -17,8 +17,9 @@ through the deployment handles since a mark taken before the level, and
   closed-loop wave draining before the next one's prompts arrive);
 - vision %: the share of the window with a vision tower call running (same node:
   both replicas' clocks are the node's CLOCK_MONOTONIC);
-- mixed steps (a prefill chunk together with decodes) and their mean ms against
-  pure-decode steps, and pure-decode steps with / without a tower call overlapping.
+- mixed steps (a prefill chunk together with decodes), how many of them launched before the
+  step ahead was read (async scheduling), and their mean ms against pure-decode steps, and
+  pure-decode steps with / without a tower call overlapping.
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ def summarize(steps: Sequence[StepRecord], encodes: Sequence[EncodeRecord]) -> d
         "vision_overlap_frac": sum(b - a for a, b in merged) / span,
         "mixed_steps": len(mixed),
         "mixed_step_ms": _mean_ms(mixed),
+        # Launched before the step ahead was read (async scheduling): its record starts before that one ends.
+        "mixed_early": sum(1 for prev, s in zip(steps, steps[1:]) if s.prefill_rows and s.decode_rows
+                           and s.start < prev.end),
         "decode_steps": len(decode_only),
         "decode_step_ms": _mean_ms(decode_only),
         "decode_step_ms_with_encode": _mean_ms(with_encode),
@@ -184,12 +188,13 @@ def print_timeline(runs: list[dict]) -> None:
         rows.append([layout, c, s["steps"], s["steps_per_s"], s["decode_rows_mean"], s["prefill_tokens_per_step"],
                      s["outputs_per_step"], f"{100 * s['idle_frac']:.1f}%", s["idle_gaps"], s["idle_gap_max_ms"],
                      f"{100 * s['vision_overlap_frac']:.1f}%",
-                     s["mixed_steps"], s["mixed_step_ms"], s["decode_steps"], s["decode_step_ms"],
+                     s["mixed_steps"], s.get("mixed_early", math.nan), s["mixed_step_ms"], s["decode_steps"],
+                     s["decode_step_ms"],
                      s["decode_step_ms_with_encode"], s["decode_step_ms_without_encode"], s["encodes"],
                      s["encode_ms_mean"], tl["dropped_steps"]])
     print_table("LLM replica step timeline per level (bench/timeline.py; ms: each step's own wall time)",
                 ["layout", "conc", "steps", "steps/s", "decode rows", "prefill tok/step", "outputs/step",
-                 "idle", "idle gaps > 5 ms", "longest idle ms", "vision overlap", "mixed steps", "mixed ms", "decode steps", "decode ms",
+                 "idle", "idle gaps > 5 ms", "longest idle ms", "vision overlap", "mixed steps", "mixed launched early", "mixed ms", "decode steps", "decode ms",
                  "decode ms w/ encode", "decode ms w/o encode", "encodes", "encode ms", "dropped"], rows)
     rows = [[layout, c, kind, *(u[k] for k in ("steps", "wall_ms", "cpu_ms", "voluntary_switches", "involuntary_switches"))]
             for layout, c, tl in levels for kind, u in tl["summary"].get("thread_usage", {}).items() if u["steps"]]

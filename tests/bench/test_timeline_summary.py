@@ -54,3 +54,10 @@ def test_thread_usage_is_split_by_kind_of_step() -> None:
     assert usage["decode"] == pytest.approx({"steps": 4, "wall_ms": 2.0, "cpu_ms": 1.9, "voluntary_switches": 1,
                                              "involuntary_switches": 0})
     assert usage["prefill"]["steps"] == 0
+
+
+def test_mixed_steps_launched_early_are_those_overlapping_the_step_ahead() -> None:
+    steps = [_rec(0.0, 0.004, prefill=1), _rec(0.003, 0.007, prefill=1), _rec(0.007, 0.009, prefill=1),
+             _rec(0.0085, 0.0110), _rec(0.0105, 0.0130, prefill=1)]
+    s = summarize(steps, [])
+    assert s["mixed_steps"] == 4 and s["mixed_early"] == 2  # the second and the last
