@@ -18,18 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.batch_builder import BatchBuilder, StepBatch
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs, StaticInputs
 from engine.decode_inputs import DecodeInputs, HostDecodeBatch
 from engine.launch import StepLauncher
 from engine.kv_cache import CacheLayout, LayerCache, cuda_kv_budget
-from engine.positions import text_positions
 from engine.sampler import SampleRow, sample, sample_greedy
 from engine.seq_state import SeqState
 from engine.sequence import MultimodalInputs
 from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from models.config import ModelConfig, load_model_config
-from models.interface import MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import fill_weights
@@ -48,17 +47,7 @@ class StepLogits:
     greedy: torch.Tensor | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StepBatch:
-    """One step's model inputs. Shapes: input_ids [T]; positions [3, T]."""
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    attn: AttentionMetadata
-    mm: MultimodalBatch | None
-
-
-class ModelRunner(StepLauncher):
+class ModelRunner(BatchBuilder, StepLauncher):
     """Owns the model shard and the KV cache of one rank."""
 
     def __init__(self, config: EngineConfig, parallel: ParallelContext, model_config: ModelConfig | None = None):
@@ -189,119 +178,6 @@ class ModelRunner(StepLauncher):
             if s.block_ids or s.reset_blocks:
                 first = len(state.block_table) - len(s.block_ids)
                 self.decode_inputs.write_blocks(state.row, first, s.block_ids, reset=s.reset_blocks)
-
-    # ---- batch building ----------------------------------------------------------
-
-    def _positions(self, state: SeqState, start: int, end: int) -> torch.Tensor:
-        p = state.num_prompt
-        parts = []
-        if start < p:
-            parts.append(state.positions[:, start : min(end, p)])
-        if end > p:
-            lo = max(start, p)
-            parts.append(text_positions(lo, end, state.mrope_delta))
-        return torch.cat(parts, dim=1)
-
-    def _mm_slice(self, state: SeqState, start: int, end: int) -> tuple[slice, int, int] | None:
-        """Image-embedding rows of prompt tokens [start, end) and where they sit."""
-        if state.mm is None or start >= state.num_prompt:
-            return None
-        end = min(end, state.num_prompt)
-        lo, hi = int(state.image_rows[start]), int(state.image_rows[end])
-        return (slice(lo, hi), start, end) if hi > lo else None
-
-    def build_batch(self, steps: tuple[SeqStep, ...]) -> StepBatch:
-        bs = self.config.block_size
-        ids, pos, slots, mask, embeds, deep = [], [], [], [], [], []
-        q_lens, k_lens, tables = [], [], []
-        for s in steps:
-            state = self.seqs[s.seq_id]
-            end = s.start + s.num_new_tokens
-            if end > len(state.token_ids):  # a launched step's token not read yet: only a decode row takes it
-                if s.num_new_tokens != 1 or end != len(state.token_ids) + 1:
-                    raise RuntimeError(f"sequence {s.seq_id}: tokens up to {end} are not on the host")
-                ids.append(self._device_token(state))
-            else:
-                ids.extend(state.token_ids[s.start : end])
-            pos.append(self._positions(state, s.start, end))
-            idx = torch.arange(s.start, end)
-            table = torch.tensor(state.block_table, dtype=torch.int64)
-            slots.append(table[idx // bs] * bs + idx % bs)
-            m = torch.zeros(s.num_new_tokens, dtype=torch.bool)
-            sl = self._mm_slice(state, s.start, end)
-            if sl is not None:
-                rows, lo, hi = sl
-                m[: hi - s.start] = torch.isin(torch.tensor(state.token_ids[s.start : hi]), self.placeholder_ids)
-                embeds.append(state.mm.image_embeds[rows])
-                if state.mm.deepstack_embeds is not None:
-                    deep.append(state.mm.deepstack_embeds[:, rows])
-            mask.append(m)
-            q_lens.append(s.num_new_tokens)
-            k_lens.append(end)
-            tables.append(state.block_table)
-        return self._assemble(steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables)
-
-    def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables) -> StepBatch:
-        up = self._upload
-        cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        cu_q[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-        cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
-        cu_k[1:] = torch.cumsum(torch.tensor(k_lens), 0)
-        width = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        attn = AttentionMetadata(
-            cu_seqlens_q=up(cu_q),
-            cu_seqlens_k=up(cu_k),
-            max_seqlen_q=max(q_lens),
-            max_seqlen_k=max(k_lens),
-            slot_mapping=up(torch.cat(slots)),
-            block_tables=up(block_tables),
-            seq_lens=up(torch.tensor(k_lens, dtype=torch.int32)),
-            decode_only=all(q == 1 for q in q_lens),
-            **self._state_metadata(steps),
-        )
-        mm = None
-        if embeds:
-            host_mask = torch.cat(mask)
-            mm = MultimodalBatch(
-                embeds=torch.cat(embeds),
-                deepstack=torch.cat(deep, dim=1) if deep and len(deep) == len(embeds) else None,
-                mask=up(host_mask),
-                index=up(host_mask.nonzero().squeeze(1)),
-            )
-        input_ids = up(torch.tensor(ids, dtype=torch.int64))
-        if min(ids) < 0:  # decode rows whose input token the launched step sampled: read on the device
-            self._resolve(input_ids)
-        return StepBatch(input_ids=input_ids, positions=up(torch.cat(pos, dim=1)), attn=attn, mm=mm)
-
-    def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:
-        """Hybrid models: each sequence's state slot, and whether it continues it.
-
-        A sequence continues its slot whenever it has computed tokens before
-        this step (a later prefill chunk or a decode); a preempted one restarts
-        at token 0 and so from zeros. Prefix caching is off for hybrid models,
-        so `start > 0` always means the slot holds tokens [0, start). When every
-        sequence continues, `has_initial_state` is None (the model's cue for its
-        single-token kernels on decode steps).
-        """
-        if not self.hybrid:
-            return {}
-        continues = [s.start > 0 for s in steps]
-        return {
-            "state_indices": self._upload(torch.tensor(self._state_slots(steps), dtype=torch.int32)),
-            "has_initial_state": None if all(continues) else self._upload(torch.tensor(continues)),
-        }
-
-    def _state_slots(self, steps: tuple[SeqStep, ...]) -> list[int] | None:
-        """Each step's linear-attention state slot (hybrid models), else None."""
-        if not self.hybrid:
-            return None
-        slots = [s.state_slot for s in steps]
-        if any(slot is None for slot in slots):
-            raise RuntimeError("a hybrid model step without a state slot for every sequence")
-        return slots
 
     # ---- the step ----------------------------------------------------------------
 
