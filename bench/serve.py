@@ -43,7 +43,7 @@ Layouts are `configs/bench/serve-<layout>.yaml` (`--config` for other YAMLs);
 Ray is started with 1 GPU for the one-gpu layouts (so fractional shares
 land on one card) and 2 for split; one-gpu-colocated is one-gpu with
 `llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token);
-tp2 runs the LLM at tensor_parallel_size 2 on 0.8 of each of 2 GPUs, the vision encoder on 0.2 of one;
+tp2 runs the LLM at tensor_parallel_size 2 on 0.6 of each of 2 GPUs, the vision encoder on 0.2 of one;
 the `-process` layouts add `llm.engine_process` (the engine in a process of its own).
 """
 

@@ -118,7 +118,8 @@ class LLMDeploymentConfig(_Scaled):
     num_cpus: float = Field(1.0, ge=0, description="CPUs of the replica actor itself.")
     gpus_per_worker: float = Field(
         1.0, gt=0, le=1, description="GPU share of each TP rank (below 1 to share a GPU with vision; over 0.5 "
-        "with tensor_parallel_size > 1, so that every rank has a GPU of its own)."
+        "with tensor_parallel_size > 1, so that every rank has a GPU of its own). It only places the ranks: "
+        "memory is gpu_memory_utilization's."
     )
     max_num_seqs: int = Field(64, ge=1, description="Most sequences in one engine step.")
     max_model_len: int = Field(4096, ge=16, description="Prompt + completion tokens per sequence.")
@@ -126,7 +127,8 @@ class LLMDeploymentConfig(_Scaled):
         None, ge=1, description="Token budget of one engine step (default: max(max_model_len, 2048))."
     )
     gpu_memory_utilization: float = Field(
-        0.9, gt=0, le=1, description="Fraction of GPU memory the engine may use (weights + KV)."
+        0.9, gt=0, le=1, description="Fraction of each GPU's whole memory in use (by every process on it, "
+        "vision replicas included) up to which the engine sizes its KV cache; the rest is left to the others."
     )
     num_gpu_blocks: int | None = Field(
         None, ge=1, description="Fixed KV block count (overrides gpu_memory_utilization; CPU default 512)."

@@ -18,8 +18,9 @@ class EngineConfig:
 
     model: checkpoint directory. dtype: "float32" | "bfloat16" | "float16".
     device: "cpu" or "cuda". max_model_len: None -> the model's
-    max_position_embeddings. num_gpu_blocks: KV blocks per rank (None: sized
-    from free memory x gpu_memory_utilization on CUDA, `cpu_kv_cache_gb` on CPU).
+    max_position_embeddings. num_gpu_blocks: KV blocks per rank (None: on CUDA
+    sized so the whole card's use, every process on it, stays within
+    gpu_memory_utilization x its total; `cpu_kv_cache_gb` on CPU).
     step_timeout_s: a model step (all TP ranks) slower than this marks the
     engine dead. tp_compiled_graph: with tensor_parallel_size > 1, send the
     steps to the ranks through a Ray compiled graph (False: one actor task per

@@ -5,7 +5,7 @@ architecture (bench.checkpoints writes one with a tokenizer whose special tokens
 the real ids) and the HTTP port moved to a free one.
 - `configs/qwen3-vl-2b.yaml`: the vision encoder and the LLM replica each ask for a whole
   GPU, so they must land on different cards; both cards run a process of ours.
-- `configs/qwen3-vl-8b-tp2.yaml`: TP=2 ranks on 0.8 of each of two GPUs, vision replicas on 0.2
+- `configs/qwen3-vl-8b-tp2.yaml`: TP=2 ranks on 0.6 of each of two GPUs, vision replicas on 0.2
   beside them (both cards hold a rank); a TP worker killed under load: the streams end, the LLM
   replica is replaced and new requests succeed.
 - `configs/qwen3.5-0.8b.yaml`: one GPU shared, the engine owned by the ingress replica
