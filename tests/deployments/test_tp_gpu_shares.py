@@ -9,8 +9,8 @@ GPUs; with whole GPUs per rank (the old rule) no vision replica can be placed.
 Ray packs fractional GPU requests best-fit (onto the fullest GPU they fit): vision
 replicas started before the LLM's placement group all land on one GPU, so a rank's share
 plus every vision share that may start first must stay within 1. Each shipped TP YAML is
-placed here in both orders, and with its most vision replicas when the LLM replica is
-replaced (a TP worker died).
+placed here: its first vision replicas before the LLM replica, the rest after it, then
+the LLM replica replaced (a TP worker died) beside them all.
 """
 
 from __future__ import annotations
