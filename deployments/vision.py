@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool

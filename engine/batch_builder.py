@@ -9,6 +9,7 @@ before still runs on the GPU (async scheduling) does not wait for it.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +34,16 @@ class StepBatch:
 
 class BatchBuilder:
     """`ModelRunner.build_batch` and the hybrid models' state metadata (a part of `ModelRunner`)."""
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A host tensor built for this step, on the runner's device without waiting for the GPU.
+
+        A plain copy from pageable memory synchronizes with the stream, so it would wait for a
+        launched step still running; a pinned one is queued behind it.
+        """
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _positions(self, state: SeqState, start: int, end: int) -> torch.Tensor:
         p = state.num_prompt
@@ -100,10 +111,8 @@ class BatchBuilder:
 
     def _assemble(self, steps, ids, pos, slots, mask, embeds, deep, q_lens, k_lens, tables) -> StepBatch:
         up = self._upload
-        cu_q = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-        cu_q[1:] = torch.cumsum(torch.tensor(q_lens), 0)
-        cu_k = torch.zeros(len(k_lens) + 1, dtype=torch.int32)
-        cu_k[1:] = torch.cumsum(torch.tensor(k_lens), 0)
+        cu_q = torch.tensor(list(itertools.accumulate(q_lens, initial=0)), dtype=torch.int32)
+        cu_k = torch.tensor(list(itertools.accumulate(k_lens, initial=0)), dtype=torch.int32)
         width = max(len(t) for t in tables)
         block_tables = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):

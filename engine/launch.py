@@ -90,16 +90,6 @@ class StepLauncher:
             if st.pending is not None and st.pending[0] == number:
                 st.pending = None
 
-    def _upload(self, host: torch.Tensor) -> torch.Tensor:
-        """A host tensor built for this step, on the runner's device without waiting for the GPU.
-
-        A plain copy from pageable memory synchronizes with the stream, so it would wait for a
-        launched step still running; a pinned one is queued behind it.
-        """
-        if self.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.device, non_blocking=True)
-
     def _device_token(self, st: SeqState) -> int:
         """-(1 + j) for a token that is row j of the previous launch's ids (still on the device)."""
         if st.pending is None or self._last is None or st.pending[0] != self._last[0]:

@@ -104,8 +104,7 @@ class OverlappedSteps:
     def _steps_greedily(self, seq: Sequence) -> bool:
         """`seq`'s next step needs no token on the host: a decode (its input, if still on the device,
         is read there) or a prompt chunk (known), sampled plain greedy, short of its length limits."""
-        p = seq.sampling
-        return (p.greedy and not p.has_penalties and p.logprobs is None
+        return (seq.sampling.plain_greedy
                 and seq.num_output_tokens < seq.max_tokens and seq.num_tokens < self.max_model_len)
 
     @staticmethod

@@ -158,7 +158,7 @@ class ModelRunner(BatchBuilder, StepLauncher):
         self.seqs[new.seq_id] = SeqState(
             list(new.prompt_token_ids), len(new.prompt_token_ids), new.positions, new.mrope_delta,
             new, gen, mm, rows, row=self.decode_inputs.add(new.mrope_delta),
-            plain_greedy=sp.greedy and not sp.has_penalties and sp.logprobs is None,
+            plain_greedy=sp.plain_greedy,
         )
 
     def _update(self, msg: StepMessage) -> None:

@@ -58,6 +58,11 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
         )
 
+    @property
+    def plain_greedy(self) -> bool:
+        """The argmax alone decides the token: nothing reads the history or the probabilities on the host."""
+        return self.greedy and not self.has_penalties and self.logprobs is None
+
     def validate(self) -> None:
         """Raise `EngineInputError` naming the first bad field."""
         checks = [
