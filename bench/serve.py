@@ -233,7 +233,7 @@ async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | 
             await timeline.mark()
         procs = opts.client_procs or default_procs(c)
         load = run_level_procs(url, model_id, bodies, c, procs, key, ramp_s=opts.ramp_s)
-        (res, wall), hists = await _metered(url, key, load, (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
+        (res, wall), hists = await _metered(url, key, load, (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE, *OVERHEAD_PARTS))
         level = summarize(res, wall, c)
         level["client_procs"] = min(procs, c)
         if timeline is not None:
@@ -241,7 +241,9 @@ async def sweep(url: str, model_id: str, opts, image_seed: int, app_name: str | 
         engine, wait, vision = (_hist_ms(hists, n_) for n_ in (ENGINE_TTFT, EMBED_WAIT, VISION_ENCODE))
         level.update(engine_ttft_p50_ms=engine["p50"], engine_ttft_mean_ms=engine["mean"],
                      embed_wait_mean_ms=wait["mean"], vision_encode_mean_ms=vision["mean"],
-                     other_mean_ms=level["ttft_mean_ms"] - engine["mean"] - wait["mean"])
+                     other_mean_ms=level["ttft_mean_ms"] - engine["mean"] - wait["mean"],
+                     # the LLM replica's own share is its embedding wait + engine TTFT
+                     breakdown_mean_ms=overhead_breakdown(level["ttft_mean_ms"], engine["mean"] + wait["mean"], hists))
         levels.append(level)
         print(f"  c={c}: {level['output_tok_s']:.0f} tok/s, TTFT p50 {level['ttft_p50_ms']:.1f} ms, "
               f"TPOT p50 {level['tpot_p50_ms']:.2f} ms, errors {level['errors']}", flush=True)
@@ -388,6 +390,13 @@ def print_tables(device: str, opts, runs: list[dict], base: dict) -> None:
     print_table("Where the text-only TTFT goes (means, ms; see bench.serve.overhead_breakdown)",
                 ["layout", "HTTP TTFT", "outside ingress (client, proxy, hop)", "body read", "router",
                  "LLM call hops", "engine TTFT", "rest in ingress"], rows)
+    rows = [[run["layout"], lv["concurrency"], lv["ttft_mean_ms"],
+             *(lv.get("breakdown_mean_ms", {}).get(k, math.nan) for k in parts)]
+            for run in runs for lv in run["levels"]]
+    print_table("Where the image-chat TTFT goes (means, ms; router = decode, hash, resize, encode call; "
+                "LLM replica = embedding wait + engine TTFT)",
+                ["layout", "conc", "HTTP TTFT", "outside ingress (client, proxy, hop)", "body read", "router",
+                 "LLM call hops", "LLM replica", "rest in ingress"], rows)
     rows = [[f"ours HTTP, {run['layout']}, concurrency 1", lv["ttft_p50_ms"]]
             for run in runs for lv in run["levels"] if lv["concurrency"] == 1]
     if "ours_inprocess_ttft_ms" in base:
