@@ -44,7 +44,9 @@ Ray is started with 1 GPU for the one-gpu layouts (so fractional shares
 land on one card) and 2 for split; one-gpu-colocated is one-gpu with
 `llm.colocate_ingress` (the ingress replica owns the engine: no Serve hop per token);
 tp2 runs the LLM at tensor_parallel_size 2 on 0.6 of each of 2 GPUs, the vision encoder on 0.2 of one;
-the `-process` layouts add `llm.engine_process` (the engine in a process of its own).
+the `-process` layouts add `llm.engine_process` (the engine in a process of its own);
+one-gpu-colocated-vision adds `vision.colocate_llm` to one-gpu-colocated (the tower in the ingress replica
+that owns the engine, on a CUDA stream of its own; no vision deployment, no embedding transfer).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "one-gpu-process": 1, "one-gpu-colocated-process": 1,
-               "split": 2, "tp2": 2, "tp2-process": 2}
+               "one-gpu-colocated-vision": 1, "split": 2, "tp2": 2, "tp2-process": 2}
 TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "one-gpu-process": (0.5, 0.5),
                  "one-gpu-colocated-process": (0.5, 0.5), "split": (1.0, 1.0), "tp2": (1.0, 1.0),
                  "tp2-process": (1.0, 1.0)}
@@ -153,15 +155,16 @@ def stop_app(owns_ray: bool) -> None:
     """Ends our local cluster (its processes exit and free their GPUs), else deletes the app.
 
     A graceful `serve.shutdown()` before `ray.shutdown()` adds seconds and nothing
-    here; Serve notices the dead cluster and starts fresh in the next layout.
+    here; Serve notices the dead cluster and starts fresh in the next layout. In a cluster
+    this process did not start, Serve is shut down (its proxy keeps the port it started on).
     """
     import ray
     from ray import serve
 
     if owns_ray:
         ray.shutdown()
-    else:
-        serve.delete("bench", _blocking=False)
+    else:  # Serve too: the next layout starts its own proxy on its own port
+        serve.shutdown()
 
 
 async def settled_scrape(url: str, key: str | None, names: tuple[str, ...], timeout_s: float = 10.0) -> dict:
@@ -329,8 +332,10 @@ def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
           flush=True)
     owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None, opts.serve_env)
     try:
-        # Before the app: its replicas hold every GPU share the transfer actors would need.
-        transfer = transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
+        # Before the app: its replicas hold every GPU share the transfer actors would need. A tower in the
+        # LLM replica (vision.colocate_llm) moves no embeddings.
+        transfer = None if (args.get("vision") or {}).get("colocate_llm") else \
+            transfer_row(ckpt, name, {**args, "image_size": opts.image_size}, opts.transfer_iters)
         wait_for_free_gpus()
         t0 = time.monotonic()
         url = start_app(args)

@@ -45,8 +45,10 @@ class TimelineSource:
     the layouts benchmarked here run one of each.
     """
 
-    def __init__(self, llm: Any, vision: Any | None):
-        self.llm, self.vision = llm, vision
+    def __init__(self, llm: Any, vision: Any | None, vision_method: str = "timeline"):
+        """`vision`: the handle whose `vision_method` returns the tower's calls (a `TimelineRead`, or None
+        where that replica has no tower)."""
+        self.llm, self.vision, self.vision_method = llm, vision, vision_method
         self.cursors = (0, 0)
 
     @classmethod
@@ -56,12 +58,17 @@ class TimelineSource:
         from deployments.app import engine_deployment
 
         names = serve.status().applications[app_name].deployments
-        vision = serve.get_deployment_handle("VisionEncoder", app_name) if "VisionEncoder" in names else None
-        return cls(serve.get_deployment_handle(engine_deployment(app_name), app_name), vision)
+        llm = serve.get_deployment_handle(engine_deployment(app_name), app_name)
+        if "VisionEncoder" in names:
+            return cls(llm, serve.get_deployment_handle("VisionEncoder", app_name))
+        # No vision deployment: a colocated ingress may run the tower itself (vision.colocate_llm).
+        return cls(llm, llm, "vision_timeline") if "OpenAIIngress" in names and "LLMServer" not in names else cls(llm, None)
 
     async def _read(self, since: tuple[int, int]) -> tuple[Any, Any | None]:
         steps = await self.llm.timeline.remote(since[0])
-        encodes = await self.vision.timeline.remote(since[1]) if self.vision is not None else None
+        encodes = None
+        if self.vision is not None:
+            encodes = await getattr(self.vision, self.vision_method).remote(since[1])
         return steps, encodes
 
     async def mark(self) -> None:

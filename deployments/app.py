@@ -4,7 +4,9 @@ The one graph: each ingress replica holds its own router (deployments/router.py)
 which calls the VisionEncoder and LLMServer deployments through their handles.
 With `llm.colocate_ingress` there is no LLMServer deployment: each ingress
 replica owns an engine (an `LLMServer` body) and takes the LLM's replica count,
-resources and queue bounds, so tokens reach the HTTP stream without a Serve hop.
+resources and queue bounds, so tokens reach the HTTP stream without a Serve hop;
+with `vision.colocate_llm` too there is no VisionEncoder deployment either: each
+ingress replica runs its own vision tower beside its engine, on one GPU share.
 
 Usable as `import_path: deployments.app:build_app` in a Serve config, whose
 `args:` is an `AppConfig` dict. Building validates the config and decides the
@@ -144,7 +146,7 @@ def bind_app(config: AppConfig, engine_cls: type | None = None) -> serve.Applica
     # Plain JSON dict: every replica re-validates it, and it pickles anywhere.
     raw = json.loads(config.model_dump_json(by_alias=False))
     vision_app = None
-    if needs_vision(config):
+    if needs_vision(config) and not config.vision.colocate_llm:  # colocated: each ingress replica builds its own
         vision_opts = with_replica_env(vision_options(config))
         vision = serve.deployment(VisionEncoder, name="VisionEncoder").options(**vision_opts)
         vision_app = vision.bind(raw)

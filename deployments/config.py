@@ -109,6 +109,15 @@ class VisionDeploymentConfig(_Scaled):
         60.0, gt=0, description="A pool slot no LLM replica has released after this long is reclaimed."
     )
     load_format: LoadFormat = Field("auto", description="Vision tower weights: " + LOAD_FORMAT_DESCRIPTION)
+    colocate_llm: bool = Field(
+        False, description="Run the vision tower inside each LLM replica instead of a VisionEncoder deployment: "
+        "on the replica's GPU, in its process, on a CUDA stream of its own while the engine steps on a "
+        "high-priority stream, so decode kernels go first and the tower fills the SMs they leave (one CUDA "
+        "context: no time slicing against another process, no embedding transfer). Needs llm.colocate_ingress "
+        "with the engine in the replica (not llm.engine_process) and tensor_parallel_size 1; the replica's "
+        "GPU share (llm.gpus_per_worker) covers both, num_gpus, num_replicas and the IPC settings here are "
+        "unused, and the embedding cache (embedding_cache_bytes) holds GPU memory."
+    )
 
 
 class LLMDeploymentConfig(_Scaled):
@@ -267,6 +276,16 @@ class AppConfig(_Strict):
                 f"ingress_replicas={self.ingress_replicas} does not match the LLM's replicas ({llm_replicas}): with "
                 "llm.colocate_ingress each LLM replica is an ingress replica; leave ingress_replicas out and set "
                 "llm.num_replicas or llm.autoscaling_config")
+        return self
+
+    @model_validator(mode="after")
+    def _vision_in_the_llm_replica(self) -> AppConfig:
+        llm = self.llm
+        if self.vision.colocate_llm and (not llm.colocate_ingress or llm.engine_process
+                                         or llm.tensor_parallel_size != 1):
+            raise ValueError(
+                "vision.colocate_llm runs the tower in the LLM replica's own process: it needs "
+                "llm.colocate_ingress: true, llm.engine_process: false and llm.tensor_parallel_size: 1")
         return self
 
     @model_validator(mode="before")

@@ -68,6 +68,8 @@ def engine_config_values(config: AppConfig, model_path: str) -> dict[str, Any]:
         "async_scheduling": llm.async_scheduling,
         "load_format": llm.load_format,
         "seed": config.seed,
+        # The replica's in-process vision tower runs on its own stream: the steps go first.
+        "high_priority_stream": config.vision.colocate_llm and not config.disable_vision_encoder,
     }
 
 
@@ -96,7 +98,10 @@ class LLMServer:
         # The engine process opens IPC handles only where it runs the model itself (TP 1, GPU).
         self._engine_opens_ipc = (self.engine_process and self.config.llm.tensor_parallel_size == 1
                                   and self.config.resolved_device() == "cuda")
-        self.engine = self._make_engine(engine_cls, engine_config_values(self.config, str(path)))
+        values = engine_config_values(self.config, str(path))
+        # The engine then steps on a stream of its own: inputs made here are finished before it reads them.
+        self._engine_stream_apart = values["high_priority_stream"] and not self.engine_process
+        self.engine = self._make_engine(engine_cls, values)
         self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("LLMServer")
         # With the engine in its own process this replica holds no CUDA context: it only
         # releases slots of handles it forwards no more; the engine process reads the rest.
@@ -224,7 +229,10 @@ class LLMServer:
                 raise cause from None
             # The vision replica that held them died (or the objects were lost): the router retries once.
             raise EncoderUnavailableError(f"image embeddings unavailable ({type(exc).__name__}); retry") from None
-        return merge_images(list(embeddings), image_hashes)
+        merged = merge_images(list(embeddings), image_hashes)
+        if self._engine_stream_apart and merged.image_embeds.is_cuda:
+            torch.cuda.current_stream().synchronize()  # the merge's copies, queued on this thread's stream
+        return merged
 
     def _record_stats(self) -> None:
         """Set the engine gauges. An engine process' are read from its last step message's

@@ -51,6 +51,7 @@ from deployments.protocol import (
 from deployments.llm import LLMServer
 from deployments.llm_client import HandleLLM, LLMClient, LocalLLM
 from deployments.router import Router
+from deployments.vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ class OpenAIIngress:
         """`vision` (None: no vision deployment), `llm`: the deployments' handles, for the router.
 
         `llm` None (`llm.colocate_ingress`): this replica owns the engine, an `LLMServer` body built
-        here (`engine_cls` as `LLMServer` takes it), and the router streams from it in-process.
+        here (`engine_cls` as `LLMServer` takes it), and the router streams from it in-process; with
+        `vision.colocate_llm` it owns the vision tower too (an in-process `VisionEncoder`).
         """
         self.config = AppConfig.model_validate(app_config)
         self.model_id = self.config.served_model_id
@@ -110,6 +112,12 @@ class OpenAIIngress:
                                          llm_config.max_queued_requests)
         else:
             client = HandleLLM(llm)
+        self.vision: VisionEncoder | None = None
+        if vision is None and llm is None and self.config.vision.colocate_llm:
+            from deployments.app import needs_vision
+
+            if needs_vision(self.config):  # the tower in this replica, beside its engine
+                self.vision = vision = VisionEncoder(app_config, in_process=True, metrics=self.metrics)
         self.router = Router(app_config, vision, client, self.metrics)
 
     async def check_health(self) -> None:
@@ -124,6 +132,11 @@ class OpenAIIngress:
     def timeline(self, since: int = 0) -> Any:
         """The in-process engine's step records, as `LLMServer.timeline` (colocated only)."""
         return self._own_llm().timeline(since)
+
+    def vision_timeline(self, since: int = 0) -> Any:
+        """The in-process vision tower's calls, as `VisionEncoder.timeline`; None without one
+        (`vision.colocate_llm` off, or a text-only model)."""
+        return self.vision.timeline(since) if self.vision is not None else None
 
     def _own_llm(self) -> LLMServer:
         if self.llm_server is None:

@@ -56,6 +56,7 @@ from deployments.prompt import (
     sampling_params,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.vision import VisionEncoder
 from engine.sampling_params import SamplingParams
 from models.video_io import PreparedVideo, VideoLimits
 
@@ -306,6 +307,10 @@ class Router:
             pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
         elif pixels is None:
             pixels = await asyncio.to_thread(self.processor.resize, image)
+        if isinstance(self.vision, VisionEncoder):  # this replica's own tower (vision.colocate_llm)
+            task = asyncio.ensure_future(self.vision.encode(pixels, transfer))
+            task.add_done_callback(_retrieve_exception)  # the LLM side may never await it (request gone)
+            return task
         response = self.vision.encode.remote(pixels, transfer)
         try:
             # Only waits for a replica to take the call; the result stays remote.
@@ -423,6 +428,12 @@ class Router:
                         tuple((text(t), float(v)) for t, v in zip(lp.top_ids, lp.top_logprobs, strict=True)))
             for lp in out.logprobs[-num_new:]
         )
+
+
+def _retrieve_exception(task: asyncio.Future) -> None:
+    """Mark an in-process encode's failure as seen: its waiters, if any, get it themselves."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _merge_waiting_deltas(event: ChoiceDelta, queue: asyncio.Queue, pending: list) -> ChoiceDelta:

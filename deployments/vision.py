@@ -32,15 +32,17 @@ from models.video_processor import VideoProcessor
 
 
 def split_outputs(
-    embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]], merge_unit: int
+    embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]], merge_unit: int,
+    to_host: bool = True,
 ) -> list[ImageEmbedding]:
-    """Split a batched tower output back into per-image CPU results.
+    """Split a batched tower output back into per-image results, CPU tensors (`to_host`) or where they are.
 
     Shapes: embeds [sum N_tok, H]; deepstack [L, sum N_tok, H].
     """
     sizes = [t * h * w // merge_unit for t, h, w in grids]
-    embeds = embeds.cpu()
-    deepstack = deepstack.cpu()
+    if to_host:
+        embeds = embeds.cpu()
+        deepstack = deepstack.cpu()
     if len(sizes) == 1:  # the whole output is the one image's: no per-image copy
         return [ImageEmbedding(embeds=embeds, deepstack=deepstack, grid_thw=grids[0])]
     out, offset = [], 0
@@ -55,9 +57,16 @@ def split_outputs(
 
 
 class VisionEncoder:
-    """Serve deployment body: one replicated vision tower."""
+    """Serve deployment body: one replicated vision tower; or, `in_process`, an LLM replica's own tower.
 
-    def __init__(self, app_config: dict[str, Any]):
+    In process (`vision.colocate_llm`: the ingress replica that owns the engine builds it) the tower runs
+    on the replica's device, on a CUDA stream of its own (the engine steps on a high-priority one), and
+    `encode` returns `ImageEmbedding`s of device tensors, finished (the stream synchronized) and never
+    copied: no pool, no transfer. `metrics`: the owning replica's recorder.
+    """
+
+    def __init__(self, app_config: dict[str, Any], in_process: bool = False,
+                 metrics: MetricsRecorder | None = None):
         from models.config import load_model_config
         from models.loader import fill_weights
         from models.registry import build_vision_model
@@ -65,8 +74,11 @@ class VisionEncoder:
         config = AppConfig.model_validate(app_config)
         path = ensure_checkpoint(config)
         model_config = load_model_config(path)
-        # Ray hands a GPU to this replica only when it asked for one.
-        self.device = "cuda" if config.vision.num_gpus > 0 and config.device != "cpu" else "cpu"
+        # Ray hands a GPU to this replica only when it asked for one; in process, the LLM replica's.
+        gpu = config.resolved_device() == "cuda" if in_process else config.vision.num_gpus > 0 and config.device != "cpu"
+        self.device = "cuda" if gpu else "cpu"
+        self.in_process = in_process
+        self.stream = torch.cuda.Stream() if in_process and gpu else None
         dtype = getattr(torch, resolve_dtype(config.dtype, self.device))
         self.model = build_vision_model(model_config, dtype, self.device)
         fill_weights(self.model, path, config.vision.load_format, model_config.vision.initializer_range, config.seed)
@@ -75,9 +87,9 @@ class VisionEncoder:
         self.merge_unit = model_config.vision.spatial_merge_size**2
         self._batcher: EncodeBatcher[tuple[np.ndarray, str], ImageEmbedding | IpcEmbedding] = EncodeBatcher(
             self._encode_batch, config.vision.max_batch_size, config.vision.batch_wait_timeout_s)
-        self.metrics = MetricsRecorder.for_replica("VisionEncoder")
+        self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("VisionEncoder")
         self.images_processed = 0
-        self.pool = _make_pool(config, self.device)
+        self.pool = None if in_process else _make_pool(config, self.device)
         self._timeline: Timeline[EncodeRecord] = Timeline()
 
     async def encode(self, image: np.ndarray, transfer: str) -> ImageEmbedding | IpcEmbedding:
@@ -98,8 +110,20 @@ class VisionEncoder:
         return results
 
     def _run(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
-        # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
         start = time.monotonic()
+        if self.stream is None:
+            out, rows = self._encode_images(images, transfers)
+        else:
+            with torch.cuda.stream(self.stream):
+                out, rows = self._encode_images(images, transfers)
+            self.stream.synchronize()
+        self._timeline.append(EncodeRecord(start, time.monotonic(), len(images), rows))
+        return out
+
+    def _encode_images(self, images: list[np.ndarray], transfers: list[str]) -> tuple[list[Any], int]:
+        """(one result per image, patch rows encoded). The results are finished on the device, except
+        in process on a stream of its own (the caller synchronizes it)."""
+        # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
         with torch.inference_mode():
             parts = [(self.video_processor if item.ndim == 4 else self.processor).pixel_values([item], self.device)
                      for item in images]
@@ -107,13 +131,14 @@ class VisionEncoder:
             pixels = torch.cat([p.pixel_values for p in parts])
             embeds, deepstack = self.model(pixels, grid_thw)
             grids = [tuple(int(v) for v in g) for g in grid_thw]
-            if self.pool is None or all(t == "object_store" for t in transfers):
+            if self.in_process:
+                out = split_outputs(embeds, deepstack, grids, self.merge_unit, to_host=False)
+            elif self.pool is None or all(t == "object_store" for t in transfers):
                 out = split_outputs(embeds, deepstack, grids, self.merge_unit)
             else:
                 out = self._to_pool(embeds, deepstack, grids, transfers)
-        # Both paths end after the device finished (the copy to host, or the pool's synchronize).
-        self._timeline.append(EncodeRecord(start, time.monotonic(), len(images), pixels.shape[0]))
-        return out
+        # The host and pool paths end after the device finished (the copy to host, the pool's synchronize).
+        return out, pixels.shape[0]
 
     def _to_pool(self, embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]],
                  transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:

@@ -36,6 +36,10 @@ class EngineConfig:
     (`models/layers/custom_allreduce.py`) instead of NCCL; the TP ranks then
     see every GPU of the node (each picks its own), which CUDA IPC needs.
     Ignored on CPU and with one rank.
+    high_priority_stream: on CUDA with one rank, the step thread runs its steps on
+    a high-priority stream of its own, so that kernels this process queues on
+    other streams (an in-process vision tower, `vision.colocate_llm`) only take
+    the SMs the steps leave free. Ignored on CPU and with TP > 1.
     gpus_per_rank: the GPU share each TP worker actor asks Ray for (with
     tensor_parallel_size > 1 on CUDA): 1 gives each rank a whole GPU; a share
     over 0.5 leaves the rest of each rank's GPU to other actors (a vision
@@ -63,6 +67,7 @@ class EngineConfig:
     load_format: str = "auto"
     custom_all_reduce: bool = False
     gpus_per_rank: float = 1.0
+    high_priority_stream: bool = False
 
     def __post_init__(self) -> None:
         if not 0.5 < self.gpus_per_rank <= 1.0:

@@ -12,12 +12,15 @@ this one's tokens: `engine/overlap.py`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from engine.block_manager import BlockManager, StateSlotManager
 from engine.config import EngineConfig
@@ -213,8 +216,20 @@ class Engine(OverlappedSteps):
 
     def _step_loop(self) -> None:
         step = self._launch_step if self._launches else self._step
-        while step():
-            pass
+        with self._step_stream():
+            while step():
+                pass
+
+    def _step_stream(self) -> contextlib.AbstractContextManager:
+        """The CUDA stream of this thread's steps: a high-priority one (`EngineConfig.high_priority_stream`),
+        else the default stream. The model, the KV cache and the captured graphs were made on the default
+        stream: it is drained first."""
+        config = self.config
+        if not (config.high_priority_stream and config.device == "cuda" and config.tensor_parallel_size == 1):
+            return contextlib.nullcontext()
+        torch.cuda.synchronize()
+        _, highest = torch.cuda.Stream.priority_range()
+        return torch.cuda.stream(torch.cuda.Stream(priority=highest))
 
     def _step(self) -> bool:
         """Wait for work, run one step, record it on the timeline. False: the loop ends."""

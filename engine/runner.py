@@ -140,14 +140,26 @@ class ModelRunner(BatchBuilder, StepLauncher):
 
     # ---- per-step state ----------------------------------------------------------
 
+    def _own(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A request's embeddings on this runner's device, their memory held for this thread's stream.
+
+        Made on another stream (the replica's event loop, an in-process vision tower), they are freed
+        by whichever thread drops them last: `record_stream` keeps the caching allocator from handing
+        their memory out again before the steps queued here that read them have run.
+        """
+        embeds = embeds.to(self.device, self.dtype)
+        if embeds.is_cuda:
+            embeds.record_stream(torch.cuda.current_stream(embeds.device))
+        return embeds
+
     def _add(self, new: NewSequence) -> None:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(new.generator_seed)
         mm, rows = new.mm, None
         if mm is not None:
             mm = MultimodalInputs(
-                mm.image_embeds.to(self.device, self.dtype),
-                None if mm.deepstack_embeds is None else mm.deepstack_embeds.to(self.device, self.dtype),
+                self._own(mm.image_embeds),
+                None if mm.deepstack_embeds is None else self._own(mm.deepstack_embeds),
                 mm.image_grid_thw,
                 mm.image_hashes,
             )

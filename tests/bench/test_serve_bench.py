@@ -60,6 +60,10 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
         assert sum(r["outputs"] for r in tl["steps"]) == level["requests"] * 6
         assert sum(r["images"] for r in tl["encodes"]) == level["requests"]
         assert 0 <= tl["summary"]["idle_frac"] < 1 and 0 <= tl["summary"]["vision_overlap_frac"] <= 1
+        # Where the image chat's TTFT goes: the same disjoint parts, the LLM replica's being its wait + TTFT.
+        parts = level["breakdown_mean_ms"]
+        assert all(v >= 0 for v in parts.values()), parts
+        assert sum(parts.values()) == pytest.approx(level["ttft_mean_ms"])
     assert not math.isnan(run["overhead"]["ray_overhead_mean_ms"])
     # The breakdown's parts are disjoint intervals of one request, each measured where it happens
     # (client, ingress, router, LLM replica): all present, none negative, and they add up to the TTFT.
@@ -73,6 +77,21 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
     assert "LLM replica step timeline per level" in printed and "host time per step by phase" in printed
     saved = json.loads(out.read_text())["runs"][0]["levels"]
     assert [len(lv["timeline"]["steps"]) for lv in saved] == [len(lv["timeline"]["steps"]) for lv in run["levels"]]
+
+
+def test_serve_bench_with_the_tower_in_the_llm_replica(local_ray, tmp_path) -> None:
+    """The `vision.colocate_llm` layout: no transfer row (nothing moves), the tower's calls read from the
+    ingress (`vision_timeline`): one image per request."""
+    payload = serve.main([
+        "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-colocated-vision.yaml"),
+        "--concurrency", "2", "--image-size", "64", "--output-len", "4", "--min-requests", "3",
+        "--warmup", "1", "--overhead-probes", "1", "--no-hf", "--json", str(tmp_path / "serve.json"),
+    ])
+    (run,) = payload["runs"]
+    (level,) = run["levels"]
+    assert level["errors"] == 0, level["first_error"]
+    assert run["transfer"] is None
+    assert sum(r["images"] for r in level["timeline"]["encodes"]) == level["requests"] == 4
 
 
 def test_decode_tp_arguments() -> None:
@@ -188,8 +207,10 @@ def test_every_layout_validates_and_fits_its_gpus() -> None:
         opts = LLMServer.deployment_options(config)
         per_replica = sum(b.get("GPU", 0.0) for b in opts.get("placement_group_bundles", [])) or \
             opts["ray_actor_options"]["num_gpus"]
-        needed = config.vision.num_replicas * config.vision.num_gpus + config.llm.num_replicas * per_replica
+        # vision.colocate_llm: the tower runs on the LLM replica's share
+        vision = 0.0 if config.vision.colocate_llm else config.vision.num_replicas * config.vision.num_gpus
+        needed = vision + config.llm.num_replicas * per_replica
         assert 0 < needed <= gpus, (name, needed, gpus)
-        assert name in serve.TRANSFER_GPUS
+        assert name in serve.TRANSFER_GPUS or config.vision.colocate_llm
         assert config.llm.engine_process == name.endswith("-process")
     assert serve.LAYOUT_GPUS["tp2-process"] == 2

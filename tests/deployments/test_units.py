@@ -508,3 +508,21 @@ def test_colocated_ingress_takes_the_llm_options(tmp_path):
     same = {"model": str(tmp_path), "ingress_replicas": 3, "llm": {"colocate_ingress": True, "num_replicas": 3}}
     assert AppConfig.model_validate(same).ingress_replicas == 3  # says what colocation does anyway
     assert AppConfig.model_validate({"model": str(tmp_path), "ingress_replicas": 2}).ingress_replicas == 2
+
+
+def test_vision_in_the_llm_replica_needs_the_engine_in_the_ingress_process(tmp_path):
+    """`vision.colocate_llm` puts the tower in the process that runs the engine: the colocated ingress with
+    the engine in process and one rank; that engine then steps on a high-priority stream, and others do not."""
+    from deployments.llm import engine_config_values
+
+    base = {"model": str(tmp_path), "vision": {"colocate_llm": True}}
+    for llm in ({}, {"colocate_ingress": True, "engine_process": True},
+                {"colocate_ingress": True, "tensor_parallel_size": 2}):
+        with pytest.raises(ValidationError, match="vision.colocate_llm runs the tower in the LLM replica's own"):
+            AppConfig.model_validate({**base, "llm": llm})
+    cfg = AppConfig.model_validate({**base, "llm": {"colocate_ingress": True}})
+    assert engine_config_values(cfg, "m")["high_priority_stream"] is True
+    text_only = AppConfig.model_validate({**base, "llm": {"colocate_ingress": True}, "disable_vision_encoder": True})
+    assert engine_config_values(text_only, "m")["high_priority_stream"] is False
+    plain = AppConfig.model_validate({"model": str(tmp_path), "llm": {"colocate_ingress": True}})
+    assert engine_config_values(plain, "m")["high_priority_stream"] is False

@@ -104,3 +104,29 @@ def test_bf16_greedy_2b_random_weights(tmp_path):
           f"tokens on {sum(a == b for o, t in zip(ours, theirs) for a, b in zip(o, t)) / 256:.4f}")
     assert ours_agree >= min(0.99, hf_agree - 0.01)
     assert ours_gap <= max(2e-2, 1.05 * hf_gap)
+
+
+def test_high_priority_step_stream_equals_the_default_stream(path, monkeypatch):
+    """`high_priority_stream` (the engine beside an in-process vision tower): the steps run on a stream of the
+    highest priority, image embeddings included, and answer what the default stream does, graphs on."""
+    from engine.runner import ModelRunner
+
+    seen: list[int] = []
+    own = ModelRunner._own
+
+    def spy(self, embeds):
+        seen.append(torch.cuda.current_stream().priority)
+        return own(self, embeds)
+
+    monkeypatch.setattr(ModelRunner, "_own", spy)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    kwargs = dict(device="cuda", dtype="float32", max_model_len=512, max_num_seqs=8)
+    with LLM(path, **kwargs) as plain:
+        prompts = _prompts(plain.tokenizer)
+        ref = [o.token_ids for o in plain.generate(prompts, greedy)]
+    assert seen and set(seen) == {0}
+    seen.clear()
+    with LLM(path, high_priority_stream=True, **kwargs) as high:
+        got = [o.token_ids for o in high.generate(prompts, greedy)]
+    assert seen and all(p < 0 for p in seen)  # CUDA: lower numbers are higher priorities
+    assert got == ref
