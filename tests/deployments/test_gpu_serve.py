@@ -12,7 +12,7 @@ the real ids) and the HTTP port moved to a free one.
   (`llm.colocate_ingress`): no LLMServer deployment; the engine's metrics come from the ingress.
   It runs in a process of its own (`llm.engine_process`) and opens the vision replica's CUDA
   IPC handles there: its greedy image chats equal those of the engine in the replica
-  (`engine_process: false`).
+  (`engine_process: false`), and so do those of the tower in that replica (`vision.colocate_llm`).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def _gpu_pids() -> dict[str, set[int]]:
 
 @contextmanager
 def _serve_yaml(tmp_path: Path, name: str, arch: str, llm: dict | None = None,
-                dummy: bool = False) -> Iterator[tuple[str, str, float]]:
-    """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint, `llm` added to its llm
-    section: (base URL, model id, ready s). `dummy`: no safetensors written; both deployments make
+                dummy: bool = False, vision: dict | None = None) -> Iterator[tuple[str, str, float]]:
+    """`serve run configs/<name>.yaml` on a random-weight `arch` checkpoint, `llm` and `vision` added to
+    those sections: (base URL, model id, ready s). `dummy`: no safetensors written; both deployments make
     random weights in place (`load_format: dummy`)."""
     from bench.checkpoints import prepare_checkpoint
 
@@ -62,6 +62,7 @@ def _serve_yaml(tmp_path: Path, name: str, arch: str, llm: dict | None = None,
     app = data["applications"][0]
     app["args"]["model"] = str(ckpt)
     app["args"]["llm"] = {**app["args"].get("llm", {}), **(llm or {})}
+    app["args"]["vision"] = {**app["args"].get("vision", {}), **(vision or {})}
     if dummy:
         app["args"]["llm"]["load_format"] = "dummy"
         app["args"]["vision"] = {**app["args"].get("vision", {}), "load_format": "dummy"}
@@ -172,6 +173,30 @@ def test_qwen3_5_0_8b_yaml_engine_process_equals_in_process(tmp_path):
             print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
     assert answers["engine-process"] == answers["in-process"]
     assert all(completion == 32 for _, _, completion in answers["in-process"])
+
+
+@pytest.mark.timeout(1200)
+def test_qwen3_5_0_8b_yaml_vision_in_the_llm_replica_equals_its_own_deployment(tmp_path):
+    """configs/qwen3.5-0.8b.yaml (engine in the replica) with `vision.colocate_llm`: the tower in the
+    ingress replica on its own stream, the engine's steps on a high-priority one. One chat at a time,
+    the same greedy answers as with the VisionEncoder deployment; then 16 concurrent image chats (tower
+    calls beside decode steps) all complete."""
+    answers = {}
+    for name, vision in (("deployment", {}), ("in-replica", {"colocate_llm": True})):
+        (tmp_path / name).mkdir()
+        with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", {"engine_process": False},
+                         vision=vision) as (base, model, ready_s):
+            runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
+            answers[name] = [("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"])
+                             for _, pieces, usage in runs]
+            print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
+            if name == "in-replica":
+                sizes = [(448 + 32 * (i % 8), 448 + 64 * (i // 8)) for i in range(16)]
+                with ThreadPoolExecutor(len(sizes)) as pool:
+                    loaded = list(pool.map(lambda size: _stream_image_chat(base, model, size, 64), sizes))
+                assert all(usage["completion_tokens"] == 64 for _, _, usage in loaded)
+    assert answers["in-replica"] == answers["deployment"]
+    assert all(completion == 32 for _, _, completion in answers["deployment"])
 
 
 def _tp_worker_pids() -> list[int]:
