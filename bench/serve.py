@@ -2,6 +2,9 @@
 
     # start the app in this process on a random-weight checkpoint, both layouts (2 GPUs):
     python -m bench.serve --model qwen3-vl-8b --layout one-gpu split --json $OUT/serve.json
+    # the engine step's token budget (llm.max_num_batched_tokens), one run per value:
+    python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated-process --load-format dummy --no-hf \
+        --concurrency 1,64 --step-tokens 512 1024 4096
     # against a running server (`serve run configs/...yaml`):
     python -m bench.serve --url http://127.0.0.1:8000 --model-id Qwen/Qwen3-VL-8B-Instruct
     # a shape whose checkpoint would not fit the disk: random weights made in the replicas
@@ -53,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
 import os
 import shutil
@@ -326,10 +330,14 @@ def wait_for_free_gpus(timeout_s: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
+def run_layout(name: str, config_file: Path, ckpt: Path, opts, step_tokens: int | None = None) -> dict:
+    """One layout's sweep; `step_tokens`: its `llm.max_num_batched_tokens` instead of the YAML's
+    (the run is then named `<layout>@<tokens>`)."""
     args = layout_args(config_file, ckpt, "bench", opts.load_format)
-    print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}",
-          flush=True)
+    if step_tokens is not None:
+        args["llm"] = {**(args.get("llm") or {}), "max_num_batched_tokens": step_tokens}
+    print(f"== layout {name}: {config_file.relative_to(REPO) if config_file.is_relative_to(REPO) else config_file}"
+          + (f", llm.max_num_batched_tokens {step_tokens}" if step_tokens is not None else ""), flush=True)
     owns_ray = start_ray(LAYOUT_GPUS.get(name) if torch.cuda.is_available() else None, opts.serve_env)
     try:
         # Before the app: its replicas hold every GPU share the transfer actors would need. A tower in the
@@ -341,7 +349,8 @@ def run_layout(name: str, config_file: Path, ckpt: Path, opts) -> dict:
         url = start_app(args)
         startup_s = time.monotonic() - t0
         result = asyncio.run(sweep(url, "bench", opts, image_seed=0, app_name="bench"))
-        result.update(layout=name, config=str(config_file), startup_s=startup_s, transfer=transfer)
+        result.update(layout=name if step_tokens is None else f"{name}@{step_tokens}", config=str(config_file),
+                      startup_s=startup_s, transfer=transfer, step_tokens=step_tokens)
         return result
     finally:
         stop_app(owns_ray)
@@ -443,12 +452,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-iters", type=int, default=5)
     parser.add_argument("--no-hf", dest="hf", action="store_false", help="skip the transformers TTFT")
     parser.add_argument("--ours-inprocess", action="store_true", help="also time engine.LLM in-process")
+    parser.add_argument("--step-tokens", nargs="+", default=None,
+                        help="run each layout once per llm.max_num_batched_tokens value (the engine step's token "
+                             "budget), e.g. 512 4096; runs are named <layout>@<tokens>")
     parser.add_argument("--time-budget-s", type=float, default=math.inf,
                         help="start no layout or level after this many seconds (the table still prints)")
     parser.add_argument("--json", default=None)
     opts = parser.parse_args(argv)
     opts.deadline = time.monotonic() + opts.time_budget_s
     opts.concurrency = int_list(opts.concurrency)
+    opts.step_tokens = int_list(opts.step_tokens) if opts.step_tokens else None
     if any("=" not in item for item in opts.serve_env):
         parser.error("--serve-env takes KEY=VALUE items")
     opts.serve_env = dict(item.split("=", 1) for item in opts.serve_env)
@@ -476,11 +489,11 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             configs = ([(Path(c).stem, Path(c)) for c in opts.config] if opts.config else
                        [(name, REPO / "configs" / "bench" / f"serve-{name}.yaml") for name in opts.layout])
-            for name, config_file in configs:
+            for (name, config_file), step_tokens in itertools.product(configs, opts.step_tokens or [None]):
                 if time.monotonic() > opts.deadline:
                     print(f"== layout {name}: skipped, --time-budget-s spent", flush=True)
                     continue
-                runs.append(run_layout(name, config_file, ckpt, opts))
+                runs.append(run_layout(name, config_file, ckpt, opts, step_tokens))
                 write_json(opts.json, payload)
         write_json(opts.json, payload)
         print_tables(device, opts, runs, base)

@@ -81,17 +81,25 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
 
 def test_serve_bench_with_the_tower_in_the_llm_replica(local_ray, tmp_path) -> None:
     """The `vision.colocate_llm` layout: no transfer row (nothing moves), the tower's calls read from the
-    ingress (`vision_timeline`): one image per request."""
+    ingress (`vision_timeline`): one image per request. `--step-tokens`: one run per engine step budget,
+    which every step keeps (prompt chunks + decode rows)."""
     payload = serve.main([
         "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-colocated-vision.yaml"),
         "--concurrency", "2", "--image-size", "64", "--output-len", "4", "--min-requests", "3",
         "--warmup", "1", "--overhead-probes", "1", "--no-hf", "--json", str(tmp_path / "serve.json"),
+        "--step-tokens", "16", "4096",
     ])
-    (run,) = payload["runs"]
-    (level,) = run["levels"]
-    assert level["errors"] == 0, level["first_error"]
-    assert run["transfer"] is None
-    assert sum(r["images"] for r in level["timeline"]["encodes"]) == level["requests"] == 4
+    assert [run["layout"] for run in payload["runs"]] == ["serve-cpu-colocated-vision@16",
+                                                          "serve-cpu-colocated-vision@4096"]
+    for run in payload["runs"]:
+        (level,) = run["levels"]
+        assert level["errors"] == 0, level["first_error"]
+        assert run["transfer"] is None
+        assert sum(r["images"] for r in level["timeline"]["encodes"]) == level["requests"] == 4
+        steps = level["timeline"]["steps"]
+        assert all(r["prefill_tokens"] + r["decode_rows"] <= run["step_tokens"] for r in steps)
+    # a prompt of the tiny chat template + a 64px image is several 16-token chunks, one step at 4096
+    assert max(r["prefill_tokens"] for r in payload["runs"][1]["levels"][0]["timeline"]["steps"]) > 16
 
 
 def test_decode_tp_arguments() -> None:
