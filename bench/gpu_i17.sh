@@ -16,6 +16,14 @@
 #             the same with llm.engine_process == in process (needs Ray Serve: the device Ray bundle)
 #   process-08b, process-8b  python -m bench.serve, image chat c=64 (8b: c=1,64): the colocated ingress with the
 #             engine in the replica vs in its own process (llm.engine_process), one command, same checkpoint
+#   engine-gpu  the GPU tests of tests/engine and tests/models (CUDA graphs, async scheduling, the
+#             high-priority step stream, bf16 parity)
+#   vit-attn  python -m bench.vit_attention: the tower's attention, ours vs torch SDPA (flash, cuDNN, efficient)
+#   budget-8b  8B image chat c=1,64, engine process, one run per llm.max_num_batched_tokens (512, 1024, 4096)
+#   vision-8b  8B image chat c=1,64: colocated engine with the VisionEncoder deployment vs the tower in the
+#             replica (vision.colocate_llm: its own stream, the engine's steps on a high-priority one)
+#   vision-serve-test  tests/deployments/test_gpu_serve.py -k vision_in_the_llm (needs the Ray bundle)
+#   ttft-2b   2B, one 1024px image, c=1: where the TTFT goes (the image level's breakdown table)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +35,8 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
-                   [process-08b]=300 [process-8b]=450)
+                   [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=450
+                   [vision-serve-test]=300 [ttft-2b]=150)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
@@ -45,6 +54,18 @@ step_cmd() {
     process-8b) python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated one-gpu-colocated-process \
         --load-format dummy --no-hf --transfer-iters 3 --overhead-probes 30 --concurrency 1,64 --ramp-s 4 \
         --min-requests 128 --json "$OUT/$1.json" ;;
+    engine-gpu) python -m pytest -m gpu -q -p no:warnings tests/engine tests/models ;;
+    vit-attn) python -m bench.vit_attention --json "$OUT/vit_attention.json" ;;
+    budget-8b) python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated-process --load-format dummy \
+        --no-hf --transfer-iters 1 --overhead-probes 3 --concurrency 1,64 --ramp-s 4 --min-requests 16 \
+        --step-tokens 512 1024 4096 --time-budget-s $(( $2 - 160 )) --json "$OUT/$1.json" ;;
+    vision-8b) python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated-vision one-gpu-colocated \
+        --load-format dummy --no-hf --transfer-iters 1 --overhead-probes 10 --concurrency 1,64 --ramp-s 4 \
+        --min-requests 16 --json "$OUT/$1.json" ;;
+    vision-serve-test) python -m pytest -m gpu -q -s -p no:warnings tests/deployments/test_gpu_serve.py \
+        -k vision_in_the_llm ;;
+    ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated --load-format dummy --no-hf \
+        --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }

@@ -44,3 +44,13 @@ def test_moe_bench_times_fused_decode_on_and_off(capsys) -> None:
     out = capsys.readouterr().out
     assert "moe-fused on:" in out and "moe-fused off:" in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
+
+
+def test_vit_attention_bench_smoke(capsys) -> None:
+    """Ours and SDPA's math backend on the same tiny inputs: both timed, ours close to the fp32 reference."""
+    from bench import vit_attention
+
+    rows = vit_attention.main(["--smoke"])
+    assert {r["impl"] for r in rows} == {"ours", "sdpa math"}
+    assert all(r["ms"] > 0 and r["max_err"] < 1e-4 for r in rows), rows
+    assert "ViT attention" in capsys.readouterr().out
