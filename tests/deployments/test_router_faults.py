@@ -154,3 +154,37 @@ async def test_colocated_ingress_health_is_its_engines(tiny_checkpoint):
     ingress.llm_server.engine.is_healthy = lambda: False
     with pytest.raises(RuntimeError, match="unhealthy"):
         await ingress.check_health()
+
+
+async def test_vision_in_the_replica_encodes_and_a_failed_tower_call_is_not_cached(tiny_checkpoint):
+    """`vision.colocate_llm`: the ingress builds its own tower (no handle) and the engine gets its embeddings
+    as they came from it. A tower call that raises fails its request with a 503 after the one retry, nothing
+    stays cached, and the next request encodes afresh."""
+    from deployments.errors import EncoderUnavailableError
+    from deployments.openai_api import OpenAIIngress
+    from deployments.vision import VisionEncoder
+
+    config = {"model": str(tiny_checkpoint("qwen3_vl")), "model_id": "m", "device": "cpu", "dtype": "float32",
+              "llm": {"max_model_len": 512, "colocate_ingress": True}, "vision": {"colocate_llm": True}}
+    ingress = OpenAIIngress(config, None, None, engine_cls=ScriptedEngine)
+    assert isinstance(ingress.router.vision, VisionEncoder) and ingress.router.vision is ingress.vision
+    assert ingress.vision.in_process and ingress.vision.pool is None and ingress.vision.stream is None
+    engine = ingress.llm_server.engine
+    tower, calls = ingress.vision.model.forward, []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    ingress.vision.model.forward = broken
+    with pytest.raises(EncoderUnavailableError):
+        _ = [e async for e in ingress.router.chat(_two_image_chat())]
+    # the retry encoded again (a failed encode is never reused): 2 to 4 tower calls, as the images batch
+    assert 2 <= len(calls) <= 4
+    assert len(ingress.router.cache) == 0 and not engine.requests
+    ingress.vision.model.forward = tower
+    events = [e async for e in ingress.router.chat(_two_image_chat())]
+    assert isinstance(events[0], Start) and isinstance(events[-1], Usage)
+    (request,) = engine.requests.values()
+    pads = sum(t == ingress.router.model_config.placeholder_token_ids[0] for t in request["prompt_token_ids"])
+    assert request["image_embeds"].shape[0] == pads > 0  # one embedding row per image placeholder
