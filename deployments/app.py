@@ -22,7 +22,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, needs_vision
 from deployments.llm import LLMServer
 from deployments.openai_api import IngressDeployment
 from deployments.vision import VisionEncoder
@@ -57,20 +57,6 @@ def with_replica_env(options: dict[str, Any]) -> dict[str, Any]:
     runtime_env = dict(actor.get("runtime_env") or {})
     runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **replica_env()}
     return {**options, "ray_actor_options": {**actor, "runtime_env": runtime_env}}
-
-
-def needs_vision(config: AppConfig) -> bool:
-    """Whether the app gets a VisionEncoder deployment."""
-    if config.disable_vision_encoder:
-        return False
-    if config.create_tiny_if_missing is not None and not (config.model_path / "config.json").is_file():
-        from models.architectures import TINY
-
-        return TINY[config.create_tiny_if_missing].is_vl
-    from models.config import load_model_config
-    from models.registry import get_task
-
-    return get_task(load_model_config(config.model_path)).task == "vl"
 
 
 def vision_options(config: AppConfig) -> dict[str, Any]:

@@ -368,6 +368,18 @@ class AppConfig(_Strict):
         return cls.model_validate(args_from_serve_yaml(data))
 
 
+def needs_vision(config: AppConfig) -> bool:
+    """Whether the app needs a vision tower: its VisionEncoder deployment, or the one in the colocated replica."""
+    if config.disable_vision_encoder:
+        return False
+    if config.create_tiny_if_missing is not None and not (config.model_path / "config.json").is_file():
+        return TINY[config.create_tiny_if_missing].is_vl
+    from models.config import load_model_config
+    from models.registry import get_task
+
+    return get_task(load_model_config(config.model_path)).task == "vl"
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """The dtype name models run in: `auto` is bfloat16 on cuda, float32 on cpu."""
     if dtype != "auto":

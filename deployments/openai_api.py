@@ -28,7 +28,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import AppConfig
+from deployments.config import AppConfig, needs_vision
 from deployments.errors import (
     APIError,
     AuthenticationError,
@@ -114,8 +114,6 @@ class OpenAIIngress:
             client = HandleLLM(llm)
         self.vision: VisionEncoder | None = None
         if vision is None and llm is None and self.config.vision.colocate_llm:
-            from deployments.app import needs_vision
-
             if needs_vision(self.config):  # the tower in this replica, beside its engine
                 self.vision = vision = VisionEncoder(app_config, in_process=True, metrics=self.metrics)
         self.router = Router(app_config, vision, client, self.metrics)

@@ -96,6 +96,11 @@ def running_replicas(app: str, deployment: str) -> int:
 # ---------------------------------------------------------------- backpressure and time
 
 
+# 6 s a request at SlowScriptedEngine's pace: the running one outlasts the burst's arrival even on a
+# loaded 2-core machine (with 2 s, a CI run saw the first finish before the burst's last got in).
+BURST_TOKENS = 60
+
+
 @pytest.mark.parametrize("colocate", [False, True], ids=["llm-deployment", "colocated"])
 def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
     """1 ongoing + 1 queued fit the LLM (its deployment's Serve queue, or the colocated ingress' own
@@ -113,9 +118,9 @@ def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
         try:
             if stream:
                 chunks = [c async for c in await client.chat.completions.create(
-                    model=app, stream=True, **hello(20))]
+                    model=app, stream=True, **hello(BURST_TOKENS))]
                 return "ok", [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-            resp = await client.chat.completions.create(model=app, **hello(20))
+            resp = await client.chat.completions.create(model=app, **hello(BURST_TOKENS))
             return "ok", resp.choices[0].finish_reason
         except openai.APIStatusError as exc:
             return exc.status_code, exc.response
