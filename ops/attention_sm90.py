@@ -36,7 +36,9 @@ def attention_sm90_available(device: torch.device | int | None = None) -> bool:
         return False
     if not hasattr(torch.ops.splitvl_launch, "attention_sm90_available"):  # a CPU-only build
         return False
-    index = torch.cuda.current_device() if device is None else torch.device("cuda", device).index
+    if isinstance(device, torch.device):
+        device = device.index
+    index = torch.cuda.current_device() if device is None else device
     return bool(torch.ops.splitvl_launch.attention_sm90_available(index))
 
 

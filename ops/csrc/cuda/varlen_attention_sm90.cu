@@ -71,7 +71,8 @@ __device__ __forceinline__ void load_tile(T* tile, const T* src, int64_t stride,
 
 // online_softmax (attention_common.cuh) without rewriting s: s is a wgmma accumulator, and
 // non-wgmma writes to one while the next tile's Q K^T is in flight make ptxas serialize every
-// wgmma of the kernel. The probabilities (hidden ones 0) go straight to the A fragments of P V.
+// wgmma of the kernel. The probabilities (hidden ones 0: here that form spills less than
+// online_softmax's exp2(-inf), which suits the mma.sync kernel) go straight to the A fragments.
 template <typename T, bool MASKED, int NT, int ND>
 __device__ __forceinline__ void softmax_to_p(const float (&s)[NT][4], uint32_t (&pa)[NT / 2][4],
                                              float (&o)[ND][4], float (&m_i)[2], float (&l_i)[2],
@@ -160,9 +161,9 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_wgmma_kernel(VarlenParams<
     cp_async_wait_all();  // tile n + 1 landed
     wgmma::fence_proxy_async_shared();
     __syncthreads();  // ... for every thread; every warpgroup is done with tile n - 1
+    if (n + 1 < n_tiles) issue_scores(s_next, n + 1);
     if (n + 2 < n_tiles) load_kv(n + 2);  // into tile n - 1's stage
     cp_async_commit();
-    if (n + 1 < n_tiles) issue_scores(s_next, n + 1);
     const int n0 = n * kBN;
     const int lim[2] = {Lk - n0 - 2 * t4, Lk - n0 - 2 * t4};
     uint32_t pa[kBN / 16][4];
