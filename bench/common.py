@@ -51,6 +51,21 @@ def on_off_settings(values: Sequence[str], flag: str) -> list[bool]:
 PDL_HELP = "programmatic dependent launch settings to time: on,off (default: the process's, SPLITVL_PDL)"
 
 
+def attn_sm90_settings(values: Sequence[str]) -> list[bool | None]:
+    """`--attn-sm90 on,off` -> [True, False] (the wgmma attention kernel's switch, in order);
+    nothing given: [None], the process's setting (SPLITVL_ATTN_SM90), unlabelled.
+
+    Raises:
+        ValueError: a value other than on / off.
+    """
+    settings: list[bool | None] = list(on_off_settings(values, "--attn-sm90"))
+    return settings or [None]
+
+
+ATTN_SM90_HELP = ("the Hopper (wgmma) attention kernel's settings to time, side by side: on,off "
+                  "(default: the process's, SPLITVL_ATTN_SM90)")
+
+
 def moe_fused_settings(values: Sequence[str], device: torch.device) -> list[bool]:
     """`--moe-fused on,off` -> [True, False] (the MoE blocks' fused decode path, in order);
     nothing given: the default on `device` (CPU on, CUDA as SPLITVL_MOE_FUSED_DECODE says).

@@ -2,6 +2,7 @@
 
     python bench/ops.py --json $OUT/ops.json     # GPU: all ops, realistic sizes
     python bench/ops.py --ops varlen_attention   # one op family
+    python bench/ops.py --ops varlen_attention --attn-sm90 on,off   # both attention kernels, row by row
     python bench/ops.py --smoke                  # any device (CPU too): each op once, tiny sizes
 
 Each case runs once against `ops.reference` (max error, relative to the
@@ -36,11 +37,12 @@ four ops it replaced ("four ops (old)"); its % copy is nearly that of the state 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -51,7 +53,9 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ops  # noqa: E402
-from bench.common import cuda_time_fn, measure_peaks, print_table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    ATTN_SM90_HELP, attn_sm90_settings, cuda_time_fn, measure_peaks, print_table, write_json,
+)
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
 from bench.ops_linear import linear_small_cases  # noqa: E402
 from bench.ops_moe import moe_cases, moe_decode_cases  # noqa: E402
@@ -250,6 +254,7 @@ def varlen_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
                  ("2B chunk 512+3584 paged", LLM["2B"], [512], [4096], True, True)]
         grid += [(f"ViT d={d} {n}x{s}", (16, 16, d), [s] * n, [s] * n, False, False)
                  for d in (64, 72) for n, s in ((4, 1024), (1, 4096))]
+        grid += [("ViT d=72 8x4096", (16, 16, 72), [4096] * 8, [4096] * 8, False, False)]
     for name, (hq, hkv, d), lq, lk, causal, paged in grid:
         qkv = torch.randn(sum(lq), (hq + 2 * hkv) * d, device=dev, dtype=dtype)  # fused qkv views
         q = qkv[:, : hq * d].view(-1, hq, d)
@@ -529,19 +534,26 @@ def time_case(case: Case, dev: str, smoke: bool) -> float:
     return cuda_time_fn(graph.replay, warmup=2, iters=5) / iters
 
 
-def run(families: list[str], dev: str, dtype: torch.dtype, smoke: bool, copy_gbps: float, mm_tflops: float) -> list[Row]:
+def run(families: list[str], dev: str, dtype: torch.dtype, smoke: bool, copy_gbps: float, mm_tflops: float,
+        attn_sm90: Sequence[bool | None] = (None,)) -> list[Row]:
+    """Check and time every case of `families`; varlen_attention's once per `attn_sm90` setting
+    (None: the process's, unlabelled), the settings of one case on adjacent rows."""
     rows = []
     for family in families:
+        settings = attn_sm90 if family == "varlen_attention" else (None,)
         for case in FAMILIES[family](dev, dtype, smoke):
-            err = case.check()
-            ms = time_case(case, dev, smoke)
-            gbps = case.bytes / (ms * 1e-3) / 1e9
-            tflops = case.flops / (ms * 1e-3) / 1e12
-            row = Row(case.op, case.shape, ms * 1e3, gbps, 100 * gbps / copy_gbps, tflops,
-                      100 * tflops / mm_tflops if case.flops else float("nan"), err)
-            print(f"{row.op:<24} {row.shape:<36} {row.us:10.1f} us {gbps:8.1f} GB/s "
-                  f"{tflops:7.1f} TFLOP/s  err {err:.2e}", flush=True)
-            rows.append(row)
+            for setting in settings:
+                with ops.attention_sm90(setting) if setting is not None else contextlib.nullcontext():
+                    err = case.check()
+                    ms = time_case(case, dev, smoke)
+                shape = case.shape if setting is None else f"{case.shape} sm90={'on' if setting else 'off'}"
+                gbps = case.bytes / (ms * 1e-3) / 1e9
+                tflops = case.flops / (ms * 1e-3) / 1e12
+                row = Row(case.op, shape, ms * 1e3, gbps, 100 * gbps / copy_gbps, tflops,
+                          100 * tflops / mm_tflops if case.flops else float("nan"), err)
+                print(f"{row.op:<24} {row.shape:<36} {row.us:10.1f} us {gbps:8.1f} GB/s "
+                      f"{tflops:7.1f} TFLOP/s  err {err:.2e}", flush=True)
+                rows.append(row)
             if dev == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -553,7 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", nargs="*", choices=sorted(FAMILIES), default=list(FAMILIES))
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument("--json", default=None, help="write the rows and machine peaks here")
+    parser.add_argument("--attn-sm90", nargs="*", default=[], help=ATTN_SM90_HELP)
     args = parser.parse_args(argv)
+    try:
+        attn_sm90 = attn_sm90_settings(args.attn_sm90)
+    except ValueError as exc:
+        parser.error(str(exc))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.smoke and dev != "cuda":
         parser.error("the full benchmark needs a CUDA device (use --smoke on CPU)")
@@ -566,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {peaks.device_name if peaks else dev}  dtype {dtype}  kernels "
           f"{'compiled' if ops.extension_available() else 'REFERENCE (' + str(ops.fallback_reason()) + ')'}")
     print(f"copy {copy_gbps:,.0f} GB/s (read+write)  bf16 mm {mm_tflops:,.0f} TFLOP/s", flush=True)
-    rows = run(args.ops, dev, dtype, args.smoke, copy_gbps, mm_tflops)
+    rows = run(args.ops, dev, dtype, args.smoke, copy_gbps, mm_tflops, attn_sm90)
     bad = [r for r in rows if not r.rel_err <= TOLERANCE[dtype]]
     headers = ["op", "shape", "us", "GB/s", "% copy", "TFLOP/s", "% mm", "rel err"]
     print_table(f"splitvl ops, {peaks.device_name if peaks else dev}, {dtype}, copy {copy_gbps:,.0f} GB/s, "

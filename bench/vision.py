@@ -2,6 +2,7 @@
 
     python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --json $OUT/vision.json
     python -m bench.vision --smoke        # CPU, tiny checkpoint: keeps this script importable
+    python -m bench.vision --attn-sm90 on,off   # our tower with each attention kernel, row by row
 
 Random bf16 weights of the real architecture (configs/models/*.json); the same
 weights feed both towers. Images are preprocessed once by our processor (the
@@ -11,14 +12,19 @@ Qwen3-VL semantics), so both towers see identical pixel values and grids.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from bench.common import load_hf_model, measure_peaks, print_table, time_fn, write_json
+import ops
+from bench.common import (
+    ATTN_SM90_HELP, attn_sm90_settings, load_hf_model, measure_peaks, print_table, time_fn, write_json,
+)
 
 SIZES = (448, 1024)
 BATCHES = (1, 8)
@@ -56,7 +62,9 @@ def hf_tower_forward(tower, pixels: torch.Tensor, grid: torch.Tensor):
 
 
 def bench_model(name: str, device: torch.device, peaks, rows: list, records: list,
-                ckpt_cache: str | None = None) -> None:
+                ckpt_cache: str | None = None, attn_sm90: Sequence[bool | None] = (None,)) -> None:
+    """Time our tower (once per `attn_sm90` setting of the wgmma attention kernel; None: the
+    process's) and transformers' on each image size and batch; append table rows and records."""
     from bench.checkpoints import prepare_checkpoint
     from models.config import load_model_config
     from models.loader import CheckpointReader
@@ -80,16 +88,21 @@ def bench_model(name: str, device: torch.device, peaks, rows: list, records: lis
             pixels = proc.pixel_values.to(device, dtype)
             grid = proc.grid_thw.to(device)
             with torch.inference_mode():
-                ours_ms = time_fn(lambda: ours(pixels, grid), device)
                 hf_ms = time_fn(lambda: hf_tower_forward(hf_tower, pixels, grid), device)
             floor_ms = vision_flops(vcfg, proc.grid_thw) / (peaks.matmul_tflops * 1e12) * 1e3
-            rec = dict(model=name, size=size, batch=batch, ours_ms_per_image=ours_ms / batch,
-                       hf_ms_per_image=hf_ms / batch, floor_ms_per_image=floor_ms / batch,
-                       ours_images_per_s=batch / ours_ms * 1e3, vs_floor=ours_ms / floor_ms,
-                       speedup_vs_hf=hf_ms / ours_ms)
-            records.append(rec)
-            rows.append([name, f"{size}x{size}", batch, rec["ours_ms_per_image"], rec["hf_ms_per_image"],
-                         rec["floor_ms_per_image"], rec["ours_images_per_s"], rec["vs_floor"], rec["speedup_vs_hf"]])
+            for setting in attn_sm90:
+                with torch.inference_mode(), (
+                        ops.attention_sm90(setting) if setting is not None else contextlib.nullcontext()):
+                    ours_ms = time_fn(lambda: ours(pixels, grid), device)
+                label = name if setting is None else f"{name} sm90={'on' if setting else 'off'}"
+                rec = dict(model=label, size=size, batch=batch, ours_ms_per_image=ours_ms / batch,
+                           hf_ms_per_image=hf_ms / batch, floor_ms_per_image=floor_ms / batch,
+                           ours_images_per_s=batch / ours_ms * 1e3, vs_floor=ours_ms / floor_ms,
+                           speedup_vs_hf=hf_ms / ours_ms)
+                records.append(rec)
+                rows.append([label, f"{size}x{size}", batch, rec["ours_ms_per_image"], rec["hf_ms_per_image"],
+                             rec["floor_ms_per_image"], rec["ours_images_per_s"], rec["vs_floor"],
+                             rec["speedup_vs_hf"]])
     del ours, hf_tower
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -121,7 +134,12 @@ def main() -> None:
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here (bench/decode.py too)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--attn-sm90", nargs="*", default=[], help=ATTN_SM90_HELP)
     args = parser.parse_args()
+    try:
+        attn_sm90 = attn_sm90_settings(args.attn_sm90)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.smoke:
         smoke()
         return
@@ -131,7 +149,7 @@ def main() -> None:
     rows: list = []
     records: list = []
     for name in args.models:
-        bench_model(name, device, peaks, rows, records, args.ckpt_cache)
+        bench_model(name, device, peaks, rows, records, args.ckpt_cache, attn_sm90)
     write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Vision tower, bf16, {peaks.device_name}",
                 ["model", "image", "batch", "ours ms/img", "HF ms/img", "floor ms/img", "ours img/s",

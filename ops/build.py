@@ -5,7 +5,8 @@ when CUDA is usable (or `SPLITVL_BUILD_CUDA=1`), every `ops/csrc/cuda/*.cu` into
 one library that registers `torch.ops.splitvl`. The build directory is keyed by
 torch version, backend and a hash of the sources and flags, so unchanged
 sources load the cached library and concurrent processes share one build
-(guarded by a file lock).
+(guarded by a file lock). Compute capability 9.0 in `TORCH_CUDA_ARCH_LIST` (default
+9.0 without a GPU, the visible GPUs' otherwise) is built as 9.0a: `hopper_arch_list`.
 
     python -m ops.build          # build (CUDA too when a GPU is usable) and list the ops
     python -m ops.build --cuda   # also compile the CUDA sources without a GPU
@@ -126,8 +127,26 @@ def plan_build(cuda: bool | None = None) -> BuildPlan:
     )
 
 
+def hopper_arch_list(arch_list: str) -> str:
+    """`TORCH_CUDA_ARCH_LIST` with compute capability 9.0 built as `9.0a` (`9.0+PTX` as `9.0a+PTX`).
+
+    The wgmma attention kernel (ops/csrc/cuda/varlen_attention_sm90.cu) needs the
+    architecture-specific sm_90a target; every other kernel compiles the same for it. The cost:
+    sm_90a code runs on compute capability 9.0 only, so `9.0+PTX` no longer carries PTX that a
+    newer GPU could JIT (list that GPU's own arch instead). Other entries are kept as they are.
+    """
+    entries = [e for e in arch_list.replace(" ", ";").split(";") if e]
+    return ";".join("9.0a" + e[3:] if e in ("9.0", "9.0+PTX") else e for e in entries)
+
+
+def device_arch_list() -> str:
+    """The visible GPUs' compute capabilities, the newest with +PTX (torch's default list)."""
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+    return ";".join(f"{major}.{minor}" for major, minor in caps) + "+PTX" if caps else DEFAULT_CUDA_ARCH
+
+
 def _prepare_cuda_env() -> None:
-    """GPU-less CUDA builds: point at the local toolkit and default to sm_90."""
+    """CUDA builds: point at the local toolkit, default to sm_90 without a GPU, and build 9.0 as 9.0a."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if not home and Path(DEFAULT_CUDA_HOME).is_dir():
         # torch would otherwise derive it from `which nvcc`, a wrapper in /usr/local/bin here.
@@ -138,8 +157,10 @@ def _prepare_cuda_env() -> None:
         cpp_ext.CUDA_HOME = home
     if cpp_ext.CUDA_HOME is None or not (Path(cpp_ext.CUDA_HOME) / "bin" / "nvcc").exists():
         raise ExtensionBuildError(f"CUDA build requested but no CUDA toolkit at {cpp_ext.CUDA_HOME} (set CUDA_HOME)")
-    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if not arch_list or arch_list == "native":
+        arch_list = device_arch_list() if torch.cuda.is_available() else DEFAULT_CUDA_ARCH
+    os.environ["TORCH_CUDA_ARCH_LIST"] = hopper_arch_list(arch_list)
 
 
 def _compile(plan: BuildPlan, verbose: bool) -> None:

@@ -5,32 +5,23 @@
 
 #include <torch/library.h>
 
-#include <atomic>
-#include <cstdlib>
-#include <cstring>
+#include "launch_switch.h"
 
 namespace splitvl {
 namespace {
 
 // On unless SPLITVL_PDL=0 (a bisecting switch: the results are the same either way, which
 // tests/ops/test_pdl.py and tests/engine/test_gpu_graphs.py check on the GPU).
-bool env_default() {
-  const char* value = std::getenv("SPLITVL_PDL");
-  return value == nullptr || std::strcmp(value, "0") != 0;
-}
-
-// A process-wide launch setting like cudnn.benchmark: every stream and thread launches the
-// same way, and reading it is one relaxed load per launch.
-std::atomic<bool>& pdl_flag() {
-  static std::atomic<bool> flag{env_default()};
+LaunchSwitch& pdl_switch() {
+  static LaunchSwitch flag{"SPLITVL_PDL"};
   return flag;
 }
 
 }  // namespace
 
-bool pdl_enabled() { return pdl_flag().load(std::memory_order_relaxed); }
+bool pdl_enabled() { return pdl_switch().enabled(); }
 
-void set_pdl_enabled(bool enabled) { pdl_flag().store(enabled, std::memory_order_relaxed); }
+void set_pdl_enabled(bool enabled) { pdl_switch().set(enabled); }
 
 }  // namespace splitvl
 

@@ -54,3 +54,14 @@ def test_vit_attention_bench_smoke(capsys) -> None:
     assert {r["impl"] for r in rows} == {"ours", "sdpa math"}
     assert all(r["ms"] > 0 and r["max_err"] < 1e-4 for r in rows), rows
     assert "ViT attention" in capsys.readouterr().out
+
+
+def test_ops_bench_times_attention_per_sm90_setting(capsys) -> None:
+    """`--attn-sm90 on,off`: each varlen_attention case once per setting, on adjacent rows."""
+    from bench import ops as bench_ops
+
+    assert bench_ops.main(["--smoke", "--ops", "varlen_attention", "--attn-sm90", "on,off"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| varlen_attention |")]
+    assert [r.split("|")[2].strip().rsplit(" ", 1)[1] for r in rows] == ["sm90=on", "sm90=off"] * 3, rows
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--smoke", "--ops", "varlen_attention", "--attn-sm90", "maybe"])

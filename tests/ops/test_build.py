@@ -42,6 +42,14 @@ def test_build_dir_keyed_by_torch_version_backend_and_sources(tmp_path, monkeypa
     assert {s for s in cuda_plan.sources if s.suffix == ".cu"} == set((build.CSRC / "cuda").glob("*.cu"))
 
 
+def test_hopper_arch_list_builds_9_0_as_9_0a():
+    """The wgmma attention kernel needs sm_90a; other architectures are kept."""
+    assert build.hopper_arch_list("9.0") == "9.0a"
+    assert build.hopper_arch_list("8.0;9.0+PTX") == "8.0;9.0a+PTX"
+    assert build.hopper_arch_list("8.6 9.0 10.0") == "8.6;9.0a;10.0"
+    assert build.hopper_arch_list("9.0a;12.0") == "9.0a;12.0"
+
+
 def test_import_falls_back_to_references_with_one_warning(tmp_path):
     code = (
         "import warnings, torch\n"

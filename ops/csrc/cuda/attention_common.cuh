@@ -107,4 +107,102 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+constexpr float kLog2e = 1.4426950408889634f;
+
+// The online-softmax step of row g + 8 hr (hr = 0, 1) of a warp over one 16 x (8 * NT) score
+// tile s in the mma.sync C layout (also that of a wgmma accumulator, per warp). MASKED: score
+// column nt * 8 + e of this thread is hidden unless nt * 8 + e < lim[hr]. Updates the running
+// row maximum m_i[hr] (over unscaled scores, hence scale > 0), sets alpha[hr], the factor that
+// rescales the earlier sum and output, and returns the scaled maximum to subtract before exp2.
+template <bool MASKED, int NT>
+__device__ __forceinline__ float softmax_row_max(const float (&s)[NT][4], int hr, float (&m_i)[2],
+                                                 const int (&lim)[2], float scale_log2,
+                                                 float (&alpha)[2]) {
+  float mx = m_i[hr];  // the same in the 4 threads of a row
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+      mx = fmaxf(mx, MASKED && nt * 8 + e >= lim[hr] ? -INFINITY : s[nt][2 * hr + e]);
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  const float mb = mx == -INFINITY ? 0.f : mx * scale_log2;  // scaled max, finite
+  alpha[hr] = mx == m_i[hr] ? 1.f : exp2f(m_i[hr] * scale_log2 - mb);
+  m_i[hr] = mx;
+  return mb;
+}
+
+// o *= alpha per row, skipped when no row max of the warp grew.
+template <int ND>
+__device__ __forceinline__ void rescale_rows(float (&o)[ND][4], const float (&alpha)[2]) {
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      o[nd][0] *= alpha[0];
+      o[nd][1] *= alpha[0];
+      o[nd][2] *= alpha[1];
+      o[nd][3] *= alpha[1];
+    }
+  }
+}
+
+// Fold score tile s into the running softmax (softmax_row_max's terms) and the output o; on
+// return s holds the unnormalised probabilities (hidden ones 0).
+template <bool MASKED, int NT, int ND>
+__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[ND][4],
+                                               float (&m_i)[2], float (&l_i)[2],
+                                               const int (&lim)[2], float scale_log2) {
+  float alpha[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const float mb = softmax_row_max<MASKED>(s, hr, m_i, lim, scale_log2, alpha);
+    float rs = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float& v = s[nt][2 * hr + e];
+        v = exp2f(fmaf(MASKED && nt * 8 + e >= lim[hr] ? -INFINITY : v, scale_log2, -mb));
+        rs += v;
+      }
+    l_i[hr] = l_i[hr] * alpha[hr] + rs;
+  }
+  rescale_rows(o, alpha);
+}
+
+// The A fragment (m16n8k16 / wgmma m64nNk16 layout) of probabilities for keys [16 kk, 16 kk + 16)
+// from score tiles 2 kk and 2 kk + 1 (C / accumulator layout), rounded to T.
+template <typename T, int NT>
+__device__ __forceinline__ void p_fragment(uint32_t (&a)[4], const float (&s)[NT][4], int kk) {
+  a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+  a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+  a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+  a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Normalise and store the output rows r0 + g and r0 + g + 8 (< Lq) of a warp's 16 rows of head
+// h from its C / accumulator layout fragment; l_i holds this thread's partial row sums (the 4
+// threads of a row add them here). A row that saw no key writes zeros.
+template <typename T, int ND>
+__device__ __forceinline__ void store_rows(const VarlenParams<T>& p, const float (&o)[ND][4],
+                                           const float (&l_i)[2], int h, int q_start, int r0, int Lq) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    float l = l_i[hr];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int row = r0 + g + hr * 8;
+    if (row >= Lq) continue;
+    T* dst = p.out + (int64_t(q_start + row) * p.num_q_heads + h) * p.head_dim;
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+      const int d = nd * 8 + 2 * t4;
+      if (d < p.head_dim)
+        *reinterpret_cast<uint32_t*>(dst + d) = pack2<T>(o[nd][2 * hr] * inv, o[nd][2 * hr + 1] * inv);
+    }
+  }
+}
+
 }  // namespace splitvl::cuda

@@ -3,6 +3,7 @@
 // a partition's cache rows, and the merge of the warps' partial results.
 #pragma once
 
+#include "attention_common.cuh"
 #include "common.cuh"
 
 namespace splitvl::cuda {
@@ -10,7 +11,6 @@ namespace splitvl::cuda {
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeThreads = 32 * kDecodeWarps;
 constexpr int kMaxPartition = 512;
-constexpr float kLog2e = 1.4426950408889634f;
 
 template <typename T>
 struct DecodeParams {

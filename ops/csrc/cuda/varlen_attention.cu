@@ -15,11 +15,10 @@
 // warp-per-query kernel.
 #include "attention_common.cuh"
 #include "ops.cuh"
+#include "varlen_attention_sm90.cuh"
 
 namespace splitvl::cuda {
 namespace {
-
-constexpr float kLog2e = 1.4426950408889634f;
 
 constexpr int key_tile(int DP) { return DP >= 128 ? 32 : 64; }
 
@@ -67,52 +66,6 @@ __device__ __forceinline__ void load_kv_async(T* Ks, T* Vs, const VarlenParams<T
       const T* vsrc = ok ? kv_row(p, true, b, kvh, k_start, j) + c * 8 : p.q;
       cp_async16(Ks + r * LD + c * 8, ksrc, ok);
       cp_async16(Vs + r * LD + c * 8, vsrc, ok);
-    }
-  }
-}
-
-// Fold one 16 x (8 * NT) score tile into the running softmax of rows g and g + 8
-// (hr = 0, 1). MASKED: score column nt * 8 + e of this thread is hidden unless
-// nt * 8 + e < lim[hr]. On return s holds the unnormalised probabilities.
-template <bool MASKED, int NT, int ND>
-__device__ __forceinline__ void online_softmax(float (&s)[NT][4], float (&o)[ND][4],
-                                               float (&m_i)[2], float (&l_i)[2],
-                                               const int (&lim)[2], float scale_log2) {
-  float alpha[2];
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float mx = m_i[hr];  // the same in the 4 threads of a row
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& v = s[nt][2 * hr + e];
-        if (MASKED && nt * 8 + e >= lim[hr]) v = -INFINITY;
-        mx = fmaxf(mx, v);
-      }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float mb = mx == -INFINITY ? 0.f : mx * scale_log2;  // scaled max, finite
-    alpha[hr] = mx == m_i[hr] ? 1.f : exp2f(m_i[hr] * scale_log2 - mb);
-    m_i[hr] = mx;
-    float rs = 0.f;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        float& v = s[nt][2 * hr + e];
-        v = exp2f(fmaf(v, scale_log2, -mb));
-        rs += v;
-      }
-    l_i[hr] = l_i[hr] * alpha[hr] + rs;
-  }
-  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-    for (int nd = 0; nd < ND; ++nd) {
-      o[nd][0] *= alpha[0];
-      o[nd][1] *= alpha[0];
-      o[nd][2] *= alpha[1];
-      o[nd][3] *= alpha[1];
     }
   }
 }
@@ -199,10 +152,8 @@ __global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm(DP, WARPS))
 
 #pragma unroll
       for (int kk = 0; kk < kBN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]),
-                               pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        uint32_t a[4];
+        p_fragment<T>(a, s, kk);
 #pragma unroll
         for (int np = 0; np < DP / 16; ++np) {
           uint32_t bv[4];
@@ -216,22 +167,7 @@ __global__ void __launch_bounds__(WARPS * 32, min_ctas_per_sm(DP, WARPS))
     __syncthreads();  // tile n + 1 landed; every warp is done with tile n
   }
 
-#pragma unroll
-  for (int hr = 0; hr < 2; ++hr) {
-    float l = l_i[hr];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key yields zeros
-    const int row = r0 + g + hr * 8;
-    if (row >= Lq) continue;
-    T* dst = p.out + (int64_t(q_start + row) * p.num_q_heads + h) * p.head_dim;
-#pragma unroll
-    for (int nd = 0; nd < DP / 8; ++nd) {
-      const int d = nd * 8 + 2 * t4;
-      if (d < p.head_dim)
-        *reinterpret_cast<uint32_t*>(dst + d) = pack2<T>(o[nd][2 * hr] * inv, o[nd][2 * hr + 1] * inv);
-    }
-  }
+  store_rows<T>(p, o, l_i, h, q_start, r0, Lq);
 }
 
 // Fallback: one warp per query row, online softmax over keys one at a time.
@@ -407,6 +343,7 @@ void varlen_attention(at::Tensor& out, const at::Tensor& query,
     p.scale = static_cast<float>(scale);
     p.causal = causal;
     p.paged = paged;
+    if (launch_varlen_sm90(p, max_seqlen_q, B, stream)) return;  // the wgmma kernel took it
     if (tensor_core_ok(p)) {
       if constexpr (!std::is_same_v<T, float>) {
         switch (padded_head_dim(p.head_dim)) {
