@@ -24,6 +24,8 @@
 #             replica (vision.colocate_llm: its own stream, the engine's steps on a high-priority one)
 #   vision-serve-test  tests/deployments/test_gpu_serve.py -k vision_in_the_llm (needs the Ray bundle)
 #   ttft-2b   2B, one 1024px image, c=1: where the TTFT goes (the image level's breakdown table)
+#   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
+#   sm90-bench  python -m bench.ops --ops varlen_attention --attn-sm90 on,off (both kernels, adjacent rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +38,8 @@ TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
                    [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=450
-                   [vision-serve-test]=300 [ttft-2b]=150)
+                   [vision-serve-test]=300 [ttft-2b]=150
+                   [sm90-test]=120 [sm90-bench]=120)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
@@ -66,6 +69,9 @@ step_cmd() {
         -k vision_in_the_llm ;;
     ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated --load-format dummy --no-hf \
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
+    sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \
+        tests/ops/test_pdl.py ;;
+    sm90-bench) python -m bench.ops --ops varlen_attention --attn-sm90 on,off --json "$OUT/sm90.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
