@@ -4,8 +4,8 @@
 (bidirectional, keys packed, fp16/bf16, head_dim 64/72/80, on a compute capability 9.0 GPU with
 the sm_90a build) while the switch is on, and its mma.sync kernel otherwise. The switch is off by
 default until a GPU run has checked and timed the kernel (`SPLITVL_ATTN_SM90=1` starts a process
-with it on). Both compute the same attention to rounding; benches time both. Kernels launched after a change use
-the new setting, so a CUDA graph keeps the one it was captured with.
+with it on). Both compute the same attention to rounding; benches time both. Kernels launched
+after a change use the new setting, so a CUDA graph keeps the one it was captured with.
 """
 
 from __future__ import annotations
