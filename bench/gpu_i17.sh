@@ -25,6 +25,8 @@
 #   vision-serve-test  tests/deployments/test_gpu_serve.py -k vision_in_the_llm (needs the Ray bundle)
 #   ttft-2b   2B, one 1024px image, c=1: where the TTFT goes (the image level's breakdown table)
 #   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
+#   ttft-prof  python -m bench.profile --ttft (2B, one 1024px image, in process): preprocess, tower, engine,
+#             GPU busy vs wall, top kernels; wgmma attention on and off
 #   sm90-bench  python -m bench.ops --ops varlen_attention --attn-sm90 on,off (both kernels, adjacent rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +41,7 @@ START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
                    [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=450
                    [vision-serve-test]=300 [ttft-2b]=150
-                   [sm90-test]=120 [sm90-bench]=120)
+                   [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
@@ -71,6 +73,8 @@ step_cmd() {
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \
         tests/ops/test_pdl.py ;;
+    ttft-prof) python -m bench.profile --model qwen3-vl-2b --batches --images 8 --ttft --attn-sm90 on,off \
+        --ckpt-cache "$CKPT" --json "$OUT/ttft-prof.json" ;;
     sm90-bench) python -m bench.ops --ops varlen_attention --attn-sm90 on,off --json "$OUT/sm90.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac

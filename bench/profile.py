@@ -2,6 +2,7 @@
 
     python -m bench.profile --json $OUT/profile.json             # H100: Qwen3-VL-2B arch, random bf16 weights
     python -m bench.profile --batches 1,64 --ckpt-cache /tmp/ckpt --json $OUT/profile.json
+    python -m bench.profile --model qwen3-vl-2b --batches --images 0 --ttft   # the 2B image TTFT only
     python -m bench.profile --smoke                               # CPU, tiny checkpoint
 
 (a) Decode through our engine (`engine.LLM`, CUDA graphs on, as bench/decode.py
@@ -12,6 +13,12 @@ step), then under torch.profiler with CUDA activities. GPU busy = the union of
 kernel and memcpy intervals in the profiled window, per step; busy / wall well
 below 1 means the step is host-bound.
 (b) Our vision tower on 8 images of 1024x1024 (a few calls after warmup).
+(c) `--ttft`: one image request as the HTTP bench sends it (chat template, one
+`--image-size` image, 1 output token) through `engine.LLM` in this process:
+preprocessing, the tower and the whole request timed apart (medians), then one
+profiled request: GPU busy vs wall, the engine's step phases, the top kernels.
+What the whole request takes beyond preprocessing + tower is the engine's part
+(prefill, first token); busy << wall there means host-bound.
 
 Prints the top kernels by total time, GPU busy vs wall per step and the host
 phase split, and writes all tables as JSON.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +40,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import int_list, print_table, synchronize, write_json
+import ops
+from bench.common import ATTN_SM90_HELP, attn_sm90_settings, int_list, print_table, synchronize, write_json
 from engine.timeline import MARK, PHASE_FIELDS
 
 PROMPT_LEN = 512
@@ -326,10 +335,75 @@ def report_vision(r: dict) -> None:
                 [[r["images"], r["wall_ms_per_call"], r["gpu_busy_ms_per_call"], r["busy_over_wall"]]])
 
 
+# ---- time to first token --------------------------------------------------------------
+
+def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, iters: int = 5,
+                 **llm_kwargs) -> dict:
+    """One image request, max_tokens 1: its parts timed apart, then one profiled run (see the module doc)."""
+    from bench.ttft import request_inputs
+    from engine import LLM, SamplingParams
+
+    ids, image = request_inputs(ckpt, image_size)
+    llm = LLM(model=str(ckpt), device=device.type, dtype=dtype, skip_tokenizer_init=True,
+              enable_prefix_caching=False, **llm_kwargs)
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    request = {"prompt_token_ids": ids, "images": [image]}
+
+    def median_ms(fn: Callable[[], object]) -> float:
+        samples = []
+        for i in range(iters + 2):
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            if i >= 2:
+                samples.append(1e3 * (time.perf_counter() - t0))
+        return sorted(samples)[len(samples) // 2]
+
+    try:
+        llm.generate([request], params)  # first-call costs (the parts alone run slow until a request has run)
+        with torch.inference_mode():
+            pixels, grid = llm._image_pixels([image])
+            preprocess_ms = median_ms(lambda: llm._image_pixels([image]))
+            tower_ms = median_ms(lambda: llm._encode(pixels.to(device), grid))
+        request_ms = median_ms(lambda: llm.generate([request], params))
+        prof = make_profiler(device)
+        window = StepWindow(llm)
+        synchronize(device)
+        with prof:
+            window.start()
+            t0 = time.perf_counter()
+            llm.generate([request], params)
+            synchronize(device)
+            wall_ms = 1e3 * (time.perf_counter() - t0)
+            window.stop()
+        records = window.records()
+        kernels, busy_us = kernel_table(prof, device, 1)
+        phases = host_phases(records, PhaseTimer())
+        prompt_tokens = len(ids) - 1 + llm.processor.num_image_tokens(grid[0])
+    finally:
+        llm.shutdown()
+    return dict(image_size=image_size, prompt_tokens=prompt_tokens, preprocess_ms=preprocess_ms,
+                tower_ms=tower_ms, request_ms=request_ms, engine_ms=request_ms - preprocess_ms - tower_ms,
+                profiled_wall_ms=wall_ms, gpu_busy_ms=busy_us / 1e3, busy_over_wall=busy_us / 1e3 / wall_ms,
+                steps=len(records), step_phases_ms=phases, top_kernels=kernels)
+
+
+def report_ttft(r: dict) -> None:
+    print_kernels(f"TTFT, one {r['image_size']}px image request: top kernels (one request)", r["top_kernels"])
+    print_table(f"TTFT, one {r['image_size']}px image request ({r['prompt_tokens']} prompt tokens), ms, medians",
+                ["preprocess", "tower", "whole request", "engine (the rest)", "profiled wall", "GPU busy",
+                 "busy/wall", "engine steps"],
+                [[r["preprocess_ms"], r["tower_ms"], r["request_ms"], r["engine_ms"], r["profiled_wall_ms"],
+                  r["gpu_busy_ms"], r["busy_over_wall"], r["steps"]]])
+    print_table("TTFT: the engine's step phases (ms per step, profiled request)", ["phase", "ms/step"],
+                [[k, v] for k, v in r["step_phases_ms"].items()])
+
+
 # ---- entry points ---------------------------------------------------------------------
 
 def smoke(json_path: str | None = None) -> dict:
-    """Both sections on CPU with a tiny checkpoint (top CPU ops instead of kernels)."""
+    """The three sections on CPU with a tiny checkpoint (top CPU ops instead of kernels)."""
     from models.tiny import write_tiny_checkpoint
 
     cpu = torch.device("cpu")
@@ -337,18 +411,21 @@ def smoke(json_path: str | None = None) -> dict:
         ckpt = write_tiny_checkpoint("qwen3_vl", Path(tmp))
         decode = decode_section(ckpt, cpu, "float32", [1, 4], 16, vocab=500, max_model_len=512)  # ids below the specials
         vision = vision_section(ckpt, cpu, torch.float32, 64, 2, iters=1)
+        ttft = ttft_section(ckpt, cpu, "float32", 64, iters=1, max_model_len=512)
     report_decode(decode)
     report_vision(vision)
-    payload = {"device": "cpu (smoke)", "decode": decode, "vision": vision}
+    report_ttft(ttft)
+    payload = {"device": "cpu (smoke)", "decode": decode, "vision": vision, "ttft": [ttft]}
     write_json(json_path, payload)
-    print("smoke ok: decode batches", [r["batch"] for r in decode], "and the vision tower profiled")
+    print("smoke ok: decode batches", [r["batch"] for r in decode], "the vision tower and one image TTFT profiled")
     return payload
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen3-vl-2b", help="configs/models/<name>.json")
-    parser.add_argument("--batches", nargs="+", default=["1,64"], help="decode batch sizes: 1,64 or 1 64")
+    parser.add_argument("--batches", nargs="*", default=["1,64"],
+                        help="decode batch sizes: 1,64 or 1 64 (none: skip the decode section)")
     parser.add_argument("--prompt-len", type=int, default=PROMPT_LEN,
                         help="prompt tokens per decode request (1,100 ~ a 1024x1024 image chat)")
     parser.add_argument("--images", type=int, default=8, help="vision section: images per call (0: skip)")
@@ -356,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse the random checkpoint here")
     parser.add_argument("--no-async", dest="async_scheduling", action="store_false",
                         help="synchronous engine steps (EngineConfig.async_scheduling=False)")
+    parser.add_argument("--ttft", action="store_true",
+                        help="one --image-size image request's time to first token, profiled (section c)")
+    parser.add_argument("--attn-sm90", nargs="*", default=[], help=ATTN_SM90_HELP + " (vision and TTFT sections)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
@@ -367,19 +447,34 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = prepare_checkpoint(args.model, args.ckpt_cache or tmp, torch.bfloat16, device, tokenizer=False)
+        ckpt = prepare_checkpoint(args.model, args.ckpt_cache or tmp, torch.bfloat16, device, tokenizer=args.ttft)
         torch.cuda.empty_cache()
         print(f"checkpoint ready in {time.perf_counter() - t0:.1f} s", flush=True)
-        decode = decode_section(ckpt, device, "bfloat16", int_list(args.batches), args.prompt_len,
-                                async_scheduling=args.async_scheduling)
-        torch.cuda.empty_cache()
-        vision = vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images) if args.images else None
+        batches = int_list(args.batches)
+        decode = decode_section(ckpt, device, "bfloat16", batches, args.prompt_len,
+                                async_scheduling=args.async_scheduling) if batches else []
+        vision, ttft = [], []
+        for setting in attn_sm90_settings(args.attn_sm90):
+            with ops.attention_sm90(setting) if setting is not None else contextlib.nullcontext():
+                label = {None: "", True: "wgmma attention on", False: "wgmma attention off"}[setting]
+                torch.cuda.empty_cache()
+                if args.images:
+                    vision.append({**vision_section(ckpt, device, torch.bfloat16, args.image_size, args.images),
+                                   "attn_sm90": label})
+                if args.ttft:
+                    ttft.append({**ttft_section(ckpt, device, "bfloat16", args.image_size), "attn_sm90": label})
     name = torch.cuda.get_device_name(device)
-    payload = {"device": name, "model": args.model, "prompt_len": args.prompt_len, "decode": decode, "vision": vision}
+    payload = {"device": name, "model": args.model, "prompt_len": args.prompt_len, "decode": decode,
+               "vision": vision, "ttft": ttft}
     write_json(args.json, payload)
-    if vision is not None:
-        report_vision(vision)
-    report_decode(decode)
+    for r in vision:
+        print(r["attn_sm90"])
+        report_vision(r)
+    for r in ttft:
+        print(r["attn_sm90"])
+        report_ttft(r)
+    if decode:
+        report_decode(decode)
     print(f"total {time.perf_counter() - t0:.1f} s on {name}")
 
 

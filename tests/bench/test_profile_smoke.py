@@ -16,3 +16,6 @@ def test_profile_bench_smoke(tmp_path, capsys) -> None:
         phases = r["host_phases_ms_per_step"]
         assert {"schedule", "message", "execute (model step)", "process outputs"} <= set(phases)
     assert payload["vision"]["top_kernels"]
+    (ttft,) = payload["ttft"]
+    assert ttft["prompt_tokens"] > 4 and ttft["steps"] >= 1 and ttft["top_kernels"]
+    assert ttft["preprocess_ms"] > 0 and ttft["tower_ms"] > 0 and ttft["request_ms"] > 0
