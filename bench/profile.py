@@ -376,6 +376,10 @@ def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, 
             llm.generate([request], params)
             synchronize(device)
             wall_ms = 1e3 * (time.perf_counter() - t0)
+            for _ in range(200):  # the step thread files its record after it hands out the token
+                if window.started():
+                    break
+                time.sleep(0.005)
             window.stop()
         records = window.records()
         kernels, busy_us = kernel_table(prof, device, 1)
