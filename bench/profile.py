@@ -340,7 +340,7 @@ def report_vision(r: dict) -> None:
 def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, iters: int = 5,
                  **llm_kwargs) -> dict:
     """One image request, max_tokens 1: its parts timed apart, then one profiled run (see the module doc)."""
-    from bench.ttft import request_inputs
+    from bench.ttft import median_ms, request_inputs
     from engine import LLM, SamplingParams
 
     ids, image = request_inputs(ckpt, image_size)
@@ -349,24 +349,13 @@ def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, 
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     request = {"prompt_token_ids": ids, "images": [image]}
 
-    def median_ms(fn: Callable[[], object]) -> float:
-        samples = []
-        for i in range(iters + 2):
-            synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            synchronize(device)
-            if i >= 2:
-                samples.append(1e3 * (time.perf_counter() - t0))
-        return sorted(samples)[len(samples) // 2]
-
     try:
         llm.generate([request], params)  # first-call costs (the parts alone run slow until a request has run)
         with torch.inference_mode():
             pixels, grid = llm._image_pixels([image])
-            preprocess_ms = median_ms(lambda: llm._image_pixels([image]))
-            tower_ms = median_ms(lambda: llm._encode(pixels.to(device), grid))
-        request_ms = median_ms(lambda: llm.generate([request], params))
+            preprocess_ms = median_ms(lambda: llm._image_pixels([image]), device, iters)
+            tower_ms = median_ms(lambda: llm._encode(pixels.to(device), grid), device, iters)
+        request_ms = median_ms(lambda: llm.generate([request], params), device, iters)
         prof = make_profiler(device)
         window = StepWindow(llm)
         synchronize(device)

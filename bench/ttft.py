@@ -36,7 +36,8 @@ def request_inputs(ckpt: Path, image_size: int) -> tuple[list[int], object]:
     return ids, load_image(data)
 
 
-def _median_ms(fn, device: torch.device, iters: int) -> float:
+def median_ms(fn, device: torch.device, iters: int) -> float:
+    """Median wall ms of `fn` (device synchronized around each call) over `iters` runs after two warmups."""
     samples = []
     for i in range(iters + 2):
         synchronize(device)
@@ -72,7 +73,7 @@ def hf_ttft_ms(ckpt: Path, image_size: int, device: torch.device, dtype: torch.d
                        do_sample=False, pad_token_id=0, **kwargs)
 
     try:
-        return _median_ms(run, device, iters)
+        return median_ms(run, device, iters)
     finally:
         del model
         if device.type == "cuda":
@@ -88,7 +89,7 @@ def ours_ttft_ms(ckpt: Path, image_size: int, device: torch.device, dtype: str, 
     llm = LLM(model=str(ckpt), device=device.type, dtype=dtype, skip_tokenizer_init=True, **engine_kwargs)
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     try:
-        return _median_ms(lambda: llm.generate([{"prompt_token_ids": ids, "images": [image]}], params), device,
+        return median_ms(lambda: llm.generate([{"prompt_token_ids": ids, "images": [image]}], params), device,
                           iters)
     finally:
         llm.shutdown()
