@@ -199,6 +199,46 @@ def test_qwen3_5_0_8b_yaml_vision_in_the_llm_replica_equals_its_own_deployment(t
     assert all(completion == 32 for _, _, completion in answers["deployment"])
 
 
+@pytest.mark.timeout(1200)
+def test_qwen3_5_0_8b_yaml_vision_in_the_engine_process_equals_its_own_deployment(tmp_path):
+    """configs/qwen3.5-0.8b.yaml (engine process) with `vision.colocate_llm`: the tower in the engine
+    process on its own stream, the engine's steps on a high-priority one, the router sending resized
+    pixels. One chat at a time, the same greedy answers as with the VisionEncoder deployment; then 16
+    concurrent image chats (tower calls beside decode steps) all complete, the same image again is
+    not encoded again, and the engine process' tower calls reach the ingress' vision metrics."""
+    from deployments.metrics import parse_prometheus
+
+    answers = {}
+    for name, vision in (("deployment", {}), ("engine-process", {"colocate_llm": True})):
+        (tmp_path / name).mkdir()
+        with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", {"engine_process": True},
+                         vision=vision) as (base, model, ready_s):
+            runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
+            answers[name] = [("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"])
+                             for _, pieces, usage in runs]
+            print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
+            if name == "engine-process":
+                sizes = [(448 + 32 * (i % 8), 448 + 64 * (i // 8)) for i in range(16)]
+                with ThreadPoolExecutor(len(sizes)) as pool:
+                    loaded = list(pool.map(lambda size: _stream_image_chat(base, model, size, 64), sizes))
+                assert all(usage["completion_tokens"] == 64 for _, _, usage in loaded)
+                again = _stream_image_chat(base, model, (640, 480))  # the router's cache: not encoded again
+                assert ("".join(again[1]), again[2]["prompt_tokens"], again[2]["completion_tokens"]) == \
+                    answers[name][1]
+                # The engine process' tower calls reach the ingress' vision metrics: every image once.
+                images, batches = "splitvl_vision_images_total", "splitvl_vision_batches_total"
+
+                def metrics() -> dict | None:  # replicas push their metrics every few seconds
+                    got = parse_prometheus(httpx.get(f"{base}/metrics", timeout=10).text)
+                    return got if got.get(images, 0.0) >= 2 + len(sizes) else None
+
+                got = wait_until(metrics, timeout_s=30)
+                print(f"tower calls: {got[batches]:.0f} for {got[images]:.0f} images")
+                assert got[images] == 2 + len(sizes) and 2 < got[batches] <= got[images]
+    assert answers["engine-process"] == answers["deployment"]
+    assert all(completion == 32 for _, _, completion in answers["deployment"])
+
+
 def _tp_worker_pids() -> list[int]:
     out = subprocess.run(["pgrep", "-f", "ray::TPWorker"], capture_output=True, text=True).stdout
     return [int(pid) for pid in out.split()]
