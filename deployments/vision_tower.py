@@ -15,6 +15,8 @@ from deployments.embedding_transfer import ImageEmbedding
 from models.processor import ImageProcessor
 from models.video_processor import VideoProcessor
 
+Grid = tuple[int, int, int]
+
 
 class VisionTower:
     """`model.visual.*` of the checkpoint on `device` ("cpu" or "cuda"), in the app's dtype.
@@ -38,7 +40,7 @@ class VisionTower:
         self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
 
-    def run(self, items: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    def run(self, items: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[Grid]]:
         """One tower call over every item: (embeds, deepstack, grid of each item), in inference mode on the
         current stream, not synchronized.
 
