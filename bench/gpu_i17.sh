@@ -65,10 +65,11 @@ step_cmd() {
         --no-hf --transfer-iters 1 --overhead-probes 3 --concurrency 1,64 --ramp-s 4 --min-requests 16 \
         --step-tokens 512 1024 4096 --time-budget-s $(( $2 - 160 )) --json "$OUT/$1.json" ;;
     vision-8b) python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated-vision one-gpu-colocated \
+        one-gpu-colocated-vision-process \
         --load-format dummy --no-hf --transfer-iters 1 --overhead-probes 10 --concurrency 1,64 --ramp-s 4 \
         --min-requests 16 --json "$OUT/$1.json" ;;
     vision-serve-test) python -m pytest -m gpu -q -s -p no:warnings tests/deployments/test_gpu_serve.py \
-        -k vision_in_the_llm ;;
+        -k "vision_in_the_llm or vision_in_the_engine_process" ;;
     ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated --load-format dummy --no-hf \
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \

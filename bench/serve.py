@@ -49,7 +49,8 @@ land on one card) and 2 for split; one-gpu-colocated is one-gpu with
 tp2 runs the LLM at tensor_parallel_size 2 on 0.6 of each of 2 GPUs, the vision encoder on 0.2 of one;
 the `-process` layouts add `llm.engine_process` (the engine in a process of its own);
 one-gpu-colocated-vision adds `vision.colocate_llm` to one-gpu-colocated (the tower in the ingress replica
-that owns the engine, on a CUDA stream of its own; no vision deployment, no embedding transfer).
+that owns the engine, on a CUDA stream of its own; no vision deployment, no embedding transfer);
+one-gpu-colocated-vision-process adds `llm.engine_process` to that (engine and tower in the engine process).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ from bench.timeline import TimelineSource, print_timeline
 
 REPO = Path(__file__).resolve().parents[1]
 LAYOUT_GPUS = {"one-gpu": 1, "one-gpu-colocated": 1, "one-gpu-process": 1, "one-gpu-colocated-process": 1,
-               "one-gpu-colocated-vision": 1, "split": 2, "tp2": 2, "tp2-process": 2}
+               "one-gpu-colocated-vision": 1, "one-gpu-colocated-vision-process": 1, "split": 2, "tp2": 2, "tp2-process": 2}
 TRANSFER_GPUS = {"one-gpu": (0.5, 0.5), "one-gpu-colocated": (0.5, 0.5), "one-gpu-process": (0.5, 0.5),
                  "one-gpu-colocated-process": (0.5, 0.5), "split": (1.0, 1.0), "tp2": (1.0, 1.0),
                  "tp2-process": (1.0, 1.0)}

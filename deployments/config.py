@@ -113,8 +113,10 @@ class VisionDeploymentConfig(_Scaled):
         False, description="Run the vision tower inside each LLM replica instead of a VisionEncoder deployment: "
         "on the replica's GPU, in its process, on a CUDA stream of its own while the engine steps on a "
         "high-priority stream, so decode kernels go first and the tower fills the SMs they leave (one CUDA "
-        "context: no time slicing against another process, no embedding transfer). Needs llm.colocate_ingress "
-        "with the engine in the replica (not llm.engine_process) and tensor_parallel_size 1; the replica's "
+        "context: no time slicing against another process, no embedding transfer). With llm.engine_process "
+        "the tower runs in the engine process instead (the router sends it the resized pixels; a thread there "
+        "batches and encodes them, and a cache of embeddings on the GPU, embedding_cache_bytes, spares a "
+        "repeated image the tower). Needs llm.colocate_ingress and tensor_parallel_size 1; the replica's "
         "GPU share (llm.gpus_per_worker) covers both, num_gpus, num_replicas and the IPC settings here are "
         "unused, and the embedding cache (embedding_cache_bytes) holds GPU memory."
     )
@@ -281,11 +283,12 @@ class AppConfig(_Strict):
     @model_validator(mode="after")
     def _vision_in_the_llm_replica(self) -> AppConfig:
         llm = self.llm
-        if self.vision.colocate_llm and (not llm.colocate_ingress or llm.engine_process
-                                         or llm.tensor_parallel_size != 1):
+        if self.vision.colocate_llm and (not llm.colocate_ingress or llm.tensor_parallel_size != 1):
             raise ValueError(
-                "vision.colocate_llm runs the tower in the LLM replica's own process: it needs "
-                "llm.colocate_ingress: true, llm.engine_process: false and llm.tensor_parallel_size: 1")
+                "vision.colocate_llm runs the tower beside the engine, in the process that runs the model (the "
+                "colocated ingress replica's, or its engine process with llm.engine_process): it needs "
+                f"llm.colocate_ingress: true and llm.tensor_parallel_size: 1 (got colocate_ingress: "
+                f"{str(llm.colocate_ingress).lower()}, tensor_parallel_size: {llm.tensor_parallel_size})")
         return self
 
     @model_validator(mode="before")

@@ -4,7 +4,9 @@ With `llm.engine_process` the engine is an `engine.core.EngineProcess` (the same
 engine in a process of its own, which with TP > 1 drives the TP workers from there, in this
 replica's placement group); this replica then opens no CUDA context: with TP 1, image
 embeddings that arrive as CUDA IPC handles are forwarded to the engine process unread;
-TP ranks take them through the object store, as without the engine process.
+TP ranks take them through the object store, as without the engine process. With
+`vision.colocate_llm` too (TP 1) the vision tower runs in the engine process: the router's
+`ImagePixels` go there as one `PixelInputs` per request (`deployments/pixel_inputs.py`).
 
 `generate` takes prompt ids (image placeholders already expanded), the engine's
 `SamplingParams` and the ObjectRefs of the images' embeddings; it fetches those
@@ -31,16 +33,18 @@ from typing import Any
 
 import torch
 
-from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
+from deployments.config import AppConfig, ensure_checkpoint, needs_vision, resolve_dtype
 from deployments.errors import APIError, EncoderUnavailableError, InvalidRequestError, ServiceUnavailableError
 from deployments.messages import TokenDelta
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import PoolReader, await_embeddings, read_embeddings
 from deployments.embedding_transfer import IpcEmbedding
 from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
+from deployments.pixel_inputs import ImagePixels, PixelEncoder, PixelInputs
+from deployments.vision import observe_encode
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
-from engine.timeline import StepRecord, TimelineRead
+from engine.timeline import EncodeRecord, StepRecord, TimelineRead
 
 logger = logging.getLogger(__name__)
 # SPLITVL_GIL_SWITCH_INTERVAL_S overrides it (a measurement knob: bench.serve --serve-env).
@@ -88,6 +92,7 @@ class LLMServer:
 
     def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None,
                  metrics: MetricsRecorder | None = None):
+        self.app_config = app_config
         self.config = AppConfig.model_validate(app_config)
         # The engine's step thread takes the GIL back after every wait on the GPU while
         # this process streams tokens over Ray; CPython hands the GIL over after 5 ms by
@@ -108,6 +113,7 @@ class LLMServer:
         self.embedding_reader = PoolReader(_node_id(), None if self.engine_process else self._ipc_device())
         self._releases: set[asyncio.Task] = set()  # slots of aborted requests, released once their handles arrive
         self._stats_settle: asyncio.TimerHandle | None = None
+        self._encode_cursor = 0  # the engine process' tower calls already in the metrics
 
     def _make_engine(self, engine_cls: type | None, values: dict[str, Any]) -> Any:
         """`engine_cls` (tests), else `engine.Engine`, or `EngineProcess` under `llm.engine_process`."""
@@ -116,7 +122,11 @@ class LLMServer:
 
             # TP > 1: the engine process joins this replica's Ray cluster and puts the ranks in its group.
             opener = EmbeddingOpener(_node_id(), "cuda") if self._engine_opens_ipc else None
-            return EngineProcess(make_engine_config(EngineProcess.config_class, values), open_inputs=opener)
+            # vision.colocate_llm: the tower runs in the engine process, on the engine's device.
+            encoder = (PixelEncoder(self.app_config, values["device"])
+                       if self.config.vision.colocate_llm and needs_vision(self.config) else None)
+            return EngineProcess(make_engine_config(EngineProcess.config_class, values), open_inputs=opener,
+                                 encoder=encoder)
         if engine_cls is None:
             from engine import Engine as engine_cls
         config_cls = getattr(engine_cls, "config_class", None)
@@ -167,7 +177,8 @@ class LLMServer:
         """Stream the `TokenDelta`s of one request; the first carries this replica's `server_s`.
 
         Args:
-            mm: one ObjectRef of an `ImageEmbedding` or `IpcEmbedding` per image, in prompt order.
+            mm: one ObjectRef of an `ImageEmbedding` or `IpcEmbedding` per image, in prompt order; or, with
+                the tower in the engine process, one `ImagePixels` per image.
             image_hashes: content ids of those images (prefix-cache keys).
         Raises:
             InvalidRequestError: the engine refused the request (e.g. code context_length_exceeded).
@@ -186,9 +197,10 @@ class LLMServer:
                 if out.finish_reason == "error" and not self.engine.is_healthy():
                     # A TP worker died: a replica problem (503, check_health restarts us), not the request's.
                     raise ServiceUnavailableError(f"the LLM replica failed ({out.error}); retry the request")
-                if out.finish_reason == "error" and not first and isinstance(mm_inputs, PendingImages):
+                if out.finish_reason == "error" and not first and isinstance(mm_inputs, (PendingImages, PixelInputs)):
                     # The engine process could not read the IPC handles (slot reused, GPU not visible
-                    # there): as when this replica cannot, the router re-encodes through the object store.
+                    # there) or its tower failed: as when this replica cannot read them, or a vision
+                    # replica died, the router re-encodes once.
                     raise EncoderUnavailableError(f"image embeddings unavailable ({out.error}); retry")
                 if not first and out.new_token_ids:
                     first = True
@@ -215,6 +227,8 @@ class LLMServer:
     async def _multimodal_inputs(self, mm: list[Any] | None, image_hashes: tuple[str, ...] | None) -> Any:
         if not mm:
             return None
+        if all(isinstance(m, ImagePixels) for m in mm):
+            return PixelInputs(tuple(mm))  # the engine process encodes them (its hashes are the items' keys)
         try:
             items = await await_embeddings(mm, self.embedding_reader, self._releases)
             if self._engine_opens_ipc and any(
@@ -250,6 +264,16 @@ class LLMServer:
             if self._stats_settle is None:
                 self._stats_settle = asyncio.get_running_loop().call_later(STATS_SETTLE_S, self._settle_stats)
         self._set_gauges(stats)
+        self._record_encodes()
+
+    def _record_encodes(self) -> None:
+        """The `splitvl_vision_*` metrics of the engine process' tower calls since the last read."""
+        read = self.encode_timeline(self._encode_cursor)
+        if read is None:
+            return
+        self._encode_cursor = read.cursor
+        for record in read.records:
+            observe_encode(self.metrics, record.images, record.end - record.start)
 
     def _settle_stats(self) -> None:
         self._stats_settle = None
@@ -272,6 +296,12 @@ class LLMServer:
     def timeline(self, since: int = 0) -> TimelineRead[StepRecord]:
         """The engine's step records from cursor `since` on (engine/timeline.py)."""
         return self.engine.timeline(since)
+
+    def encode_timeline(self, since: int = 0) -> TimelineRead[EncodeRecord] | None:
+        """The engine process' vision tower calls from cursor `since` on (`vision.colocate_llm` with
+        `llm.engine_process`); None when the engine runs no tower."""
+        read = getattr(self.engine, "encode_timeline", None)
+        return read(since) if read is not None and self.config.vision.colocate_llm else None
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising restarts the replica."""

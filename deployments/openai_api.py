@@ -28,7 +28,7 @@ from ray import serve
 from ray.exceptions import TaskCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.config import AppConfig, needs_vision
+from deployments.config import AppConfig, ensure_checkpoint, needs_vision
 from deployments.errors import (
     APIError,
     AuthenticationError,
@@ -50,8 +50,10 @@ from deployments.protocol import (
 )
 from deployments.llm import LLMServer
 from deployments.llm_client import HandleLLM, LLMClient, LocalLLM
+from deployments.pixel_inputs import EngineTower
 from deployments.router import Router
 from deployments.vision import VisionEncoder
+from models.config import load_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +98,8 @@ class OpenAIIngress:
 
         `llm` None (`llm.colocate_ingress`): this replica owns the engine, an `LLMServer` body built
         here (`engine_cls` as `LLMServer` takes it), and the router streams from it in-process; with
-        `vision.colocate_llm` it owns the vision tower too (an in-process `VisionEncoder`).
+        `vision.colocate_llm` it owns the vision tower too: an in-process `VisionEncoder`, or with
+        `llm.engine_process` the engine process' own (the router hands it resized pixels: `EngineTower`).
         """
         self.config = AppConfig.model_validate(app_config)
         self.model_id = self.config.served_model_id
@@ -113,8 +116,10 @@ class OpenAIIngress:
         else:
             client = HandleLLM(llm)
         self.vision: VisionEncoder | None = None
-        if vision is None and llm is None and self.config.vision.colocate_llm:
-            if needs_vision(self.config):  # the tower in this replica, beside its engine
+        if vision is None and llm is None and self.config.vision.colocate_llm and needs_vision(self.config):
+            if self.config.llm.engine_process:  # the tower in the engine process
+                vision = EngineTower(load_model_config(ensure_checkpoint(self.config)))
+            else:  # the tower in this replica, beside its engine
                 self.vision = vision = VisionEncoder(app_config, in_process=True, metrics=self.metrics)
         self.router = Router(app_config, vision, client, self.metrics)
 
@@ -132,9 +137,11 @@ class OpenAIIngress:
         return self._own_llm().timeline(since)
 
     def vision_timeline(self, since: int = 0) -> Any:
-        """The in-process vision tower's calls, as `VisionEncoder.timeline`; None without one
-        (`vision.colocate_llm` off, or a text-only model)."""
-        return self.vision.timeline(since) if self.vision is not None else None
+        """The vision tower's calls in this replica (`VisionEncoder.timeline`) or in its engine process
+        (`LLMServer.encode_timeline`); None without one (`vision.colocate_llm` off, or a text-only model)."""
+        if self.vision is not None:
+            return self.vision.timeline(since)
+        return self.llm_server.encode_timeline(since) if self.llm_server is not None else None
 
     def _own_llm(self) -> LLMServer:
         if self.llm_server is None:

@@ -56,6 +56,7 @@ from deployments.prompt import (
     sampling_params,
 )
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
+from deployments.pixel_inputs import EngineTower, ImagePixels
 from deployments.vision import VisionEncoder
 from engine.sampling_params import SamplingParams
 from models.video_io import PreparedVideo, VideoLimits
@@ -275,14 +276,15 @@ class Router:
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
                 try:
-                    ref = await self._encode(image, transfer, pixels)
+                    ref = await self._encode(image, transfer, pixels, key)
                 except EncoderUnavailableError:
                     # The dead replica may hold this request's earlier encodes too: drop them
                     # so that the retry re-encodes instead of reusing their lost results.
                     for done in keys:
                         self.cache.pop(done)
                     raise
-                self.cache.put(key, ref, self._embedding_bytes(num_tokens))
+                nbytes = ref.nbytes if isinstance(ref, ImagePixels) else self._embedding_bytes(num_tokens)
+                self.cache.put(key, ref, nbytes)
                 self.metrics.set("splitvl_embedding_cache_bytes", self.cache.nbytes)
             else:
                 self.metrics.inc("splitvl_embedding_cache_hits_total")
@@ -300,13 +302,17 @@ class Router:
         unchanged = self.processor.target_size(image.height, image.width) == (image.height, image.width)
         return key, pixels if unchanged else None
 
-    async def _encode(self, image: Any, transfer: str, pixels: np.ndarray | None = None) -> Any:
-        """Send one image (`pixels`: already at the patch grid's size, else resized here) to the vision replica."""
+    async def _encode(self, image: Any, transfer: str, pixels: np.ndarray | None = None, key: str = "") -> Any:
+        """Send one image (`pixels`: already at the patch grid's size, else resized here; `key`: its cache key)
+        to the vision replica; with the tower in the engine process, what goes there instead (`ImagePixels`)."""
         # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
         if isinstance(image, PreparedVideo):
             pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
         elif pixels is None:
             pixels = await asyncio.to_thread(self.processor.resize, image)
+        if isinstance(self.vision, EngineTower):  # the engine process' tower (vision.colocate_llm, engine_process)
+            grid = image.grid_thw if isinstance(image, PreparedVideo) else self.processor.grid_thw(*pixels.shape[:2])
+            return self.vision.pixels(pixels, tuple(grid), key)
         if isinstance(self.vision, VisionEncoder):  # this replica's own tower (vision.colocate_llm)
             task = asyncio.ensure_future(self.vision.encode(pixels, transfer))
             task.add_done_callback(_retrieve_exception)  # the LLM side may never await it (request gone)

@@ -21,39 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.config import AppConfig, ensure_checkpoint, resolve_dtype
+from deployments.config import AppConfig
 from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool
 from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
 from deployments.encode_batcher import EncodeBatcher
+from deployments.vision_tower import VisionTower, split_outputs
 from engine.timeline import EncodeRecord, Timeline, TimelineRead
-from models.processor import ImageProcessor
-from models.video_processor import VideoProcessor
 
-
-def split_outputs(
-    embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]], merge_unit: int,
-    to_host: bool = True,
-) -> list[ImageEmbedding]:
-    """Split a batched tower output back into per-image results, CPU tensors (`to_host`) or where they are.
-
-    Shapes: embeds [sum N_tok, H]; deepstack [L, sum N_tok, H].
-    """
-    sizes = [t * h * w // merge_unit for t, h, w in grids]
-    if to_host:
-        embeds = embeds.cpu()
-        deepstack = deepstack.cpu()
-    if len(sizes) == 1:  # the whole output is the one image's: no per-image copy
-        return [ImageEmbedding(embeds=embeds, deepstack=deepstack, grid_thw=grids[0])]
-    out, offset = [], 0
-    for size, grid in zip(sizes, grids, strict=True):
-        out.append(ImageEmbedding(
-            embeds=embeds[offset : offset + size].clone(),
-            deepstack=deepstack[:, offset : offset + size].clone(),
-            grid_thw=grid,
-        ))
-        offset += size
-    return out
+__all__ = ["ImageEmbedding", "VisionEncoder", "split_outputs"]
 
 
 class VisionEncoder:
@@ -67,24 +43,13 @@ class VisionEncoder:
 
     def __init__(self, app_config: dict[str, Any], in_process: bool = False,
                  metrics: MetricsRecorder | None = None):
-        from models.config import load_model_config
-        from models.loader import fill_weights
-        from models.registry import build_vision_model
-
         config = AppConfig.model_validate(app_config)
-        path = ensure_checkpoint(config)
-        model_config = load_model_config(path)
         # Ray hands a GPU to this replica only when it asked for one; in process, the LLM replica's.
         gpu = config.resolved_device() == "cuda" if in_process else config.vision.num_gpus > 0 and config.device != "cpu"
         self.device = "cuda" if gpu else "cpu"
         self.in_process = in_process
-        self.stream = torch.cuda.Stream() if in_process and gpu else None
-        dtype = getattr(torch, resolve_dtype(config.dtype, self.device))
-        self.model = build_vision_model(model_config, dtype, self.device)
-        fill_weights(self.model, path, config.vision.load_format, model_config.vision.initializer_range, config.seed)
-        self.processor = ImageProcessor.from_pretrained(path)
-        self.video_processor = VideoProcessor.from_pretrained(path)
-        self.merge_unit = model_config.vision.spatial_merge_size**2
+        self.tower = VisionTower(config, self.device, stream=in_process)
+        self.model, self.stream = self.tower.model, self.tower.stream
         self._batcher: EncodeBatcher[tuple[np.ndarray, str], ImageEmbedding | IpcEmbedding] = EncodeBatcher(
             self._encode_batch, config.vision.max_batch_size, config.vision.batch_wait_timeout_s)
         self.metrics = metrics if metrics is not None else MetricsRecorder.for_replica("VisionEncoder")
@@ -103,10 +68,7 @@ class VisionEncoder:
         start = time.monotonic()
         results = await asyncio.to_thread(self._run, images, transfers)
         self.images_processed += len(images)
-        self.metrics.inc("splitvl_vision_images_total", len(images))
-        self.metrics.inc("splitvl_vision_batches_total")
-        self.metrics.observe("splitvl_vision_batch_size", len(images), buckets=BATCH_SIZE_BUCKETS)
-        self.metrics.observe("splitvl_vision_encode_seconds", time.monotonic() - start)
+        observe_encode(self.metrics, len(images), time.monotonic() - start)
         return results
 
     def _run(self, images: list[np.ndarray], transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
@@ -124,21 +86,17 @@ class VisionEncoder:
         """(one result per image, patch rows encoded). The results are finished on the device, except
         in process on a stream of its own (the caller synchronizes it)."""
         # Images [H, W, 3] and videos [T, h, w, 3] (sampled, resized frames) share one tower call.
+        embeds, deepstack, grids = self.tower.run(images)
+        merge_unit = self.tower.merge_unit
         with torch.inference_mode():
-            parts = [(self.video_processor if item.ndim == 4 else self.processor).pixel_values([item], self.device)
-                     for item in images]
-            grid_thw = torch.cat([p.grid_thw for p in parts])
-            pixels = torch.cat([p.pixel_values for p in parts])
-            embeds, deepstack = self.model(pixels, grid_thw)
-            grids = [tuple(int(v) for v in g) for g in grid_thw]
             if self.in_process:
-                out = split_outputs(embeds, deepstack, grids, self.merge_unit, to_host=False)
+                out = split_outputs(embeds, deepstack, grids, merge_unit, to_host=False)
             elif self.pool is None or all(t == "object_store" for t in transfers):
-                out = split_outputs(embeds, deepstack, grids, self.merge_unit)
+                out = split_outputs(embeds, deepstack, grids, merge_unit)
             else:
                 out = self._to_pool(embeds, deepstack, grids, transfers)
         # The host and pool paths end after the device finished (the copy to host, the pool's synchronize).
-        return out, pixels.shape[0]
+        return out, self.tower.patches(grids)
 
     def _to_pool(self, embeds: torch.Tensor, deepstack: torch.Tensor, grids: list[tuple[int, int, int]],
                  transfers: list[str]) -> list[ImageEmbedding | IpcEmbedding]:
@@ -149,7 +107,7 @@ class VisionEncoder:
         out: list[ImageEmbedding | IpcEmbedding | None] = []
         offset = 0
         for grid, transfer in zip(grids, transfers, strict=True):
-            size = grid[0] * grid[1] * grid[2] // self.merge_unit
+            size = grid[0] * grid[1] * grid[2] // self.tower.merge_unit
             e, d = embeds[offset : offset + size], deepstack[:, offset : offset + size]
             out.append(self.pool.store(e, d, grid) if transfer == "auto" else None)
             offset += size
@@ -157,7 +115,7 @@ class VisionEncoder:
         if all(item is not None for item in out):
             self.metrics.inc("splitvl_vision_ipc_images_total", len(out))
             return out
-        host = split_outputs(embeds, deepstack, grids, self.merge_unit)
+        host = split_outputs(embeds, deepstack, grids, self.tower.merge_unit)
         self.metrics.inc("splitvl_vision_ipc_images_total", sum(item is not None for item in out))
         return [item if item is not None else h for item, h in zip(out, host, strict=True)]
 
@@ -167,6 +125,14 @@ class VisionEncoder:
     def timeline(self, since: int = 0) -> TimelineRead[EncodeRecord]:
         """This replica's tower calls from cursor `since` on (engine/timeline.py)."""
         return self._timeline.read(since)
+
+
+def observe_encode(metrics: MetricsRecorder, images: int, seconds: float) -> None:
+    """The `splitvl_vision_*` metrics of one tower call over `images` images that took `seconds`."""
+    metrics.inc("splitvl_vision_images_total", images)
+    metrics.inc("splitvl_vision_batches_total")
+    metrics.observe("splitvl_vision_batch_size", images, buckets=BATCH_SIZE_BUCKETS)
+    metrics.observe("splitvl_vision_encode_seconds", seconds)
 
 
 def _make_pool(config: AppConfig, device: str) -> EmbeddingPool | None:

@@ -1,7 +1,9 @@
 """The engine process: a real `Engine` whose step outputs go to the front end, one message per step.
 
 Its main thread reads the pipe (requests, aborts, queries, stop); the engine's own step
-thread runs the steps and sends each step's deltas. Both send through one lock. The pipe
+thread runs the steps and sends each step's deltas; with an `InputEncoder` (a vision tower
+in this process) an encoder thread encodes the requests it accepts before they are queued
+(`engine/core/encoding.py`). All send through one lock. The pipe
 closing (the front end's process died) ends the process too. With TP > 1 it first joins
 the replica's Ray cluster (`RayLink`) and drives the TP worker actors from here; TP 1
 never touches Ray.
@@ -16,12 +18,14 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
 from engine.config import EngineConfig
+from engine.core.encoding import EncodeWorker, InputEncoder
 from engine.core.messages import (
-    Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop,
+    Abort, Add, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop, final_output,
 )
 from engine.core.ray_link import RayLink
 from engine.engine import Engine
@@ -83,25 +87,34 @@ class ChildEngine(Engine):
 
 
 def run(config: EngineConfig, conn: Connection, open_inputs: Callable[[Any], MultimodalInputs] | None,
-        switch_interval_s: float, link: RayLink | None = None) -> None:
-    """The engine process' entry point (spawned by `EngineProcess`); `link`: given for TP > 1."""
+        switch_interval_s: float, link: RayLink | None = None, encoder: InputEncoder | None = None) -> None:
+    """The engine process' entry point (spawned by `EngineProcess`); `link`: given for TP > 1;
+    `encoder`: loaded here after the engine (its model on the engine's device)."""
     sys.setswitchinterval(switch_interval_s)
     sender = _Sender(conn)
+    engine = None
     try:
         engine = ChildEngine(config, sender, link)
+        if encoder is not None:
+            encoder.load()
     except BaseException as exc:  # bad checkpoint, out of memory, no resources, a worker died
         sender.send(Failed(_picklable(exc), traceback.format_exc()))
+        if engine is not None:
+            engine.shutdown()
         return
     workers = getattr(engine.executor, "workers", ())
     sender.send(Ready(engine.executor.num_blocks, tuple(w._actor_id.hex() for w in workers)))
+    worker = EncodeWorker(encoder, partial(_queue, engine, sender), sender.send) if encoder is not None else None
     try:
-        _serve(engine, conn, sender, open_inputs)
+        _serve(engine, conn, sender, open_inputs, worker)
     finally:
+        if worker is not None:
+            worker.stop()
         engine.shutdown()
 
 
 def _serve(engine: ChildEngine, conn: Connection, sender: _Sender,
-           open_inputs: Callable[[Any], MultimodalInputs] | None) -> None:
+           open_inputs: Callable[[Any], MultimodalInputs] | None, worker: EncodeWorker | None = None) -> None:
     while True:
         try:
             if not conn.poll(HEALTH_EVERY_S):
@@ -111,9 +124,10 @@ def _serve(engine: ChildEngine, conn: Connection, sender: _Sender,
         except (EOFError, OSError):
             return  # the front end is gone
         if isinstance(msg, Add):
-            _add(engine, sender, msg.requests, open_inputs)
+            _add(engine, sender, msg.requests, open_inputs, worker)
         elif isinstance(msg, Abort):
-            engine.abort(msg.request_id)
+            if worker is None or not worker.abort(msg.request_id):  # not waiting for its encode
+                engine.abort(msg.request_id)
         elif isinstance(msg, Query):
             value = getattr(engine, msg.name)(*msg.args) if msg.name in QUERIES else None
             sender.send(Reply(msg.query_id, value))
@@ -122,24 +136,35 @@ def _serve(engine: ChildEngine, conn: Connection, sender: _Sender,
 
 
 def _add(engine: ChildEngine, sender: _Sender, requests: tuple[NewRequest, ...],
-         open_inputs: Callable[[Any], MultimodalInputs] | None) -> None:
-    """Queue requests the front end validated; one whose inputs cannot be opened ends with "error"."""
-    ready, failed = [], []
+         open_inputs: Callable[[Any], MultimodalInputs] | None, worker: EncodeWorker | None = None) -> None:
+    """Queue requests the front end validated; one whose inputs cannot be opened ends with "error".
+
+    Those whose inputs the encoder accepts go to its thread, which queues them once encoded.
+    """
+    ready, failed, encode = [], [], []
     for req in requests:
-        try:
-            mm = _open(req.mm, open_inputs)
-        except Exception as exc:  # e.g. an IPC slot reused before it was read
-            failed.append(_error(req, f"{type(exc).__name__}: {exc}"))
+        if worker is not None and worker.encoder.accepts(req.mm):
+            encode.append(req)
             continue
-        ready.append((req.request_id, req.prompt_token_ids, mm, req.sampling))
-    try:
-        if ready:
-            engine.add_requests(ready)
-    except Exception as exc:  # the engine died meanwhile, or it disagrees with the front end's checks
-        by_id = {r.request_id: r for r in requests}
-        failed += [_error(by_id[rid], f"{type(exc).__name__}: {exc}") for rid, *_ in ready]
+        try:
+            ready.append((req, _open(req.mm, open_inputs)))
+        except Exception as exc:  # e.g. an IPC slot reused before it was read
+            failed.append(final_output(req, "error", f"{type(exc).__name__}: {exc}"))
+    if encode:
+        worker.submit(encode)
     if failed:
         sender.send(StepOutputs.of(failed))
+    _queue(engine, sender, ready)
+
+
+def _queue(engine: ChildEngine, sender: _Sender, ready: list[tuple[NewRequest, MultimodalInputs | None]]) -> None:
+    """`engine.add_requests`; if the engine refuses them (it died meanwhile), they end with "error"."""
+    if not ready:
+        return
+    try:
+        engine.add_requests([(req.request_id, req.prompt_token_ids, mm, req.sampling) for req, mm in ready])
+    except Exception as exc:  # the engine died meanwhile, or it disagrees with the front end's checks
+        sender.send(StepOutputs.of([final_output(req, "error", f"{type(exc).__name__}: {exc}") for req, _ in ready]))
 
 
 def _open(mm: Any, open_inputs: Callable[[Any], MultimodalInputs] | None) -> MultimodalInputs | None:
@@ -150,10 +175,6 @@ def _open(mm: Any, open_inputs: Callable[[Any], MultimodalInputs] | None) -> Mul
     if open_inputs is None:
         raise TypeError(f"no opener for {type(mm).__name__} inputs was given to the engine process")
     return open_inputs(mm)
-
-
-def _error(req: NewRequest, message: str) -> RequestOutput:
-    return RequestOutput(req.request_id, [], "error", None, len(req.prompt_token_ids), 0, message)
 
 
 def _picklable(exc: BaseException) -> BaseException:

@@ -2,7 +2,8 @@
 
 Front end -> engine: `Add`, `Abort`, `Query`, `Stop`. Engine -> front end: `Ready` or
 `Failed` once at start-up, then `StepOutputs` (every delta of one engine step in one
-message), `Reply` (to a `Query`) and `Died` (the engine failed; the process lingers only
+message), `Reply` (to a `Query`), `Encoded` (one call of the engine process' input encoder,
+`engine/core/encoding.py`) and `Died` (the engine failed; the process lingers only
 until the front end stops it). Messages are small: prompts and sampling once per request,
 token deltas once per step; image tensors go through shared memory (`SharedInputs`).
 """
@@ -17,6 +18,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import GridTHW, MultimodalInputs, RequestOutput
+from engine.timeline import EncodeRecord
 
 
 @runtime_checkable
@@ -60,6 +62,11 @@ class NewRequest:
     prompt_token_ids: list[int]
     mm: Any
     sampling: SamplingParams
+
+
+def final_output(req: NewRequest, reason: str, error: str | None = None) -> RequestOutput:
+    """The last output of a request the engine never ran (aborted or failed before it was queued)."""
+    return RequestOutput(req.request_id, [], reason, None, len(req.prompt_token_ids), 0, error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +136,13 @@ class StepOutputs:
 class Reply:
     query_id: int
     value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One call of the engine process' input encoder (its vision tower), for the front end's timeline."""
+
+    record: EncodeRecord
 
 
 @dataclass(frozen=True, slots=True)

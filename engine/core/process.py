@@ -12,7 +12,9 @@ wake-up per event loop per step, as in process.
 The front end never touches CUDA: the child inherits the replica's CUDA_VISIBLE_DEVICES,
 embeddings on the host reach it through shared memory (`SharedInputs`), and inputs only
 the child can open (`DeferredInputs`, e.g. CUDA IPC handles) are opened there by the
-`open_inputs` callable given at start-up. With TP 1 the child runs the model itself; with
+`open_inputs` callable given at start-up, or, when the `InputEncoder` given at start-up accepts
+them, encoded there by its own model on the engine's device (a vision tower beside the engine:
+`engine/core/encoding.py`); its calls come back as `Encoded` records (`encode_timeline`). With TP 1 the child runs the model itself; with
 TP > 1 it joins this process' Ray cluster (`RayLink`: GCS address, namespace, runtime env
 and this replica's placement group) and drives the TP worker actors, which it owns: they
 die with it. Steps, scheduling and output streaming then all leave this process' GIL.
@@ -36,15 +38,17 @@ import torch.multiprocessing as torch_mp  # registers the tensor reductions (sha
 
 from engine.config import EngineConfig
 from engine.core import child
+from engine.core.encoding import InputEncoder
 from engine.core.messages import (
-    Abort, Add, DeferredInputs, Died, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs, Stop,
+    Abort, Add, DeferredInputs, Died, Encoded, Failed, NewRequest, Query, Ready, Reply, SharedInputs, StepOutputs,
+    Stop,
 )
 from engine.core.ray_link import RayLink
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, RequestOutput
 from engine.stream import RequestStream, put_many
-from engine.timeline import StepRecord, TimelineRead
+from engine.timeline import EncodeRecord, StepRecord, Timeline, TimelineRead
 from engine.validation import validate_request
 from models.config import ModelConfig, load_model_config
 
@@ -63,8 +67,11 @@ class EngineProcess:
             (picklable; called there). None: only `MultimodalInputs` are accepted.
         ray_link: TP > 1 only: the Ray cluster and placement group the engine process uses;
             None: this process' (`RayLink.current()`, which connects to Ray if needed).
+        encoder: TP 1 only: encodes the `DeferredInputs` it accepts in the engine process, with a
+            model of its own on the engine's device (picklable; loaded there before `Ready`).
     Raises:
-        ValueError: a `ray_link` with tensor_parallel_size 1 (TP 1 never connects to Ray).
+        ValueError: a `ray_link` with tensor_parallel_size 1 (TP 1 never connects to Ray), or an
+            `encoder` with tensor_parallel_size > 1 (the engine process then holds no GPU).
         Exception: whatever the engine raised while starting in its process (bad checkpoint,
             out of memory, no resources for the TP workers), with its message.
     """
@@ -72,15 +79,18 @@ class EngineProcess:
     config_class = EngineConfig
 
     def __init__(self, config: EngineConfig, open_inputs: Callable[[Any], MultimodalInputs] | None = None,
-                 ray_link: RayLink | None = None):
+                 ray_link: RayLink | None = None, encoder: InputEncoder | None = None):
         if config.tensor_parallel_size == 1 and ray_link is not None:
             raise ValueError("a TP 1 engine process runs the model itself: it takes no Ray link")
+        if config.tensor_parallel_size > 1 and encoder is not None:
+            raise ValueError("an input encoder runs beside a TP 1 engine only: a TP engine process holds no GPU")
         if config.tensor_parallel_size > 1 and ray_link is None:
             ray_link = RayLink.current()
         self.config = config
         self.model_config: ModelConfig = load_model_config(config.model)
         self.max_model_len = config.max_model_len or self.model_config.text.max_position_embeddings
-        self._takes_deferred = open_inputs is not None
+        self._takes_deferred = open_inputs is not None or encoder is not None
+        self._encodes: Timeline[EncodeRecord] = Timeline()  # the encoder's calls, as the child reports them
         self._lock = threading.Lock()  # streams and failure state: callers vs the reader thread
         self._send_lock = threading.Lock()
         self._open: dict[str, tuple[RequestStream, int]] = {}  # request id -> (stream, prompt tokens)
@@ -94,7 +104,7 @@ class EngineProcess:
         ctx = torch_mp.get_context("spawn")  # never fork a process holding CUDA or Ray state
         self._conn, theirs = ctx.Pipe()
         self._process = ctx.Process(target=child.run, name="splitvl-engine", daemon=True,
-                                    args=(config, theirs, open_inputs, sys.getswitchinterval(), ray_link))
+                                    args=(config, theirs, open_inputs, sys.getswitchinterval(), ray_link, encoder))
         with _main_not_reimported():
             self._process.start()
         theirs.close()  # the child's death then closes the pipe for the reader
@@ -187,6 +197,10 @@ class EngineProcess:
         except EngineDeadError:
             return TimelineRead((), since, 0)
 
+    def encode_timeline(self, since: int = 0) -> TimelineRead[EncodeRecord]:
+        """The input encoder's calls in the engine process from cursor `since` on (none without one)."""
+        return self._encodes.read(since)
+
     def shutdown(self) -> None:
         """Abort every stream, stop the engine process and wait for it (bounded, then killed)."""
         with self._lock:
@@ -275,6 +289,8 @@ class EngineProcess:
                     future = self._queries.get(msg.query_id)
                 if future is not None and not future.done():
                     future.set_result(msg.value)
+            elif isinstance(msg, Encoded):
+                self._encodes.append(msg.record)
             elif isinstance(msg, Died):
                 self._fail(msg.message)
 

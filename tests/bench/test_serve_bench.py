@@ -79,18 +79,18 @@ def test_serve_bench_tiny_over_http(local_ray, capsys, tmp_path) -> None:
     assert [len(lv["timeline"]["steps"]) for lv in saved] == [len(lv["timeline"]["steps"]) for lv in run["levels"]]
 
 
-def test_serve_bench_with_the_tower_in_the_llm_replica(local_ray, tmp_path) -> None:
-    """The `vision.colocate_llm` layout: no transfer row (nothing moves), the tower's calls read from the
-    ingress (`vision_timeline`): one image per request. `--step-tokens`: one run per engine step budget,
-    which every step keeps (prompt chunks + decode rows)."""
+@pytest.mark.parametrize("layout", ["serve-cpu-colocated-vision", "serve-cpu-colocated-vision-process"])
+def test_serve_bench_with_the_tower_in_the_llm_replica(local_ray, tmp_path, layout) -> None:
+    """The `vision.colocate_llm` layouts (the tower in the replica, or in its engine process): no transfer
+    row (nothing moves), the tower's calls read from the ingress (`vision_timeline`): one image per request.
+    `--step-tokens`: one run per engine step budget, which every step keeps (prompt chunks + decode rows)."""
     payload = serve.main([
-        "--tiny", "qwen3_vl", "--config", str(REPO / "configs/bench/serve-cpu-colocated-vision.yaml"),
+        "--tiny", "qwen3_vl", "--config", str(REPO / f"configs/bench/{layout}.yaml"),
         "--concurrency", "2", "--image-size", "64", "--output-len", "4", "--min-requests", "3",
         "--warmup", "1", "--overhead-probes", "1", "--no-hf", "--json", str(tmp_path / "serve.json"),
         "--step-tokens", "16", "4096",
     ])
-    assert [run["layout"] for run in payload["runs"]] == ["serve-cpu-colocated-vision@16",
-                                                          "serve-cpu-colocated-vision@4096"]
+    assert [run["layout"] for run in payload["runs"]] == [f"{layout}@16", f"{layout}@4096"]
     for run in payload["runs"]:
         (level,) = run["levels"]
         assert level["errors"] == 0, level["first_error"]

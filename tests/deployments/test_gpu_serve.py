@@ -175,28 +175,70 @@ def test_qwen3_5_0_8b_yaml_engine_process_equals_in_process(tmp_path):
     assert all(completion == 32 for _, _, completion in answers["in-process"])
 
 
+def _vision_layout_answers(tmp_path: Path, engine_process: bool, under_load) -> dict[str, list]:
+    """configs/qwen3.5-0.8b.yaml with the VisionEncoder deployment ("deployment") and with
+    `vision.colocate_llm` ("colocated"): each one's greedy answers to two image chats, one at a time;
+    `under_load(base, model, answers)` then runs on the colocated app."""
+    answers = {}
+    for name, vision in (("deployment", {}), ("colocated", {"colocate_llm": True})):
+        (tmp_path / name).mkdir()
+        with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", {"engine_process": engine_process},
+                         vision=vision) as (base, model, ready_s):
+            runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
+            answers[name] = [("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"])
+                             for _, pieces, usage in runs]
+            print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
+            if name == "colocated":
+                under_load(base, model, answers[name])
+    assert all(completion == 32 for _, _, completion in answers["deployment"])
+    return answers
+
+
+def _sixteen_concurrent_image_chats(base: str, model: str) -> int:
+    """16 concurrent image chats of distinct sizes (tower calls beside decode steps) all complete; their count."""
+    sizes = [(448 + 32 * (i % 8), 448 + 64 * (i // 8)) for i in range(16)]
+    with ThreadPoolExecutor(len(sizes)) as pool:
+        loaded = list(pool.map(lambda size: _stream_image_chat(base, model, size, 64), sizes))
+    assert all(usage["completion_tokens"] == 64 for _, _, usage in loaded)
+    return len(sizes)
+
+
 @pytest.mark.timeout(1200)
 def test_qwen3_5_0_8b_yaml_vision_in_the_llm_replica_equals_its_own_deployment(tmp_path):
     """configs/qwen3.5-0.8b.yaml (engine in the replica) with `vision.colocate_llm`: the tower in the
     ingress replica on its own stream, the engine's steps on a high-priority one. One chat at a time,
     the same greedy answers as with the VisionEncoder deployment; then 16 concurrent image chats (tower
     calls beside decode steps) all complete."""
-    answers = {}
-    for name, vision in (("deployment", {}), ("in-replica", {"colocate_llm": True})):
-        (tmp_path / name).mkdir()
-        with _serve_yaml(tmp_path / name, "qwen3.5-0.8b", "qwen3.5-0.8b", {"engine_process": False},
-                         vision=vision) as (base, model, ready_s):
-            runs = [_stream_image_chat(base, model, size) for size in ((1024, 1024), (640, 480))]
-            answers[name] = [("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"])
-                             for _, pieces, usage in runs]
-            print(f"{name}: ready after {ready_s:.0f} s, TTFT {[round(1e3 * t, 1) for t, _, _ in runs]} ms")
-            if name == "in-replica":
-                sizes = [(448 + 32 * (i % 8), 448 + 64 * (i // 8)) for i in range(16)]
-                with ThreadPoolExecutor(len(sizes)) as pool:
-                    loaded = list(pool.map(lambda size: _stream_image_chat(base, model, size, 64), sizes))
-                assert all(usage["completion_tokens"] == 64 for _, _, usage in loaded)
-    assert answers["in-replica"] == answers["deployment"]
-    assert all(completion == 32 for _, _, completion in answers["deployment"])
+    answers = _vision_layout_answers(tmp_path, False,
+                                     lambda base, model, _: _sixteen_concurrent_image_chats(base, model))
+    assert answers["colocated"] == answers["deployment"]
+
+
+@pytest.mark.timeout(1200)
+def test_qwen3_5_0_8b_yaml_vision_in_the_engine_process_equals_its_own_deployment(tmp_path):
+    """configs/qwen3.5-0.8b.yaml (engine process) with `vision.colocate_llm`: the tower in the engine
+    process on its own stream, the engine's steps on a high-priority one, the router sending resized
+    pixels. One chat at a time, the same greedy answers as with the VisionEncoder deployment; then 16
+    concurrent image chats (tower calls beside decode steps) all complete, the same image again is
+    not encoded again, and the engine process' tower calls reach the ingress' vision metrics."""
+    from deployments.metrics import parse_prometheus
+
+    def under_load(base: str, model: str, answered: list) -> None:
+        loaded = _sixteen_concurrent_image_chats(base, model)
+        _, pieces, usage = _stream_image_chat(base, model, (640, 480))  # the router's cache: not encoded again
+        assert ("".join(pieces), usage["prompt_tokens"], usage["completion_tokens"]) == answered[1]
+        images, batches = "splitvl_vision_images_total", "splitvl_vision_batches_total"
+
+        def metrics() -> dict | None:  # replicas push their metrics every few seconds
+            got = parse_prometheus(httpx.get(f"{base}/metrics", timeout=10).text)
+            return got if got.get(images, 0.0) >= 2 + loaded else None
+
+        got = wait_until(metrics, timeout_s=30)
+        print(f"tower calls: {got[batches]:.0f} for {got[images]:.0f} images")
+        assert got[images] == 2 + loaded and 2 < got[batches] <= got[images]  # every image once, batched
+
+    answers = _vision_layout_answers(tmp_path, True, under_load)
+    assert answers["colocated"] == answers["deployment"]
 
 
 def _tp_worker_pids() -> list[int]:

@@ -1,8 +1,9 @@
 """The Serve app with the real `engine.Engine` on a tiny Qwen3-VL, against transformers.
 
-Four apps on one Serve instance: "real" (vision + LLM, API key on), "colo" (the same
+Five apps on one Serve instance: "real" (vision + LLM, API key on), "colo" (the same
 with `llm.colocate_ingress`: the ingress replica owns the engine), "colov" (colocated
-with `vision.colocate_llm` too: the tower in that replica, no vision deployment) and
+with `vision.colocate_llm` too: the tower in that replica, no vision deployment), "colovp"
+(the same with `llm.engine_process`: engine and tower in the engine process) and
 "text" (`disable_vision_encoder`, colocated too: the text-only layout of one process).
 Greedy answers over HTTP must equal transformers' own `generate` on the same
 checkpoint, image included, in every layout, and the colocated layouts must answer
@@ -34,6 +35,9 @@ def urls(serve_instance, ckpt):
         "colo": run_tiny_app(serve_instance, ckpt, "colo", {**llm, "colocate_ingress": True}, api_key=KEY),
         "colov": run_tiny_app(serve_instance, ckpt, "colov", {**llm, "colocate_ingress": True}, api_key=KEY,
                               vision={"num_cpus": 0.1, "colocate_llm": True}),
+        "colovp": run_tiny_app(serve_instance, ckpt, "colovp",
+                               {**llm, "colocate_ingress": True, "engine_process": True},
+                               api_key=KEY, vision={"num_cpus": 0.1, "colocate_llm": True}),
         "text": run_tiny_app(serve_instance, ckpt, "text", {**llm, "colocate_ingress": True},
                              disable_vision_encoder=True),
     }
@@ -103,7 +107,7 @@ def test_greedy_image_chat_matches_offline_engine(urls, ckpt):
     assert resp.usage.completion_tokens == len(out.token_ids)
 
 
-@pytest.mark.parametrize("app", ["real", "colo", "colov"])
+@pytest.mark.parametrize("app", ["real", "colo", "colov", "colovp"])
 def test_greedy_image_chat_matches_transformers(urls, hf, app):
     image = IMAGE
     client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
@@ -119,7 +123,7 @@ def test_greedy_image_chat_matches_transformers(urls, hf, app):
     assert resp.choices[0].message.content == text
 
 
-@pytest.mark.parametrize("app", ["real", "text", "colo", "colov"])
+@pytest.mark.parametrize("app", ["real", "text", "colo", "colov", "colovp"])
 def test_greedy_text_stream_matches_transformers(urls, hf, app):
     client = openai.OpenAI(base_url=f"{urls[app]}/v1", api_key=KEY, max_retries=0)
     messages = [{"role": "system", "content": "You are a helpful assistant."},
@@ -161,10 +165,10 @@ def test_text_only_rejects_images(urls):
     assert resp.usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("app", ["real", "colo", "colov"])
+@pytest.mark.parametrize("app", ["real", "colo", "colov", "colovp"])
 def test_timeline_through_the_handles(urls, ckpt, app):
     """`LLMServer.timeline` (the ingress' own with colocation) and `VisionEncoder.timeline` (the ingress'
-    `vision_timeline` with the tower in it) over Serve's handles: one image chat's steps (its output count,
+    `vision_timeline` with the tower in it or in its engine process) over Serve's handles: one image chat's steps (its output count,
     decode rows) and its one tower call (images, patches)."""
     from ray import serve
 
@@ -173,7 +177,7 @@ def test_timeline_through_the_handles(urls, ckpt, app):
     from tests.deployments.conftest import wait_until
 
     llm = serve.get_deployment_handle(engine_deployment(app), app)
-    vision = (llm.vision_timeline if app == "colov" else
+    vision = (llm.vision_timeline if app in ("colov", "colovp") else
               serve.get_deployment_handle("VisionEncoder", app).timeline)
     mark = llm.timeline.remote(1 << 62).result().cursor
     vision_mark = vision.remote(1 << 62).result().cursor
@@ -202,18 +206,20 @@ def test_timeline_through_the_handles(urls, ckpt, app):
     assert encode.end <= steps.records[0].start
 
 
-def test_vision_in_the_replica_reuses_a_cached_encode(urls):
-    """On "colov" the embedding cache holds the in-process tower's result: the same image again (another
-    time) is not encoded again, and both chats answer what "real" does."""
+@pytest.mark.parametrize("app", ["colov", "colovp"])
+def test_vision_in_the_replica_reuses_a_cached_encode(urls, app):
+    """On "colov" the embedding cache holds the in-process tower's result, on "colovp" the router's holds
+    the resized pixels and the engine process' the embeddings: the same image again (another time) is not
+    encoded again, and both chats answer what "real" does."""
     from ray import serve
 
-    ingress = serve.get_deployment_handle("OpenAIIngress", "colov")
+    ingress = serve.get_deployment_handle("OpenAIIngress", app)
     mark = ingress.vision_timeline.remote(1 << 62).result().cursor
     image = png_bytes(72, 88, (7, 99, 201))
     body = {"max_tokens": 6, "extra_body": {"ignore_eos": True},
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                                       {"type": "text", "text": "Again?"}]}]}
-    first, again, ref = (_chat(urls, app, False, **body)[:2] for app in ("colov", "colov", "real"))
+    first, again, ref = (_chat(urls, name, False, **body)[:2] for name in (app, app, "real"))
     assert first == again
     assert [t for t, _ in first[1]] == [t for t, _ in ref[1]] and first[0] == ref[0]
     assert len(ingress.vision_timeline.remote(mark).result().records) == 1
@@ -229,6 +235,7 @@ def test_colocated_ingress_owns_the_engine_and_aborts_closed_streams(urls):
 
     assert set(serve.status().applications["colo"].deployments) == {"OpenAIIngress", "VisionEncoder"}
     assert set(serve.status().applications["colov"].deployments) == {"OpenAIIngress"}
+    assert set(serve.status().applications["colovp"].deployments) == {"OpenAIIngress"}
     assert engine_deployment("colo") == "OpenAIIngress" and engine_deployment("real") == "LLMServer"
     ingress = serve.get_deployment_handle("OpenAIIngress", "colo")
     client = openai.OpenAI(base_url=f"{urls['colo']}/v1", api_key=KEY, max_retries=0)
@@ -265,10 +272,11 @@ def _chat(urls: dict[str, str], app: str, stream: bool, **body) -> tuple[str, li
     return "".join(p.delta.content or "" for p in parts), tokens, chunks[-1].usage.completion_tokens
 
 
-@pytest.mark.parametrize("app", ["colo", "colov"])
+@pytest.mark.parametrize("app", ["colo", "colov", "colovp"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_colocated_image_chat_is_the_llm_deployments(urls, stream, app):
-    """Greedy image chat on "colo" (engine in the ingress) and "colov" (the tower there too) == on "real"
+    """Greedy image chat on "colo" (engine in the ingress), "colov" (the tower there too) and "colovp" (engine
+    and tower in the engine process) == on "real"
     (the LLMServer and VisionEncoder deployments): the same tokens, text and logprobs, streamed or not."""
     image = png_bytes(80, 56, (200, 120, 10))
     body = {"max_tokens": 12, "extra_body": {"ignore_eos": True},
@@ -296,12 +304,12 @@ BAD_BODIES = {
 def test_colocated_bad_input_gets_the_llm_deployments_envelope(urls, name):
     """The 4xx envelopes of the colocated layouts are the LLM deployment layout's, byte for byte but the model."""
     answers = {}
-    for app in ("real", "colo", "colov"):
+    for app in ("real", "colo", "colov", "colovp"):
         resp = httpx.post(f"{urls[app]}/v1/chat/completions", json={"model": app, **BAD_BODIES[name]},
                           headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert 400 <= resp.status_code < 500 and "Traceback" not in resp.text, resp.text
         answers[app] = (resp.status_code, resp.text.replace(app, "APP"))
-    assert answers["colo"] == answers["colov"] == answers["real"]
+    assert answers["colo"] == answers["colov"] == answers["colovp"] == answers["real"]
     if name == "prompt-too-long":
         assert '"context_length_exceeded"' in answers["colo"][1]
 

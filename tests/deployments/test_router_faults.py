@@ -12,6 +12,7 @@ import torch
 from deployments.llm import LLMServer
 from deployments.messages import ChoiceDelta, Start, Usage
 from deployments.metrics import MetricsRecorder
+from deployments.pixel_inputs import PixelEncoder
 from deployments.protocol import ChatCompletionRequest
 from deployments.router import Router
 from deployments.vision import ImageEmbedding
@@ -188,3 +189,57 @@ async def test_vision_in_the_replica_encodes_and_a_failed_tower_call_is_not_cach
     (request,) = engine.requests.values()
     pads = sum(t == ingress.router.model_config.placeholder_token_ids[0] for t in request["prompt_token_ids"])
     assert request["image_embeds"].shape[0] == pads > 0  # one embedding row per image placeholder
+
+
+class FailingPixelEncoder(PixelEncoder):
+    """The engine process' tower, whose first `failures` calls raise (state pickled into the engine process)."""
+
+    def __init__(self, app_config, device, failures: int = 2):
+        super().__init__(app_config, device)
+        self.failures, self.calls = failures, 0
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "failures": self.failures}
+
+    def __setstate__(self, state):
+        self.__init__(state["app_config"], state["device"], state["failures"])
+
+    def encode(self, batch):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return super().encode(batch)
+
+
+async def test_vision_in_the_engine_process_and_a_failed_tower_call_is_retried_then_503(tiny_checkpoint, monkeypatch):
+    """`vision.colocate_llm` with `llm.engine_process`: the router hands the engine process resized pixels
+    (no tower in the ingress); a tower call there that raises fails its request, the router retries once
+    (re-preprocessing: nothing stays cached), then answers 503; the next request is encoded and served,
+    and the engine is left empty."""
+    import deployments.llm
+    from deployments.errors import EncoderUnavailableError
+    from deployments.openai_api import OpenAIIngress
+    from deployments.pixel_inputs import EngineTower, ImagePixels
+
+    monkeypatch.setattr(deployments.llm, "PixelEncoder", FailingPixelEncoder)
+    config = {"model": str(tiny_checkpoint("qwen3_vl")), "model_id": "m", "device": "cpu", "dtype": "float32",
+              "llm": {"max_model_len": 512, "num_gpu_blocks": 64, "colocate_ingress": True, "engine_process": True},
+              "vision": {"colocate_llm": True}}
+    ingress = OpenAIIngress(config, None, None)
+    try:
+        assert ingress.vision is None and isinstance(ingress.router.vision, EngineTower)
+        engine = ingress.llm_server.engine
+        with pytest.raises(EncoderUnavailableError):
+            _ = [e async for e in ingress.router.chat(_two_image_chat())]
+        assert len(ingress.router.cache) == 0
+        events = [e async for e in ingress.router.chat(_two_image_chat())]
+        assert isinstance(events[0], Start) and isinstance(events[-1], Usage)
+        assert events[-1].completion_tokens == 4
+        assert all(isinstance(ref, ImagePixels) for ref in ingress.router.cache.values())
+        (record,) = ingress.vision_timeline().records  # the two failed calls left no record
+        assert record.images == 2
+        stats = engine.stats()
+        assert stats["num_running"] == stats["num_waiting"] == 0
+        assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    finally:
+        ingress.llm_server.engine.shutdown()

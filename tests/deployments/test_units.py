@@ -511,15 +511,26 @@ def test_colocated_ingress_takes_the_llm_options(tmp_path):
 
 
 def test_vision_in_the_llm_replica_needs_the_engine_in_the_ingress_process(tmp_path):
-    """`vision.colocate_llm` puts the tower in the process that runs the engine: the colocated ingress with
-    the engine in process and one rank; that engine then steps on a high-priority stream, and others do not."""
+    """`vision.colocate_llm` puts the tower in the process that runs the engine: the colocated ingress (the
+    engine in process, or in its engine process) with one rank; that engine then steps on a high-priority
+    stream, and others do not."""
     from deployments.llm import engine_config_values
 
     base = {"model": str(tmp_path), "vision": {"colocate_llm": True}}
-    for llm in ({}, {"colocate_ingress": True, "engine_process": True},
-                {"colocate_ingress": True, "tensor_parallel_size": 2}):
-        with pytest.raises(ValidationError, match="vision.colocate_llm runs the tower in the LLM replica's own"):
+    for llm, got in (({}, "colocate_ingress: false, tensor_parallel_size: 1"),
+                     ({"engine_process": True}, "colocate_ingress: false, tensor_parallel_size: 1"),
+                     ({"colocate_ingress": True, "tensor_parallel_size": 2},
+                      "colocate_ingress: true, tensor_parallel_size: 2"),
+                     ({"colocate_ingress": True, "engine_process": True, "tensor_parallel_size": 2},
+                      "colocate_ingress: true, tensor_parallel_size: 2")):
+        with pytest.raises(ValidationError) as info:
             AppConfig.model_validate({**base, "llm": llm})
+        assert "vision.colocate_llm runs the tower beside the engine" in str(info.value)
+        assert "llm.colocate_ingress: true and llm.tensor_parallel_size: 1" in str(info.value)
+        assert f"(got {got})" in str(info.value)
+    process = AppConfig.model_validate({**base, "llm": {"colocate_ingress": True, "engine_process": True}})
+    assert process.vision.colocate_llm and process.llm.engine_process
+    assert engine_config_values(process, "m")["high_priority_stream"] is True
     cfg = AppConfig.model_validate({**base, "llm": {"colocate_ingress": True}})
     assert engine_config_values(cfg, "m")["high_priority_stream"] is True
     text_only = AppConfig.model_validate({**base, "llm": {"colocate_ingress": True}, "disable_vision_encoder": True})
