@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine.sequence import MultimodalInputs, RequestOutput
@@ -69,6 +70,7 @@ class ScriptedEngine:
         self.max_running = max(self.max_running, len(self.running))
         tokens = script_tokens(prompt_token_ids, max_tokens)
         try:
+            await self._before_first_token()
             for i, token in enumerate(tokens):
                 await asyncio.sleep(self.token_delay_s)
                 if request_id not in self.running:
@@ -86,6 +88,9 @@ class ScriptedEngine:
                     return
         finally:
             self.running.discard(request_id)
+
+    async def _before_first_token(self) -> None:
+        """Subclasses hold a request here (it counts as running meanwhile)."""
 
     def abort(self, request_id: str) -> None:
         # A cancelled add_request iterator has already left `running`; what
@@ -109,3 +114,18 @@ class SlowScriptedEngine(ScriptedEngine):
     """10 tokens a second: requests stay in flight long enough to fill queues or time out."""
 
     token_delay_s = 0.1
+
+
+def gate_path(model_dir: str | Path) -> Path:
+    """While this file exists, `GatedScriptedEngine` holds every request before its first token."""
+    return Path(model_dir) / "splitvl-test-gate"
+
+
+class GatedScriptedEngine(SlowScriptedEngine):
+    """Holds each request before its first token while the test's gate file exists (`gate_path` of the
+    model directory): what a test sends meanwhile meets a full engine however slowly it arrives."""
+
+    async def _before_first_token(self) -> None:
+        gate = gate_path(self.config.model)
+        while gate.exists():
+            await asyncio.sleep(0.02)

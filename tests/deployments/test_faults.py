@@ -23,7 +23,7 @@ import pytest
 
 from tests.deployments.conftest import local_serve, wait_until
 from tests.deployments.helpers import data_url, png_bytes, stream_in_background
-from tests.deployments.scripted_engine import ScriptedEngine, SlowScriptedEngine
+from tests.deployments.scripted_engine import GatedScriptedEngine, ScriptedEngine, SlowScriptedEngine, gate_path
 
 HANG_GUARD_S = 120.0  # no single wait in this module may take longer
 
@@ -96,44 +96,60 @@ def running_replicas(app: str, deployment: str) -> int:
 # ---------------------------------------------------------------- backpressure and time
 
 
-# 6 s a request at SlowScriptedEngine's pace: the running one outlasts the burst's arrival even on a
-# loaded 2-core machine (with 2 s, a CI run saw the first finish before the burst's last got in).
-BURST_TOKENS = 60
-
-
 @pytest.mark.parametrize("colocate", [False, True], ids=["llm-deployment", "colocated"])
-def test_overload_is_refused_with_503_and_retry_after(deploy, colocate):
+def test_overload_is_refused_with_503_and_retry_after(deploy, ckpt, colocate):
     """1 ongoing + 1 queued fit the LLM (its deployment's Serve queue, or the colocated ingress' own
-    bound); the rest of a burst gets the 503 envelope, none waits."""
+    bound); the rest of a burst gets the 503 envelope, none waits.
+
+    The engine holds every request before its first token until the burst's refusals are back (the
+    gate file), so the running one cannot finish and free its place while a slow machine is still
+    delivering the burst."""
     from ray import serve
 
     from deployments.app import engine_deployment
 
     app = "bp-colo" if colocate else "bp"  # a fresh route each: HAProxy may still hold the last app's
     url = deploy(app, text_app(max_ongoing_requests=1, max_queued_requests=1, colocate_ingress=colocate),
-                 SlowScriptedEngine)
+                 GatedScriptedEngine)
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HANG_GUARD_S)
 
     async def one(stream: bool):
         try:
             if stream:
                 chunks = [c async for c in await client.chat.completions.create(
-                    model=app, stream=True, **hello(BURST_TOKENS))]
+                    model=app, stream=True, **hello(20))]
                 return "ok", [c.choices[0].finish_reason for c in chunks if c.choices][-1]
-            resp = await client.chat.completions.create(model=app, **hello(BURST_TOKENS))
+            resp = await client.chat.completions.create(model=app, **hello(20))
             return "ok", resp.choices[0].finish_reason
         except openai.APIStatusError as exc:
             return exc.status_code, exc.response
 
-    async def burst():
-        return await asyncio.wait_for(asyncio.gather(*(one(i % 2 == 0) for i in range(8))), HANG_GUARD_S)
+    # One running, at most one queued. Colocated, the bound is the ingress' own and exact. Through the
+    # LLM deployment it is Serve's per-caller `max_queued_requests` (alpha), which with the engine held
+    # let a third request in at the margin in about one gated run in ten (a request between its
+    # replica probe and the queue is counted in neither): allowed here, the engine's own bound below is
+    # strict.
+    most = 2 if colocate else 3
 
-    results = asyncio.run(burst())
+    async def burst():
+        tasks = [asyncio.ensure_future(one(i % 2 == 0)) for i in range(8)]
+        deadline = time.monotonic() + HANG_GUARD_S / 2
+        while sum(t.done() for t in tasks) < 8 - most and time.monotonic() < deadline:  # the refusals, or a bug
+            await asyncio.sleep(0.05)
+        gate.unlink()
+        return await asyncio.wait_for(asyncio.gather(*tasks), HANG_GUARD_S)
+
+    gate = gate_path(ckpt)
+    gate.touch()
+    try:
+        results = asyncio.run(burst())
+    finally:
+        gate.unlink(missing_ok=True)
     ok = [r for r in results if r[0] == "ok"]
     refused = [(i, r) for i, r in enumerate(results) if r[0] != "ok"]
-    assert 1 <= len(ok) <= 2, results  # one running, at most one queued: never more
+    assert 1 <= len(ok) <= most, results
     assert all(reason == "length" for _, reason in ok)
-    assert len(refused) >= 6
+    assert len(refused) >= 8 - most
     assert {i % 2 for i, _ in refused} == {0, 1}  # streaming and non-streaming requests alike
     for _, (status, response) in refused:
         assert response.headers.get("content-type", "").startswith("application/json"), (response.status_code, response.text[:300])
