@@ -356,6 +356,7 @@ def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, 
             preprocess_ms = median_ms(lambda: llm._image_pixels([image]), device, iters)
             tower_ms = median_ms(lambda: llm._encode(pixels.to(device), grid), device, iters)
         request_ms = median_ms(lambda: llm.generate([request], params), device, iters)
+        stages = _request_stages(llm, request, params, device, iters)
         prof = make_profiler(device)
         window = StepWindow(llm)
         synchronize(device)
@@ -379,7 +380,39 @@ def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, 
     return dict(image_size=image_size, prompt_tokens=prompt_tokens, preprocess_ms=preprocess_ms,
                 tower_ms=tower_ms, request_ms=request_ms, engine_ms=request_ms - preprocess_ms - tower_ms,
                 profiled_wall_ms=wall_ms, gpu_busy_ms=busy_us / 1e3, busy_over_wall=busy_us / 1e3 / wall_ms,
-                steps=len(records), step_phases_ms=phases, top_kernels=kernels)
+                steps=len(records), step_phases_ms=phases, request_stages_ms=stages, top_kernels=kernels)
+
+
+REQUEST_STAGES = ("prepare (preprocess + tower + inputs)", "queued until its step starts", "its steps",
+                  "last step's end to the caller")
+
+
+def _request_stages(llm, request: dict, params, device: torch.device, iters: int) -> dict[str, float]:
+    """One request's wall split at its milestones (medians of `iters`): `LLM.prepare` done, its first
+    step's start and its last step's end (the engine's step records), the result back in the caller."""
+    samples: list[list[float]] = []
+    for _ in range(iters):
+        synchronize(device)
+        window = StepWindow(llm)
+        window.start()
+        t0 = time.monotonic()
+        prepared = llm.prepare(request)
+        t1 = time.monotonic()
+        llm._loop.run_until_complete(llm._generate([prepared], [params]))
+        t2 = time.monotonic()
+        for _ in range(200):  # the step thread files its record after it hands out the token
+            if window.started():
+                break
+            time.sleep(0.005)
+        window.stop()
+        records = window.records()
+        if not records:
+            continue
+        first, last = records[0].start, max(r.end for r in records)
+        samples.append([1e3 * (t1 - t0), 1e3 * (first - t1), 1e3 * (last - first), 1e3 * (t2 - last)])
+    if not samples:
+        return {}
+    return {name: sorted(s[i] for s in samples)[len(samples) // 2] for i, name in enumerate(REQUEST_STAGES)}
 
 
 def report_ttft(r: dict) -> None:
@@ -391,6 +424,9 @@ def report_ttft(r: dict) -> None:
                   r["gpu_busy_ms"], r["busy_over_wall"], r["steps"]]])
     print_table("TTFT: the engine's step phases (ms per step, profiled request)", ["phase", "ms/step"],
                 [[k, v] for k, v in r["step_phases_ms"].items()])
+    print_table("TTFT: the request's stages (ms, medians; the last may be negative: the caller can have its token "
+                "before the step thread files the step)", ["stage", "ms"],
+                [[k, v] for k, v in r["request_stages_ms"].items()])
 
 
 # ---- entry points ---------------------------------------------------------------------

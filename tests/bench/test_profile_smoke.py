@@ -19,3 +19,6 @@ def test_profile_bench_smoke(tmp_path, capsys) -> None:
     (ttft,) = payload["ttft"]
     assert ttft["prompt_tokens"] > 4 and ttft["steps"] >= 1 and ttft["top_kernels"]
     assert ttft["preprocess_ms"] > 0 and ttft["tower_ms"] > 0 and ttft["request_ms"] > 0
+    stages = ttft["request_stages_ms"]
+    assert list(stages) == list(profile.REQUEST_STAGES)
+    assert stages["prepare (preprocess + tower + inputs)"] > 0 and stages["its steps"] > 0
