@@ -3,8 +3,8 @@
 `varlen_attention` runs ops/csrc/cuda/varlen_attention_sm90.cu for the calls it takes
 (bidirectional, keys packed, fp16/bf16, head_dim 64/72/80, on a compute capability 9.0 GPU with
 the sm_90a build) while the switch is on, and its mma.sync kernel otherwise. The switch is off by
-default until a GPU run has checked and timed the kernel (`SPLITVL_ATTN_SM90=1` starts a process
-with it on). Both compute the same attention to rounding; benches time both. Kernels launched
+default: on an H200 the kernel is correct but 1.33x slower than the mma.sync one on the vision
+tower (BENCHMARKS.md 13.2); `SPLITVL_ATTN_SM90=1` starts a process with it on. Both compute the same attention to rounding; benches time both. Kernels launched
 after a change use the new setting, so a CUDA graph keeps the one it was captured with.
 """
 
