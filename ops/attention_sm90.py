@@ -4,8 +4,9 @@
 (bidirectional, keys packed, fp16/bf16, head_dim 64/72/80, on a compute capability 9.0 GPU with
 the sm_90a build) while the switch is on, and its mma.sync kernel otherwise. The switch is off by
 default: on an H200 the kernel is correct but 1.33x slower than the mma.sync one on the vision
-tower (BENCHMARKS.md 13.2); `SPLITVL_ATTN_SM90=1` starts a process with it on. Both compute the same attention to rounding; benches time both. Kernels launched
-after a change use the new setting, so a CUDA graph keeps the one it was captured with.
+tower (BENCHMARKS.md 13.2); `SPLITVL_ATTN_SM90=1` starts a process with it on. Both compute the
+same attention to rounding; benches time both. Kernels launched after a change use the new
+setting, so a CUDA graph keeps the one it was captured with.
 """
 
 from __future__ import annotations
