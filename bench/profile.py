@@ -171,6 +171,14 @@ class StepWindow:
     def records(self) -> list:
         return [r for r in self.engine.timeline(self.cursor).records if self.t0 <= r.start < self.t1]
 
+    def stop_once_filed(self, timeout_s: float = 1.0) -> None:
+        """`stop()` once a step started in the window has its record: the step thread files it after it
+        hands out the step's tokens, so a caller holding its result may be ahead of the record."""
+        deadline = time.monotonic() + timeout_s
+        while not self.started() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        self.stop()
+
     def started(self) -> int:
         """Steps started since `start()` (the window may still be open)."""
         return sum(1 for r in self.engine.timeline(self.cursor).records if r.start >= self.t0)
@@ -366,11 +374,7 @@ def ttft_section(ckpt: Path, device: torch.device, dtype: str, image_size: int, 
             llm.generate([request], params)
             synchronize(device)
             wall_ms = 1e3 * (time.perf_counter() - t0)
-            for _ in range(200):  # the step thread files its record after it hands out the token
-                if window.started():
-                    break
-                time.sleep(0.005)
-            window.stop()
+            window.stop_once_filed()
         records = window.records()
         kernels, busy_us = kernel_table(prof, device, 1)
         phases = host_phases(records, PhaseTimer())
@@ -400,11 +404,7 @@ def _request_stages(llm, request: dict, params, device: torch.device, iters: int
         t1 = time.monotonic()
         llm._loop.run_until_complete(llm._generate([prepared], [params]))
         t2 = time.monotonic()
-        for _ in range(200):  # the step thread files its record after it hands out the token
-            if window.started():
-                break
-            time.sleep(0.005)
-        window.stop()
+        window.stop_once_filed()
         records = window.records()
         if not records:
             continue
