@@ -39,7 +39,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
-                   [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=450
+                   [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=590
                    [vision-serve-test]=300 [ttft-2b]=150
                    [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
