@@ -15,9 +15,9 @@ the child can open (`DeferredInputs`, e.g. CUDA IPC handles) are opened there by
 `open_inputs` callable given at start-up, or, when the `InputEncoder` given at start-up accepts
 them, encoded there by its own model on the engine's device (a vision tower beside the engine:
 `engine/core/encoding.py`); its calls come back as `Encoded` records (`encode_timeline`). With
-TP 1 the child runs the model itself; with TP > 1 it joins this process' Ray cluster (`RayLink`: GCS address, namespace, runtime env
-and this replica's placement group) and drives the TP worker actors, which it owns: they
-die with it. Steps, scheduling and output streaming then all leave this process' GIL.
+TP 1 the child runs the model itself; with TP > 1 it joins this process' Ray cluster
+(`RayLink`: GCS address, namespace, runtime env and this replica's placement group) and drives
+the TP worker actors, which it owns: they die with it. Steps, scheduling and output streaming then all leave this process' GIL.
 """
 
 from __future__ import annotations
