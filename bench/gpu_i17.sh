@@ -74,7 +74,7 @@ step_cmd() {
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \
         tests/ops/test_pdl.py ;;
-    ttft-prof) python -m bench.profile --model qwen3-vl-2b --batches --images 8 --ttft --attn-sm90 on,off \
+    ttft-prof) python -m bench.profile --model qwen3-vl-2b --batches --images 0 --ttft \
         --ckpt-cache "$CKPT" --json "$OUT/ttft-prof.json" ;;
     sm90-bench) python -m bench.ops --ops varlen_attention --attn-sm90 on,off --json "$OUT/sm90.json" ;;
     *) echo "unknown step $1"; return 2 ;;

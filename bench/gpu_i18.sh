@@ -15,6 +15,7 @@
 #   moe    bench/moe.py: full 48-layer Qwen3-VL-30B-A3B built in GPU memory, decode batch 1 and 64, programmatic
 #          dependent launch on and off
 #          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
+#   moe-prof  bench/moe.py at batch 1 with the top kernels of five graph replays (where the b1 step's time goes)
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -23,7 +24,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200)
 
 step_cmd() {
   case $1 in
@@ -33,6 +34,7 @@ step_cmd() {
             tests/ops/test_linear_small.py tests/models/test_small_rows_gpu.py tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
     ops) python bench/ops.py --ops moe_experts topk_softmax linear_small --json "$OUT/ops_moe.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
+    moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;
