@@ -8,7 +8,8 @@ bidirectional attention over `images` segments of `tokens` patches each, 16 head
 head_dim 64 (2B tower) or 72 (8B / 30B-A3B towers). Ours takes the packed segments
 with cu_seqlens in one launch; SDPA takes them as a batch of equal-length images
 ([images, heads, tokens, head_dim]), one launch per backend: flash attention,
-cuDNN, memory-efficient (GPU), math (CPU smoke). Per row: device ms (CUDA events),
+cuDNN, memory-efficient (GPU), math (CPU smoke); and torch's packed `varlen_attn` (GPU,
+where this torch has it), which takes the same packed layout as ours. Per row: device ms (CUDA events),
 TFLOP/s (4 x tokens^2 x head_dim x heads x images) and the max error against
 SDPA's math backend in fp32 on the same bf16 inputs. A backend that refuses the
 shape prints its reason instead of a time.
@@ -39,6 +40,15 @@ def backends(device: torch.device) -> dict[str, object]:
             "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
+def torch_varlen() -> Callable | None:
+    """torch's packed-segment flash attention (`torch.nn.attention.varlen.varlen_attn`), where this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def sdpa(backend: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from torch.nn.attention import sdpa_kernel
 
@@ -63,6 +73,9 @@ def run_shape(head_dim: int, images: int, tokens: int, heads: int, device: torch
         "ours": lambda: ops.varlen_attention(q, k, v, cu, cu, tokens, tokens, head_dim**-0.5, False)}
     for name, backend in backends(device).items():
         candidates[name] = lambda b=backend: sdpa(b, *batched).transpose(1, 2).reshape(images * tokens, heads, head_dim)
+    varlen = torch_varlen()
+    if varlen is not None and device.type == "cuda":
+        candidates["torch varlen_attn"] = lambda: varlen(q, k, v, cu, cu, tokens, tokens, scale=head_dim**-0.5)
     rows = []
     for name, fn in candidates.items():
         row = {"impl": name, "head_dim": head_dim, "images": images, "tokens": tokens}
