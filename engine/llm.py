@@ -192,8 +192,7 @@ class LLM:
     def encode_images(self, images: Sequence[Any]) -> MultimodalInputs:
         """Preprocess and run the vision tower. Returns the embeddings the engine takes."""
         self._require_vision()
-        processed = self.processor.preprocess(list(images))
-        return multimodal_inputs(self._encode(processed.pixel_values, processed.grid_thw))
+        return multimodal_inputs(self._encode(*self._image_pixels(list(images))))
 
     def _prepare_videos(self, videos: list[Any]) -> list[PreparedVideo]:
         self._require_vision()
@@ -232,7 +231,10 @@ class LLM:
         return expand_image_placeholders(ids, cfg.placeholder_token_ids, counts), multimodal_inputs(items)
 
     def _image_pixels(self, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        processed = self.processor.preprocess(list(images))
+        """Decode and resize on the host, then rescale, normalize and patchify on the tower's device
+        (only the uint8 pixels are copied there; the same values as `preprocess`, bit for bit)."""
+        resized = [self.processor.resize(image) for image in images]
+        processed = self.processor.pixel_values(resized, self.engine.executor_device)
         return processed.pixel_values, processed.grid_thw
 
     # ---- generation --------------------------------------------------------------
