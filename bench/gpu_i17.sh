@@ -27,6 +27,9 @@
 #   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
 #   ttft-prof  python -m bench.profile --ttft (2B, one 1024px image, in process): preprocess, tower, engine,
 #             GPU busy vs wall, top kernels; wgmma attention on and off
+#   vit-tower  python -m bench.vision --vit-attn splitvl sdpa flash: the 2B and 8B towers on our attention kernel
+#             and torch's (SDPA's own choice, its flash backend / varlen_attn), transformers beside
+#   vit-test  the towers' GPU parity tests on every attention backend (bf16 vs transformers and fp32)
 #   sm90-bench  python -m bench.ops --ops varlen_attention --attn-sm90 on,off (both kernels, adjacent rows)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +44,7 @@ START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
                    [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=590
                    [vision-serve-test]=300 [ttft-2b]=150
-                   [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150)
+                   [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150 [vit-tower]=200 [vit-test]=120)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
 step_cmd() {
@@ -76,6 +79,9 @@ step_cmd() {
         tests/ops/test_pdl.py ;;
     ttft-prof) python -m bench.profile --model qwen3-vl-2b --batches --images 0 --ttft \
         --ckpt-cache "$CKPT" --json "$OUT/ttft-prof.json" ;;
+    vit-tower) python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --vit-attn splitvl sdpa flash \
+        --ckpt-cache "$CKPT" --json "$OUT/vit-tower.json" ;;
+    vit-test) python -m pytest -m gpu -q -p no:warnings tests/models/test_vision_parity.py ;;
     sm90-bench) python -m bench.ops --ops varlen_attention --attn-sm90 on,off --json "$OUT/sm90.json" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac

@@ -3,6 +3,7 @@
     python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --json $OUT/vision.json
     python -m bench.vision --smoke        # CPU, tiny checkpoint: keeps this script importable
     python -m bench.vision --attn-sm90 on,off   # our tower with each attention kernel, row by row
+    python -m bench.vision --vit-attn splitvl sdpa flash   # our tower on ours / torch's attention kernels
 
 Random bf16 weights of the real architecture (configs/models/*.json); the same
 weights feed both towers. Images are preprocessed once by our processor (the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -25,6 +27,7 @@ import ops
 from bench.common import (
     ATTN_SM90_HELP, attn_sm90_settings, load_hf_model, measure_peaks, print_table, time_fn, write_json,
 )
+from models.qwen3_vl.vision import ATTENTION_BACKENDS
 
 SIZES = (448, 1024)
 BATCHES = (1, 8)
@@ -62,9 +65,11 @@ def hf_tower_forward(tower, pixels: torch.Tensor, grid: torch.Tensor):
 
 
 def bench_model(name: str, device: torch.device, peaks, rows: list, records: list,
-                ckpt_cache: str | None = None, attn_sm90: Sequence[bool | None] = (None,)) -> None:
-    """Time our tower (once per `attn_sm90` setting of the wgmma attention kernel; None: the
-    process's) and transformers' on each image size and batch; append table rows and records."""
+                ckpt_cache: str | None = None, attn_sm90: Sequence[bool | None] = (None,),
+                vit_attn: Sequence[str | None] = (None,)) -> None:
+    """Time our tower (once per `attn_sm90` setting of the wgmma attention kernel and per `vit_attn`
+    attention backend; None: the process's) and transformers' on each image size and batch; append
+    table rows and records."""
     from bench.checkpoints import prepare_checkpoint
     from models.config import load_model_config
     from models.loader import CheckpointReader
@@ -90,11 +95,15 @@ def bench_model(name: str, device: torch.device, peaks, rows: list, records: lis
             with torch.inference_mode():
                 hf_ms = time_fn(lambda: hf_tower_forward(hf_tower, pixels, grid), device)
             floor_ms = vision_flops(vcfg, proc.grid_thw) / (peaks.matmul_tflops * 1e12) * 1e3
-            for setting in attn_sm90:
+            for setting, backend in itertools.product(attn_sm90, vit_attn):
+                default = ours.blocks[0].attn.backend
+                ours.set_attention_backend(backend or default)
                 with torch.inference_mode(), (
                         ops.attention_sm90(setting) if setting is not None else contextlib.nullcontext()):
                     ours_ms = time_fn(lambda: ours(pixels, grid), device)
-                label = name if setting is None else f"{name} sm90={'on' if setting else 'off'}"
+                ours.set_attention_backend(default)
+                label = " ".join([name, *([f"sm90={'on' if setting else 'off'}"] if setting is not None else []),
+                                  *([f"attn={backend}"] if backend else [])])
                 rec = dict(model=label, size=size, batch=batch, ours_ms_per_image=ours_ms / batch,
                            hf_ms_per_image=hf_ms / batch, floor_ms_per_image=floor_ms / batch,
                            ours_images_per_s=batch / ours_ms * 1e3, vs_floor=ours_ms / floor_ms,
@@ -135,6 +144,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--attn-sm90", nargs="*", default=[], help=ATTN_SM90_HELP)
+    parser.add_argument("--vit-attn", nargs="*", default=[], choices=ATTENTION_BACKENDS,
+                        help="the tower's attention backends to time, row by row (default: the process's)")
     args = parser.parse_args()
     try:
         attn_sm90 = attn_sm90_settings(args.attn_sm90)
@@ -149,7 +160,7 @@ def main() -> None:
     rows: list = []
     records: list = []
     for name in args.models:
-        bench_model(name, device, peaks, rows, records, args.ckpt_cache, attn_sm90)
+        bench_model(name, device, peaks, rows, records, args.ckpt_cache, attn_sm90, args.vit_attn or [None])
     write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Vision tower, bf16, {peaks.device_name}",
                 ["model", "image", "batch", "ours ms/img", "HF ms/img", "floor ms/img", "ours img/s",

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import ops
 from bench.common import cuda_time_fn, print_table, time_fn, write_json
+from models.qwen3_vl.vision import torch_varlen_attention
 
 GPU_SHAPES = [(d, n, s) for d in (64, 72) for n, s in ((1, 4096), (8, 4096), (4, 1024))]
 SMOKE_SHAPES = [(8, 2, 24), (24, 1, 40)]  # (head_dim, images, tokens)
@@ -38,15 +39,6 @@ def backends(device: torch.device) -> dict[str, object]:
         return {"sdpa math": SDPBackend.MATH}
     return {"sdpa flash": SDPBackend.FLASH_ATTENTION, "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
             "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION}
-
-
-def torch_varlen() -> Callable | None:
-    """torch's packed-segment flash attention (`torch.nn.attention.varlen.varlen_attn`), where this torch has it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn
 
 
 def sdpa(backend: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,9 +65,9 @@ def run_shape(head_dim: int, images: int, tokens: int, heads: int, device: torch
         "ours": lambda: ops.varlen_attention(q, k, v, cu, cu, tokens, tokens, head_dim**-0.5, False)}
     for name, backend in backends(device).items():
         candidates[name] = lambda b=backend: sdpa(b, *batched).transpose(1, 2).reshape(images * tokens, heads, head_dim)
-    varlen = torch_varlen()
+    varlen = torch_varlen_attention()
     if varlen is not None and device.type == "cuda":
-        candidates["torch varlen_attn"] = lambda: varlen(q, k, v, cu, cu, tokens, tokens, scale=head_dim**-0.5)
+        candidates["torch varlen_attn"] = lambda: varlen(q, k, v, cu, tokens, head_dim**-0.5)
     rows = []
     for name, fn in candidates.items():
         row = {"impl": name, "head_dim": head_dim, "images": images, "tokens": tokens}

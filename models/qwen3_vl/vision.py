@@ -14,6 +14,8 @@ batch's grids, so a batch of already-seen image sizes costs no Python work.
 
 from __future__ import annotations
 
+import inspect
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +30,21 @@ from models.layers.activation import GeluTanh
 from models.layers.linear import ReplicatedLinear
 from models.layers.rotary import RotaryEmbedding, vision_rotary_embedding
 from models.loader import CheckpointError, CheckpointReader, load_module
+
+
+# The tower's attention: "splitvl" (ops.varlen_attention, the default) or torch's kernels: "sdpa"
+# (scaled_dot_product_attention over equal-length frames as a batch, its own backend choice:
+# cuDNN / flash / memory-efficient) or "flash" (torch's flash attention: SDPA's flash backend, or
+# `varlen_attn` over packed frames of mixed lengths). Frames of mixed lengths without `varlen_attn`
+# (CPU, older torch) take one SDPA call per frame. `SPLITVL_VIT_ATTN` sets the process default.
+ATTENTION_BACKENDS = ("splitvl", "sdpa", "flash")
+
+
+def _default_attention_backend() -> str:
+    name = os.environ.get("SPLITVL_VIT_ATTN", "splitvl") or "splitvl"
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"SPLITVL_VIT_ATTN={name!r}: expected one of {ATTENTION_BACKENDS}")
+    return name
 
 
 # Rotary table rows (grid side in patches) allocated up front; larger grids grow it.
@@ -48,7 +65,8 @@ class VisionGridMeta:
 
     Shapes: pos_indices [N, 4] int64 (rows of the flattened position table);
     pos_weights [N, 4] fp32 (bilinear weights); rotary_positions [2, N] int64
-    (row, col of each patch); cu_seqlens [S+1] int32, one segment per frame.
+    (row, col of each patch); cu_seqlens [S+1] int32, one segment per frame, and
+    frame_lengths (host ints) the S segments' lengths.
     Patches are in merge-block order, as the processor emits them.
     """
 
@@ -58,6 +76,7 @@ class VisionGridMeta:
     cu_seqlens: torch.Tensor
     max_seqlen: int
     max_position: int
+    frame_lengths: tuple[int, ...]
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +166,7 @@ class VisionGridCache:
             cu_seqlens=cu.to(**to),
             max_seqlen=max(seqlens),
             max_position=max(max(h, w) for _, h, w in grids),
+            frame_lengths=tuple(seqlens[1:]),
         )
 
 
@@ -168,6 +188,59 @@ class VisionLayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+def torch_varlen_attention() -> Callable | None:
+    """torch's packed flash attention as `fn(q, k, v, cu_seqlens, max_seqlen, scale)` (bidirectional),
+    or None where this torch has no `torch.nn.attention.varlen` (its first releases take no `scale`:
+    there only the default 1/sqrt(head_dim) is served, other scales get None from `fn`)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    takes_scale = "scale" in inspect.signature(varlen_attn).parameters
+
+    def fn(q, k, v, cu_seqlens, max_seqlen, scale):
+        if takes_scale:
+            return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale=scale)
+        if abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+            return None
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+
+    return fn
+
+
+def torch_frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: VisionGridMeta,
+                          scale: float, backend: str) -> torch.Tensor:
+    """Bidirectional attention within each frame on torch's kernels (`backend` "sdpa" or "flash").
+
+    Shapes: q, k, v [N, H, D] (last dim contiguous, any row stride) -> [N, H, D].
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    n, heads, dim = q.shape
+    lengths = meta.frame_lengths
+    pick = [SDPBackend.FLASH_ATTENTION] if backend == "flash" and q.is_cuda else None
+    if len(set(lengths)) == 1:  # equal frames: one batched call
+        frames = len(lengths)
+        q, k, v = (t.view(frames, lengths[0], heads, dim).transpose(1, 2) for t in (q, k, v))
+        if pick is None:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            with sdpa_kernel(pick):
+                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return out.transpose(1, 2).reshape(n, heads, dim)
+    varlen = torch_varlen_attention() if q.is_cuda else None
+    out = None if varlen is None else varlen(q, k, v, meta.cu_seqlens, meta.max_seqlen, scale)
+    if out is not None:
+        return out
+    out, row = torch.empty(q.shape, dtype=q.dtype, device=q.device), 0
+    for length in lengths:
+        span = slice(row, row + length)
+        one = (t[span].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        out[span] = F.scaled_dot_product_attention(*one, scale=scale)[0].transpose(0, 1)
+        row += length
+    return out
+
+
 class VisionAttention(nn.Module):
     """Fused-qkv bidirectional attention within each frame, with the 2-D rotary."""
 
@@ -177,17 +250,21 @@ class VisionAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = _linear(hidden, 3 * hidden)
         self.proj = _linear(hidden, hidden)
+        self.backend = _default_attention_backend()
 
     def forward(self, x: torch.Tensor, meta: VisionGridMeta, rotary: RotaryEmbedding) -> torch.Tensor:
         """Shapes: x [N, hidden] -> [N, hidden]."""
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # strided [N, H, D] views, rotated in place
         rotary(meta.rotary_positions, q, k)
-        out = ops.varlen_attention(
-            q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
-            self.scale, False,
-        )
-        return self.proj(out.view(x.shape[0], -1))
+        if self.backend == "splitvl":
+            out = ops.varlen_attention(
+                q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
+                self.scale, False,
+            )
+        else:
+            out = torch_frame_attention(q, k, v, meta, self.scale, self.backend)
+        return self.proj(out.reshape(x.shape[0], -1))
 
 
 class VisionMLP(nn.Module):
@@ -338,6 +415,13 @@ class Qwen3VLVisionModel(nn.Module):
         if not deepstack:
             return embeds, embeds.new_empty((0, *embeds.shape))
         return embeds, torch.stack(deepstack)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Run later calls' attention on `backend` (one of ATTENTION_BACKENDS)."""
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {backend!r}: expected one of {ATTENTION_BACKENDS}")
+        for block in self.blocks:
+            block.attn.backend = backend
 
     def _grids(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[Grid, ...]:
         cfg = self.config

@@ -19,7 +19,9 @@ import torch
 from models.config import load_model_config, vision_config_from_hf
 from models.loader import CheckpointError, CheckpointReader
 from models.processor import ImageProcessor
+from models.config import ConfigError
 from models.qwen3_vl.vision import (
+    ATTENTION_BACKENDS,
     Qwen3VLVisionModel,
     VisionInputError,
     frame_geometry,
@@ -170,6 +172,36 @@ def test_qwen3_5_tower_without_deepstack(towers):
     assert_parity(ours, hf, batch.pixel_values, batch.grid_thw)
 
 
+@pytest.mark.parametrize("backend", [b for b in ATTENTION_BACKENDS if b != "splitvl"])
+@pytest.mark.parametrize("grid", [[[1, 4, 6], [1, 4, 6], [1, 4, 6]], [[2, 12, 10], [1, 2, 2], [1, 4, 18]]],
+                         ids=["equal frames", "mixed frames"])
+def test_torch_attention_backends_match_transformers(towers, backend, grid):
+    """The tower on torch's attention kernels (equal frames: one batched SDPA call; mixed: packed
+    or one call per frame) == transformers, as the default `ops.varlen_attention` is."""
+    _, ours, hf = towers("qwen3_vl")
+    grid = torch.tensor(grid)
+    pixels = torch.randn(int(grid.prod(-1).sum()), ours.config.patch_dim, generator=torch.Generator().manual_seed(7))
+    try:
+        ours.set_attention_backend(backend)
+        assert {block.attn.backend for block in ours.blocks} == {backend}
+        assert_parity(ours, hf, pixels, grid)
+    finally:
+        ours.set_attention_backend("splitvl")
+
+
+def test_attention_backend_names_are_checked(towers, monkeypatch):
+    from models.qwen3_vl import vision
+
+    _, ours, _ = towers("qwen3_vl")
+    with pytest.raises(ValueError, match="attention backend"):
+        ours.set_attention_backend("fa9")
+    monkeypatch.setenv("SPLITVL_VIT_ATTN", "fa9")
+    with pytest.raises(ConfigError, match="SPLITVL_VIT_ATTN"):
+        vision.VisionAttention(16, 2)
+    monkeypatch.setenv("SPLITVL_VIT_ATTN", "sdpa")
+    assert vision.VisionAttention(16, 2).backend == "sdpa"
+
+
 def test_repeated_grids_reuse_the_cached_metadata(towers):
     _, ours, _ = towers("qwen3_vl")
     grids = ((1, 4, 6), (1, 8, 4))
@@ -226,7 +258,8 @@ def norm_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours - ref).norm() / ref.norm()).item()
 
 
-def compare_real_config_tower(tmp_path: Path, device: str, grid: torch.Tensor) -> dict[str, list[float]]:
+def compare_real_config_tower(tmp_path: Path, device: str, grid: torch.Tensor,
+                              backend: str = "splitvl") -> dict[str, list[float]]:
     """Random-weight tower of configs/models/qwen3-vl-2b.json in bf16: ours vs transformers'.
 
     transformers' tower is built with random init (1-D parameters perturbed so
@@ -254,6 +287,7 @@ def compare_real_config_tower(tmp_path: Path, device: str, grid: torch.Tensor) -
     save_file(tensors, str(tmp_path / "model.safetensors"))
     ours = Qwen3VLVisionModel(vision_config_from_hf(data["vision_config"]), torch.bfloat16, device)
     ours.load_weights(CheckpointReader(tmp_path))
+    ours.set_attention_backend(backend)
     pixels = torch.randn(int(grid.prod(-1).sum()), ours.config.patch_dim, device=device)
     with torch.inference_mode():
         embeds, deepstack = ours(pixels, grid)
@@ -273,14 +307,17 @@ def _flat(outputs: tuple[torch.Tensor, list[torch.Tensor]]) -> list[torch.Tensor
 
 
 @pytest.mark.gpu
-def test_bf16_parity_qwen3_vl_2b_tower_on_cuda(tmp_path):
-    """Real Qwen3-VL-2B vision config, random weights, bf16 on CUDA.
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("grid", [[[1, 32, 48], [1, 64, 36], [2, 16, 16]], [[1, 64, 64], [1, 64, 64]]],
+                         ids=["mixed frames", "equal frames"])
+def test_bf16_parity_qwen3_vl_2b_tower_on_cuda(tmp_path, backend, grid):
+    """Real Qwen3-VL-2B vision config, random weights, bf16 on CUDA, on each attention backend.
 
     Ours vs transformers' bf16 tower within 2e-2, and no further from the fp32
     result than transformers' own bf16 tower is (up to 25% + 1e-3).
     """
-    grid = torch.tensor([[1, 32, 48], [1, 64, 36], [2, 16, 16]])
-    errors = compare_real_config_tower(tmp_path, "cuda", grid)
+    grid = torch.tensor(grid)
+    errors = compare_real_config_tower(tmp_path, "cuda", grid, backend)
     print("bf16 relative errors [embeds, deepstack...]:", errors)
     assert max(errors["vs_hf"]) <= 2e-2, errors
     for ours, hf in zip(errors["ours_vs_fp32"], errors["hf_vs_fp32"]):
