@@ -65,10 +65,8 @@ class Engine(OverlappedSteps):
         self.max_model_len = config.max_model_len or text.max_position_embeddings
         self.executor = executor or _make_executor(config, self.model_config, self.max_model_len, placement_group)
         hybrid = text.is_hybrid
-        blocks = BlockManager(
-            self.executor.num_blocks, config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching and not hybrid,
-        )
+        self._prefix_caching = config.enable_prefix_caching and not hybrid
+        blocks = BlockManager(self.executor.num_blocks, config.block_size, enable_prefix_caching=self._prefix_caching)
         slots = StateSlotManager(config.max_num_seqs) if hybrid else None
         self.scheduler = Scheduler(blocks, config.max_num_seqs, config.max_num_batched_tokens, slots)
         self._rng = random.Random(config.seed)
@@ -118,7 +116,7 @@ class Engine(OverlappedSteps):
             raise EngineDeadError(self._dead or "the engine is shut down")
         checked = [
             validate_request(self.model_config, self.max_model_len, self.executor.num_blocks * self.config.block_size,
-                             ids, mm, sampling)
+                             ids, mm, sampling, hash_images=self._prefix_caching)
             for _, ids, mm, sampling in requests
         ]
         with self._lock:

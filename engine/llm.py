@@ -26,7 +26,7 @@ import torch
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineDeadError, EngineInputError
-from engine.multimodal import VisionItem, in_prompt_order, multimodal_inputs
+from engine.multimodal import VisionItem, in_prompt_order, multimodal_inputs, pixels_digest
 from engine.positions import expand_image_placeholders
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, TokenLogprobs
@@ -192,7 +192,7 @@ class LLM:
     def encode_images(self, images: Sequence[Any]) -> MultimodalInputs:
         """Preprocess and run the vision tower. Returns the embeddings the engine takes."""
         self._require_vision()
-        return multimodal_inputs(self._encode(*self._image_pixels(list(images))))
+        return multimodal_inputs(self._image_items(list(images)))
 
     def _prepare_videos(self, videos: list[Any]) -> list[PreparedVideo]:
         self._require_vision()
@@ -220,7 +220,7 @@ class LLM:
         if not images and not prepared:
             return ids, None
         self._require_vision()
-        image_items = self._encode(*self._image_pixels(images)) if images else []
+        image_items = self._image_items(images) if images else []
         video_items = []
         if prepared:
             pv = self.video_processor.pixel_values([v.resized for v in prepared], self.engine.executor_device)
@@ -233,9 +233,15 @@ class LLM:
     def _image_pixels(self, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode and resize on the host, then rescale, normalize and patchify on the tower's device
         (only the uint8 pixels are copied there; the same values as `preprocess`, bit for bit)."""
+        processed = self.processor.pixel_values([self.processor.resize(i) for i in images], self.engine.executor_device)
+        return processed.pixel_values, processed.grid_thw
+
+    def _image_items(self, images: list[Any]) -> list[VisionItem]:
+        """`_image_pixels` through the tower, each item keyed by its pixels (the prefix cache's key)."""
         resized = [self.processor.resize(image) for image in images]
         processed = self.processor.pixel_values(resized, self.engine.executor_device)
-        return processed.pixel_values, processed.grid_thw
+        items = self._encode(processed.pixel_values, processed.grid_thw)
+        return [dataclasses.replace(item, content_hash=pixels_digest(pixels)) for item, pixels in zip(items, resized)]
 
     # ---- generation --------------------------------------------------------------
 

@@ -10,9 +10,11 @@ transformers' Qwen3-VL fills image and video tokens and their deepstack rows.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.errors import EngineInputError
@@ -27,6 +29,17 @@ class VisionItem:
     deepstack: torch.Tensor | None
     grid_thw: GridTHW
     content_hash: str | None = None
+
+
+def pixels_digest(pixels: np.ndarray) -> str:
+    """A content key of one preprocessed image (resized uint8 [H, W, C] pixels): its prefix-cache key.
+
+    The pixels the tower reads, so equal keys mean equal embeddings under one model; cheaper than
+    `MultimodalInputs.content_hashes`' digest of the embeddings, which reads them back from the device.
+    """
+    digest = hashlib.sha256(f"pixels {tuple(pixels.shape)} {pixels.dtype}".encode())
+    digest.update(np.ascontiguousarray(pixels).data)
+    return digest.hexdigest()
 
 
 def frame_groups(video: VisionItem) -> list[VisionItem]:

@@ -74,8 +74,13 @@ def validate_request(
     prompt_token_ids: list[int],
     mm: MultimodalInputs | None,
     sampling: SamplingParams,
+    hash_images: bool = True,
 ) -> CheckedRequest:
     """Check a request against the model and limits; derive its positions and budgets.
+
+    `hash_images`: key each image span by its content (the given `image_hashes`, else a digest
+    of its embeddings, which reads them back to the host); off (keys "") where nothing reads
+    the keys: prefix caching off, or a caller that keeps only the checked ids.
 
     Raises:
         ContextLengthError: the prompt, or prompt + max_tokens, does not fit the context or KV cache.
@@ -103,6 +108,7 @@ def validate_request(
     merge = config.vision.spatial_merge_size
     positions, delta = mrope_positions(ids, mm.image_grid_thw, merge, config.placeholder_token_ids)
     counts = mm.tokens_per_image(merge)
+    digests = mm.content_hashes(merge) if hash_images else ("",) * len(counts)
     spans = [(*span, digest) for span, digest in zip(
-        image_spans(ids, config.placeholder_token_ids, counts), mm.content_hashes(merge), strict=True)]
+        image_spans(ids, config.placeholder_token_ids, counts), digests, strict=True)]
     return CheckedRequest(ids, positions, delta, max_tokens, tuple(spans))

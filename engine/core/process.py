@@ -132,7 +132,7 @@ class EngineProcess:
         batch = []
         for request_id, ids, mm, sampling in requests:
             checked = validate_request(self.model_config, self.max_model_len, kv_tokens, ids,
-                                       self._for_validation(mm), sampling)
+                                       self._for_validation(mm), sampling, hash_images=False)  # the child keys them
             wire = SharedInputs.of(mm) if isinstance(mm, MultimodalInputs) else mm
             batch.append(NewRequest(request_id, checked.prompt_token_ids, wire, sampling))
         with self._lock:

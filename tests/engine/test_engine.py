@@ -103,6 +103,38 @@ def test_prefix_cache_hit_equals_miss(path, base, reference):
         _assert_all_blocks_free(llm)
 
 
+def test_image_keys_come_from_the_pixels_not_the_embeddings(path, base, reference, monkeypatch):
+    """`LLM` keys each image by its pixels; with prefix caching off nothing keys images at all:
+    neither reads the embeddings back from the device to digest them."""
+    from engine.multimodal import pixels_digest
+
+    reqs, alone = reference
+    prompt, sp = reqs[1]
+    mm = base.encode_images(prompt["images"])
+    assert mm.image_hashes == (pixels_digest(base.processor.resize(prompt["images"][0])),)
+
+    given = MultimodalInputs.content_hashes
+
+    def refuse(inputs, merge):
+        if inputs.image_hashes is None:
+            raise AssertionError("the embeddings were digested")
+        return given(inputs, merge)
+
+    monkeypatch.setattr(MultimodalInputs, "content_hashes", refuse)
+    with LLM(path, max_model_len=512, num_gpu_blocks=256, block_size=4) as llm:  # prefix caching on
+        assert _alone(llm, [reqs[1]]) == [alone[1]]
+    unkeyed = MultimodalInputs(mm.image_embeds, mm.deepstack_embeds, mm.image_grid_thw)  # no image_hashes
+    ids = base.prepare(prompt)[0]
+
+    async def run() -> list[int]:
+        tokens = []
+        async for out in base.engine.add_request("unkeyed", ids, unkeyed, sp):
+            tokens.extend(out.new_token_ids)
+        return tokens
+
+    assert base._loop.run_until_complete(run()) == alone[1]
+
+
 def test_seeded_sampling_and_top_k_1(base, reference):
     reqs, alone = reference
     prompt, sp = reqs[1]
