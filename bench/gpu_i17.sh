@@ -27,7 +27,7 @@
 #   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
 #   ttft-prof  python -m bench.profile --ttft (2B, one 1024px image, in process): preprocess, tower, engine,
 #             GPU busy vs wall, top kernels; wgmma attention on and off
-#   vit-tower  python -m bench.vision --vit-attn splitvl sdpa flash: the 2B and 8B towers on our attention kernel
+#   vit-tower  python -m bench.vision --vit-attn splitvl sdpa auto: the 2B and 8B towers on our attention kernel
 #             and torch's (SDPA's own choice, its flash backend / varlen_attn), transformers beside
 #   vit-test  the towers' GPU parity tests on every attention backend (bf16 vs transformers and fp32)
 #   sm90-bench  python -m bench.ops --ops varlen_attention --attn-sm90 on,off (both kernels, adjacent rows)
@@ -79,7 +79,7 @@ step_cmd() {
         tests/ops/test_pdl.py ;;
     ttft-prof) python -m bench.profile --model qwen3-vl-2b --batches --images 0 --ttft \
         --ckpt-cache "$CKPT" --json "$OUT/ttft-prof.json" ;;
-    vit-tower) python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --vit-attn splitvl sdpa flash \
+    vit-tower) python -m bench.vision --models qwen3-vl-2b qwen3-vl-8b --vit-attn splitvl sdpa auto \
         --ckpt-cache "$CKPT" --json "$OUT/vit-tower.json" ;;
     vit-test) python -m pytest -m gpu -q -p no:warnings tests/models/test_vision_parity.py ;;
     sm90-bench) python -m bench.ops --ops varlen_attention --attn-sm90 on,off --json "$OUT/sm90.json" ;;

@@ -32,16 +32,20 @@ from models.layers.rotary import RotaryEmbedding, vision_rotary_embedding
 from models.loader import CheckpointError, CheckpointReader, load_module
 
 
-# The tower's attention: "splitvl" (ops.varlen_attention, the default) or torch's kernels: "sdpa"
+# The tower's attention: "splitvl" (ops.varlen_attention) or torch's kernels: "sdpa"
 # (scaled_dot_product_attention over equal-length frames as a batch, its own backend choice:
 # cuDNN / flash / memory-efficient) or "flash" (torch's flash attention: SDPA's flash backend, or
 # `varlen_attn` over packed frames of mixed lengths). Frames of mixed lengths without `varlen_attn`
-# (CPU, older torch) take one SDPA call per frame. `SPLITVL_VIT_ATTN` sets the process default.
-ATTENTION_BACKENDS = ("splitvl", "sdpa", "flash")
+# (CPU, older torch) take one SDPA call per frame. "auto", the default: "sdpa" on CUDA for a batch of
+# equal frames of at least SDPA_MIN_FRAME patches (cuDNN's kernel runs a 4,096-patch frame 1.6-1.75x
+# faster than ours on an H100, BENCHMARKS.md 14), "splitvl" otherwise (small frames: ours is faster,
+# as it is on CPU). `SPLITVL_VIT_ATTN` sets the process default.
+SDPA_MIN_FRAME = 2048
+ATTENTION_BACKENDS = ("auto", "splitvl", "sdpa", "flash")
 
 
 def _default_attention_backend() -> str:
-    name = os.environ.get("SPLITVL_VIT_ATTN", "splitvl") or "splitvl"
+    name = os.environ.get("SPLITVL_VIT_ATTN", "auto") or "auto"
     if name not in ATTENTION_BACKENDS:
         raise ConfigError(f"SPLITVL_VIT_ATTN={name!r}: expected one of {ATTENTION_BACKENDS}")
     return name
@@ -257,13 +261,18 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)  # strided [N, H, D] views, rotated in place
         rotary(meta.rotary_positions, q, k)
-        if self.backend == "splitvl":
+        backend = self.backend
+        if backend == "auto":
+            lengths = meta.frame_lengths
+            uniform = q.is_cuda and len(set(lengths)) == 1 and lengths[0] >= SDPA_MIN_FRAME
+            backend = "sdpa" if uniform else "splitvl"
+        if backend == "splitvl":
             out = ops.varlen_attention(
                 q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
                 self.scale, False,
             )
         else:
-            out = torch_frame_attention(q, k, v, meta, self.scale, self.backend)
+            out = torch_frame_attention(q, k, v, meta, self.scale, backend)
         return self.proj(out.reshape(x.shape[0], -1))
 
 

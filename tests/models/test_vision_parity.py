@@ -181,18 +181,21 @@ def test_torch_attention_backends_match_transformers(towers, backend, grid):
     _, ours, hf = towers("qwen3_vl")
     grid = torch.tensor(grid)
     pixels = torch.randn(int(grid.prod(-1).sum()), ours.config.patch_dim, generator=torch.Generator().manual_seed(7))
+    default = ours.blocks[0].attn.backend
     try:
         ours.set_attention_backend(backend)
         assert {block.attn.backend for block in ours.blocks} == {backend}
         assert_parity(ours, hf, pixels, grid)
     finally:
-        ours.set_attention_backend("splitvl")
+        ours.set_attention_backend(default)
 
 
 def test_attention_backend_names_are_checked(towers, monkeypatch):
     from models.qwen3_vl import vision
 
     _, ours, _ = towers("qwen3_vl")
+    monkeypatch.delenv("SPLITVL_VIT_ATTN", raising=False)
+    assert vision.VisionAttention(16, 2).backend == "auto"
     with pytest.raises(ValueError, match="attention backend"):
         ours.set_attention_backend("fa9")
     monkeypatch.setenv("SPLITVL_VIT_ATTN", "fa9")
@@ -259,7 +262,7 @@ def norm_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compare_real_config_tower(tmp_path: Path, device: str, grid: torch.Tensor,
-                              backend: str = "splitvl") -> dict[str, list[float]]:
+                              backend: str = "auto") -> dict[str, list[float]]:
     """Random-weight tower of configs/models/qwen3-vl-2b.json in bf16: ours vs transformers'.
 
     transformers' tower is built with random init (1-D parameters perturbed so
