@@ -233,14 +233,16 @@ class LLM:
     def _image_pixels(self, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode and resize on the host, then rescale, normalize and patchify on the tower's device
         (only the uint8 pixels are copied there; the same values as `preprocess`, bit for bit)."""
-        processed = self.processor.pixel_values([self.processor.resize(i) for i in images], self.engine.executor_device)
+        return self._device_pixels([self.processor.resize(image) for image in images])
+
+    def _device_pixels(self, resized: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        processed = self.processor.pixel_values(resized, self.engine.executor_device)
         return processed.pixel_values, processed.grid_thw
 
     def _image_items(self, images: list[Any]) -> list[VisionItem]:
         """`_image_pixels` through the tower, each item keyed by its pixels (the prefix cache's key)."""
         resized = [self.processor.resize(image) for image in images]
-        processed = self.processor.pixel_values(resized, self.engine.executor_device)
-        items = self._encode(processed.pixel_values, processed.grid_thw)
+        items = self._encode(*self._device_pixels(resized))
         return [dataclasses.replace(item, content_hash=pixels_digest(pixels)) for item, pixels in zip(items, resized)]
 
     # ---- generation --------------------------------------------------------------

@@ -14,6 +14,7 @@ batch's grids, so a batch of already-seen image sizes costs no Python work.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from collections import OrderedDict
@@ -192,6 +193,7 @@ class VisionLayerNorm(nn.Module):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
+@functools.cache
 def torch_varlen_attention() -> Callable | None:
     """torch's packed flash attention as `fn(q, k, v, cu_seqlens, max_seqlen, scale)` (bidirectional),
     or None where this torch has no `torch.nn.attention.varlen` (its first releases take no `scale`:
