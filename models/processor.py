@@ -81,7 +81,8 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> PIL.Image.I
         ImageDecodeError: not an image. ImageTooLargeError: over `max_pixels`
         (checked on the header, before the pixels are decoded).
     """
-    if isinstance(source, PIL.Image.Image):
+    owned = not isinstance(source, PIL.Image.Image)  # ours to change in place (a caller's image is not)
+    if not owned:
         image = source
     else:
         try:
@@ -100,7 +101,11 @@ def load_image(source: ImageInput, max_pixels: int | None = None) -> PIL.Image.I
     check_image_size(image.width, image.height, max_pixels)
     try:
         image.load()
-        image = PIL.ImageOps.exif_transpose(image)
+        # In place: without an orientation tag exif_transpose would return a full copy of the pixels.
+        if owned:
+            PIL.ImageOps.exif_transpose(image, in_place=True)
+        else:
+            image = PIL.ImageOps.exif_transpose(image)
         return to_rgb(image)
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"cannot decode image: {exc}") from exc

@@ -190,6 +190,32 @@ def test_load_image_exif_orientation():
     assert out.size == (20, 40)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_load_image_transposes_as_pil_does(orientation):
+    """Every EXIF orientation, against PIL's own `exif_transpose` of a fresh decode (the reference)."""
+    import PIL.ImageOps
+
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_noise(40, 20, seed=orientation), "PNG", exif=exif.tobytes())
+    reference = PIL.ImageOps.exif_transpose(PIL.Image.open(io.BytesIO(data))).convert("RGB")
+    out = load_image(data)
+    assert out.size == reference.size and out.mode == "RGB"
+    assert np.array_equal(np.asarray(out), np.asarray(reference))
+    assert out.getexif().get(0x0112, 1) == 1
+
+
+def test_load_image_leaves_a_callers_image_alone():
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    given = PIL.Image.open(io.BytesIO(_encode(_noise(40, 20), "PNG", exif=exif.tobytes())))
+    given.load()
+    before = np.asarray(given).copy()
+    out = load_image(given)
+    assert out.size == (20, 40) and given.size == (40, 20)
+    assert np.array_equal(np.asarray(given), before) and given.getexif().get(0x0112) == 6
+
+
 def test_bad_images():
     with pytest.raises(ImageDecodeError):
         load_image(b"definitely not an image")
