@@ -7,13 +7,14 @@ size it stands for. LRU, bounded by those sizes in bytes.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
+
+from engine.multimodal import content_digest
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,25 +61,16 @@ class EmbeddingCache:
 
 
 def video_key(frames: Any, settings: str, model_id: str) -> str:
-    """sha256 of a video's sampled, resized uint8 frames ([T, h, w, 3]), the settings and model."""
-    h = hashlib.sha256()
-    h.update(f"{model_id}\0{settings}\0video\0{tuple(frames.shape)}\0".encode())
-    h.update(frames.contiguous().numpy().tobytes())
-    return h.hexdigest()
+    """Content key of a video's sampled, resized uint8 frames ([T, h, w, 3] tensor), the settings and model."""
+    return content_digest(f"{model_id}\0{settings}\0video\0{tuple(frames.shape)}\0", frames.contiguous().numpy())
 
 
 def image_key(image: PIL.Image.Image, settings: str, model_id: str) -> str:
-    """sha256 of the decoded RGB pixels, their size, the preprocessing settings and model."""
-    h = hashlib.sha256()
-    h.update(f"{model_id}\0{settings}\0{image.mode}\0{image.width}x{image.height}\0".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+    """Content key of the decoded RGB pixels, their size, the preprocessing settings and model."""
+    return pixels_key(np.asarray(image), image.mode, settings, model_id)
 
 
 def pixels_key(pixels: np.ndarray, mode: str, settings: str, model_id: str) -> str:
     """`image_key` of the image whose pixels are `pixels` ([H, W, C] uint8, `np.asarray` of it), hashed in place."""
-    h = hashlib.sha256()
     height, width = pixels.shape[:2]
-    h.update(f"{model_id}\0{settings}\0{mode}\0{width}x{height}\0".encode())
-    h.update(np.ascontiguousarray(pixels).data)
-    return h.hexdigest()
+    return content_digest(f"{model_id}\0{settings}\0{mode}\0{width}x{height}\0", pixels)

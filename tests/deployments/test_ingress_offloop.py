@@ -7,6 +7,8 @@ token of that replica (bench/ingress_stages.py times each stage).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import threading
 from types import SimpleNamespace
 
@@ -16,8 +18,9 @@ import pytest
 
 import deployments.media as media
 from deployments.config import LimitsConfig
-from deployments.embedding_cache import image_key, pixels_key
+from deployments.embedding_cache import image_key, pixels_key, video_key
 from deployments.router import Router
+from engine.multimodal import content_digest, pixels_digest
 from models.processor import ImageProcessor
 from tests.deployments.helpers import data_url, png_bytes
 
@@ -55,6 +58,69 @@ def test_pixels_key_is_image_key(size: tuple[int, int]) -> None:
     other[0, 0, 0] ^= 1
     assert pixels_key(other, image.mode, "s", "m") != image_key(image, "s", "m")
     assert pixels_key(np.asarray(image), image.mode, "t", "m") != image_key(image, "s", "m")
+
+
+def _reference_digest(data: bytes) -> str:
+    """The content hash as the blake3 package computes it over one buffer (sha256 where it is missing)."""
+    try:
+        from blake3 import blake3
+    except ImportError:
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+    return blake3(data).hexdigest()
+
+
+def test_content_digest_hashes_header_then_pixels_in_c_order() -> None:
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (33, 17, 3), dtype=np.uint8)
+    assert content_digest("head", pixels) == _reference_digest(b"head" + pixels.tobytes())
+    strided = rng.integers(0, 256, (40, 34, 3), dtype=np.uint8)[::2, ::2]  # not contiguous: read in C order
+    assert content_digest("h", strided) == _reference_digest(b"h" + strided.tobytes())
+    assert pixels_digest(pixels) == _reference_digest(f"pixels {pixels.shape} uint8".encode() + pixels.tobytes())
+
+
+def test_without_blake3_keys_are_prefixed_sha256(monkeypatch) -> None:
+    import sys
+
+    from engine import multimodal
+
+    monkeypatch.setitem(sys.modules, "blake3", None)  # import blake3 now raises ImportError
+    hasher, prefix = multimodal._content_hasher()
+    assert prefix == "sha256:" and hasher(b"abc").hexdigest() == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_video_key_hashes_the_frames() -> None:
+    import torch
+
+    frames = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8))
+    header = f"m\0s\0video\0{tuple(frames.shape)}\0".encode()
+    assert video_key(frames, "s", "m") == _reference_digest(header + frames.numpy().tobytes())
+    other = frames.clone()
+    other[1, 5, 5, 2] ^= 1
+    assert video_key(other, "s", "m") != video_key(frames, "s", "m")
+
+
+def _encoded(image: PIL.Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_image_keys_follow_the_decoded_pixels_not_the_encoding() -> None:
+    """Equal pixels in PNG, BMP, lossless WebP and TIFF: one key; a JPEG of them (lossy) or another image: others."""
+    rng = np.random.default_rng(4)
+    image = PIL.Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    blobs = {fmt: _encoded(image, fmt, **kw) for fmt, kw in
+             (("PNG", {}), ("BMP", {}), ("WEBP", {"lossless": True}), ("TIFF", {}), ("JPEG", {"quality": 90}))}
+    decoded = {fmt: media.decode_image(data, _policy()) for fmt, data in blobs.items()}
+    keys = {fmt: image_key(im, "s", "m") for fmt, im in decoded.items()}
+    for fmt, im in decoded.items():  # the reference: equal keys exactly where the decoded pixels are equal
+        for other, im2 in decoded.items():
+            same = im.size == im2.size and np.array_equal(np.asarray(im), np.asarray(im2))
+            assert (keys[fmt] == keys[other]) == same, (fmt, other)
+    assert keys["PNG"] == keys["BMP"] == keys["WEBP"] == keys["TIFF"] != keys["JPEG"]
+    transposed = PIL.Image.fromarray(np.ascontiguousarray(np.asarray(image).reshape(64, 48, 3)))
+    assert image_key(transposed, "s", "m") != keys["PNG"]  # same bytes, another size
+    assert image_key(decoded["PNG"], "s", "other-model") != keys["PNG"]
 
 
 @pytest.mark.parametrize("size, resized", [((64, 96), False), ((70, 90), True)])
