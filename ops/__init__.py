@@ -108,6 +108,17 @@ def reshape_and_cache(key, value, key_cache, value_cache, slot_mapping):
 
 
 @_ops.op(reference)
+def qk_norm_rope_and_cache(
+    positions, query, key, value, q_weight, k_weight, eps, cos_sin_cache, key_cache, value_cache, slot_mapping,
+    is_neox, mrope_section, mrope_interleaved,
+):
+    torch.ops.splitvl.qk_norm_rope_and_cache.default(
+        positions, query, key, value, q_weight, k_weight, eps, cos_sin_cache, key_cache, value_cache, slot_mapping,
+        is_neox, list(mrope_section) if mrope_section else [], mrope_interleaved,
+    )
+
+
+@_ops.op(reference)
 def paged_attention_decode(query, key_cache, value_cache, block_tables, seq_lens, scale):
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     torch.ops.splitvl.paged_attention_decode.default(

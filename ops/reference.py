@@ -258,6 +258,38 @@ def reshape_and_cache(
     value_cache[blocks, offsets] = value[keep]
 
 
+def qk_norm_rope_and_cache(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    is_neox: bool = True,
+    mrope_section: Sequence[int] | None = None,
+    mrope_interleaved: bool = False,
+) -> None:
+    """`qk_norm_rope` in place on query and key, then `reshape_and_cache` of that key and `value`.
+
+    The attention layers' per-head q/k norm, RoPE and KV-cache write in one op: query and key
+    are normalized and rotated exactly as `qk_norm_rope` does, and the rotated key and the
+    untouched value of token t go to slot `slot_mapping[t]` of the caches (slot < 0 skipped).
+
+    Shapes: positions [T] or [S, T]; query [T, Hq, D], key / value [T, Hkv, D] (strided views
+    of a fused qkv output allowed; unit last stride); q_weight / k_weight [D];
+    cos_sin_cache [max_pos, rot_dim] fp32; key_cache / value_cache [num_blocks, block_size,
+    Hkv, D] in key's dtype; slot_mapping [T] int64.
+    """
+    qk_norm_rope(positions, query, key, q_weight, k_weight, eps, cos_sin_cache, is_neox, mrope_section,
+                 mrope_interleaved)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
 def gather_paged(
     cache: torch.Tensor, block_table: torch.Tensor, length: int
 ) -> torch.Tensor:

@@ -26,6 +26,17 @@ SPLITVL_OP(qk_norm_rope,
            (const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& q_weight,
             const at::Tensor& k_weight, double epsilon, const at::Tensor& cos_sin_cache, bool is_neox,
             at::IntArrayRef mrope_section, bool mrope_interleaved))
+// qk_norm_rope, then reshape_and_cache of the rotated key and value, in one launch
+// (ops/reference.py qk_norm_rope_and_cache).
+SPLITVL_OP(qk_norm_rope_and_cache,
+           "Tensor positions, Tensor! query, Tensor! key, Tensor value, Tensor q_weight, Tensor k_weight, "
+           "float epsilon, Tensor cos_sin_cache, Tensor! key_cache, Tensor! value_cache, Tensor slot_mapping, "
+           "bool is_neox, int[] mrope_section, bool mrope_interleaved",
+           (const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+            const at::Tensor& q_weight, const at::Tensor& k_weight, double epsilon,
+            const at::Tensor& cos_sin_cache, at::Tensor& key_cache, at::Tensor& value_cache,
+            const at::Tensor& slot_mapping, bool is_neox, at::IntArrayRef mrope_section,
+            bool mrope_interleaved))
 SPLITVL_OP(silu_and_mul, "Tensor! out, Tensor input",
            (at::Tensor& out, const at::Tensor& input))
 SPLITVL_OP(gelu_tanh, "Tensor! out, Tensor input", (at::Tensor& out, const at::Tensor& input))

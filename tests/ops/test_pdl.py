@@ -82,17 +82,23 @@ def test_dense_chain(rows):
 
 
 @GPU
-def test_attention_chain():
-    # linear_small -> qk_norm_rope -> reshape_and_cache -> paged decode (+ merge at long context)
-    # -> sigmoid_gate_mul -> linear_small, one new cached token per sequence and link.
+@pytest.mark.parametrize("fused_cache", [False, True], ids=["two-ops", "qk_norm_rope_and_cache"])
+def test_attention_chain(fused_cache):
+    # linear_small -> qk_norm_rope -> reshape_and_cache (or the two in one op) -> paged decode
+    # (+ merge at long context) -> sigmoid_gate_mul -> linear_small, one new cached token per
+    # sequence and link.
     torch.manual_seed(1)
     context = 2000
     a = attention_setup(context, LINKS, context - 700)
 
     def link(x: torch.Tensor, i: int) -> torch.Tensor:
         q, gate, k, v = split_qkv(a, ops.linear_small(x, a.w_qkv, None))
-        ops.qk_norm_rope(a.positions[i], q, k, a.qw, a.kw, 1e-6, a.cos_sin, True, None, False)
-        ops.reshape_and_cache(k, v, a.key_cache, a.value_cache, a.slots[i])
+        if fused_cache:
+            ops.qk_norm_rope_and_cache(a.positions[i], q, k, v, a.qw, a.kw, 1e-6, a.cos_sin, a.key_cache,
+                                       a.value_cache, a.slots[i], True, None, False)
+        else:
+            ops.qk_norm_rope(a.positions[i], q, k, a.qw, a.kw, 1e-6, a.cos_sin, True, None, False)
+            ops.reshape_and_cache(k, v, a.key_cache, a.value_cache, a.slots[i])
         out = ops.paged_attention_decode(q, a.key_cache, a.value_cache, a.tables, a.lens[i], a.d**-0.5)
         return ops.linear_small(ops.sigmoid_gate_mul(out, gate).flatten(1), a.w_o, None)
 

@@ -1,6 +1,7 @@
 // Rotary position embedding (neox or GPT-J pairs), plain and sectioned (mRoPE,
 // ViT 2-D), in place on strided query/key views; partial rotary supported. Also
-// qk_norm_rope: the per-head q/k RMSNorm followed by the rotation.
+// qk_norm_rope: the per-head q/k RMSNorm followed by the rotation, and
+// qk_norm_rope_and_cache: that, then the cache write.
 #include <utility>
 #include <vector>
 
@@ -152,6 +153,19 @@ void qk_norm_rope(const at::Tensor& positions, at::Tensor& query, at::Tensor& ke
   }
   const std::optional<at::Tensor> k(key);
   rotary_embedding(positions, query, k, query.size(2), cos_sin_cache, is_neox, mrope_section, mrope_interleaved);
+}
+
+// qk_norm_rope then reshape_and_cache (which checks the slots against the cache).
+void qk_norm_rope_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, const at::Tensor& value,
+                            const at::Tensor& q_weight, const at::Tensor& k_weight, double epsilon,
+                            const at::Tensor& cos_sin_cache, at::Tensor& key_cache, at::Tensor& value_cache,
+                            const at::Tensor& slot_mapping, bool is_neox, at::IntArrayRef mrope_section,
+                            bool mrope_interleaved) {
+  check_qk_norm_rope_and_cache(positions, query, key, value, q_weight, k_weight, cos_sin_cache, key_cache,
+                               value_cache, slot_mapping);
+  qk_norm_rope(positions, query, key, q_weight, k_weight, epsilon, cos_sin_cache, is_neox, mrope_section,
+               mrope_interleaved);
+  reshape_and_cache(key, value, key_cache, value_cache, slot_mapping);
 }
 
 }  // namespace splitvl::cpu
