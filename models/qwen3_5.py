@@ -68,9 +68,14 @@ class Qwen3_5Attention(nn.Module):
         q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
         gate = q_gate[..., d:]  # a strided view, read in place by the gate op
         q, k = q_gate[..., :d], k.unflatten(-1, (self.num_kv_heads, d))
-        self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
         v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
-        out = self.attn(q, k, v, attn, kv_cache)
+        if kv_cache is None:
+            self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
+        else:  # and k, v into the cache, one launch (one less per layer at decode)
+            self.rotary_emb.with_qk_norm_and_cache(
+                positions, q, k, v, self.q_norm, self.k_norm, kv_cache, attn.slot_mapping
+            )
+        out = self.attn(q, k, v, attn, kv_cache, kv_written=kv_cache is not None)
         return self.o_proj(ops.sigmoid_gate_mul(out, gate).flatten(1))
 
 

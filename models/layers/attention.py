@@ -65,7 +65,8 @@ class Attention(nn.Module):
 
     Shapes: q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]. GQA by Hq // Hkv.
     With `kv_cache = (key_cache, value_cache)` (`[num_blocks, block_size, Hkv, D]`),
-    the new k/v are written at `slot_mapping` first, then decode runs
+    the new k/v are written at `slot_mapping` first (unless `kv_written`: the
+    caller's `ops.qk_norm_rope_and_cache` already wrote them), then decode runs
     `ops.paged_attention_decode`, prefill `ops.varlen_attention` over the paged
     context (cached prefix + new tokens). Without a cache, k/v are the packed
     keys. `causal=False` gives the ViT's bidirectional attention per sequence.
@@ -88,11 +89,13 @@ class Attention(nn.Module):
         v: torch.Tensor,
         attn: AttentionMetadata,
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         if kv_cache is None:
             return self._packed(q, k, v, attn)
         key_cache, value_cache = kv_cache
-        ops.reshape_and_cache(k, v, key_cache, value_cache, attn.slot_mapping)
+        if not kv_written:
+            ops.reshape_and_cache(k, v, key_cache, value_cache, attn.slot_mapping)
         if attn.block_tables is None:
             return self._packed(q, k, v, attn)
         if attn.decode_only:

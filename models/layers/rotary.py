@@ -98,6 +98,34 @@ class RotaryEmbedding(nn.Module):
         )
         return query, key
 
+    def with_qk_norm_and_cache(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        q_norm: RMSNorm,
+        k_norm: RMSNorm,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        slot_mapping: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`with_qk_norm`, and the rotated key and `value` written at `slot_mapping` of
+        `kv_cache` in the same launch (`ops.qk_norm_rope_and_cache`): the attention then reads
+        the cache without writing it (`Attention.forward(..., kv_written=True)`).
+
+        Shapes: query [T, Hq, D], key / value [T, Hkv, D]; kv_cache two
+        [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64 (< 0: not cached).
+        """
+        if q_norm.eps != k_norm.eps:
+            raise ValueError(f"q_norm eps {q_norm.eps} != k_norm eps {k_norm.eps}")
+        key_cache, value_cache = kv_cache
+        ops.qk_norm_rope_and_cache(
+            self.op_positions(positions), query, key, value, q_norm.weight, k_norm.weight, q_norm.eps,
+            self.cos_sin_cache, key_cache, value_cache, slot_mapping, self.is_neox, self.mrope_section,
+            self.mrope_interleaved,
+        )
+        return query, key
+
     def op_positions(self, positions: torch.Tensor) -> torch.Tensor:
         """The positions as the op reads them (`[T]`, or `[len(mrope_section), T]`)."""
         return positions
