@@ -16,6 +16,11 @@
 #          dependent launch on and off
 #          (eager and CUDA graph) vs the active-weight floor, transformers at batch 64
 #   moe-prof  bench/moe.py at batch 1 with the top kernels of five graph replays (where the b1 step's time goes)
+#   qkc-test  qk_norm_rope_and_cache (the q/k norm + RoPE with the KV-cache write, one launch): its kernel vs
+#          the reference and the two-op path, the PDL chain with it, and the model paths that use it (engine
+#          decode with CUDA graphs == eager == transformers, bf16 parity); not a default step
+#   qkc-ops  bench/ops.py: qk_norm_rope_and_cache next to qk_norm_rope + reshape_and_cache at the 30B-A3B
+#          decode shape (T = 1 and 64, 32/4 heads x 128, interleaved mRoPE); not a default step
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -24,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60)
 
 step_cmd() {
   case $1 in
@@ -33,6 +38,10 @@ step_cmd() {
             tests/models/test_moe_gpu.py tests/models/test_moe_grouped.py \
             tests/ops/test_linear_small.py tests/models/test_small_rows_gpu.py tests/ops/test_op_table.py "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" ;;
     ops) python bench/ops.py --ops moe_experts topk_softmax linear_small --json "$OUT/ops_moe.json" ;;
+    qkc-test) python -m pytest -m gpu -x -q tests/ops/test_qk_norm_rope_and_cache.py tests/ops/test_qk_norm_rope.py \
+            tests/ops/test_cache.py tests/ops/test_pdl.py tests/ops/test_op_table.py tests/engine/test_gpu.py \
+            tests/engine/test_gpu_graphs.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py ;;
+    qkc-ops) python bench/ops.py --ops qk_norm_rope_and_cache reshape_and_cache qk_norm_rope --json "$OUT/ops_qkc.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \

@@ -30,6 +30,8 @@ replaced ("composed (old)" rows), timed the same way in the same run.
 `linear_small`: the decoders' dense linears at decode rows (M = 1, 4, 16) as one weight-streaming
 kernel next to F.linear (cuBLAS) in the same run (bench/ops_linear.py gives the shapes); their
 % copy is over the weight bytes, cycled through copies larger than L2 as a decode step reads them.
+`qk_norm_rope_and_cache`: the decode attention's q/k norm + RoPE + KV-cache write at the 30B-A3B
+shape (T = 1 and 64) next to qk_norm_rope + reshape_and_cache ("qk_norm_rope + cache (old)").
 `gated_delta_net_decode`: the fused Gated DeltaNet decode step at B=1 and 64 next to the
 four ops it replaced ("four ops (old)"); its % copy is nearly that of the state bytes.
 """
@@ -172,6 +174,47 @@ def qk_norm_rope_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Ca
                    partial(_in_place_check, partial(fused, ops), partial(fused, reference), q, k), moved)
         yield Case("  norm, norm, rotary (old)", shape, partial(old, ops, q, k),
                    partial(_in_place_check, partial(old, ops), partial(fused, reference), q, k), moved)
+
+
+def _qk_cache_pair(module, positions, q, k, v, wq, wk, cache, kc, vc, slots, section) -> None:
+    """The two ops the attention layers ran before qk_norm_rope_and_cache."""
+    module.qk_norm_rope(positions, q, k, wq, wk, EPS, cache, True, section, True)
+    module.reshape_and_cache(k, v, kc, vc, slots)
+
+
+def qk_norm_rope_cache_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """The decode attention's q/k norm + RoPE + KV-cache write at the 30B-A3B shape (interleaved
+    mRoPE): the one op next to qk_norm_rope + reshape_and_cache (bytes: the fused op's, both rows)."""
+    block = 16
+    configs = [("tiny", 3, (4, 2, 32, [8, 4, 4]))] if smoke else [
+        ("30B-A3B", t, QK_NORM["30B-A3B"]) for t in (1, 64)]
+    for model, t, (hq, hkv, d, section) in configs:
+        cache = _cos_sin_cache(4096, 2 * sum(section), dev)
+        positions = torch.randint(0, 4096, (3, t), device=dev)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=dtype)
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+        wq, wk = (torch.randn(d, device=dev, dtype=dtype) for _ in range(2))
+        num_blocks = 2 * t // block + 2
+        kc = torch.zeros(num_blocks, block, hkv, d, device=dev, dtype=dtype)
+        vc = torch.zeros_like(kc)
+        slots = torch.randperm(num_blocks * block, device=dev)[:t]
+        moved = 2 * nbytes(q, k) + nbytes(v) + 2 * nbytes(k) + nbytes(wq, wk) + t * cache.shape[1] * 4 \
+            + nbytes(positions, slots)
+
+        def fused(module, q, k, kc, vc, positions=positions, v=v, wq=wq, wk=wk, cache=cache, slots=slots,
+                  section=section):
+            module.qk_norm_rope_and_cache(positions, q, k, v, wq, wk, EPS, cache, kc, vc, slots, True, section, True)
+
+        def pair(module, q, k, kc, vc, positions=positions, v=v, wq=wq, wk=wk, cache=cache, slots=slots,
+                 section=section):
+            _qk_cache_pair(module, positions, q, k, v, wq, wk, cache, kc, vc, slots, section)
+
+        shape = f"{model} T={t} {hq}/{hkv}x{d}"
+        yield Case("qk_norm_rope_and_cache", shape, partial(fused, ops, q, k, kc, vc),
+                   partial(_in_place_check, partial(fused, ops), partial(fused, reference), q, k, kc, vc), moved)
+        yield Case("  qk_norm_rope + cache (old)", shape, partial(pair, ops, q, k, kc, vc),
+                   partial(_in_place_check, partial(pair, ops), partial(fused, reference), q, k, kc, vc), moved)
 
 
 def activation_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
@@ -499,6 +542,7 @@ FAMILIES = {
     "moe_decode": moe_decode_cases,
     "causal_conv1d": conv1d_cases, "gated_delta_rule": delta_rule_cases, "gated_rms_norm": gated_norm_cases,
     "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
+    "qk_norm_rope_and_cache": qk_norm_rope_cache_cases,
     "gated_delta_net_decode": gdn_decode_cases, "linear_small": linear_small_cases,
 }
 
