@@ -1,6 +1,7 @@
 """CPU cost of each stage an image request passes on the client and in the ingress, timed in this process.
 
     python -m bench.ingress_stages --tiny qwen3_vl --image-size 1024 --iters 20
+    python -m bench.ingress_stages --tiny qwen3_vl --processor published   # Qwen3-VL's pixel budget: 1024 kept
     python -m bench.ingress_stages --ckpt /path/to/checkpoint --image-size 1024   # the real tokenizer/processor
 
 Per stage, the median ms of `--iters` runs on distinct images (so no cache
@@ -11,8 +12,14 @@ every other request and every streamed token of that replica) or in a thread:
   `json=` did per request), one SSE token chunk parsed;
 - ingress: JSON parse, request validation, chat template + tokenization,
   base64 decode, image decode (header check, pixels, EXIF, RGB), the embedding
-  cache key (sha256 of the pixels), resize to the patch grid, one SSE token
-  chunk built (`completion_object` + `sse`).
+  cache key (the content hash of the pixels), resize to the patch grid, one SSE
+  token chunk built (`completion_object` + `sse`);
+- "image thread, all": what the router's one worker thread per image runs
+  (`load_request_image` with `Router._prepare_image`: base64, decode, key, resize).
+
+`--processor published` preprocesses with the published Qwen3-VL settings (what the
+random-weight checkpoints of bench.serve carry): a 1024px image needs no resize there,
+while the tiny checkpoint's smaller pixel budget resizes it to 992px.
 
 Both kinds of image are timed: the bench's smooth random JPEG
 (`bench.load.make_image_url`) and a noisy one whose JPEG is photo-sized.
@@ -57,24 +64,28 @@ def _median_ms(fn: Callable[[Any], Any], inputs: list[Any]) -> tuple[float, list
     return 1e3 * statistics.median(times), outs
 
 
-def time_stages(ckpt: Path, urls: list[str]) -> list[tuple[str, str, float]]:
+def time_stages(ckpt: Path, urls: list[str], processor_json: Path | None = None) -> list[tuple[str, str, float]]:
     """(stage, where it runs in the ingress, median ms) for one request per url."""
-    from deployments.config import AppConfig
     from deployments.embedding_cache import image_key
-    from deployments.media import MediaPolicy, decode_data_url, decode_image
+    from deployments.media import decode_data_image, decode_data_url, decode_image
+    from deployments.messages import ChoiceDelta
+    from deployments.metrics import MetricsRecorder
+    from deployments.openai_api import sse
     from deployments.prompt import chat_prompt_text
     from deployments.protocol import ChatCompletionRequest, choice_dict, completion_object
-    from deployments.messages import ChoiceDelta
-    from deployments.openai_api import sse
+    from deployments.router import Router
+    from engine.multimodal import content_digest
     from models.processor import ImageProcessor
-    from transformers import AutoTokenizer
 
-    config = AppConfig.model_validate({"model": str(ckpt), "model_id": "bench", "device": "cpu"})
-    policy = MediaPolicy.from_limits(config.limits)
-    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-    processor = ImageProcessor.from_pretrained(ckpt)
+    router = Router({"model": str(ckpt), "model_id": "bench", "device": "cpu"}, None, None,
+                    MetricsRecorder("bench", "bench"))
+    if processor_json is not None:
+        router.processor = ImageProcessor.from_dict(json.loads(processor_json.read_text()))
+        router._settings = repr(router.processor)
+    policy, tokenizer, processor = router.policy, router.tokenizer, router.processor
     bodies = [chat_body("bench", u, 256) for u in urls]
     rows: list[tuple[str, str, float]] = []
+    digest = "sha256" if content_digest("", np.zeros(0, np.uint8)).startswith("sha256:") else "blake3"
 
     def stage(name: str, where: str, fn: Callable[[Any], Any], inputs: list[Any]) -> list[Any]:
         ms, outs = _median_ms(fn, inputs)
@@ -86,11 +97,13 @@ def time_stages(ckpt: Path, urls: list[str]) -> list[tuple[str, str, float]]:
     reqs = stage("ingress: validate request", "event loop", ChatCompletionRequest.model_validate, parsed)
     stage("ingress: chat template + tokenize", "event loop",
           lambda r: tokenizer.encode(chat_prompt_text(tokenizer, r), add_special_tokens=False), reqs)
-    data = stage("ingress: base64 decode", "event loop", lambda u: decode_data_url(u, policy), urls)
+    data = stage("ingress: base64 decode", "thread", lambda u: decode_data_url(u, policy), urls)
     images = stage("ingress: image decode", "thread", lambda d: decode_image(d, policy), data)
-    settings = repr(processor)
-    stage("ingress: cache key (sha256 of pixels)", "event loop", lambda im: image_key(im, settings, "bench"), images)
-    stage("ingress: resize to the patch grid", "thread", processor.resize, images)
+    stage(f"ingress: cache key ({digest} of pixels)", "thread", lambda im: image_key(im, router._settings, "bench"),
+          images)
+    resized = stage("ingress: resize to the patch grid", "thread", processor.resize, images)
+    stage(f"ingress: image thread, all ({images[0].width} -> {resized[0].shape[1]} px)", "thread",
+          lambda u: router._prepare_image(decode_data_image(u, policy)), urls)
     chunk = completion_object(True, True, "chatcmpl-x", "bench", 0,
                               [choice_dict(True, True, ChoiceDelta(0, " word", None, None), 0)], None)
     stage("ingress: one SSE token chunk", "event loop", lambda _: sse(chunk), urls)
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
     parser.add_argument("--ckpt", default=None, help="a checkpoint directory with a tokenizer")
     parser.add_argument("--image-size", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--processor", choices=["checkpoint", "published"], default="checkpoint",
+                        help="the checkpoint's preprocessor_config.json, or the published Qwen3-VL one")
     opts = parser.parse_args(argv)
     if opts.ckpt:
         ckpt = Path(opts.ckpt)
@@ -114,12 +129,20 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, float]]:
         from models.tiny import write_tiny_checkpoint
 
         ckpt = Path(write_tiny_checkpoint(opts.tiny, Path(tempfile.mkdtemp(prefix="splitvl-tiny-"))))
+    processor_json = None
+    if opts.processor == "published":
+        import tempfile
+
+        from models.random_weights import PUBLISHED_PREPROCESSOR
+
+        processor_json = Path(tempfile.mkdtemp(prefix="splitvl-pre-")) / "preprocessor_config.json"
+        processor_json.write_text(json.dumps(PUBLISHED_PREPROCESSOR))
     out = []
     for kind, make in (("bench (smooth)", make_image_url), ("noisy (photo-sized)", noisy_image_url)):
         urls = [make(opts.image_size, seed) for seed in range(opts.iters)]
         kb = statistics.mean(len(u) for u in urls) / 1024
         print(f"### {kind} {opts.image_size}px JPEG, data URL {kb:.0f} KiB")
-        for name, where, ms in time_stages(ckpt, urls):
+        for name, where, ms in time_stages(ckpt, urls, processor_json):
             print(f"| {name} | {where} | {ms:.3f} ms |")
             out.append((f"{kind}: {name}", where, ms))
     return out

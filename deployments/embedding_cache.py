@@ -34,6 +34,10 @@ class EmbeddingCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: str) -> bool:
+        """Whether `key` is cached, without counting as a use (safe to ask from another thread)."""
+        return key in self._entries
+
     def get(self, key: str) -> Any | None:
         entry = self._entries.get(key)
         if entry is None:

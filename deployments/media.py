@@ -22,6 +22,7 @@ import io
 import ipaddress
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -294,13 +295,25 @@ def decode_data_image(url: str, policy: MediaPolicy) -> PIL.Image.Image:
     return decode_image(decode_data_url(url, policy), policy)
 
 
-async def load_request_image(url: str, policy: MediaPolicy) -> PIL.Image.Image:
+async def load_request_image(url: str, policy: MediaPolicy,
+                             prepare: Callable[[PIL.Image.Image], Any] | None = None) -> Any:
     """Fetch and decode one request image, off the event loop: a data URL's base64 decode
-    (milliseconds for a photo) runs in the same worker thread as the pixel decode."""
+    (milliseconds for a photo) runs in the same worker thread as the pixel decode, and so does
+    `prepare` (the router's content key and resize: one thread hop per image, not one per stage).
+
+    Returns:
+        The RGB PIL image, or what `prepare` made of it.
+    """
     if url[:5].lower() == "data:":
-        return await asyncio.to_thread(decode_data_image, url, policy)
+        return await asyncio.to_thread(_decoded, decode_data_image, url, policy, prepare)
     data = await fetch_image_bytes(url, policy)
-    return await asyncio.to_thread(decode_image, data, policy)
+    return await asyncio.to_thread(_decoded, decode_image, data, policy, prepare)
+
+
+def _decoded(decode: Callable[[Any, MediaPolicy], PIL.Image.Image], source: Any, policy: MediaPolicy,
+             prepare: Callable[[PIL.Image.Image], Any] | None) -> Any:
+    image = decode(source, policy)
+    return image if prepare is None else prepare(image)
 
 
 

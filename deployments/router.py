@@ -67,6 +67,21 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True, slots=True)
+class LoadedImage:
+    """One request image as its worker thread left it: decoded, keyed and (unless cached) resized.
+
+    Shapes: pixels [h, w, 3] uint8 at the patch grid's size. `pixels` is None when the embedding
+    cache held `key` at decode time; `image` (the decoded RGB image) is kept only then, to resize
+    should that entry be gone by the encode.
+    """
+
+    key: str
+    grid_thw: tuple[int, int, int]
+    pixels: np.ndarray | None
+    image: Any | None  # PIL.Image.Image
+
+
+@dataclass(frozen=True, slots=True)
 class _ChoiceDone:
     """A choice's last word on the router's internal queue: how many tokens it generated."""
 
@@ -243,22 +258,37 @@ class Router:
             k += groups
         return out
 
-    async def _load_images(self, urls: list[str]) -> tuple[list[Any], list[int]]:
-        """Fetch and decode every image; (images, image-token count of each)."""
-        from models.processor import ImageError
-
-        loaded = await asyncio.gather(*(load_request_image(u, self.policy) for u in urls), return_exceptions=True)
+    async def _load_images(self, urls: list[str]) -> tuple[list[LoadedImage], list[int]]:
+        """Fetch, decode, key and resize every image, each in one worker thread; (images, image-token
+        count of each)."""
+        loaded = await asyncio.gather(*(load_request_image(u, self.policy, self._prepare_image) for u in urls),
+                                      return_exceptions=True)
         for item in loaded:
             if isinstance(item, BaseException):
                 raise item
-        counts = []
-        for image in loaded:
-            try:
-                grid = self.processor.grid_thw(image.height, image.width)
-            except ImageError as exc:
-                raise MediaError(str(exc), param="image_url") from exc
-            counts.append(self.processor.num_image_tokens(grid))
-        return list(loaded), counts
+        return list(loaded), [self.processor.num_image_tokens(item.grid_thw) for item in loaded]
+
+    def _prepare_image(self, image: Any) -> LoadedImage:
+        """In the image's decode thread: its cache key (hashed in place in the one copy out of PIL) and
+        the pixels the tower reads, unless the cache holds the key (then no resize is spent on a hit).
+
+        Raises:
+            MediaError: no patch grid fits the image (aspect ratio, size).
+        """
+        from models.processor import ImageError
+
+        try:
+            grid = self.processor.grid_thw(image.height, image.width)
+        except ImageError as exc:
+            raise MediaError(str(exc), param="image_url") from exc
+        pixels = np.asarray(image)
+        key = pixels_key(pixels, image.mode, self._settings, self.model_id)
+        if self.processor.target_size(image.height, image.width) == (image.height, image.width):
+            return LoadedImage(key, grid, pixels, None)
+        # Read off the event loop, the cache's answer is a hint: an entry evicted since costs a resize then.
+        if key in self.cache:
+            return LoadedImage(key, grid, None, image)
+        return LoadedImage(key, grid, self.processor.resize(image), None)
 
     async def _embed(self, images: list[Any], counts: list[int], transfer: str) -> tuple[list[Any], list[str]]:
         """One ObjectRef of embeddings per image (from the cache or a new encode), and its cache key.
@@ -267,16 +297,15 @@ class Router:
         """
         refs, keys = [], []
         for image, num_tokens in zip(images, counts, strict=True):
-            pixels = None
-            if isinstance(image, PreparedVideo):
-                key = video_key(image.resized, self._video_settings, self.model_id)
-            else:  # hashing megabytes of pixels: off the event loop
-                key, pixels = await asyncio.to_thread(self._image_key, image)
+            if isinstance(image, PreparedVideo):  # megabytes of frames: hashed off the event loop
+                key = await asyncio.to_thread(video_key, image.resized, self._video_settings, self.model_id)
+            else:  # keyed in its decode thread
+                key = image.key
             ref = self.cache.get(key)
             if ref is None:
                 self.metrics.inc("splitvl_embedding_cache_misses_total")
                 try:
-                    ref = await self._encode(image, transfer, pixels, key)
+                    ref = await self._encode(image, transfer, key)
                 except EncoderUnavailableError:
                     # The dead replica may hold this request's earlier encodes too: drop them
                     # so that the retry re-encodes instead of reusing their lost results.
@@ -292,27 +321,18 @@ class Router:
             keys.append(key)
         return refs, keys
 
-    def _image_key(self, image: Any) -> tuple[str, np.ndarray | None]:
-        """The image's cache key, and its pixels when they need no resize (one copy out of PIL serves both).
-
-        Shapes: pixels [H, W, 3] uint8.
-        """
-        pixels = np.asarray(image)
-        key = pixels_key(pixels, image.mode, self._settings, self.model_id)
-        unchanged = self.processor.target_size(image.height, image.width) == (image.height, image.width)
-        return key, pixels if unchanged else None
-
-    async def _encode(self, image: Any, transfer: str, pixels: np.ndarray | None = None, key: str = "") -> Any:
-        """Send one image (`pixels`: already at the patch grid's size, else resized here; `key`: its cache key)
-        to the vision replica; with the tower in the engine process, what goes there instead (`ImagePixels`)."""
-        # Decode and resize here; the uint8 pixels (not float patches) go to the vision replica.
+    async def _encode(self, image: LoadedImage | PreparedVideo, transfer: str, key: str) -> Any:
+        """Send one image or video (`key`: its cache key) to the vision replica; with the tower in the
+        engine process, what goes there instead (`ImagePixels`)."""
+        # The uint8 pixels at the patch grid's size (not float patches) go to the vision replica.
         if isinstance(image, PreparedVideo):
-            pixels = image.resized.numpy()  # [T, h, w, 3]: already sampled and resized
-        elif pixels is None:
-            pixels = await asyncio.to_thread(self.processor.resize, image)
+            pixels, grid = image.resized.numpy(), tuple(image.grid_thw)  # [T, h, w, 3]: sampled and resized
+        else:
+            pixels, grid = image.pixels, image.grid_thw
+            if pixels is None:  # its cache entry was gone by now
+                pixels = await asyncio.to_thread(self.processor.resize, image.image)
         if isinstance(self.vision, EngineTower):  # the engine process' tower (vision.colocate_llm, engine_process)
-            grid = image.grid_thw if isinstance(image, PreparedVideo) else self.processor.grid_thw(*pixels.shape[:2])
-            return self.vision.pixels(pixels, tuple(grid), key)
+            return self.vision.pixels(pixels, grid, key)
         if isinstance(self.vision, VisionEncoder):  # this replica's own tower (vision.colocate_llm)
             task = asyncio.ensure_future(self.vision.encode(pixels, transfer))
             task.add_done_callback(_retrieve_exception)  # the LLM side may never await it (request gone)

@@ -1,4 +1,5 @@
-"""The ingress keeps per-image megabyte work off its event loop: base64 decode, pixel decode, cache key.
+"""The ingress keeps per-image megabyte work off its event loop: base64 decode, pixel decode, cache key,
+resize, all in one worker thread per image.
 
 A request's image work on the loop holds up every other request and every streamed
 token of that replica (bench/ingress_stages.py times each stage).
@@ -18,7 +19,7 @@ import pytest
 
 import deployments.media as media
 from deployments.config import LimitsConfig
-from deployments.embedding_cache import image_key, pixels_key, video_key
+from deployments.embedding_cache import EmbeddingCache, image_key, pixels_key, video_key
 from deployments.router import Router
 from engine.multimodal import content_digest, pixels_digest
 from models.processor import ImageProcessor
@@ -123,16 +124,45 @@ def test_image_keys_follow_the_decoded_pixels_not_the_encoding() -> None:
     assert image_key(decoded["PNG"], "s", "other-model") != keys["PNG"]
 
 
-@pytest.mark.parametrize("size, resized", [((64, 96), False), ((70, 90), True)])
-def test_router_image_key_hands_over_pixels_only_when_no_resize_is_due(size, resized) -> None:
+def _router(processor: ImageProcessor) -> SimpleNamespace:
+    return SimpleNamespace(processor=processor, _settings=repr(processor), model_id="m",
+                           cache=EmbeddingCache(1 << 20))
+
+
+@pytest.mark.parametrize("size, resized, cached", [((64, 96), False, False), ((70, 90), True, False),
+                                                   ((70, 90), True, True), ((64, 96), False, True)])
+def test_router_prepares_an_image_in_its_decode_thread(size, resized, cached) -> None:
+    """Key, grid and the tower's pixels come out of the thread that decoded the image; a resize is
+    skipped only while the cache holds the key."""
     processor = ImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
                                max_pixels=256 * 256)
     rng = np.random.default_rng(1)
-    image = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-    router = SimpleNamespace(processor=processor, _settings=repr(processor), model_id="m")
-    key, pixels = Router._image_key(router, image)
-    assert key == image_key(image, repr(processor), "m")
-    if resized:
-        assert pixels is None
+    source = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    router = _router(processor)
+    key = image_key(source, repr(processor), "m")
+    if cached:
+        router.cache.put(key, object(), 10)
+    threads: list[str] = []
+
+    def prepare(image):
+        threads.append(threading.current_thread().name)
+        return Router._prepare_image(router, image)
+
+    async def load():
+        loaded = await media.load_request_image(data_url(_encoded(source, "PNG")), _policy(), prepare)
+        return loaded, threading.current_thread().name
+
+    loaded, loop_thread = asyncio.run(load())
+    assert threads and threads[0] != loop_thread
+    assert loaded.key == key
+    assert loaded.grid_thw == processor.grid_thw(size[1], size[0])
+    if resized and cached:
+        assert loaded.pixels is None and np.array_equal(np.asarray(loaded.image), np.asarray(source))
     else:
-        assert pixels is not None and np.array_equal(pixels, processor.resize(image))
+        assert loaded.image is None and np.array_equal(loaded.pixels, processor.resize(source))
+
+
+def test_router_prepare_refuses_an_image_no_grid_fits() -> None:
+    processor = ImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    with pytest.raises(media.MediaError, match="aspect ratio"):
+        Router._prepare_image(_router(processor), PIL.Image.new("RGB", (4000, 8)))
