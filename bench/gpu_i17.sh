@@ -23,6 +23,9 @@
 #   vision-8b  8B image chat c=1,64: colocated engine with the VisionEncoder deployment vs the tower in the
 #             replica (vision.colocate_llm: its own stream, the engine's steps on a high-priority one)
 #   vision-serve-test  tests/deployments/test_gpu_serve.py -k vision_in_the_llm (needs the Ray bundle)
+#   split-8b  8B image chat c=64, engine process: mixed steps' attention split at the decode rows (default)
+#             vs one varlen call (SPLITVL_SPLIT_MIXED_ATTENTION=0), one bench.serve run each; plus the
+#             split's GPU test (tests/models/test_layers.py -k mixed)
 #   ttft-2b   2B, one 1024px image, c=1: where the TTFT goes (the image level's breakdown table)
 #   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
 #   ttft-prof  python -m bench.profile --ttft (2B, one 1024px image, in process): preprocess, tower, engine,
@@ -43,7 +46,7 @@ TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
                    [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=590
-                   [vision-serve-test]=300 [ttft-2b]=150
+                   [vision-serve-test]=300 [ttft-2b]=150 [split-8b]=420
                    [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150 [vit-tower]=200 [vit-test]=120)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
@@ -73,6 +76,13 @@ step_cmd() {
         --min-requests 16 --json "$OUT/$1.json" ;;
     vision-serve-test) python -m pytest -m gpu -q -s -p no:warnings tests/deployments/test_gpu_serve.py \
         -k "vision_in_the_llm or vision_in_the_engine_process" ;;
+    split-8b) python -m pytest -m gpu -q -p no:warnings tests/models/test_layers.py -k mixed || return 1
+        for split in 1 0; do
+          python -m bench.serve --model qwen3-vl-8b --layout one-gpu-colocated-process --load-format dummy --no-hf \
+            --transfer-iters 1 --overhead-probes 1 --concurrency 64 --ramp-s 4 --min-requests 128 \
+            --serve-env SPLITVL_SPLIT_MIXED_ATTENTION=$split --time-budget-s $(( ($2 - 20) / 2 )) \
+            --json "$OUT/$1-$split.json" || return 1
+        done ;;
     ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated --load-format dummy --no-hf \
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \

@@ -10,6 +10,7 @@ before still runs on the GPU (async scheduling) does not wait for it.
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +20,12 @@ from engine.positions import text_positions
 from engine.seq_state import SeqState
 from engine.step import SeqStep
 from models.interface import MultimodalBatch
-from models.layers.attention import AttentionMetadata
+from models.layers.attention import AttentionMetadata, PromptPart
+
+# Whether a mixed step's attention runs its leading decode rows on the paged decode kernel and
+# only its prompt chunks on varlen (`PromptPart`); `SPLITVL_SPLIT_MIXED_ATTENTION=0` runs the
+# whole step as one varlen call (benchmarks compare the two). Read once, at import.
+SPLIT_MIXED_ATTENTION = os.environ.get("SPLITVL_SPLIT_MIXED_ATTENTION", "1") != "0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,7 @@ class BatchBuilder:
             seq_lens=up(torch.tensor(k_lens, dtype=torch.int32)),
             decode_only=all(q == 1 for q in q_lens),
             **self._state_metadata(steps),
+            prompt_part=self._prompt_part(q_lens, k_lens) if SPLIT_MIXED_ATTENTION else None,
         )
         mm = None
         if embeds:
@@ -141,6 +148,21 @@ class BatchBuilder:
         if min(ids) < 0:  # decode rows whose input token the launched step sampled: read on the device
             self._resolve(input_ids)
         return StepBatch(input_ids=input_ids, positions=up(torch.cat(pos, dim=1)), attn=attn, mm=mm)
+
+    def _prompt_part(self, q_lens: list[int], k_lens: list[int]) -> PromptPart | None:
+        """The prompt chunks after a mixed step's leading one-query sequences (the scheduler puts
+        decodes first), or None when the step has no such rows or nothing after them."""
+        n = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
+        if n == 0 or n == len(q_lens):
+            return None
+        q_rest, k_rest = q_lens[n:], k_lens[n:]
+        return PromptPart(
+            num_decodes=n,
+            cu_seqlens_q=self._upload(torch.tensor(list(itertools.accumulate(q_rest, initial=0)), dtype=torch.int32)),
+            cu_seqlens_k=self._upload(torch.tensor(list(itertools.accumulate(k_rest, initial=0)), dtype=torch.int32)),
+            max_seqlen_q=max(q_rest),
+            max_seqlen_k=max(k_rest),
+        )
 
     def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:
         """Hybrid models: each sequence's state slot, and whether it continues it.

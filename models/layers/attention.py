@@ -16,6 +16,27 @@ import ops
 
 
 @dataclass(frozen=True, slots=True)
+class PromptPart:
+    """A mixed step's prompt chunks, after its leading decode rows (`AttentionMetadata.prompt_part`).
+
+    The step's first `num_decodes` sequences have one query each and run the paged decode
+    kernel (its CTAs share each KV head's keys across the head's query group and split long
+    contexts); the sequences after them run `ops.varlen_attention` over this layout. Without
+    the split a decode row would take a varlen CTA of its own per query head, each reading the
+    row's whole context: Hq / Hkv times the decode kernel's KV bytes, one CTA streaming it.
+
+    Fields: cu_seqlens_q / cu_seqlens_k [P+1] int32 of the P prompt sequences, from 0;
+    max_seqlen_q / max_seqlen_k their maxima.
+    """
+
+    num_decodes: int
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionMetadata:
     """One step's batch layout.
 
@@ -35,6 +56,8 @@ class AttentionMetadata:
             None: every sequence continues its slot. The engine passes None
             whenever that holds (every decode step), so hybrid models pick the
             single-token kernels from host facts, never by reading the tensor.
+        prompt_part: a mixed step (decode rows first, then prompt chunks) split in two
+            attention calls, or None (one call for the whole step).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -47,6 +70,7 @@ class AttentionMetadata:
     decode_only: bool = False
     state_indices: torch.Tensor | None = None
     has_initial_state: torch.Tensor | None = None
+    prompt_part: PromptPart | None = None
 
     @classmethod
     def packed(cls, seq_lens: Sequence[int], device: torch.device | str = "cpu") -> AttentionMetadata:
@@ -102,10 +126,27 @@ class Attention(nn.Module):
             return ops.paged_attention_decode(
                 q, key_cache, value_cache, attn.block_tables, attn.seq_lens, self.scale
             )
+        if attn.prompt_part is not None and self.causal:
+            return self._split(q, key_cache, value_cache, attn, attn.prompt_part)
         return ops.varlen_attention(
             q, None, None, attn.cu_seqlens_q, attn.cu_seqlens_k, attn.max_seqlen_q,
             attn.max_seqlen_k, self.scale, self.causal, key_cache, value_cache, attn.block_tables,
         )
+
+    def _split(
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, attn: AttentionMetadata,
+        part: PromptPart,
+    ) -> torch.Tensor:
+        """A mixed step as the paged decode kernel over its leading decode rows + varlen over the rest."""
+        n = part.num_decodes
+        decoded = ops.paged_attention_decode(
+            q[:n], key_cache, value_cache, attn.block_tables[:n], attn.seq_lens[:n], self.scale
+        )
+        prompts = ops.varlen_attention(
+            q[n:], None, None, part.cu_seqlens_q, part.cu_seqlens_k, part.max_seqlen_q, part.max_seqlen_k,
+            self.scale, self.causal, key_cache, value_cache, attn.block_tables[n:],
+        )
+        return torch.cat((decoded, prompts))
 
     def _packed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
         return ops.varlen_attention(

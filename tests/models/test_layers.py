@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.layers.attention import Attention, AttentionMetadata
+from models.layers.attention import Attention, AttentionMetadata, PromptPart
 from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from models.layers.layernorm import RMSNorm
 from models.layers.linear import (
@@ -293,6 +295,58 @@ def test_attention_paged_prefill_and_decode_equal_packed() -> None:
     last = torch.tensor([6, 11])
     out = attn(q[last], k[last], v[last], _paged_metadata([6, 4], [1, 1], tables, block), cache)
     torch.testing.assert_close(out, full[last])
+
+
+def _split_at_decodes(meta: AttentionMetadata, new: list[int], total: list[int]) -> AttentionMetadata:
+    """`meta` of a mixed step with its leading one-query sequences split off (what the engine builds)."""
+    n = next(i for i, q in enumerate(new) if q != 1)
+    part = PromptPart(
+        n,
+        torch.tensor([0, *torch.tensor(new[n:]).cumsum(0).tolist()], dtype=torch.int32, device=meta.seq_lens.device),
+        torch.tensor([0, *torch.tensor(total[n:]).cumsum(0).tolist()], dtype=torch.int32, device=meta.seq_lens.device),
+        max(new[n:]), max(total[n:]),
+    )
+    return dataclasses.replace(meta, prompt_part=part)
+
+
+def _mixed_step_outputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A mixed step (3 decode rows, then prompt chunks of 2 sequences, one with a cached prefix) run as
+    one varlen call and split; and the packed attention of the full sequences at the same rows."""
+    hq, hkv, d, block = 8, 2, 64, 16
+    attn = Attention(hq, hkv, d, d**-0.5)
+    lens = [37, 20, 64, 45, 19]  # full lengths; the step's new tokens are their last `new`
+    new = [1, 1, 1, 13, 19]
+    before = [n - m for n, m in zip(lens, new)]
+    total = sum(lens)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(total, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
+    full = attn(q, k, v, AttentionMetadata.packed(lens, device))
+    cache = tuple(torch.zeros(40, block, hkv, d, device=device, dtype=dtype) for _ in range(2))
+    perm = torch.randperm(40, generator=g)
+    tables = torch.stack([perm[i * 8 : (i + 1) * 8] for i in range(5)]).to(torch.int32).to(device)
+    starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    old_rows = torch.cat([torch.arange(s, s + b) for s, b in zip(starts, before)]).to(device)
+    attn(q[old_rows], k[old_rows], v[old_rows], _paged_metadata([0] * 5, before, tables, block), cache)
+    rows = torch.cat([torch.arange(s + b, s + n) for s, b, n in zip(starts, before, lens)]).to(device)
+    meta = _paged_metadata(before, new, tables, block)
+    whole = attn(q[rows], k[rows], v[rows], meta, cache)
+    split = attn(q[rows], k[rows], v[rows], _split_at_decodes(meta, new, lens), cache)
+    return whole, split, full[rows]
+
+
+def test_mixed_step_split_at_decode_rows_equals_one_varlen_call() -> None:
+    whole, split, reference = _mixed_step_outputs("cpu", torch.float32)
+    torch.testing.assert_close(whole, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(split, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_step_split_at_decode_rows_equals_one_varlen_call_gpu(dtype) -> None:
+    whole, split, reference = _mixed_step_outputs("cuda", dtype)
+    torch.testing.assert_close(split, reference, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(split, whole, atol=2e-2, rtol=2e-2)
 
 
 def _assert_rounds_once(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> None:
