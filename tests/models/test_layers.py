@@ -309,6 +309,11 @@ def _split_at_decodes(meta: AttentionMetadata, new: list[int], total: list[int])
     return dataclasses.replace(meta, prompt_part=part)
 
 
+def _on(meta: AttentionMetadata, device: str) -> AttentionMetadata:
+    fields = ("cu_seqlens_q", "cu_seqlens_k", "slot_mapping", "block_tables", "seq_lens")
+    return dataclasses.replace(meta, **{f: getattr(meta, f).to(device) for f in fields})
+
+
 def _mixed_step_outputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A mixed step (3 decode rows, then prompt chunks of 2 sequences, one with a cached prefix) run as
     one varlen call and split; and the packed attention of the full sequences at the same rows."""
@@ -326,9 +331,9 @@ def _mixed_step_outputs(device: str, dtype: torch.dtype) -> tuple[torch.Tensor, 
     tables = torch.stack([perm[i * 8 : (i + 1) * 8] for i in range(5)]).to(torch.int32).to(device)
     starts = [0, *torch.tensor(lens).cumsum(0).tolist()]
     old_rows = torch.cat([torch.arange(s, s + b) for s, b in zip(starts, before)]).to(device)
-    attn(q[old_rows], k[old_rows], v[old_rows], _paged_metadata([0] * 5, before, tables, block), cache)
+    attn(q[old_rows], k[old_rows], v[old_rows], _on(_paged_metadata([0] * 5, before, tables, block), device), cache)
     rows = torch.cat([torch.arange(s + b, s + n) for s, b, n in zip(starts, before, lens)]).to(device)
-    meta = _paged_metadata(before, new, tables, block)
+    meta = _on(_paged_metadata(before, new, tables, block), device)
     whole = attn(q[rows], k[rows], v[rows], meta, cache)
     split = attn(q[rows], k[rows], v[rows], _split_at_decodes(meta, new, lens), cache)
     return whole, split, full[rows]
