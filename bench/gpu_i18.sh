@@ -21,6 +21,8 @@
 #          decode with CUDA graphs == eager == transformers, bf16 parity); not a default step
 #   qkc-ops  bench/ops.py: qk_norm_rope_and_cache next to qk_norm_rope + reshape_and_cache at the 30B-A3B
 #          decode shape (T = 1 and 64, 32/4 heads x 128, interleaved mRoPE); not a default step
+#   wide   bench/moe.py at batch 1: the small-row linears wider than their input (qkv) streamed by
+#          ops.linear_small vs cuBLAS, in the graph with PDL (--stream-wide on,off); not a default step
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200)
 
 step_cmd() {
   case $1 in
@@ -43,6 +45,7 @@ step_cmd() {
             tests/engine/test_gpu_graphs.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py ;;
     qkc-ops) python bench/ops.py --ops qk_norm_rope_and_cache reshape_and_cache qk_norm_rope --json "$OUT/ops_qkc.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
+    wide) python -m bench.moe --batches 1 --no-hf --stream-wide on,off --json "$OUT/moe-wide.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;

@@ -37,8 +37,8 @@ import torch
 
 import ops
 from bench.common import (
-    MOE_FUSED_HELP, PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, moe_fused_settings, pdl_settings,
-    print_table, write_json,
+    MOE_FUSED_HELP, PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, moe_fused_settings, on_off_settings,
+    pdl_settings, print_table, write_json,
 )
 
 BLOCK = 16  # KV block size, as the engine's default
@@ -49,11 +49,16 @@ class StepResult:
     batch: int
     pdl: bool  # whether the step's kernels used programmatic dependent launch
     moe_fused: bool  # whether the MoE blocks took the fused decode path
+    stream_wide: bool  # whether linears wider than their input streamed too (`set_streamed_small_rows`)
     eager_ms: float
     graph_ms: float
     floor_ms: float
     active_gb: float
     experts_hit: float  # mean distinct experts per MoE layer
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def load_config(name: str, layers: int | None) -> dict:
@@ -165,7 +170,8 @@ def profile_replays(replay, batch: int, steps: int = 5) -> None:
 
 
 def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
-              profile: bool = False, moe_fused: bool = True) -> StepResult:
+              profile: bool = False, moe_fused: bool = True, stream_wide: bool = False) -> StepResult:
+    from models.layers.linear import set_streamed_small_rows
     from models.layers.moe import set_fused_decode
 
     dtype = next(model.parameters()).dtype
@@ -178,6 +184,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
         nbytes, hit = active_bytes(model, step)
         nbytes += state_bytes(config, caches)
         set_fused_decode(model, moe_fused)
+        set_streamed_small_rows(model, stream_wide)
         if device.type != "cuda":
             start = time.perf_counter()
             step()
@@ -197,7 +204,9 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
                 profile_replays(graph.replay, batch)
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
-    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, eager, graphed, floor, nbytes / 1e9, hit)
+    set_streamed_small_rows(model, False)
+    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, stream_wide, eager, graphed, floor,
+                      nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -283,11 +292,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="also print each batch's top kernels (GPU)")
     parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
     parser.add_argument("--moe-fused", nargs="*", default=[], help=MOE_FUSED_HELP)
+    parser.add_argument("--stream-wide", nargs="*", default=[],
+                        help="small-row linears wider than their input (qkv, gate_up) streamed too: on,off "
+                             "(default off: cuBLAS for those, as the models run)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     try:
         pdl = pdl_settings(args.pdl)
         fused = moe_fused_settings(args.moe_fused, torch.device("cpu" if args.smoke else "cuda"))
+        wide = on_off_settings(args.stream_wide, "--stream-wide") or [False]
     except ValueError as exc:
         parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
@@ -304,11 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    for b, on, fuse in ((b, on, fuse) for b in batches for on in pdl for fuse in fused):
+    for b, on, fuse, w in ((b, on, fuse, w) for b in batches for on in pdl for fuse in fused for w in wide):
         with ops.programmatic_launch(on):
-            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse))
+            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w))
     for r in results:
-        print(f"batch {r.batch} pdl {'on' if r.pdl else 'off'} moe-fused {'on' if r.moe_fused else 'off'}: eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
+        print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} stream-wide {_on(r.stream_wide)}: "
+              f"eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
     holder = [model]
@@ -322,12 +336,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
-        rows.append([args.model, layers, r.batch, "on" if r.pdl else "off", "on" if r.moe_fused else "off",
+        rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.stream_wide),
                      r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
                      r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "PDL", "MoE fused", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "MoE fused", "stream wide", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

@@ -82,6 +82,17 @@ def streams_small_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in _STREAMED_DTYPES and x.is_cuda and _KERNELS
 
 
+def set_streamed_small_rows(model: nn.Module, wide: bool) -> None:
+    """Which linears of `model` stream small-row inputs (`ops.linear_small`): all of them
+    (`wide`), or as built, those whose output is no wider than their input. Benchmarks time
+    both (`bench.moe --stream-wide on,off`): inside a CUDA graph with PDL a streamed qkv may
+    overlap its neighbours where cuBLAS' kernel cannot."""
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            narrow = module.output_size_per_partition <= module.input_size_per_partition
+            module.streams_small = wide or narrow
+
+
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
         raise ValueError(f"tensor of shape {list(src.shape)} does not fit parameter part {list(dst.shape)}")

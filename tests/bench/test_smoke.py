@@ -42,7 +42,14 @@ def test_decode_bench_pdl_settings_parse() -> None:
 def test_moe_bench_times_fused_decode_on_and_off(capsys) -> None:
     moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-fused", "on,off"])
     out = capsys.readouterr().out
-    assert "moe-fused on:" in out and "moe-fused off:" in out
+    assert "moe-fused on stream-wide off:" in out and "moe-fused off stream-wide off:" in out
+    assert out.count("| tiny qwen3_vl_moe |") == 2
+
+
+def test_moe_bench_times_streamed_wide_linears_on_and_off(capsys) -> None:
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--stream-wide", "on,off"])
+    out = capsys.readouterr().out
+    assert "stream-wide on:" in out and "stream-wide off:" in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 

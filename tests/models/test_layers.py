@@ -17,6 +17,7 @@ from models.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    set_streamed_small_rows,
 )
 from models.layers.moe import SparseMoeBlock
 from models.layers.parallel import ParallelContext
@@ -124,6 +125,16 @@ def test_replicated_and_disable_tp_keep_full_weights() -> None:
         assert layer.weight.shard_spec().dim is None
         layer.weight.weight_loader(layer.weight, w)
         torch.testing.assert_close(layer.weight.data, w)
+
+
+def test_set_streamed_small_rows_widens_and_restores() -> None:
+    model = torch.nn.ModuleList([QKVParallelLinear(32, 8, 4, 2), RowParallelLinear(64, 32), ReplicatedLinear(32, 8)])
+    built = [m.streams_small for m in model]
+    assert built == [False, True, True]  # qkv's output (64) is wider than its input (32)
+    set_streamed_small_rows(model, True)
+    assert all(m.streams_small for m in model)
+    set_streamed_small_rows(model, False)
+    assert [m.streams_small for m in model] == built
 
 
 def test_vocab_parallel_embedding_shards_with_padding() -> None:
