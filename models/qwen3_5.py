@@ -69,12 +69,10 @@ class Qwen3_5Attention(nn.Module):
         gate = q_gate[..., d:]  # a strided view, read in place by the gate op
         q, k = q_gate[..., :d], k.unflatten(-1, (self.num_kv_heads, d))
         v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
-        if kv_cache is None:
-            self.rotary_emb.with_qk_norm(positions, q, k, self.q_norm, self.k_norm)  # in place on qkv
-        else:  # and k, v into the cache, one launch (one less per layer at decode)
-            self.rotary_emb.with_qk_norm_and_cache(
-                positions, q, k, v, self.q_norm, self.k_norm, kv_cache, attn.slot_mapping
-            )
+        # In place on qkv; k, v into the cache (if any) in the same launch: one less per layer at decode.
+        self.rotary_emb.with_qk_norm_and_cache(
+            positions, q, k, v, self.q_norm, self.k_norm, kv_cache, attn.slot_mapping
+        )
         out = self.attn(q, k, v, attn, kv_cache, kv_written=kv_cache is not None)
         return self.o_proj(ops.sigmoid_gate_mul(out, gate).flatten(1))
 

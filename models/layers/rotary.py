@@ -106,16 +106,19 @@ class RotaryEmbedding(nn.Module):
         value: torch.Tensor,
         q_norm: RMSNorm,
         k_norm: RMSNorm,
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: tuple[torch.Tensor, torch.Tensor] | None,
         slot_mapping: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`with_qk_norm`, and the rotated key and `value` written at `slot_mapping` of
         `kv_cache` in the same launch (`ops.qk_norm_rope_and_cache`): the attention then reads
-        the cache without writing it (`Attention.forward(..., kv_written=True)`).
+        the cache without writing it (`Attention.forward(..., kv_written=True)`). Without a
+        cache (the prefix-free parity runs), `with_qk_norm` alone.
 
         Shapes: query [T, Hq, D], key / value [T, Hkv, D]; kv_cache two
         [num_blocks, block_size, Hkv, D]; slot_mapping [T] int64 (< 0: not cached).
         """
+        if kv_cache is None:
+            return self.with_qk_norm(positions, query, key, q_norm, k_norm)
         if q_norm.eps != k_norm.eps:
             raise ValueError(f"q_norm eps {q_norm.eps} != k_norm eps {k_norm.eps}")
         key_cache, value_cache = kv_cache
