@@ -26,7 +26,8 @@
 #   split-8b  8B image chat c=64, engine process: mixed steps' attention split at the decode rows (default)
 #             vs one varlen call (SPLITVL_SPLIT_MIXED_ATTENTION=0), one bench.serve run each; plus the
 #             split's GPU test (tests/models/test_layers.py -k mixed)
-#   ttft-2b   2B, one 1024px image, c=1: where the TTFT goes (the image level's breakdown table)
+#   ttft-2b   2B, one 1024px image, c=1, the vision deployment and the tower in the replica: where the TTFT
+#             goes (the image level's breakdown table: emb wait vs vision ms, engine TTFT vs its step)
 #   sm90-test  the wgmma attention kernel's GPU tests (with the old kernel's and PDL's)
 #   ttft-prof  python -m bench.profile --ttft (2B, one 1024px image, in process): preprocess, tower, engine,
 #             GPU busy vs wall, top kernels; wgmma attention on and off
@@ -46,7 +47,7 @@ TOTAL=${I17_TOTAL_S:-230}
 START=$(date +%s)
 declare -A BUDGET=([build]=150 [test]=90 [transfer]=90 [timeline-2b]=330 [timeline-8b]=400 [serve-test]=240
                    [process-08b]=300 [process-8b]=450 [engine-gpu]=200 [vit-attn]=60 [budget-8b]=560 [vision-8b]=590
-                   [vision-serve-test]=300 [ttft-2b]=150 [split-8b]=420
+                   [vision-serve-test]=300 [ttft-2b]=240 [split-8b]=420
                    [sm90-test]=120 [sm90-bench]=120 [ttft-prof]=150 [vit-tower]=200 [vit-test]=120)
 CKPT=${BENCH_CKPT_CACHE:-/tmp/splitvl-bench-ckpt}  # random checkpoints, kept while the box is warm
 
@@ -83,7 +84,8 @@ step_cmd() {
             --serve-env SPLITVL_SPLIT_MIXED_ATTENTION=$split --time-budget-s $(( ($2 - 20) / 2 )) \
             --json "$OUT/$1-$split.json" || return 1
         done ;;
-    ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated --load-format dummy --no-hf \
+    ttft-2b) python -m bench.serve --model qwen3-vl-2b --layout one-gpu-colocated one-gpu-colocated-vision \
+        --load-format dummy --no-hf \
         --concurrency 1 --min-requests 24 --overhead-probes 10 --transfer-iters 1 --json "$OUT/$1.json" ;;
     sm90-test) python -m pytest -m gpu -q -p no:warnings tests/ops/test_attention_sm90.py tests/ops/test_attention.py \
         tests/ops/test_pdl.py ;;
