@@ -70,8 +70,9 @@ class VisionGridMeta:
 
     Shapes: pos_indices [N, 4] int64 (rows of the flattened position table);
     pos_weights [N, 4] fp32 (bilinear weights); rotary_positions [2, N] int64
-    (row, col of each patch); cu_seqlens [S+1] int32, one segment per frame, and
-    frame_lengths (host ints) the S segments' lengths.
+    (row, col of each patch); cu_seqlens [S+1] int32, one segment per frame,
+    frame_lengths (host ints) the S segments' lengths, and equal_frame their common length
+    when all are equal, else 0 (what the attention layers choose their kernel by).
     Patches are in merge-block order, as the processor emits them.
     """
 
@@ -82,6 +83,7 @@ class VisionGridMeta:
     max_seqlen: int
     max_position: int
     frame_lengths: tuple[int, ...]
+    equal_frame: int
 
 
 def _axis_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +174,7 @@ class VisionGridCache:
             max_seqlen=max(seqlens),
             max_position=max(max(h, w) for _, h, w in grids),
             frame_lengths=tuple(seqlens[1:]),
+            equal_frame=seqlens[1] if len(set(seqlens[1:])) == 1 else 0,
         )
 
 
@@ -225,9 +228,8 @@ def torch_frame_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, met
     n, heads, dim = q.shape
     lengths = meta.frame_lengths
     pick = [SDPBackend.FLASH_ATTENTION] if backend == "flash" and q.is_cuda else None
-    if len(set(lengths)) == 1:  # equal frames: one batched call
-        frames = len(lengths)
-        q, k, v = (t.view(frames, lengths[0], heads, dim).transpose(1, 2) for t in (q, k, v))
+    if meta.equal_frame:  # equal frames: one batched call
+        q, k, v = (t.view(len(lengths), meta.equal_frame, heads, dim).transpose(1, 2) for t in (q, k, v))
         if pick is None:
             out = F.scaled_dot_product_attention(q, k, v, scale=scale)
         else:
@@ -265,9 +267,7 @@ class VisionAttention(nn.Module):
         rotary(meta.rotary_positions, q, k)
         backend = self.backend
         if backend == "auto":
-            lengths = meta.frame_lengths
-            uniform = q.is_cuda and len(set(lengths)) == 1 and lengths[0] >= SDPA_MIN_FRAME
-            backend = "sdpa" if uniform else "splitvl"
+            backend = "sdpa" if q.is_cuda and meta.equal_frame >= SDPA_MIN_FRAME else "splitvl"
         if backend == "splitvl":
             out = ops.varlen_attention(
                 q, k, v, meta.cu_seqlens, meta.cu_seqlens, meta.max_seqlen, meta.max_seqlen,
