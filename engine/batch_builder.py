@@ -123,17 +123,20 @@ class BatchBuilder:
         block_tables = np.zeros((len(tables), width), dtype=np.int32)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = t
+        tables_dev = up(torch.from_numpy(block_tables))
+        seq_lens = up(torch.tensor(k_lens, dtype=torch.int32))
         attn = AttentionMetadata(
             cu_seqlens_q=up(cu_q),
             cu_seqlens_k=up(cu_k),
             max_seqlen_q=max(q_lens),
             max_seqlen_k=max(k_lens),
             slot_mapping=up(torch.tensor(slots, dtype=torch.int64)),
-            block_tables=up(torch.from_numpy(block_tables)),
-            seq_lens=up(torch.tensor(k_lens, dtype=torch.int32)),
+            block_tables=tables_dev,
+            seq_lens=seq_lens,
             decode_only=all(q == 1 for q in q_lens),
             **self._state_metadata(steps),
-            prompt_part=self._prompt_part(q_lens, k_lens) if SPLIT_MIXED_ATTENTION else None,
+            prompt_part=self._prompt_part(q_lens, k_lens, cu_q, cu_k, tables_dev, seq_lens)
+            if SPLIT_MIXED_ATTENTION else None,
         )
         mm = None
         if embeds:
@@ -149,19 +152,25 @@ class BatchBuilder:
             self._resolve(input_ids)
         return StepBatch(input_ids=input_ids, positions=up(torch.cat(pos, dim=1)), attn=attn, mm=mm)
 
-    def _prompt_part(self, q_lens: list[int], k_lens: list[int]) -> PromptPart | None:
+    def _prompt_part(
+        self, q_lens: list[int], k_lens: list[int], cu_q: torch.Tensor, cu_k: torch.Tensor,
+        block_tables: torch.Tensor, seq_lens: torch.Tensor,
+    ) -> PromptPart | None:
         """The prompt chunks after a mixed step's leading one-query sequences (the scheduler puts
-        decodes first), or None when the step has no such rows or nothing after them."""
+        decodes first), or None when the step has no such rows or nothing after them. `cu_q` /
+        `cu_k`: the step's host prefix sums; `block_tables` / `seq_lens`: its device tensors."""
         n = next((i for i, q in enumerate(q_lens) if q != 1), len(q_lens))
         if n == 0 or n == len(q_lens):
             return None
-        q_rest, k_rest = q_lens[n:], k_lens[n:]
         return PromptPart(
             num_decodes=n,
-            cu_seqlens_q=self._upload(torch.tensor(list(itertools.accumulate(q_rest, initial=0)), dtype=torch.int32)),
-            cu_seqlens_k=self._upload(torch.tensor(list(itertools.accumulate(k_rest, initial=0)), dtype=torch.int32)),
-            max_seqlen_q=max(q_rest),
-            max_seqlen_k=max(k_rest),
+            decode_block_tables=block_tables[:n],
+            decode_seq_lens=seq_lens[:n],
+            block_tables=block_tables[n:],
+            cu_seqlens_q=self._upload(cu_q[n:] - cu_q[n]),
+            cu_seqlens_k=self._upload(cu_k[n:] - cu_k[n]),
+            max_seqlen_q=max(q_lens[n:]),
+            max_seqlen_k=max(k_lens[n:]),
         )
 
     def _state_metadata(self, steps: tuple[SeqStep, ...]) -> dict[str, torch.Tensor]:

@@ -25,11 +25,16 @@ class PromptPart:
     the split a decode row would take a varlen CTA of its own per query head, each reading the
     row's whole context: Hq / Hkv times the decode kernel's KV bytes, one CTA streaming it.
 
-    Fields: cu_seqlens_q / cu_seqlens_k [P+1] int32 of the P prompt sequences, from 0;
+    Fields (views and layouts made once per step, read by every layer): decode_block_tables /
+    decode_seq_lens, the step's rows of the N decode sequences; block_tables, those of the P
+    prompt sequences; cu_seqlens_q / cu_seqlens_k [P+1] int32 of the prompt sequences, from 0;
     max_seqlen_q / max_seqlen_k their maxima.
     """
 
     num_decodes: int
+    decode_block_tables: torch.Tensor
+    decode_seq_lens: torch.Tensor
+    block_tables: torch.Tensor
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
     max_seqlen_q: int
@@ -127,24 +132,23 @@ class Attention(nn.Module):
                 q, key_cache, value_cache, attn.block_tables, attn.seq_lens, self.scale
             )
         if attn.prompt_part is not None and self.causal:
-            return self._split(q, key_cache, value_cache, attn, attn.prompt_part)
+            return self._split(q, key_cache, value_cache, attn.prompt_part)
         return ops.varlen_attention(
             q, None, None, attn.cu_seqlens_q, attn.cu_seqlens_k, attn.max_seqlen_q,
             attn.max_seqlen_k, self.scale, self.causal, key_cache, value_cache, attn.block_tables,
         )
 
     def _split(
-        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, attn: AttentionMetadata,
-        part: PromptPart,
+        self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, part: PromptPart
     ) -> torch.Tensor:
         """A mixed step as the paged decode kernel over its leading decode rows + varlen over the rest."""
         n = part.num_decodes
         decoded = ops.paged_attention_decode(
-            q[:n], key_cache, value_cache, attn.block_tables[:n], attn.seq_lens[:n], self.scale
+            q[:n], key_cache, value_cache, part.decode_block_tables, part.decode_seq_lens, self.scale
         )
         prompts = ops.varlen_attention(
             q[n:], None, None, part.cu_seqlens_q, part.cu_seqlens_k, part.max_seqlen_q, part.max_seqlen_k,
-            self.scale, self.causal, key_cache, value_cache, attn.block_tables[n:],
+            self.scale, self.causal, key_cache, value_cache, part.block_tables,
         )
         return torch.cat((decoded, prompts))
 

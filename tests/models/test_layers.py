@@ -312,7 +312,7 @@ def _split_at_decodes(meta: AttentionMetadata, new: list[int], total: list[int])
     """`meta` of a mixed step with its leading one-query sequences split off (what the engine builds)."""
     n = next(i for i, q in enumerate(new) if q != 1)
     part = PromptPart(
-        n,
+        n, meta.block_tables[:n], meta.seq_lens[:n], meta.block_tables[n:],
         torch.tensor([0, *torch.tensor(new[n:]).cumsum(0).tolist()], dtype=torch.int32, device=meta.seq_lens.device),
         torch.tensor([0, *torch.tensor(total[n:]).cumsum(0).tolist()], dtype=torch.int32, device=meta.seq_lens.device),
         max(new[n:]), max(total[n:]),
