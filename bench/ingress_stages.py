@@ -15,7 +15,8 @@ every other request and every streamed token of that replica) or in a thread:
   cache key (the content hash of the pixels), resize to the patch grid, one SSE
   token chunk built (`completion_object` + `sse`);
 - "image thread, all": what the router's one worker thread per image runs
-  (`load_request_image` with `Router._prepare_image`: base64, decode, key, resize).
+  (`load_request_image` with `Router._prepare_image`: base64, decode, key, resize), and the
+  same for a file the router has seen whose embeddings are cached (base64 and the file's digest only).
 
 `--processor published` preprocesses with the published Qwen3-VL settings (what the
 random-weight checkpoints of bench.serve carry): a 1024px image needs no resize there,
@@ -67,13 +68,13 @@ def _median_ms(fn: Callable[[Any], Any], inputs: list[Any]) -> tuple[float, list
 def time_stages(ckpt: Path, urls: list[str], processor_json: Path | None = None) -> list[tuple[str, str, float]]:
     """(stage, where it runs in the ingress, median ms) for one request per url."""
     from deployments.embedding_cache import image_key
-    from deployments.media import decode_data_image, decode_data_url, decode_image
+    from deployments.media import decode_data_url, decode_image
     from deployments.messages import ChoiceDelta
     from deployments.metrics import MetricsRecorder
     from deployments.openai_api import sse
     from deployments.prompt import chat_prompt_text
     from deployments.protocol import ChatCompletionRequest, choice_dict, completion_object
-    from deployments.router import Router
+    from deployments.router import Router, encoded_digest
     from engine.multimodal import content_digest
     from models.processor import ImageProcessor
 
@@ -102,8 +103,13 @@ def time_stages(ckpt: Path, urls: list[str], processor_json: Path | None = None)
     stage(f"ingress: cache key ({digest} of pixels)", "thread", lambda im: image_key(im, router._settings, "bench"),
           images)
     resized = stage("ingress: resize to the patch grid", "thread", processor.resize, images)
+    stage(f"ingress: file digest ({digest} of the encoded bytes)", "thread", encoded_digest, data)
     stage(f"ingress: image thread, all ({images[0].width} -> {resized[0].shape[1]} px)", "thread",
-          lambda u: router._prepare_image(decode_data_image(u, policy)), urls)
+          lambda u: router._prepare_image(decode_data_url(u, policy)), urls)
+    for image in images:  # the files are known now; with their embeddings cached, a request resending them:
+        router.cache.put(image_key(image, router._settings, router.model_id), object(), 1)
+    stage("ingress: image thread, a known file with cached embeddings", "thread",
+          lambda u: router._prepare_image(decode_data_url(u, policy)), urls)
     chunk = completion_object(True, True, "chatcmpl-x", "bench", 0,
                               [choice_dict(True, True, ChoiceDelta(0, " word", None, None), 0)], None)
     stage("ingress: one SSE token chunk", "event loop", lambda _: sse(chunk), urls)

@@ -296,25 +296,27 @@ def decode_data_image(url: str, policy: MediaPolicy) -> PIL.Image.Image:
 
 
 async def load_request_image(url: str, policy: MediaPolicy,
-                             prepare: Callable[[PIL.Image.Image], Any] | None = None) -> Any:
+                             prepare: Callable[[bytes], Any] | None = None) -> Any:
     """Fetch and decode one request image, off the event loop: a data URL's base64 decode
-    (milliseconds for a photo) runs in the same worker thread as the pixel decode, and so does
-    `prepare` (the router's content key and resize: one thread hop per image, not one per stage).
+    (milliseconds for a photo) runs in the same worker thread as the pixel decode.
+
+    With `prepare`, that thread hands it the encoded bytes instead and returns what it makes of
+    them (the router's: a known image's key without decoding it, else `decode_image`, the content
+    key and the resize: one thread hop per image, not one per stage).
 
     Returns:
-        The RGB PIL image, or what `prepare` made of it.
+        The RGB PIL image, or what `prepare` made of the bytes.
     """
     if url[:5].lower() == "data:":
-        return await asyncio.to_thread(_decoded, decode_data_image, url, policy, prepare)
+        return await asyncio.to_thread(_decoded, decode_data_url, url, policy, prepare)
     data = await fetch_image_bytes(url, policy)
-    return await asyncio.to_thread(_decoded, decode_image, data, policy, prepare)
+    return await asyncio.to_thread(_decoded, lambda d, _: d, data, policy, prepare)
 
 
-def _decoded(decode: Callable[[Any, MediaPolicy], PIL.Image.Image], source: Any, policy: MediaPolicy,
-             prepare: Callable[[PIL.Image.Image], Any] | None) -> Any:
-    image = decode(source, policy)
-    return image if prepare is None else prepare(image)
-
+def _decoded(read: Callable[[Any, MediaPolicy], bytes], source: Any, policy: MediaPolicy,
+             prepare: Callable[[bytes], Any] | None) -> Any:
+    data = read(source, policy)
+    return decode_image(data, policy) if prepare is None else prepare(data)
 
 
 async def load_request_video(url: str, policy: MediaPolicy, processor: Any, limits: Any) -> Any:

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +45,7 @@ from deployments.errors import (
     as_api_error,
     is_replica_death,
 )
-from deployments.media import MediaPolicy, load_request_image, load_request_video
+from deployments.media import MediaPolicy, decode_image, load_request_image, load_request_video
 from deployments.messages import ChoiceDelta, RouterEvent, Start, TextLogprob, TokenDelta, Usage
 from deployments.metrics import FINE_LATENCY_BUCKETS, MetricsRecorder
 from deployments.prompt import (
@@ -58,6 +60,7 @@ from deployments.prompt import (
 from deployments.protocol import ChatCompletionRequest, CompletionRequest
 from deployments.pixel_inputs import EngineTower, ImagePixels
 from deployments.vision import VisionEncoder
+from engine.multimodal import content_digest
 from engine.sampling_params import SamplingParams
 from models.video_io import PreparedVideo, VideoLimits
 
@@ -68,17 +71,57 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True, slots=True)
 class LoadedImage:
-    """One request image as its worker thread left it: decoded, keyed and (unless cached) resized.
+    """One request image as its worker thread left it: keyed, and (unless cached) decoded and resized.
 
-    Shapes: pixels [h, w, 3] uint8 at the patch grid's size. `pixels` is None when the embedding
-    cache held `key` at decode time; `image` (the decoded RGB image) is kept only then, to resize
-    should that entry be gone by the encode.
+    Shapes: pixels [h, w, 3] uint8 at the patch grid's size. `pixels` is None while the embedding
+    cache held `key`: then `image` (the decoded RGB image) or, where the encoded bytes were known and
+    so not decoded at all, `data` (those bytes) is kept, to resize should that entry be gone by the
+    encode.
     """
 
     key: str
     grid_thw: tuple[int, int, int]
     pixels: np.ndarray | None
     image: Any | None  # PIL.Image.Image
+    data: bytes | None = None
+
+
+class EncodedImages:
+    """What the router learnt of recently seen encoded images: the digest of a file's bytes ->
+    (its pixel key, patch grid), so a known file (a chat resending its earlier images every turn)
+    whose embeddings are cached is neither decoded nor hashed pixel by pixel again.
+
+    The pixel key stays the cache's key (equal pixels in another encoding still hit); the same bytes
+    always decode to the same pixels, so this map never answers wrongly, only sooner. At most
+    `capacity` entries, least recently used out first; used from the images' worker threads.
+    """
+
+    def __init__(self, capacity: int = 4096):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[str, tuple[int, int, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> tuple[str, tuple[int, int, int]] | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None:
+                self._entries.move_to_end(digest)
+            return entry
+
+    def put(self, digest: str, key: str, grid: tuple[int, int, int]) -> None:
+        with self._lock:
+            self._entries[digest] = (key, grid)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def encoded_digest(data: bytes) -> str:
+    """The digest of an image file's bytes (`EncodedImages`' key)."""
+    return content_digest("encoded image\0", np.frombuffer(data, dtype=np.uint8))
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +163,7 @@ class Router:
             self.limits.max_video_seconds, self.limits.max_video_frames, self.limits.max_image_pixels
         )
         self.cache = EmbeddingCache(self.config.embedding_cache_bytes)
+        self.encoded = EncodedImages()
         self._settings = repr(self.processor) if self.processor is not None else ""
         self._video_settings = repr(self.video_processor) if self.video_processor is not None else ""
         self.metrics = metrics
@@ -268,9 +312,26 @@ class Router:
                 raise item
         return list(loaded), [self.processor.num_image_tokens(item.grid_thw) for item in loaded]
 
-    def _prepare_image(self, image: Any) -> LoadedImage:
-        """In the image's decode thread: its cache key (hashed in place in the one copy out of PIL) and
-        the pixels the tower reads, unless the cache holds the key (then no resize is spent on a hit).
+    def _prepare_image(self, data: bytes) -> LoadedImage:
+        """In the image's worker thread, from its encoded bytes: a known file whose embeddings are
+        cached is answered from `encoded` (no decode); else the image is decoded and prepared
+        (`_prepare_decoded`), and its file remembered.
+
+        Raises:
+            MediaError: not an image, over a limit, or no patch grid fits it.
+        """
+        digest = encoded_digest(data)
+        known = self.encoded.get(digest)
+        # Read off the event loop, the cache's answer is a hint: an entry evicted since costs a decode then.
+        if known is not None and known[0] in self.cache:
+            return LoadedImage(known[0], known[1], None, None, data)
+        loaded = self._prepare_decoded(decode_image(data, self.policy))
+        self.encoded.put(digest, loaded.key, loaded.grid_thw)
+        return loaded
+
+    def _prepare_decoded(self, image: Any) -> LoadedImage:
+        """A decoded image's cache key (hashed in place in the one copy out of PIL) and the pixels the
+        tower reads, unless the cache holds the key (then no resize is spent on a hit).
 
         Raises:
             MediaError: no patch grid fits the image (aspect ratio, size).
@@ -285,7 +346,6 @@ class Router:
         key = pixels_key(pixels, image.mode, self._settings, self.model_id)
         if self.processor.target_size(image.height, image.width) == (image.height, image.width):
             return LoadedImage(key, grid, pixels, None)
-        # Read off the event loop, the cache's answer is a hint: an entry evicted since costs a resize then.
         if key in self.cache:
             return LoadedImage(key, grid, None, image)
         return LoadedImage(key, grid, self.processor.resize(image), None)
@@ -330,7 +390,7 @@ class Router:
         else:
             pixels, grid = image.pixels, image.grid_thw
             if pixels is None:  # its cache entry was gone by now
-                pixels = await asyncio.to_thread(self.processor.resize, image.image)
+                pixels = await asyncio.to_thread(self._pixels_again, image)
         if isinstance(self.vision, EngineTower):  # the engine process' tower (vision.colocate_llm, engine_process)
             return self.vision.pixels(pixels, grid, key)
         if isinstance(self.vision, VisionEncoder):  # this replica's own tower (vision.colocate_llm)
@@ -345,6 +405,12 @@ class Router:
             if is_replica_death(exc):
                 raise EncoderUnavailableError(f"the vision replica died ({type(exc).__name__})") from None
             raise
+
+    def _pixels_again(self, image: LoadedImage) -> np.ndarray:
+        """The tower's pixels of an image prepared as a cache hit whose entry is gone: resized from
+        its decoded image, or decoded from its bytes first."""
+        decoded = image.image if image.image is not None else decode_image(image.data, self.policy)
+        return self.processor.resize(decoded)
 
     def _embedding_bytes(self, num_tokens: int) -> int:
         vision = self.model_config.vision

@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import io
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import PIL.Image
@@ -20,7 +19,8 @@ import pytest
 import deployments.media as media
 from deployments.config import LimitsConfig
 from deployments.embedding_cache import EmbeddingCache, image_key, pixels_key, video_key
-from deployments.router import Router
+import deployments.router as router_module
+from deployments.router import EncodedImages, Router, encoded_digest
 from engine.multimodal import content_digest, pixels_digest
 from models.processor import ImageProcessor
 from tests.deployments.helpers import data_url, png_bytes
@@ -124,9 +124,15 @@ def test_image_keys_follow_the_decoded_pixels_not_the_encoding() -> None:
     assert image_key(decoded["PNG"], "s", "other-model") != keys["PNG"]
 
 
-def _router(processor: ImageProcessor) -> SimpleNamespace:
-    return SimpleNamespace(processor=processor, _settings=repr(processor), model_id="m",
-                           cache=EmbeddingCache(1 << 20))
+def _router(processor: ImageProcessor) -> Router:
+    """A Router with only what preparing images reads (no checkpoint, no deployments)."""
+    router = Router.__new__(Router)
+    router.processor, router._settings, router.model_id = processor, repr(processor), "m"
+    router.cache, router.encoded, router.policy = EmbeddingCache(1 << 20), EncodedImages(), _policy()
+    return router
+
+
+_SMALL = dict(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=256 * 256)
 
 
 @pytest.mark.parametrize("size, resized, cached", [((64, 96), False, False), ((70, 90), True, False),
@@ -134,8 +140,7 @@ def _router(processor: ImageProcessor) -> SimpleNamespace:
 def test_router_prepares_an_image_in_its_decode_thread(size, resized, cached) -> None:
     """Key, grid and the tower's pixels come out of the thread that decoded the image; a resize is
     skipped only while the cache holds the key."""
-    processor = ImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
-                               max_pixels=256 * 256)
+    processor = ImageProcessor(**_SMALL)
     rng = np.random.default_rng(1)
     source = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
     router = _router(processor)
@@ -144,9 +149,9 @@ def test_router_prepares_an_image_in_its_decode_thread(size, resized, cached) ->
         router.cache.put(key, object(), 10)
     threads: list[str] = []
 
-    def prepare(image):
+    def prepare(data):
         threads.append(threading.current_thread().name)
-        return Router._prepare_image(router, image)
+        return router._prepare_image(data)
 
     async def load():
         loaded = await media.load_request_image(data_url(_encoded(source, "PNG")), _policy(), prepare)
@@ -165,4 +170,49 @@ def test_router_prepares_an_image_in_its_decode_thread(size, resized, cached) ->
 def test_router_prepare_refuses_an_image_no_grid_fits() -> None:
     processor = ImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     with pytest.raises(media.MediaError, match="aspect ratio"):
-        Router._prepare_image(_router(processor), PIL.Image.new("RGB", (4000, 8)))
+        _router(processor)._prepare_image(_encoded(PIL.Image.new("RGB", (4000, 8)), "PNG"))
+
+
+@pytest.mark.parametrize("size", [(64, 96), (70, 90)])
+def test_a_known_file_with_cached_embeddings_is_not_decoded_again(size, monkeypatch) -> None:
+    """The second time a file comes (a chat resending its image), its key and grid come from the
+    file's digest while the cache holds its embeddings: no decode. Without the entry (evicted) it is
+    decoded again; equal pixels in another file share the key; and the tower's pixels of a hit whose
+    entry is gone by the encode are the reference's (`ImageProcessor.resize` of the decoded image)."""
+    processor = ImageProcessor(**_SMALL)
+    rng = np.random.default_rng(2)
+    source = PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    png, bmp = _encoded(source, "PNG"), _encoded(source, "BMP")
+    router = _router(processor)
+    decodes: list[int] = []
+    real = router_module.decode_image
+
+    def counting(data, policy):
+        decodes.append(len(data))
+        return real(data, policy)
+
+    monkeypatch.setattr(router_module, "decode_image", counting)
+    first = router._prepare_image(png)
+    assert decodes == [len(png)] and first.pixels is not None
+    again = router._prepare_image(png)  # known, but its embeddings are not cached: decoded again
+    assert decodes == [len(png)] * 2 and np.array_equal(again.pixels, first.pixels)
+    router.cache.put(first.key, object(), 10)
+    hit = router._prepare_image(png)
+    assert decodes == [len(png)] * 2  # no decode
+    assert (hit.key, hit.grid_thw, hit.pixels, hit.image, hit.data) == (first.key, first.grid_thw, None, None, png)
+    other = router._prepare_image(bmp)  # another file of the same pixels: decoded, same key
+    assert decodes[-1] == len(bmp) and other.key == first.key
+    expected = processor.resize(media.decode_image(png, _policy()))
+    assert np.array_equal(router._pixels_again(hit), expected)
+    router.cache.pop(first.key)
+    assert router._prepare_image(png).pixels is not None and decodes[-1] == len(png)
+
+
+def test_known_files_are_bounded_least_recently_used_first() -> None:
+    seen = EncodedImages(capacity=2)
+    seen.put("a", "ka", (1, 2, 2))
+    seen.put("b", "kb", (1, 2, 2))
+    assert seen.get("a") == ("ka", (1, 2, 2))  # "a" is now the most recent
+    seen.put("c", "kc", (1, 4, 4))
+    assert len(seen) == 2 and seen.get("b") is None and seen.get("a") is not None and seen.get("c") is not None
+    assert encoded_digest(b"x") != encoded_digest(b"y") and encoded_digest(b"x") == encoded_digest(b"x")
