@@ -6,7 +6,8 @@
 // One persistent grid of SMs x (CTAs per SM, from the occupancy calculator, at most
 // kMaxCtasPerSm), all co-resident, in three phases split by two grid barriers:
 //   0+1. Every CTA adds x to the residual and normalises the T rows into shared memory
-//        (redundantly: 4 KB a token); one warp per router row sums its logits for every token
+//        (redundantly: 4 KB a token, the same bits in every CTA: the sums of squares reduce
+//        in a fixed order); one warp per router row sums its logits for every token
 //        (fp32, rounded to the dtype as the router linear's output is) into an fp32 workspace.
 //        CTA 0 stages the new residual rows in `out` (other CTAs still read the old ones).
 //   2.   Every CTA reads the E logits back and runs the top-k (topk_common.cuh) itself; CTA 0
@@ -56,6 +57,7 @@ constexpr int kMaxExperts = 512;  // the top-k's 16 values a lane (VPT 32 spills
 constexpr int kRouterCache = 8;  // router packs per lane read before the wait (a 2,048-wide bf16 row)
 constexpr int kUpChunk = 8;  // packs per lane of a gate row and of its up row in flight
 constexpr int kDownChunk = 8;  // packs per lane of a down row in flight
+constexpr int kAddBatch = 4;  // x and residual packs per thread in flight in phase 0
 
 template <typename T, typename W>
 struct BlockArgs {
@@ -122,40 +124,71 @@ __device__ __forceinline__ void grid_barrier(unsigned* counter) {
   __syncthreads();
 }
 
-// Phase 0: residual = x + residual (rounded), rows = rms_norm(residual) for every token, one
-// warp per token. CTA 0 also stages the new residual rows in out.
+// Phase 0: residual = x + residual (rounded), rows = rms_norm(residual) for every token. The
+// CTA's threads split the T * H / V packs (one each at T = 1, H = 2,048, bf16), kAddBatch loads
+// in flight per thread; the sums of squares reduce in a fixed order (red, inv: shared), so
+// every CTA normalises to the same bits. CTA 0 also stages the new residual rows in out.
 template <typename T, typename W>
-__device__ void add_norm(const BlockArgs<T, W>& a, T* rows) {
+__device__ void add_norm(const BlockArgs<T, W>& a, T* rows, float* red, float* inv) {
   constexpr int V = kPack16<T>;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int packs = a.hidden / V;
-  for (int t = warp; t < a.tokens; t += kWarps) {
-    const uint4* xr = reinterpret_cast<const uint4*>(a.x + t * a.x_stride);
-    const uint4* rr = reinterpret_cast<const uint4*>(a.residual + t * a.res_stride);
-    uint4* row = reinterpret_cast<uint4*>(rows + t * a.hidden);
-    uint4* stage = reinterpret_cast<uint4*>(a.out + t * a.hidden);
-    float ss = 0.f;
-    for (int i = lane; i < packs; i += 32) {
-      const uint4 xv = __ldcg(xr + i), rv = __ldcg(rr + i);
-      Pack<T, V> sum;
+  const int packs = a.hidden / V, total = a.tokens * packs;
+  uint4* row = reinterpret_cast<uint4*>(rows);  // [T, packs]
+  uint4* stage = reinterpret_cast<uint4*>(a.out);  // contiguous [T, packs]
+  float ss[kMaxTokens] = {};
+  for (int first = threadIdx.x; first < total; first += kAddBatch * kThreads) {
+    uint4 xv[kAddBatch], rv[kAddBatch];
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        sum.v[e] = from_float<T>(pack_value<T>(xv, e) + pack_value<T>(rv, e));
-        const float f = to_float(sum.v[e]);
-        ss += f * f;
+    for (int b = 0; b < kAddBatch; ++b) {
+      const int idx = first + b * kThreads, t = idx / packs, i = idx % packs;
+      if (idx < total) {
+        xv[b] = __ldcg(reinterpret_cast<const uint4*>(a.x + t * a.x_stride) + i);
+        rv[b] = __ldcg(reinterpret_cast<const uint4*>(a.residual + t * a.res_stride) + i);
       }
-      row[i] = to_uint4<T>(sum);
-      if (blockIdx.x == 0) stage[i] = row[i];
     }
-    const float inv = rsqrtf(warp_sum(ss) / a.hidden + a.eps);
-    for (int i = lane; i < packs; i += 32) {
-      const uint4 r = row[i];  // this lane's own write
-      Pack<T, V> normed;
 #pragma unroll
-      for (int e = 0; e < V; ++e)
-        normed.v[e] = scale_weight<T, W>(pack_value<T>(r, e), inv, a.norm_weight[i * V + e]);
-      row[i] = to_uint4<T>(normed);
+    for (int b = 0; b < kAddBatch; ++b) {
+      const int idx = first + b * kThreads, t = idx / packs;
+      if (idx < total) {
+        Pack<T, V> sum;
+        float s = 0.f;
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          sum.v[e] = from_float<T>(pack_value<T>(xv[b], e) + pack_value<T>(rv[b], e));
+          const float f = to_float(sum.v[e]);
+          s += f * f;
+        }
+#pragma unroll
+        for (int tt = 0; tt < kMaxTokens; ++tt)
+          if (tt == t) ss[tt] += s;
+        row[idx] = to_uint4<T>(sum);
+        if (blockIdx.x == 0) stage[idx] = row[idx];
+      }
     }
+  }
+#pragma unroll
+  for (int t = 0; t < kMaxTokens; ++t) {
+    if (t < a.tokens) {
+      const float s = warp_sum(ss[t]);
+      if (lane == 0) red[warp * kMaxTokens + t] = s;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < a.tokens) {
+    float s = 0.f;
+    for (int w = 0; w < kWarps; ++w) s += red[w * kMaxTokens + threadIdx.x];
+    inv[threadIdx.x] = rsqrtf(s / a.hidden + a.eps);
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int i = idx % packs;
+    const float scale = inv[idx / packs];
+    const uint4 r = row[idx];  // this thread's own write
+    Pack<T, V> normed;
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      normed.v[e] = scale_weight<T, W>(pack_value<T>(r, e), scale, a.norm_weight[i * V + e]);
+    row[idx] = to_uint4<T>(normed);
   }
 }
 
@@ -197,15 +230,14 @@ __device__ void router_logits(const BlockArgs<T, W>& a, const T* rows_t,
 }
 
 // CTA 0, phase 2: the staged residual rows (out) into residual. Same thread-to-pack map as
-// add_norm, so each thread reads back its own writes.
+// add_norm's first pass, so each thread reads back its own writes.
 template <typename T, typename W>
 __device__ void publish_residual(const BlockArgs<T, W>& a) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int packs = a.hidden / kPack16<T>;
-  for (int t = warp; t < a.tokens; t += kWarps) {
-    const uint4* stage = reinterpret_cast<const uint4*>(a.out + t * a.hidden);
-    uint4* res = reinterpret_cast<uint4*>(a.residual + t * a.res_stride);
-    for (int i = lane; i < packs; i += 32) res[i] = __ldcg(stage + i);
+  const int packs = a.hidden / kPack16<T>, total = a.tokens * packs;
+  const uint4* stage = reinterpret_cast<const uint4*>(a.out);
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int t = idx / packs, i = idx % packs;
+    reinterpret_cast<uint4*>(a.residual + t * a.res_stride)[i] = __ldcg(stage + idx);
   }
 }
 
@@ -302,6 +334,8 @@ __global__ void __launch_bounds__(kThreads, kMaxCtasPerSm) moe_decode_block_kern
   float* logits = reinterpret_cast<float*>(smem + a.rows_bytes);  // [T, E]
   float* pick_w = logits + a.tokens * a.experts;  // [T, k]
   int* pick_id = reinterpret_cast<int*>(pick_w + a.tokens * a.k);  // [T, k]
+  float* red = reinterpret_cast<float*>(pick_id + a.tokens * a.k);  // [kWarps, kMaxTokens]
+  float* inv = red + kWarps * kMaxTokens;  // [kMaxTokens]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int gw = blockIdx.x * kWarps + warp, nwarps = gridDim.x * kWarps;
   constexpr int V = kPack16<T>;
@@ -315,7 +349,7 @@ __global__ void __launch_bounds__(kThreads, kMaxCtasPerSm) moe_decode_block_kern
   }
   pdl_wait();  // x and the residual come from the previous kernels (pdl.cuh)
 
-  add_norm(a, rows);
+  add_norm(a, rows, red, inv);
   __syncthreads();
   router_logits(a, rows, cache, gw, nwarps);
   grid_barrier(a.barrier);
@@ -390,7 +424,7 @@ bool launch_block(at::Tensor& out, at::Tensor& residual, at::Tensor& barrier, co
                         gate_up_proj.data_ptr(), down_proj.data_ptr()})
     if (!is_aligned16(p)) return false;
   const int64_t rows_bytes = round16(std::max(d.tokens * d.hidden, d.tokens * d.k * d.inter) * int64_t(sizeof(T)));
-  const int64_t smem = rows_bytes + 4 * d.tokens * d.experts + 8 * d.tokens * d.k;
+  const int64_t smem = rows_bytes + 4 * d.tokens * d.experts + 8 * d.tokens * d.k + 4 * (kWarps + 1) * kMaxTokens;
   const int device = x.get_device();
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
   if (smem > int64_t(prop->sharedMemPerBlockOptin)) return false;
