@@ -82,6 +82,24 @@ MOE_FUSED_HELP = ("MoE fused decode path (router + routing, combine + next norm)
                   "(default: the device's, SPLITVL_MOE_FUSED_DECODE on CUDA)")
 
 
+def moe_block_settings(values: Sequence[str], device: torch.device) -> list[bool]:
+    """`--moe-block on,off` -> [True, False] (the MoE blocks' one-op decode path,
+    `ops.moe_decode_block`, in order); nothing given: the default on `device` (CPU on, CUDA as
+    SPLITVL_MOE_BLOCK_KERNEL says).
+
+    Raises:
+        ValueError: a value other than on / off.
+    """
+    from models.layers.moe import block_kernel_default
+
+    return on_off_settings(values, "--moe-block") or [block_kernel_default(device)]
+
+
+MOE_BLOCK_HELP = ("MoE one-op decode block (post-attention add + norm, router, routing, experts, combine: "
+                  "ops.moe_decode_block) settings to time: on,off (default: the device's, SPLITVL_MOE_BLOCK_KERNEL "
+                  "on CUDA)")
+
+
 def config_path(name: str) -> Path:
     """`configs/models/<name>.json`, the published config.json of a real architecture."""
     path = CONFIG_DIR / f"{name}.json"

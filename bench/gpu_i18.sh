@@ -23,6 +23,11 @@
 #          decode shape (T = 1 and 64, 32/4 heads x 128, interleaved mRoPE); not a default step
 #   wide   bench/moe.py at batch 1: the small-row linears wider than their input (qkv) streamed by
 #          ops.linear_small vs cuBLAS, in the graph with PDL (--stream-wide on,off); not a default step
+#   block  the one-op MoE decode block (ops.moe_decode_block, issue 18): its GPU tests (kernel == reference and
+#          chain at odd sizes and the 30B-A3B shape, which kernel ran, graph replays == eager, the model paths on
+#          and off), the engine's graph decode == eager and the bf16 MoE block vs transformers with
+#          SPLITVL_MOE_BLOCK_KERNEL=1, bench/ops.py moe_decode (block vs its chain at T 1, 4) and bench.moe at
+#          batch 1 with the block on and off; not a default step: I18_TOTAL_S=600 bash bench/gpu_i18.sh build block
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -31,7 +36,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400)
 
 step_cmd() {
   case $1 in
@@ -45,6 +50,12 @@ step_cmd() {
             tests/engine/test_gpu_graphs.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py ;;
     qkc-ops) python bench/ops.py --ops qk_norm_rope_and_cache reshape_and_cache qk_norm_rope --json "$OUT/ops_qkc.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
+    block) python -m pytest -m gpu -x -q tests/ops/test_moe_decode_block.py tests/models/test_moe_fused_decode.py \
+            tests/ops/test_op_table.py \
+          && SPLITVL_MOE_BLOCK_KERNEL=1 python -m pytest -m gpu -x -q tests/models/test_moe_gpu.py \
+            tests/engine/test_gpu_graphs.py -k "moe or Moe" \
+          && python bench/ops.py --ops moe_decode --json "$OUT/ops_moe_block.json" \
+          && python -m bench.moe --batches 1 --no-hf --moe-block on,off --json "$OUT/moe-block.json" ;;
     wide) python -m bench.moe --batches 1 --no-hf --stream-wide on,off --json "$OUT/moe-wide.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \

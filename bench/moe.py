@@ -5,6 +5,7 @@
     python -m bench.moe --model qwen3.5-35b-a3b --no-hf       # the hybrid Qwen3.5 MoE (40 layers)
     python -m bench.moe --batches 1 --no-hf --pdl on,off      # programmatic dependent launch on vs off
     python -m bench.moe --batches 1 --no-hf --moe-fused on,off  # fused MoE decode ops on vs off
+    python -m bench.moe --batches 1 --no-hf --moe-block on,off  # one-op MoE decode block on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -19,7 +20,9 @@ linear-attention state each step reads and writes back) over the copy bandwidth
 of this run. `--pdl on,off` times each batch with programmatic dependent launch
 on and off (ops.programmatic_launch; the graph is captured under each setting), and
 `--moe-fused on,off` with the MoE blocks' fused decode path (router + routing in one op,
-the combine folded into the next norm; steps of up to 16 tokens) on and off.
+the combine folded into the next norm; steps of up to 16 tokens) on and off, `--moe-block on,off`
+with the one-op block path (`ops.moe_decode_block`: the post-attention add + norm and the whole
+block in one launch; steps of up to 8 tokens) on and off, ahead of the fused path.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -37,8 +40,8 @@ import torch
 
 import ops
 from bench.common import (
-    MOE_FUSED_HELP, PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, moe_fused_settings, on_off_settings,
-    pdl_settings, print_table, write_json,
+    MOE_BLOCK_HELP, MOE_FUSED_HELP, PDL_HELP, config_path, cuda_time_fn, int_list, measure_peaks, moe_block_settings,
+    moe_fused_settings, on_off_settings, pdl_settings, print_table, write_json,
 )
 
 BLOCK = 16  # KV block size, as the engine's default
@@ -49,6 +52,7 @@ class StepResult:
     batch: int
     pdl: bool  # whether the step's kernels used programmatic dependent launch
     moe_fused: bool  # whether the MoE blocks took the fused decode path
+    moe_block: bool  # whether the MoE blocks took the one-op block path (ahead of the fused one)
     stream_wide: bool  # whether linears wider than their input streamed too (`set_streamed_small_rows`)
     eager_ms: float
     graph_ms: float
@@ -130,7 +134,7 @@ def active_bytes(model, batch_step) -> tuple[int, float]:
     The step runs unfused (`FusedExperts.forward` is where the routing is seen); the fused
     path routes the same pairs.
     """
-    from models.layers.moe import FusedExperts, set_fused_decode
+    from models.layers.moe import FusedExperts, set_block_kernel, set_fused_decode
     from ops import MoePermutation
 
     hits: list[int] = []
@@ -147,7 +151,8 @@ def active_bytes(model, batch_step) -> tuple[int, float]:
         expert_bytes.append(module.gate_up_proj[0].nbytes + module.down_proj[0].nbytes)
 
     handles = [m.register_forward_pre_hook(count) for m in model.modules() if isinstance(m, FusedExperts)]
-    set_fused_decode(model, False)  # the caller then sets the path it times
+    set_fused_decode(model, False)  # the caller then sets the paths it times
+    set_block_kernel(model, False)
     batch_step()
     for handle in handles:
         handle.remove()
@@ -170,9 +175,10 @@ def profile_replays(replay, batch: int, steps: int = 5) -> None:
 
 
 def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
-              profile: bool = False, moe_fused: bool = True, stream_wide: bool = False) -> StepResult:
+              profile: bool = False, moe_fused: bool = True, stream_wide: bool = False,
+              moe_block: bool = False) -> StepResult:
     from models.layers.linear import set_streamed_small_rows
-    from models.layers.moe import set_fused_decode
+    from models.layers.moe import set_block_kernel, set_fused_decode
 
     dtype = next(model.parameters()).dtype
     ids, positions, attn, caches = decode_inputs(config, batch, context, dtype, device, model.state_shapes())
@@ -184,6 +190,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
         nbytes, hit = active_bytes(model, step)
         nbytes += state_bytes(config, caches)
         set_fused_decode(model, moe_fused)
+        set_block_kernel(model, moe_block)
         set_streamed_small_rows(model, stream_wide)
         if device.type != "cuda":
             start = time.perf_counter()
@@ -205,7 +212,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
     set_streamed_small_rows(model, False)
-    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, stream_wide, eager, graphed, floor,
+    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, moe_block, stream_wide, eager, graphed, floor,
                       nbytes / 1e9, hit)
 
 
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="also print each batch's top kernels (GPU)")
     parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
     parser.add_argument("--moe-fused", nargs="*", default=[], help=MOE_FUSED_HELP)
+    parser.add_argument("--moe-block", nargs="*", default=[], help=MOE_BLOCK_HELP)
     parser.add_argument("--stream-wide", nargs="*", default=[],
                         help="small-row linears wider than their input (qkv, gate_up) streamed too: on,off "
                              "(default off: cuBLAS for those, as the models run)")
@@ -300,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         pdl = pdl_settings(args.pdl)
         fused = moe_fused_settings(args.moe_fused, torch.device("cpu" if args.smoke else "cuda"))
+        block = moe_block_settings(args.moe_block, torch.device("cpu" if args.smoke else "cuda"))
         wide = on_off_settings(args.stream_wide, "--stream-wide") or [False]
     except ValueError as exc:
         parser.error(str(exc))
@@ -317,11 +326,14 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    for b, on, fuse, w in ((b, on, fuse, w) for b in batches for on in pdl for fuse in fused for w in wide):
+    settings = ((b, on, fuse, blk, w) for b in batches for on in pdl for fuse in fused for blk in block for w in wide)
+    for b, on, fuse, blk, w in settings:
         with ops.programmatic_launch(on):
-            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w))
+            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w,
+                                     blk))
     for r in results:
-        print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} stream-wide {_on(r.stream_wide)}: "
+        print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} moe-block {_on(r.moe_block)} "
+              f"stream-wide {_on(r.stream_wide)}: "
               f"eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
@@ -336,12 +348,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
-        rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.stream_wide),
+        rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.moe_block), _on(r.stream_wide),
                      r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
                      r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "PDL", "MoE fused", "stream wide", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "MoE fused", "MoE block", "stream wide", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

@@ -3,7 +3,9 @@ Qwen3-VL-30B-A3B expert shape (E=128, top-8, hidden 2048, intermediate 768).
 
 `moe_decode` times the two fused decode ops against the two-op chains they replace, at
 T = 1, 4, 16: `moe_gate_route` vs the router linear (as `ReplicatedLinear` runs it) then
-`moe_route`, and `moe_combine_add_rms_norm` vs `moe_combine` then `fused_add_rms_norm`.
+`moe_route`, and `moe_combine_add_rms_norm` vs `moe_combine` then `fused_add_rms_norm`; and at
+T = 1, 4 `moe_decode_block` (the layer's post-attention add + norm and the whole block, one
+launch) vs the six-op chain it replaces (bytes: the router and the distinct experts hit).
 
 Each token count runs today's chain (routing, `moe_align`, `moe_gate_up`, `moe_down`,
 `moe_combine`) and its two GEMMs alone in the 64- and 128-row block tiles; from
@@ -26,7 +28,7 @@ import ops
 from bench.op_case import Case, nbytes, rel_err
 from models.layers.linear import streams_small_rows
 from models.layers.moe import GROUPED_GEMM_MIN_TOKENS, grouped_experts
-from ops import reference_moe
+from ops import reference, reference_moe
 from ops.reference_moe import align_block_size
 
 
@@ -171,6 +173,7 @@ def moe_decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case
             # Each timed call adds into the residual in place; the check runs from a saved copy.
             check = partial(_restored_check, run, ref_norm, residual, residual.clone())
             yield Case("moe_decode", f"{name} {shape}", run, check, moved)
+    yield from moe_block_cases(dev, dtype, smoke)
 
 
 def _restored_check(run, ref, residual: torch.Tensor, saved: torch.Tensor) -> float:
@@ -182,3 +185,54 @@ def _restored_check(run, ref, residual: torch.Tensor, saved: torch.Tensor) -> fl
     got = out[0] if isinstance(out, tuple) else out
     residual.copy_(saved)
     return rel_err(got, expected)
+
+
+def _block_chain(x, residual, norm_weight, eps: float, gate, gate_up, down, k: int) -> torch.Tensor:
+    """What `moe_decode_block` replaces, as the model runs it: the add + norm in place on x, the
+    router as `ReplicatedLinear` runs it, `moe_route`, the two expert GEMVs and the combine."""
+    ops.fused_add_rms_norm(x, residual, norm_weight, eps)
+    weights, _, alignment = _router_then_route(x, gate, k)
+    h = ops.moe_gate_up(x, gate_up, alignment)
+    return ops.moe_combine(ops.moe_down(h, down, weights, alignment), alignment, None)
+
+
+def moe_block_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """`moe_decode_block` vs its chain at the 30B-A3B shape, T = 1 and 4 (part of `moe_decode`)."""
+    experts, k, hidden, inter = (8, 2, 64, 32) if smoke else (128, 8, 2048, 768)
+    gate = torch.randn(experts, hidden, device=dev, dtype=dtype) * (4 / hidden**0.5)
+    gate_up = torch.randn(experts, 2 * inter, hidden, device=dev, dtype=dtype) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, device=dev, dtype=dtype) / inter**0.5
+    norm_weight = torch.ones(hidden, device=dev, dtype=dtype)
+    barrier = torch.zeros(1, dtype=torch.int32, device=dev)
+    eps = 1e-6
+    for t in [3] if smoke else [1, 4]:
+        x = torch.randn(t, hidden, device=dev, dtype=dtype)
+        residual = torch.randn(t, hidden, device=dev, dtype=dtype)
+        saved_x, saved_res = x.clone(), residual.clone()
+        normed = x.clone()
+        reference.fused_add_rms_norm(normed, residual.clone(), norm_weight, eps)
+        _, ids, _ = reference_moe.moe_route(F.linear(normed, gate), k, True)
+        hit = torch.unique(ids).numel()
+        moved = nbytes(gate, norm_weight) + hit * (nbytes(gate_up[0]) + nbytes(down[0])) + 4 * t * hidden * dtype.itemsize
+        shape = f"T={t} E={experts} k={k} H={hidden} I={inter}"
+
+        def ref(x=x, residual=residual, saved_x=saved_x, saved_res=saved_res) -> torch.Tensor:
+            return reference_moe.moe_decode_block(saved_x.clone(), saved_res.clone(), norm_weight, eps, gate, gate_up,
+                                                  down, k, True, barrier)[0]
+
+        block = partial(ops.moe_decode_block, x, residual, norm_weight, eps, gate, gate_up, down, k, True, barrier)
+        chain = partial(_block_chain, x, residual, norm_weight, eps, gate, gate_up, down, k)
+        for name, run in (("moe_decode_block", block), ("  add_rms_norm + router + route + experts + combine", chain)):
+            # Each timed call adds into the residual (the chain also norms x) in place; the check
+            # runs from saved copies.
+            def check(run=run, x=x, residual=residual, saved_x=saved_x, saved_res=saved_res, ref=ref) -> float:
+                expected = ref()
+                x.copy_(saved_x)
+                residual.copy_(saved_res)
+                got = run()
+                got = got[0] if isinstance(got, tuple) else got
+                x.copy_(saved_x)
+                residual.copy_(saved_res)
+                return rel_err(got, expected)
+
+            yield Case("moe_decode", f"{name} {shape}", run, check, moved)

@@ -94,7 +94,10 @@ class DecoderLayer(nn.Module):
             x = self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.mix(x, positions, attn, cache), residual)
+        x = self.mix(x, positions, attn, cache)
+        if isinstance(self.mlp, SparseMoeBlock) and self.mlp.takes_block(x):
+            return self.mlp.forward_block(x, residual, self.post_attention_layernorm)  # norm + block, one op
+        x, residual = self.post_attention_layernorm(x, residual)
         if isinstance(self.mlp, SparseMoeBlock):
             return self.mlp.forward_deferred(x), residual  # the next norm may take the combine
         return self.mlp(x), residual

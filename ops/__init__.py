@@ -30,7 +30,8 @@ from ops._extension import STATE, OpTable, extension_available, fallback_reason
 from ops.attention_sm90 import (attention_sm90, attention_sm90_available, attention_sm90_enabled,
                                 set_attention_sm90)
 from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
-from ops.reference_moe import MoeAlignment, MoePermutation, align_block_size, align_capacity
+from ops.reference_moe import (MOE_DECODE_BLOCK_MAX_TOKENS, MoeAlignment, MoePermutation, align_block_size,
+                               align_capacity)
 
 _ops = OpTable(STATE)
 
@@ -256,6 +257,15 @@ def moe_combine_add_rms_norm(y, alignment, topk_weights, residual, norm_weight, 
     return out, residual
 
 
+@_ops.op(reference_moe)
+def moe_decode_block(x, residual, norm_weight, eps, gate_weight, gate_up_proj, down_proj, topk, renormalize, barrier):
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.moe_decode_block.default(
+        out, residual, barrier, x, norm_weight, eps, gate_weight, gate_up_proj, down_proj, topk, renormalize
+    )
+    return out, residual
+
+
 # Qwen3.5 linear attention (Gated DeltaNet); state pools as in the module docstring.
 
 
@@ -368,7 +378,8 @@ def custom_all_reduce(x, buffer, rank_ptrs, rank):
 OPS = _ops.ops()
 
 __all__ = [
-    "extension_available", "fallback_reason", "MoeAlignment", "MoePermutation", "programmatic_launch",
+    "extension_available", "fallback_reason", "MoeAlignment", "MoePermutation", "MOE_DECODE_BLOCK_MAX_TOKENS",
+    "programmatic_launch",
     "programmatic_launch_enabled", "set_programmatic_launch", "attention_sm90", "attention_sm90_available",
     "attention_sm90_enabled", "set_attention_sm90", *(bound.name for bound in OPS)
 ]

@@ -264,3 +264,36 @@ def moe_combine_add_rms_norm(
     normed = moe_combine(y, alignment, topk_weights)
     reference.fused_add_rms_norm(normed, residual, norm_weight, eps)
     return normed, residual
+
+
+# Tokens up to which the CUDA kernel of `moe_decode_block` runs the whole block in one
+# launch; larger steps (and shapes it cannot take) run the chain of ops it replaces.
+MOE_DECODE_BLOCK_MAX_TOKENS = 8
+
+
+def moe_decode_block(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    gate_weight: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+    topk: int, renormalize: bool, barrier: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A MoE layer's second half at decode (no shared expert, TP=1), as the chain of ops it
+    replaces rounds: `fused_add_rms_norm(x, residual)` (residual updated in place, x left
+    alone) -> router logits `normed gate_weight^T` summed in fp32 and rounded to the dtype
+    (`ReplicatedLinear`'s) -> `moe_route` -> `moe_gate_up` -> `moe_down` (router weights
+    applied, rows rounded) -> `moe_combine` (fp32 sum of the rounded rows in j order).
+
+    `barrier` is a persistent int32 [1] the CUDA kernel's grid barrier counts on (its low
+    31 bits are back to 0 after every launch, so a CUDA graph replays the op without a
+    memset; a new block's is zeros); the references leave it alone. The CUDA kernel runs
+    T <= `MOE_DECODE_BLOCK_MAX_TOKENS` in one launch, other steps the chain.
+
+    Shapes: x [T, H], residual [T, H] (x's dtype, unit last stride); norm_weight [H] (x's
+    dtype or fp32); gate_weight [E, H]; gate_up_proj [E, 2I, H]; down_proj [E, H, I] ->
+    (out [T, H], residual).
+    """
+    normed = x.clone()
+    reference.fused_add_rms_norm(normed, residual, norm_weight, eps)
+    logits = F.linear(normed, gate_weight)
+    weights, _, alignment = moe_route(logits, topk, renormalize)
+    h = moe_gate_up(normed, gate_up_proj, alignment)
+    return moe_combine(moe_down(h, down_proj, weights, alignment), alignment), residual

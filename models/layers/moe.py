@@ -15,6 +15,11 @@ uncombined (`PendingCombine`); the next layer's input norm, or the final norm,
 sums them into the residual inside its add + norm (`ops.moe_combine_add_rms_norm`).
 Anything else that reads the block output `materialize`s it first.
 
+Decode steps of up to `ops.MOE_DECODE_BLOCK_MAX_TOKENS` tokens of such a block can instead run
+the whole second half of the layer as one op (`forward_block`: `ops.moe_decode_block`, the
+layer's `post_attention_layernorm` add + norm, router, routing, experts and combine; on CUDA
+one launch), when `block_kernel` says so (`SPLITVL_MOE_BLOCK_KERNEL` on CUDA).
+
 Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
 `experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
 rows) and `experts.down_proj [E, H, I / tp]`. The block's partial sums are
@@ -67,6 +72,25 @@ def _fused_decode_on_cuda() -> bool:
 
 
 FUSED_DECODE_ON_CUDA = _fused_decode_on_cuda()
+
+
+def _block_kernel_on_cuda() -> bool:
+    """Whether CUDA steps take the one-op block path (`forward_block`): only with
+    `SPLITVL_MOE_BLOCK_KERNEL=1`.
+
+    Read once, at import. The kernel's CUDA source compiles in CI but has not yet passed its
+    GPU tests, so CUDA keeps the other paths unless asked; CPU always takes it, so the CPU
+    parity tests against transformers run it.
+    """
+    return os.environ.get("SPLITVL_MOE_BLOCK_KERNEL", "") == "1"
+
+
+BLOCK_KERNEL_ON_CUDA = _block_kernel_on_cuda()
+
+
+def block_kernel_default(device: torch.device) -> bool:
+    """Whether a MoE block on `device` takes the one-op block path unless told (`block_kernel`)."""
+    return device.type != "cuda" or BLOCK_KERNEL_ON_CUDA
 
 
 def fused_decode_default(device: torch.device) -> bool:
@@ -253,6 +277,8 @@ class SparseMoeBlock(nn.Module):
     `shared_expert.*` plus `shared_expert_gate.weight [1, H]` (sigmoid gate).
     `fused_decode` picks the decode path: None (the device's default: CPU fused, CUDA
     as `SPLITVL_MOE_FUSED_DECODE` says), True or False (tests and benchmarks compare them).
+    `block_kernel` likewise picks the one-op path of the decoder layer (`takes_block`:
+    CPU on, CUDA as `SPLITVL_MOE_BLOCK_KERNEL` says), ahead of the fused decode path.
     Shapes: x [T, H] -> [T, H].
     """
 
@@ -287,6 +313,30 @@ class SparseMoeBlock(nn.Module):
         self.fused_decode: bool | None = None
         # moe_gate_route's arrival counter: persistent, so no step launches a memset for it.
         self.register_buffer("route_arrivals", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self.block_kernel: bool | None = None
+        # moe_decode_block's grid-barrier counter: persistent likewise.
+        self.register_buffer("block_barrier", torch.zeros(1, dtype=torch.int32), persistent=False)
+
+    def takes_block(self, x: torch.Tensor) -> bool:
+        """Whether the decoder layer hands this block its un-normalised input (`forward_block`)."""
+        enabled = self.block_kernel if self.block_kernel is not None else block_kernel_default(x.device)
+        return (
+            enabled and self.shared_expert is None and self.parallel.tp_size == 1
+            and 0 < x.shape[0] <= ops.MOE_DECODE_BLOCK_MAX_TOKENS
+        )
+
+    def forward_block(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`norm(x, residual)` (the layer's post-attention add + RMSNorm, its `weight` and `eps`)
+        then this block, as one op (`ops.moe_decode_block`); residual is updated in place.
+
+        Shapes: x [T, H] (the token mixer's output), residual [T, H] -> (block output, residual).
+        """
+        return ops.moe_decode_block(
+            x, residual, norm.weight, norm.eps, self.gate.weight, self.experts.gate_up_proj,
+            self.experts.down_proj, self.top_k, self.norm_topk_prob, self.block_barrier,
+        )
 
     def defers_combine(self, x: torch.Tensor) -> bool:
         """Whether `forward_deferred(x)` takes the fused decode path (and leaves the combine pending)."""
@@ -322,3 +372,10 @@ def set_fused_decode(model: nn.Module, enabled: bool | None) -> None:
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
             module.fused_decode = enabled
+
+
+def set_block_kernel(model: nn.Module, enabled: bool | None) -> None:
+    """Set `block_kernel` on every MoE block of `model` (None: each device's default)."""
+    for module in model.modules():
+        if isinstance(module, SparseMoeBlock):
+            module.block_kernel = enabled

@@ -135,6 +135,19 @@ SPLITVL_OP(moe_combine_add_rms_norm,
             const std::optional<at::Tensor>& topk_weights, const at::Tensor& weight,
             double epsilon))
 
+// A MoE layer's second half at decode (no shared expert, TP=1), one launch on CUDA for few
+// tokens: fused_add_rms_norm(x, residual) (residual updated, x read only) -> router linear ->
+// moe_route -> moe_gate_up -> moe_down -> moe_combine into out [T, H]; barrier int32 [1] is
+// the persistent counter of the CUDA kernel's grid barrier (moe_decode_block.h: checks, chain).
+SPLITVL_OP(moe_decode_block,
+           "Tensor! out, Tensor! residual, Tensor! barrier, Tensor x, Tensor norm_weight, "
+           "float epsilon, Tensor gate_weight, Tensor gate_up_proj, Tensor down_proj, int top_k, "
+           "bool renormalize",
+           (at::Tensor& out, at::Tensor& residual, at::Tensor& barrier, const at::Tensor& x,
+            const at::Tensor& norm_weight, double epsilon, const at::Tensor& gate_weight,
+            const at::Tensor& gate_up_proj, const at::Tensor& down_proj, int64_t top_k,
+            bool renormalize))
+
 // Qwen3.5 linear attention (Gated DeltaNet); shared argument checks in linear_attn_checks.h.
 // x [T, dim] token-major; conv_states [num_slots, dim, width-1]; sequence b uses slot
 // state_indices[b] (< 0: none, zero start, state discarded). q, k [T, Hk, Dk]; v [T, Hv, Dv];

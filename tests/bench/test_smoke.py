@@ -40,9 +40,16 @@ def test_decode_bench_pdl_settings_parse() -> None:
 
 
 def test_moe_bench_times_fused_decode_on_and_off(capsys) -> None:
-    moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-fused", "on,off"])
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-fused", "on,off", "--moe-block", "off"])
     out = capsys.readouterr().out
-    assert "moe-fused on stream-wide off:" in out and "moe-fused off stream-wide off:" in out
+    assert "moe-fused on moe-block off stream-wide off:" in out and "moe-fused off moe-block off stream-wide off:" in out
+    assert out.count("| tiny qwen3_vl_moe |") == 2
+
+
+def test_moe_bench_times_block_kernel_on_and_off(capsys) -> None:
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-block", "on,off"])
+    out = capsys.readouterr().out
+    assert "moe-block on stream-wide off:" in out and "moe-block off stream-wide off:" in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 

@@ -1,6 +1,7 @@
 """The fused MoE decode path (router + routing in one op, the combine folded into the next
-norm) against the unfused path of the same model: greedy tokens and logits on a tiny
-Qwen3-VL-MoE; on the GPU also a captured CUDA graph of a fused decode step == eager."""
+norm) and the one-op block path (`ops.moe_decode_block`: the layer's post-attention add + norm
+and the whole block) against the unfused path of the same model: greedy tokens and logits on a
+tiny Qwen3-VL-MoE; on the GPU also a captured CUDA graph of a decode step on either == eager."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 import ops
 from models.config import load_model_config
-from models.layers.moe import SparseMoeBlock, set_fused_decode
+from models.layers.moe import SparseMoeBlock, set_block_kernel, set_fused_decode
 from models.loader import CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
 from tests.models.test_qwen3_parity import BLOCK, step_metadata
@@ -41,11 +42,14 @@ def _caches(model: Qwen3ForCausalLM, device: str, dtype: torch.dtype) -> list[tu
 
 @torch.no_grad()
 def _greedy(
-    model: Qwen3ForCausalLM, prompt: torch.Tensor, fused: bool, forced: list[int] | None = None
+    model: Qwen3ForCausalLM, prompt: torch.Tensor, fused: bool, forced: list[int] | None = None,
+    block: bool = False,
 ) -> tuple[list[int], torch.Tensor]:
     """Prefill `prompt`, then STEPS greedy decode steps from paged caches (feeding `forced` tokens
-    instead when given): (tokens fed, logits [1 + STEPS, V])."""
+    instead when given), on the fused decode path or not and the block path or not:
+    (tokens fed, logits [1 + STEPS, V])."""
     set_fused_decode(model, fused)
+    set_block_kernel(model, block)
     device, dtype = prompt.device, next(model.parameters()).dtype
     caches = _caches(model, device, dtype)
     tables = torch.arange(16, dtype=torch.int32)[None]
@@ -97,6 +101,44 @@ def test_fused_decode_equals_unfused_fp32(tiny_checkpoint, monkeypatch, prompt_l
     torch.testing.assert_close(fused_logits, logits, rtol=1e-4, atol=1e-4)
 
 
+def _counting_block(monkeypatch) -> list[int]:
+    """Counts the calls of ops.moe_decode_block."""
+    calls = [0]
+    block = ops.moe_decode_block
+
+    def counted(*args):
+        calls[0] += 1
+        return block(*args)
+
+    monkeypatch.setattr(ops, "moe_decode_block", counted)
+    return calls
+
+
+@pytest.mark.parametrize("prompt_len", [7, 23])  # block prefill (<= 8 tokens) or not
+def test_block_kernel_equals_unfused_fp32(tiny_checkpoint, monkeypatch, prompt_len):
+    model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.float32, "cpu")
+    prompt = torch.randint(0, 1000, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len))
+    calls = _counting_block(monkeypatch)
+    tokens, logits = _greedy(model, prompt, fused=False)
+    assert calls == [0]
+    block_tokens, block_logits = _greedy(model, prompt, fused=True, block=True)
+    steps = STEPS + (prompt_len <= 8)
+    assert calls == [model.config.text.num_hidden_layers * steps]  # every MoE layer of every step
+    assert block_tokens == tokens
+    torch.testing.assert_close(block_logits, logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_default_takes_the_block_and_shared_expert_blocks_do_not(tiny_checkpoint):
+    block = _model(tiny_checkpoint("qwen3_vl_moe"), torch.float32, "cpu").model.layers[0].mlp
+    hidden = block.experts.hidden_size
+    assert block.block_kernel is None and block.takes_block(torch.randn(8, hidden))
+    assert not block.takes_block(torch.randn(9, hidden)) and not block.takes_block(torch.randn(0, hidden))
+    block.block_kernel = False
+    assert not block.takes_block(torch.randn(1, hidden))
+    shared = SparseMoeBlock(16, 12, 6, 3, norm_topk_prob=True, shared_expert_intermediate_size=20)
+    assert not shared.takes_block(torch.randn(2, 16))
+
+
 def test_cpu_default_is_fused_and_shared_expert_blocks_are_not(tiny_checkpoint):
     block = _model(tiny_checkpoint("qwen3_vl_moe"), torch.float32, "cpu").model.layers[0].mlp
     x = torch.randn(3, block.experts.hidden_size)
@@ -123,12 +165,30 @@ def test_fused_decode_bf16_gpu_tokens_match_unfused(tiny_checkpoint, monkeypatch
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("batch", [1, 4, 16])
-def test_fused_decode_step_graph_equals_eager_gpu(tiny_checkpoint, batch):
-    """A fused decode step captured in a CUDA graph replays (twice: the arrival counters reset)
-    to the eager step's logits and KV caches."""
+def test_block_kernel_bf16_gpu_tokens_match_unfused(tiny_checkpoint, monkeypatch):
     model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.bfloat16, "cuda")
-    set_fused_decode(model, True)
+    prompt = torch.randint(0, 1000, (23,), generator=torch.Generator().manual_seed(1)).cuda()
+    calls = _counting_block(monkeypatch)
+    tokens, logits = _greedy(model, prompt, fused=False)
+    _, block_logits = _greedy(model, prompt, fused=False, forced=tokens, block=True)  # the same tokens in
+    assert calls[0] == model.config.text.num_hidden_layers * STEPS
+    # The same roundings as the unfused path but other fp32 summation orders, which may flip an
+    # expert at a near-tie; anything more is a bug.
+    same = int((block_logits.argmax(-1) == logits.argmax(-1)).sum())
+    assert same >= len(logits) - 1, f"greedy tokens equal on {same} / {len(logits)} steps"
+    scale = logits.float().abs().max()
+    assert (block_logits.float() - logits.float()).abs().max() <= 5e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "block"])
+@pytest.mark.parametrize("batch", [1, 4, 8, 16])
+def test_fused_decode_step_graph_equals_eager_gpu(tiny_checkpoint, batch, path):
+    """A fused (or one-op block) decode step captured in a CUDA graph replays (twice: the
+    arrival and barrier counters need no reset) to the eager step's logits and KV caches."""
+    model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.bfloat16, "cuda")
+    set_fused_decode(model, path == "fused")
+    set_block_kernel(model, path == "block")
     caches = _caches(model, "cuda", torch.bfloat16)
     for k, v in caches:
         k.normal_()
@@ -157,3 +217,4 @@ def test_fused_decode_step_graph_equals_eager_gpu(tiny_checkpoint, batch):
     torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2 * eager.abs().max().item())
     assert torch.equal(out.argmax(-1), eager.argmax(-1))
     assert all(int(b.route_arrivals) == 0 for b in model.modules() if isinstance(b, SparseMoeBlock))
+    assert all(int(b.block_barrier) & 0x7FFFFFFF == 0 for b in model.modules() if isinstance(b, SparseMoeBlock))

@@ -72,3 +72,31 @@ def test_moe_block_cuda_graph_equals_eager() -> None:
         x.copy_(torch.randn_like(x))  # new tokens, new routing, same graph
         graph.replay()
         torch.testing.assert_close(captured, ours(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 4, 8])
+def test_moe_decode_block_bf16_matches_transformers(tokens: int) -> None:
+    """`forward_block` (ops.moe_decode_block: the post-attention add + norm and the block, one
+    launch) == transformers' RMSNorm of x + residual, then its block."""
+    from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextRMSNorm
+
+    from models.layers.layernorm import RMSNorm
+
+    ref, ours = _blocks(shared=False)
+    ref_norm = Qwen3VLMoeTextRMSNorm(HIDDEN, eps=1e-6).to(DEVICE, DTYPE)
+    norm = RMSNorm(HIDDEN, eps=1e-6).to(DEVICE, DTYPE)
+    with torch.no_grad():
+        ref_norm.weight.copy_(1 + torch.randn(HIDDEN, device=DEVICE) / 8)
+        norm.weight.copy_(ref_norm.weight)
+    x = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=DTYPE)
+    residual = torch.randn(tokens, HIDDEN, device=DEVICE, dtype=DTYPE)
+    with torch.no_grad():
+        summed = x + residual
+        expected = ref(ref_norm(summed)[None])
+        expected = (expected[0] if isinstance(expected, tuple) else expected)[0].float()
+        ours.block_kernel = True
+        assert ours.takes_block(x)
+        got, res = ours.forward_block(x, residual, norm)
+    torch.testing.assert_close(res, summed, rtol=0, atol=0)
+    err = (got.float() - expected).abs().max() / expected.abs().max()
+    assert err < 3e-2, f"relative max error {err:.3e}"
