@@ -25,8 +25,8 @@
 #          ops.linear_small vs cuBLAS, in the graph with PDL (--stream-wide on,off); not a default step
 #   merge  paged decode with its partition merge fused into the decode kernel (one launch): the GPU tests
 #          (fused == merge kernel == reference, counters reset, graph replays; the PDL attention chain; the mixed
-#          step's decode rows) and bench/ops.py's 30B-A3B decode rows (B 1 and 64, context 512/1,024/4,096)
-#          with the fused merge on and off; not a default step: bash bench/gpu_i18.sh build merge
+#          step's decode rows; engine decode with CUDA graphs == eager == transformers) and bench/ops.py's 30B-A3B decode rows (B 1 and 64, context 512/1,024/4,096)
+#          with the fused merge on and off; not a default step: I18_TOTAL_S=560 bash bench/gpu_i18.sh build merge
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -35,7 +35,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [merge]=200)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [merge]=330)
 
 step_cmd() {
   case $1 in
@@ -51,6 +51,7 @@ step_cmd() {
     merge) python -m pytest -m gpu -x -q tests/ops/test_paged_decode_merge.py tests/ops/test_attention.py \
             "tests/ops/test_pdl.py::test_attention_chain" \
             "tests/models/test_layers.py::test_mixed_step_split_at_decode_rows_equals_one_varlen_call_gpu" \
+            "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" \
           && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
             --json "$OUT/ops_merge.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
