@@ -28,6 +28,10 @@
 #          and off), the engine's graph decode == eager and the bf16 MoE block vs transformers with
 #          SPLITVL_MOE_BLOCK_KERNEL=1, bench/ops.py moe_decode (block vs its chain at T 1, 4) and bench.moe at
 #          batch 1 with the block on and off; not a default step: I18_TOTAL_S=600 bash bench/gpu_i18.sh build block
+#   merge  paged decode with its partition merge fused into the decode kernel (one launch): the GPU tests
+#          (fused == merge kernel == reference, counters reset, graph replays; the PDL attention chain; the mixed
+#          step's decode rows; engine decode with CUDA graphs == eager == transformers) and bench/ops.py's 30B-A3B decode rows (B 1 and 64, context 512/1,024/4,096)
+#          with the fused merge on and off; not a default step: I18_TOTAL_S=560 bash bench/gpu_i18.sh build merge
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -36,7 +40,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330)
 
 step_cmd() {
   case $1 in
@@ -49,6 +53,12 @@ step_cmd() {
             tests/ops/test_cache.py tests/ops/test_pdl.py tests/ops/test_op_table.py tests/engine/test_gpu.py \
             tests/engine/test_gpu_graphs.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py ;;
     qkc-ops) python bench/ops.py --ops qk_norm_rope_and_cache reshape_and_cache qk_norm_rope --json "$OUT/ops_qkc.json" ;;
+    merge) python -m pytest -m gpu -x -q tests/ops/test_paged_decode_merge.py tests/ops/test_attention.py \
+            "tests/ops/test_pdl.py::test_attention_chain" \
+            "tests/models/test_layers.py::test_mixed_step_split_at_decode_rows_equals_one_varlen_call_gpu" \
+            "tests/engine/test_gpu.py::test_cuda_graph_decode_equals_eager_and_transformers" \
+          && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
+            --json "$OUT/ops_merge.json" ;;
     moe) python -m bench.moe --pdl on,off --json "$OUT/moe.json" ;;
     block) python -m pytest -m gpu -x -q tests/ops/test_moe_decode_block.py tests/models/test_moe_fused_decode.py \
             tests/ops/test_op_table.py \

@@ -3,6 +3,8 @@
     python bench/ops.py --json $OUT/ops.json     # GPU: all ops, realistic sizes
     python bench/ops.py --ops varlen_attention   # one op family
     python bench/ops.py --ops varlen_attention --attn-sm90 on,off   # both attention kernels, row by row
+    python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off
+                                                 # paged decode with its merge fused / as a second kernel
     python bench/ops.py --smoke                  # any device (CPU too): each op once, tiny sizes
 
 Each case runs once against `ops.reference` (max error, relative to the
@@ -18,7 +20,10 @@ Shapes: Qwen3-VL-2B (hidden 2048, 16/8 heads, head_dim 128, intermediate 6144),
 Qwen3.5 Gated DeltaNet ops (causal conv, delta rule prefill/decode, gated norm)
 at 0.8B (16/16 heads x 128) and 16/32 x 128 linear-attention shapes.
 paged_attention_decode also runs at the 30B-A3B (32/4 heads x 128) and
-Qwen3.5-0.8B (8/2 x 256) attention shapes of configs/models/*.json.
+Qwen3.5-0.8B (8/2 x 256) attention shapes of configs/models/*.json; `--decode-merge on,off`
+times each case with the partition merge fused into the decode kernel (one launch) and as the
+separate merge kernel, on adjacent rows. `--shapes` keeps the cases whose shape contains one of
+the given strings.
 Rows with FLOPs: the conv and delta rule count their nominal multiply-adds.
 MoE experts (align, gate_up, down, combine; from 512 tokens also the grouped-GEMM path,
 bench/ops_moe.py) at the Qwen3-VL-30B-A3B expert shape (E=128, top-8, hidden 2048,
@@ -56,7 +61,7 @@ if __package__ in (None, ""):  # `python bench/ops.py` from the repo root
 
 import ops  # noqa: E402
 from bench.common import (  # noqa: E402
-    ATTN_SM90_HELP, attn_sm90_settings, cuda_time_fn, measure_peaks, print_table, write_json,
+    ATTN_SM90_HELP, attn_sm90_settings, cuda_time_fn, measure_peaks, on_off_settings, print_table, write_json,
 )
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
 from bench.ops_linear import linear_small_cases  # noqa: E402
@@ -261,7 +266,7 @@ DECODE_MODELS = {**LLM, "30B-A3B": QK_NORM["30B-A3B"][:3], "0.8B": QK_NORM["0.8B
 
 def decode_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     grid = [(m, b, c) for m in LLM for b in (1, 8, 64) for c in (128, 1024, 4096, 8192)]
-    grid += [(m, b, c) for m in ("30B-A3B", "0.8B") for b in (1, 64) for c in (512, 4096)]
+    grid += [(m, b, c) for m in ("30B-A3B", "0.8B") for b in (1, 64) for c in (512, 1024, 4096)]
     for model, batch, ctx in [("2B", 2, 40)] if smoke else grid:
         hq, hkv, d = (4, 2, 64) if smoke else DECODE_MODELS[model]
         kc, vc, tables = _paged([ctx] * batch, hkv, d, 4 if smoke else 16, dev, dtype)
@@ -579,18 +584,24 @@ def time_case(case: Case, dev: str, smoke: bool) -> float:
 
 
 def run(families: list[str], dev: str, dtype: torch.dtype, smoke: bool, copy_gbps: float, mm_tflops: float,
-        attn_sm90: Sequence[bool | None] = (None,)) -> list[Row]:
-    """Check and time every case of `families`; varlen_attention's once per `attn_sm90` setting
-    (None: the process's, unlabelled), the settings of one case on adjacent rows."""
+        attn_sm90: Sequence[bool | None] = (None,), decode_merge: Sequence[bool | None] = (None,),
+        shapes: Sequence[str] = ()) -> list[Row]:
+    """Check and time every case of `families` (only those whose shape contains one of `shapes`, if
+    any); varlen_attention's once per `attn_sm90` setting and paged_attention_decode's once per
+    `decode_merge` setting (None: the process's, unlabelled), the settings of one case on adjacent rows."""
+    switches = {"varlen_attention": (attn_sm90, ops.attention_sm90, "sm90"),
+                "paged_attention_decode": (decode_merge, ops.decode_fused_merge, "fused-merge")}
     rows = []
     for family in families:
-        settings = attn_sm90 if family == "varlen_attention" else (None,)
+        settings, switch, label = switches.get(family, ((None,), None, ""))
         for case in FAMILIES[family](dev, dtype, smoke):
+            if shapes and not any(s in case.shape for s in shapes):
+                continue
             for setting in settings:
-                with ops.attention_sm90(setting) if setting is not None else contextlib.nullcontext():
+                with switch(setting) if setting is not None else contextlib.nullcontext():
                     err = case.check()
                     ms = time_case(case, dev, smoke)
-                shape = case.shape if setting is None else f"{case.shape} sm90={'on' if setting else 'off'}"
+                shape = case.shape if setting is None else f"{case.shape} {label}={'on' if setting else 'off'}"
                 gbps = case.bytes / (ms * 1e-3) / 1e9
                 tflops = case.flops / (ms * 1e-3) / 1e12
                 row = Row(case.op, shape, ms * 1e3, gbps, 100 * gbps / copy_gbps, tflops,
@@ -610,9 +621,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)
     parser.add_argument("--json", default=None, help="write the rows and machine peaks here")
     parser.add_argument("--attn-sm90", nargs="*", default=[], help=ATTN_SM90_HELP)
+    parser.add_argument("--decode-merge", nargs="*", default=[],
+                        help="paged decode's fused partition merge settings to time, side by side: on,off "
+                             "(default: the process's, SPLITVL_DECODE_FUSED_MERGE)")
+    parser.add_argument("--shapes", nargs="*", default=[],
+                        help="only the cases whose shape contains one of these strings (e.g. 30B-A3B 'B=1 ')")
     args = parser.parse_args(argv)
     try:
         attn_sm90 = attn_sm90_settings(args.attn_sm90)
+        decode_merge = on_off_settings(args.decode_merge, "--decode-merge") or [None]
     except ValueError as exc:
         parser.error(str(exc))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -627,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {peaks.device_name if peaks else dev}  dtype {dtype}  kernels "
           f"{'compiled' if ops.extension_available() else 'REFERENCE (' + str(ops.fallback_reason()) + ')'}")
     print(f"copy {copy_gbps:,.0f} GB/s (read+write)  bf16 mm {mm_tflops:,.0f} TFLOP/s", flush=True)
-    rows = run(args.ops, dev, dtype, args.smoke, copy_gbps, mm_tflops, attn_sm90)
+    rows = run(args.ops, dev, dtype, args.smoke, copy_gbps, mm_tflops, attn_sm90, decode_merge, args.shapes)
     bad = [r for r in rows if not r.rel_err <= TOLERANCE[dtype]]
     headers = ["op", "shape", "us", "GB/s", "% copy", "TFLOP/s", "% mm", "rel err"]
     print_table(f"splitvl ops, {peaks.device_name if peaks else dev}, {dtype}, copy {copy_gbps:,.0f} GB/s, "

@@ -29,6 +29,7 @@ from ops import reference, reference_comm, reference_linear_attn, reference_moe
 from ops._extension import STATE, OpTable, extension_available, fallback_reason
 from ops.attention_sm90 import (attention_sm90, attention_sm90_available, attention_sm90_enabled,
                                 set_attention_sm90)
+from ops.decode_merge import decode_fused_merge, decode_fused_merge_enabled, set_decode_fused_merge
 from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
 from ops.reference_moe import (MOE_DECODE_BLOCK_MAX_TOKENS, MoeAlignment, MoePermutation, align_block_size,
                                align_capacity)
@@ -381,5 +382,6 @@ __all__ = [
     "extension_available", "fallback_reason", "MoeAlignment", "MoePermutation", "MOE_DECODE_BLOCK_MAX_TOKENS",
     "programmatic_launch",
     "programmatic_launch_enabled", "set_programmatic_launch", "attention_sm90", "attention_sm90_available",
-    "attention_sm90_enabled", "set_attention_sm90", *(bound.name for bound in OPS)
+    "attention_sm90_enabled", "set_attention_sm90", "decode_fused_merge", "decode_fused_merge_enabled",
+    "set_decode_fused_merge", *(bound.name for bound in OPS)
 ]

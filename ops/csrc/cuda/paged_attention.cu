@@ -9,14 +9,19 @@
 // before using any, reduces the dot products with shuffles and folds them into
 // its own online softmax (base 2) and output accumulators. Row groups then merge
 // through shuffles, warps through shared memory. Long contexts are cut into
-// partitions whose partial results (max, sum, normalised output) a second kernel
-// merges. The number of partitions comes from the block table width, so the host
-// never reads seq_lens.
+// partitions whose partial results (max, sum, normalised output) are merged, by the
+// last CTA of each (sequence, head group) or by a second kernel
+// (paged_decode_merge.cuh). The number of partitions comes from the block table
+// width, so the host never reads seq_lens.
 #include <climits>
+#include <mutex>
+#include <vector>
 
+#include "../decode_merge.h"
 #include "ops.cuh"
 #include "pdl.cuh"
 #include "paged_decode_common.cuh"
+#include "paged_decode_merge.cuh"
 #include "paged_decode_mma.cuh"
 
 namespace splitvl::cuda {
@@ -26,7 +31,6 @@ constexpr int kWarps = kDecodeWarps;
 constexpr int kThreads = kDecodeThreads;
 constexpr int kMaxHeadDim = 256;
 constexpr int kMinPartition = 32;
-constexpr int kMergeThreads = 256;
 
 // Lanes per token row and 16-byte chunks per lane (a power of two) for GT heads and
 // `chunks` chunks per row: the fewest lanes (8, 16 or 32, no more than the row has
@@ -135,8 +139,10 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
     }
   store_rows(p, start, phys, rows);
   __syncthreads();
-  if (start >= seq_len && split > 0) return;  // unused partition: the merge skips it
+  if (start >= seq_len && split > 0) return;  // unused partition: the merges skip it
   const int n = min(seq_len - start, p.part);
+  const int used = used_partitions(p, seq_len);
+  const bool direct = p.splits == 1 || (p.merge_tickets != nullptr && used <= 1);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gl = lane % L, row = warp * R + lane / L;
@@ -267,80 +273,8 @@ __global__ void __launch_bounds__(kThreads, GT >= 8 ? 2 : 4) paged_decode_kernel
     }
   }
   __syncthreads();
-  finish_partition<T, GT>(p, red_acc, red_m, red_w, b, h0, heads, split);
-}
-
-// grid (Hq, B): merge the used partitions of one (sequence, head). Thread (group,
-// d4) folds partitions group, group + groups, ... into its own (max, sum, output
-// float4) with loads issued before use and independent of seq_len (the unused
-// partitions are masked after loading); the groups then merge in shared memory.
-template <typename T>
-__global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(DecodeParams<T> p) {
-  __shared__ float4 red_o[kMergeThreads];
-  __shared__ float red_m[kMergeThreads], red_l[kMergeThreads];
-  constexpr int S = 8;  // partitions loaded at once
-  const int h = blockIdx.x, b = blockIdx.y, D4 = p.head_dim / 4;
-  pdl_wait();  // the partitions come from the decode kernel (pdl.cuh)
-  pdl_launch_dependents();
-  const int groups = kMergeThreads / D4, group = threadIdx.x / D4, d4 = threadIdx.x - group * D4;
-  const int used = (max(p.seq_lens[b], 0) + p.part - 1) / p.part;
-  const int64_t bh = int64_t(b) * p.num_q_heads + h;
-  const float4* po = reinterpret_cast<const float4*>(p.part_out + bh * p.splits * p.head_dim);
-  float m = -INFINITY, l = 0.f;
-  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-  if (group < groups) {
-    // The first S partitions of the group load before seq_len is known.
-    int s0 = group;
-    do {
-      float pm[S], ps[S];
-      float4 pv[S];
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        const int s = min(s0 + k * groups, p.splits - 1);
-        pm[k] = p.part_max[bh * p.splits + s];
-        ps[k] = p.part_sum[bh * p.splits + s];
-        pv[k] = po[s * D4 + d4];
-      }
-#pragma unroll
-      for (int k = 0; k < S; ++k) {
-        if (s0 + k * groups >= used) break;
-        const float mx = fmaxf(m, pm[k]);
-        const float a = exp2f(m - mx), w = ps[k] * exp2f(pm[k] - mx);
-        m = mx;
-        l = l * a + w;
-        o.x = o.x * a + w * pv[k].x;
-        o.y = o.y * a + w * pv[k].y;
-        o.z = o.z * a + w * pv[k].z;
-        o.w = o.w * a + w * pv[k].w;
-      }
-    } while ((s0 += S * groups) < used);
-  }
-  red_o[threadIdx.x] = o;
-  red_m[threadIdx.x] = m;
-  red_l[threadIdx.x] = l;
-  __syncthreads();
-  if (threadIdx.x >= D4) return;
-  float mx = -INFINITY;
-  for (int g = 0; g < groups; ++g) mx = fmaxf(mx, red_m[g * D4 + d4]);
-  const float ms = mx == -INFINITY ? 0.f : mx;
-  float total = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int g = 0; g < groups; ++g) {
-    const int i = g * D4 + d4;
-    const float w = exp2f(red_m[i] - ms);
-    total += red_l[i] * w;
-    acc.x += red_o[i].x * w;
-    acc.y += red_o[i].y * w;
-    acc.z += red_o[i].z * w;
-    acc.w += red_o[i].w * w;
-  }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  Pack<T, 4> out;
-  out.v[0] = from_float<T>(acc.x * inv);
-  out.v[1] = from_float<T>(acc.y * inv);
-  out.v[2] = from_float<T>(acc.z * inv);
-  out.v[3] = from_float<T>(acc.w * inv);
-  reinterpret_cast<Pack<T, 4>*>(p.out + bh * p.head_dim)[d4] = out;
+  finish_partition<T, GT>(p, red_acc, red_m, red_w, b, h0, heads, split, direct);
+  if (!direct && p.merge_tickets != nullptr) merge_if_last<GT>(p, b, h0, heads, split, used);
 }
 
 void check_decode_args(const at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -404,6 +338,46 @@ bool use_mma(const at::Tensor& query, int group) {
          query.stride(1) % 8 == 0;
 }
 
+// Partitions per first-level chunk of the fused merge: all of them up to 32 (one merge, two rounds
+// of 16 partitions' loads per thread); beyond, about sqrt(splits) and at least 16, so that the two
+// merges at the end of the grid (a chunk's, then the chunks') each read about sqrt(splits)
+// partitions, not one CTA all of them (batch 1 at 4,096 tokens: 128 partitions, 8 chunks of 16).
+int pick_merge_chunk(int splits) {
+  if (splits <= 32) return splits;
+  int chunk = 16;
+  while (chunk * chunk < splits) ++chunk;
+  return chunk;
+}
+
+// The fused merge's ticket counters on the current device: at least `count` int32, zero between
+// launches (each launch zeroes what it drew, paged_decode_merge.cuh), so no memset per call or
+// graph replay. One buffer per device, grown (zeroed, in stream order) only outside stream
+// capture; null while `stream` captures a graph and the buffer is smaller: that call launches the
+// merge kernel instead (the engine and the benches run each shape eagerly before capturing it).
+// A grown-out buffer is kept, never freed: graphs captured before still use it. The counters
+// assume that two calls of this op never run at once on different streams of one process (the
+// engine runs each replica's steps on one stream; a graph replays in stream order with eager
+// calls): concurrent calls would share counters. Keyed by device only, not by stream, because
+// torch.cuda.graph captures on its own stream after the warm-up ran on the current one.
+int* merge_tickets(int64_t count, cudaStream_t stream) {
+  static std::mutex mutex;
+  static auto* current = new std::vector<at::Tensor>();  // per device; leaked: no CUDA work at exit
+  static auto* retired = new std::vector<at::Tensor>();
+  const int device = c10::cuda::current_device();
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (static_cast<int>(current->size()) <= device) current->resize(device + 1);
+  at::Tensor& buffer = (*current)[device];
+  if (buffer.defined() && buffer.numel() >= count) return buffer.data_ptr<int>();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return nullptr;
+  int64_t size = 4096;
+  while (size < count) size *= 2;
+  if (buffer.defined()) retired->push_back(buffer);
+  buffer = at::zeros({size}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
+  return buffer.data_ptr<int>();
+}
+
 }  // namespace
 
 void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
@@ -428,11 +402,16 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
   const int part = pick_partition(Hkv * groups_per_kv * B, max_ctx);
   const int splits = ceil_div(max_ctx, part);
   at::Tensor part_out, part_max, part_sum;
+  const int merge_chunk = pick_merge_chunk(splits), merge_chunks = ceil_div(splits, merge_chunk);
+  int* tickets = nullptr;  // null: the merge kernel merges the partitions
   if (splits > 1) {
     const auto f32 = query.options().dtype(at::kFloat);
     part_out = at::empty({B, Hq, splits, D}, f32);
     part_max = at::empty({B, Hq, splits}, f32);
     part_sum = at::empty({B, Hq, splits}, f32);
+    // A counter per chunk and one over the chunks, per (sequence, CTA column of the grid).
+    if (decode_fused_merge_enabled())
+      tickets = merge_tickets(B * Hkv * groups_per_kv * (1 + merge_chunks), stream);
   }
   SPLITVL_DISPATCH_FLOAT(query.scalar_type(), op, [&] {
     constexpr int vec = kPack16<scalar_t>;
@@ -451,6 +430,9 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
     p.part_out = splits > 1 ? part_out.data_ptr<float>() : nullptr;
     p.part_max = splits > 1 ? part_max.data_ptr<float>() : nullptr;
     p.part_sum = splits > 1 ? part_sum.data_ptr<float>() : nullptr;
+    p.merge_tickets = tickets;
+    p.merge_chunk = merge_chunk;
+    p.merge_chunks = merge_chunks;
     p.num_q_heads = static_cast<int>(Hq);
     p.num_kv_heads = static_cast<int>(Hkv);
     p.group = group;
@@ -491,7 +473,7 @@ void paged_attention_decode(at::Tensor& out, const at::Tensor& query, const at::
       per_lanes(std::integral_constant<int, 8>{});
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (splits > 1) {
+    if (splits > 1 && tickets == nullptr) {
       const dim3 mgrid(static_cast<unsigned>(Hq), static_cast<unsigned>(B));
       launch_pdl(paged_decode_merge_kernel<scalar_t>, mgrid, kMergeThreads, 0, stream, p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

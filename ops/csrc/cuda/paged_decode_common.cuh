@@ -26,6 +26,9 @@ struct DecodeParams {
   float* part_out;  // [B, Hq, splits, D]
   float* part_max;  // [B, Hq, splits], base 2
   float* part_sum;
+  int* merge_tickets;  // the fused merge's counters (paged_decode_merge.cuh); null: the merge kernel
+  int merge_chunk;     // partitions per first-level merge of the fused merge
+  int merge_chunks;    // ceil(splits / merge_chunk)
   int num_q_heads, num_kv_heads, group, head_dim, block_size, part, splits;
   float scale;
 };
@@ -74,11 +77,12 @@ __device__ __forceinline__ void store_rows(const DecodeParams<T>& p, int start,
 
 // After a __syncthreads: each warp left, per head g < GT, its unnormalised output in
 // red_acc[warp, g, :], its max (base 2) in red_m and its sum in red_w. Merges the warps
-// and writes the normalised output (one partition) or the partition's (max, sum, output).
+// and writes the normalised output (`direct`: the sequence's only partition) or the
+// partition's (max, sum, output).
 template <typename T, int GT>
 __device__ __forceinline__ void finish_partition(const DecodeParams<T>& p, const float* red_acc,
                                                  const float* red_m, float* red_w, int b, int h0,
-                                                 int heads, int split) {
+                                                 int heads, int split, bool direct) {
   const int D = p.head_dim;
   if (threadIdx.x < GT) {  // one thread per head: the warps' merge weights
     const int g = threadIdx.x;
@@ -95,7 +99,7 @@ __device__ __forceinline__ void finish_partition(const DecodeParams<T>& p, const
     const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) red_w[w * GT + g] = e[w] * inv;
-    if (p.splits > 1 && g < heads) {
+    if (!direct && g < heads) {
       const int64_t bhs = (int64_t(b) * p.num_q_heads + h0 + g) * p.splits + split;
       p.part_max[bhs] = mx;
       p.part_sum[bhs] = sum;
@@ -108,7 +112,7 @@ __device__ __forceinline__ void finish_partition(const DecodeParams<T>& p, const
 #pragma unroll
     for (int w = 0; w < kDecodeWarps; ++w) o += red_acc[(w * GT + g) * D + d] * red_w[w * GT + g];
     const int64_t bh = int64_t(b) * p.num_q_heads + h0 + g;
-    if (p.splits == 1) p.out[bh * D + d] = from_float<T>(o);
+    if (direct) p.out[bh * D + d] = from_float<T>(o);
     else p.part_out[(bh * p.splits + split) * D + d] = o;
   }
 }

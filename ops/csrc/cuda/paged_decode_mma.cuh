@@ -19,6 +19,7 @@
 
 #include "attention_common.cuh"
 #include "paged_decode_common.cuh"
+#include "paged_decode_merge.cuh"
 #include "pdl.cuh"
 
 namespace splitvl::cuda {
@@ -63,8 +64,10 @@ __global__ void __launch_bounds__(kDecodeThreads, D >= 256 ? 2 : 3)
   const int seq_len = max(p.seq_lens[b], 0);
   store_rows(p, start, phys, rows);
   __syncthreads();
-  if (start >= seq_len && split > 0) return;  // unused partition: the merge skips it
+  if (start >= seq_len && split > 0) return;  // unused partition: the merges skip it
   const int n = min(seq_len - start, p.part);
+  const int used = used_partitions(p, seq_len);
+  const bool direct = p.splits == 1 || (p.merge_tickets != nullptr && used <= 1);
 
   const float qscale = p.scale * kLog2e;
   const T* kbase = p.key_cache + int64_t(kv_head) * D;
@@ -160,7 +163,8 @@ __global__ void __launch_bounds__(kDecodeThreads, D >= 256 ? 2 : 3)
     red_w[warp * H + g] = l;
   }
   __syncthreads();
-  finish_partition<T, H>(p, red_acc, red_m, red_w, b, h0, heads, split);
+  finish_partition<T, H>(p, red_acc, red_m, red_w, b, h0, heads, split, direct);
+  if (!direct && p.merge_tickets != nullptr) merge_if_last<H>(p, b, h0, heads, split, used);
 }
 
 // Launches the kernel for head dim 128 or 256; 16-bit types only (no fp32 mma here).

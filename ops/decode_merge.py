@@ -1,0 +1,41 @@
+"""The process's switch of `paged_attention_decode`'s fused partition merge.
+
+When a sequence's context is split into partitions (always at batch 1: the partitions fill the
+GPU), their partial results must be merged. With the switch on (the default;
+`SPLITVL_DECODE_FUSED_MERGE=0` starts a process with it off) the last decode CTA of each
+(sequence, head group) to finish merges them, so the op is one launch; off, a second kernel
+merges them. Both compute the same attention to rounding. Kernels launched after a change use
+the new setting, so a CUDA graph keeps the one it was captured with: a bench times both by
+capturing once per setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ops._extension import extension_available
+
+
+def set_decode_fused_merge(enabled: bool) -> None:
+    """Turn the fused merge on or off for later calls (no effect without the extension)."""
+    if extension_available():
+        torch.ops.splitvl_launch.set_decode_fused_merge(enabled)
+
+
+def decode_fused_merge_enabled() -> bool:
+    """Whether later calls merge in the decode kernel (False without the extension)."""
+    return extension_available() and bool(torch.ops.splitvl_launch.decode_fused_merge_enabled())
+
+
+@contextmanager
+def decode_fused_merge(enabled: bool) -> Iterator[None]:
+    """Run paged decode with the fused merge `enabled` inside the block; the previous setting is restored after it."""
+    previous = decode_fused_merge_enabled()
+    set_decode_fused_merge(enabled)
+    try:
+        yield
+    finally:
+        set_decode_fused_merge(previous)
