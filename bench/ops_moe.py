@@ -213,7 +213,8 @@ def moe_block_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]
         reference.fused_add_rms_norm(normed, residual.clone(), norm_weight, eps)
         _, ids, _ = reference_moe.moe_route(F.linear(normed, gate), k, True)
         hit = torch.unique(ids).numel()
-        moved = nbytes(gate, norm_weight) + hit * (nbytes(gate_up[0]) + nbytes(down[0])) + 4 * t * hidden * dtype.itemsize
+        experts_read = hit * (nbytes(gate_up[0]) + nbytes(down[0]))
+        moved = nbytes(gate, norm_weight) + experts_read + 4 * t * hidden * dtype.itemsize  # + x, residual, out
         shape = f"T={t} E={experts} k={k} H={hidden} I={inter}"
 
         def ref(x=x, residual=residual, saved_x=saved_x, saved_res=saved_res) -> torch.Tensor:

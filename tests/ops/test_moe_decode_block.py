@@ -52,7 +52,9 @@ def test_moe_decode_block_matches_reference_and_chain(
     x_before = x.clone()
     barrier = torch.zeros(1, dtype=torch.int32, device=device)
     res_ref, res_chain = residual.clone(), residual.clone()
-    out_ref, _ = reference_moe.moe_decode_block(x, res_ref, norm_weight, eps, gate, gate_up, down, k, renormalize, barrier)
+    out_ref, _ = reference_moe.moe_decode_block(
+        x, res_ref, norm_weight, eps, gate, gate_up, down, k, renormalize, barrier
+    )
     out_chain = _chain(kernels, x, res_chain, norm_weight, eps, gate, gate_up, down, k, renormalize)
     res_first = residual.clone()
     out, res = kernels.moe_decode_block(x, residual, norm_weight, eps, gate, gate_up, down, k, renormalize, barrier)
