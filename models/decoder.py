@@ -83,6 +83,16 @@ class DecoderLayer(nn.Module):
         """The token mixer (attention of either kind). Shapes: x [T, H] normalized -> [T, H]."""
         raise NotImplementedError
 
+    def mix_prenorm(
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mix` of `input_layernorm(x, residual)`, and the new residual. A mixer that starts with a
+        column-parallel projection may fold the add + norm into it (`ColumnParallelLinear.norm_forward`).
+        Shapes: x [T, H] un-normalized (or a pending combine), residual [T, H] -> ([T, H], [T, H])."""
+        x, residual = self.input_layernorm(x, residual)
+        return self.mix(x, positions, attn, cache), residual
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
         attn: AttentionMetadata, cache: LayerCache | None,
@@ -91,10 +101,10 @@ class DecoderLayer(nn.Module):
         or pending combine, residual [T, H]); the layer's output is their sum."""
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.mix(self.input_layernorm(x), positions, attn, cache)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x, residual = self.post_attention_layernorm(self.mix(x, positions, attn, cache), residual)
+            x, residual = self.mix_prenorm(x, residual, positions, attn, cache)
+        x, residual = self.post_attention_layernorm(x, residual)
         if isinstance(self.mlp, SparseMoeBlock):
             return self.mlp.forward_deferred(x), residual  # the next norm may take the combine
         return self.mlp(x), residual
