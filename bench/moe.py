@@ -5,6 +5,7 @@
     python -m bench.moe --model qwen3.5-35b-a3b --no-hf       # the hybrid Qwen3.5 MoE (40 layers)
     python -m bench.moe --batches 1 --no-hf --pdl on,off      # programmatic dependent launch on vs off
     python -m bench.moe --batches 1 --no-hf --moe-fused on,off  # fused MoE decode ops on vs off
+    python -m bench.moe --batches 1 --no-hf --norm-qkv on,off   # input norm folded into the qkv on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -19,7 +20,9 @@ linear-attention state each step reads and writes back) over the copy bandwidth
 of this run. `--pdl on,off` times each batch with programmatic dependent launch
 on and off (ops.programmatic_launch; the graph is captured under each setting), and
 `--moe-fused on,off` with the MoE blocks' fused decode path (router + routing in one op,
-the combine folded into the next norm; steps of up to 16 tokens) on and off.
+the combine folded into the next norm; steps of up to 16 tokens) on and off, and `--norm-qkv on,off`
+with each layer's input norm folded into its qkv projection (ops.add_rms_norm_linear_small, steps of
+up to 16 tokens; a norm that takes a pending MoE combine keeps its own kernel) on and off.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -50,6 +53,7 @@ class StepResult:
     pdl: bool  # whether the step's kernels used programmatic dependent launch
     moe_fused: bool  # whether the MoE blocks took the fused decode path
     stream_wide: bool  # whether linears wider than their input streamed too (`set_streamed_small_rows`)
+    norm_qkv: bool  # whether the input norm was folded into the qkv projection (`set_input_norm_folded`)
     eager_ms: float
     graph_ms: float
     floor_ms: float
@@ -170,8 +174,9 @@ def profile_replays(replay, batch: int, steps: int = 5) -> None:
 
 
 def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
-              profile: bool = False, moe_fused: bool = True, stream_wide: bool = False) -> StepResult:
-    from models.layers.linear import set_streamed_small_rows
+              profile: bool = False, moe_fused: bool = True, stream_wide: bool = False,
+              norm_qkv: bool = False) -> StepResult:
+    from models.layers.linear import set_input_norm_folded, set_streamed_small_rows
     from models.layers.moe import set_fused_decode
 
     dtype = next(model.parameters()).dtype
@@ -185,6 +190,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
         nbytes += state_bytes(config, caches)
         set_fused_decode(model, moe_fused)
         set_streamed_small_rows(model, stream_wide)
+        set_input_norm_folded(model, norm_qkv)
         if device.type != "cuda":
             start = time.perf_counter()
             step()
@@ -205,8 +211,9 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
     set_streamed_small_rows(model, False)
-    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, stream_wide, eager, graphed, floor,
-                      nbytes / 1e9, hit)
+    set_input_norm_folded(model, None)
+    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, stream_wide, norm_qkv, eager, graphed,
+                      floor, nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -278,6 +285,8 @@ def weight_bytes(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from models.layers.linear import NORM_FOLDED_ON_CUDA
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="configs/models/<name>.json (default qwen3-vl-30b-a3b); --smoke: a tiny arch (default "
@@ -295,12 +304,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-wide", nargs="*", default=[],
                         help="small-row linears wider than their input (qkv, gate_up) streamed too: on,off "
                              "(default off: cuBLAS for those, as the models run)")
+    parser.add_argument("--norm-qkv", nargs="*", default=[],
+                        help="each layer's input norm folded into its qkv projection at decode: on,off "
+                             "(default: the device's, SPLITVL_NORM_QKV_FUSED on CUDA)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     try:
         pdl = pdl_settings(args.pdl)
         fused = moe_fused_settings(args.moe_fused, torch.device("cpu" if args.smoke else "cuda"))
         wide = on_off_settings(args.stream_wide, "--stream-wide") or [False]
+        norm_qkv = on_off_settings(args.norm_qkv, "--norm-qkv") or [args.smoke or NORM_FOLDED_ON_CUDA]
     except ValueError as exc:
         parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
@@ -317,11 +330,15 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    for b, on, fuse, w in ((b, on, fuse, w) for b in batches for on in pdl for fuse in fused for w in wide):
+    settings = ((b, on, fuse, w, nq) for b in batches for on in pdl for fuse in fused for w in wide for nq in norm_qkv)
+    for b, on, fuse, w, nq in settings:
         with ops.programmatic_launch(on):
-            results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w))
+            results.append(
+                time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w, nq)
+            )
     for r in results:
-        print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} stream-wide {_on(r.stream_wide)}: "
+        print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} stream-wide {_on(r.stream_wide)} "
+              f"norm-qkv {_on(r.norm_qkv)}: "
               f"eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
@@ -336,12 +353,12 @@ def main(argv: list[str] | None = None) -> None:
         records.append(dict(model=args.model, layers=layers, context=args.context, hf_ms=hf,
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
-        rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.stream_wide),
+        rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.stream_wide), _on(r.norm_qkv),
                      r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
                      r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "PDL", "MoE fused", "stream wide", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "MoE fused", "stream wide", "norm qkv", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})
