@@ -31,7 +31,7 @@ replaced ("composed (old)" rows), timed the same way in the same run.
 kernel next to F.linear (cuBLAS) in the same run (bench/ops_linear.py gives the shapes); their
 % copy is over the weight bytes, cycled through copies larger than L2 as a decode step reads them.
 `add_rms_norm_linear_small`: a decoder layer's input norm folded into its qkv projection at the
-30B-A3B (2048 -> 5120) and 8B (4096 -> 6144) shapes, T = 1 and 16, next to fused_add_rms_norm +
+30B-A3B (2048 -> 5120) and 8B (4096 -> 6144) shapes, T = 1, 4 and 16, next to fused_add_rms_norm +
 linear_small and fused_add_rms_norm + F.linear (cuBLAS) in the same run.
 `qk_norm_rope_and_cache`: the decode attention's q/k norm + RoPE + KV-cache write at the 30B-A3B
 shape (T = 1 and 64) next to qk_norm_rope + reshape_and_cache ("qk_norm_rope + cache (old)").

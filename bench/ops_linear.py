@@ -87,13 +87,15 @@ def _norm_then(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], nor
 def norm_linear_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
     """`add_rms_norm_linear_small` (one launch) next to the two launches it replaces, with the
     qkv on the weight stream (linear_small) or on cuBLAS (the decoders' qkv today); weights
-    cycled past L2 as in `linear_small_cases`, bytes the weight's plus the rows'."""
+    cycled past L2 as in `linear_small_cases`, bytes the weight's plus the rows'. Every CTA
+    reads all M rows of x and the residual for the norm, so the rows at M = 4 and 16 say up
+    to where the fold pays (`models.layers.linear.NORM_FOLD_ROWS`)."""
     for model, k, n in SMOKE_NORM_QKV_SHAPES if smoke else NORM_QKV_SHAPES:
         weight = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
         norm_w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype)
         count = max(1, min(32, L2_PASS_BYTES // nbytes(weight)))
         copies = [weight] + [weight.clone() for _ in range(count - 1)]
-        for m in (1, 3) if smoke else (1, 16):
+        for m in (1, 3) if smoke else (1, 4, 16):
             x, r = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(m, k, device=dev, dtype=dtype)
             moved = nbytes(weight, x, r, norm_w) + m * (n + k) * dtype.itemsize
             fused = _cycled(lambda x_, w_, r=r: ops.add_rms_norm_linear_small(x_, r, norm_w, EPS, w_)[0], x, copies)

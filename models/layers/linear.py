@@ -112,6 +112,11 @@ def _input_norm_folded_on_cuda() -> bool:
 
 
 NORM_FOLDED_ON_CUDA = _input_norm_folded_on_cuda()
+# Rows up to which norm_forward folds the norm into the linear. Every CTA of the fused kernel
+# reads all rows of x and the residual for the norm (T x H x 4 bytes from L2 each), which is
+# nothing at batch 1 and grows with T: bench/ops.py's add_rms_norm_linear_small rows at
+# T = 1, 4, 16 say where it stops paying on the GPU.
+NORM_FOLD_ROWS = SMALL_ROWS
 
 
 def set_input_norm_folded(model: nn.Module, enabled: bool | None) -> None:
@@ -248,7 +253,7 @@ class ColumnParallelLinear(LinearBase):
     def _folds_norm(self, x: torch.Tensor | PendingCombine) -> bool:
         """Decode rows of a tensor (a MoE block's pending combine takes its own fused norm); on
         CUDA also `SPLITVL_NORM_QKV_FUSED` (or `folds_norm`) and bf16/fp16."""
-        if not isinstance(x, torch.Tensor) or self.gather_output or x.dim() != 2 or x.shape[0] > SMALL_ROWS:
+        if not isinstance(x, torch.Tensor) or self.gather_output or x.dim() != 2 or x.shape[0] > NORM_FOLD_ROWS:
             return False
         if x.is_cuda:
             enabled = NORM_FOLDED_ON_CUDA if self.folds_norm is None else self.folds_norm

@@ -12,7 +12,9 @@ import torch
 import ops
 from models.config import load_model_config
 from models.layers.attention import AttentionMetadata
-from models.layers.linear import ColumnParallelLinear, set_input_norm_folded, set_streamed_small_rows
+from models.layers.linear import (
+    NORM_FOLD_ROWS, ColumnParallelLinear, set_input_norm_folded, set_streamed_small_rows,
+)
 from models.layers.moe import set_fused_decode
 from models.loader import CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
@@ -58,13 +60,13 @@ def _folding_layers(model, arch: str) -> int:
 @pytest.mark.parametrize("tokens", [1, 5, 16, 17])
 def test_folded_equals_norm_then_qkv_cpu(tiny_checkpoint, monkeypatch, arch, tokens):
     """fp32 CPU: the CPU op runs the two ops, so the hidden states are equal bit for bit; the
-    fold is the CPU default and applies up to SMALL_ROWS rows."""
+    fold is the CPU default and applies up to NORM_FOLD_ROWS rows."""
     model = _model(tiny_checkpoint(arch), arch, torch.float32, "cpu")
     calls = _counting(monkeypatch)
     plain = _hidden(model, tokens, False, "cpu")
     assert calls == [0]
     folded = _hidden(model, tokens, None, "cpu")
-    assert calls == [_folding_layers(model, arch) if tokens <= 16 else 0]
+    assert calls == [_folding_layers(model, arch) if tokens <= NORM_FOLD_ROWS else 0]
     torch.testing.assert_close(folded, plain, rtol=0, atol=0)
 
 
@@ -80,11 +82,11 @@ def test_pending_combine_keeps_its_own_norm(tiny_checkpoint, monkeypatch):
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_cuda_default_is_off_and_cpu_on():
+def test_cpu_folds_decode_rows_unless_told_not_to():
     linear = ColumnParallelLinear(16, 32)
     x = torch.randn(2, 16)
     assert linear.folds_norm is None and linear._folds_norm(x)
-    assert not linear._folds_norm(torch.randn(17, 16))
+    assert not linear._folds_norm(torch.randn(NORM_FOLD_ROWS + 1, 16))
     linear.folds_norm = False
     assert not linear._folds_norm(x)
 
