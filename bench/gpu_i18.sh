@@ -32,6 +32,11 @@
 #          (fused == merge kernel == reference, counters reset, graph replays; the PDL attention chain; the mixed
 #          step's decode rows; engine decode with CUDA graphs == eager == transformers) and bench/ops.py's 30B-A3B decode rows (B 1 and 64, context 512/1,024/4,096)
 #          with the fused merge on and off; not a default step: I18_TOTAL_S=560 bash bench/gpu_i18.sh build merge
+#   normqkv  the input norm folded into the qkv projection (ops.add_rms_norm_linear_small): its GPU tests (vs
+#          the reference, bit for bit vs fused_add_rms_norm + linear_small, graph capture, PDL on/off, the
+#          decoders folded vs not), bench/ops.py rows next to the two-launch paths at the 30B-A3B and 8B qkv
+#          shapes, and bench/moe.py at batch 1 with the fold on and off (MoE fused decode off: a pending
+#          combine keeps its own norm); not a default step: I18_TOTAL_S=330 bash bench/gpu_i18.sh build normqkv
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -40,7 +45,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320)
 
 step_cmd() {
   case $1 in
@@ -67,6 +72,10 @@ step_cmd() {
           && python bench/ops.py --ops moe_decode --json "$OUT/ops_moe_block.json" \
           && python -m bench.moe --batches 1 --no-hf --moe-block on,off --json "$OUT/moe-block.json" ;;
     wide) python -m bench.moe --batches 1 --no-hf --stream-wide on,off --json "$OUT/moe-wide.json" ;;
+    normqkv) python -m pytest -m gpu -x -q tests/ops/test_norm_linear_small.py tests/models/test_norm_fold.py \
+            tests/ops/test_norm.py tests/ops/test_linear_small.py tests/ops/test_op_table.py \
+          && python bench/ops.py --ops add_rms_norm_linear_small --json "$OUT/ops_normqkv.json" \
+          && python -m bench.moe --batches 1 --no-hf --moe-fused off --norm-qkv on,off --json "$OUT/moe-normqkv.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;

@@ -6,6 +6,8 @@
     python -m bench.moe --batches 1 --no-hf --pdl on,off      # programmatic dependent launch on vs off
     python -m bench.moe --batches 1 --no-hf --moe-fused on,off  # fused MoE decode ops on vs off
     python -m bench.moe --batches 1 --no-hf --moe-block on,off  # one-op MoE decode block on vs off
+    python -m bench.moe --batches 1 --no-hf --norm-qkv on,off   # input norm folded into the qkv on vs off
+    python -m bench.moe --batches 1 --no-hf --decode-merge on,off  # paged decode's merge in its kernel on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -22,7 +24,11 @@ on and off (ops.programmatic_launch; the graph is captured under each setting), 
 `--moe-fused on,off` with the MoE blocks' fused decode path (router + routing in one op,
 the combine folded into the next norm; steps of up to 16 tokens) on and off, `--moe-block on,off`
 with the one-op block path (`ops.moe_decode_block`: the post-attention add + norm and the whole
-block in one launch; steps of up to 8 tokens) on and off, ahead of the fused path.
+block in one launch; steps of up to 8 tokens) on and off, ahead of the fused path, `--norm-qkv on,off`
+with each layer's input norm folded into its qkv projection (ops.add_rms_norm_linear_small, steps of
+up to 16 tokens; a norm that takes a pending MoE combine keeps its own kernel) on and off, and
+`--decode-merge on,off` with paged decode's partition merge done by its last CTA (one launch) or by
+the merge kernel. Every combination of the settings given is timed on the one model build.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -54,6 +60,8 @@ class StepResult:
     moe_fused: bool  # whether the MoE blocks took the fused decode path
     moe_block: bool  # whether the MoE blocks took the one-op block path (ahead of the fused one)
     stream_wide: bool  # whether linears wider than their input streamed too (`set_streamed_small_rows`)
+    norm_qkv: bool  # whether the input norm was folded into the qkv projection (`set_input_norm_folded`)
+    decode_merge: bool  # whether paged decode merged its partitions in the decode kernel (`ops.decode_fused_merge`)
     eager_ms: float
     graph_ms: float
     floor_ms: float
@@ -176,8 +184,8 @@ def profile_replays(replay, batch: int, steps: int = 5) -> None:
 
 def time_ours(model, config, batch: int, context: int, copy_gbps: float, device: torch.device,
               profile: bool = False, moe_fused: bool = True, stream_wide: bool = False,
-              moe_block: bool = False) -> StepResult:
-    from models.layers.linear import set_streamed_small_rows
+              moe_block: bool = False, norm_qkv: bool = False) -> StepResult:
+    from models.layers.linear import set_input_norm_folded, set_streamed_small_rows
     from models.layers.moe import set_block_kernel, set_fused_decode
 
     dtype = next(model.parameters()).dtype
@@ -192,6 +200,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
         set_fused_decode(model, moe_fused)
         set_block_kernel(model, moe_block)
         set_streamed_small_rows(model, stream_wide)
+        set_input_norm_folded(model, norm_qkv)
         if device.type != "cuda":
             start = time.perf_counter()
             step()
@@ -212,8 +221,9 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
             del graph
     floor = nbytes / (copy_gbps * 1e9) * 1e3  # copy_gbps counts read + write traffic, as bench/decode.py
     set_streamed_small_rows(model, False)
-    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, moe_block, stream_wide, eager, graphed, floor,
-                      nbytes / 1e9, hit)
+    set_input_norm_folded(model, None)
+    return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, moe_block, stream_wide, norm_qkv,
+                      ops.decode_fused_merge_enabled(), eager, graphed, floor, nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -285,6 +295,8 @@ def weight_bytes(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from models.layers.linear import NORM_FOLDED_ON_CUDA
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="configs/models/<name>.json (default qwen3-vl-30b-a3b); --smoke: a tiny arch (default "
@@ -303,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stream-wide", nargs="*", default=[],
                         help="small-row linears wider than their input (qkv, gate_up) streamed too: on,off "
                              "(default off: cuBLAS for those, as the models run)")
+    parser.add_argument("--norm-qkv", nargs="*", default=[],
+                        help="each layer's input norm folded into its qkv projection at decode: on,off "
+                             "(default: the device's, SPLITVL_NORM_QKV_FUSED on CUDA)")
+    parser.add_argument("--decode-merge", nargs="*", default=[],
+                        help="paged decode's partition merge in the decode kernel's last CTA: on,off "
+                             "(default: the current setting, SPLITVL_DECODE_FUSED_MERGE)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     try:
@@ -310,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
         fused = moe_fused_settings(args.moe_fused, torch.device("cpu" if args.smoke else "cuda"))
         block = moe_block_settings(args.moe_block, torch.device("cpu" if args.smoke else "cuda"))
         wide = on_off_settings(args.stream_wide, "--stream-wide") or [False]
+        norm_qkv = on_off_settings(args.norm_qkv, "--norm-qkv") or [args.smoke or NORM_FOLDED_ON_CUDA]
+        merge = on_off_settings(args.decode_merge, "--decode-merge") or [ops.decode_fused_merge_enabled()]
     except ValueError as exc:
         parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
@@ -326,14 +346,15 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    settings = ((b, on, fuse, blk, w) for b in batches for on in pdl for fuse in fused for blk in block for w in wide)
-    for b, on, fuse, blk, w in settings:
-        with ops.programmatic_launch(on):
+    settings = ((b, on, fuse, blk, w, nq, mg) for b in batches for on in pdl for fuse in fused for blk in block
+                for w in wide for nq in norm_qkv for mg in merge)
+    for b, on, fuse, blk, w, nq, mg in settings:
+        with ops.programmatic_launch(on), ops.decode_fused_merge(mg):
             results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w,
-                                     blk))
+                                     blk, nq))
     for r in results:
         print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} moe-block {_on(r.moe_block)} "
-              f"stream-wide {_on(r.stream_wide)}: "
+              f"stream-wide {_on(r.stream_wide)} norm-qkv {_on(r.norm_qkv)} decode-merge {_on(r.decode_merge)}: "
               f"eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
@@ -349,11 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
         rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.moe_block), _on(r.stream_wide),
+                     _on(r.norm_qkv), _on(r.decode_merge),
                      r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
                      r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
-                ["model", "layers", "batch", "PDL", "MoE fused", "MoE block", "stream wide", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                ["model", "layers", "batch", "PDL", "MoE fused", "MoE block", "stream wide", "norm qkv", "decode merge",
+                 "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

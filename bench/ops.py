@@ -35,6 +35,9 @@ replaced ("composed (old)" rows), timed the same way in the same run.
 `linear_small`: the decoders' dense linears at decode rows (M = 1, 4, 16) as one weight-streaming
 kernel next to F.linear (cuBLAS) in the same run (bench/ops_linear.py gives the shapes); their
 % copy is over the weight bytes, cycled through copies larger than L2 as a decode step reads them.
+`add_rms_norm_linear_small`: a decoder layer's input norm folded into its qkv projection at the
+30B-A3B (2048 -> 5120) and 8B (4096 -> 6144) shapes, T = 1, 4 and 16, next to fused_add_rms_norm +
+linear_small and fused_add_rms_norm + F.linear (cuBLAS) in the same run.
 `qk_norm_rope_and_cache`: the decode attention's q/k norm + RoPE + KV-cache write at the 30B-A3B
 shape (T = 1 and 64) next to qk_norm_rope + reshape_and_cache ("qk_norm_rope + cache (old)").
 `gated_delta_net_decode`: the fused Gated DeltaNet decode step at B=1 and 64 next to the
@@ -64,7 +67,7 @@ from bench.common import (  # noqa: E402
     ATTN_SM90_HELP, attn_sm90_settings, cuda_time_fn, measure_peaks, on_off_settings, print_table, write_json,
 )
 from bench.op_case import Case, nbytes, rel_err  # noqa: E402
-from bench.ops_linear import linear_small_cases  # noqa: E402
+from bench.ops_linear import linear_small_cases, norm_linear_cases  # noqa: E402
 from bench.ops_moe import moe_cases, moe_decode_cases  # noqa: E402
 from ops import reference, reference_linear_attn  # noqa: E402
 
@@ -549,6 +552,7 @@ FAMILIES = {
     "qwen3_5_fusions": fusion_cases, "qk_norm_rope": qk_norm_rope_cases,
     "qk_norm_rope_and_cache": qk_norm_rope_cache_cases,
     "gated_delta_net_decode": gdn_decode_cases, "linear_small": linear_small_cases,
+    "add_rms_norm_linear_small": norm_linear_cases,
 }
 
 

@@ -69,3 +69,48 @@ def linear_small_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Ca
             for op, fn in paths:
                 run = _cycled(fn, x, copies)
                 yield Case(op, f"{model} {layer} M={m} K={k} N={n}", run, partial(_check, run, expected), moved)
+
+
+# (model, K, N): the qkv projections whose input norm add_rms_norm_linear_small folds in.
+NORM_QKV_SHAPES = [("30B-A3B", 2048, 5120), ("8B", 4096, 6144)]
+SMOKE_NORM_QKV_SHAPES = [("tiny", 64, 40)]
+EPS = 1e-6
+
+
+def _norm_then(linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], norm_w: torch.Tensor,
+               x: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fused_add_rms_norm in place (the decoder's own x and residual), then the linear."""
+    ops.fused_add_rms_norm(x, r, norm_w, EPS)
+    return linear(x, w)
+
+
+def norm_linear_cases(dev: str, dtype: torch.dtype, smoke: bool) -> Iterator[Case]:
+    """`add_rms_norm_linear_small` (one launch) next to the two launches it replaces, with the
+    qkv on the weight stream (linear_small) or on cuBLAS (the decoders' qkv today); weights
+    cycled past L2 as in `linear_small_cases`, bytes the weight's plus the rows'. Every CTA
+    reads all M rows of x and the residual for the norm, so the rows at M = 4 and 16 say up
+    to where the fold pays (`models.layers.linear.NORM_FOLD_ROWS`)."""
+    for model, k, n in SMOKE_NORM_QKV_SHAPES if smoke else NORM_QKV_SHAPES:
+        weight = torch.randn(n, k, device=dev, dtype=dtype) / k**0.5
+        norm_w = 1 + 0.1 * torch.randn(k, device=dev, dtype=dtype)
+        count = max(1, min(32, L2_PASS_BYTES // nbytes(weight)))
+        copies = [weight] + [weight.clone() for _ in range(count - 1)]
+        for m in (1, 3) if smoke else (1, 4, 16):
+            x, r = torch.randn(m, k, device=dev, dtype=dtype), torch.randn(m, k, device=dev, dtype=dtype)
+            moved = nbytes(weight, x, r, norm_w) + m * (n + k) * dtype.itemsize
+            fused = _cycled(lambda x_, w_, r=r: ops.add_rms_norm_linear_small(x_, r, norm_w, EPS, w_)[0], x, copies)
+            expected = lambda x=x, r=r: reference.add_rms_norm_linear_small(x, r, norm_w, EPS, weight)[0]  # noqa: E731
+            label = f"{model} qkv M={m} K={k} N={n}"
+            yield Case("add_rms_norm_linear_small", label, fused,
+                       lambda x=x, r=r: rel_err(ops.add_rms_norm_linear_small(x, r, norm_w, EPS, weight)[0],
+                                                expected()), moved)
+            for name, linear in (("  fused_add_rms_norm+linear_small", ops.linear_small),
+                                 ("  fused_add_rms_norm+F.linear", F.linear)):
+                xs, rs = x.clone(), r.clone()  # updated in place on every call
+                run = _cycled(lambda x_, w_, rs=rs, linear=linear: _norm_then(linear, norm_w, x_, rs, w_), xs, copies)
+
+                def check(linear=linear, x=x, r=r) -> float:
+                    xc, rc = x.clone(), r.clone()
+                    return rel_err(_norm_then(linear, norm_w, xc, rc, weight), expected())
+
+                yield Case(name, label, run, check, moved)

@@ -83,6 +83,16 @@ class DecoderLayer(nn.Module):
         """The token mixer (attention of either kind). Shapes: x [T, H] normalized -> [T, H]."""
         raise NotImplementedError
 
+    def mix_prenorm(
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mix` of `input_layernorm(x, residual)`, and the new residual. A mixer that starts with a
+        column-parallel projection may fold the add + norm into it (`ColumnParallelLinear.norm_forward`).
+        Shapes: x [T, H] un-normalized (or a pending combine), residual [T, H] -> ([T, H], [T, H])."""
+        x, residual = self.input_layernorm(x, residual)
+        return self.mix(x, positions, attn, cache), residual
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor,
         attn: AttentionMetadata, cache: LayerCache | None,
@@ -91,10 +101,9 @@ class DecoderLayer(nn.Module):
         or pending combine, residual [T, H]); the layer's output is their sum."""
         if residual is None:
             residual = x
-            x = self.input_layernorm(x)
+            x = self.mix(self.input_layernorm(x), positions, attn, cache)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.mix(x, positions, attn, cache)
+            x, residual = self.mix_prenorm(x, residual, positions, attn, cache)
         if isinstance(self.mlp, SparseMoeBlock) and self.mlp.takes_block(x):
             return self.mlp.forward_block(x, residual, self.post_attention_layernorm)  # norm + block, one op
         x, residual = self.post_attention_layernorm(x, residual)

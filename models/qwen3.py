@@ -17,6 +17,7 @@ from models.interface import LayerCache, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.layernorm import RMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
+from models.layers.moe import PendingCombine
 from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
 
@@ -44,7 +45,12 @@ class Qwen3Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: LayerCache | None
     ) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
+        return self.forward_qkv(self.qkv_proj(x), positions, attn, kv_cache)
+
+    def forward_qkv(
+        self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: LayerCache | None
+    ) -> torch.Tensor:
+        """`forward` after the qkv projection. Shapes: qkv [T, (Hq + 2 Hkv) D per rank] -> [T, H]."""
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
@@ -68,6 +74,13 @@ class Qwen3DecoderLayer(DecoderLayer):
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None
     ) -> torch.Tensor:
         return self.self_attn(x, positions, attn, cache)
+
+    def mix_prenorm(
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm)
+        return self.self_attn.forward_qkv(qkv, positions, attn, cache), residual
 
 
 class Qwen3ForCausalLM(CausalLM):

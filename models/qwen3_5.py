@@ -29,6 +29,7 @@ from models.layers.attention import Attention, AttentionMetadata
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
 from models.layers.linear import QKVParallelLinear, RowParallelLinear
+from models.layers.moe import PendingCombine
 from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
 
@@ -62,8 +63,13 @@ class Qwen3_5Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: LayerCache | None
     ) -> torch.Tensor:
-        d, tokens = self.head_dim, x.shape[0]
-        qkv = self.qkv_proj(x)
+        return self.forward_qkv(self.qkv_proj(x), positions, attn, kv_cache)
+
+    def forward_qkv(
+        self, qkv: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, kv_cache: LayerCache | None
+    ) -> torch.Tensor:
+        """`forward` after the q(+gate)/k/v projection. Shapes: qkv [T, (2 Hq + 2 Hkv) D per rank] -> [T, H]."""
+        d, tokens = self.head_dim, qkv.shape[0]
         q_gate, k, v = qkv.split([2 * self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d], dim=-1)
         q_gate = q_gate.view(tokens, self.num_heads, 2 * d)
         gate = q_gate[..., d:]  # a strided view, read in place by the gate op
@@ -97,6 +103,17 @@ class Qwen3_5DecoderLayer(DecoderLayer):
         if self.layer_type == "linear_attention":
             return self.linear_attn(x, attn, cache)
         return self.self_attn(x, positions, attn, cache)
+
+    def mix_prenorm(
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, positions: torch.Tensor,
+        attn: AttentionMetadata, cache: LayerCache | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full attention folds its (1 + w) input norm into the qkv projection as Qwen3's layers do
+        (the op takes the fp32 weight with `ops.fused_add_rms_norm`'s rounding)."""
+        if self.layer_type == "linear_attention":
+            return super().mix_prenorm(x, residual, positions, attn, cache)
+        qkv, residual = self.self_attn.qkv_proj.norm_forward(x, residual, self.input_layernorm)
+        return self.self_attn.forward_qkv(qkv, positions, attn, cache), residual
 
 
 class Qwen3_5ForCausalLM(CausalLM):

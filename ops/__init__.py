@@ -90,6 +90,14 @@ def linear_small(x, weight, bias):
     return out
 
 
+
+@_ops.op(reference)
+def add_rms_norm_linear_small(x, residual, norm_weight, eps, weight, bias):
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.splitvl.add_rms_norm_linear_small.default(out, residual_out, x, residual, norm_weight, eps, weight, bias)
+    return out, residual_out
+
 @_ops.op(reference)
 def gate_up_silu_small(x, weight):
     out = torch.empty((x.shape[0], weight.shape[0] // 2), dtype=x.dtype, device=x.device)

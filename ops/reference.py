@@ -208,6 +208,31 @@ def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
 
 
+
+def add_rms_norm_linear_small(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+    weight: torch.Tensor, bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_add_rms_norm` then `linear_small`, out of place: returns
+    `(linear_small(rms_norm(x + residual), weight, bias), x + residual)` with every rounding of
+    the two ops called in turn (the sum rounded to the dtype, the norm's rule for `norm_weight`,
+    the linear in fp32 rounded once). x and residual are left as they were.
+
+    A pre-norm block's input norm and first projection at decode: the CUDA kernel is one
+    weight-streaming launch for bf16/fp16 (same fast path as `linear_small`, plus a residual
+    with unit last stride and 16-byte aligned rows); other inputs run the two ops.
+
+    Shapes: x [M, K] (unit last stride), residual [M, K] same dtype, norm_weight [K] in x's
+    dtype or fp32, weight [N, K], bias [N] | None -> ([M, N], [M, K] contiguous).
+    """
+    if x.dim() != 2 or residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"add_rms_norm_linear_small: x must be [M, K] with residual of its shape and dtype, got "
+            f"{tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}"
+        )
+    new_residual = (x + residual).contiguous()
+    return linear_small(rms_norm(new_residual, norm_weight, eps), weight, bias), new_residual
+
 def gate_up_silu_small(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Shapes: x [M, K], weight [2I, K] (I gate rows, then I up rows) -> [M, I]
     = silu(x W_gate^T) * (x W_up^T) (fp32 math): a SwiGLU gate_up projection with its

@@ -18,7 +18,9 @@ mismatch; the loader turns that into a `CheckpointError` naming the key.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,10 @@ from torch import nn
 
 import ops
 from models.layers.parallel import SINGLE, ParallelContext, all_gather, all_reduce, divide
+
+if TYPE_CHECKING:
+    from models.layers.layernorm import RMSNorm
+    from models.layers.moe import PendingCombine
 
 ShardId = int | str | tuple[int, ...] | None
 
@@ -92,6 +98,33 @@ def set_streamed_small_rows(model: nn.Module, wide: bool) -> None:
             narrow = module.output_size_per_partition <= module.input_size_per_partition
             module.streams_small = wide or narrow
 
+
+
+def _input_norm_folded_on_cuda() -> bool:
+    """Whether CUDA steps fold a layer's input norm into its first projection at decode
+    (`ColumnParallelLinear.norm_forward`): only with `SPLITVL_NORM_QKV_FUSED=1`.
+
+    Read once, at import. The fused kernel's CUDA source compiles in CI but has not yet passed
+    its GPU tests, so CUDA keeps norm-then-linear unless asked; CPU always folds, so the CPU
+    parity tests against transformers run the plumbing.
+    """
+    return os.environ.get("SPLITVL_NORM_QKV_FUSED", "") == "1"
+
+
+NORM_FOLDED_ON_CUDA = _input_norm_folded_on_cuda()
+# Rows up to which norm_forward folds the norm into the linear. Every CTA of the fused kernel
+# reads all rows of x and the residual for the norm (T x H x 4 bytes from L2 each), which is
+# nothing at batch 1 and grows with T: bench/ops.py's add_rms_norm_linear_small rows at
+# T = 1, 4, 16 say where it stops paying on the GPU.
+NORM_FOLD_ROWS = SMALL_ROWS
+
+
+def set_input_norm_folded(model: nn.Module, enabled: bool | None) -> None:
+    """Set `folds_norm` on every column-parallel linear of `model` (None: each device's default).
+    Benchmarks time both (`bench.moe --norm-qkv on,off`)."""
+    for module in model.modules():
+        if isinstance(module, ColumnParallelLinear):
+            module.folds_norm = enabled
 
 def _copy_into(dst: torch.Tensor, src: torch.Tensor) -> None:
     if dst.shape != src.shape:
@@ -195,10 +228,37 @@ class ColumnParallelLinear(LinearBase):
     ) -> None:
         super().__init__(input_size, output_size, bias, parallel, disable_tp, tp_dim=0)
         self.gather_output = gather_output
+        self.folds_norm: bool | None = None  # norm_forward's fused path; None: the device's default
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, self.bias)
         return all_gather(y, self.parallel, dim=-1) if self.gather_output else y
+
+    def norm_forward(
+        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`self(y)` and the new residual, where `y, residual = norm(x, residual)`: a pre-norm
+        block's input norm and first projection.
+
+        At decode rows on this rank's full input (the layer is column-parallel) they are one
+        `ops.add_rms_norm_linear_small`, which leaves x and residual as they were and returns
+        the new residual; otherwise `norm` runs in place, then this linear.
+        Shapes: x [T, in], residual [T, in] -> ([T, out / tp], [T, in]).
+        """
+        if self._folds_norm(x):
+            return ops.add_rms_norm_linear_small(x, residual, norm.weight, norm.eps, self.weight, self.bias)
+        x, residual = norm(x, residual)
+        return self(x), residual
+
+    def _folds_norm(self, x: torch.Tensor | PendingCombine) -> bool:
+        """Decode rows of a tensor (a MoE block's pending combine takes its own fused norm); on
+        CUDA also `SPLITVL_NORM_QKV_FUSED` (or `folds_norm`) and bf16/fp16."""
+        if not isinstance(x, torch.Tensor) or self.gather_output or x.dim() != 2 or x.shape[0] > NORM_FOLD_ROWS:
+            return False
+        if x.is_cuda:
+            enabled = NORM_FOLDED_ON_CUDA if self.folds_norm is None else self.folds_norm
+            return enabled and streams_small_rows(x)
+        return self.folds_norm is not False
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

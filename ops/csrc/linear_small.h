@@ -1,6 +1,6 @@
-// linear_small / gate_up_silu_small: the checks shared by the CPU and CUDA kernels,
-// and the ATen path (CPU always; CUDA for fp32 and for shapes the weight-streaming
-// kernel does not take). Semantics: ops/reference.py linear_small, gate_up_silu_small.
+// linear_small / gate_up_silu_small / add_rms_norm_linear_small: the checks shared by the
+// CPU and CUDA kernels, and the ATen path (CPU always; CUDA for fp32 and for shapes the
+// weight-streaming kernel does not take). Semantics: ops/reference.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,6 +35,30 @@ inline void check_linear_small(const at::Tensor& out, const at::Tensor& x, const
                   op, ": bias must be [", n, "] in x's dtype and device, got ", bias->sizes(), " ",
                   bias->scalar_type());
   }
+}
+
+// out [M, N] = linear_small(rms_norm(x + residual)), residual_out [M, K] = x + residual.
+inline void check_add_rms_norm_linear_small(const at::Tensor& out, const at::Tensor& residual_out,
+                                            const at::Tensor& x, const at::Tensor& residual,
+                                            const at::Tensor& norm_weight, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias, const char* op) {
+  check_linear_small(out, x, weight, bias, false, op);
+  SPLITVL_CHECK(x.stride(1) == 1 || x.size(1) <= 1, op, ": x needs unit stride in the last dim, got strides ",
+                x.strides());
+  SPLITVL_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                    residual.device() == x.device() && (residual.stride(1) == 1 || residual.size(1) <= 1),
+                op, ": residual must match x ", x.sizes(), " in shape, dtype and device, with unit last stride; got ",
+                residual.sizes(), " ", residual.scalar_type());
+  SPLITVL_CHECK(residual_out.sizes() == x.sizes() && residual_out.scalar_type() == x.scalar_type() &&
+                    residual_out.device() == x.device() && residual_out.is_contiguous(),
+                op, ": residual_out must be contiguous like x ", x.sizes(), ", got ", residual_out.sizes(), " ",
+                residual_out.scalar_type());
+  SPLITVL_CHECK(norm_weight.dim() == 1 && norm_weight.size(0) == x.size(1) && norm_weight.is_contiguous() &&
+                    norm_weight.device() == x.device(),
+                op, ": norm_weight must be contiguous [", x.size(1), "] on x's device, got ", norm_weight.sizes());
+  SPLITVL_CHECK(norm_weight.scalar_type() == x.scalar_type() || norm_weight.scalar_type() == at::kFloat, op,
+                ": norm_weight dtype ", norm_weight.scalar_type(), " must be float32 or x's dtype ",
+                x.scalar_type());
 }
 
 // The same result through ATen matmuls (fp32 accumulation; the gate in fp32).

@@ -77,6 +77,15 @@ SPLITVL_OP(linear_small, "Tensor! out, Tensor x, Tensor weight, Tensor? bias",
 SPLITVL_OP(gate_up_silu_small, "Tensor! out, Tensor x, Tensor weight",
            (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight))
 
+// fused_add_rms_norm then linear_small in one launch (ops/reference.py add_rms_norm_linear_small):
+// residual_out [M, K] = x + residual (out of place), out [M, N] = rms_norm(residual_out) weight^T (+ bias).
+SPLITVL_OP(add_rms_norm_linear_small,
+           "Tensor! out, Tensor! residual_out, Tensor x, Tensor residual, Tensor norm_weight, float epsilon, "
+           "Tensor weight, Tensor? bias",
+           (at::Tensor& out, at::Tensor& residual_out, const at::Tensor& x, const at::Tensor& residual,
+            const at::Tensor& norm_weight, double epsilon, const at::Tensor& weight,
+            const std::optional<at::Tensor>& bias))
+
 // MoE experts over pairs p = t * k + j sorted by expert and padded per expert to blocks
 // (ops/reference_moe.py): sorted_pairs [capacity], block_experts [capacity / block],
 // total_padded [1], pair_pos [T, k]; all int32.

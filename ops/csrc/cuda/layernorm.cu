@@ -42,14 +42,6 @@ struct NormRows {
   float eps;
 };
 
-template <typename T, int VEC>
-__device__ __forceinline__ float sum_squares(const Pack<T, VEC>& p) {
-  float s = 0.f;
-#pragma unroll
-  for (int j = 0; j < VEC; ++j) s += to_float(p.v[j]) * to_float(p.v[j]);
-  return s;
-}
-
 template <typename T, typename W, int VEC, bool WARP, bool ADD>
 __global__ void rms_norm_kernel(NormRows<T, W> a) {
   __shared__ float scratch[32];
