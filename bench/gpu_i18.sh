@@ -37,6 +37,12 @@
 #          decoders folded vs not), bench/ops.py rows next to the two-launch paths at the 30B-A3B and 8B qkv
 #          shapes, and bench/moe.py at batch 1 with the fold on and off (MoE fused decode off: a pending
 #          combine keeps its own norm); not a default step: I18_TOTAL_S=330 bash bench/gpu_i18.sh build normqkv
+#   b1-test  block, merge and normqkv's GPU tests in one pytest run each (no -x: every failure shows), then the
+#          engine's and models' GPU tests with all three on (SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1,
+#          the fused merge on by default): graph == eager == transformers, PDL on and off, async scheduling
+#   b1-bench  bench/moe.py at batch 1, every combination of --moe-block, --norm-qkv and --decode-merge on the one
+#          48-layer 30B-A3B build
+#   b1-ops  bench/ops.py rows of the three: moe_decode, add_rms_norm_linear_small, paged decode merge on/off
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -45,7 +51,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320 [b1-test]=330 [b1-bench]=300 [b1-ops]=150)
 
 step_cmd() {
   case $1 in
@@ -76,6 +82,18 @@ step_cmd() {
             tests/ops/test_norm.py tests/ops/test_linear_small.py tests/ops/test_op_table.py \
           && python bench/ops.py --ops add_rms_norm_linear_small --json "$OUT/ops_normqkv.json" \
           && python -m bench.moe --batches 1 --no-hf --moe-fused off --norm-qkv on,off --json "$OUT/moe-normqkv.json" ;;
+    b1-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_moe_decode_block.py \
+            tests/ops/test_paged_decode_merge.py tests/ops/test_norm_linear_small.py tests/ops/test_op_table.py \
+            tests/ops/test_attention.py tests/ops/test_pdl.py tests/ops/test_norm.py tests/ops/test_linear_small.py \
+            tests/models/test_moe_fused_decode.py tests/models/test_norm_fold.py tests/models/test_layers.py || return 1
+        SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 \
+            tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py tests/models/test_moe_gpu.py \
+            tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py tests/models/test_small_rows_gpu.py ;;
+    b1-bench) python -m bench.moe --batches 1 --no-hf --moe-block on,off --norm-qkv on,off --decode-merge on,off \
+            --json "$OUT/b1-bench.json" ;;
+    b1-ops) python bench/ops.py --ops moe_decode add_rms_norm_linear_small --json "$OUT/ops_b1.json" \
+          && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
+            --json "$OUT/ops_merge.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
