@@ -15,7 +15,7 @@ from models.layers.attention import AttentionMetadata
 from models.layers.linear import (
     NORM_FOLD_ROWS, ColumnParallelLinear, set_input_norm_folded, set_streamed_small_rows,
 )
-from models.layers.moe import set_fused_decode
+from models.layers.moe import set_block_kernel, set_fused_decode
 from models.loader import CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
 from models.qwen3_5 import Qwen3_5ForCausalLM
@@ -72,8 +72,10 @@ def test_folded_equals_norm_then_qkv_cpu(tiny_checkpoint, monkeypatch, arch, tok
 
 def test_pending_combine_keeps_its_own_norm(tiny_checkpoint, monkeypatch):
     """With the fused MoE decode path, each norm after a MoE block sums its combine
-    (ops.moe_combine_add_rms_norm): no fold there."""
+    (ops.moe_combine_add_rms_norm): no fold there. (The one-op block path, ahead of it, hands
+    back a plain tensor: off here.)"""
     model = _model(tiny_checkpoint("qwen3_vl_moe"), "qwen3_vl_moe", torch.float32, "cpu")
+    set_block_kernel(model, False)
     calls = _counting(monkeypatch)
     plain = _hidden(model, 3, False, "cpu")
     set_fused_decode(model, True)
