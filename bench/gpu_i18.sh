@@ -84,7 +84,9 @@ step_cmd() {
           && python -m bench.moe --batches 1 --no-hf --moe-fused off --norm-qkv on,off --json "$OUT/moe-normqkv.json" ;;
     b1-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_moe_decode_block.py \
             tests/ops/test_paged_decode_merge.py tests/ops/test_norm_linear_small.py tests/ops/test_op_table.py \
-            tests/ops/test_attention.py tests/ops/test_pdl.py tests/ops/test_norm.py tests/ops/test_linear_small.py \
+            "tests/ops/test_attention.py::test_paged_decode" "tests/ops/test_attention.py::test_paged_decode_query_views" \
+            "tests/ops/test_attention.py::test_paged_decode_gqa_groups_and_partitions" tests/ops/test_pdl.py \
+            tests/ops/test_norm.py tests/ops/test_linear_small.py \
             tests/models/test_moe_fused_decode.py tests/models/test_norm_fold.py tests/models/test_layers.py || return 1
         SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 \
             tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py tests/models/test_moe_gpu.py \
