@@ -38,8 +38,8 @@
 #          shapes, and bench/moe.py at batch 1 with the fold on and off (MoE fused decode off: a pending
 #          combine keeps its own norm); not a default step: I18_TOTAL_S=330 bash bench/gpu_i18.sh build normqkv
 #   b1-test  block, merge and normqkv's GPU tests in one pytest run each (no -x: every failure shows), then the
-#          engine's and models' GPU tests with all three on (SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1,
-#          the fused merge on by default): graph == eager == transformers, PDL on and off, async scheduling
+#          engine's and models' GPU tests with all three on (SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1
+#          SPLITVL_DECODE_FUSED_MERGE=1): graph == eager == transformers, PDL on and off, async scheduling
 #   b1-bench  bench/moe.py at batch 1, every combination of --moe-block, --norm-qkv and --decode-merge on the one
 #          48-layer 30B-A3B build
 #   b1-ops  bench/ops.py rows of the three: moe_decode, add_rms_norm_linear_small, paged decode merge on/off
@@ -88,7 +88,7 @@ step_cmd() {
             "tests/ops/test_attention.py::test_paged_decode_gqa_groups_and_partitions" tests/ops/test_pdl.py \
             tests/ops/test_norm.py tests/ops/test_linear_small.py \
             tests/models/test_moe_fused_decode.py tests/models/test_norm_fold.py tests/models/test_layers.py || return 1
-        SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 \
+        SPLITVL_MOE_BLOCK_KERNEL=1 SPLITVL_NORM_QKV_FUSED=1 SPLITVL_DECODE_FUSED_MERGE=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 \
             tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py tests/models/test_moe_gpu.py \
             tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py tests/models/test_small_rows_gpu.py ;;
     b1-bench) python -m bench.moe --batches 1 --no-hf --moe-block on,off --norm-qkv on,off --decode-merge on,off \

@@ -1,8 +1,8 @@
 """The process's switch of `paged_attention_decode`'s fused partition merge.
 
 When a sequence's context is split into partitions (always at batch 1: the partitions fill the
-GPU), their partial results must be merged. With the switch on (the default;
-`SPLITVL_DECODE_FUSED_MERGE=0` starts a process with it off) the last decode CTA of each
+GPU), their partial results must be merged. With the switch on (`SPLITVL_DECODE_FUSED_MERGE=1`
+starts a process with it on; off by default until its GPU tests have passed) the last decode CTA of each
 (sequence, head group) to finish merges them, so the op is one launch; off, a second kernel
 merges them. Both compute the same attention to rounding. Kernels launched after a change use
 the new setting, so a CUDA graph keeps the one it was captured with: a bench times both by
