@@ -42,21 +42,21 @@ def test_decode_bench_pdl_settings_parse() -> None:
 def test_moe_bench_times_fused_decode_on_and_off(capsys) -> None:
     moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-fused", "on,off", "--moe-block", "off"])
     out = capsys.readouterr().out
-    assert "moe-fused on moe-block off stream-wide off:" in out and "moe-fused off moe-block off stream-wide off:" in out
+    assert "moe-fused on moe-block off stream-wide off " in out and "moe-fused off moe-block off stream-wide off " in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 
 def test_moe_bench_times_block_kernel_on_and_off(capsys) -> None:
     moe.main(["--smoke", "--batches", "1", "--context", "20", "--moe-block", "on,off"])
     out = capsys.readouterr().out
-    assert "moe-block on stream-wide off:" in out and "moe-block off stream-wide off:" in out
+    assert "moe-block on stream-wide off " in out and "moe-block off stream-wide off " in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 
 def test_moe_bench_times_streamed_wide_linears_on_and_off(capsys) -> None:
     moe.main(["--smoke", "--batches", "1", "--context", "20", "--stream-wide", "on,off"])
     out = capsys.readouterr().out
-    assert "stream-wide on:" in out and "stream-wide off:" in out
+    assert "stream-wide on " in out and "stream-wide off " in out
     assert out.count("| tiny qwen3_vl_moe |") == 2
 
 
@@ -79,3 +79,12 @@ def test_ops_bench_times_attention_per_sm90_setting(capsys) -> None:
     assert [r.split("|")[2].strip().rsplit(" ", 1)[1] for r in rows] == ["sm90=on", "sm90=off"] * 3, rows
     with pytest.raises(SystemExit):
         bench_ops.main(["--smoke", "--ops", "varlen_attention", "--attn-sm90", "maybe"])
+
+
+def test_moe_bench_times_every_combination_of_the_batch_1_fusions(capsys) -> None:
+    moe.main(["--smoke", "--batches", "1", "--context", "20", "--norm-qkv", "on,off", "--decode-merge", "on,off"])
+    out = capsys.readouterr().out
+    for norm in ("on", "off"):
+        for merge in ("on", "off"):
+            assert f"norm-qkv {norm} decode-merge {merge}:" in out
+    assert out.count("| tiny qwen3_vl_moe |") == 4
