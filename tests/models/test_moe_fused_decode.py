@@ -10,11 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-import ops
 from models.config import load_model_config
 from models.layers.moe import SparseMoeBlock, set_block_kernel, set_fused_decode
 from models.loader import CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
+from tests.models.op_calls import count_op_calls
 from tests.models.test_qwen3_parity import BLOCK, step_metadata
 
 STEPS = 6
@@ -66,30 +66,12 @@ def _greedy(
     return tokens, torch.cat(logits)
 
 
-def _counting(monkeypatch) -> list[int]:
-    """Counts the calls of ops.moe_gate_route and ops.moe_combine_add_rms_norm."""
-    calls = [0, 0]
-    route, combine = ops.moe_gate_route, ops.moe_combine_add_rms_norm
-
-    def counted_route(*args):
-        calls[0] += 1
-        return route(*args)
-
-    def counted_combine(*args):
-        calls[1] += 1
-        return combine(*args)
-
-    monkeypatch.setattr(ops, "moe_gate_route", counted_route)
-    monkeypatch.setattr(ops, "moe_combine_add_rms_norm", counted_combine)
-    return calls
-
-
 @pytest.mark.parametrize("prompt_len", [7, 23])  # fused prefill (<= 16 tokens) or unfused
 def test_fused_decode_equals_unfused_fp32(tiny_checkpoint, monkeypatch, prompt_len):
     model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.float32, "cpu")
     assert all(block.shared_expert is None for block in model.modules() if isinstance(block, SparseMoeBlock))
     prompt = torch.randint(0, 1000, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len))
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch, "moe_gate_route", "moe_combine_add_rms_norm")
     tokens, logits = _greedy(model, prompt, fused=False)
     assert calls == [0, 0]
     fused_tokens, fused_logits = _greedy(model, prompt, fused=True)
@@ -101,24 +83,11 @@ def test_fused_decode_equals_unfused_fp32(tiny_checkpoint, monkeypatch, prompt_l
     torch.testing.assert_close(fused_logits, logits, rtol=1e-4, atol=1e-4)
 
 
-def _counting_block(monkeypatch) -> list[int]:
-    """Counts the calls of ops.moe_decode_block."""
-    calls = [0]
-    block = ops.moe_decode_block
-
-    def counted(*args):
-        calls[0] += 1
-        return block(*args)
-
-    monkeypatch.setattr(ops, "moe_decode_block", counted)
-    return calls
-
-
 @pytest.mark.parametrize("prompt_len", [7, 23])  # block prefill (<= 8 tokens) or not
 def test_block_kernel_equals_unfused_fp32(tiny_checkpoint, monkeypatch, prompt_len):
     model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.float32, "cpu")
     prompt = torch.randint(0, 1000, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len))
-    calls = _counting_block(monkeypatch)
+    calls = count_op_calls(monkeypatch, "moe_decode_block")
     tokens, logits = _greedy(model, prompt, fused=False)
     assert calls == [0]
     block_tokens, block_logits = _greedy(model, prompt, fused=True, block=True)
@@ -152,7 +121,7 @@ def test_cpu_default_is_fused_and_shared_expert_blocks_are_not(tiny_checkpoint):
 def test_fused_decode_bf16_gpu_tokens_match_unfused(tiny_checkpoint, monkeypatch):
     model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (23,), generator=torch.Generator().manual_seed(1)).cuda()
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch, "moe_gate_route", "moe_combine_add_rms_norm")
     tokens, logits = _greedy(model, prompt, fused=False)
     _, fused_logits = _greedy(model, prompt, fused=True, forced=tokens)  # the same tokens in
     assert calls[0] > 0 and calls[1] > 0
@@ -168,7 +137,7 @@ def test_fused_decode_bf16_gpu_tokens_match_unfused(tiny_checkpoint, monkeypatch
 def test_block_kernel_bf16_gpu_tokens_match_unfused(tiny_checkpoint, monkeypatch):
     model = _model(tiny_checkpoint("qwen3_vl_moe"), torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (23,), generator=torch.Generator().manual_seed(1)).cuda()
-    calls = _counting_block(monkeypatch)
+    calls = count_op_calls(monkeypatch, "moe_decode_block")
     tokens, logits = _greedy(model, prompt, fused=False)
     _, block_logits = _greedy(model, prompt, fused=False, forced=tokens, block=True)  # the same tokens in
     assert calls[0] == model.config.text.num_hidden_layers * STEPS

@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ops
 from models.config import load_model_config
 from models.layers.attention import AttentionMetadata
 from models.layers.linear import (
@@ -19,6 +18,7 @@ from models.layers.moe import set_block_kernel, set_fused_decode
 from models.loader import CheckpointReader
 from models.qwen3 import Qwen3ForCausalLM
 from models.qwen3_5 import Qwen3_5ForCausalLM
+from tests.models.op_calls import count_op_calls
 
 MODELS = {"qwen3_vl": Qwen3ForCausalLM, "qwen3_vl_moe": Qwen3ForCausalLM, "qwen3_5": Qwen3_5ForCausalLM}
 
@@ -28,18 +28,6 @@ def _model(path, arch: str, dtype: torch.dtype, device: str):
     model.load_weights(CheckpointReader(path))
     set_fused_decode(model, False)  # the next norm gets a tensor, not a pending combine
     return model.to(device)
-
-
-def _counting(monkeypatch) -> list[int]:
-    calls = [0]
-    fused = ops.add_rms_norm_linear_small
-
-    def counted(*args):
-        calls[0] += 1
-        return fused(*args)
-
-    monkeypatch.setattr(ops, "add_rms_norm_linear_small", counted)
-    return calls
 
 
 @torch.no_grad()
@@ -62,7 +50,7 @@ def test_folded_equals_norm_then_qkv_cpu(tiny_checkpoint, monkeypatch, arch, tok
     """fp32 CPU: the CPU op runs the two ops, so the hidden states are equal bit for bit; the
     fold is the CPU default and applies up to NORM_FOLD_ROWS rows."""
     model = _model(tiny_checkpoint(arch), arch, torch.float32, "cpu")
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch, "add_rms_norm_linear_small")
     plain = _hidden(model, tokens, False, "cpu")
     assert calls == [0]
     folded = _hidden(model, tokens, None, "cpu")
@@ -76,7 +64,7 @@ def test_pending_combine_keeps_its_own_norm(tiny_checkpoint, monkeypatch):
     back a plain tensor: off here.)"""
     model = _model(tiny_checkpoint("qwen3_vl_moe"), "qwen3_vl_moe", torch.float32, "cpu")
     set_block_kernel(model, False)
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch, "add_rms_norm_linear_small")
     plain = _hidden(model, 3, False, "cpu")
     set_fused_decode(model, True)
     fused = _hidden(model, 3, None, "cpu")
@@ -100,7 +88,7 @@ def test_folded_bf16_gpu(tiny_checkpoint, monkeypatch, arch, tokens):
     """bf16 CUDA: with the qkv streamed in both runs (`set_streamed_small_rows`) the fold is
     exact; against cuBLAS' qkv it is close."""
     model = _model(tiny_checkpoint(arch), arch, torch.bfloat16, "cuda")
-    calls = _counting(monkeypatch)
+    calls = count_op_calls(monkeypatch, "add_rms_norm_linear_small")
     cublas = _hidden(model, tokens, False, "cuda")
     set_streamed_small_rows(model, True)
     streamed = _hidden(model, tokens, False, "cuda")

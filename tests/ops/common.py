@@ -38,3 +38,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
 def raises(device: str, pattern: str):
     """A RuntimeError for bad input; the message is pinned for the CPU kernels only."""
     return pytest.raises(RuntimeError, match=pattern if device == "cpu" else None)
+
+
+def assert_graph_replay_equals_eager(step, change) -> None:
+    """Capture `step()` (after one eager warm-up call) in a CUDA graph, `change()` its inputs in
+    place, replay it, and ask that its outputs equal a new eager `step()` bit for bit."""
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    change()
+    graph.replay()
+    captured = captured if isinstance(captured, tuple) else (captured,)
+    eager = step()
+    for got, want in zip(captured, eager if isinstance(eager, tuple) else (eager,), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ops import reference
-from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
+from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, assert_graph_replay_equals_eager, raises
 
 
 def _inputs(m: int, k: int, n: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,14 +101,7 @@ def test_capture_in_a_cuda_graph(kernels):
     def step() -> tuple[torch.Tensor, ...]:
         return kernels.linear_small(x, w), kernels.gate_up_silu_small(x, w2), kernels.linear_small(x, w3)
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    x.copy_(torch.randn_like(x))
-    graph.replay()
-    for got, want in zip(captured, step()):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_graph_replay_equals_eager(step, lambda: x.copy_(torch.randn_like(x)))
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=GPU)])

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ops import reference_moe
 from ops.reference_moe import align_block_size, align_capacity
-from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
+from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, assert_graph_replay_equals_eager, raises
 
 # (tokens, k, experts): decode, odd sizes, an expert-heavy prefill (block 64 and 128), empty.
 ROUTING = [(1, 8, 128), (5, 2, 7), (37, 4, 60), (64, 8, 16), (300, 4, 8), (0, 2, 4)]
@@ -266,13 +266,8 @@ def test_moe_experts_capture_in_a_cuda_graph(kernels, tokens):
         h = kernels.moe_gate_up(x, gate_up, alignment)
         return kernels.moe_combine(kernels.moe_down(h, down, weights, alignment), alignment)
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    logits.copy_(torch.randn(tokens, experts, device="cuda"))  # new routing, same graph
-    graph.replay()
-    torch.testing.assert_close(captured, step(), rtol=0, atol=0)
+    # New routing, same graph.
+    assert_graph_replay_equals_eager(step, lambda: logits.copy_(torch.randn(tokens, experts, device="cuda")))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -10,7 +10,7 @@ import torch
 
 import ops as ops_package
 from ops import reference
-from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, raises
+from tests.ops.common import DEVICE_DTYPES, DEVICES, GPU, assert_close, assert_graph_replay_equals_eager, raises
 
 EPS = 1e-6
 
@@ -167,14 +167,7 @@ def test_capture_in_a_cuda_graph(kernels):
         x.copy_(source * 2)  # the producer kernel the fused one waits for under PDL
         return kernels.add_rms_norm_linear_small(x, residual, norm_weight, EPS, w)
 
-    step()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step()
-    source.copy_(torch.randn_like(source))
-    graph.replay()
-    for got, want in zip(captured, step()):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert_graph_replay_equals_eager(step, lambda: source.copy_(torch.randn_like(source)))
 
 
 @pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=GPU)])

@@ -24,6 +24,51 @@ namespace splitvl::cuda {
 constexpr int kMergeThreads = 256;
 constexpr int kMergeLoads = 8;  // partitions whose loads a thread of the merge kernel issues at once
 
+// Folds one partition (its max pm, base 2, sum ps and normalised output pv) into a running
+// (max m, sum l, weighted output o), the online softmax's step.
+__device__ __forceinline__ void fold_partition(float& m, float& l, float4& o, float pm, float ps, const float4& pv) {
+  const float mx = fmaxf(m, pm);
+  const float a = exp2f(m - mx), w = ps * exp2f(pm - mx);
+  m = mx;
+  l = l * a + w;
+  o.x = o.x * a + w * pv.x;
+  o.y = o.y * a + w * pv.y;
+  o.z = o.z * a + w * pv.z;
+  o.w = o.w * a + w * pv.w;
+}
+
+// Merges `groups` running (max, sum, output) triples held in shared memory at r0, r0 + step, ...:
+// returns the unnormalised output and sets the overall max `mx` and sum `total`.
+__device__ __forceinline__ float4 merge_groups(const float4* red_o, const float* red_m, const float* red_l, int r0,
+                                               int step, int groups, float& mx, float& total) {
+  mx = -INFINITY;
+  for (int k = 0; k < groups; ++k) mx = fmaxf(mx, red_m[r0 + k * step]);
+  const float ms = mx == -INFINITY ? 0.f : mx;
+  total = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < groups; ++k) {
+    const int i = r0 + k * step;
+    const float w = exp2f(red_m[i] - ms);
+    total += red_l[i] * w;
+    acc.x += red_o[i].x * w;
+    acc.y += red_o[i].y * w;
+    acc.z += red_o[i].z * w;
+    acc.w += red_o[i].w * w;
+  }
+  return acc;
+}
+
+// Column d4 (4 values) of a head's output row: acc * inv in T.
+template <typename T>
+__device__ __forceinline__ void store_output(T* row, int d4, const float4& acc, float inv) {
+  Pack<T, 4> out;
+  out.v[0] = from_float<T>(acc.x * inv);
+  out.v[1] = from_float<T>(acc.y * inv);
+  out.v[2] = from_float<T>(acc.z * inv);
+  out.v[3] = from_float<T>(acc.w * inv);
+  reinterpret_cast<Pack<T, 4>*>(row)[d4] = out;
+}
+
 // Partitions of the context that sequence b uses (0 for an empty one; at most splits, so that
 // a length past the table cannot leave a ticket counter short of its count).
 template <typename T>
@@ -65,14 +110,7 @@ __global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(Decod
 #pragma unroll
       for (int k = 0; k < S; ++k) {
         if (s0 + k * groups >= used) break;
-        const float mx = fmaxf(m, pm[k]);
-        const float a = exp2f(m - mx), w = ps[k] * exp2f(pm[k] - mx);
-        m = mx;
-        l = l * a + w;
-        o.x = o.x * a + w * pv[k].x;
-        o.y = o.y * a + w * pv[k].y;
-        o.z = o.z * a + w * pv[k].z;
-        o.w = o.w * a + w * pv[k].w;
+        fold_partition(m, l, o, pm[k], ps[k], pv[k]);
       }
     } while ((s0 += S * groups) < used);
   }
@@ -81,27 +119,9 @@ __global__ void __launch_bounds__(kMergeThreads) paged_decode_merge_kernel(Decod
   red_l[threadIdx.x] = l;
   __syncthreads();
   if (threadIdx.x >= D4) return;
-  float mx = -INFINITY;
-  for (int g = 0; g < groups; ++g) mx = fmaxf(mx, red_m[g * D4 + d4]);
-  const float ms = mx == -INFINITY ? 0.f : mx;
-  float total = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int g = 0; g < groups; ++g) {
-    const int i = g * D4 + d4;
-    const float w = exp2f(red_m[i] - ms);
-    total += red_l[i] * w;
-    acc.x += red_o[i].x * w;
-    acc.y += red_o[i].y * w;
-    acc.z += red_o[i].z * w;
-    acc.w += red_o[i].w * w;
-  }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  Pack<T, 4> out;
-  out.v[0] = from_float<T>(acc.x * inv);
-  out.v[1] = from_float<T>(acc.y * inv);
-  out.v[2] = from_float<T>(acc.z * inv);
-  out.v[3] = from_float<T>(acc.w * inv);
-  reinterpret_cast<Pack<T, 4>*>(p.out + bh * p.head_dim)[d4] = out;
+  float mx, total;
+  const float4 acc = merge_groups(red_o, red_m, red_l, d4, D4, groups, mx, total);
+  store_output(p.out + bh * p.head_dim, d4, acc, total > 0.f ? 1.f / total : 0.f);
 }
 
 // Whether this CTA draws the last of `expected` tickets of `counter` (the same answer in every
@@ -167,14 +187,7 @@ __device__ void merge_partitions(const DecodeParams<T>& p, int b, int h0, int he
 #pragma unroll
         for (int k = 0; k < S; ++k) {
           if (j0 + k * groups >= count) break;
-          const float mx = fmaxf(m, pm[k]);
-          const float a = exp2f(m - mx), w = ps[k] * exp2f(pm[k] - mx);
-          m = mx;
-          l = l * a + w;
-          o.x = o.x * a + w * pv[k].x;
-          o.y = o.y * a + w * pv[k].y;
-          o.z = o.z * a + w * pv[k].z;
-          o.w = o.w * a + w * pv[k].w;
+          fold_partition(m, l, o, pm[k], ps[k], pv[k]);
         }
       }
     }
@@ -184,28 +197,11 @@ __device__ void merge_partitions(const DecodeParams<T>& p, int b, int h0, int he
     __syncthreads();
     if (v < items) {  // group 0 (v == item): merge the groups of its item
       const int r0 = item - v0;
-      float mx = -INFINITY;
-      for (int k = 0; k < groups; ++k) mx = fmaxf(mx, red_m[r0 + k * items]);
-      const float ms = mx == -INFINITY ? 0.f : mx;
-      float total = 0.f;
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int k = 0; k < groups; ++k) {
-        const int i = r0 + k * items;
-        const float w = exp2f(red_m[i] - ms);
-        total += red_l[i] * w;
-        acc.x += red_o[i].x * w;
-        acc.y += red_o[i].y * w;
-        acc.z += red_o[i].z * w;
-        acc.w += red_o[i].w * w;
-      }
+      float mx, total;
+      const float4 acc = merge_groups(red_o, red_m, red_l, r0, items, groups, mx, total);
       const float inv = total > 0.f ? 1.f / total : 0.f;
       if (final) {
-        Pack<T, 4> out;
-        out.v[0] = from_float<T>(acc.x * inv);
-        out.v[1] = from_float<T>(acc.y * inv);
-        out.v[2] = from_float<T>(acc.z * inv);
-        out.v[3] = from_float<T>(acc.w * inv);
-        reinterpret_cast<Pack<T, 4>*>(p.out + bh * p.head_dim)[d4] = out;
+        store_output(p.out + bh * p.head_dim, d4, acc, inv);
       } else {
         const int64_t slot = bh * p.splits + first;
         reinterpret_cast<float4*>(p.part_out + slot * p.head_dim)[d4] =
