@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,6 @@ from torch import nn
 
 import ops
 from models.layers.parallel import SINGLE, ParallelContext, all_gather, all_reduce, divide
-
-if TYPE_CHECKING:
-    from models.layers.layernorm import RMSNorm
-    from models.layers.moe import PendingCombine
 
 ShardId = int | str | tuple[int, ...] | None
 
@@ -235,10 +231,12 @@ class ColumnParallelLinear(LinearBase):
         return all_gather(y, self.parallel, dim=-1) if self.gather_output else y
 
     def norm_forward(
-        self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, norm: RMSNorm
+        self, x: Any, residual: torch.Tensor, norm: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`self(y)` and the new residual, where `y, residual = norm(x, residual)`: a pre-norm
-        block's input norm and first projection.
+        block's input norm (an RMSNorm: `weight`, `eps`) and first projection. `x` is a tensor or
+        the previous MoE block's pending combine (`models.layers.moe.PendingCombine`; typed loosely
+        here: that module imports this one).
 
         At decode rows on this rank's full input (the layer is column-parallel) they are one
         `ops.add_rms_norm_linear_small`, which leaves x and residual as they were and returns
@@ -250,7 +248,7 @@ class ColumnParallelLinear(LinearBase):
         x, residual = norm(x, residual)
         return self(x), residual
 
-    def _folds_norm(self, x: torch.Tensor | PendingCombine) -> bool:
+    def _folds_norm(self, x: Any) -> bool:
         """Decode rows of a tensor (a MoE block's pending combine takes its own fused norm); on
         CUDA also `SPLITVL_NORM_QKV_FUSED` (or `folds_norm`) and bf16/fp16."""
         if not isinstance(x, torch.Tensor) or self.gather_output or x.dim() != 2 or x.shape[0] > NORM_FOLD_ROWS:
