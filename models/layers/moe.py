@@ -74,18 +74,10 @@ def _fused_decode_on_cuda() -> bool:
 FUSED_DECODE_ON_CUDA = _fused_decode_on_cuda()
 
 
-def _block_kernel_on_cuda() -> bool:
-    """Whether CUDA steps take the one-op block path (`forward_block`): only with
-    `SPLITVL_MOE_BLOCK_KERNEL=1`.
-
-    Read once, at import. The kernel's CUDA source compiles in CI but has not yet passed its
-    GPU tests, so CUDA keeps the other paths unless asked; CPU always takes it, so the CPU
-    parity tests against transformers run it.
-    """
-    return os.environ.get("SPLITVL_MOE_BLOCK_KERNEL", "") == "1"
-
-
-BLOCK_KERNEL_ON_CUDA = _block_kernel_on_cuda()
+# Whether CUDA steps take the one-op block path (`forward_block`): only with
+# `SPLITVL_MOE_BLOCK_KERNEL=1`, read once, at import, for the fused decode path's reason above
+# (its kernel has not yet passed its GPU tests); CPU always takes it.
+BLOCK_KERNEL_ON_CUDA = os.environ.get("SPLITVL_MOE_BLOCK_KERNEL", "") == "1"
 
 
 def block_kernel_default(device: torch.device) -> bool:
@@ -369,13 +361,15 @@ class SparseMoeBlock(nn.Module):
 
 def set_fused_decode(model: nn.Module, enabled: bool | None) -> None:
     """Set `fused_decode` on every MoE block of `model` (None: each device's default)."""
-    for module in model.modules():
-        if isinstance(module, SparseMoeBlock):
-            module.fused_decode = enabled
+    _set_on_blocks(model, "fused_decode", enabled)
 
 
 def set_block_kernel(model: nn.Module, enabled: bool | None) -> None:
     """Set `block_kernel` on every MoE block of `model` (None: each device's default)."""
+    _set_on_blocks(model, "block_kernel", enabled)
+
+
+def _set_on_blocks(model: nn.Module, attr: str, enabled: bool | None) -> None:
     for module in model.modules():
         if isinstance(module, SparseMoeBlock):
-            module.block_kernel = enabled
+            setattr(module, attr, enabled)
