@@ -21,12 +21,12 @@ The format is detected per line: a line with an OpenAI key (`custom_id`,
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from deployments.errors import APIError, InvalidRequestError
+from deployments.protocol import loads_request
 
 URLS = {"/v1/chat/completions": True, "/v1/completions": False}  # url -> is chat
 _OPENAI_KEYS = ("custom_id", "method", "url", "body")
@@ -55,9 +55,9 @@ def line_key(lineno: int) -> str:
 def parse_line(text: str, lineno: int) -> BatchLine:
     """Parse input line `lineno` (1-based); never raises: a broken line carries its error."""
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return _broken(lineno, None, f"malformed JSON: {exc}", None, "invalid_json")
+        obj = loads_request(text)
+    except ValueError as exc:
+        return _broken(lineno, None, str(exc), None, "invalid_json")
     if not isinstance(obj, dict):
         return _broken(lineno, None, "a line must be a JSON object", None, "invalid_json")
     if "id" in obj and not any(k in obj for k in _OPENAI_KEYS):

@@ -45,6 +45,7 @@ from deployments.protocol import (
     CompletionRequest,
     choice_dict,
     completion_object,
+    loads_request,
     models_response,
     new_id,
 )
@@ -77,9 +78,9 @@ async def read_json(request: Request, limit: int) -> Any:
     if ctype not in ("application/json", ""):
         raise InvalidRequestError(f"content type must be application/json, got {ctype!r}")
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"malformed JSON body: {exc}") from None
+        return loads_request(body)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 def sse(data: Any) -> str:

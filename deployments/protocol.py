@@ -10,6 +10,8 @@ unknown role) are 400s.
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
@@ -18,6 +20,45 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from deployments.messages import ChoiceDelta, TextLogprob, Usage
+
+
+_SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"  # a JSON escape of a UTF-16 surrogate
+
+
+def loads_request(data: bytes | str) -> Any:
+    """A request body's JSON (HTTP and batch lines alike); ValueError with the reason when it is not one.
+
+    Refused beyond json's own errors: nesting deeper than the parser's recursion limit, and
+    strings holding a lone UTF-16 surrogate (`"\\ud800"`): valid JSON, but no text a tokenizer
+    or a UTF-8 response can carry.
+    """
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise ValueError("malformed JSON: nested too deeply") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed JSON: {exc}") from None
+    escape = _SURROGATE_ESCAPE.decode() if isinstance(data, str) else _SURROGATE_ESCAPE
+    if re.search(escape, data) and _has_lone_surrogate(obj):
+        raise ValueError("malformed JSON: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
+    return obj
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 class _Lenient(BaseModel):
@@ -145,6 +186,10 @@ class SamplingFields(_Lenient):
     UNSUPPORTED = {
         "logit_bias": ({},), "response_format": ({"type": "text"},), "guided_json": (), "guided_regex": (),
         "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+        # vLLM's sampling extensions that would change the answer: refused, not dropped
+        "min_tokens": (0,), "bad_words": ([],), "allowed_token_ids": (), "prompt_logprobs": (),
+        "truncate_prompt_tokens": (), "use_beam_search": (False,), "length_penalty": (1, 1.0),
+        "include_stop_str_in_output": (False,), "skip_special_tokens": (True,), "logits_processors": (),
     }
 
     @model_validator(mode="after")
@@ -185,6 +230,9 @@ class ChatCompletionRequest(SamplingFields):
     UNSUPPORTED = {
         **SamplingFields.UNSUPPORTED, "tools": ([],), "tool_choice": ("none",), "functions": ([],),
         "function_call": ("none",), "modalities": (["text"],), "audio": (), "prediction": (),
+        # vLLM's chat template switches other than chat_template_kwargs: the prompt is always the
+        # template's with the generation prompt added
+        "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (), "echo": (False,),
     }
 
     @field_validator("chat_template_kwargs")

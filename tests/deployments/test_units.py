@@ -243,8 +243,10 @@ def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
     chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     # The values that ask for the default behaviour pass (clients send some of them always).
     ChatCompletionRequest.model_validate({**chat, "tools": [], "tool_choice": "none", "logit_bias": {},
-                                          "response_format": {"type": "text"}, "modalities": ["text"]})
-    CompletionRequest.model_validate({"prompt": "x", "best_of": 1, "suffix": ""})
+                                          "response_format": {"type": "text"}, "modalities": ["text"],
+                                          "min_tokens": 0, "skip_special_tokens": True, "use_beam_search": False,
+                                          "add_generation_prompt": True, "continue_final_message": False})
+    CompletionRequest.model_validate({"prompt": "x", "best_of": 1, "suffix": "", "include_stop_str_in_output": False})
     refused = [
         (ChatCompletionRequest, {**chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (ChatCompletionRequest, {**chat, "tool_choice": "auto"}, "tool_choice"),
@@ -254,6 +256,15 @@ def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
         (ChatCompletionRequest, {**chat, "modalities": ["text", "audio"]}, "modalities"),
         (CompletionRequest, {"prompt": "x", "best_of": 4}, "best_of"),
         (CompletionRequest, {"prompt": "x", "suffix": "end"}, "suffix"),
+        # vLLM's extensions: dropping them would answer another request
+        (CompletionRequest, {"prompt": "x", "min_tokens": 5}, "min_tokens"),
+        (CompletionRequest, {"prompt": "x", "include_stop_str_in_output": True}, "include_stop_str_in_output"),
+        (ChatCompletionRequest, {**chat, "skip_special_tokens": False}, "skip_special_tokens"),
+        (ChatCompletionRequest, {**chat, "prompt_logprobs": 1}, "prompt_logprobs"),
+        (ChatCompletionRequest, {**chat, "bad_words": ["x"]}, "bad_words"),
+        (ChatCompletionRequest, {**chat, "add_generation_prompt": False}, "add_generation_prompt"),
+        (ChatCompletionRequest, {**chat, "continue_final_message": True}, "continue_final_message"),
+        (ChatCompletionRequest, {**chat, "chat_template": "{{ messages }}"}, "chat_template"),
     ]
     for schema, body, field in refused:
         with pytest.raises(ValidationError) as info:
@@ -261,6 +272,28 @@ def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
         err = pydantic_error_to_api(info.value)
         assert (err.status, err.param) == (400, field)
         assert err.message == f"{field}: `{field}` is not supported by this server"
+
+
+def test_request_json_refuses_deep_nesting_and_lone_surrogates():
+    from deployments.batch_format import parse_line
+    from deployments.protocol import loads_request
+
+    # a surrogate pair is one character; raw UTF-8 and plain escapes pass
+    assert loads_request(b'{"a": "\\ud83d\\ude00 \\u00e9"}') == {"a": "\U0001F600 \u00e9"}
+    assert loads_request('{"a": ["\u00e9"]}') == {"a": ["\u00e9"]}
+    for body, reason in [
+        (b'{"messages": [{"content": "\\ud800"}]}', "lone UTF-16 surrogate"),
+        ('{"stop": ["x\\udfff"]}', "lone UTF-16 surrogate"),
+        (b'{"\\udc00": 1}', "lone UTF-16 surrogate"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"a": ', "Expecting value"),
+        (b'{"a": "\xff"}', "malformed JSON"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            loads_request(body)
+        if reason != "malformed JSON":  # a batch file's line is text already
+            line = parse_line(body.decode() if isinstance(body, bytes) else body, 7)
+            assert line.error is not None and line.error.code == "invalid_json" and reason in line.error.message
 
 
 def test_every_recorded_metric_is_described_and_documented():
