@@ -84,8 +84,8 @@ MOE_FUSED_HELP = ("MoE fused decode path (router + routing, combine + next norm)
 
 def moe_block_settings(values: Sequence[str], device: torch.device) -> list[bool]:
     """`--moe-block on,off` -> [True, False] (the MoE blocks' one-op decode path,
-    `ops.moe_decode_block`, in order); nothing given: the default on `device` (CPU on, CUDA as
-    SPLITVL_MOE_BLOCK_KERNEL says).
+    `ops.moe_decode_block`, in order); nothing given: the default on `device` (CPU on, CUDA unless
+    SPLITVL_MOE_BLOCK_KERNEL=0).
 
     Raises:
         ValueError: a value other than on / off.
@@ -96,8 +96,8 @@ def moe_block_settings(values: Sequence[str], device: torch.device) -> list[bool
 
 
 MOE_BLOCK_HELP = ("MoE one-op decode block (post-attention add + norm, router, routing, experts, combine: "
-                  "ops.moe_decode_block) settings to time: on,off (default: the device's, SPLITVL_MOE_BLOCK_KERNEL "
-                  "on CUDA)")
+                  "ops.moe_decode_block) settings to time: on,off (default: the device's; on CUDA on unless "
+                  "SPLITVL_MOE_BLOCK_KERNEL=0)")
 
 
 def config_path(name: str) -> Path:

@@ -18,7 +18,7 @@ Anything else that reads the block output `materialize`s it first.
 Decode steps of up to `ops.MOE_DECODE_BLOCK_MAX_TOKENS` tokens of such a block can instead run
 the whole second half of the layer as one op (`forward_block`: `ops.moe_decode_block`, the
 layer's `post_attention_layernorm` add + norm, router, routing, experts and combine; on CUDA
-one launch), when `block_kernel` says so (`SPLITVL_MOE_BLOCK_KERNEL` on CUDA).
+one launch), when `block_kernel` says so (on CUDA unless `SPLITVL_MOE_BLOCK_KERNEL=0`).
 
 Expert weights are 3-D stacked parameters, TP-sharded on the intermediate dim:
 `experts.gate_up_proj [E, 2 * I / tp, H]` (this rank's gate rows, then its up
@@ -74,10 +74,12 @@ def _fused_decode_on_cuda() -> bool:
 FUSED_DECODE_ON_CUDA = _fused_decode_on_cuda()
 
 
-# Whether CUDA steps take the one-op block path (`forward_block`): only with
-# `SPLITVL_MOE_BLOCK_KERNEL=1`, read once, at import, for the fused decode path's reason above
-# (its kernel has not yet passed its GPU tests); CPU always takes it.
-BLOCK_KERNEL_ON_CUDA = os.environ.get("SPLITVL_MOE_BLOCK_KERNEL", "") == "1"
+# Whether CUDA steps take the one-op block path (`forward_block`): yes unless
+# `SPLITVL_MOE_BLOCK_KERNEL=0`, read once, at import; CPU always takes it. On by default since its
+# GPU tests passed and the full 30B-A3B graph step at batch 1 measured 3.71 vs 3.83 ms (one H100,
+# BENCHMARKS.md 17). Its grid barrier needs the whole persistent grid resident at once: a
+# process sharing the GPU's SMs with another's kernels through MPS should set it to 0.
+BLOCK_KERNEL_ON_CUDA = os.environ.get("SPLITVL_MOE_BLOCK_KERNEL", "1") != "0"
 
 
 def block_kernel_default(device: torch.device) -> bool:
@@ -270,7 +272,7 @@ class SparseMoeBlock(nn.Module):
     `fused_decode` picks the decode path: None (the device's default: CPU fused, CUDA
     as `SPLITVL_MOE_FUSED_DECODE` says), True or False (tests and benchmarks compare them).
     `block_kernel` likewise picks the one-op path of the decoder layer (`takes_block`:
-    CPU on, CUDA as `SPLITVL_MOE_BLOCK_KERNEL` says), ahead of the fused decode path.
+    CPU on, CUDA unless `SPLITVL_MOE_BLOCK_KERNEL=0`), ahead of the fused decode path.
     Shapes: x [T, H] -> [T, H].
     """
 

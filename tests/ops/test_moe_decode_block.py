@@ -71,7 +71,10 @@ def test_moe_decode_block_matches_reference_and_chain(
     assert_close(out, out_ref, dtype, scale=2)
     # A second call (the barrier's top bit flipped, or not) from the same residual: the same out.
     again, _ = kernels.moe_decode_block(x, res_first, norm_weight, eps, gate, gate_up, down, k, renormalize, barrier)
-    torch.testing.assert_close(again, out, rtol=0, atol=0)
+    if device == "cuda" and stride_pad % 8:  # unaligned rows run the chain: its split reductions may reorder
+        assert_close(again, out, dtype)
+    else:
+        torch.testing.assert_close(again, out, rtol=0, atol=0)
     assert int(barrier.item()) & 0x7FFFFFFF == 0
 
 
