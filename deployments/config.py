@@ -210,6 +210,9 @@ class LimitsConfig(_Strict):
     )
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens accepted.")
     max_n: int = Field(8, ge=1, description="Largest n (choices per request).")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Prompts in one /v1/completions request (a list of prompts); each gets n choices."
+    )
     max_stop_strings: int = Field(8, ge=0, description="Most stop strings per request.")
     request_timeout_s: float = Field(600.0, gt=0, description="Whole-request time limit (408 after).")
 

@@ -237,7 +237,7 @@ class OpenAIIngress:
         deadline: float,
     ) -> dict[str, Any]:
         """The non-streaming response object (chat.completion / text_completion) of an opened stream."""
-        choices, usage = await self.collect(events, req.n, deadline)
+        choices, usage = await self.collect(events, req.num_choices, deadline)
         body = [choice_dict(chat, False, c) for c in choices]
         return completion_object(chat, False, rid, self.model_id, created, body, usage)
 

@@ -72,13 +72,14 @@ def expand_videos(text: str, expansions: list[str]) -> str:
         raise InvalidRequestError(f"{exc}; message text must not contain video placeholder tokens", "messages") from None
 
 
-def completion_prompt_ids(tokenizer: Any, request: CompletionRequest, vocab_size: int) -> list[int]:
-    if isinstance(request.prompt, str):
-        return list(tokenizer.encode(request.prompt, add_special_tokens=False))
-    bad = [t for t in request.prompt if not 0 <= t < vocab_size]
+def completion_prompt_ids(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:
+    """One completions prompt (`CompletionRequest.prompts`' item) as token ids."""
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt, add_special_tokens=False))
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(f"prompt token ids out of range [0, {vocab_size}): {bad[:5]}", "prompt")
-    return list(request.prompt)
+    return list(prompt)
 
 
 def expand_image_pads(ids: list[int], image_token_id: int | tuple[int, ...], counts: list[int]) -> list[int]:

@@ -212,6 +212,11 @@ class SamplingFields(_Lenient):
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def num_choices(self) -> int:
+        """Choices in the response: n (per prompt, for a batched completions request)."""
+        return self.n
+
 
 # apply_chat_template's own arguments: a request must not set them through chat_template_kwargs.
 RESERVED_TEMPLATE_KWARGS = frozenset({
@@ -255,10 +260,35 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
+    """`prompt` as OpenAI takes it: a string, token ids, or a list of either (batched: every prompt
+    gets `n` choices, prompt i's at indices i * n to i * n + n - 1)."""
+
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     UNSUPPORTED = {**SamplingFields.UNSUPPORTED, "best_of": (1,), "suffix": ("",)}
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt_kind(cls, value: Any) -> Any:
+        if isinstance(value, list) and value:
+            kinds = {"text" if isinstance(p, str) else "ids" if isinstance(p, list) else "id" for p in value}
+            if len(kinds) > 1:
+                raise ValueError("a prompt list must hold only strings, only token ids, or only token-id lists")
+            if kinds <= {"text", "ids"} and any(len(p) == 0 for p in value):
+                raise ValueError("every prompt of a prompt list must be non-empty")
+        return value
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one, or each of a batched request's."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.n
 
     @property
     def num_logprobs(self) -> int | None:

@@ -202,7 +202,7 @@ class Router:
                 # The retry asks for the object store: the lost embeddings may have been an IPC
                 # handle this LLM replica could not read (another node, a reused pool slot).
                 refs, keys = await self._embed(images, counts, "auto" if attempt == 0 else "object_store")
-                events = self._generate(ids, sampling, refs, keys, request.stop, start)
+                events = self._generate([ids], sampling, refs, keys, request.stop, start)
                 first = await anext(events)
             except EncoderUnavailableError as exc:
                 if attempt + 1 == attempts:
@@ -223,11 +223,21 @@ class Router:
         check_limits(request, self.limits)
         if request.echo:
             raise InvalidRequestError("echo is not supported", "echo")
-        ids = completion_prompt_ids(self.tokenizer, request, self.model_config.text.vocab_size)
-        if any(t in ids for t in self.model_config.placeholder_token_ids):
-            raise InvalidRequestError("completion prompts cannot contain image or video placeholder tokens", "prompt")
-        sampling = self._sampling(request, len(ids))
-        async for event in self._generate(ids, sampling, [], [], request.stop, start):
+        prompts = request.prompts
+        if len(prompts) > self.limits.max_prompts_per_request:
+            raise InvalidRequestError(
+                f"{len(prompts)} prompts; at most {self.limits.max_prompts_per_request} per request", "prompt"
+            )
+        all_ids: list[list[int]] = []
+        sampling: list[SamplingParams] = []
+        for prompt in prompts:
+            ids = completion_prompt_ids(self.tokenizer, prompt, self.model_config.text.vocab_size)
+            if any(t in ids for t in self.model_config.placeholder_token_ids):
+                raise InvalidRequestError("completion prompts cannot contain image or video placeholder tokens",
+                                          "prompt")
+            all_ids.append(ids)
+            sampling += self._sampling(request, len(ids))
+        async for event in self._generate(all_ids, sampling, [], [], request.stop, start):
             yield event
 
     def debug_state(self) -> dict[str, Any]:
@@ -419,15 +429,22 @@ class Router:
         return num_tokens * vision.out_hidden_size * layers * _DTYPE_BYTES[dtype]
 
     async def _generate(
-        self, ids: list[int], sampling: list[SamplingParams], refs: list[Any], keys: list[str],
+        self, prompts: list[list[int]], sampling: list[SamplingParams], refs: list[Any], keys: list[str],
         stop: list[str] | None, start: float,
     ) -> AsyncIterator[RouterEvent]:
-        """One LLM call per choice, their deltas interleaved as they come; `Usage` last."""
+        """One LLM call per choice, their deltas interleaved as they come; `Usage` last.
+
+        `sampling` holds n choices per prompt, prompt by prompt: choice i reads `prompts[i // n]`.
+        """
         rid = uuid.uuid4().hex
         self.metrics.observe("splitvl_router_preprocess_seconds", time.monotonic() - start, FINE_LATENCY_BUCKETS)
+        per_prompt = len(sampling) // len(prompts)
+        prompt_tokens = sum(len(ids) for ids in prompts)
         queue: asyncio.Queue = asyncio.Queue()
         tasks = [
-            asyncio.create_task(self._run_choice(f"{rid}-{i}", i, ids, params, refs, keys, stop, queue))
+            asyncio.create_task(
+                self._run_choice(f"{rid}-{i}", i, prompts[i // per_prompt], params, refs, keys, stop, queue)
+            )
             for i, params in enumerate(sampling)
         ]
         completion_tokens = 0
@@ -440,7 +457,7 @@ class Router:
             # an in-band stream error.
             pending = [await queue.get()]
             if not isinstance(pending[0], BaseException):
-                yield Start(prompt_tokens=len(ids))
+                yield Start(prompt_tokens=prompt_tokens)
             done = 0
             while done < len(sampling):
                 event = pending.pop() if pending else await queue.get()
@@ -464,9 +481,9 @@ class Router:
         finally:
             for task in tasks:
                 task.cancel()
-        self.metrics.inc("splitvl_prompt_tokens_total", len(ids))
+        self.metrics.inc("splitvl_prompt_tokens_total", prompt_tokens)
         self.metrics.inc("splitvl_generation_tokens_total", completion_tokens)
-        yield Usage(prompt_tokens=len(ids), completion_tokens=completion_tokens)
+        yield Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
 
     async def _run_choice(
         self, request_id: str, index: int, ids: list[int], sampling: SamplingParams,

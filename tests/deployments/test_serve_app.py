@@ -45,7 +45,7 @@ def base_url(serve_instance, ckpt):
         "llm": {"num_replicas": 1, "num_cpus": 0.1, "max_model_len": 512},
         "limits": {"allowed_media_networks": ["127.0.0.1/32"], "max_images_per_request": 3,
                    "max_image_pixels": 1_000_000, "max_request_bytes": 200_000, "max_tokens_limit": 64,
-                   "max_n": 2, "max_stop_strings": 2, "media_fetch_timeout_s": 2.0},
+                   "max_n": 2, "max_stop_strings": 2, "media_fetch_timeout_s": 2.0, "max_prompts_per_request": 4},
     }
     serve.run(bind_app(AppConfig.model_validate(args), engine_cls=ScriptedEngine), name=APP, route_prefix="/")
     return serve_instance
@@ -202,6 +202,34 @@ def test_text_only_multi_turn_and_completions(client, reference):
     assert llm_request(ids)["image_embeds"] is None
     comp = client.completions.create(model=MODEL_ID, prompt="The quick brown fox", max_tokens=4)
     assert comp.choices[0].text and comp.usage.completion_tokens == 4
+
+
+def test_completions_with_a_list_of_prompts(client):
+    """OpenAI's batched completions: `prompt` as a list of strings or of token-id lists. Prompt i's n choices
+    are indices i * n to i * n + n - 1, each the text a one-prompt request gets; usage sums the prompts; a
+    stream carries the same indices and texts. Mixed lists, empty prompts and more prompts than the
+    deployment's limit are 400s."""
+    for prompts in (["The quick brown fox", "jumps over", "the lazy dog again"], [[5, 6, 7], [8, 9], [10]]):
+        one_by_one = [client.completions.create(model=MODEL_ID, prompt=p, max_tokens=4) for p in prompts]
+        batch = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, n=2)
+        assert [c.index for c in batch.choices] == list(range(2 * len(prompts)))
+        assert [c.text for c in batch.choices] == [r.choices[0].text for r in one_by_one for _ in range(2)]
+        assert all(c.finish_reason == "length" for c in batch.choices)
+        assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in one_by_one)
+        assert batch.usage.completion_tokens == 2 * len(prompts) * 4
+        texts: dict[int, str] = {}
+        usage = None
+        for chunk in client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, n=2, stream=True,
+                                               stream_options={"include_usage": True}):
+            for choice in chunk.choices:
+                texts[choice.index] = texts.get(choice.index, "") + choice.text
+            usage = chunk.usage or usage
+        assert [texts[i] for i in range(2 * len(prompts))] == [c.text for c in batch.choices]
+        assert usage.prompt_tokens == batch.usage.prompt_tokens
+    for prompt, fragment in [(["a", [1, 2]], "only strings"), (["a", ""], "non-empty"), ([[1], []], "non-empty"),
+                             (["a"] * 5, "5 prompts; at most 4")]:
+        with pytest.raises(openai.BadRequestError, match=fragment):
+            client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2)
 
 
 def test_batch_lines_get_what_http_answers(base_url):
