@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deployments.batch_format import BatchLine, output_record, parse_line, record_failed, record_key
+from deployments.batch_format import BatchLine, jsonl_lines, output_record, parse_line, record_failed, record_key
 from deployments.config import args_from_serve_yaml
 from deployments.errors import as_api_error
 
@@ -47,12 +47,13 @@ def load_done(output: Path) -> dict[str, bool]:
         return {}
     done: dict[str, bool] = {}
     kept: list[str] = []
-    lines = output.read_text().splitlines()
-    for line in lines:
+    lines = jsonl_lines(output.read_bytes())
+    for raw in lines:
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
             key = record_key(record)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):  # UnicodeDecodeError too
             continue
         if key not in done:
             done[key] = record_failed(record)
@@ -71,7 +72,7 @@ def read_inputs(path: Path) -> list[BatchLine]:
     """Every non-empty input line, parsed; a resume key twice is an error before anything runs."""
     lines: list[BatchLine] = []
     first_seen: dict[str, int] = {}
-    for lineno, text in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, text in enumerate(jsonl_lines(path.read_bytes()), start=1):
         if not text.strip():
             continue
         line = parse_line(text, lineno)

@@ -52,8 +52,26 @@ def line_key(lineno: int) -> str:
     return f"line:{lineno}"
 
 
-def parse_line(text: str, lineno: int) -> BatchLine:
-    """Parse input line `lineno` (1-based); never raises: a broken line carries its error."""
+def jsonl_lines(data: bytes) -> list[bytes]:
+    """A JSONL file's lines: split at "\\n" only, a trailing "\\r" and a leading UTF-8 BOM dropped.
+
+    Not `str.splitlines`: it also splits at U+2028, U+0085 and other separators that JSON
+    strings may hold unescaped (a model's answer written with `ensure_ascii=False`).
+    """
+    lines = data.removeprefix(b"\xef\xbb\xbf").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return [line.removesuffix(b"\r") for line in lines]
+
+
+def parse_line(text: str | bytes, lineno: int) -> BatchLine:
+    """Parse input line `lineno` (1-based; bytes: UTF-8); never raises: a broken line carries its error."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return _broken(lineno, None, f"the line is not UTF-8 ({exc.reason} at byte {exc.start})", None,
+                           "invalid_json")
     try:
         obj = loads_request(text)
     except ValueError as exc:

@@ -22,7 +22,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from deployments.messages import ChoiceDelta, TextLogprob, Usage
 
 
-_SURROGATE_ESCAPE = rb"\\u[dD][89a-fA-F]"  # a JSON escape of a UTF-16 surrogate
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
 
 
 def loads_request(data: bytes | str) -> Any:
@@ -38,17 +38,20 @@ def loads_request(data: bytes | str) -> Any:
         raise ValueError("malformed JSON: nested too deeply") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed JSON: {exc}") from None
-    escape = _SURROGATE_ESCAPE.decode() if isinstance(data, str) else _SURROGATE_ESCAPE
-    if re.search(escape, data) and _has_lone_surrogate(obj):
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):  # the scan: ~3 GB/s, in C
         raise ValueError("malformed JSON: a string holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)")
     return obj
 
 
 def _has_lone_surrogate(obj: Any) -> bool:
+    """Whether a string in `obj` does not encode as UTF-8; ASCII strings (base64 images) cost O(1)."""
     stack = [obj]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
+            if item.isascii():
+                continue
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:

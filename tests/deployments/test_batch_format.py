@@ -91,6 +91,30 @@ def test_load_done_drops_torn_and_duplicate_lines(tmp_path):
     assert out.read_text().splitlines() == [lines[0], lines[1], lines[3]]
 
 
+def test_lines_split_at_newlines_only(tmp_path):
+    """JSON strings may hold U+2028 / U+0085 raw (answers are written with ensure_ascii=False): a line is
+    what lies between "\\n"s. CRLF files and a UTF-8 BOM read as plain ones; a line that is not UTF-8 is a
+    broken line of its own (`invalid_json`), not the whole file's traceback."""
+    text_body = {"model": "m", "prompt": "a\u2028b\u0085c", "max_tokens": 2}
+    inputs = tmp_path / "in.jsonl"
+    inputs.write_bytes(b"\xef\xbb\xbf" + openai_line("a").encode() + b"\r\n"
+                       + json.dumps({"custom_id": "b", "method": "POST", "url": "/v1/completions", "body": text_body},
+                                    ensure_ascii=False).encode() + b"\r\n"
+                       + b'{"custom_id": "c", "prompt": "\xff\xfe"}\n' + openai_line("d").encode())
+    lines = read_inputs(inputs)
+    assert [(line.key, line.error is None) for line in lines] == [("a", True), ("b", True), ("line:3", False),
+                                                                    ("d", True)]
+    assert lines[1].body == text_body
+    assert lines[2].error.code == "invalid_json" and "not UTF-8" in lines[2].error.message
+    out = tmp_path / "out.jsonl"
+    answered = output_record(lines[1], 200, {"id": "x", "choices": [{"index": 0, "text": "\u2028\x85", "logprobs": None,
+                                                                      "finish_reason": "length"}]})
+    written = json.dumps(answered, ensure_ascii=False) + "\n"
+    out.write_text(written)
+    assert load_done(out) == {"b": False}
+    assert out.read_text() == written  # kept as it was, nothing dropped as torn
+
+
 # ---------------------------------------------------------------- model: org/name
 
 
