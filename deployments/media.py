@@ -138,6 +138,9 @@ async def resolve_host(host: str, port: int, policy: MediaPolicy) -> IPAddress:
 # ---------------------------------------------------------------- fetchers
 
 
+_BASE64_WHITESPACE = str.maketrans("", "", " \t\r\n")  # dropped from wrapped base64
+
+
 def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
     """`data:image/<fmt>;base64,<payload>` -> bytes."""
     header, sep, payload = url[5:].partition(",")
@@ -154,6 +157,14 @@ def decode_data_url(url: str, policy: MediaPolicy) -> bytes:
     try:
         return base64.b64decode(payload.strip(), validate=True)
     except (binascii.Error, ValueError) as exc:
+        # MIME-wrapped base64 (`base64 file` wraps at 76 columns) is valid with its line breaks removed;
+        # anything else outside the alphabet stays an error.
+        unwrapped = payload.translate(_BASE64_WHITESPACE)
+        if len(unwrapped) != len(payload):
+            try:
+                return base64.b64decode(unwrapped, validate=True)
+            except (binascii.Error, ValueError):
+                pass
         raise MediaError(f"corrupt base64 in data URL: {exc}", param=policy.param) from exc
 
 

@@ -44,7 +44,8 @@ def _check_images(config: ModelConfig, ids: list[int], mm: MultimodalInputs | No
     has_image_tokens = any(t in ids for t in config.placeholder_token_ids)
     if mm is None:
         if has_image_tokens:
-            raise EngineInputError("the prompt has image tokens but no image inputs", param="images")
+            raise EngineInputError("the prompt has image or video placeholder tokens but no image or video inputs",
+                                   param="images")
         return
     if config.vision is None:
         raise EngineInputError(f"{config.architecture} does not accept images", param="images")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import os
 import time
@@ -43,6 +44,17 @@ def test_data_url_roundtrip():
     assert run(fetch_image_bytes(data_url(data), policy())) == data
     image = run(load_request_image(data_url(data), policy()))
     assert image.size == (40, 30) and image.mode == "RGB"
+
+
+def test_data_url_with_wrapped_base64():
+    """Base64 wrapped at 76 columns (what `base64 file` prints) decodes to the same bytes; other stray
+    characters stay an error."""
+    data = png_bytes(40, 30)
+    encoded = base64.b64encode(data).decode()
+    wrapped = "\r\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76)) + "\n"
+    assert run(fetch_image_bytes(f"data:image/png;base64,{wrapped}", policy())) == data
+    with pytest.raises(MediaError, match="corrupt base64"):
+        run(fetch_image_bytes(f"data:image/png;base64,{encoded[:40]}\n*{encoded[40:]}", policy()))
 
 
 @pytest.mark.parametrize(
