@@ -41,6 +41,7 @@ from deployments.embedding_pool import PoolReader, await_embeddings, read_embedd
 from deployments.embedding_transfer import IpcEmbedding
 from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
 from deployments.pixel_inputs import ImagePixels, PixelEncoder, PixelInputs
+from engine.log_setup import configure_logging
 from deployments.vision import observe_encode
 from engine.errors import EngineDeadError, EngineInputError
 from engine.sampling_params import SamplingParams
@@ -92,6 +93,7 @@ class LLMServer:
 
     def __init__(self, app_config: dict[str, Any], engine_cls: type | None = None,
                  metrics: MetricsRecorder | None = None):
+        configure_logging()
         self.app_config = app_config
         self.config = AppConfig.model_validate(app_config)
         # The engine's step thread takes the GIL back after every wait on the GPU while

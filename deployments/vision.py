@@ -26,6 +26,7 @@ from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool
 from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
 from deployments.encode_batcher import EncodeBatcher
+from engine.log_setup import configure_logging
 from deployments.vision_tower import VisionTower, split_outputs
 from engine.timeline import EncodeRecord, Timeline, TimelineRead
 
@@ -43,6 +44,7 @@ class VisionEncoder:
 
     def __init__(self, app_config: dict[str, Any], in_process: bool = False,
                  metrics: MetricsRecorder | None = None):
+        configure_logging()
         config = AppConfig.model_validate(app_config)
         # Ray hands a GPU to this replica only when it asked for one; in process, the LLM replica's.
         gpu = config.resolved_device() == "cuda" if in_process else config.vision.num_gpus > 0 and config.device != "cpu"

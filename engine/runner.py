@@ -14,6 +14,8 @@ a bare argmax when every row is plain greedy.
 from __future__ import annotations
 
 import itertools
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +35,8 @@ from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
 from models.loader import fill_weights
 from models.registry import build_language_model
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +65,14 @@ class ModelRunner(BatchBuilder, StepLauncher):
         self.placeholder_ids = torch.tensor(self.model_config.placeholder_token_ids, dtype=torch.int64)
         # Qwen3.5: linear-attention layers keep per-sequence state slots beside the paged KV.
         self.hybrid = self.model_config.text.is_hybrid
+        began = time.perf_counter()
         self.model = build_language_model(self.model_config, parallel, self.dtype, self.device)
         fill_weights(self.model, config.model, config.load_format, self.model_config.text.initializer_range,
                      config.seed, parallel.tp_rank)
         self.model.eval()
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("%s%s weights (%s, %.2f GiB) on %s in %.1f s", self._rank(), self.model_config.architecture,
+                 config.load_format, weights / 2**30, self.device, time.perf_counter() - began)
         self.seqs: dict[int, SeqState] = {}
         self.decode_inputs = DecodeInputs(config.block_size, self.device)
         self.cache_layout = self._cache_layout()
@@ -108,12 +116,23 @@ class ModelRunner(BatchBuilder, StepLauncher):
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = self.cache_layout.allocate(num_blocks, self.device)
+        cache_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer if t is not None)
+        log.info("%sKV cache: %d blocks of %d tokens (%d tokens, %.2f GiB with the state pools)", self._rank(),
+                 num_blocks, self.config.block_size, num_blocks * self.config.block_size, cache_bytes / 2**30)
         if self.captures_decode_graphs():
+            began = time.perf_counter()
             inputs = StaticInputs.allocate(
                 self.config.max_num_seqs, max_model_len, self.config.block_size,
                 self.model_config.text.vocab_size, self.dtype, self.device,
             )
             self.graphs = DecodeGraphs.capture(self._decode_logits, inputs)
+            if self.graphs is not None:
+                log.info("%scaptured %d decode CUDA graphs (batch sizes up to %d) in %.1f s", self._rank(),
+                         len(self.graphs.graphs), self.config.max_num_seqs, time.perf_counter() - began)
+
+    def _rank(self) -> str:
+        """A log line's prefix: the TP rank, where there are several."""
+        return f"rank {self.parallel.tp_rank}: " if self.parallel.tp_size > 1 else ""
 
     def captures_decode_graphs(self) -> bool:
         """Whether decode steps run as CUDA graphs: on CUDA, not `enforce_eager`, and a model

@@ -29,6 +29,7 @@ from engine.core.messages import (
 )
 from engine.core.ray_link import RayLink
 from engine.engine import Engine
+from engine.log_setup import configure_logging
 from engine.sequence import MultimodalInputs, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,14 @@ class ChildEngine(Engine):
 
 
 def run(config: EngineConfig, conn: Connection, open_inputs: Callable[[Any], MultimodalInputs] | None,
-        switch_interval_s: float, link: RayLink | None = None, encoder: InputEncoder | None = None) -> None:
+        switch_interval_s: float, link: RayLink | None = None, encoder: InputEncoder | None = None,
+        log_level: str | None = None) -> None:
     """The engine process' entry point (spawned by `EngineProcess`); `link`: given for TP > 1;
-    `encoder`: loaded here after the engine (its model on the engine's device)."""
+    `encoder`: loaded here after the engine (its model on the engine's device); `log_level`: the
+    parent's `engine.log_setup` level, where it configured one."""
     sys.setswitchinterval(switch_interval_s)
+    if log_level is not None:
+        configure_logging(log_level)
     sender = _Sender(conn)
     engine = None
     try:

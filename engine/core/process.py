@@ -45,6 +45,7 @@ from engine.core.messages import (
 )
 from engine.core.ray_link import RayLink
 from engine.errors import EngineDeadError, EngineInputError
+from engine.log_setup import configured_level
 from engine.sampling_params import SamplingParams
 from engine.sequence import MultimodalInputs, RequestOutput
 from engine.stream import RequestStream, put_many
@@ -104,7 +105,8 @@ class EngineProcess:
         ctx = torch_mp.get_context("spawn")  # never fork a process holding CUDA or Ray state
         self._conn, theirs = ctx.Pipe()
         self._process = ctx.Process(target=child.run, name="splitvl-engine", daemon=True,
-                                    args=(config, theirs, open_inputs, sys.getswitchinterval(), ray_link, encoder))
+                                    args=(config, theirs, open_inputs, sys.getswitchinterval(), ray_link, encoder,
+                                          configured_level()))
         with _main_not_reimported():
             self._process.start()
         theirs.close()  # the child's death then closes the pipe for the reader
