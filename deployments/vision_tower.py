@@ -7,6 +7,9 @@ tower (`vision.colocate_llm` with `llm.engine_process`, `deployments/pixel_input
 
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
 import torch
 
@@ -16,6 +19,8 @@ from models.processor import ImageProcessor
 from models.video_processor import VideoProcessor
 
 Grid = tuple[int, int, int]
+
+log = logging.getLogger(__name__)
 
 
 class VisionTower:
@@ -34,8 +39,12 @@ class VisionTower:
         self.device = device
         self.stream = torch.cuda.Stream() if stream and device == "cuda" else None
         dtype = getattr(torch, resolve_dtype(config.dtype, device))
+        began = time.perf_counter()
         self.model = build_vision_model(model_config, dtype, device)
         fill_weights(self.model, path, config.vision.load_format, model_config.vision.initializer_range, config.seed)
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("vision tower weights (%s, %.2f GiB) on %s in %.1f s", config.vision.load_format, weights / 2**30,
+                 device, time.perf_counter() - began)
         self.processor = ImageProcessor.from_pretrained(path)
         self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2
