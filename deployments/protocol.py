@@ -163,6 +163,7 @@ class ChatMessage(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    UNSUPPORTED = {"continuous_usage_stats": (False,)}  # vLLM's usage in every chunk
 
 
 class SamplingFields(_Lenient):

@@ -266,6 +266,12 @@ def test_unsupported_openai_fields_refused_unless_they_ask_for_nothing():
         (ChatCompletionRequest, {**chat, "continue_final_message": True}, "continue_final_message"),
         (ChatCompletionRequest, {**chat, "chat_template": "{{ messages }}"}, "chat_template"),
     ]
+    ChatCompletionRequest.model_validate({**chat, "stream": True,
+                                          "stream_options": {"include_usage": True, "continuous_usage_stats": False}})
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({**chat, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    err = pydantic_error_to_api(info.value)
+    assert err.param == "stream_options.continuous_usage_stats" and "is not supported" in err.message
     for schema, body, field in refused:
         with pytest.raises(ValidationError) as info:
             schema.model_validate(body)
