@@ -219,10 +219,12 @@ class Router:
             return
 
     async def complete(self, request: CompletionRequest) -> AsyncIterator[RouterEvent]:
+        """`echo`: each choice's text starts with its prompt (a token-id prompt decoded), sent before the
+        first generated token; with `logprobs` it would need the prompt's logprobs, which are not served."""
         start = time.monotonic()
         check_limits(request, self.limits)
-        if request.echo:
-            raise InvalidRequestError("echo is not supported", "echo")
+        if request.echo and request.logprobs is not None:
+            raise InvalidRequestError("echo with logprobs is not supported (it needs the prompt's logprobs)", "echo")
         prompts = request.prompts
         if len(prompts) > self.limits.max_prompts_per_request:
             raise InvalidRequestError(
@@ -237,8 +239,18 @@ class Router:
                                           "prompt")
             all_ids.append(ids)
             sampling += self._sampling(request, len(ids))
-        async for event in self._generate(all_ids, sampling, [], [], request.stop, start):
-            yield event
+        events = self._generate(all_ids, sampling, [], [], request.stop, start)
+        try:
+            yield await anext(events)  # Start: the LLM took every choice
+            if request.echo:
+                for p, prompt in enumerate(prompts):
+                    text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+                    for j in range(request.n):
+                        yield ChoiceDelta(p * request.n + j, text)
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
 
     def debug_state(self) -> dict[str, Any]:
         """What this process holds: cache value types and every live tensor's shape."""

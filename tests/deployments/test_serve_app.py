@@ -232,6 +232,29 @@ def test_completions_with_a_list_of_prompts(client):
             client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=2)
 
 
+def test_completions_echo(client, ckpt):
+    """`echo`: each choice's text is its prompt (a token-id prompt decoded) followed by what the same request
+    without echo generates, streamed or not; usage unchanged. With logprobs (they would need the prompt's) a 400."""
+    from transformers import AutoTokenizer
+
+    prompts = ["The quick brown fox", "jumps over"]
+    plain = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, n=2)
+    echoed = client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, n=2, echo=True)
+    assert [c.text for c in echoed.choices] == [prompts[i // 2] + c.text for i, c in enumerate(plain.choices)]
+    assert echoed.usage == plain.usage
+    texts: dict[int, str] = {}
+    for chunk in client.completions.create(model=MODEL_ID, prompt=prompts, max_tokens=4, n=2, echo=True, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(4)] == [c.text for c in echoed.choices]
+    ids = [5, 6, 7, 8]
+    one = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=3, echo=True)
+    alone = client.completions.create(model=MODEL_ID, prompt=ids, max_tokens=3)
+    assert one.choices[0].text == AutoTokenizer.from_pretrained(str(ckpt)).decode(ids) + alone.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
+        client.completions.create(model=MODEL_ID, prompt="x", max_tokens=2, echo=True, logprobs=1)
+
+
 def test_batch_lines_get_what_http_answers(base_url):
     """A batch line goes through the ingress handle (`deployments.batch.run_one`) and carries the
     status and body HTTP answers for the same request: success, a refused body, an unknown model."""
