@@ -290,12 +290,9 @@ def tiny_moe_config(arch: str) -> dict:
         return json.loads((write_tiny_checkpoint(arch, Path(tmp)) / "config.json").read_text())
 
 
-def weight_bytes(model) -> int:
-    return sum(p.nbytes for p in model.parameters())
-
-
 def main(argv: list[str] | None = None) -> None:
     from models.layers.linear import NORM_FOLDED_ON_CUDA
+    from models.loader import weight_bytes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,

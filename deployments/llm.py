@@ -41,9 +41,9 @@ from deployments.embedding_pool import PoolReader, await_embeddings, read_embedd
 from deployments.embedding_transfer import IpcEmbedding
 from deployments.image_inputs import EmbeddingOpener, PendingImages, merge_images
 from deployments.pixel_inputs import ImagePixels, PixelEncoder, PixelInputs
-from engine.log_setup import configure_logging
 from deployments.vision import observe_encode
 from engine.errors import EngineDeadError, EngineInputError
+from engine.log_setup import configure_logging
 from engine.sampling_params import SamplingParams
 from engine.timeline import EncodeRecord, StepRecord, TimelineRead
 

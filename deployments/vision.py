@@ -26,8 +26,8 @@ from deployments.metrics import BATCH_SIZE_BUCKETS, MetricsRecorder
 from deployments.embedding_pool import EmbeddingPool
 from deployments.embedding_transfer import ImageEmbedding, IpcEmbedding
 from deployments.encode_batcher import EncodeBatcher
-from engine.log_setup import configure_logging
 from deployments.vision_tower import VisionTower, split_outputs
+from engine.log_setup import configure_logging
 from engine.timeline import EncodeRecord, Timeline, TimelineRead
 
 __all__ = ["ImageEmbedding", "VisionEncoder", "split_outputs"]

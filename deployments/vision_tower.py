@@ -31,7 +31,7 @@ class VisionTower:
 
     def __init__(self, config: AppConfig, device: str, stream: bool = False):
         from models.config import load_model_config
-        from models.loader import fill_weights
+        from models.loader import fill_weights, weight_bytes
         from models.registry import build_vision_model
 
         path = ensure_checkpoint(config)
@@ -42,9 +42,8 @@ class VisionTower:
         began = time.perf_counter()
         self.model = build_vision_model(model_config, dtype, device)
         fill_weights(self.model, path, config.vision.load_format, model_config.vision.initializer_range, config.seed)
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        log.info("vision tower weights (%s, %.2f GiB) on %s in %.1f s", config.vision.load_format, weights / 2**30,
-                 device, time.perf_counter() - began)
+        log.info("vision tower weights (%s, %.2f GiB) on %s in %.1f s", config.vision.load_format,
+                 weight_bytes(self.model) / 2**30, device, time.perf_counter() - began)
         self.processor = ImageProcessor.from_pretrained(path)
         self.video_processor = VideoProcessor.from_pretrained(path)
         self.merge_unit = model_config.vision.spatial_merge_size**2

@@ -33,7 +33,7 @@ from engine.step import NewSequence, SeqStep, StepMessage, StepResult
 from models.config import ModelConfig, load_model_config
 from models.layers.attention import AttentionMetadata
 from models.layers.parallel import ParallelContext
-from models.loader import fill_weights
+from models.loader import fill_weights, weight_bytes
 from models.registry import build_language_model
 
 log = logging.getLogger(__name__)
@@ -70,9 +70,8 @@ class ModelRunner(BatchBuilder, StepLauncher):
         fill_weights(self.model, config.model, config.load_format, self.model_config.text.initializer_range,
                      config.seed, parallel.tp_rank)
         self.model.eval()
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("%s%s weights (%s, %.2f GiB) on %s in %.1f s", self._rank(), self.model_config.architecture,
-                 config.load_format, weights / 2**30, self.device, time.perf_counter() - began)
+                 config.load_format, weight_bytes(self.model) / 2**30, self.device, time.perf_counter() - began)
         self.seqs: dict[int, SeqState] = {}
         self.decode_inputs = DecodeInputs(config.block_size, self.device)
         self.cache_layout = self._cache_layout()
@@ -116,7 +115,7 @@ class ModelRunner(BatchBuilder, StepLauncher):
     def init_kv_cache(self, num_blocks: int, max_model_len: int) -> None:
         self.num_blocks = num_blocks
         self.kv_caches = self.cache_layout.allocate(num_blocks, self.device)
-        cache_bytes = sum(t.numel() * t.element_size() for layer in self.kv_caches for t in layer if t is not None)
+        cache_bytes = num_blocks * self.cache_layout.block_bytes + self.cache_layout.state_bytes
         log.info("%sKV cache: %d blocks of %d tokens (%d tokens, %.2f GiB with the state pools)", self._rank(),
                  num_blocks, self.config.block_size, num_blocks * self.config.block_size, cache_bytes / 2**30)
         if self.captures_decode_graphs():

@@ -216,6 +216,11 @@ def load_language_model(model: nn.Module, reader: CheckpointReader) -> list[str]
     return load_module(model, reader, key_of)
 
 
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of `module`'s parameters on its device (this TP rank's shards)."""
+    return sum(p.nbytes for p in module.parameters())
+
+
 def fill_weights(
     module: nn.Module, model_dir: str | Path, load_format: str, std: float, seed: int = 0, rank: int = 0,
 ) -> None:
