@@ -43,6 +43,12 @@
 #   b1-bench  bench/moe.py at batch 1, every combination of --moe-block, --norm-qkv and --decode-merge on the one
 #          48-layer 30B-A3B build
 #   b1-ops  bench/ops.py rows of the three: moe_decode, add_rms_norm_linear_small, paged decode merge on/off
+#   pf-test  the L2 prefetches (ops.prefetch_l2, the MoE block's down rows; the switch SPLITVL_L2_PREFETCH, off by
+#          default until this passes): the op changes nothing, prefetched chains == plain under PDL and graphs, the block on == off bit
+#          for bit, the PDL chains and the MoE block's tests, then the engine's and models' GPU tests (graph ==
+#          eager == transformers, bf16 parity) with it on
+#   pf-bench  bench/moe.py at batch 1 with --l2-prefetch on,off on the one 48-layer 30B-A3B build, with the top
+#          kernels of a graph-replayed step under each; bench/decode.py at batch 1 (Qwen3.5-0.8B, 2B) on,off
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -51,7 +57,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320 [b1-test]=330 [b1-bench]=300 [b1-ops]=150)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320 [b1-test]=330 [b1-bench]=300 [b1-ops]=150 [pf-test]=300 [pf-bench]=330)
 
 step_cmd() {
   case $1 in
@@ -97,6 +103,14 @@ step_cmd() {
           && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
             --json "$OUT/ops_merge.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
+    pf-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_prefetch_l2.py tests/ops/test_pdl.py \
+            tests/ops/test_moe_decode_block.py tests/ops/test_op_table.py || return 1
+        SPLITVL_L2_PREFETCH=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py \
+            tests/models/test_moe_gpu.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py \
+            tests/models/test_small_rows_gpu.py ;;
+    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --profile --json "$OUT/pf-bench.json" \
+          && python -m bench.decode --models qwen3.5-0.8b qwen3-vl-2b --batches 1 --no-hf \
+            --l2-prefetch on,off --json "$OUT/pf-decode.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;

@@ -11,23 +11,12 @@ setting, so a CUDA graph keeps the one it was captured with.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 
 from ops._extension import extension_available
-
-
-def set_attention_sm90(enabled: bool) -> None:
-    """Turn the wgmma attention kernel on or off for later calls (no effect without the extension)."""
-    if extension_available():
-        torch.ops.splitvl_launch.set_attention_sm90(enabled)
-
-
-def attention_sm90_enabled() -> bool:
-    """Whether later calls may take the wgmma kernel (False without the extension)."""
-    return extension_available() and bool(torch.ops.splitvl_launch.attention_sm90_enabled())
+from ops._launch_switch import LaunchSwitch
 
 
 def attention_sm90_available(device: torch.device | int | None = None) -> bool:
@@ -43,12 +32,19 @@ def attention_sm90_available(device: torch.device | int | None = None) -> bool:
     return bool(torch.ops.splitvl_launch.attention_sm90_available(index))
 
 
-@contextmanager
-def attention_sm90(enabled: bool) -> Iterator[None]:
+_SWITCH = LaunchSwitch("attention_sm90")
+
+
+def set_attention_sm90(enabled: bool) -> None:
+    """Turn the wgmma attention kernel on or off for later calls (no effect without the extension)."""
+    _SWITCH.set(enabled)
+
+
+def attention_sm90_enabled() -> bool:
+    """Whether later calls may take the wgmma kernel (False without the extension)."""
+    return _SWITCH.enabled()
+
+
+def attention_sm90(enabled: bool) -> AbstractContextManager[None]:
     """Run attention with the wgmma kernel `enabled` inside the block; the previous setting is restored after it."""
-    previous = attention_sm90_enabled()
-    set_attention_sm90(enabled)
-    try:
-        yield
-    finally:
-        set_attention_sm90(previous)
+    return _SWITCH.scoped(enabled)

@@ -11,31 +11,23 @@ capturing once per setting.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-import torch
+from ops._launch_switch import LaunchSwitch
 
-from ops._extension import extension_available
+_SWITCH = LaunchSwitch("decode_fused_merge")
 
 
 def set_decode_fused_merge(enabled: bool) -> None:
     """Turn the fused merge on or off for later calls (no effect without the extension)."""
-    if extension_available():
-        torch.ops.splitvl_launch.set_decode_fused_merge(enabled)
+    _SWITCH.set(enabled)
 
 
 def decode_fused_merge_enabled() -> bool:
     """Whether later calls merge in the decode kernel (False without the extension)."""
-    return extension_available() and bool(torch.ops.splitvl_launch.decode_fused_merge_enabled())
+    return _SWITCH.enabled()
 
 
-@contextmanager
-def decode_fused_merge(enabled: bool) -> Iterator[None]:
+def decode_fused_merge(enabled: bool) -> AbstractContextManager[None]:
     """Run paged decode with the fused merge `enabled` inside the block; the previous setting is restored after it."""
-    previous = decode_fused_merge_enabled()
-    set_decode_fused_merge(enabled)
-    try:
-        yield
-    finally:
-        set_decode_fused_merge(previous)
+    return _SWITCH.scoped(enabled)

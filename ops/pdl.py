@@ -10,31 +10,23 @@ the one it was captured with: a bench times both by capturing once per setting.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
-import torch
+from ops._launch_switch import LaunchSwitch
 
-from ops._extension import extension_available
+_SWITCH = LaunchSwitch("pdl")
 
 
 def set_programmatic_launch(enabled: bool) -> None:
     """Turn PDL on or off for this process's later launches (no effect without the extension)."""
-    if extension_available():
-        torch.ops.splitvl_launch.set_pdl(enabled)
+    _SWITCH.set(enabled)
 
 
 def programmatic_launch_enabled() -> bool:
     """Whether later launches use PDL (False without the extension; an older GPU ignores it)."""
-    return extension_available() and bool(torch.ops.splitvl_launch.pdl_enabled())
+    return _SWITCH.enabled()
 
 
-@contextmanager
-def programmatic_launch(enabled: bool) -> Iterator[None]:
+def programmatic_launch(enabled: bool) -> AbstractContextManager[None]:
     """Launch with PDL `enabled` inside the block; the previous setting is restored after it."""
-    previous = programmatic_launch_enabled()
-    set_programmatic_launch(enabled)
-    try:
-        yield
-    finally:
-        set_programmatic_launch(previous)
+    return _SWITCH.scoped(enabled)

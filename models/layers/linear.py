@@ -172,6 +172,15 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    def prefetch_weight(self, rows: torch.Tensor) -> None:
+        """Ask the GPU's L2 for this rank's weight ahead of `forward` (`ops.prefetch_l2`), a few
+        small kernels before it: at decode those leave the memory bus idle, and the projection
+        then finds its weight (or its first part) in L2. Only on steps of at most SMALL_ROWS rows
+        (`rows`: any tensor of the step, [T, ...]), where the projection is a weight stream; it
+        changes no value and is a no-op on the CPU and with the switch off (`ops.l2_prefetch`)."""
+        if rows.shape[0] <= SMALL_ROWS:
+            ops.prefetch_l2(self.weight)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ weight^T (+ bias)` on this rank. Shapes: x [..., in_per_rank] -> [..., out_per_rank]."""
         if self.streams_small and streams_small_rows(x):

@@ -5,6 +5,8 @@
 // keep the one they were captured with.
 #pragma once
 
+#include <torch/library.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -30,3 +32,23 @@ class LaunchSwitch {
 };
 
 }  // namespace splitvl
+
+// Defines splitvl::NAME_enabled() and splitvl::set_NAME_enabled(bool) (declared in the switch's
+// header for the launchers) over one LaunchSwitch read from ENV_NAME, and registers them as
+// torch.ops.splitvl_launch.NAME_enabled() and .set_NAME(bool) (ops/_launch_switch.py). Used once
+// per switch, at namespace scope of a .cpp file built with or without CUDA.
+#define SPLITVL_LAUNCH_SWITCH(NAME, ENV_NAME, DEFAULT_ON)                                       \
+  namespace splitvl {                                                                          \
+  namespace {                                                                                  \
+  LaunchSwitch& NAME##_switch() {                                                              \
+    static LaunchSwitch flag{ENV_NAME, DEFAULT_ON};                                            \
+    return flag;                                                                               \
+  }                                                                                            \
+  }                                                                                            \
+  bool NAME##_enabled() { return NAME##_switch().enabled(); }                                  \
+  void set_##NAME##_enabled(bool enabled) { NAME##_switch().set(enabled); }                    \
+  }                                                                                            \
+  TORCH_LIBRARY_FRAGMENT(splitvl_launch, m) {                                                  \
+    m.def("set_" #NAME "(bool enabled) -> ()", [](bool enabled) { splitvl::set_##NAME##_enabled(enabled); }); \
+    m.def(#NAME "_enabled() -> bool", [] { return splitvl::NAME##_enabled(); });               \
+  }
