@@ -47,7 +47,7 @@
 #          default until this passes): the op changes nothing, prefetched chains == plain under PDL and graphs, the block on == off bit
 #          for bit, the PDL chains and the MoE block's tests, then the engine's and models' GPU tests (graph ==
 #          eager == transformers, bf16 parity) with it on
-#   pf-bench  bench/moe.py at batch 1 with --l2-prefetch on,off on the one 48-layer 30B-A3B build, with the top
+#   pf-bench  bench/moe.py at batch 1 with --l2-prefetch on,off x --stream-wide on,off on the one 48-layer 30B-A3B build, with the top
 #          kernels of a graph-replayed step under each; bench/decode.py at batch 1 (Qwen3.5-0.8B, 2B) on,off
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
@@ -108,7 +108,8 @@ step_cmd() {
         SPLITVL_L2_PREFETCH=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py \
             tests/models/test_moe_gpu.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py \
             tests/models/test_small_rows_gpu.py ;;
-    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --profile --json "$OUT/pf-bench.json" \
+    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --stream-wide on,off --profile \
+            --json "$OUT/pf-bench.json" \
           && python -m bench.decode --models qwen3.5-0.8b qwen3-vl-2b --batches 1 --no-hf \
             --l2-prefetch on,off --json "$OUT/pf-decode.json" ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \

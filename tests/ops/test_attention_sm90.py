@@ -26,19 +26,6 @@ SEGMENTS = {"1x4096": [4096], "1": [1], "63-64-65": [63, 64, 65], "1000-17-4096"
             "5-0-9": [5, 0, 9]}
 
 
-def test_switch_sets_and_restores():
-    if not ops.extension_available():
-        pytest.skip("no extension: the switch is a no-op")
-    before = ops.attention_sm90_enabled()
-    for wanted in (False, True):
-        with ops.attention_sm90(wanted):
-            assert ops.attention_sm90_enabled() is wanted
-            with ops.attention_sm90(not wanted):
-                assert ops.attention_sm90_enabled() is (not wanted)
-            assert ops.attention_sm90_enabled() is wanted
-    assert ops.attention_sm90_enabled() is before
-
-
 @pytest.fixture
 def hopper(kernels):
     """The wgmma kernel must be available on a compute capability 9.0 GPU; other GPUs skip."""

@@ -66,19 +66,6 @@ def merge_launches(fn) -> tuple[torch.Tensor, int]:
     return out, sum(MERGE_KERNEL in e.name for e in prof.events())
 
 
-def test_switch_sets_and_restores():
-    if not ops.extension_available():
-        pytest.skip("no extension: the switch is a no-op")
-    before = ops.decode_fused_merge_enabled()
-    for wanted in (False, True):
-        with ops.decode_fused_merge(wanted):
-            assert ops.decode_fused_merge_enabled() is wanted
-            with ops.decode_fused_merge(not wanted):
-                assert ops.decode_fused_merge_enabled() is (not wanted)
-            assert ops.decode_fused_merge_enabled() is wanted
-    assert ops.decode_fused_merge_enabled() is before
-
-
 @GPU
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"hq{s[0]}-hkv{s[1]}-d{s[2]}")

@@ -23,19 +23,6 @@ Chain = Callable[[torch.Tensor, int], torch.Tensor]  # (link input, link index) 
 LINKS = 24
 
 
-def test_switch_sets_and_restores():
-    if not ops.extension_available():
-        pytest.skip("no extension: the switch is a no-op")
-    before = ops.programmatic_launch_enabled()
-    for wanted in (False, True):
-        with ops.programmatic_launch(wanted):
-            assert ops.programmatic_launch_enabled() is wanted
-            with ops.programmatic_launch(not wanted):
-                assert ops.programmatic_launch_enabled() is (not wanted)
-            assert ops.programmatic_launch_enabled() is wanted
-    assert ops.programmatic_launch_enabled() is before
-
-
 def _run(link: Chain, x0: torch.Tensor, buffers: list[torch.Tensor], pdl: bool, graph: bool) -> list[torch.Tensor]:
     """Every link's output and the in-place `buffers` after LINKS links from their initial values
     (each link takes the previous one's output)."""

@@ -46,18 +46,6 @@ def test_prefetch_opcheck(kernels, device):
     torch.library.opcheck(torch.ops.splitvl.prefetch_l2.default, (torch.randn(64, 32, device=device),))
 
 
-def test_switch_sets_and_restores():
-    _needs_extension()
-    before = ops.l2_prefetch_enabled()
-    for wanted in (False, True):
-        with ops.l2_prefetch(wanted):
-            assert ops.l2_prefetch_enabled() is wanted
-            with ops.l2_prefetch(not wanted):
-                assert ops.l2_prefetch_enabled() is (not wanted)
-            assert ops.l2_prefetch_enabled() is wanted
-    assert ops.l2_prefetch_enabled() is before
-
-
 def _randn(*shape: int, scale: float = 1.0) -> torch.Tensor:
     return (torch.randn(*shape, device="cuda") * scale).to(torch.bfloat16)
 
