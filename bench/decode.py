@@ -3,7 +3,6 @@
     python -m bench.decode --models qwen3-vl-2b qwen3-vl-8b --json $OUT/decode.json
     python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1   # TP=2 vs TP=1 (two GPUs)
     python -m bench.decode --models qwen3.5-0.8b --batches 1 --pdl on,off   # PDL on vs off, same run
-    python -m bench.decode --models qwen3-vl-2b --batches 1 --l2-prefetch on,off   # L2 prefetches on vs off
     python -m bench.decode --models qwen3-vl-8b --tp 1,2 --batches 1,64 --custom-ar both   # NCCL vs one-shot
     python -m bench.decode --smoke      # CPU, tiny checkpoint
     python -m bench.decode --smoke --tp 2   # CPU, tiny checkpoint, TP=2 over gloo (two Ray actors)
@@ -22,8 +21,7 @@ CUDA IPC all-reduce for small rows (`EngineConfig.custom_all_reduce`), or both.
 `--ckpt-cache DIR` keeps the random checkpoint for the next script (bench/serve.py).
 `--pdl on,off` builds our engine once per setting of programmatic dependent launch
 (ops.programmatic_launch; the decode graphs are captured with it) and reports a row each;
-TP > 1 workers take SPLITVL_PDL from the environment instead (one setting per run). `--l2-prefetch
-on,off` does the same for the decode steps' L2 prefetches (ops.l2_prefetch).
+TP > 1 workers take SPLITVL_PDL from the environment instead (one setting per run).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import torch
 
 import ops
 from bench.common import (
-    PDL_HELP, int_list, load_hf_model, measure_peaks, on_off_settings, pdl_settings, print_table, synchronize, write_json,
+    PDL_HELP, int_list, load_hf_model, measure_peaks, pdl_settings, print_table, synchronize, write_json,
 )
 
 PROMPT_LEN = 512
@@ -120,7 +118,7 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
     from bench.checkpoints import prepare_checkpoint
 
     device = torch.device("cuda")
-    runs = variants(args.tp, args.custom_ar, args.pdl, args.l2_prefetch)
+    runs = variants(args.tp, args.custom_ar, args.pdl)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         ckpt = prepare_checkpoint(name, args.ckpt_cache or tmp, torch.bfloat16, device)
         torch.cuda.empty_cache()
@@ -128,7 +126,7 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         graphed: dict[Variant, bool | None] = {}
         vocab = json.loads((ckpt / "config.json").read_text())["text_config"]["vocab_size"]
         for v in runs:
-            with ops.programmatic_launch(v.pdl), ops.l2_prefetch(v.l2_prefetch):
+            with ops.programmatic_launch(v.pdl):
                 graphed[v] = time_ours(name, ckpt, v, args.batches, vocab, ours_itl)
         weight_bytes = decode_weight_bytes(ckpt)
         hf_model = load_hf_model(ckpt, torch.bfloat16, device) if args.hf else None
@@ -140,15 +138,14 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
         print(f"{name} batch={batch}: transformers {hf_ms:.2f} ms/token", flush=True)
         for v in runs:
             ms = ours_itl[(v, batch)]
-            tp1 = (Variant(1, False, v.pdl, v.l2_prefetch), batch)
+            tp1 = (Variant(1, False, v.pdl), batch)
             vs_tp1 = ms / ours_itl[tp1] if tp1 in ours_itl else float("nan")
-            rec = dict(model=name, tp=v.tp, custom_ar=v.custom_ar, pdl=v.pdl, l2_prefetch=v.l2_prefetch, batch=batch, ours_itl_ms=ms,
+            rec = dict(model=name, tp=v.tp, custom_ar=v.custom_ar, pdl=v.pdl, batch=batch, ours_itl_ms=ms,
                        hf_itl_ms=hf_ms, floor_ms=floor_ms, ours_tok_s=batch / ms * 1e3, hf_tok_s=batch / hf_ms * 1e3,
                        vs_floor=ms / floor_ms, speedup_vs_hf=hf_ms / ms, vs_tp1=vs_tp1,
                        weight_gb=weight_bytes / 1e9, cuda_graphs=graphed[v])
             records.append(rec)
-            rows.append([name, v.tp, "on" if v.custom_ar else "off", "on" if v.pdl else "off",
-                         "on" if v.l2_prefetch else "off", batch, ms, hf_ms,
+            rows.append([name, v.tp, "on" if v.custom_ar else "off", "on" if v.pdl else "off", batch, ms, hf_ms,
                          floor_ms, rec["ours_tok_s"], rec["hf_tok_s"], rec["vs_floor"], rec["speedup_vs_hf"], vs_tp1])
     del hf_model
     gc.collect()
@@ -156,19 +153,17 @@ def bench_model(name: str, args, peaks, rows: list, records: list) -> None:
 
 
 class Variant(NamedTuple):
-    """One build of our engine: TP size, the one-shot all-reduce (TP > 1), PDL, the L2 prefetches."""
+    """One build of our engine: TP size, the one-shot all-reduce (TP > 1), PDL."""
 
     tp: int
     custom_ar: bool
     pdl: bool
-    l2_prefetch: bool
 
 
-def variants(tp_sizes: list[int], custom_ar: str, pdl: list[bool], prefetch: list[bool]) -> list[Variant]:
+def variants(tp_sizes: list[int], custom_ar: str, pdl: list[bool]) -> list[Variant]:
     """The builds to time, in order; TP=1 has no all-reduce to switch."""
     modes = {"off": [False], "on": [True], "both": [False, True]}[custom_ar]
-    return [Variant(tp, car, p, pf) for tp in tp_sizes for car in (modes if tp > 1 else [False]) for p in pdl
-            for pf in prefetch]
+    return [Variant(tp, car, p) for tp in tp_sizes for car in (modes if tp > 1 else [False]) for p in pdl]
 
 
 def time_ours(name: str, ckpt: Path, v: Variant, batches: list[int], vocab: int,
@@ -180,8 +175,7 @@ def time_ours(name: str, ckpt: Path, v: Variant, batches: list[int], vocab: int,
     device = torch.device("cuda")
     llm, run_for = ours_runner(ckpt, "cuda", "bfloat16", v.tp, max(batches), PROMPT_LEN, v.custom_ar)
     graphed = llm.engine.executor.runner.graphs is not None if v.tp == 1 else None
-    label = (f"{name} tp={v.tp} custom_ar={'on' if v.custom_ar else 'off'} pdl={'on' if v.pdl else 'off'} "
-             f"l2_prefetch={'on' if v.l2_prefetch else 'off'}")
+    label = f"{name} tp={v.tp} custom_ar={'on' if v.custom_ar else 'off'} pdl={'on' if v.pdl else 'off'}"
     print(f"{label}: CUDA-graph decode {graphed}", flush=True)
     for batch in batches:
         ours_itl[(v, batch)] = itl_ms(run_for(prompts(batch, vocab, PROMPT_LEN)), device)
@@ -244,9 +238,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ckpt-cache", default=None, help="keep/reuse random checkpoints here")
     parser.add_argument("--json", default=None)
     parser.add_argument("--pdl", nargs="*", default=[], help=PDL_HELP)
-    parser.add_argument("--l2-prefetch", nargs="*", default=[],
-                        help="the decode steps' L2 prefetches: on,off (default: the current setting, "
-                             "SPLITVL_L2_PREFETCH)")
     parser.add_argument("--custom-ar", choices=("off", "on", "both"), default="off",
                         help="TP > 1: NCCL all-reduces (off), the one-shot CUDA IPC all-reduce for small rows "
                         "(on), or both")
@@ -255,14 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batches, args.tp = int_list(args.batches), int_list(args.tp)
     try:
         args.pdl = pdl_settings(args.pdl)
-        args.l2_prefetch = on_off_settings(args.l2_prefetch, "--l2-prefetch") or [ops.l2_prefetch_enabled()]
     except ValueError as exc:
         parser.error(str(exc))
     if args.smoke and len(args.tp) > 1:
         parser.error("--smoke takes one --tp size")
-    if (len(args.pdl) > 1 or len(args.l2_prefetch) > 1) and max(args.tp) > 1:
-        parser.error("--pdl and --l2-prefetch with two settings need --tp 1 (TP workers read SPLITVL_PDL and "
-                     "SPLITVL_L2_PREFETCH at start)")
+    if len(args.pdl) > 1 and max(args.tp) > 1:
+        parser.error("--pdl with two settings needs --tp 1 (TP workers read SPLITVL_PDL at start)")
     return args
 
 
@@ -280,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         bench_model(name, args, peaks, rows, records)
         write_json(args.json, {"device": peaks.device_name, "peaks": asdict(peaks), "results": records})
     print_table(f"Decode, bf16, {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens, {peaks.device_name}",
-                ["model", "TP", "custom AR", "PDL", "L2 prefetch", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
+                ["model", "TP", "custom AR", "PDL", "batch", "ours ITL ms", "HF ITL ms", "floor ms (1 GPU)", "ours tok/s", "HF tok/s",
                  "ours/floor", "HF/ours", "vs TP1"], rows)
 
 

@@ -43,12 +43,10 @@
 #   b1-bench  bench/moe.py at batch 1, every combination of --moe-block, --norm-qkv and --decode-merge on the one
 #          48-layer 30B-A3B build
 #   b1-ops  bench/ops.py rows of the three: moe_decode, add_rms_norm_linear_small, paged decode merge on/off
-#   pf-test  the L2 prefetches (ops.prefetch_l2, the MoE block's down rows; the switch SPLITVL_L2_PREFETCH, off by
-#          default until this passes): the op changes nothing, prefetched chains == plain under PDL and graphs, the block on == off bit
-#          for bit, the PDL chains and the MoE block's tests, then the engine's and models' GPU tests (graph ==
-#          eager == transformers, bf16 parity) with it on
-#   pf-bench  bench/moe.py at batch 1 with --l2-prefetch on,off x --stream-wide on,off on the one 48-layer 30B-A3B build, with the top
-#          kernels of a graph-replayed step under each; bench/decode.py at batch 1 (Qwen3.5-0.8B, 2B) on,off
+#   pf-test  the MoE block's L2 prefetch (SPLITVL_L2_PREFETCH=1) changes no value, then the engine's and models'
+#          GPU tests (graph == eager == transformers, bf16 parity, small rows == cuBLAS) with SPLITVL_STREAM_WIDE=1
+#   pf-bench  bench/moe.py at batch 1: the 48-layer 30B-A3B with the MoE block's L2 prefetch on,off (stream-wide on), then
+#          Qwen3.5-0.8B, 2B and 8B built in GPU memory with --stream-wide on,off
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -103,15 +101,15 @@ step_cmd() {
           && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
             --json "$OUT/ops_merge.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
-    pf-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_prefetch_l2.py tests/ops/test_pdl.py \
-            tests/ops/test_moe_decode_block.py tests/ops/test_op_table.py || return 1
-        SPLITVL_L2_PREFETCH=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py tests/engine/test_gpu_graphs.py \
-            tests/models/test_moe_gpu.py tests/models/test_qwen3_parity.py tests/models/test_qwen3_5_parity.py \
-            tests/models/test_small_rows_gpu.py ;;
-    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --stream-wide on,off --profile \
-            --json "$OUT/pf-bench.json" \
-          && python -m bench.decode --models qwen3.5-0.8b qwen3-vl-2b --batches 1 --no-hf \
-            --l2-prefetch on,off --json "$OUT/pf-decode.json" ;;
+    pf-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_moe_block_prefetch.py || return 1
+        SPLITVL_STREAM_WIDE=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py \
+            tests/engine/test_gpu_graphs.py tests/models/test_moe_gpu.py tests/models/test_qwen3_parity.py \
+            tests/models/test_qwen3_5_parity.py tests/models/test_small_rows_gpu.py ;;
+    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --stream-wide on --json "$OUT/pf-bench.json" \
+          || return 1
+        for m in qwen3.5-0.8b qwen3-vl-2b qwen3-vl-8b; do
+          python -m bench.moe --model "$m" --batches 1 --no-hf --stream-wide on,off --json "$OUT/wide-$m.json" || return 1
+        done ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;

@@ -16,7 +16,6 @@ from models.config import ModelConfig, TextConfig
 from models.interface import LayerCache, MultimodalBatch
 from models.layers.attention import AttentionMetadata
 from models.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from models.layers.linear import LinearBase
 from models.layers.mlp import SwiGLUMLP
 from models.layers.moe import PendingCombine, SparseMoeBlock, materialize
 from models.layers.parallel import SINGLE, ParallelContext
@@ -84,11 +83,6 @@ class DecoderLayer(nn.Module):
         """The token mixer (attention of either kind). Shapes: x [T, H] normalized -> [T, H]."""
         raise NotImplementedError
 
-    def first_projection(self) -> LinearBase:
-        """The token mixer's first linear, which reads the normed layer input (its weight is
-        prefetched into L2 at the layer's start, `LinearBase.prefetch_weight`)."""
-        raise NotImplementedError
-
     def mix_prenorm(
         self, x: torch.Tensor | PendingCombine, residual: torch.Tensor, positions: torch.Tensor,
         attn: AttentionMetadata, cache: LayerCache | None,
@@ -105,9 +99,6 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor | PendingCombine, torch.Tensor]:
         """Shapes: x [T, H] (or the previous MoE block's pending combine) -> (block output [T, H]
         or pending combine, residual [T, H]); the layer's output is their sum."""
-        # The previous layer's MLP hands over with the memory bus nearly idle (its last reads,
-        # then the input norm): the mixer's first weight can load meanwhile.
-        self.first_projection().prefetch_weight(x if residual is None else residual)
         if residual is None:
             residual = x
             x = self.mix(self.input_layernorm(x), positions, attn, cache)

@@ -16,7 +16,7 @@ from models.decoder import CausalLM, DecoderLayer
 from models.interface import LayerCache, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.layernorm import RMSNorm
-from models.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from models.layers.linear import QKVParallelLinear, RowParallelLinear
 from models.layers.moe import PendingCombine
 from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
@@ -56,7 +56,6 @@ class Qwen3Attention(nn.Module):
         q = q.unflatten(-1, (self.num_heads, self.head_dim))
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))  # strided view: the ops read rows by stride
-        self.o_proj.prefetch_weight(qkv)  # loads while q/k norm, RoPE and attention run
         # In place on qkv; k, v into the cache (if any) in the same launch: one less per layer at decode.
         self.rotary_emb.with_qk_norm_and_cache(
             positions, q, k, v, self.q_norm, self.k_norm, kv_cache, attn.slot_mapping
@@ -70,9 +69,6 @@ class Qwen3DecoderLayer(DecoderLayer):
 
     def build_mixer(self, text: TextConfig, layer_idx: int, rotary: RotaryEmbedding, parallel: ParallelContext) -> None:
         self.self_attn = Qwen3Attention(text, rotary, parallel)
-
-    def first_projection(self) -> LinearBase:
-        return self.self_attn.qkv_proj
 
     def mix(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None

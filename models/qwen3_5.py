@@ -28,7 +28,7 @@ from models.interface import LayerCache, StateShapes
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.gated_delta_net import GatedDeltaNet
 from models.layers.layernorm import OffsetRMSNorm
-from models.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from models.layers.linear import QKVParallelLinear, RowParallelLinear
 from models.layers.moe import PendingCombine
 from models.layers.parallel import ParallelContext
 from models.layers.rotary import RotaryEmbedding
@@ -75,7 +75,6 @@ class Qwen3_5Attention(nn.Module):
         gate = q_gate[..., d:]  # a strided view, read in place by the gate op
         q, k = q_gate[..., :d], k.unflatten(-1, (self.num_kv_heads, d))
         v = v.unflatten(-1, (self.num_kv_heads, d))  # strided view: the ops read rows by stride
-        self.o_proj.prefetch_weight(qkv)  # loads while q/k norm, RoPE and attention run
         # In place on qkv; k, v into the cache (if any) in the same launch: one less per layer at decode.
         self.rotary_emb.with_qk_norm_and_cache(
             positions, q, k, v, self.q_norm, self.k_norm, kv_cache, attn.slot_mapping
@@ -97,11 +96,6 @@ class Qwen3_5DecoderLayer(DecoderLayer):
             )
         else:
             self.self_attn = Qwen3_5Attention(text, rotary, parallel)
-
-    def first_projection(self) -> LinearBase:
-        if self.layer_type == "linear_attention":
-            return self.linear_attn.in_proj
-        return self.self_attn.qkv_proj
 
     def mix(
         self, x: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata, cache: LayerCache | None

@@ -92,11 +92,6 @@ def linear_small(x, weight, bias):
 
 
 
-
-@_ops.op(reference)
-def prefetch_l2(weight):
-    torch.ops.splitvl.prefetch_l2.default(weight)
-
 @_ops.op(reference)
 def add_rms_norm_linear_small(x, residual, norm_weight, eps, weight, bias):
     out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)

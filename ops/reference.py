@@ -209,22 +209,6 @@ def linear_small(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 
-def prefetch_l2(weight: torch.Tensor) -> None:
-    """Ask the GPU's L2 cache for `weight` ahead of the kernel that reads it: a hint, no result.
-
-    At decode a step's small kernels (norms, RoPE, attention over a short context) leave the
-    memory bus idle between the weight-streaming GEMVs; a prefetch issued before them lets the
-    next GEMV find its weight, or the first part of it, in L2. The CUDA kernel asks for the
-    first min(the tensor's bytes, half the device's L2) bytes of a contiguous, 16-byte aligned
-    tensor and launches nothing while the L2-prefetch switch is off (`ops.l2_prefetch`); on the
-    CPU, and for any other tensor, it does nothing. Under PDL it waits for the kernel before it,
-    so the chain's order holds.
-
-    Shapes: weight any shape, any dtype; nothing is read back or written.
-    """
-    del weight
-
-
 def add_rms_norm_linear_small(
     x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -129,7 +129,6 @@ class GatedDeltaNet(nn.Module):
         # host facts only (no device read), so the step can be captured in a CUDA graph.
         decode = pools is not None and attn.decode_only and attn.has_initial_state is None
         proj = self.in_proj(x)
-        self.out_proj.prefetch_weight(proj)  # loads while the conv, gating and delta rule run
         if decode:
             conv_state, recurrent = pools
             out = ops.gated_delta_net_decode(

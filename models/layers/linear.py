@@ -84,6 +84,20 @@ def streams_small_rows(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in _STREAMED_DTYPES and x.is_cuda and _KERNELS
 
 
+def _streams_wide() -> bool:
+    """Whether linears wider than their input (qkv, Gated DeltaNet's in_proj, a large MLP's
+    gate_up) stream small rows too: only with `SPLITVL_STREAM_WIDE=1` (read once, at import).
+
+    Alone, cuBLAS wins there (the comment above); in a CUDA-graphed decode step with PDL the
+    stream overlaps its neighbours' tails where cuBLAS' kernel cannot (`bench.moe --stream-wide
+    on,off`, BENCHMARKS.md 18).
+    """
+    return os.environ.get("SPLITVL_STREAM_WIDE", "") == "1"
+
+
+STREAMS_WIDE = _streams_wide()
+
+
 def set_streamed_small_rows(model: nn.Module, wide: bool) -> None:
     """Which linears of `model` stream small-row inputs (`ops.linear_small`): all of them
     (`wide`), or as built, those whose output is no wider than their input. Benchmarks time
@@ -93,7 +107,6 @@ def set_streamed_small_rows(model: nn.Module, wide: bool) -> None:
         if isinstance(module, LinearBase):
             narrow = module.output_size_per_partition <= module.input_size_per_partition
             module.streams_small = wide or narrow
-
 
 
 def _input_norm_folded_on_cuda() -> bool:
@@ -153,7 +166,7 @@ class LinearBase(nn.Module):
         self.output_size = output_size
         self.input_size_per_partition = input_size // self.tp_size if tp_dim == 1 else input_size
         self.output_size_per_partition = output_size // self.tp_size if tp_dim == 0 else output_size
-        self.streams_small = self.output_size_per_partition <= self.input_size_per_partition
+        self.streams_small = STREAMS_WIDE or self.output_size_per_partition <= self.input_size_per_partition
         if tp_dim == 0:
             divide(output_size, self.tp_size)
         elif tp_dim == 1:
@@ -171,15 +184,6 @@ class LinearBase(nn.Module):
             self.bias.shard_spec = lambda shard_id=None: self.shard_spec(self.bias, shard_id)
         else:
             self.register_parameter("bias", None)
-
-    def prefetch_weight(self, rows: torch.Tensor) -> None:
-        """Ask the GPU's L2 for this rank's weight ahead of `forward` (`ops.prefetch_l2`), a few
-        small kernels before it: at decode those leave the memory bus idle, and the projection
-        then finds its weight (or its first part) in L2. Only on steps of at most SMALL_ROWS rows
-        (`rows`: any tensor of the step, [T, ...]), where the projection is a weight stream; it
-        changes no value and is a no-op on the CPU and with the switch off (`ops.l2_prefetch`)."""
-        if rows.shape[0] <= SMALL_ROWS:
-            ops.prefetch_l2(self.weight)
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ weight^T (+ bias)` on this rank. Shapes: x [..., in_per_rank] -> [..., out_per_rank]."""

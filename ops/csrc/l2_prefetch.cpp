@@ -3,5 +3,5 @@
 
 #include "launch_switch.h"
 
-// Off until its GPU tests and bench (bench/gpu_i18.sh pf-test pf-bench) have run on a device; =1 turns it on.
+// Off: not yet faster on a device (BENCHMARKS.md 18); =1 turns it on.
 SPLITVL_LAUNCH_SWITCH(l2_prefetch, "SPLITVL_L2_PREFETCH", false)

@@ -77,11 +77,6 @@ SPLITVL_OP(linear_small, "Tensor! out, Tensor x, Tensor weight, Tensor? bias",
 SPLITVL_OP(gate_up_silu_small, "Tensor! out, Tensor x, Tensor weight",
            (at::Tensor& out, const at::Tensor& x, const at::Tensor& weight))
 
-// A hint: the first min(bytes, half the L2) bytes of a contiguous weight asked into the GPU's L2
-// ahead of the GEMV that reads it (ops/reference.py prefetch_l2). Nothing is written; the CPU
-// kernel and a CUDA call with the L2-prefetch switch off (l2_prefetch.h) do nothing.
-SPLITVL_OP(prefetch_l2, "Tensor weight", (const at::Tensor& weight))
-
 // fused_add_rms_norm then linear_small in one launch (ops/reference.py add_rms_norm_linear_small):
 // residual_out [M, K] = x + residual (out of place), out [M, N] = rms_norm(residual_out) weight^T (+ bias).
 SPLITVL_OP(add_rms_norm_linear_small,

@@ -112,20 +112,15 @@ def test_decode_tp_arguments() -> None:
 
 def test_decode_custom_all_reduce_variants() -> None:
     """`--custom-ar both` runs each TP > 1 size over NCCL then with the one-shot all-reduce; TP=1 once;
-    each build once per PDL and L2-prefetch setting."""
+    each build once per PDL setting."""
     assert decode.parse_args(["--tp", "1,2"]).custom_ar == "off"
-    args = decode.parse_args(["--tp", "1,2", "--custom-ar", "both", "--pdl", "on", "--l2-prefetch", "off"])
-    assert decode.variants(args.tp, args.custom_ar, args.pdl, args.l2_prefetch) == [
-        (1, False, True, False), (2, False, True, False), (2, True, True, False)]
-    assert decode.variants([1, 2, 4], "on", [False], [True]) == [
-        (1, False, False, True), (2, True, False, True), (4, True, False, True)]
-    assert decode.variants([2], "off", [True], [True]) == [(2, False, True, True)]
-    assert decode.variants([1], "off", [True, False], [True, False]) == [
-        (1, False, True, True), (1, False, True, False), (1, False, False, True), (1, False, False, False)]
+    args = decode.parse_args(["--tp", "1,2", "--custom-ar", "both", "--pdl", "on"])
+    assert decode.variants(args.tp, args.custom_ar, args.pdl) == [(1, False, True), (2, False, True), (2, True, True)]
+    assert decode.variants([1, 2, 4], "on", [False]) == [(1, False, False), (2, True, False), (4, True, False)]
+    assert decode.variants([2], "off", [True]) == [(2, False, True)]
+    assert decode.variants([1], "off", [True, False]) == [(1, False, True), (1, False, False)]
     with pytest.raises(SystemExit):
         decode.parse_args(["--custom-ar", "sometimes"])
-    with pytest.raises(SystemExit):  # TP workers read the switch at start: one setting per run
-        decode.parse_args(["--tp", "1,2", "--l2-prefetch", "on,off"])
 
 
 def test_decode_tp2_smoke(local_ray, monkeypatch, capsys) -> None:
