@@ -22,7 +22,8 @@
 #   qkc-ops  bench/ops.py: qk_norm_rope_and_cache next to qk_norm_rope + reshape_and_cache at the 30B-A3B
 #          decode shape (T = 1 and 64, 32/4 heads x 128, interleaved mRoPE); not a default step
 #   wide   bench/moe.py at batch 1: the small-row linears wider than their input (qkv) streamed by
-#          ops.linear_small vs cuBLAS, in the graph with PDL (--stream-wide on,off); not a default step
+#          ops.linear_small vs cuBLAS, in the graph with PDL (--stream-wide on,off), for the 48-layer 30B-A3B, then
+#          Qwen3.5-0.8B, 2B and 8B built in GPU memory; not a default step
 #   block  the one-op MoE decode block (ops.moe_decode_block, issue 18): its GPU tests (kernel == reference and
 #          chain at odd sizes and the 30B-A3B shape, which kernel ran, graph replays == eager, the model paths on
 #          and off), the engine's graph decode == eager and the bf16 MoE block vs transformers with
@@ -43,10 +44,8 @@
 #   b1-bench  bench/moe.py at batch 1, every combination of --moe-block, --norm-qkv and --decode-merge on the one
 #          48-layer 30B-A3B build
 #   b1-ops  bench/ops.py rows of the three: moe_decode, add_rms_norm_linear_small, paged decode merge on/off
-#   pf-test  the MoE block's L2 prefetch (SPLITVL_L2_PREFETCH=1) changes no value, then the engine's and models'
-#          GPU tests (graph == eager == transformers, bf16 parity, small rows == cuBLAS) with SPLITVL_STREAM_WIDE=1
-#   pf-bench  bench/moe.py at batch 1: the 48-layer 30B-A3B with the MoE block's L2 prefetch on,off (stream-wide on), then
-#          Qwen3.5-0.8B, 2B and 8B built in GPU memory with --stream-wide on,off
+#   wide-test  the engine's and models' GPU tests (graph == eager == transformers, bf16 parity, small rows == cuBLAS)
+#          with SPLITVL_STREAM_WIDE=1 (the wide small-row linears streamed too); not a default step
 #   serve  bench/serve.py: Qwen3-VL-30B-A3B image chat over HTTP on the one-gpu layout, c = 1 and 64, with
 #          random weights made in the replicas (--load-format dummy: its ~60 GB checkpoint does not fit the
 #          disk); not a default step, it needs its own call: I18_TOTAL_S=560 bash bench/gpu_i18.sh build serve
@@ -55,7 +54,7 @@ cd "$(dirname "$0")/.."
 
 source bench/steps.sh  # OUT, the build and run environment, run_steps
 TOTAL=${I18_TOTAL_S:-330}
-declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320 [b1-test]=330 [b1-bench]=300 [b1-ops]=150 [pf-test]=300 [pf-bench]=330)
+declare -A BUDGET=([build]=200 [test]=120 [ops]=60 [moe]=200 [serve]=420 [moe-prof]=200 [qkc-test]=180 [qkc-ops]=60 [wide]=200 [block]=400 [merge]=330 [normqkv]=320 [b1-test]=330 [b1-bench]=300 [b1-ops]=150 [wide-test]=300)
 
 step_cmd() {
   case $1 in
@@ -81,7 +80,10 @@ step_cmd() {
             tests/engine/test_gpu_graphs.py -k "moe or Moe" \
           && python bench/ops.py --ops moe_decode --json "$OUT/ops_moe_block.json" \
           && python -m bench.moe --batches 1 --no-hf --moe-block on,off --json "$OUT/moe-block.json" ;;
-    wide) python -m bench.moe --batches 1 --no-hf --stream-wide on,off --json "$OUT/moe-wide.json" ;;
+    wide) python -m bench.moe --batches 1 --no-hf --stream-wide on,off --json "$OUT/moe-wide.json" || return 1
+        for m in qwen3.5-0.8b qwen3-vl-2b qwen3-vl-8b; do
+          python -m bench.moe --model "$m" --batches 1 --no-hf --stream-wide on,off --json "$OUT/wide-$m.json" || return 1
+        done ;;
     normqkv) python -m pytest -m gpu -x -q tests/ops/test_norm_linear_small.py tests/models/test_norm_fold.py \
             tests/ops/test_norm.py tests/ops/test_linear_small.py tests/ops/test_op_table.py \
           && python bench/ops.py --ops add_rms_norm_linear_small --json "$OUT/ops_normqkv.json" \
@@ -101,15 +103,9 @@ step_cmd() {
           && python bench/ops.py --ops paged_attention_decode --shapes 30B-A3B --decode-merge on,off \
             --json "$OUT/ops_merge.json" ;;
     moe-prof) python -m bench.moe --batches 1 --no-hf --profile --json "$OUT/moe-prof.json" ;;
-    pf-test) python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/ops/test_moe_block_prefetch.py || return 1
-        SPLITVL_STREAM_WIDE=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py \
+    wide-test) SPLITVL_STREAM_WIDE=1 python -m pytest -m gpu -q -p no:warnings --maxfail=10 tests/engine/test_gpu.py \
             tests/engine/test_gpu_graphs.py tests/models/test_moe_gpu.py tests/models/test_qwen3_parity.py \
             tests/models/test_qwen3_5_parity.py tests/models/test_small_rows_gpu.py ;;
-    pf-bench) python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off --stream-wide on --json "$OUT/pf-bench.json" \
-          || return 1
-        for m in qwen3.5-0.8b qwen3-vl-2b qwen3-vl-8b; do
-          python -m bench.moe --model "$m" --batches 1 --no-hf --stream-wide on,off --json "$OUT/wide-$m.json" || return 1
-        done ;;
     serve) python -m bench.serve --model qwen3-vl-30b-a3b --layout one-gpu --load-format dummy --concurrency 1,64 \
             --no-hf --time-budget-s 240 --json "$OUT/serve-moe.json" ;;
     *) echo "unknown step $1" >&2; return 2 ;;

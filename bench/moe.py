@@ -8,7 +8,6 @@
     python -m bench.moe --batches 1 --no-hf --moe-block on,off  # one-op MoE decode block on vs off
     python -m bench.moe --batches 1 --no-hf --norm-qkv on,off   # input norm folded into the qkv on vs off
     python -m bench.moe --batches 1 --no-hf --decode-merge on,off  # paged decode's merge in its kernel on vs off
-    python -m bench.moe --batches 1 --no-hf --l2-prefetch on,off   # weights asked into L2 ahead of their GEMVs on vs off
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
@@ -29,9 +28,7 @@ block in one launch; steps of up to 8 tokens) on and off, ahead of the fused pat
 with each layer's input norm folded into its qkv projection (ops.add_rms_norm_linear_small, steps of
 up to 16 tokens; a norm that takes a pending MoE combine keeps its own kernel) on and off, and
 `--decode-merge on,off` with paged decode's partition merge done by its last CTA (one launch) or by
-the merge kernel, and `--l2-prefetch on,off` with the decode steps' L2 prefetches (ops.l2_prefetch:
-each layer's qkv and o_proj weights asked into L2 while the small kernels before them run, the MoE
-block's down rows while its gate_up rows stream) or without. Every combination of the settings given is timed on the one model build.
+the merge kernel. Every combination of the settings given is timed on the one model build.
 transformers runs the same config with its own random weights, in the same run
 when both fit the GPU, else after ours is freed; its ITL is
 (t(1 + n tokens) - t(1 token)) / n of `generate` on `context`-token prompts.
@@ -65,7 +62,6 @@ class StepResult:
     stream_wide: bool  # whether linears wider than their input streamed too (`set_streamed_small_rows`)
     norm_qkv: bool  # whether the input norm was folded into the qkv projection (`set_input_norm_folded`)
     decode_merge: bool  # whether paged decode merged its partitions in the decode kernel (`ops.decode_fused_merge`)
-    l2_prefetch: bool  # whether the step prefetched weights into L2 (`ops.l2_prefetch`)
     eager_ms: float
     graph_ms: float
     floor_ms: float
@@ -227,7 +223,7 @@ def time_ours(model, config, batch: int, context: int, copy_gbps: float, device:
     set_streamed_small_rows(model, False)
     set_input_norm_folded(model, None)
     return StepResult(batch, ops.programmatic_launch_enabled(), moe_fused, moe_block, stream_wide, norm_qkv,
-                      ops.decode_fused_merge_enabled(), ops.l2_prefetch_enabled(), eager, graphed, floor, nbytes / 1e9, hit)
+                      ops.decode_fused_merge_enabled(), eager, graphed, floor, nbytes / 1e9, hit)
 
 
 def time_hf(data: dict, batch: int, context: int, new_tokens: int, device: torch.device) -> float:
@@ -322,9 +318,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--decode-merge", nargs="*", default=[],
                         help="paged decode's partition merge in the decode kernel's last CTA: on,off "
                              "(default: the current setting, SPLITVL_DECODE_FUSED_MERGE)")
-    parser.add_argument("--l2-prefetch", nargs="*", default=[],
-                        help="weights asked into L2 ahead of the GEMVs that read them: on,off "
-                             "(default: the current setting, SPLITVL_L2_PREFETCH)")
     parser.add_argument("--smoke", action="store_true", help="CPU, fp32, the tiny MoE config")
     args = parser.parse_args(argv)
     try:
@@ -334,7 +327,6 @@ def main(argv: list[str] | None = None) -> None:
         wide = on_off_settings(args.stream_wide, "--stream-wide") or [False]
         norm_qkv = on_off_settings(args.norm_qkv, "--norm-qkv") or [args.smoke or NORM_FOLDED_ON_CUDA]
         merge = on_off_settings(args.decode_merge, "--decode-merge") or [ops.decode_fused_merge_enabled()]
-        prefetch = on_off_settings(args.l2_prefetch, "--l2-prefetch") or [ops.l2_prefetch_enabled()]
     except ValueError as exc:
         parser.error(str(exc))
     batches, hf_batches = int_list(args.batches), int_list(args.hf_batches) if args.hf else []
@@ -351,16 +343,15 @@ def main(argv: list[str] | None = None) -> None:
     config, model = build_ours(data, dtype, device)
     ours_gb = weight_bytes(model) / 1e9
     results = []
-    settings = ((b, on, fuse, blk, w, nq, mg, pf) for b in batches for on in pdl for fuse in fused for blk in block
-                for w in wide for nq in norm_qkv for mg in merge for pf in prefetch)
-    for b, on, fuse, blk, w, nq, mg, pf in settings:
-        with ops.programmatic_launch(on), ops.decode_fused_merge(mg), ops.l2_prefetch(pf):
+    settings = ((b, on, fuse, blk, w, nq, mg) for b in batches for on in pdl for fuse in fused for blk in block
+                for w in wide for nq in norm_qkv for mg in merge)
+    for b, on, fuse, blk, w, nq, mg in settings:
+        with ops.programmatic_launch(on), ops.decode_fused_merge(mg):
             results.append(time_ours(model, config, b, args.context, peaks.copy_gbps, device, args.profile, fuse, w,
                                      blk, nq))
     for r in results:
         print(f"batch {r.batch} pdl {_on(r.pdl)} moe-fused {_on(r.moe_fused)} moe-block {_on(r.moe_block)} "
-              f"stream-wide {_on(r.stream_wide)} norm-qkv {_on(r.norm_qkv)} decode-merge {_on(r.decode_merge)} "
-              f"l2-prefetch {_on(r.l2_prefetch)}: "
+              f"stream-wide {_on(r.stream_wide)} norm-qkv {_on(r.norm_qkv)} decode-merge {_on(r.decode_merge)}: "
               f"eager {r.eager_ms:.2f} ms, graph {r.graph_ms:.2f} ms, "
               f"floor {r.floor_ms:.2f} ms "
               f"({r.active_gb:.1f} GB read, {r.experts_hit:.1f} experts/layer)", flush=True)
@@ -376,13 +367,13 @@ def main(argv: list[str] | None = None) -> None:
                             ours_tok_s=r.batch / best * 1e3, hf_tok_s=r.batch / hf * 1e3, vs_floor=best / r.floor_ms,
                             **{f: getattr(r, f) for f in StepResult.__slots__}))
         rows.append([args.model, layers, r.batch, _on(r.pdl), _on(r.moe_fused), _on(r.moe_block), _on(r.stream_wide),
-                     _on(r.norm_qkv), _on(r.decode_merge), _on(r.l2_prefetch),
+                     _on(r.norm_qkv), _on(r.decode_merge),
                      r.eager_ms, r.graph_ms, r.floor_ms, best / r.floor_ms, r.batch / best * 1e3, hf,
                      r.batch / hf * 1e3, r.experts_hit])
     print_table(f"MoE decode in memory, {dtype}, {args.context}-token context, {peaks.device_name}, "
                 f"copy {peaks.copy_gbps:.0f} GB/s",
                 ["model", "layers", "batch", "PDL", "MoE fused", "MoE block", "stream wide", "norm qkv", "decode merge",
-                 "L2 prefetch", "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
+                 "eager ms", "graph ms", "floor ms", "best/floor", "ours tok/s",
                  "HF ms", "HF tok/s", "experts/layer"], rows)
     write_json(args.json, {"device": peaks.device_name, "copy_gbps": peaks.copy_gbps,
                            "matmul_tflops": peaks.matmul_tflops, "results": records})

@@ -30,7 +30,6 @@ from ops._extension import STATE, OpTable, extension_available, fallback_reason
 from ops.attention_sm90 import (attention_sm90, attention_sm90_available, attention_sm90_enabled,
                                 set_attention_sm90)
 from ops.decode_merge import decode_fused_merge, decode_fused_merge_enabled, set_decode_fused_merge
-from ops.l2_prefetch import l2_prefetch, l2_prefetch_enabled, set_l2_prefetch
 from ops.pdl import programmatic_launch, programmatic_launch_enabled, set_programmatic_launch
 from ops.reference_moe import (MOE_DECODE_BLOCK_MAX_TOKENS, MoeAlignment, MoePermutation, align_block_size,
                                align_capacity)
@@ -392,6 +391,5 @@ __all__ = [
     "programmatic_launch",
     "programmatic_launch_enabled", "set_programmatic_launch", "attention_sm90", "attention_sm90_available",
     "attention_sm90_enabled", "set_attention_sm90", "decode_fused_merge", "decode_fused_merge_enabled",
-    "set_decode_fused_merge", "l2_prefetch", "l2_prefetch_enabled", "set_l2_prefetch",
-    *(bound.name for bound in OPS)
+    "set_decode_fused_merge", *(bound.name for bound in OPS)
 ]

@@ -86,5 +86,5 @@ def test_moe_bench_times_every_combination_of_the_batch_1_fusions(capsys) -> Non
     out = capsys.readouterr().out
     for norm in ("on", "off"):
         for merge in ("on", "off"):
-            assert f"norm-qkv {norm} decode-merge {merge} l2-prefetch" in out
+            assert f"norm-qkv {norm} decode-merge {merge}:" in out
     assert out.count("| tiny qwen3_vl_moe |") == 4

@@ -12,7 +12,6 @@ SWITCHES = {
     "pdl": (ops.programmatic_launch, ops.programmatic_launch_enabled, ops.set_programmatic_launch),
     "attention_sm90": (ops.attention_sm90, ops.attention_sm90_enabled, ops.set_attention_sm90),
     "decode_fused_merge": (ops.decode_fused_merge, ops.decode_fused_merge_enabled, ops.set_decode_fused_merge),
-    "l2_prefetch": (ops.l2_prefetch, ops.l2_prefetch_enabled, ops.set_l2_prefetch),
 }
 
 

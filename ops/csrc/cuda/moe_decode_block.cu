@@ -26,12 +26,6 @@
 // A CTA publishes its writes with __syncthreads + threadfence before arriving and reads
 // other CTAs' writes only after the flip, through L2 (__ldcg), never a stale L1 line.
 //
-// With the L2-prefetch switch on (l2_prefetch.h), phase 2 also asks L2 for phase 3's down rows:
-// each warp, before its last gate_up task, bulk-prefetches the k rows its phase-3 outputs read,
-// and reads its gate_up rows with an evict-first policy so that they do not push those out. Phase
-// 3 then finds its 25 MB (30B-A3B, one token) in L2 instead of starting a second DRAM stream
-// after the barrier; the bus stays busy through phase 2 instead of idling at the barrier.
-//
 // Launched with PDL (pdl.cuh): each router warp loads its row's first packs before pdl_wait
 // (weights no kernel writes); x, the residual, the counter and every output are touched only
 // after it. pdl_launch_dependents comes after the last grid barrier only: by then every CTA is
@@ -44,11 +38,9 @@
 #include <mutex>
 #include <tuple>
 
-#include "../l2_prefetch.h"
 #include "../moe_decode_block.h"
 #include "common.cuh"
 #include "gemv_stream.cuh"
-#include "l2_cache.cuh"
 #include "norm_common.cuh"
 #include "ops.cuh"
 #include "pdl.cuh"
@@ -85,7 +77,6 @@ struct BlockArgs {
   int group;  // lanes per pick in phase 3: 32 / (k rounded up to a power of two)
   int rows_bytes;  // shared bytes of the normed rows / act region
   bool renormalize;
-  bool prefetch_down;  // the L2-prefetch switch: phase 3's down rows asked for during phase 2
 };
 
 // Value e of a 16-byte pack of T, widened.
@@ -109,15 +100,6 @@ template <typename T>
 __device__ __forceinline__ uint4 to_uint4(const Pack<T, kPack16<T>>& p) {
   uint4 v;
   memcpy(&v, &p, sizeof(v));
-  return v;
-}
-
-// gemv::load_stream with an L2 cache policy (l2_evict_first_policy).
-__device__ __forceinline__ uint4 load_stream_policy(const void* p, uint64_t policy) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4], %5;\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "l"(policy));
   return v;
 }
 
@@ -259,21 +241,6 @@ __device__ void publish_residual(const BlockArgs<T, W>& a) {
   }
 }
 
-// Phase 2's L2 prefetch of what phase 3's warp gw reads: for each of its outputs (t, col), lane j
-// < k asks for down[e_j][col, :] (I elements, one bulk prefetch).
-template <typename T, typename W>
-__device__ void prefetch_down_rows(const BlockArgs<T, W>& a, const int* pick_id, int gw, int nwarps) {
-  const int lane = threadIdx.x & 31;
-  if (lane >= a.k) return;
-  const int64_t tasks = int64_t(a.tokens) * a.hidden;
-  for (int64_t task = gw; task < tasks; task += nwarps) {
-    const int t = static_cast<int>(task / a.hidden), col = static_cast<int>(task % a.hidden);
-    const int e = pick_id[t * a.k + lane];
-    if (e >= 0 && e < a.experts)
-      l2_prefetch_bytes(a.down + (int64_t(e) * a.hidden + col) * a.inter, unsigned(a.inter * sizeof(T)));
-  }
-}
-
 // Phase 2: act[p, i] = silu(gate row i . x_t) * (up row i . x_t) for pair p = t * k + j of
 // expert pick_id[p]; tasks (p, i) spread over every warp of the grid.
 template <typename T, typename W>
@@ -282,12 +249,7 @@ __device__ void gate_up(const BlockArgs<T, W>& a, const T* rows_t, const int* pi
   constexpr int V = kPack16<T>;
   const int lane = threadIdx.x & 31, packs = a.hidden / V;
   const int64_t tasks = int64_t(a.tokens) * a.k * a.inter;
-  // With the prefetch: before this warp's last task (or at once, without one), so that what
-  // streams through L2 after it (about a round of tasks) leaves the down rows there.
-  const uint64_t policy = a.prefetch_down ? l2_evict_first_policy() : 0;
-  if (a.prefetch_down && gw >= tasks) prefetch_down_rows(a, pick_id, gw, nwarps);
   for (int64_t task = gw; task < tasks; task += nwarps) {
-    if (a.prefetch_down && task + nwarps >= tasks) prefetch_down_rows(a, pick_id, gw, nwarps);
     const int p = static_cast<int>(task / a.inter), i = static_cast<int>(task % a.inter);
     const int e = pick_id[p];
     float h = 0.f;
@@ -302,8 +264,8 @@ __device__ void gate_up(const BlockArgs<T, W>& a, const T* rows_t, const int* pi
         for (int c = 0; c < kUpChunk; ++c) {
           const int idx = base + 32 * c;
           if (idx < packs) {
-            wg[c] = a.prefetch_down ? load_stream_policy(g + idx, policy) : gemv::load_stream(g + idx);
-            wu[c] = a.prefetch_down ? load_stream_policy(u + idx, policy) : gemv::load_stream(u + idx);
+            wg[c] = gemv::load_stream(g + idx);
+            wu[c] = gemv::load_stream(u + idx);
           }
         }
 #pragma unroll
@@ -482,7 +444,7 @@ bool launch_block(at::Tensor& out, at::Tensor& residual, at::Tensor& barrier, co
       reinterpret_cast<T*>(base + logits_bytes), reinterpret_cast<unsigned*>(barrier.data_ptr()),
       x.stride(0), residual.stride(0), static_cast<float>(epsilon), static_cast<int>(d.tokens),
       static_cast<int>(d.hidden), static_cast<int>(d.experts), static_cast<int>(d.inter),
-      static_cast<int>(d.k), 32 / k_pow2, static_cast<int>(rows_bytes), renormalize, l2_prefetch_enabled()};
+      static_cast<int>(d.k), 32 / k_pow2, static_cast<int>(rows_bytes), renormalize};
   auto kernel = d.experts <= 128 ? moe_decode_block_kernel<T, W, 4> : moe_decode_block_kernel<T, W, 16>;
   const int per_sm = std::min(kMaxCtasPerSm, ctas_per_sm(reinterpret_cast<const void*>(kernel), size_t(smem),
                                                          device, int(prop->sharedMemPerBlockOptin)));

@@ -23,7 +23,6 @@
 
 #include "../linear_small.h"
 #include "dense_gemv.cuh"
-#include "l2_cache.cuh"
 #include "norm_common.cuh"
 #include "ops.cuh"
 
@@ -47,6 +46,12 @@ struct NormGemvArgs {
   int norm_threads;     // fused_add_rms_norm's threads per row: 32 (warp mode) or a multiple
   bool norm_warp;       // its warp mode: the row sum is one warp's butterfly
 };
+
+__device__ __forceinline__ void prefetch_l2(const void* p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
 
 // x + residual rounded to T: the new residual, which fused_add_rms_norm normalizes.
 template <typename T>
@@ -213,7 +218,7 @@ __global__ void __launch_bounds__(kWarps * 32, 4) add_norm_gemv_kernel(NormGemvA
     const int k0 = (begin + kWarps * kUnroll) * kChunk;
     const int k1 = min(p.d.k_dim, min(end, begin + kWarps * kUnroll + kPrefetchChunks) * kChunk);
     if (k1 > k0)
-      l2_prefetch_bytes(p.d.w + int64_t(col0 + threadIdx.x) * p.d.k_dim + k0, unsigned(k1 - k0) * sizeof(T));
+      prefetch_l2(p.d.w + int64_t(col0 + threadIdx.x) * p.d.k_dim + k0, unsigned(k1 - k0) * sizeof(T));
   }
   pdl_wait();  // x and the residual come from the previous kernel; residual_out may still be read
   pdl_launch_dependents();
