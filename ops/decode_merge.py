@@ -2,9 +2,9 @@
 
 When a sequence's context is split into partitions (always at batch 1: the partitions fill the
 GPU), their partial results must be merged. With the switch on (`SPLITVL_DECODE_FUSED_MERGE=1`
-starts a process with it on; off by default until its GPU tests have passed) the last decode CTA of each
-(sequence, head group) to finish merges them, so the op is one launch; off, a second kernel
-merges them. Both compute the same attention to rounding. Kernels launched after a change use
+starts a process with it on; off by default: slower at batch 1, BENCHMARKS.md 17.2) the last
+decode CTA of each (sequence, head group) to finish merges them, so the op is one launch; off, a
+second kernel merges them. Both compute the same attention to rounding. Kernels launched after a change use
 the new setting, so a CUDA graph keeps the one it was captured with: a bench times both by
 capturing once per setting.
 """

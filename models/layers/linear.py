@@ -100,7 +100,8 @@ STREAMS_WIDE = _streams_wide()
 
 def set_streamed_small_rows(model: nn.Module, wide: bool) -> None:
     """Which linears of `model` stream small-row inputs (`ops.linear_small`): all of them
-    (`wide`), or as built, those whose output is no wider than their input. Benchmarks time
+    (`wide`), or only those whose output is no wider than their input (what a build picks unless
+    `SPLITVL_STREAM_WIDE=1`). Benchmarks time
     both (`bench.moe --stream-wide on,off`): inside a CUDA graph with PDL a streamed qkv may
     overlap its neighbours where cuBLAS' kernel cannot."""
     for module in model.modules():
