@@ -8,6 +8,7 @@
     python -m bench.moe --batches 1 --no-hf --moe-block on,off  # one-op MoE decode block on vs off
     python -m bench.moe --batches 1 --no-hf --norm-qkv on,off   # input norm folded into the qkv on vs off
     python -m bench.moe --batches 1 --no-hf --decode-merge on,off  # paged decode's merge in its kernel on vs off
+    python -m bench.moe --model qwen3-vl-2b --batches 1 --no-hf --stream-wide on,off  # a dense model too
     python -m bench.moe --smoke [--model qwen3_5_moe]         # CPU, a tiny MoE config
 
 Our language model is built straight in GPU memory and filled with random
